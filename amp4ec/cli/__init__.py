@@ -1,0 +1,50 @@
+"""The ``amp4ec`` command line: one group, one module per subcommand.
+
+Every amp4ec error becomes one red line on stderr and exit code 2; Ctrl-C exits 130
+after the subcommand has cleaned up what it started.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+from rich.console import Console
+
+from amp4ec import __version__
+from amp4ec.errors import Amp4ecError
+
+__all__ = ["cli", "main"]
+
+err_console = Console(stderr=True)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except Amp4ecError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted; everything started was stopped[/]")
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="amp4ec")
+def cli() -> None:
+    """Adaptive model partitioning for deep-learning inference on edge clusters."""
+
+
+def _register() -> None:
+    from amp4ec.cli import run
+
+    cli.add_command(run.run)
+
+
+_register()
+
+
+def main() -> None:
+    cli()

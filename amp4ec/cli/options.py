@@ -1,0 +1,45 @@
+"""Options shared by subcommands that take a model (run, plan, bench)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from amp4ec.errors import InvalidSpec
+
+__all__ = ["model_options", "parse_shape", "source_from"]
+
+
+def parse_shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
+    except ValueError:
+        raise InvalidSpec(f"--input-shape: expected sizes like 1,3,224,224, got {text!r}") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise InvalidSpec(f"--input-shape: expected positive sizes like 1,3,224,224, got {text!r}")
+    return shape
+
+
+def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(
+        [
+            click.option("--model", "-m", default="mobilenet_v2", show_default=True,
+                         help="zoo name, path to a torch.export archive (.pt2), or package.module:factory"),
+            click.option("--weights", type=click.Path(dir_okay=False),
+                         help="local state_dict file (loaded with weights_only=True); default: seeded random"),
+            click.option("--seed", type=int, default=0, show_default=True, help="seed of the random weights"),
+            click.option("--input-shape", help="input shape, e.g. 1,3,224,224 (default: the model's)"),
+        ]
+    ):
+        f = option(f)
+    return f
+
+
+def source_from(model: str, weights: str | None, seed: int, input_shape: str | None):  # noqa: ANN201
+    from amp4ec.slicing import ModelSource
+
+    return ModelSource(model, weights=weights, seed=seed, input_shape=parse_shape(input_shape))

@@ -1,0 +1,54 @@
+"""The amp4ec exception tree: one place where every boundary maps errors from.
+
+    Amp4ecError                      base; the CLI prints its message as one red line
+    ├── InvalidSpec                  user input is wrong (a field, a flag, a model spec)
+    │   ├── ModelNotFound            unknown zoo name, missing file, bad module:factory
+    │   └── ShapeMismatch            a tensor's dtype/shape/bytes differ from what a stage expects
+    ├── PlanInfeasible               no placement satisfies the constraints (memory, zero nodes)
+    ├── StageNotLoaded               a request reached an agent that serves no stage
+    └── ShardUnavailable             a peer agent cannot be reached (transient)
+
+The node agent's interceptor maps InvalidSpec/ShapeMismatch to INVALID_ARGUMENT,
+StageNotLoaded to FAILED_PRECONDITION, ShardUnavailable to UNAVAILABLE, and anything
+else to INTERNAL with a generic message.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "Amp4ecError",
+    "InvalidSpec",
+    "ModelNotFound",
+    "PlanInfeasible",
+    "ShapeMismatch",
+    "ShardUnavailable",
+    "StageNotLoaded",
+]
+
+
+class Amp4ecError(Exception):
+    """Base class of every error amp4ec raises on purpose."""
+
+
+class InvalidSpec(Amp4ecError, ValueError):
+    """User input is wrong; the message names the field and what was expected."""
+
+
+class ModelNotFound(InvalidSpec):
+    """A model spec names nothing loadable (zoo name, file or factory)."""
+
+
+class ShapeMismatch(InvalidSpec):
+    """A tensor does not match what a stage expects ("expected X, actual Y")."""
+
+
+class PlanInfeasible(Amp4ecError):
+    """No partition of the model fits the given nodes."""
+
+
+class StageNotLoaded(Amp4ecError):
+    """The agent has no stage loaded for the request."""
+
+
+class ShardUnavailable(Amp4ecError):
+    """A peer shard could not be reached."""

@@ -1,0 +1,83 @@
+"""Per-node CPU (and memory) limits for local agent processes, with cgroup v1 where permitted.
+
+[Note: why cgroup v1 and a 100 ms period] The paper's nodes are Docker containers with
+``--cpus``, which is a CFS quota over a 100 ms period: the same mechanism, so a 0.4-CPU
+node here behaves like the paper's 0.4-CPU container (bursts of 40 ms per 100 ms).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+from pathlib import Path
+
+__all__ = ["NodeCgroup", "cgroups_available", "set_parent_death_signal"]
+
+_ROOT = Path("/sys/fs/cgroup")
+PERIOD_US = 100_000
+
+
+def _own_path(controller: str) -> Path:
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controller in controllers.split(","):
+            return _ROOT / controller / path.lstrip("/")
+    raise OSError(f"no cgroup v1 {controller} controller mounted")
+
+
+def cgroups_available() -> bool:
+    """True when this process may create cgroup v1 CPU quotas (root with the cpu controller)."""
+    try:
+        parent = _own_path("cpu")
+    except OSError:
+        return False
+    return (parent / "cpu.cfs_quota_us").exists() and os.access(parent, os.W_OK)
+
+
+class NodeCgroup:
+    """One node's cgroups (cpu, and memory when a limit is given), created on demand."""
+
+    def __init__(self, name: str, cpu: float, memory_bytes: int | None = None) -> None:
+        self.name = name
+        self.dirs: list[Path] = []
+        cpu_dir = _own_path("cpu") / name
+        cpu_dir.mkdir(exist_ok=True)
+        self.dirs.append(cpu_dir)
+        (cpu_dir / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+        (cpu_dir / "cpu.cfs_quota_us").write_text(str(max(1000, round(cpu * PERIOD_US))))
+        if memory_bytes:
+            mem_dir = _own_path("memory") / name
+            mem_dir.mkdir(exist_ok=True)
+            self.dirs.append(mem_dir)
+            (mem_dir / "memory.limit_in_bytes").write_text(str(memory_bytes))
+
+    def enter(self) -> None:
+        """Move the calling process into these cgroups (used between fork and exec)."""
+        for d in self.dirs:
+            (d / "cgroup.procs").write_text(str(os.getpid()))
+
+    def remove(self) -> None:
+        """Remove the cgroups; their processes must have exited."""
+        for d in self.dirs:
+            with contextlib.suppress(FileNotFoundError):
+                d.rmdir()
+
+
+def remove_stale(prefix: str) -> None:
+    """Remove empty cgroups left by an earlier run that was killed before it could clean up."""
+    for controller in ("cpu", "memory"):
+        with contextlib.suppress(OSError):
+            for d in _own_path(controller).glob(f"{prefix}*"):
+                pid = d.name.split("-")[1] if d.name.count("-") >= 2 else ""
+                if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                    with contextlib.suppress(OSError):
+                        d.rmdir()
+
+
+def set_parent_death_signal() -> None:
+    """Ask the kernel to SIGTERM this process when its parent dies (Linux prctl)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG

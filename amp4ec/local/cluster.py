@@ -1,0 +1,214 @@
+"""LocalCluster: one node-agent process per emulated node, each under its own CPU limit.
+
+Lifecycle: start every agent (in parallel) → wait until each answers its health check →
+measure capacities → load layer ranges → stop. Every process and cgroup it made is
+removed on exit, Ctrl-C included; a child also dies with its parent (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from amp4ec.errors import Amp4ecError, InvalidSpec
+from amp4ec.local.cgroups import NodeCgroup, cgroups_available, remove_stale, set_parent_death_signal
+from amp4ec.wire.v1 import agent_pb2, agent_pb2_grpc, shard_pb2
+
+__all__ = ["LIMIT_MODES", "LocalCluster", "NodeSpec", "parse_nodes"]
+
+log = logging.getLogger(__name__)
+LIMIT_MODES = ("auto", "cgroup", "emulate", "none")
+_CGROUP_PREFIX = "amp4ec-"
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    name: str
+    cpu: float
+    """CPU limit in cores."""
+    memory_bytes: int | None = None
+    """Memory limit (enforced by cgroup where possible); None = unlimited."""
+
+
+def parse_nodes(text: str, memory_bytes: int | None = None) -> list[NodeSpec]:
+    """``"1.0,0.6,0.4"`` → three nodes named node0..node2 with those CPU limits."""
+    nodes = []
+    for i, part in enumerate(p.strip() for p in text.split(",")):
+        try:
+            cpu = float(part)
+        except ValueError:
+            raise InvalidSpec(f"--nodes[{i}]: expected a CPU share such as 0.4, got {part!r}") from None
+        if not cpu > 0 or cpu != cpu or cpu == float("inf"):
+            raise InvalidSpec(f"--nodes[{i}]: expected a CPU share > 0, got {part!r}")
+        nodes.append(NodeSpec(f"node{i}", cpu, memory_bytes))
+    if not nodes:
+        raise InvalidSpec("--nodes: expected at least one CPU share, e.g. 1.0,0.6,0.4")
+    return nodes
+
+
+@dataclass
+class _Agent:
+    node: NodeSpec
+    process: subprocess.Popen[bytes]
+    port_file: Path
+    log_path: Path
+    cgroup: NodeCgroup | None = None
+    address: str = ""
+    """host:port, known once the agent has written its port file."""
+
+    def log_tail(self, lines: int = 15) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+
+class LocalCluster:
+    """Node agents as local processes. Use as ``async with LocalCluster(nodes) as cluster``."""
+
+    def __init__(self, nodes: Sequence[NodeSpec], limit_mode: str = "auto", start_timeout_s: float = 180) -> None:
+        if limit_mode not in LIMIT_MODES:
+            raise InvalidSpec(f"--cpu-limits: expected one of {', '.join(LIMIT_MODES)}, got {limit_mode!r}")
+        if limit_mode == "cgroup" and not cgroups_available():
+            raise InvalidSpec("--cpu-limits cgroup: this process may not create cgroup v1 CPU quotas (root?)")
+        if limit_mode == "auto":
+            limit_mode = "cgroup" if cgroups_available() else "emulate"
+        self.nodes = list(nodes)
+        self.limit_mode = limit_mode
+        self.start_timeout_s = start_timeout_s
+        self.agents: dict[str, _Agent] = {}
+        self._workdir: Path | None = None
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    @property
+    def limit_description(self) -> str:
+        return {
+            "cgroup": "cgroup v1 CFS quota per node (100 ms period, as Docker --cpus)",
+            "emulate": "emulated: each agent idles after a forward to match its share (no cgroup permission)",
+            "none": "none: agents share the machine unlimited",
+        }[self.limit_mode]
+
+    async def __aenter__(self) -> LocalCluster:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def agent_stub(self, node: str) -> agent_pb2_grpc.NodeAgentStub:
+        return agent_pb2_grpc.NodeAgentStub(self._channel(node))
+
+    def address(self, node: str) -> str:
+        return self.agents[node].address
+
+    def _channel(self, node: str) -> grpc.aio.Channel:
+        if node not in self._channels:
+            self._channels[node] = grpc.aio.insecure_channel(self.agents[node].address)
+        return self._channels[node]
+
+    async def start(self) -> None:
+        self._workdir = Path(tempfile.mkdtemp(prefix="amp4ec-local-"))
+        if self.limit_mode == "cgroup":
+            remove_stale(_CGROUP_PREFIX)
+        for i, node in enumerate(self.nodes):
+            self.agents[node.name] = self._spawn(i, node)
+        await asyncio.gather(*(self._wait_ready(a) for a in self.agents.values()))
+
+    def _spawn(self, index: int, node: NodeSpec) -> _Agent:
+        assert self._workdir is not None
+        cgroup = None
+        if self.limit_mode == "cgroup":
+            cgroup = NodeCgroup(f"{_CGROUP_PREFIX}{os.getpid()}-{index}", node.cpu, node.memory_bytes)
+        port_file = self._workdir / f"{node.name}.port"
+        log_path = self._workdir / f"{node.name}.log"
+        cmd = [
+            sys.executable, "-m", "amp4ec.node_agent",
+            "--node", node.name, "--port", "0", "--port-file", str(port_file),
+            "--cpu-limit", repr(node.cpu),
+        ]
+        if self.limit_mode == "emulate":
+            cmd.append("--emulate-cpu")
+        if node.memory_bytes:
+            cmd += ["--memory-bytes", str(node.memory_bytes)]
+
+        def preexec() -> None:
+            set_parent_death_signal()
+            if cgroup is not None:
+                cgroup.enter()
+
+        with open(log_path, "wb") as log_file:
+            process = subprocess.Popen(
+                cmd, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=preexec, start_new_session=True
+            )
+        return _Agent(node, process, port_file, log_path, cgroup)
+
+    async def _wait_ready(self, agent: _Agent) -> None:
+        port_file = agent.port_file
+        deadline = time.monotonic() + self.start_timeout_s
+        while not port_file.exists():
+            if agent.process.poll() is not None:
+                raise Amp4ecError(
+                    f"node agent {agent.node.name} exited with code {agent.process.returncode}:\n"
+                    f"{agent.log_tail()}"
+                )
+            if time.monotonic() > deadline:
+                raise Amp4ecError(f"node agent {agent.node.name} did not start in {self.start_timeout_s:.0f} s")
+            await asyncio.sleep(0.05)
+        agent.address = f"127.0.0.1:{int(port_file.read_text())}"
+        stub = health_pb2_grpc.HealthStub(self._channel(agent.node.name))
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=30, wait_for_ready=True)
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            raise Amp4ecError(f"node agent {agent.node.name} is not serving")
+
+    async def capacities(self) -> dict[str, agent_pb2.Capacity]:
+        """Each agent's capacity, measured under its own limit, all at once."""
+        replies = await asyncio.gather(
+            *(self.agent_stub(n).GetCapacity(agent_pb2.CapacityRequest(), timeout=60) for n in self.agents)
+        )
+        return dict(zip(self.agents, replies, strict=True))
+
+    async def load(self, node: str, spec: agent_pb2.StageSpec, timeout_s: float = 300) -> shard_pb2.ShardInfo:
+        try:
+            return await self.agent_stub(node).LoadStage(spec, timeout=timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise Amp4ecError(f"node {node} could not load blocks {spec.first_block}..{spec.last_block}: "
+                              f"{e.details()}") from None
+
+    async def stop(self) -> None:
+        for channel in self._channels.values():
+            with contextlib.suppress(Exception):
+                await channel.close()
+        self._channels.clear()
+        for agent in self.agents.values():
+            if agent.process.poll() is None:
+                agent.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for agent in self.agents.values():
+            try:
+                agent.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                agent.process.kill()
+                agent.process.wait()
+            if agent.cgroup is not None:
+                agent.cgroup.remove()
+        self.agents.clear()
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None

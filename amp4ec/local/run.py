@@ -1,0 +1,270 @@
+"""``amp4ec run``: profile a model, plan it over local node agents, serve requests, report.
+
+The same planner and data plane as in a cluster; only the nodes are local processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from amp4ec import planner
+from amp4ec.client import Client, Result
+from amp4ec.errors import InvalidSpec
+from amp4ec.local.cluster import LocalCluster, NodeSpec
+from amp4ec.node_agent.capacity import reference_workload_ms
+from amp4ec.planner.types import NodeCapacity, Plan
+from amp4ec.slicing import BlockChain, LoadedModel, ModelSource, load_model, profile_chain, split_model
+from amp4ec.wire.v1 import agent_pb2
+
+__all__ = ["RunConfig", "RunReport", "deploy", "node_capacities", "prepare", "run"]
+
+Progress = Callable[[str, int, int], None]
+"""progress(phase, done, total)."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    source: ModelSource
+    nodes: tuple[NodeSpec, ...]
+    requests: int = 200
+    concurrency: int | None = None
+    """Requests kept in flight; None = one per stage of the plan, enough to fill every pipeline."""
+    strategy: str = "optimal"
+    objective: str = "throughput"
+    limit_mode: str = "auto"
+    warmup: int | None = None
+    """Unmeasured requests first; None = two per stage."""
+
+
+@dataclass
+class Prepared:
+    """The model, cut and profiled once in this process (unconstrained, one thread)."""
+
+    loaded: LoadedModel
+    chain: BlockChain
+    profiles: list[planner.LayerProfile]
+    reference_ms: float
+    expected: tuple[torch.Tensor, ...]
+
+
+@dataclass
+class RunReport:
+    model: str
+    plan: Plan
+    nodes: tuple[NodeSpec, ...]
+    limits: str
+    concurrency: int
+    requests: int
+    latencies_ms: list[float]
+    wall_s: float
+    max_abs_diff: float
+    planning_ms: float
+    measured_stage_ms: list[float]
+    stage_param_bytes: list[int]
+    bytes_per_request: float
+    capacities: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def throughput_rps(self) -> float:
+        return self.requests / self.wall_s if self.wall_s > 0 else 0.0
+
+    def latency_ms(self, q: float) -> float:
+        return _quantile(self.latencies_ms, q)
+
+    def to_json(self) -> dict[str, Any]:
+        stages = self.plan.stages
+        return {
+            "model": self.model,
+            "strategy": self.plan.strategy,
+            "objective": self.plan.objective,
+            "cpu_limits": self.limits,
+            "plan": [
+                {
+                    "pipeline": p,
+                    "node": s.node,
+                    "first_block": s.first_block,
+                    "last_block": s.last_block,
+                    "param_mb": round(b / 1e6, 3),
+                }
+                for (p, s), b in zip(_indexed(self.plan), self.stage_param_bytes, strict=True)
+            ],
+            "latency_ms": {"p50": self.latency_ms(0.5), "p95": self.latency_ms(0.95)},
+            "throughput_rps": self.throughput_rps,
+            "max_abs_diff": self.max_abs_diff,
+            "requests": self.requests,
+            "concurrency": self.concurrency,
+            "planning_ms": self.planning_ms,
+            "bytes_per_request": self.bytes_per_request,
+            "stages": [
+                {"node": s.node, "predicted_ms": s.stage_ms, "measured_ms": m}
+                for s, m in zip(stages, self.measured_stage_ms, strict=True)
+            ],
+            "predicted": {
+                "stage_ms": list(self.plan.predicted.stage_ms),
+                "bottleneck_ms": self.plan.predicted.bottleneck_ms,
+                "latency_ms": self.plan.predicted.latency_ms,
+                "throughput_rps": self.plan.predicted.throughput_rps,
+            },
+            "capacities": self.capacities,
+        }
+
+
+def _indexed(plan: Plan) -> list[tuple[int, planner.Stage]]:
+    return [(p, s) for p, pipe in enumerate(plan.pipelines) for s in pipe.stages]
+
+
+def _quantile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def prepare(source: ModelSource) -> Prepared:
+    loaded = load_model(source)
+    chain = split_model(loaded)
+    profiles = profile_chain(chain, loaded.example_inputs)
+    with torch.inference_mode():
+        out = loaded.module(*loaded.example_inputs)
+    expected = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+    return Prepared(loaded, chain, profiles, reference_workload_ms(), expected)
+
+
+def node_capacities(
+    capacities: dict[str, agent_pb2.Capacity], reference_ms: float
+) -> list[NodeCapacity]:
+    """Agents' measurements → planner input; speed is relative to the profiling process."""
+    return [
+        NodeCapacity(
+            name=name,
+            cpu=c.cpu_limit,
+            memory_bytes=c.memory_available_bytes,
+            speed=reference_ms / c.workload_ms if c.workload_ms > 0 else 0.0,
+            load=c.load,
+        )
+        for name, c in capacities.items()
+    ]
+
+
+async def deploy(cluster: LocalCluster, plan: Plan, source: ModelSource) -> list[int]:
+    """Load every stage of every pipeline on its node; returns each stage's parameter bytes."""
+    loads = []
+    for pipeline in plan.pipelines:
+        for i, stage in enumerate(pipeline.stages):
+            nxt = pipeline.stages[i + 1].node if i + 1 < len(pipeline.stages) else None
+            spec = agent_pb2.StageSpec(
+                model=source.spec,
+                weights=source.weights or "",
+                seed=source.seed,
+                input_shape=list(source.input_shape or ()),
+                first_block=stage.first_block,
+                last_block=stage.last_block,
+                next_hop=cluster.address(nxt) if nxt else "",
+                stage=i,
+            )
+            loads.append(cluster.load(stage.node, spec))
+    infos = await asyncio.gather(*loads)
+    return [info.param_bytes for info in infos]
+
+
+async def drive(
+    client: Client,
+    inputs: tuple[torch.Tensor, ...],
+    requests: int,
+    concurrency: int,
+    on_done: Callable[[Result], None],
+) -> float:
+    """A closed loop keeping ``concurrency`` requests in flight until ``requests`` are done."""
+    remaining = iter(range(requests))
+    start = time.perf_counter()
+
+    async def worker() -> None:
+        for _ in remaining:
+            on_done(await client.infer(inputs))
+
+    await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
+    return time.perf_counter() - start
+
+
+async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
+    report = progress or (lambda phase, done, total: None)
+    if config.requests < 1:
+        raise InvalidSpec(f"--requests: expected at least 1, got {config.requests}")
+    report("profiling the model", 0, 1)
+    prepared = await asyncio.to_thread(prepare, config.source)
+    if len(config.nodes) > len(prepared.chain):
+        raise InvalidSpec(
+            f"--nodes: {len(config.nodes)} nodes but {config.source.spec} has only "
+            f"{len(prepared.chain)} blocks; give at most {len(prepared.chain)}"
+        )
+    report("starting node agents", 0, len(config.nodes))
+    async with LocalCluster(config.nodes, config.limit_mode) as cluster:
+        report("measuring node capacity", 0, len(config.nodes))
+        capacities = await cluster.capacities()
+        nodes = node_capacities(capacities, prepared.reference_ms)
+        started = time.perf_counter()
+        plan = planner.plan(
+            prepared.profiles,
+            nodes,
+            objective=config.objective,
+            strategy=config.strategy,
+            input_bytes=prepared.chain.input_bytes,
+        )
+        planning_ms = (time.perf_counter() - started) * 1000
+        report("loading stages", 0, len(plan.stages))
+        param_bytes = await deploy(cluster, plan, config.source)
+        entries = [cluster.address(p.stages[0].node) for p in plan.pipelines]
+        async with Client(entries) as client:
+            inputs = prepared.loaded.example_inputs
+            first = await client.infer(inputs)
+            diff = max(
+                float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
+                for a, b in zip(first.outputs, prepared.expected, strict=True)
+            )
+            concurrency = config.concurrency or max(len(p.stages) for p in plan.pipelines) * len(plan.pipelines)
+            warmup = config.warmup if config.warmup is not None else 2 * len(plan.stages)
+            await drive(client, inputs, warmup, concurrency, lambda r: None)
+            results: list[Result] = []
+
+            def done(result: Result) -> None:
+                results.append(result)
+                report("requests", len(results), config.requests)
+
+            wall = await drive(client, inputs, config.requests, concurrency, done)
+    return RunReport(
+        model=config.source.spec,
+        plan=plan,
+        nodes=config.nodes,
+        limits=cluster.limit_description,
+        concurrency=concurrency,
+        requests=config.requests,
+        latencies_ms=[r.latency_s * 1000 for r in results],
+        wall_s=wall,
+        max_abs_diff=diff,
+        planning_ms=planning_ms,
+        measured_stage_ms=_measured_stage_ms(plan, results, entries),
+        stage_param_bytes=param_bytes,
+        bytes_per_request=statistics.fmean(r.request_bytes + r.response_bytes for r in results),
+        capacities={
+            n: {"cpu_limit": c.cpu_limit, "workload_ms": c.workload_ms, "speed": nc.speed}
+            for (n, c), nc in zip(capacities.items(), nodes, strict=True)
+        },
+    )
+
+
+def _measured_stage_ms(plan: Plan, results: list[Result], entries: list[str]) -> list[float]:
+    """Median decode+forward+encode time per stage, from the timings each answer carries."""
+    pipeline_of = {entry: i for i, entry in enumerate(entries)}
+    samples: list[list[list[float]]] = [[[] for _ in p.stages] for p in plan.pipelines]
+    for r in results:
+        stages = samples[pipeline_of[r.entry]]
+        for t in r.timings:
+            stages[t.stage].append((t.decode_us + t.forward_us + t.encode_us) / 1000)
+    return [statistics.median(s) if s else float("nan") for stages in samples for s in stages]

@@ -1,0 +1,105 @@
+"""What this node offers: CPU limit and memory from the cgroup, speed from a fixed workload, load."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = ["cgroup_cpu_limit", "memory_available_bytes", "reference_workload_ms", "LoadMeter"]
+
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _own_cgroup(controller: str) -> Path | None:
+    """This process's cgroup v1 directory for ``controller``, or the v2 one ("")."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controller in controllers.split(","):
+            return _CGROUP_ROOT / controller / path.lstrip("/")
+    for line in lines:
+        if line.startswith("0::"):
+            return _CGROUP_ROOT / line[3:].lstrip("/")
+    return None
+
+
+def cgroup_cpu_limit() -> float:
+    """CPU cores this process may use: the cgroup quota when one is set, else the core count."""
+    cores = float(len(os.sched_getaffinity(0)))
+    group = _own_cgroup("cpu")
+    if group is None:
+        return cores
+    try:
+        if (group / "cpu.cfs_quota_us").exists():
+            quota = int((group / "cpu.cfs_quota_us").read_text())
+            period = int((group / "cpu.cfs_period_us").read_text())
+        else:  # cgroup v2: "max 100000" or "40000 100000"
+            q, p = (group / "cpu.max").read_text().split()
+            quota, period = (-1 if q == "max" else int(q)), int(p)
+    except (OSError, ValueError):
+        return cores
+    return cores if quota <= 0 else min(cores, quota / period)
+
+
+def memory_available_bytes() -> int:
+    """Memory still available to this process: the cgroup limit's headroom or MemAvailable."""
+    available = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    group = _own_cgroup("memory")
+    if group is not None and (group / "memory.limit_in_bytes").exists():
+        try:
+            limit = int((group / "memory.limit_in_bytes").read_text())
+            usage = int((group / "memory.usage_in_bytes").read_text())
+            if limit < (1 << 60):
+                available = min(available or limit, limit - usage)
+        except (OSError, ValueError):
+            pass
+    return max(available, 0)
+
+
+def reference_workload_ms(min_wall_s: float = 0.6) -> float:
+    """Wall milliseconds per unit of a fixed conv workload, averaged over ``min_wall_s``.
+
+    [Note: why a long window] Under a cgroup quota the process runs for part of each
+    100 ms period and is throttled for the rest; a short measurement lands in one or the
+    other. Averaging over several periods gives the rate the quota allows.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        conv = torch.nn.Conv2d(32, 32, 3, padding=1)
+        x = torch.randn(1, 32, 28, 28)
+        with torch.inference_mode():
+            conv(x)
+            units, start = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - start) < min_wall_s or units < 5:
+                conv(x)
+                units += 1
+    finally:
+        torch.set_num_threads(previous)
+    return 1000.0 * elapsed / units
+
+
+class LoadMeter:
+    """CPU utilisation of this process since the last reading, as a fraction of its limit."""
+
+    def __init__(self, cpu_limit: float) -> None:
+        self._limit = max(cpu_limit, 1e-6)
+        self._last = (time.monotonic(), time.process_time())
+
+    def read(self) -> float:
+        now = (time.monotonic(), time.process_time())
+        wall, cpu = now[0] - self._last[0], now[1] - self._last[1]
+        self._last = now
+        return 0.0 if wall <= 0 else min(1.0, cpu / wall / self._limit)

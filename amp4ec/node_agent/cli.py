@@ -1,0 +1,142 @@
+"""Command line of the node agent process: flags → AgentSettings (+ an optional stage), then serve."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from amp4ec.errors import Amp4ecError
+from amp4ec.node_agent.capacity import cgroup_cpu_limit
+from amp4ec.node_agent.executor import StageConfig
+from amp4ec.node_agent.monitor import Monitor
+from amp4ec.node_agent.server import create_server
+from amp4ec.node_agent.settings import AgentSettings
+
+__all__ = ["main", "parse_args"]
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(d) for d in text.replace("x", ",").split(",") if d)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 1,3,224,224, got {text!r}") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise argparse.ArgumentTypeError(f"expected positive sizes like 1,3,224,224, got {text!r}")
+    return shape
+
+
+def _peer(text: str) -> tuple[str, str]:
+    name, sep, target = text.partition("=")
+    if not sep or not name or ":" not in target:
+        raise argparse.ArgumentTypeError(f"expected NODE=HOST:PORT, got {text!r}")
+    return name, target
+
+
+def parse_args(
+    argv: list[str] | None = None,
+) -> tuple[AgentSettings, StageConfig | None, Path | None, Monitor | None]:
+    p = argparse.ArgumentParser(prog="python -m amp4ec.node_agent", description=__doc__)
+    p.add_argument("--node", default="node", help="node name the planner knows this agent by")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind ([::] in a Pod)")
+    p.add_argument("--port", type=int, default=0, help="gRPC port (0 = any free port)")
+    p.add_argument("--port-file", type=Path, help="write the bound port here once serving")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    p.add_argument("--cpu-limit", type=float, help="CPU cores (default: read the cgroup quota)")
+    p.add_argument("--emulate-cpu", action="store_true", help="emulate --cpu-limit by idling (no cgroup)")
+    p.add_argument("--threads", type=int, help="torch threads (default: floor(cpu limit), at least 1)")
+    p.add_argument("--window", type=int, default=16, help="in-flight requests per inbound stream")
+    p.add_argument("--memory-bytes", type=int, help="memory to report (default: cgroup/MemAvailable)")
+    stage = p.add_argument_group("stage (optional: a range can also be loaded over gRPC)")
+    stage.add_argument("--model", help="zoo name, .pt2 path or package.module:factory")
+    stage.add_argument("--weights", help="local state_dict file (loaded with weights_only=True)")
+    stage.add_argument("--seed", type=int, default=0)
+    stage.add_argument("--input-shape", type=_shape)
+    stage.add_argument("--first-block", type=int, default=0)
+    stage.add_argument("--last-block", type=int, default=-1, help="inclusive; -1 = the last block")
+    stage.add_argument("--next-hop", default="", help="host:port of the next shard")
+    stage.add_argument("--stage", type=int, default=0, help="index of the stage in its pipeline")
+    mon = p.add_argument_group("monitor role (one per node: capacity metrics, link probes, profiling)")
+    mon.add_argument("--monitor-interval", type=float,
+                     help="run the monitor role, refreshing capacity metrics every this many seconds")
+    mon.add_argument("--peer", type=_peer, action="append", default=[],
+                     help="NODE=HOST:PORT of a peer monitor to probe links to (repeatable)")
+    mon.add_argument("--capacity-override", type=Path,
+                     help="JSON file whose keys replace measured capacity (re-read every refresh)")
+    a = p.parse_args(argv)
+    settings = AgentSettings(
+        node=a.node,
+        host=a.host,
+        port=a.port,
+        metrics_port=a.metrics_port,
+        cpu_limit=a.cpu_limit,
+        emulate_cpu=a.emulate_cpu,
+        threads=a.threads,
+        window=a.window,
+        memory_bytes=a.memory_bytes,
+    )
+    config = None
+    if a.model:
+        config = StageConfig(
+            model=a.model,
+            first_block=a.first_block,
+            last_block=a.last_block,
+            next_hop=a.next_hop,
+            stage=a.stage,
+            weights=a.weights,
+            seed=a.seed,
+            input_shape=a.input_shape,
+        )
+    monitor = None
+    if a.monitor_interval is not None:
+        if a.monitor_interval <= 0:
+            p.error(f"--monitor-interval: expected a positive number of seconds, got {a.monitor_interval}")
+        monitor = Monitor(
+            settings,
+            cpu_limit=a.cpu_limit if a.cpu_limit is not None else cgroup_cpu_limit(),
+            interval=a.monitor_interval,
+            peers=dict(a.peer),
+            override=a.capacity_override,
+        )
+    return settings, config, a.port_file, monitor
+
+
+async def serve(
+    settings: AgentSettings, config: StageConfig | None, port_file: Path | None, monitor: Monitor | None = None
+) -> None:
+    agent = await create_server(settings)
+    if config is not None:
+        await agent.load(config)
+    if monitor is not None:
+        monitor.start(agent)
+    if settings.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics_port, addr=settings.host.strip("[]") or "0.0.0.0")
+    await agent.server.start()
+    if port_file is not None:
+        tmp = port_file.with_suffix(".tmp")
+        tmp.write_text(str(agent.port))
+        tmp.replace(port_file)  # atomic: a reader never sees a half-written port
+    logging.getLogger("amp4ec.node_agent").info("node agent %s serving on port %d", settings.node, agent.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    if monitor is not None:
+        await monitor.stop()
+    await agent.stop(settings.grace_s)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings, config, port_file, monitor = parse_args(argv)
+    try:
+        asyncio.run(serve(settings, config, port_file, monitor))
+    except Amp4ecError as exc:
+        print(f"amp4ec node agent: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,142 @@
+"""Stages and their execution: build a layer range from a spec, run requests through it.
+
+No gRPC here beyond the generated message types: the servicer is the adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+
+import torch
+
+from amp4ec.errors import InvalidSpec
+from amp4ec.slicing import ModelSource, Shard, load_model, split_model
+from amp4ec.wire import codec
+from amp4ec.wire.v1 import agent_pb2, shard_pb2
+
+__all__ = ["LoadedStage", "StageConfig", "StageExecutor", "build_stage"]
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """Which layer range to serve and where its output goes."""
+
+    model: str
+    first_block: int
+    last_block: int
+    next_hop: str = ""
+    stage: int = 0
+    weights: str | None = None
+    seed: int = 0
+    input_shape: tuple[int, ...] | None = None
+
+    @classmethod
+    def from_message(cls, m: agent_pb2.StageSpec) -> StageConfig:
+        return cls(
+            model=m.model,
+            first_block=m.first_block,
+            last_block=m.last_block,
+            next_hop=m.next_hop,
+            stage=m.stage,
+            weights=m.weights or None,
+            seed=m.seed,
+            input_shape=tuple(m.input_shape) or None,
+        )
+
+    def to_message(self) -> agent_pb2.StageSpec:
+        return agent_pb2.StageSpec(
+            model=self.model,
+            first_block=self.first_block,
+            last_block=self.last_block,
+            next_hop=self.next_hop,
+            stage=self.stage,
+            weights=self.weights or "",
+            seed=self.seed,
+            input_shape=list(self.input_shape or ()),
+        )
+
+
+@dataclass(frozen=True)
+class LoadedStage:
+    config: StageConfig
+    shard: Shard
+    num_blocks: int
+
+    def info(self) -> shard_pb2.ShardInfo:
+        return shard_pb2.ShardInfo(
+            model=self.config.model,
+            first_block=self.config.first_block,
+            last_block=self.config.last_block,
+            num_blocks=self.num_blocks,
+            inputs=[codec.spec_of(s.dtype, s.shape) for s in self.shard.input_specs],
+            outputs=[codec.spec_of(s.dtype, s.shape) for s in self.shard.output_specs],
+            next_hop=self.config.next_hop,
+            param_bytes=self.shard.param_bytes,
+            stage=self.config.stage,
+        )
+
+
+def build_stage(config: StageConfig) -> LoadedStage:
+    """Load the model, cut it into its chain and keep only this stage's blocks.
+
+    The rest of the chain is dropped on return, so only this range's parameters stay resident.
+    """
+    if not config.model:
+        raise InvalidSpec("model: expected a zoo name, a .pt2 path or package.module:factory, got ''")
+    loaded = load_model(
+        ModelSource(config.model, weights=config.weights, seed=config.seed, input_shape=config.input_shape)
+    )
+    chain = split_model(loaded)
+    if config.last_block < 0:  # -1: through the last block
+        config = replace(config, last_block=len(chain) - 1)
+    shard = chain.shard(config.first_block, config.last_block)
+    shard.eval()
+    return LoadedStage(config=config, shard=shard, num_blocks=len(chain))
+
+
+class StageExecutor:
+    """Runs requests through a stage on one worker thread, in arrival order.
+
+    One thread: a node's CPU share is the budget, and torch's own intra-op threads are
+    the way to use more than one core. With ``emulate_cpu`` the worker idles after each
+    forward so the duty cycle matches the CPU limit.
+    """
+
+    def __init__(self, cpu_limit: float, emulate_cpu: bool = False) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        self._idle_factor = (1.0 / cpu_limit - 1.0) if emulate_cpu and 0 < cpu_limit < 1 else 0.0
+
+    async def run(
+        self, stage: LoadedStage, frame: shard_pb2.Frame, arrived: float
+    ) -> tuple[list[shard_pb2.Tensor], shard_pb2.StageTiming]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._run, stage, frame, arrived)
+
+    def _run(
+        self, stage: LoadedStage, frame: shard_pb2.Frame, arrived: float
+    ) -> tuple[list[shard_pb2.Tensor], shard_pb2.StageTiming]:
+        t0 = time.perf_counter()
+        tensors = codec.decode_all(frame.tensors)
+        stage.shard.check_inputs(tensors)
+        t1 = time.perf_counter()
+        with torch.inference_mode():
+            outputs = stage.shard(*tensors)
+        t2 = time.perf_counter()
+        encoded = codec.encode_all(outputs)
+        t3 = time.perf_counter()
+        if self._idle_factor:
+            time.sleep((t3 - t0) * self._idle_factor)
+        timing = shard_pb2.StageTiming(
+            stage=stage.config.stage,
+            queue_us=int((t0 - arrived) * 1e6),
+            decode_us=int((t1 - t0) * 1e6),
+            forward_us=int((t2 - t1) * 1e6),
+            encode_us=int((t3 - t2) * 1e6),
+        )
+        return encoded, timing
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,26 @@
+"""The node agent's Prometheus metrics (one registry per process, served on --metrics-port)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+__all__ = ["CAPACITY", "PHASE_SECONDS", "REQUESTS"]
+
+_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+PHASE_SECONDS = Histogram(
+    "amp4ec_stage_phase_seconds",
+    "Time one request spends in each phase of a stage (queue, decode, forward, encode).",
+    ["node", "phase"],
+    buckets=_BUCKETS,
+)
+REQUESTS = Counter(
+    "amp4ec_stage_requests_total",
+    "Requests a stage answered, by gRPC status code name.",
+    ["node", "code"],
+)
+CAPACITY = Gauge(
+    "amp4ec_node_capacity",
+    "What this node offers: cpu_limit (cores), workload_ms, memory_available_bytes, load.",
+    ["node", "resource"],
+)

@@ -1,0 +1,177 @@
+"""The node agent's monitor role: export node capacity and link metrics, profile models for the operator.
+
+One monitor runs per node (a DaemonSet in a cluster). It exports only what no standard
+exporter gives (speed on the reference workload, the CPU share a shard gets, link RTT and
+bandwidth to its peers) as Prometheus gauges, refreshed every ``interval`` seconds, and
+serves ``Monitor.Profile`` so the operator learns block costs without importing torch.
+
+[Note: capacity override] ``override`` names a JSON file re-read on every refresh whose keys
+(``cpu_limit``, ``workload_ms``, ``memory_available_bytes``) replace the measured values. It
+lets an operator drain or slow a node by hand and lets tests change capacity for real,
+through the same metrics and Prometheus path a cluster uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import statistics
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from prometheus_client import Gauge
+
+from amp4ec.node_agent.capacity import memory_available_bytes, reference_workload_ms
+from amp4ec.node_agent.server import AgentServer
+from amp4ec.node_agent.settings import AgentSettings
+from amp4ec.node_agent.status import status_of
+from amp4ec.wire import codec
+from amp4ec.wire.v1 import agent_pb2, agent_pb2_grpc
+
+__all__ = ["CPU_LIMIT", "LINK_BANDWIDTH", "LINK_RTT", "MEMORY", "WORKLOAD", "Monitor", "MonitorServicer"]
+
+log = logging.getLogger(__name__)
+
+CPU_LIMIT = Gauge("amp4ec_node_cpu_limit_cores", "CPU cores a shard on this node may use.", ["node"])
+WORKLOAD = Gauge(
+    "amp4ec_node_workload_ms",
+    "Milliseconds this node takes for amp4ec's fixed reference workload on one thread (lower is faster).",
+    ["node"],
+)
+MEMORY = Gauge("amp4ec_node_memory_available_bytes", "Memory a shard may still use on this node.", ["node"])
+LINK_RTT = Gauge("amp4ec_link_rtt_seconds", "Round-trip time of a small gRPC echo to a peer.", ["src", "dst"])
+LINK_BANDWIDTH = Gauge(
+    "amp4ec_link_bandwidth_bytes_per_second", "Bytes per second of a large gRPC echo to a peer.", ["src", "dst"]
+)
+
+_PROBE_BYTES = 1 << 20
+
+
+class MonitorServicer(agent_pb2_grpc.MonitorServicer):
+    """``Monitor.Profile``: load, split and time a model; one profile per spec is cached."""
+
+    def __init__(self) -> None:
+        self._cache: dict[bytes, agent_pb2.ModelProfile] = {}
+        self._lock = asyncio.Lock()
+
+    async def Profile(
+        self, request: agent_pb2.ProfileRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.ModelProfile:
+        key = request.SerializeToString(deterministic=True)
+        async with self._lock:  # one profile at a time: profiling owns the reference core
+            if key not in self._cache:
+                try:
+                    self._cache[key] = await asyncio.to_thread(profile_model, request)
+                except Exception as exc:
+                    await context.abort(*status_of(exc))
+                    raise  # unreachable: abort raises
+            return self._cache[key]
+
+
+def profile_model(request: agent_pb2.ProfileRequest) -> agent_pb2.ModelProfile:
+    """The torch side of ``Profile``: imported lazily so a bare monitor starts fast."""
+    from amp4ec.slicing import ModelSource, chain_input_bytes, load_model, profile_chain, split_model
+
+    spec = request.model
+    source = ModelSource(
+        spec.model, weights=spec.weights or None, seed=spec.seed, input_shape=tuple(spec.input_shape) or None
+    )
+    loaded = load_model(source)
+    chain = split_model(loaded)
+    profiles = profile_chain(chain, repeats=request.repeats or 5)
+    return agent_pb2.ModelProfile(
+        model=spec.model,
+        blocks=[
+            agent_pb2.BlockProfile(
+                name=p.name,
+                flops=p.flops,
+                param_bytes=p.param_bytes,
+                out_bytes=p.out_bytes,
+                compute_ms=p.compute_ms,
+                act_bytes=p.act_bytes,
+            )
+            for p in profiles
+        ],
+        input_bytes=chain_input_bytes(chain),
+        reference_workload_ms=reference_workload_ms(),
+        inputs=[codec.spec_of(t.dtype, tuple(t.shape)) for t in loaded.example_inputs],
+    )
+
+
+@dataclass
+class Monitor:
+    """Refreshes this node's capacity gauges and probes its peers every ``interval`` seconds."""
+
+    settings: AgentSettings
+    cpu_limit: float
+    interval: float = 10.0
+    """Seconds between refreshes; Prometheus scrapes whatever the last refresh set."""
+    peers: Mapping[str, str] = field(default_factory=dict)
+    """Peer node name → gRPC address of its monitor, for link RTT/bandwidth probes."""
+    override: Path | None = None
+    """JSON file whose keys replace measured values (see the module's note)."""
+    _workload_ms: float | None = None
+    _task: asyncio.Task[None] | None = None
+
+    def refresh(self) -> dict[str, float]:
+        """Measure (the reference workload only once) and set the gauges; returns what was set."""
+        if self._workload_ms is None:
+            self._workload_ms = reference_workload_ms()
+        values = {
+            "cpu_limit": self.cpu_limit,
+            "workload_ms": self._workload_ms,
+            "memory_available_bytes": float(self.settings.memory_bytes or memory_available_bytes()),
+        }
+        if self.override is not None and self.override.exists():
+            try:
+                values.update({k: float(v) for k, v in json.loads(self.override.read_text()).items()})
+            except (OSError, ValueError, TypeError, AttributeError) as exc:
+                log.warning("ignoring capacity override %s: %s", self.override, exc)
+        node = self.settings.node
+        CPU_LIMIT.labels(node).set(values["cpu_limit"])
+        WORKLOAD.labels(node).set(values["workload_ms"])
+        MEMORY.labels(node).set(values["memory_available_bytes"])
+        return values
+
+    async def probe(self, peer: str, target: str) -> None:
+        """RTT from the median of small echoes, bandwidth from one large echo each way."""
+        async with grpc.aio.insecure_channel(target, options=self.settings.grpc_options()) as channel:
+            stub = agent_pb2_grpc.NodeAgentStub(channel)
+            rtts = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                await stub.Echo(agent_pb2.Probe(payload=b"", reply_bytes=0), timeout=5)
+                rtts.append(time.perf_counter() - t0)
+            rtt = statistics.median(rtts)
+            t0 = time.perf_counter()
+            await stub.Echo(agent_pb2.Probe(payload=bytes(_PROBE_BYTES), reply_bytes=_PROBE_BYTES), timeout=30)
+            elapsed = max(time.perf_counter() - t0 - rtt, 1e-6)
+        LINK_RTT.labels(self.settings.node, peer).set(rtt)
+        LINK_BANDWIDTH.labels(self.settings.node, peer).set(2 * _PROBE_BYTES / elapsed)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.refresh)
+            except Exception:
+                log.exception("capacity refresh failed")
+            for peer, target in self.peers.items():
+                try:
+                    await self.probe(peer, target)
+                except grpc.aio.AioRpcError as exc:
+                    log.info("link probe %s → %s failed: %s", self.settings.node, peer, exc.code().name)
+            await asyncio.sleep(self.interval)
+
+    def start(self, agent: AgentServer) -> None:
+        """Register ``Monitor`` on the (not yet started) agent server and start refreshing."""
+        agent_pb2_grpc.add_MonitorServicer_to_server(MonitorServicer(), agent.server)
+        self._task = asyncio.create_task(self.run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)

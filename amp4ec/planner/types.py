@@ -1,0 +1,191 @@
+"""Plain data the planner consumes and produces: block profiles, node capacity, links, plans.
+
+Reading order: LayerProfile (what a block costs) → NodeCapacity and Link (what the
+cluster offers) → Pin and SchedulerHistory (optional planner inputs) → Stage, Pipeline,
+Plan (the answer). Everything except SchedulerHistory is frozen and pure Python so the
+operator can plan without torch.
+
+Plan-level numbers (``Prediction``): each pipeline's bottleneck is its slowest stage and
+its latency the sum of its stages plus the result's return to the client. A plan with
+several pipelines (disjoint node sets, requests sent to the least-loaded one) reports
+``bottleneck_ms`` = the slowest stage over all pipelines, ``latency_ms`` = the latency of
+its fastest pipeline (what one request sees on an idle plan), and ``throughput_rps`` =
+the sum over pipelines of ``1000 / bottleneck``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = [
+    "OBJECTIVES",
+    "LayerProfile",
+    "Link",
+    "NodeCapacity",
+    "Pin",
+    "Pipeline",
+    "Plan",
+    "Prediction",
+    "SchedulerHistory",
+    "Stage",
+]
+
+OBJECTIVES = ("throughput", "latency")
+
+
+@dataclass(frozen=True)
+class LayerProfile:
+    """One block of the model's chain, measured once on the reference (one full core, one thread)."""
+
+    name: str
+    """Module path of the block, e.g. ``features.3``."""
+    flops: int
+    """Floating-point operations of one forward pass (batch of the profile)."""
+    param_bytes: int
+    """Bytes of the parameters and buffers the block uses."""
+    out_bytes: int
+    """Bytes of the activation(s) crossing the cut after this block."""
+    compute_ms: float
+    """Measured forward time on the reference core, in milliseconds."""
+    act_bytes: int = 0
+    """Peak activation bytes while the block runs (its inputs plus outputs)."""
+
+
+@dataclass(frozen=True)
+class NodeCapacity:
+    """What one node offers."""
+
+    name: str
+    cpu: float
+    """CPU limit in cores (0.4 means 40% of one core)."""
+    memory_bytes: int
+    """Memory available to a shard on this node."""
+    speed: float = 0.0
+    """Reference-core milliseconds this node does per wall millisecond (1.0 = one full
+    reference core). 0 means unknown: the planner then uses ``min(cpu, 1)``."""
+    load: float = 0.0
+    """Current utilisation in [0, 1], used by the paper's scheduler filter."""
+
+    @property
+    def effective_speed(self) -> float:
+        return self.speed if self.speed > 0 else min(self.cpu, 1.0)
+
+
+@dataclass(frozen=True)
+class Link:
+    """A directed link between two nodes (or the client, named ``client``)."""
+
+    src: str
+    dst: str
+    rtt_ms: float
+    bandwidth_bytes_per_s: float
+
+    def transfer_ms(self, nbytes: int) -> float:
+        """One-way time to move ``nbytes``: half the round trip plus serialisation."""
+        return self.rtt_ms / 2 + 1000.0 * nbytes / self.bandwidth_bytes_per_s
+
+
+@dataclass(frozen=True)
+class Pin:
+    """A manual placement: blocks ``first_block..last_block`` (inclusive) form exactly one
+    stage, on ``node``; the optimal planner places every other block freely around it."""
+
+    first_block: int
+    last_block: int
+    node: str
+
+
+HISTORY_WINDOW = 100
+"""How many recent execution times the paper's scheduler averages."""
+
+
+@dataclass
+class SchedulerHistory:
+    """What the paper's weighted scheduler remembers per node (optional planner input).
+
+    ``plan`` never mutates it; call ``record_execution``/``record_plan`` as requests run
+    and plans are deployed.
+    """
+
+    exec_times_s: dict[str, list[float]] = field(default_factory=dict)
+    """Per node, its recent execution times in seconds, oldest first."""
+    task_counts: dict[str, int] = field(default_factory=dict)
+    """Per node, how many tasks (partitions) the scheduler has given it."""
+
+    def record_execution(self, node: str, seconds: float) -> None:
+        """Append one execution time, keeping the last ``HISTORY_WINDOW``."""
+        times = self.exec_times_s.setdefault(node, [])
+        times.append(float(seconds))
+        del times[:-HISTORY_WINDOW]
+
+    def record_plan(self, plan: Plan) -> None:
+        """Count one task for every stage of a deployed plan."""
+        for stage in plan.stages:
+            self.task_counts[stage.node] = self.task_counts.get(stage.node, 0) + 1
+
+    def mean_exec_s(self, node: str) -> float | None:
+        """Mean of the node's last ``HISTORY_WINDOW`` execution times, None without history."""
+        times = self.exec_times_s.get(node, [])[-HISTORY_WINDOW:]
+        return sum(times) / len(times) if times else None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Blocks ``first_block..last_block`` (inclusive) placed on ``node``."""
+
+    node: str
+    first_block: int
+    last_block: int
+    compute_ms: float = 0.0
+    """Predicted time of the stage's blocks on its node."""
+    transfer_ms: float = 0.0
+    """Predicted time to receive the stage's input over its inbound link."""
+    memory_bytes: int = 0
+    """Predicted resident bytes: parameters plus peak activation."""
+
+    @property
+    def stage_ms(self) -> float:
+        return self.compute_ms + self.transfer_ms
+
+    @property
+    def blocks(self) -> range:
+        return range(self.first_block, self.last_block + 1)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the cost model expects of a plan."""
+
+    stage_ms: tuple[float, ...]
+    """Predicted time of each stage, pipelines concatenated in order."""
+    bottleneck_ms: float
+    """The slowest stage of the slowest pipeline (max over all stages of the plan)."""
+    latency_ms: float
+    """End-to-end time of one request on the fastest pipeline (client → … → client):
+    the sum of its stages plus the return of the last block's output to the client."""
+    throughput_rps: float
+    """Requests per second with every pipeline saturated: sum over pipelines of
+    ``1000 / that pipeline's slowest stage`` (``inf`` if a pipeline costs nothing)."""
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """Stages in data-flow order; together they cover every block exactly once."""
+
+    stages: tuple[Stage, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The planner's answer: one or more pipelines; requests go to the least-loaded one."""
+
+    objective: str
+    strategy: str
+    pipelines: tuple[Pipeline, ...]
+    predicted: Prediction
+    notes: tuple[str, ...] = field(default=())
+    """Human-readable remarks (nodes left out and why, heuristic used, …)."""
+
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        return tuple(s for p in self.pipelines for s in p.stages)

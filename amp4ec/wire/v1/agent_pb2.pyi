@@ -1,0 +1,100 @@
+from amp4ec.wire.v1 import shard_pb2 as _shard_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class CapacityRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Capacity(_message.Message):
+    __slots__ = ("node", "cpu_limit", "workload_ms", "memory_available_bytes", "load")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    CPU_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    WORKLOAD_MS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    cpu_limit: float
+    workload_ms: float
+    memory_available_bytes: int
+    load: float
+    def __init__(self, node: _Optional[str] = ..., cpu_limit: _Optional[float] = ..., workload_ms: _Optional[float] = ..., memory_available_bytes: _Optional[int] = ..., load: _Optional[float] = ...) -> None: ...
+
+class Probe(_message.Message):
+    __slots__ = ("payload", "reply_bytes")
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    REPLY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    reply_bytes: int
+    def __init__(self, payload: _Optional[bytes] = ..., reply_bytes: _Optional[int] = ...) -> None: ...
+
+class StageSpec(_message.Message):
+    __slots__ = ("model", "weights", "seed", "input_shape", "first_block", "last_block", "next_hop", "stage")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    LAST_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    NEXT_HOP_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    weights: str
+    seed: int
+    input_shape: _containers.RepeatedScalarFieldContainer[int]
+    first_block: int
+    last_block: int
+    next_hop: str
+    stage: int
+    def __init__(self, model: _Optional[str] = ..., weights: _Optional[str] = ..., seed: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., first_block: _Optional[int] = ..., last_block: _Optional[int] = ..., next_hop: _Optional[str] = ..., stage: _Optional[int] = ...) -> None: ...
+
+class UnloadRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class UnloadReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ProfileRequest(_message.Message):
+    __slots__ = ("model", "repeats")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REPEATS_FIELD_NUMBER: _ClassVar[int]
+    model: StageSpec
+    repeats: int
+    def __init__(self, model: _Optional[_Union[StageSpec, _Mapping]] = ..., repeats: _Optional[int] = ...) -> None: ...
+
+class BlockProfile(_message.Message):
+    __slots__ = ("name", "flops", "param_bytes", "out_bytes", "compute_ms", "act_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FLOPS_FIELD_NUMBER: _ClassVar[int]
+    PARAM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OUT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    ACT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    flops: int
+    param_bytes: int
+    out_bytes: int
+    compute_ms: float
+    act_bytes: int
+    def __init__(self, name: _Optional[str] = ..., flops: _Optional[int] = ..., param_bytes: _Optional[int] = ..., out_bytes: _Optional[int] = ..., compute_ms: _Optional[float] = ..., act_bytes: _Optional[int] = ...) -> None: ...
+
+class ModelProfile(_message.Message):
+    __slots__ = ("model", "blocks", "input_bytes", "reference_workload_ms", "inputs")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_WORKLOAD_MS_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    blocks: _containers.RepeatedCompositeFieldContainer[BlockProfile]
+    input_bytes: int
+    reference_workload_ms: float
+    inputs: _containers.RepeatedCompositeFieldContainer[_shard_pb2.Tensor]
+    def __init__(self, model: _Optional[str] = ..., blocks: _Optional[_Iterable[_Union[BlockProfile, _Mapping]]] = ..., input_bytes: _Optional[int] = ..., reference_workload_ms: _Optional[float] = ..., inputs: _Optional[_Iterable[_Union[_shard_pb2.Tensor, _Mapping]]] = ...) -> None: ...

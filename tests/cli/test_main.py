@@ -1,0 +1,48 @@
+"""The amp4ec command line: bad input gets one clear line and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from amp4ec.cli import cli
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "--model", "no_such_model", "--nodes", "1.0"], "no_such_model"),
+        (["run", "--nodes", "1.0,-0.5"], "--nodes[1]: expected a CPU share > 0"),
+        (["run", "--model", "mobilenet_v2", "--nodes", ",".join(["0.1"] * 99)], "99 nodes but"),
+        (["run", "--input-shape", "1,3,a"], "--input-shape"),
+        (["run", "--model", str(ROOT / "missing.pt2")], "missing.pt2"),
+    ],
+)
+def test_bad_arguments_one_line_and_exit_2(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_console_script_runs_the_main_job(tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "amp4ec", "run", "--model", "resnet18", "--input-shape", "1,3,64,64",
+         "--nodes", "1.0,0.5", "--requests", "6", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "max |distributed − monolith|" in proc.stdout
+    data = json.loads(out.read_text())
+    assert set(data) >= {"plan", "latency_ms", "throughput_rps", "max_abs_diff"}
+    assert set(data["latency_ms"]) == {"p50", "p95"}
+    assert {"node", "first_block", "last_block"} <= set(data["plan"][0])
+    assert data["max_abs_diff"] < 1e-4

@@ -38,9 +38,10 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from amp4ec.cli import run
+    from amp4ec.cli import plan, run
 
     cli.add_command(run.run)
+    cli.add_command(plan.plan)
 
 
 _register()

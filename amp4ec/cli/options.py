@@ -9,7 +9,10 @@ import click
 
 from amp4ec.errors import InvalidSpec
 
-__all__ = ["model_options", "parse_shape", "source_from"]
+__all__ = ["OBJECTIVES", "STRATEGIES", "model_options", "parse_shape", "source_from"]
+
+STRATEGIES = ("optimal", "paper", "equal", "memory", "replicate", "monolith")
+OBJECTIVES = ("throughput", "latency")
 
 
 def parse_shape(text: str | None) -> tuple[int, ...] | None:
@@ -27,10 +30,18 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
 def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(
         [
-            click.option("--model", "-m", default="mobilenet_v2", show_default=True,
-                         help="zoo name, path to a torch.export archive (.pt2), or package.module:factory"),
-            click.option("--weights", type=click.Path(dir_okay=False),
-                         help="local state_dict file (loaded with weights_only=True); default: seeded random"),
+            click.option(
+                "--model",
+                "-m",
+                default="mobilenet_v2",
+                show_default=True,
+                help="zoo name, path to a torch.export archive (.pt2), or package.module:factory",
+            ),
+            click.option(
+                "--weights",
+                type=click.Path(dir_okay=False),
+                help="local state_dict file (loaded with weights_only=True); default: seeded random",
+            ),
             click.option("--seed", type=int, default=0, show_default=True, help="seed of the random weights"),
             click.option("--input-shape", help="input shape, e.g. 1,3,224,224 (default: the model's)"),
         ]
@@ -39,7 +50,7 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def source_from(model: str, weights: str | None, seed: int, input_shape: str | None):  # noqa: ANN201
+def source_from(model: str, weights: str | None, seed: int, input_shape: str | None):
     from amp4ec.slicing import ModelSource
 
     return ModelSource(model, weights=weights, seed=seed, input_shape=parse_shape(input_shape))

@@ -12,29 +12,51 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from amp4ec.cli.options import model_options, source_from
+from amp4ec.cli.options import OBJECTIVES, STRATEGIES, model_options, source_from
 
 __all__ = ["run"]
-
-STRATEGIES = ("optimal", "paper", "equal", "memory", "replicate", "monolith")
 
 
 @click.command()
 @model_options
-@click.option("--nodes", "-n", default="1.0,0.6,0.4", show_default=True,
-              help="CPU share of each local node, comma-separated (one agent process per node)")
+@click.option(
+    "--nodes",
+    "-n",
+    default="1.0,0.6,0.4",
+    show_default=True,
+    help="nodes as CPU share[:memory limit], comma-separated, e.g. 1.0,0.6:512M (one agent each)",
+)
 @click.option("--requests", "-r", type=int, default=200, show_default=True, help="measured requests")
-@click.option("--concurrency", "-c", type=int, help="requests in flight (default: enough to fill the pipelines)")
+@click.option(
+    "--concurrency", "-c", type=int, help="requests in flight (default: enough to fill the pipelines)"
+)
 @click.option("--strategy", "-s", type=click.Choice(STRATEGIES), default="optimal", show_default=True)
-@click.option("--objective", type=click.Choice(("throughput", "latency")), default="throughput",
-              show_default=True)
-@click.option("--cpu-limits", type=click.Choice(("auto", "cgroup", "emulate", "none")), default="auto",
-              show_default=True, help="how node CPU shares are enforced (auto: cgroup when permitted)")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="also write the results as JSON here")
+@click.option("--objective", type=click.Choice(OBJECTIVES), default="throughput", show_default=True)
+@click.option(
+    "--cpu-limits",
+    type=click.Choice(("auto", "cgroup", "emulate", "none")),
+    default="auto",
+    show_default=True,
+    help="how node CPU shares are enforced (auto: cgroup when permitted)",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="also write the results as JSON here",
+)
 def run(
-    model: str, weights: str | None, seed: int, input_shape: str | None, nodes: str, requests: int,
-    concurrency: int | None, strategy: str, objective: str, cpu_limits: str, json_path: Path | None,
+    model: str,
+    weights: str | None,
+    seed: int,
+    input_shape: str | None,
+    nodes: str,
+    requests: int,
+    concurrency: int | None,
+    strategy: str,
+    objective: str,
+    cpu_limits: str,
+    json_path: Path | None,
 ) -> None:
     """Split a model over local node agents, serve requests through them and report."""
     from amp4ec.local import RunConfig, parse_nodes
@@ -51,8 +73,12 @@ def run(
     )
     console = Console()
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=True,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
     ) as bar:
         task = bar.add_task("starting", total=None)
 
@@ -66,7 +92,7 @@ def run(
         console.print(f"results written to {json_path}")
 
 
-def print_report(console: Console, report) -> None:  # noqa: ANN001
+def print_report(console: Console, report) -> None:
     data = report.to_json()
     cpu = {n.name: n.cpu for n in report.nodes}
     table = Table(title=f"{report.model}: plan ({data['strategy']}, objective {data['objective']})")
@@ -74,18 +100,26 @@ def print_report(console: Console, report) -> None:  # noqa: ANN001
         table.add_column(col, justify="right" if col not in ("node",) else "left")
     for row, stage in zip(data["plan"], data["stages"], strict=True):
         table.add_row(
-            str(row["pipeline"]), row["node"], f"{cpu[row['node']]:g}",
-            f"{row['first_block']}–{row['last_block']}", f"{row['param_mb']:.2f}",
-            f"{stage['predicted_ms']:.1f}", _fmt(stage["measured_ms"]),
+            str(row["pipeline"]),
+            row["node"],
+            f"{cpu[row['node']]:g}",
+            f"{row['first_block']}–{row['last_block']}",
+            f"{row['param_mb']:.2f}",
+            f"{stage['predicted_ms']:.1f}",
+            _fmt(stage["measured_ms"]),
         )
     console.print(table)
     results = Table(title="measured", show_header=False)
     results.add_column("metric")
     results.add_column("value", justify="right")
     results.add_row("requests (in flight)", f"{report.requests} ({report.concurrency})")
-    results.add_row("latency p50 / p95", f"{data['latency_ms']['p50']:.1f} / {data['latency_ms']['p95']:.1f} ms")
-    results.add_row("throughput", f"{data['throughput_rps']:.2f} req/s "
-                    f"(predicted {data['predicted']['throughput_rps']:.2f})")
+    results.add_row(
+        "latency p50 / p95", f"{data['latency_ms']['p50']:.1f} / {data['latency_ms']['p95']:.1f} ms"
+    )
+    results.add_row(
+        "throughput",
+        f"{data['throughput_rps']:.2f} req/s (predicted {data['predicted']['throughput_rps']:.2f})",
+    )
     results.add_row("max |distributed − monolith|", f"{data['max_abs_diff']:.2e}")
     results.add_row("planning time", f"{data['planning_ms']:.2f} ms")
     results.add_row("bytes on the wire / request", f"{data['bytes_per_request'] / 1e6:.2f} MB")

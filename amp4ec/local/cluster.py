@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,7 +29,7 @@ from amp4ec.errors import Amp4ecError, InvalidSpec
 from amp4ec.local.cgroups import NodeCgroup, cgroups_available, remove_stale, set_parent_death_signal
 from amp4ec.wire.v1 import agent_pb2, agent_pb2_grpc, shard_pb2
 
-__all__ = ["LIMIT_MODES", "LocalCluster", "NodeSpec", "parse_nodes"]
+__all__ = ["LIMIT_MODES", "LocalCluster", "NodeSpec", "parse_bytes", "parse_nodes"]
 
 log = logging.getLogger(__name__)
 LIMIT_MODES = ("auto", "cgroup", "emulate", "none")
@@ -44,17 +45,36 @@ class NodeSpec:
     """Memory limit (enforced by cgroup where possible); None = unlimited."""
 
 
-def parse_nodes(text: str, memory_bytes: int | None = None) -> list[NodeSpec]:
-    """``"1.0,0.6,0.4"`` → three nodes named node0..node2 with those CPU limits."""
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "KI": 1024, "MI": 1024**2, "GI": 1024**3}
+
+
+def parse_bytes(text: str, field: str) -> int:
+    """``512M``, ``1G``, ``1.5Gi`` or plain bytes → bytes."""
+    t = text.strip().upper().removesuffix("B")
+    number = t.rstrip("KMGI")
+    unit = t[len(number) :]
+    try:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise InvalidSpec(f"{field}: expected a size such as 512M or 1G, got {text!r}") from None
+    if not value > 0:
+        raise InvalidSpec(f"{field}: expected a size > 0, got {text!r}")
+    return int(value)
+
+
+def parse_nodes(text: str) -> list[NodeSpec]:
+    """``"1.0,0.6:512M,0.4:512M"`` → nodes node0..node2 with those CPU shares (and memory limits)."""
     nodes = []
     for i, part in enumerate(p.strip() for p in text.split(",")):
+        share, _, memory = part.partition(":")
         try:
-            cpu = float(part)
+            cpu = float(share)
         except ValueError:
             raise InvalidSpec(f"--nodes[{i}]: expected a CPU share such as 0.4, got {part!r}") from None
-        if not cpu > 0 or cpu != cpu or cpu == float("inf"):
+        if not 0 < cpu < float("inf"):
             raise InvalidSpec(f"--nodes[{i}]: expected a CPU share > 0, got {part!r}")
-        nodes.append(NodeSpec(f"node{i}", cpu, memory_bytes))
+        mem = parse_bytes(memory, f"--nodes[{i}] memory") if memory else None
+        nodes.append(NodeSpec(f"node{i}", cpu, mem))
     if not nodes:
         raise InvalidSpec("--nodes: expected at least one CPU share, e.g. 1.0,0.6,0.4")
     return nodes
@@ -79,7 +99,9 @@ class _Agent:
 class LocalCluster:
     """Node agents as local processes. Use as ``async with LocalCluster(nodes) as cluster``."""
 
-    def __init__(self, nodes: Sequence[NodeSpec], limit_mode: str = "auto", start_timeout_s: float = 180) -> None:
+    def __init__(
+        self, nodes: Sequence[NodeSpec], limit_mode: str = "auto", start_timeout_s: float = 180
+    ) -> None:
         if limit_mode not in LIMIT_MODES:
             raise InvalidSpec(f"--cpu-limits: expected one of {', '.join(LIMIT_MODES)}, got {limit_mode!r}")
         if limit_mode == "cgroup" and not cgroups_available():
@@ -139,9 +161,17 @@ class LocalCluster:
         port_file = self._workdir / f"{node.name}.port"
         log_path = self._workdir / f"{node.name}.log"
         cmd = [
-            sys.executable, "-m", "amp4ec.node_agent",
-            "--node", node.name, "--port", "0", "--port-file", str(port_file),
-            "--cpu-limit", repr(node.cpu),
+            sys.executable,
+            "-m",
+            "amp4ec.node_agent",
+            "--node",
+            node.name,
+            "--port",
+            "0",
+            "--port-file",
+            str(port_file),
+            "--cpu-limit",
+            repr(node.cpu),
         ]
         if self.limit_mode == "emulate":
             cmd.append("--emulate-cpu")
@@ -169,7 +199,9 @@ class LocalCluster:
                     f"{agent.log_tail()}"
                 )
             if time.monotonic() > deadline:
-                raise Amp4ecError(f"node agent {agent.node.name} did not start in {self.start_timeout_s:.0f} s")
+                raise Amp4ecError(
+                    f"node agent {agent.node.name} did not start in {self.start_timeout_s:.0f} s"
+                )
             await asyncio.sleep(0.05)
         agent.address = f"127.0.0.1:{int(port_file.read_text())}"
         stub = health_pb2_grpc.HealthStub(self._channel(agent.node.name))
@@ -184,12 +216,31 @@ class LocalCluster:
         )
         return dict(zip(self.agents, replies, strict=True))
 
+    async def probe_link(self, node: str, payload_bytes: int = 2 * 1024 * 1024) -> tuple[float, float]:
+        """(round-trip ms, bytes/s) from this process to ``node``'s agent, measured with Echo.
+
+        The receiving agent's CPU limit is part of the link: decoding a frame costs its CPU.
+        """
+        stub = self.agent_stub(node)
+
+        async def timed(payload: bytes) -> float:
+            start = time.perf_counter()
+            await stub.Echo(agent_pb2.Probe(payload=payload), timeout=30)
+            return (time.perf_counter() - start) * 1000
+
+        await timed(b"")  # connect
+        rtt = statistics.median([await timed(b"") for _ in range(10)])
+        big = bytes(payload_bytes)
+        transfer = statistics.median([await timed(big) for _ in range(3)])
+        return rtt, payload_bytes / max((transfer - rtt) / 1000, 1e-6)
+
     async def load(self, node: str, spec: agent_pb2.StageSpec, timeout_s: float = 300) -> shard_pb2.ShardInfo:
         try:
             return await self.agent_stub(node).LoadStage(spec, timeout=timeout_s)
         except grpc.aio.AioRpcError as e:
-            raise Amp4ecError(f"node {node} could not load blocks {spec.first_block}..{spec.last_block}: "
-                              f"{e.details()}") from None
+            raise Amp4ecError(
+                f"node {node} could not load blocks {spec.first_block}..{spec.last_block}: {e.details()}"
+            ) from None
 
     async def stop(self) -> None:
         for channel in self._channels.values():

@@ -6,6 +6,7 @@ The same planner and data plane as in a cluster; only the nodes are local proces
 from __future__ import annotations
 
 import asyncio
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -19,7 +20,8 @@ from amp4ec.client import Client, Result
 from amp4ec.errors import InvalidSpec
 from amp4ec.local.cluster import LocalCluster, NodeSpec
 from amp4ec.node_agent.capacity import reference_workload_ms
-from amp4ec.planner.types import NodeCapacity, Plan
+from amp4ec.planner.types import Link, NodeCapacity, Plan
+from amp4ec.scheduling import timed_plan
 from amp4ec.slicing import BlockChain, LoadedModel, ModelSource, load_model, profile_chain, split_model
 from amp4ec.wire.v1 import agent_pb2
 
@@ -67,6 +69,11 @@ class RunReport:
     max_abs_diff: float
     planning_ms: float
     measured_stage_ms: list[float]
+    """Per stage: the agent's CPU seconds per request divided by its CPU limit, i.e. the wall
+    time one request occupies the node at the rate its quota sustains (comparable with the
+    predicted stage time; a CFS quota lets a single forward burst faster than that)."""
+    forward_ms: list[float]
+    """Per stage: median wall time of decode + forward + encode, from the answers' timings."""
     stage_param_bytes: list[int]
     bytes_per_request: float
     capacities: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -103,8 +110,8 @@ class RunReport:
             "planning_ms": self.planning_ms,
             "bytes_per_request": self.bytes_per_request,
             "stages": [
-                {"node": s.node, "predicted_ms": s.stage_ms, "measured_ms": m}
-                for s, m in zip(stages, self.measured_stage_ms, strict=True)
+                {"node": s.node, "predicted_ms": s.stage_ms, "measured_ms": m, "forward_ms": f}
+                for s, m, f in zip(stages, self.measured_stage_ms, self.forward_ms, strict=True)
             ],
             "predicted": {
                 "stage_ms": list(self.plan.predicted.stage_ms),
@@ -137,9 +144,7 @@ def prepare(source: ModelSource) -> Prepared:
     return Prepared(loaded, chain, profiles, reference_workload_ms(), expected)
 
 
-def node_capacities(
-    capacities: dict[str, agent_pb2.Capacity], reference_ms: float
-) -> list[NodeCapacity]:
+def node_capacities(capacities: dict[str, agent_pb2.Capacity], reference_ms: float) -> list[NodeCapacity]:
     """Agents' measurements → planner input; speed is relative to the profiling process."""
     return [
         NodeCapacity(
@@ -209,15 +214,15 @@ async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
         report("measuring node capacity", 0, len(config.nodes))
         capacities = await cluster.capacities()
         nodes = node_capacities(capacities, prepared.reference_ms)
-        started = time.perf_counter()
-        plan = planner.plan(
+        links = await measure_links(cluster)
+        plan, planning_ms = timed_plan(
             prepared.profiles,
             nodes,
             objective=config.objective,
             strategy=config.strategy,
             input_bytes=prepared.chain.input_bytes,
+            links=links,
         )
-        planning_ms = (time.perf_counter() - started) * 1000
         report("loading stages", 0, len(plan.stages))
         param_bytes = await deploy(cluster, plan, config.source)
         entries = [cluster.address(p.stages[0].node) for p in plan.pipelines]
@@ -228,9 +233,12 @@ async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
                 float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
                 for a, b in zip(first.outputs, prepared.expected, strict=True)
             )
-            concurrency = config.concurrency or max(len(p.stages) for p in plan.pipelines) * len(plan.pipelines)
+            concurrency = config.concurrency or max(len(p.stages) for p in plan.pipelines) * len(
+                plan.pipelines
+            )
             warmup = config.warmup if config.warmup is not None else 2 * len(plan.stages)
             await drive(client, inputs, warmup, concurrency, lambda r: None)
+            before = await cluster.capacities()
             results: list[Result] = []
 
             def done(result: Result) -> None:
@@ -238,6 +246,7 @@ async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
                 report("requests", len(results), config.requests)
 
             wall = await drive(client, inputs, config.requests, concurrency, done)
+            after = await cluster.capacities()
     return RunReport(
         model=config.source.spec,
         plan=plan,
@@ -249,7 +258,8 @@ async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
         wall_s=wall,
         max_abs_diff=diff,
         planning_ms=planning_ms,
-        measured_stage_ms=_measured_stage_ms(plan, results, entries),
+        measured_stage_ms=_measured_stage_ms(plan, results, entries, before, after),
+        forward_ms=_forward_ms(plan, results, entries),
         stage_param_bytes=param_bytes,
         bytes_per_request=statistics.fmean(r.request_bytes + r.response_bytes for r in results),
         capacities={
@@ -259,8 +269,44 @@ async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
     )
 
 
-def _measured_stage_ms(plan: Plan, results: list[Result], entries: list[str]) -> list[float]:
-    """Median decode+forward+encode time per stage, from the timings each answer carries."""
+async def measure_links(cluster: LocalCluster) -> list[Link]:
+    """Links into each node, measured from this process: every sender here is on loopback."""
+    links = []
+    for node in cluster.agents:
+        rtt_ms, bandwidth = await cluster.probe_link(node)
+        links += [Link(src, node, rtt_ms, bandwidth) for src in ["client", *cluster.agents] if src != node]
+    return links
+
+
+def _requests_per_pipeline(plan: Plan, results: list[Result], entries: list[str]) -> list[int]:
+    counts = [0] * len(plan.pipelines)
+    pipeline_of = {entry: i for i, entry in enumerate(entries)}
+    for r in results:
+        counts[pipeline_of[r.entry]] += 1
+    return counts
+
+
+def _measured_stage_ms(
+    plan: Plan,
+    results: list[Result],
+    entries: list[str],
+    before: dict[str, agent_pb2.Capacity],
+    after: dict[str, agent_pb2.Capacity],
+) -> list[float]:
+    """Each stage's CPU time per request (all its threads: gRPC and torch) over its CPU limit."""
+    counts = _requests_per_pipeline(plan, results, entries)
+    out = []
+    for pipeline, count in zip(plan.pipelines, counts, strict=True):
+        for s in pipeline.stages:
+            cpu_s = after[s.node].cpu_seconds - before[s.node].cpu_seconds
+            cpu_limit = after[s.node].cpu_limit
+            limit = min(cpu_limit, max(1.0, math.floor(cpu_limit)))  # cores its threads can use
+            out.append(1000 * cpu_s / count / limit if count else float("nan"))
+    return out
+
+
+def _forward_ms(plan: Plan, results: list[Result], entries: list[str]) -> list[float]:
+    """Median decode+forward+encode wall time per stage, from the timings each answer carries."""
     pipeline_of = {entry: i for i, entry in enumerate(entries)}
     samples: list[list[list[float]]] = [[[] for _ in p.stages] for p in plan.pipelines]
     for r in results:

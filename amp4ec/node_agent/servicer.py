@@ -18,9 +18,9 @@ from amp4ec.errors import StageNotLoaded
 from amp4ec.node_agent import metrics
 from amp4ec.node_agent.capacity import LoadMeter, memory_available_bytes, reference_workload_ms
 from amp4ec.node_agent.executor import LoadedStage, StageConfig, StageExecutor, build_stage
-from amp4ec.wire.stream import ShardStream
 from amp4ec.node_agent.settings import AgentSettings
 from amp4ec.node_agent.status import DeadlineExceeded, error_frame, status_of
+from amp4ec.wire.stream import ShardStream
 from amp4ec.wire.v1 import agent_pb2, agent_pb2_grpc, shard_pb2, shard_pb2_grpc
 
 __all__ = ["AgentServicer", "ShardServicer", "StageRepository"]
@@ -55,7 +55,10 @@ class StageRepository:
             await self._health.set("amp4ec.wire.v1.Shard", health_pb2.HealthCheckResponse.SERVING)
             log.info(
                 "serving blocks %d..%d of %s (next hop %s)",
-                config.first_block, config.last_block, config.model, config.next_hop or "-",
+                config.first_block,
+                config.last_block,
+                config.model,
+                config.next_hop or "-",
             )
             return stage
 
@@ -176,6 +179,7 @@ class AgentServicer(agent_pb2_grpc.NodeAgentServicer):
             workload_ms=self._workload_ms,
             memory_available_bytes=memory,
             load=self._load.read(),
+            cpu_seconds=time.process_time(),
         )
         for resource in ("cpu_limit", "workload_ms", "memory_available_bytes", "load"):
             metrics.CAPACITY.labels(self._settings.node, resource).set(getattr(capacity, resource))

@@ -36,7 +36,9 @@ def dtype_name(dtype: torch.dtype) -> str:
     try:
         return _NAMES[dtype]
     except KeyError:
-        raise ShapeMismatch(f"dtype {dtype} cannot travel on the wire; supported: {', '.join(DTYPES)}") from None
+        raise ShapeMismatch(
+            f"dtype {dtype} cannot travel on the wire; supported: {', '.join(DTYPES)}"
+        ) from None
 
 
 def describe(dtype: str | torch.dtype, shape: Sequence[int]) -> str:
@@ -62,9 +64,7 @@ def decode(message: shard_pb2.Tensor, field: str = "tensor") -> torch.Tensor:
     """A wire tensor back to torch, or ShapeMismatch naming ``field`` and what was wrong."""
     dtype = DTYPES.get(message.dtype)
     if dtype is None:
-        raise ShapeMismatch(
-            f"{field}.dtype: expected one of {', '.join(DTYPES)}, actual {message.dtype!r}"
-        )
+        raise ShapeMismatch(f"{field}.dtype: expected one of {', '.join(DTYPES)}, actual {message.dtype!r}")
     shape = tuple(message.shape)
     if any(d < 0 for d in shape):
         raise ShapeMismatch(f"{field}.shape: expected non-negative sizes, actual {list(shape)}")

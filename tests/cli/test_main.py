@@ -35,9 +35,26 @@ def test_bad_arguments_one_line_and_exit_2(args: list[str], message: str) -> Non
 def test_console_script_runs_the_main_job(tmp_path: Path) -> None:
     out = tmp_path / "result.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "amp4ec", "run", "--model", "resnet18", "--input-shape", "1,3,64,64",
-         "--nodes", "1.0,0.5", "--requests", "6", "--json", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "amp4ec",
+            "run",
+            "--model",
+            "resnet18",
+            "--input-shape",
+            "1,3,64,64",
+            "--nodes",
+            "1.0,0.5",
+            "--requests",
+            "6",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "max |distributed − monolith|" in proc.stdout
@@ -46,3 +63,45 @@ def test_console_script_runs_the_main_job(tmp_path: Path) -> None:
     assert set(data["latency_ms"]) == {"p50", "p95"}
     assert {"node", "first_block", "last_block"} <= set(data["plan"][0])
     assert data["max_abs_diff"] < 1e-4
+
+
+def test_plan_prints_and_writes_json_for_every_strategy(tmp_path: Path) -> None:
+    from amp4ec.cli.options import STRATEGIES
+
+    for strategy in STRATEGIES:
+        out = tmp_path / f"{strategy}.json"
+        result = CliRunner().invoke(
+            cli,
+            [
+                "plan",
+                "--model",
+                "resnet18",
+                "--input-shape",
+                "1,3,32,32",
+                "--nodes",
+                "1.0:1G,0.6:512M,0.4:512M",
+                "--strategy",
+                strategy,
+                "--json",
+                str(out),
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        assert "bottleneck" in result.output and "planning" in result.output
+        data = json.loads(out.read_text())
+        assert set(data) >= {"plan", "predicted", "planning_ms"}
+        assert set(data["predicted"]) == {"stage_ms", "bottleneck_ms", "latency_ms", "throughput_rps"}
+        assert data["strategy"] == strategy
+        for pipeline in {row["pipeline"] for row in data["plan"]}:
+            rows = [r for r in data["plan"] if r["pipeline"] == pipeline]
+            assert rows[0]["first_block"] == 0 and rows[-1]["last_block"] == 13  # resnet18: 14 blocks
+            assert all(a["last_block"] + 1 == b["first_block"] for a, b in zip(rows, rows[1:]))
+        assert max(data["predicted"]["stage_ms"]) == pytest.approx(data["predicted"]["bottleneck_ms"])
+
+
+def test_plan_that_fits_nowhere_is_a_clear_error() -> None:
+    result = CliRunner().invoke(
+        cli, ["plan", "--model", "resnet18", "--input-shape", "1,3,32,32", "--nodes", "1.0:1M,0.5:1M"]
+    )
+    assert result.exit_code == 2
+    assert "MB" in result.output and "Traceback" not in result.output

@@ -43,7 +43,9 @@ def test_three_agent_pipeline_equals_monolith_and_cleans_up() -> None:
             # Loaded last stage first or not: the next hop is dialled lazily, order does not matter.
             for i, (first, last) in enumerate(cuts):
                 nxt = cluster.address(f"node{i + 1}") if i < 2 else ""
-                spec = agent_pb2.StageSpec(model=MODEL, first_block=first, last_block=last, next_hop=nxt, stage=i)
+                spec = agent_pb2.StageSpec(
+                    model=MODEL, first_block=first, last_block=last, next_hop=nxt, stage=i
+                )
                 info = await cluster.load(f"node{i}", spec)
                 assert (info.first_block, info.last_block) == (first, last)
             async with Client([cluster.address("node0")]) as client:
@@ -73,7 +75,12 @@ def test_local_run_end_to_end_reports_a_correct_result() -> None:
     data = report.to_json()
     assert data["max_abs_diff"] < 1e-4
     assert data["plan"][0]["first_block"] == 0
-    blocks = [b for row in data["plan"] if row["pipeline"] == 0 for b in range(row["first_block"], row["last_block"] + 1)]
+    blocks = [
+        b
+        for row in data["plan"]
+        if row["pipeline"] == 0
+        for b in range(row["first_block"], row["last_block"] + 1)
+    ]
     assert blocks == sorted(blocks) and blocks[0] == 0
     assert data["latency_ms"]["p50"] > 0 and data["latency_ms"]["p95"] >= data["latency_ms"]["p50"]
     assert data["throughput_rps"] > 0
@@ -86,6 +93,8 @@ def test_bad_run_arguments() -> None:
         parse_nodes("1.0,0,0.4")
     with pytest.raises(InvalidSpec, match=r"--nodes\[0\]: expected a CPU share such as 0.4, got 'x'"):
         parse_nodes("x")
-    config = RunConfig(source=ModelSource(MODEL), nodes=tuple(parse_nodes(",".join(["0.5"] * 40))), requests=1)
-    with pytest.raises(InvalidSpec, match="40 nodes but .* has only"):
+    config = RunConfig(
+        source=ModelSource(MODEL), nodes=tuple(parse_nodes(",".join(["0.5"] * 40))), requests=1
+    )
+    with pytest.raises(InvalidSpec, match=r"40 nodes but .* has only"):
         asyncio.run(run(config))

@@ -1,0 +1,138 @@
+"""``amp4ec plan``: profile a model here and print the plan a strategy makes for given nodes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from amp4ec.cli.options import OBJECTIVES, STRATEGIES, model_options, source_from
+
+__all__ = ["plan"]
+
+
+@click.command()
+@model_options
+@click.option(
+    "--nodes",
+    "-n",
+    default="1.0,0.6,0.4",
+    show_default=True,
+    help="nodes as CPU share[:memory], comma-separated, e.g. 1.0:1G,0.6:512M,0.4:512M",
+)
+@click.option("--objective", type=click.Choice(OBJECTIVES), default="throughput", show_default=True)
+@click.option("--strategy", "-s", type=click.Choice(STRATEGIES), default="optimal", show_default=True)
+@click.option(
+    "--bandwidth-mbps",
+    type=float,
+    default=1000.0,
+    show_default=True,
+    help="bandwidth of every link, megabits per second",
+)
+@click.option("--rtt-ms", type=float, default=0.2, show_default=True, help="round-trip time of every link")
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="also write the plan as JSON here",
+)
+def plan(
+    model: str,
+    weights: str | None,
+    seed: int,
+    input_shape: str | None,
+    nodes: str,
+    objective: str,
+    strategy: str,
+    bandwidth_mbps: float,
+    rtt_ms: float,
+    json_path: Path | None,
+) -> None:
+    """Plan a model over nodes without running it (block times measured on this machine)."""
+    from amp4ec.errors import InvalidSpec
+    from amp4ec.local import parse_nodes
+    from amp4ec.local.run import prepare
+    from amp4ec.planner.types import Link, NodeCapacity
+    from amp4ec.scheduling import timed_plan
+
+    if not bandwidth_mbps > 0 or not rtt_ms >= 0:
+        raise InvalidSpec("--bandwidth-mbps must be > 0 and --rtt-ms ≥ 0")
+    specs = parse_nodes(nodes)
+    console = Console()
+    with console.status("profiling the model"):
+        prepared = prepare(source_from(model, weights, seed, input_shape))
+    capacities = [NodeCapacity(name=n.name, cpu=n.cpu, memory_bytes=n.memory_bytes or 2**62) for n in specs]
+    link = Link("*", "*", rtt_ms=rtt_ms, bandwidth_bytes_per_s=bandwidth_mbps * 1e6 / 8)
+    result, planning_ms = timed_plan(
+        prepared.profiles,
+        capacities,
+        objective=objective,
+        strategy=strategy,
+        input_bytes=prepared.chain.input_bytes,
+        default_link=link,
+    )
+    data = plan_json(result, planning_ms, prepared.chain.names)
+    print_plan(console, data, {n.name: n.cpu for n in specs}, model)
+    if json_path is not None:
+        json_path.write_text(json.dumps(data, indent=2))
+        console.print(f"plan written to {json_path}")
+
+
+def plan_json(result: Any, planning_ms: float, block_names: list[str]) -> dict[str, Any]:
+    return {
+        "strategy": result.strategy,
+        "objective": result.objective,
+        "plan": [
+            {
+                "pipeline": p,
+                "node": s.node,
+                "first_block": s.first_block,
+                "last_block": s.last_block,
+                "blocks": f"{block_names[s.first_block]}..{block_names[s.last_block]}",
+                "compute_ms": s.compute_ms,
+                "transfer_ms": s.transfer_ms,
+                "memory_mb": s.memory_bytes / 1e6,
+            }
+            for p, pipeline in enumerate(result.pipelines)
+            for s in pipeline.stages
+        ],
+        "predicted": {
+            "stage_ms": list(result.predicted.stage_ms),
+            "bottleneck_ms": result.predicted.bottleneck_ms,
+            "latency_ms": result.predicted.latency_ms,
+            "throughput_rps": result.predicted.throughput_rps,
+        },
+        "planning_ms": planning_ms,
+        "notes": list(result.notes),
+    }
+
+
+def print_plan(console: Console, data: dict[str, Any], cpu: dict[str, float], model: str) -> None:
+    table = Table(title=f"{model}: {data['strategy']} plan, objective {data['objective']}")
+    for col in ("pipeline", "node", "cpu", "blocks", "compute ms", "transfer ms", "stage ms", "memory MB"):
+        table.add_column(col, justify="left" if col in ("node", "blocks") else "right")
+    bottleneck = data["predicted"]["bottleneck_ms"]
+    for row, stage_ms in zip(data["plan"], data["predicted"]["stage_ms"], strict=True):
+        mark = " ◀" if abs(stage_ms - bottleneck) < 1e-9 else ""
+        table.add_row(
+            str(row["pipeline"]),
+            row["node"],
+            f"{cpu[row['node']]:g}",
+            f"{row['first_block']}–{row['last_block']}",
+            f"{row['compute_ms']:.2f}",
+            f"{row['transfer_ms']:.2f}",
+            f"{stage_ms:.2f}{mark}",
+            f"{row['memory_mb']:.1f}",
+        )
+    console.print(table)
+    p = data["predicted"]
+    console.print(
+        f"bottleneck {p['bottleneck_ms']:.2f} ms · latency {p['latency_ms']:.2f} ms · "
+        f"throughput {p['throughput_rps']:.2f} req/s · planning {data['planning_ms']:.3f} ms"
+    )
+    for note in data["notes"]:
+        console.print(f"note: {note}")

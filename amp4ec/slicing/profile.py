@@ -1,0 +1,90 @@
+"""Block profiling: what each block of a chain costs (FLOPs, bytes, measured time on one thread)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from amp4ec.planner.types import LayerProfile
+from amp4ec.slicing.blocks import BlockChain, TensorSpec, _param_bytes
+
+__all__ = ["chain_input_bytes", "profile_chain"]
+
+
+def _sdpa_flops(
+    query: Sequence[int], key: Sequence[int], value: Sequence[int], *args: object, **kwargs: object
+) -> int:
+    """Q·Kᵀ and P·V: 2·batch·L·S·(E + Ev). FlopCounterMode has no formula for the CPU kernel."""
+    *batch, length, embed = query
+    numel = 1
+    for d in batch:
+        numel *= d
+    return 2 * numel * length * key[-2] * (embed + value[-1])
+
+
+# On CPU, scaled_dot_product_attention (e.g. inside nn.MultiheadAttention) runs this kernel,
+# which torch's counter skips: ViT attention FLOPs would silently read as zero.
+_EXTRA_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
+
+
+def profile_chain(
+    chain: BlockChain,
+    example_inputs: Sequence[torch.Tensor] | None = None,
+    repeats: int = 5,
+    warmup: int = 2,
+) -> list[LayerProfile]:
+    """One LayerProfile per block, measured on a single thread (the planner's reference core).
+
+    Each block runs on the real output of the blocks before it, so the timings see realistic
+    activations; ``compute_ms`` is the median of ``repeats`` runs after ``warmup`` runs.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"expected repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    inputs = tuple(example_inputs if example_inputs is not None else chain.example_inputs)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread = one reference core, whatever the host has
+    profiles: list[LayerProfile] = []
+    try:
+        with torch.inference_mode():
+            current = inputs
+            for block in chain.blocks:
+                for _ in range(warmup):
+                    block.module(*current)
+                times = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    block.module(*current)
+                    times.append((time.perf_counter() - t0) * 1000.0)
+                # Counted on a separate run: the counter's dispatch overhead must not be timed.
+                with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS) as counter:
+                    outputs = block.module(*current)
+                in_bytes = _bytes(current)
+                out_bytes = _bytes(outputs)
+                profiles.append(
+                    LayerProfile(
+                        name=block.name,
+                        flops=int(counter.get_total_flops()),
+                        param_bytes=_param_bytes(block.module),
+                        out_bytes=out_bytes,
+                        compute_ms=statistics.median(times),
+                        act_bytes=in_bytes + out_bytes,
+                    )
+                )
+                current = tuple(outputs)
+    finally:
+        torch.set_num_threads(threads)
+    return profiles
+
+
+def chain_input_bytes(chain: BlockChain) -> int:
+    """Bytes the client sends into the first block (the model inputs, example batch)."""
+    return chain.input_bytes
+
+
+def _bytes(tensors: Sequence[torch.Tensor]) -> int:
+    # Bytes as they cross the wire: numel × itemsize (a strided view is sent compacted).
+    return sum(TensorSpec.of(t).nbytes for t in tensors)

@@ -1,0 +1,240 @@
+"""Model sources: turn a spec (zoo name, .pt2 archive, ``package.module:factory``) into a module.
+
+Every error names the field (``model``, ``weights``, ``input_shape``) and what was expected,
+so the CLI and the node agent can show it as one line.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from amp4ec.errors import InvalidSpec, ModelNotFound, ShapeMismatch
+
+__all__ = ["LoadedModel", "ModelSource", "load_model"]
+
+_SPEC_FORMS = "a zoo name, a path ending in .pt2 or package.module:factory"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from and how to make its weights and example input reproducible."""
+
+    spec: str
+    """Zoo name | path ending in ``.pt2`` (torch.export archive) | ``package.module:factory``."""
+    weights: str | None = None
+    """A local state_dict file (``torch.load(..., weights_only=True)``); None keeps the seeded init."""
+    seed: int = 0
+    """Seeds the random init and the example input, so every process builds identical weights."""
+    input_shape: tuple[int, ...] | None = None
+    """Overrides the default input shape; required for factories that declare none."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to split: eval mode, plus the example input that fixes every boundary shape."""
+
+    module: nn.Module
+    example_inputs: tuple[torch.Tensor, ...]
+    name: str
+
+
+def load_model(source: ModelSource) -> LoadedModel:
+    """Build (or load) the model, apply weights, and make deterministic example inputs."""
+    spec = source.spec.strip()
+    if not spec:
+        raise InvalidSpec(f"model: expected {_SPEC_FORMS}, got ''")
+    override = _check_shape(source.input_shape) if source.input_shape is not None else None
+
+    archive = spec.endswith(".pt2")
+    if archive:
+        module, shapes, dtypes = _load_archive(spec, override)
+        name = Path(spec).stem
+    else:
+        factory, name, default_shape = _resolve_factory(spec)
+        module = _build(factory, source.seed, name)
+        shape = override or _declared_shape(module, factory, default_shape)
+        if shape is None:
+            raise InvalidSpec(
+                f"input_shape: factory {name} declares no default input shape; "
+                "expected input_shape, e.g. (1, 3, 224, 224)"
+            )
+        shapes, dtypes = [shape], [torch.float32]
+
+    if source.weights:
+        _apply_weights(module, source.weights, name)
+    if not archive:
+        module.eval()  # an ExportedProgram's module refuses .eval(); it runs as it was exported
+    gen = torch.Generator().manual_seed(source.seed)
+    inputs = tuple(_example(s, d, gen) for s, d in zip(shapes, dtypes, strict=True))
+    return LoadedModel(module=module, example_inputs=inputs, name=name)
+
+
+def _resolve_factory(spec: str) -> tuple[Callable[..., Any], str, tuple[int, ...] | None]:
+    """A zoo entry or ``package.module:factory`` → (factory, name, default input shape)."""
+    from amp4ec.models import ZOO  # local: the zoo's torch modules load only when needed
+
+    if spec in ZOO:
+        entry = ZOO[spec]
+        return entry.factory, spec, entry.input_shape
+    if ":" not in spec:
+        known = ", ".join(sorted(ZOO))
+        raise ModelNotFound(
+            f"model: unknown zoo name {spec!r}; expected one of {known}, a .pt2 path or module:factory"
+        )
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ModelNotFound(f"model: expected package.module:factory, got {spec!r}")
+    try:
+        mod = importlib.import_module(module_name)
+    except Exception as e:  # ImportError, but also a user module that fails while importing
+        raise ModelNotFound(
+            f"model: cannot import module {module_name!r} ({type(e).__name__}: {_first_line(e)})"
+        ) from e
+    factory = mod
+    for part in attr.split("."):  # allows module:Class.builder
+        if not hasattr(factory, part):
+            raise ModelNotFound(f"model: module {module_name!r} has no attribute {attr!r}")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise ModelNotFound(f"model: {spec!r} is not callable; expected a factory returning an nn.Module")
+    return factory, spec, None
+
+
+def _build(factory: Callable[..., Any], seed: int, name: str) -> nn.Module:
+    # fork_rng: seeding must not disturb the caller's global RNG stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            module = factory()
+        except Exception as e:
+            raise InvalidSpec(f"model: factory {name}() failed ({type(e).__name__}: {_first_line(e)})") from e
+    if not isinstance(module, nn.Module):
+        raise InvalidSpec(f"model: factory {name}() returned {type(module).__name__}, expected an nn.Module")
+    return module
+
+
+def _declared_shape(
+    module: nn.Module, factory: Callable[..., Any], default: tuple[int, ...] | None
+) -> tuple[int, ...] | None:
+    declared = getattr(module, "input_shape", None) or getattr(factory, "input_shape", None) or default
+    return _check_shape(declared) if declared is not None else None
+
+
+def _check_shape(shape: Any) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in shape)
+    except (TypeError, ValueError):
+        dims = ()
+    if not dims or any(d <= 0 for d in dims):
+        raise InvalidSpec(f"input_shape: expected positive integers like (1, 3, 224, 224), got {shape!r}")
+    return dims
+
+
+def _load_archive(
+    path: str, override: tuple[int, ...] | None
+) -> tuple[nn.Module, list[tuple[int, ...]], list[torch.dtype]]:
+    """A torch.export archive → its module plus the input shapes/dtypes it was exported with."""
+    if not Path(path).is_file():
+        raise ModelNotFound(f"model: file {path} does not exist; expected a torch.export .pt2 archive")
+    # NOTE: torch.export.load is NOT a sandbox: in torch 2.13 it unpickles weights and constants
+    # with weights_only=False. Treat a .pt2 like code and load only archives you trust.
+    try:
+        program = torch.export.load(path)
+    except Exception as e:
+        raise InvalidSpec(
+            f"model: cannot load {path} as a torch.export archive ({type(e).__name__}: {_first_line(e)})"
+        ) from e
+    user_inputs = set(program.graph_signature.user_inputs)
+    vals = [n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder" and n.name in user_inputs]
+    if not vals or not all(isinstance(v, torch.Tensor) for v in vals):
+        raise InvalidSpec(f"model: {path} must take only tensor inputs")
+    shapes = [_static_shape(v.shape) for v in vals]
+    if override is not None:
+        if len(shapes) != 1:
+            raise InvalidSpec(f"input_shape: {path} takes {len(shapes)} inputs; expected no input_shape")
+        shapes = [_fit_override(shapes[0], override, path)]
+    return program.module(), [_materialise(s) for s in shapes], [v.dtype for v in vals]
+
+
+def _static_shape(shape: Sequence[Any]) -> tuple[int | None, ...]:
+    """Exported dims: an int when static, None when symbolic (exported with dynamic shapes)."""
+    out: list[int | None] = []
+    for d in shape:
+        try:
+            out.append(int(d) if not isinstance(d, torch.SymInt) else None)
+        except (TypeError, ValueError):
+            out.append(None)
+    return tuple(out)
+
+
+def _fit_override(exported: tuple[int | None, ...], wanted: tuple[int, ...], path: str) -> tuple[int, ...]:
+    ok = len(exported) == len(wanted) and all(e in (None, w) for e, w in zip(exported, wanted, strict=True))
+    if not ok:
+        shown = ", ".join("*" if e is None else str(e) for e in exported)
+        raise ShapeMismatch(
+            f"input_shape: {path} was exported for [{shown}]; expected a shape matching it, "
+            f"actual {list(wanted)}"
+        )
+    return wanted
+
+
+def _materialise(shape: tuple[int | None, ...]) -> tuple[int, ...]:
+    # A dynamic dim without an override: 1 for the batch (dim 0), else unknown → refuse.
+    if any(d is None for d in shape[1:]):
+        raise InvalidSpec("input_shape: the archive has dynamic non-batch dims; expected input_shape")
+    return tuple(1 if d is None else d for d in shape)
+
+
+def _example(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=gen, dtype=dtype)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=gen).bool()
+    return torch.randint(0, 10, shape, generator=gen, dtype=dtype)  # e.g. token ids
+
+
+def _apply_weights(module: nn.Module, path: str, name: str) -> None:
+    if not Path(path).is_file():
+        raise ModelNotFound(f"weights: file {path} does not exist; expected a local state_dict file")
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:
+        raise InvalidSpec(
+            f"weights: cannot load {path} as a state_dict ({type(e).__name__}: {_first_line(e)})"
+        ) from e
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]  # a common checkpoint wrapper
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InvalidSpec(f"weights: {path} is not a state_dict; expected a mapping of names to tensors")
+    expected = set(module.state_dict())
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        parts = [
+            f"{label} {len(keys)} keys ({_few(keys)})"
+            for label, keys in (("missing", missing), ("unexpected", unexpected))
+            if keys
+        ]
+        raise InvalidSpec(f"weights: {path} does not match model {name}: " + ", ".join(parts))
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # same keys, different shapes
+        first = str(e).strip().splitlines()[-1].strip()
+        raise InvalidSpec(f"weights: {path} does not fit model {name}: {first}") from e
+
+
+def _few(keys: Sequence[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (", …" if len(keys) > n else "")
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception as one line: errors here end up as a single line in the CLI."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -6,6 +6,7 @@ after the subcommand has cleaned up what it started.
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import click
@@ -38,14 +39,21 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from amp4ec.cli import plan, run
+    from amp4ec.cli import infer, plan, run
 
     cli.add_command(run.run)
     cli.add_command(plan.plan)
+    cli.add_command(infer.infer)
 
 
 _register()
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    # SIGTERM (kill, systemd, a CI timeout) cleans up like Ctrl-C: agents stopped, cgroups removed.
+    signal.signal(signal.SIGTERM, _interrupt)
     cli()

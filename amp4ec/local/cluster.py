@@ -90,6 +90,15 @@ class _Agent:
     address: str = ""
     """host:port, known once the agent has written its port file."""
 
+    def exit_reason(self) -> str:
+        code = self.process.returncode
+        if code == -signal.SIGKILL and self.node.memory_bytes:
+            return (
+                f"was killed (SIGKILL): most likely out of memory under its "
+                f"{self.node.memory_bytes / 2**20:.0f} MiB limit"
+            )
+        return f"exited with code {code}"
+
     def log_tail(self, lines: int = 15) -> str:
         with contextlib.suppress(OSError):
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -194,10 +203,7 @@ class LocalCluster:
         deadline = time.monotonic() + self.start_timeout_s
         while not port_file.exists():
             if agent.process.poll() is not None:
-                raise Amp4ecError(
-                    f"node agent {agent.node.name} exited with code {agent.process.returncode}:\n"
-                    f"{agent.log_tail()}"
-                )
+                raise Amp4ecError(f"node agent {agent.node.name} {agent.exit_reason()}:\n{agent.log_tail()}")
             if time.monotonic() > deadline:
                 raise Amp4ecError(
                     f"node agent {agent.node.name} did not start in {self.start_timeout_s:.0f} s"

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import glob
+import itertools
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -95,7 +99,7 @@ def test_plan_prints_and_writes_json_for_every_strategy(tmp_path: Path) -> None:
         for pipeline in {row["pipeline"] for row in data["plan"]}:
             rows = [r for r in data["plan"] if r["pipeline"] == pipeline]
             assert rows[0]["first_block"] == 0 and rows[-1]["last_block"] == 13  # resnet18: 14 blocks
-            assert all(a["last_block"] + 1 == b["first_block"] for a, b in zip(rows, rows[1:]))
+            assert all(a["last_block"] + 1 == b["first_block"] for a, b in itertools.pairwise(rows))
         assert max(data["predicted"]["stage_ms"]) == pytest.approx(data["predicted"]["bottleneck_ms"])
 
 
@@ -105,3 +109,54 @@ def test_plan_that_fits_nowhere_is_a_clear_error() -> None:
     )
     assert result.exit_code == 2
     assert "MB" in result.output and "Traceback" not in result.output
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if fields.get("PPid", "").strip() == str(pid):
+            kids.append(int(status.parent.name))
+    return kids
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_stops_every_agent_and_removes_cgroups(signum: int) -> None:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "amp4ec",
+            "run",
+            "--model",
+            "resnet18",
+            "--input-shape",
+            "1,3,64,64",
+            "--nodes",
+            "0.5,0.5",
+            "--requests",
+            "1000000",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background shell ignores it
+    )
+    deadline = time.monotonic() + 120
+    agents: list[int] = []
+    while len(agents) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        agents = _children(proc.pid)
+    groups = glob.glob(f"/sys/fs/cgroup/cpu/amp4ec-{proc.pid}-*")
+    time.sleep(3)  # let it get into the request loop
+    proc.send_signal(signum)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out.decode()[-2000:]
+    assert b"interrupted" in out
+    assert len(agents) == 2
+    for pid in agents:
+        assert not Path(f"/proc/{pid}").exists(), f"agent {pid} outlived the runner"
+    assert all(not Path(g).exists() for g in groups)

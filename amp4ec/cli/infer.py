@@ -1,0 +1,121 @@
+"""``amp4ec infer``: send one tensor to a deployment's entry point and print the answer.
+
+The input is a tensor file saved with ``torch.save`` (loaded with ``weights_only=True``: a
+tensor, or a tuple/list of tensors) or a NumPy ``.npy`` array. Classification outputs
+(one row of scores) print their top-k classes; every output prints its shape and dtype.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from amp4ec.errors import InvalidSpec
+
+__all__ = ["infer", "load_input"]
+
+
+def load_input(path: Path) -> tuple[Any, ...]:
+    """Tensors from a ``torch.save`` file or a ``.npy`` array; errors name the file and the problem."""
+    import torch
+
+    if not path.is_file():
+        raise InvalidSpec(f"--input: no such file {str(path)!r}")
+    if path.suffix == ".npy":
+        import numpy as np
+
+        try:
+            array = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            raise InvalidSpec(f"--input: {path.name} is not a plain .npy array ({exc})") from None
+        return (torch.from_numpy(np.ascontiguousarray(array)),)
+    try:
+        data = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # unpickling refused or not a torch file: one clear line
+        raise InvalidSpec(
+            f"--input: {path.name} is not a tensor file saved with torch.save ({exc})"
+        ) from None
+    tensors = tuple(data) if isinstance(data, (tuple, list)) else (data,)
+    if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
+        raise InvalidSpec(f"--input: {path.name} must hold a tensor or a tuple/list of tensors")
+    return tensors
+
+
+@click.command()
+@click.option("--endpoint", "-e", required=True, help="HOST:PORT of the entry Service (status.endpoint)")
+@click.option(
+    "--input",
+    "-i",
+    "input_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="tensor file (torch.save, loaded with weights_only=True) or .npy array",
+)
+@click.option("--top-k", "-k", type=int, default=5, show_default=True, help="classes shown for score outputs")
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="seconds to wait for the answer")
+@click.option(
+    "--output",
+    "-o",
+    "output_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="also save the outputs here with torch.save",
+)
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+def infer(
+    endpoint: str, input_path: Path, top_k: int, timeout: float, output_path: Path | None, as_json: bool
+) -> None:
+    """Send one request to an InferenceDeployment (or any entry shard) and print the result."""
+    import torch
+
+    from amp4ec.client import Client
+
+    if ":" not in endpoint:
+        raise InvalidSpec(f"--endpoint: expected HOST:PORT, got {endpoint!r}")
+    tensors = load_input(input_path)
+
+    async def call() -> Any:
+        async with Client([endpoint]) as client:
+            return await client.infer(tensors, deadline_s=timeout)
+
+    result = asyncio.run(asyncio.wait_for(call(), timeout))
+    if output_path is not None:
+        torch.save(result.outputs if len(result.outputs) > 1 else result.outputs[0], output_path)
+    outputs = []
+    for t in result.outputs:
+        entry: dict[str, Any] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+        if t.is_floating_point() and t.dim() == 2 and t.shape[0] >= 1 and t.shape[1] > 1:
+            probs = torch.softmax(t.float(), dim=1)
+            k = min(top_k, t.shape[1])
+            values, indices = probs.topk(k, dim=1)
+            entry["top_k"] = [
+                [{"class": int(i), "probability": float(p)} for p, i in zip(vs, ix, strict=True)]
+                for vs, ix in zip(values, indices, strict=True)
+            ]
+        outputs.append(entry)
+    stages = [
+        {"stage": s.stage, "forward_ms": s.forward_us / 1000, "queue_ms": s.queue_us / 1000}
+        for s in result.timings
+    ]
+    if as_json:
+        click.echo(json.dumps({"latency_ms": result.latency_s * 1000, "outputs": outputs, "stages": stages}))
+        return
+    console = Console()
+    for n, entry in enumerate(outputs):
+        console.print(f"output {n}: shape {tuple(entry['shape'])} {entry['dtype']}")
+        for row, top in enumerate(entry.get("top_k", [])):
+            table = Table(title=f"top {len(top)} (row {row})")
+            table.add_column("class", justify="right")
+            table.add_column("probability", justify="right")
+            for item in top:
+                table.add_row(str(item["class"]), f"{item['probability']:.4f}")
+            console.print(table)
+    console.print(
+        f"latency {result.latency_s * 1000:.1f} ms over {len(stages)} stage(s) via {result.entry}",
+        highlight=False,
+    )

@@ -8,11 +8,9 @@ from typing import Any
 import click
 
 from amp4ec.errors import InvalidSpec
+from amp4ec.planner import OBJECTIVES, STRATEGIES
 
 __all__ = ["OBJECTIVES", "STRATEGIES", "model_options", "parse_shape", "source_from"]
-
-STRATEGIES = ("optimal", "paper", "equal", "memory", "replicate", "monolith")
-OBJECTIVES = ("throughput", "latency")
 
 
 def parse_shape(text: str | None) -> tuple[int, ...] | None:

@@ -1,0 +1,114 @@
+"""The planner: where each block of a model runs, as one or more pipelines of stages over nodes.
+
+Reading order:
+
+1. ``types``      — the data contract (LayerProfile, NodeCapacity, Link, Pin,
+                     SchedulerHistory → Stage, Pipeline, Prediction, Plan).
+2. ``validate``   — argument checks (InvalidSpec naming field and index).
+3. ``cost``       — the cost model: stage = compute on its node + inbound transfer;
+                     ``evaluate`` prices any placement.
+4. ``kernel``     — the DP value modes and the vectorised row relaxation.
+5. ``dp``         — the exact single-pipeline DP over (used-node set, last node's link
+                     class, blocks covered), branch and bound.
+6. ``heuristic``  — the ordered O(N·B²) DP used beyond 8 nodes.
+7. ``optimal``    — the default strategy: replicas/hybrids/pipeline, exact ≤ 8 nodes.
+8. ``paper``      — AMP4EC's RALOS partitioner + weighted scheduler, as published.
+9. ``baselines``  — equal, memory (exo-like), replicate, monolith.
+10. ``replan``    — hysteresis: replan only for a real gain.
+
+Cost model (all strategies): a stage's time is the sum of its blocks' ``compute_ms``
+divided by its node's ``effective_speed`` plus the time its input takes over the
+inbound link (from the previous stage's node, or from ``client`` with ``input_bytes``
+for the first stage). Links are looked up src→dst, then dst→src, then ``default_link``
+(0.2 ms round trip, 1 GB/s). A stage's memory is its parameters plus its largest
+activation and must fit its node. A pipeline's latency adds the return of the last
+block's output to the client; its throughput is 1000/slowest stage; a plan's
+throughput is the sum over its pipelines (see ``types.Prediction``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from amp4ec.errors import InvalidSpec
+from amp4ec.planner.baselines import plan_equal, plan_memory, plan_monolith, plan_replicate
+from amp4ec.planner.cost import CostModel, evaluate
+from amp4ec.planner.optimal import plan_optimal
+from amp4ec.planner.paper import plan_paper
+from amp4ec.planner.replan import replan_reason, should_replan
+from amp4ec.planner.types import (
+    OBJECTIVES,
+    LayerProfile,
+    Link,
+    NodeCapacity,
+    Pin,
+    Pipeline,
+    Plan,
+    Prediction,
+    SchedulerHistory,
+    Stage,
+)
+from amp4ec.planner.validate import check_choice, check_history, check_max_stages, check_pins
+
+__all__ = [
+    "OBJECTIVES",
+    "STRATEGIES",
+    "LayerProfile",
+    "Link",
+    "NodeCapacity",
+    "Pin",
+    "Pipeline",
+    "Plan",
+    "Prediction",
+    "SchedulerHistory",
+    "Stage",
+    "evaluate",
+    "plan",
+    "replan_reason",
+    "should_replan",
+]
+
+STRATEGIES = ("optimal", "paper", "equal", "memory", "replicate", "monolith")
+
+
+def plan(
+    blocks: Sequence[LayerProfile],
+    nodes: Sequence[NodeCapacity],
+    *,
+    links: Iterable[Link] = (),
+    objective: str = "throughput",
+    strategy: str = "optimal",
+    input_bytes: int = 0,
+    default_link: Link | None = None,
+    max_stages: int | None = None,
+    pinned: Sequence[Pin] = (),
+    history: SchedulerHistory | None = None,
+) -> Plan:
+    """Place ``blocks`` on ``nodes`` with ``strategy``, optimising ``objective``.
+
+    ``max_stages`` caps the stages of each pipeline (optimal; equal/memory/paper use at
+    most that many nodes). ``pinned`` (optimal only) fixes block ranges on nodes.
+    ``history`` feeds the paper's scheduler and is never mutated. Raises InvalidSpec for
+    bad arguments and PlanInfeasible when nothing fits.
+    """
+    check_choice(strategy, "strategy", STRATEGIES)
+    check_choice(objective, "objective", OBJECTIVES)
+    cm = CostModel(blocks, nodes, links, input_bytes=input_bytes, default_link=default_link)
+    cap = check_max_stages(max_stages)
+    pins = check_pins(pinned, cm.B, cm.names)
+    hist = check_history(history)
+    if pins and strategy != "optimal":
+        raise InvalidSpec(f"pinned: only the optimal strategy honours pins, not strategy={strategy!r}")
+    if strategy == "optimal":
+        raw, notes = plan_optimal(cm, objective, cap, pins)
+    elif strategy == "paper":
+        raw, notes = plan_paper(cm, cap, hist)
+    elif strategy == "equal":
+        raw, notes = plan_equal(cm, cap)
+    elif strategy == "memory":
+        raw, notes = plan_memory(cm, cap)
+    elif strategy == "replicate":
+        raw, notes = plan_replicate(cm)
+    else:
+        raw, notes = plan_monolith(cm, objective)
+    return cm.make_plan(objective, strategy, raw, notes)

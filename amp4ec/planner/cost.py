@@ -1,0 +1,265 @@
+"""The cost model: what a stage, a pipeline and a plan cost (float ms), plus the DP's integer-ns tables."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable, Sequence
+from itertools import accumulate
+from typing import Any
+
+from amp4ec.errors import InvalidSpec, PlanInfeasible
+from amp4ec.planner.types import LayerProfile, Link, NodeCapacity, Pipeline, Plan, Prediction, Stage
+from amp4ec.planner.validate import (
+    CLIENT,
+    DEFAULT_LINK,
+    check_blocks,
+    check_input_bytes,
+    check_link,
+    check_links,
+    check_nodes,
+)
+
+__all__ = ["INF", "SCALE", "CostModel", "Raw", "evaluate", "mb"]
+
+SCALE = 1_000_000
+"""The exact searches work in integer nanoseconds (ms × SCALE) so sums and ties are exact."""
+INF = math.inf
+"""An unreachable cost (compares with the integer costs)."""
+
+Raw = list[list[tuple[int, int, int]]]
+"""Pipelines as lists of (node index, first block, last block), the strategies' output."""
+
+
+def mb(nbytes: float) -> str:
+    """Bytes as a short MB string for messages."""
+    return f"{nbytes / 1e6:.1f} MB"
+
+
+class CostModel:
+    """Validated inputs plus everything derived from them that strategies share."""
+
+    def __init__(
+        self,
+        blocks: Sequence[LayerProfile],
+        nodes: Sequence[NodeCapacity],
+        links: Iterable[Link] = (),
+        *,
+        input_bytes: int = 0,
+        default_link: Link | None = None,
+    ) -> None:
+        self.blocks = check_blocks(blocks)
+        self.nodes = check_nodes(nodes)
+        self.links = check_links(links)
+        self.default_link = DEFAULT_LINK if default_link is None else check_link(default_link, "default_link")
+        self.input_bytes = check_input_bytes(input_bytes)
+        self.B = len(self.blocks)
+        self.N = len(self.nodes)
+        self.names = [n.name for n in self.nodes]
+        self.index = {name: i for i, name in enumerate(self.names)}
+        self.speed = [n.effective_speed for n in self.nodes]
+        self.memory = [n.memory_bytes for n in self.nodes]
+        self.prefix_ms = [0.0, *accumulate(b.compute_ms for b in self.blocks)]
+        self.prefix_params = [0, *accumulate(b.param_bytes for b in self.blocks)]
+        self.act = [b.act_bytes for b in self.blocks]
+        self.in_bytes = [self.input_bytes] + [b.out_bytes for b in self.blocks[:-1]]
+        self.model_bytes = self.memory_bytes(0, self.B - 1)
+        self._cint: dict[int, list[int]] = {}
+        self._kmax: dict[int, list[int]] = {}
+        self._xfer: dict[tuple[float, float], list[int]] = {}
+
+    # ---- float cost of one stage -------------------------------------------------------------
+    def link(self, src: str, dst: str) -> Link:
+        """The declared link src→dst, else dst→src, else the default link."""
+        return self.links.get((src, dst)) or self.links.get((dst, src)) or self.default_link
+
+    def name_of(self, n: int) -> str:
+        return CLIENT if n < 0 else self.names[n]
+
+    def compute_ms(self, n: int, first: int, last: int) -> float:
+        return math.fsum(b.compute_ms for b in self.blocks[first : last + 1]) / self.speed[n]
+
+    def memory_bytes(self, first: int, last: int) -> int:
+        """Parameters of blocks first..last plus their largest activation."""
+        return self.prefix_params[last + 1] - self.prefix_params[first] + max(self.act[first : last + 1])
+
+    def transfer_ms(self, src: int, dst: int, first: int) -> float:
+        """Time for block ``first``'s input to reach node ``dst`` from ``src`` (-1: the client)."""
+        return self.link(self.name_of(src), self.names[dst]).transfer_ms(self.in_bytes[first])
+
+    def return_ms(self, n: int) -> float:
+        return self.link(self.names[n], CLIENT).transfer_ms(self.blocks[-1].out_bytes)
+
+    # ---- integer tables for the exact searches -----------------------------------------------
+    def cint(self, n: int) -> list[int]:
+        """Prefix compute time on node n in ns: stage [j, k) costs cint[k] - cint[j]."""
+        if n not in self._cint:
+            f = SCALE / self.speed[n]
+            self._cint[n] = [round(x * f) for x in self.prefix_ms]
+        return self._cint[n]
+
+    def xfer_ns(self, src: str, dst: str) -> list[int]:
+        """Per first block j, ns for j's input to cross src→dst."""
+        link = self.link(src, dst)
+        key = (link.rtt_ms, link.bandwidth_bytes_per_s)
+        if key not in self._xfer:
+            self._xfer[key] = [round(link.transfer_ms(x) * SCALE) for x in self.in_bytes]
+        return self._xfer[key]
+
+    def ret_ns(self, n: int) -> int:
+        return round(self.return_ms(n) * SCALE)
+
+    def kmax(self, n: int) -> list[int]:
+        """Per first block j, the largest exclusive end k with [j, k) fitting node n (j if none)."""
+        mem = self.memory[n]
+        if mem not in self._kmax:
+            self._kmax[mem] = self._fit_ends(mem)
+        return self._kmax[mem]
+
+    def _fit_ends(self, mem: int) -> list[int]:
+        B, P, act = self.B, self.prefix_params, self.act
+        if self.model_bytes <= mem:
+            return [B] * (B + 1)
+        ends = [0] * (B + 1)
+        ends[B] = B
+        k = 0
+        window: deque[int] = deque()
+        for j in range(B):
+            if k < j:
+                k = j
+                window.clear()
+            while window and window[0] < j:
+                window.popleft()
+            while k < B:
+                a = act[k]
+                peak = max(act[window[0]], a) if window else a
+                if P[k + 1] - P[j] + peak > mem:
+                    break
+                while window and act[window[-1]] <= a:
+                    window.pop()
+                window.append(k)
+                k += 1
+            ends[j] = k
+        return ends
+
+    # ---- pricing -----------------------------------------------------------------------------
+    def stage(self, n: int, first: int, last: int, prev: int) -> Stage:
+        """The priced stage; ``prev`` is the previous stage's node (-1: the client)."""
+        return Stage(
+            node=self.names[n],
+            first_block=first,
+            last_block=last,
+            compute_ms=self.compute_ms(n, first, last),
+            transfer_ms=self.transfer_ms(prev, n, first),
+            memory_bytes=self.memory_bytes(first, last),
+        )
+
+    def price(self, raw: Raw) -> tuple[tuple[Pipeline, ...], Prediction]:
+        """Priced pipelines and the plan's prediction; raises on a malformed or oversized placement."""
+        used: set[int] = set()
+        pipelines: list[Pipeline] = []
+        latencies: list[float] = []
+        rate = 0.0
+        for p, stages in enumerate(raw):
+            expect, prev, priced = 0, -1, []
+            for s, (n, first, last) in enumerate(stages):
+                where = f"pipelines[{p}].stages[{s}]"
+                if not 0 <= n < self.N:
+                    raise InvalidSpec(f"{where}.node: unknown node index {n}")
+                if n in used:
+                    raise InvalidSpec(f"{where}.node: node {self.names[n]!r} is used twice")
+                if first != expect or last < first or last >= self.B:
+                    raise InvalidSpec(
+                        f"{where}: blocks {first}..{last} do not continue the chain at block {expect}"
+                    )
+                used.add(n)
+                stage = self.stage(n, first, last, prev)
+                if stage.memory_bytes > self.memory[n]:
+                    raise PlanInfeasible(
+                        f"{where}: blocks {first}..{last} need {mb(stage.memory_bytes)} but node "
+                        f"{self.names[n]!r} has {mb(self.memory[n])} "
+                        f"(lacks {mb(stage.memory_bytes - self.memory[n])})"
+                    )
+                priced.append(stage)
+                expect, prev = last + 1, n
+            if expect != self.B:
+                raise InvalidSpec(f"pipelines[{p}]: covers blocks 0..{expect - 1} of 0..{self.B - 1}")
+            pipelines.append(Pipeline(tuple(priced)))
+            bottleneck = max(s.stage_ms for s in priced)
+            latencies.append(sum(s.stage_ms for s in priced) + self.return_ms(prev))
+            rate += 1000.0 / bottleneck if bottleneck > 0 else math.inf
+        if not pipelines:
+            raise InvalidSpec("pipelines: the placement has no pipeline")
+        stage_ms = tuple(s.stage_ms for p in pipelines for s in p.stages)
+        return tuple(pipelines), Prediction(
+            stage_ms=stage_ms, bottleneck_ms=max(stage_ms), latency_ms=min(latencies), throughput_rps=rate
+        )
+
+    def make_plan(self, objective: str, strategy: str, raw: Raw, notes: Sequence[str] = ()) -> Plan:
+        pipelines, predicted = self.price(raw)
+        return Plan(objective, strategy, pipelines, predicted, tuple(notes))
+
+    def to_raw(self, placement: Any) -> Raw:
+        """A Plan, a Pipeline, Pipelines, or Stages (one pipeline) as index triples."""
+        if isinstance(placement, Plan):
+            pipes: Sequence[Any] = placement.pipelines
+        elif isinstance(placement, Pipeline):
+            pipes = [placement]
+        elif isinstance(placement, Sequence) and placement and all(isinstance(s, Stage) for s in placement):
+            pipes = [Pipeline(tuple(placement))]
+        elif isinstance(placement, Sequence) and all(isinstance(p, Pipeline) for p in placement):
+            pipes = placement
+        else:
+            raise InvalidSpec("placement: expected a Plan, a Pipeline, Pipelines or Stages")
+        raw: Raw = []
+        for p, pipe in enumerate(pipes):
+            row = []
+            for s, st in enumerate(pipe.stages):
+                if st.node not in self.index:
+                    raise InvalidSpec(f"pipelines[{p}].stages[{s}].node: unknown node {st.node!r}")
+                row.append((self.index[st.node], st.first_block, st.last_block))
+            raw.append(row)
+        return raw
+
+    # ---- explanations ------------------------------------------------------------------------
+    def lacking(self, need: int, nodes: Iterable[int]) -> str:
+        """'a lacks 3.0 MB, b lacks 5.5 MB' for the nodes short of ``need`` bytes."""
+        short = [n for n in nodes if self.memory[n] < need]
+        return ", ".join(f"{self.names[n]} lacks {mb(need - self.memory[n])}" for n in short) or "none lacks"
+
+    def why_infeasible(self, max_stages: int | None = None) -> str:
+        """The most specific reason the model fits no placement on these nodes."""
+        big = max(range(self.N), key=lambda n: self.memory[n])
+        for j in range(self.B):
+            need = self.memory_bytes(j, j)
+            if need > self.memory[big]:
+                return (
+                    f"block {j} ({self.blocks[j].name!r}) alone needs {mb(need)} but the largest node "
+                    f"{self.names[big]!r} has {mb(self.memory[big])} (lacks {mb(need - self.memory[big])})"
+                )
+        params = self.prefix_params[-1]
+        total = sum(self.memory)
+        if params > total:
+            return (
+                f"the model's parameters need {mb(params)} but all nodes together have {mb(total)} "
+                f"(lack {mb(params - total)})"
+            )
+        cap = "" if max_stages is None else f" within max_stages={max_stages}"
+        return (
+            f"no contiguous split of the model ({mb(self.model_bytes)}) fits the nodes' memory{cap}: "
+            + self.lacking(self.model_bytes, range(self.N))
+        )
+
+
+def evaluate(
+    placement: Any,
+    blocks: Sequence[LayerProfile],
+    nodes: Sequence[NodeCapacity],
+    links: Iterable[Link] = (),
+    *,
+    input_bytes: int = 0,
+    default_link: Link | None = None,
+) -> Prediction:
+    """Predict any placement (a Plan, Pipeline(s) or one pipeline's Stages) with the cost model."""
+    cm = CostModel(blocks, nodes, links, input_bytes=input_bytes, default_link=default_link)
+    return cm.price(cm.to_raw(placement))[1]

@@ -1,0 +1,108 @@
+"""Replanning hysteresis: adopt a proposed plan only when it beats the current one by a margin.
+
+Capacity drifts (a node slows down, a pod is throttled) would otherwise make the
+operator reshuffle stages on every small change; moving a stage costs a reload. The
+gain is measured on the proposed plan's objective, relative to the current plan:
+
+* throughput: ``(proposed.rps − current.rps) / current.rps``
+* latency:    ``(current.ms − proposed.ms) / current.ms``
+
+and a replan happens when it exceeds ``threshold`` (0.1 = 10 %). It always happens
+when there is no current plan, when the objective changed, or when the current plan no
+longer fits the new capacity (a node gone, or a stage over its node's memory) — checked
+by re-pricing it when the new ``blocks``/``nodes`` are passed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+from amp4ec.errors import Amp4ecError
+from amp4ec.planner.cost import evaluate
+from amp4ec.planner.types import LayerProfile, Link, NodeCapacity, Plan, Prediction
+from amp4ec.planner.validate import check_choice, check_threshold
+
+__all__ = ["gain", "replan_reason", "should_replan"]
+
+
+def gain(current: Prediction, proposed: Prediction, objective: str) -> float:
+    """Relative improvement of ``proposed`` over ``current`` on ``objective`` (> 0: better)."""
+    check_choice(objective, "objective", ("throughput", "latency"))
+    if objective == "throughput":
+        old, new = current.throughput_rps, proposed.throughput_rps
+        if old == new:
+            return 0.0
+        if old <= 0 or math.isinf(new):
+            return math.inf
+        return (new - old) / old if not math.isinf(old) else -math.inf
+    old, new = current.latency_ms, proposed.latency_ms
+    if old == new:
+        return 0.0
+    if old <= 0:
+        return -math.inf
+    return (old - new) / old
+
+
+def replan_reason(
+    current: Plan | None,
+    proposed: Plan,
+    threshold: float,
+    *,
+    blocks: Sequence[LayerProfile] | None = None,
+    nodes: Sequence[NodeCapacity] | None = None,
+    links: Iterable[Link] = (),
+    input_bytes: int = 0,
+    default_link: Link | None = None,
+) -> str | None:
+    """Why ``proposed`` should replace ``current`` (a line for logs and events), or None to keep it.
+
+    Pass ``blocks`` and ``nodes`` (and the links) of the NEW capacity to re-price
+    ``current`` on it; otherwise ``current.predicted`` is compared as it stands.
+    """
+    limit = check_threshold(threshold)
+    if current is None:
+        return "no current plan"
+    if current.objective != proposed.objective:
+        return f"objective changed from {current.objective} to {proposed.objective}"
+    before = current.predicted
+    if blocks is not None and nodes is not None:
+        try:
+            before = evaluate(
+                current, blocks, nodes, links, input_bytes=input_bytes, default_link=default_link
+            )
+        except Amp4ecError as exc:
+            return f"the current plan no longer fits: {exc}"
+    change = gain(before, proposed.predicted, proposed.objective)
+    if change > limit:
+        return f"{proposed.objective} improves by {_percent(change)} (> {_percent(limit)})"
+    return None
+
+
+def should_replan(
+    current: Plan | None,
+    proposed: Plan,
+    threshold: float,
+    *,
+    blocks: Sequence[LayerProfile] | None = None,
+    nodes: Sequence[NodeCapacity] | None = None,
+    links: Iterable[Link] = (),
+    input_bytes: int = 0,
+    default_link: Link | None = None,
+) -> bool:
+    """True when ``proposed`` should replace ``current`` (see ``replan_reason``)."""
+    reason = replan_reason(
+        current,
+        proposed,
+        threshold,
+        blocks=blocks,
+        nodes=nodes,
+        links=links,
+        input_bytes=input_bytes,
+        default_link=default_link,
+    )
+    return reason is not None
+
+
+def _percent(x: float) -> str:
+    return "∞" if math.isinf(x) else f"{100 * x:.1f}%"

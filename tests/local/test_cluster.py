@@ -64,11 +64,13 @@ def test_three_agent_pipeline_equals_monolith_and_cleans_up() -> None:
         assert groups, "cgroup mode was available but no cgroup was made"
 
 
-def test_local_run_end_to_end_reports_a_correct_result() -> None:
+@pytest.mark.parametrize("strategy", ["optimal", "equal"])
+def test_local_run_end_to_end_reports_a_correct_result(strategy: str) -> None:
     config = RunConfig(
         source=ModelSource("mobilenet_v2", input_shape=(1, 3, 64, 64)),
         nodes=tuple(parse_nodes("1.0,0.6,0.4")),
         requests=12,
+        strategy=strategy,
     )
     phases: list[str] = []
     report = asyncio.run(run(config, lambda phase, done, total: phases.append(phase)))
@@ -86,6 +88,11 @@ def test_local_run_end_to_end_reports_a_correct_result() -> None:
     assert data["throughput_rps"] > 0
     assert len(report.latencies_ms) == 12
     assert "requests" in phases
+    assert data["strategy"] == strategy
+    if strategy == "equal":  # one pipeline of three stages: 21 blocks as 7/7/7
+        assert [(r["first_block"], r["last_block"]) for r in data["plan"]] == [(0, 6), (7, 13), (14, 20)]
+    measured = [s["measured_ms"] for s in data["stages"]]
+    assert all(m > 0 for m in measured) and len(measured) == len(data["plan"])
 
 
 def test_bad_run_arguments() -> None:

@@ -140,7 +140,9 @@ def test_no_stage_deadline_and_unreachable_next_hop(monolith) -> None:
             # A next hop nobody listens on: the request fails UNAVAILABLE, the agent lives on.
             with socket_port() as dead_port:
                 info_reply = await control.LoadStage(
-                    agent_pb2.StageSpec(model=MODEL, first_block=0, last_block=0, next_hop=f"127.0.0.1:{dead_port}")
+                    agent_pb2.StageSpec(
+                        model=MODEL, first_block=0, last_block=0, next_hop=f"127.0.0.1:{dead_port}"
+                    )
                 )
             assert info_reply.last_block == 0
             with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -153,11 +155,15 @@ def test_no_stage_deadline_and_unreachable_next_hop(monolith) -> None:
                 await stub.Infer(expired)
             assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                await control.LoadStage(agent_pb2.StageSpec(model="no_such_model", first_block=0, last_block=0))
+                await control.LoadStage(
+                    agent_pb2.StageSpec(model="no_such_model", first_block=0, last_block=0)
+                )
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "no_such_model" in info.value.details()
             capacity = await control.GetCapacity(agent_pb2.CapacityRequest())
-            assert capacity.cpu_limit == 1.0 and capacity.workload_ms > 0 and capacity.memory_available_bytes > 0
+            assert (
+                capacity.cpu_limit == 1.0 and capacity.workload_ms > 0 and capacity.memory_available_bytes > 0
+            )
         finally:
             await _close(agent, channel)
 
@@ -176,3 +182,30 @@ class socket_port:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+def test_cancelled_stream_drops_its_requests_and_agent_keeps_serving(monolith) -> None:
+    inputs, expected = monolith
+
+    async def main() -> None:
+        agent, channel = await _agent(StageConfig(MODEL, 0, -1))
+        try:
+            stub = shard_pb2_grpc.ShardStub(channel)
+            call = stub.Stream()
+            for i in range(20):
+                await call.write(_frame(str(i), inputs))
+            first = await call.read()
+            assert first.request_id == "0"
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call.read()
+            # A deadline on the stream ends it with DEADLINE_EXCEEDED, not a hang.
+            slow = stub.Stream(timeout=0.5)
+            await slow.write(_frame("late", inputs))  # never half-closed: only the deadline ends it
+            assert await slow.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            answer = await stub.Infer(_frame("after", inputs))
+            torch.testing.assert_close(codec.decode_all(answer.tensors), expected, rtol=1e-4, atol=1e-5)
+        finally:
+            await _close(agent, channel)
+
+    asyncio.run(main())

@@ -32,7 +32,9 @@ def test_raw_bytes_not_repeated_floats() -> None:
 def test_wrong_byte_count_names_field() -> None:
     message = codec.encode(torch.zeros(2, 3))
     message.data = message.data[:-1]
-    with pytest.raises(ShapeMismatch, match=r"tensors\[0\]\.data: expected 24 bytes for float32\[2, 3\], actual 23"):
+    with pytest.raises(
+        ShapeMismatch, match=r"tensors\[0\]\.data: expected 24 bytes for float32\[2, 3\], actual 23"
+    ):
         codec.decode_all([message])
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from amp4ec.errors import InvalidSpec, ModelNotFound, ShapeMismatch
+from amp4ec.slicing.archive import ensure_safe_archive
 
 __all__ = ["LoadedModel", "ModelSource", "load_model"]
 
@@ -143,8 +144,7 @@ def _load_archive(
     """A torch.export archive → its module plus the input shapes/dtypes it was exported with."""
     if not Path(path).is_file():
         raise ModelNotFound(f"model: file {path} does not exist; expected a torch.export .pt2 archive")
-    # NOTE: torch.export.load is NOT a sandbox: in torch 2.13 it unpickles weights and constants
-    # with weights_only=False. Treat a .pt2 like code and load only archives you trust.
+    ensure_safe_archive(path)  # torch.export.load would otherwise unpickle what the archive asks
     try:
         program = torch.export.load(path)
     except Exception as e:

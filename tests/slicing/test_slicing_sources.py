@@ -138,5 +138,5 @@ def test_pt2_archive_shapes_and_override(tmp_path: Path) -> None:
     ):
         load_model(ModelSource(str(path), input_shape=(1, 3, 8, 8)))
     (tmp_path / "junk.pt2").write_bytes(b"nope")
-    with pytest.raises(InvalidSpec, match=r"model: cannot load .*junk\.pt2"):
+    with pytest.raises(InvalidSpec, match=r"model: .*junk\.pt2 is not a torch\.export archive"):
         load_model(ModelSource(str(tmp_path / "junk.pt2")))

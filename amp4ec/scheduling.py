@@ -18,18 +18,25 @@ __all__ = ["SCHEDULER_OVERHEAD", "timed_plan"]
 
 SCHEDULER_OVERHEAD = Histogram(
     "amp4ec_scheduler_overhead_seconds",
-    "Wall time of one planning call (partitioning plus node selection).",
-    ["strategy"],
+    "Wall time of one planning call (partitioning plus node selection), per deployment.",
+    ["namespace", "deployment", "strategy"],
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
 
 
 def timed_plan(
-    blocks: Sequence[LayerProfile], nodes: Sequence[NodeCapacity], **options: Any
+    blocks: Sequence[LayerProfile],
+    nodes: Sequence[NodeCapacity],
+    *,
+    namespace: str = "",
+    deployment: str = "local",
+    **options: Any,
 ) -> tuple[Plan, float]:
-    """``planner.plan(...)`` and its wall time in milliseconds."""
+    """``planner.plan(...)`` and its wall time in milliseconds (a failed call is observed too)."""
     start = time.perf_counter()
-    result = planner.plan(blocks, nodes, **options)
-    elapsed = time.perf_counter() - start
-    SCHEDULER_OVERHEAD.labels(options.get("strategy", "optimal")).observe(elapsed)
-    return result, elapsed * 1000
+    try:
+        return planner.plan(blocks, nodes, **options), (time.perf_counter() - start) * 1000
+    finally:
+        SCHEDULER_OVERHEAD.labels(namespace, deployment, options.get("strategy", "optimal")).observe(
+            time.perf_counter() - start
+        )

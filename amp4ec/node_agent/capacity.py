@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["cgroup_cpu_limit", "memory_available_bytes", "reference_workload_ms", "LoadMeter"]
+__all__ = ["LoadMeter", "cgroup_cpu_limit", "memory_available_bytes", "reference_workload_ms"]
 
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
 

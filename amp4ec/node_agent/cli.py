@@ -60,12 +60,23 @@ def parse_args(
     stage.add_argument("--next-hop", default="", help="host:port of the next shard")
     stage.add_argument("--stage", type=int, default=0, help="index of the stage in its pipeline")
     mon = p.add_argument_group("monitor role (one per node: capacity metrics, link probes, profiling)")
-    mon.add_argument("--monitor-interval", type=float,
-                     help="run the monitor role, refreshing capacity metrics every this many seconds")
-    mon.add_argument("--peer", type=_peer, action="append", default=[],
-                     help="NODE=HOST:PORT of a peer monitor to probe links to (repeatable)")
-    mon.add_argument("--capacity-override", type=Path,
-                     help="JSON file whose keys replace measured capacity (re-read every refresh)")
+    mon.add_argument(
+        "--monitor-interval",
+        type=float,
+        help="run the monitor role, refreshing capacity metrics every this many seconds",
+    )
+    mon.add_argument(
+        "--peer",
+        type=_peer,
+        action="append",
+        default=[],
+        help="NODE=HOST:PORT of a peer monitor to probe links to (repeatable)",
+    )
+    mon.add_argument(
+        "--capacity-override",
+        type=Path,
+        help="JSON file whose keys replace measured capacity (re-read every refresh)",
+    )
     a = p.parse_args(argv)
     settings = AgentSettings(
         node=a.node,
@@ -105,7 +116,10 @@ def parse_args(
 
 
 async def serve(
-    settings: AgentSettings, config: StageConfig | None, port_file: Path | None, monitor: Monitor | None = None
+    settings: AgentSettings,
+    config: StageConfig | None,
+    port_file: Path | None,
+    monitor: Monitor | None = None,
 ) -> None:
     agent = await create_server(settings)
     if config is not None:

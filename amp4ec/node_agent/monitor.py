@@ -45,7 +45,9 @@ WORKLOAD = Gauge(
 MEMORY = Gauge("amp4ec_node_memory_available_bytes", "Memory a shard may still use on this node.", ["node"])
 LINK_RTT = Gauge("amp4ec_link_rtt_seconds", "Round-trip time of a small gRPC echo to a peer.", ["src", "dst"])
 LINK_BANDWIDTH = Gauge(
-    "amp4ec_link_bandwidth_bytes_per_second", "Bytes per second of a large gRPC echo to a peer.", ["src", "dst"]
+    "amp4ec_link_bandwidth_bytes_per_second",
+    "Bytes per second of a large gRPC echo to a peer.",
+    ["src", "dst"],
 )
 
 _PROBE_BYTES = 1 << 20
@@ -148,7 +150,9 @@ class Monitor:
                 rtts.append(time.perf_counter() - t0)
             rtt = statistics.median(rtts)
             t0 = time.perf_counter()
-            await stub.Echo(agent_pb2.Probe(payload=bytes(_PROBE_BYTES), reply_bytes=_PROBE_BYTES), timeout=30)
+            await stub.Echo(
+                agent_pb2.Probe(payload=bytes(_PROBE_BYTES), reply_bytes=_PROBE_BYTES), timeout=30
+            )
             elapsed = max(time.perf_counter() - t0 - rtt, 1e-6)
         LINK_RTT.labels(self.settings.node, peer).set(rtt)
         LINK_BANDWIDTH.labels(self.settings.node, peer).set(2 * _PROBE_BYTES / elapsed)

@@ -1,0 +1,363 @@
+"""Pure: the Kubernetes objects a plan needs (shard Pods, per-stage Services, the entry Service).
+
+Names carry the plan's id, so the objects of two plans coexist during a make-before-break
+switch, and creating the same plan twice names the same objects (idempotent). The handler
+adopts the results (owner references) and applies them through ``k8s.py``.
+
+[Note: why a Service per (plan, stage)] A stage's next hop must serve exactly the next
+block range of the *same* plan; a stable per-stage Service that switched plans would point
+a new first stage at an old second stage for a moment. Only the entry Service is shared
+across plans: its selector moves to the new plan once every new shard is ready.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from amp4ec.operator.config import OperatorConfig
+from amp4ec.operator.spec import DeploymentSpec
+from amp4ec.planner.types import Plan
+
+__all__ = [
+    "LABEL_DEPLOYMENT",
+    "LABEL_PLAN",
+    "PlacedStage",
+    "PlanRecord",
+    "desired_objects",
+    "entry_service",
+    "plan_record",
+    "stage_service_name",
+]
+
+LABEL_DEPLOYMENT = "amp4ec.io/deployment"
+LABEL_PLAN = "amp4ec.io/plan"
+LABEL_PIPELINE = "amp4ec.io/pipeline"
+LABEL_STAGE = "amp4ec.io/stage"
+LABEL_ROLE = "amp4ec.io/role"
+_COMMON = {"app.kubernetes.io/name": "amp4ec-shard", "app.kubernetes.io/managed-by": "amp4ec-operator"}
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class PlacedStage:
+    """One stage of a plan as the cluster sees it (also its ``status.plan.stages[]`` entry)."""
+
+    pipeline: int
+    stage: int
+    node: str
+    first_block: int
+    last_block: int
+    cpu: float
+    """CPU cores of the node's share the planner counted on: the Pod's request and limit."""
+    memory_bytes: int
+    predicted_ms: float
+
+    def to_status(self) -> dict[str, Any]:
+        return {
+            "pipeline": self.pipeline,
+            "stage": self.stage,
+            "node": self.node,
+            "firstBlock": self.first_block,
+            "lastBlock": self.last_block,
+            "cpu": self.cpu,
+            "memoryBytes": self.memory_bytes,
+            "predictedMs": round(self.predicted_ms, 3),
+        }
+
+    @classmethod
+    def from_status(cls, d: Mapping[str, Any]) -> PlacedStage:
+        return cls(
+            pipeline=int(d["pipeline"]),
+            stage=int(d["stage"]),
+            node=str(d["node"]),
+            first_block=int(d["firstBlock"]),
+            last_block=int(d["lastBlock"]),
+            cpu=float(d["cpu"]),
+            memory_bytes=int(d["memoryBytes"]),
+            predicted_ms=float(d["predictedMs"]),
+        )
+
+
+@dataclass(frozen=True)
+class PlanRecord:
+    """A plan as stored in status and rendered into objects."""
+
+    id: str
+    objective: str
+    strategy: str
+    stages: tuple[PlacedStage, ...]
+    throughput_rps: float
+    latency_ms: float
+    bottleneck_ms: float
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        return tuple(s.node for s in self.stages)
+
+    def to_status(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "objective": self.objective,
+            "strategy": self.strategy,
+            "stages": [s.to_status() for s in self.stages],
+            "predicted": {
+                "throughputRps": _finite(self.throughput_rps),
+                "latencyMs": round(self.latency_ms, 3),
+                "bottleneckMs": round(self.bottleneck_ms, 3),
+            },
+        }
+
+    @classmethod
+    def from_status(cls, d: Mapping[str, Any] | None) -> PlanRecord | None:
+        if not d or not d.get("stages"):
+            return None
+        p = d.get("predicted") or {}
+        return cls(
+            id=str(d["id"]),
+            objective=str(d.get("objective", "throughput")),
+            strategy=str(d.get("strategy", "optimal")),
+            stages=tuple(PlacedStage.from_status(s) for s in d["stages"]),
+            throughput_rps=float(p.get("throughputRps", 0.0)),
+            latency_ms=float(p.get("latencyMs", 0.0)),
+            bottleneck_ms=float(p.get("bottleneckMs", 0.0)),
+        )
+
+
+def _finite(x: float) -> float:
+    return round(x, 3) if x == x and x not in (float("inf"), float("-inf")) else 0.0
+
+
+def plan_id(spec: DeploymentSpec, stages: Sequence[PlacedStage]) -> str:
+    """Eight hex digits naming what the shard Pods run: the model and the placement."""
+    key = {
+        "model": spec.model.model_dump(by_alias=True),
+        "inputShape": list(spec.input_shape or ()),
+        "stages": [(s.pipeline, s.stage, s.node, s.first_block, s.last_block, s.cpu) for s in stages],
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def plan_record(spec: DeploymentSpec, plan: Plan, node_cpu: Mapping[str, float]) -> PlanRecord:
+    """A planner Plan plus the CPU share of each node → what status stores and Pods need."""
+    stages = tuple(
+        PlacedStage(
+            pipeline=p,
+            stage=i,
+            node=s.node,
+            first_block=s.first_block,
+            last_block=s.last_block,
+            cpu=float(node_cpu[s.node]),
+            memory_bytes=int(s.memory_bytes),
+            predicted_ms=float(s.stage_ms),
+        )
+        for p, pipeline in enumerate(plan.pipelines)
+        for i, s in enumerate(pipeline.stages)
+    )
+    return PlanRecord(
+        id=plan_id(spec, stages),
+        objective=plan.objective,
+        strategy=plan.strategy,
+        stages=stages,
+        throughput_rps=plan.predicted.throughput_rps,
+        latency_ms=plan.predicted.latency_ms,
+        bottleneck_ms=plan.predicted.bottleneck_ms,
+    )
+
+
+def _base(name: str) -> str:
+    # Service names are DNS-1035 labels (<= 63 chars); leave room for "-<plan>-p<i>s<j>".
+    return name[:40].rstrip("-")
+
+
+def stage_service_name(name: str, plan: str, pipeline: int, stage: int) -> str:
+    return f"{_base(name)}-{plan}-p{pipeline}s{stage}"
+
+
+def _labels(name: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    return {**_COMMON, LABEL_DEPLOYMENT: name, **(extra or {})}
+
+
+def _quantity_cpu(cores: float) -> str:
+    return f"{max(10, round(cores * 1000))}m"
+
+
+def _quantity_mem(nbytes: int) -> str:
+    return f"{max(1, -(-nbytes // MiB))}Mi"
+
+
+def _shard_pod(
+    name: str,
+    namespace: str,
+    spec: DeploymentSpec,
+    record: PlanRecord,
+    s: PlacedStage,
+    config: OperatorConfig,
+) -> dict[str, Any]:
+    pipeline = [t for t in record.stages if t.pipeline == s.pipeline]
+    nxt = next((t for t in pipeline if t.stage == s.stage + 1), None)
+    next_hop = (
+        f"{stage_service_name(name, record.id, nxt.pipeline, nxt.stage)}.{namespace}.svc:{config.shard_port}"
+        if nxt
+        else ""
+    )
+    args = [
+        "--node", s.node,
+        "--host", "[::]",
+        "--port", str(config.shard_port),
+        "--metrics-port", str(config.metrics_port),
+        "--cpu-limit", f"{s.cpu:g}",
+        "--model", spec.model.name or "",
+        "--seed", str(spec.model.seed),
+        "--first-block", str(s.first_block),
+        "--last-block", str(s.last_block),
+        "--stage", str(s.stage),
+    ]  # fmt: skip
+    if spec.input_shape:
+        args += ["--input-shape", ",".join(str(d) for d in spec.input_shape)]
+    if next_hop:
+        args += ["--next-hop", next_hop]
+    volumes: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
+    init: list[dict[str, Any]] = []
+    uri = spec.model.storage_uri
+    if uri:
+        weights = "/mnt/models/weights.pt"
+        volumes.append({"name": "model-store", "emptyDir": {}})
+        mounts.append({"name": "model-store", "mountPath": "/mnt/models", "readOnly": True})
+        fetch_args = ["--uri", uri, "--out", weights]
+        if spec.model.sha256:
+            fetch_args += ["--sha256", spec.model.sha256]
+        init_mounts = [{"name": "model-store", "mountPath": "/mnt/models"}]
+        pvc = spec.model.pvc
+        if pvc is not None:
+            volumes.append(
+                {"name": "model-pvc", "persistentVolumeClaim": {"claimName": pvc[0], "readOnly": True}}
+            )
+            init_mounts.append({"name": "model-pvc", "mountPath": "/mnt/pvc", "readOnly": True})
+        init.append(
+            {
+                "name": "storage-initializer",
+                "image": config.initializer_image,
+                "command": ["python", "-m", "amp4ec.operator.fetch"],
+                "args": fetch_args,
+                "volumeMounts": init_mounts,
+            }
+        )
+        args += ["--weights", weights]
+    memory = s.memory_bytes + config.memory_overhead_bytes
+    container: dict[str, Any] = {
+        "name": "shard",
+        "image": config.agent_image,
+        "command": ["python", "-m", "amp4ec.node_agent"],
+        "args": args,
+        "ports": [
+            {"name": "grpc", "containerPort": config.shard_port},
+            {"name": "metrics", "containerPort": config.metrics_port},
+        ],
+        "resources": {
+            "requests": {"cpu": _quantity_cpu(s.cpu), "memory": _quantity_mem(memory)},
+            "limits": {"cpu": _quantity_cpu(s.cpu), "memory": _quantity_mem(2 * memory)},
+        },
+        "readinessProbe": {
+            "grpc": {"port": config.shard_port, "service": "amp4ec.wire.v1.Shard"},
+            "periodSeconds": 2,
+        },
+        "livenessProbe": {"grpc": {"port": config.shard_port}, "periodSeconds": 10, "failureThreshold": 6},
+        "env": [{"name": k, "value": v} for k, v in sorted(config.shard_env.items())],
+    }
+    if mounts:
+        container["volumeMounts"] = mounts
+    pod_spec: dict[str, Any] = {
+        "nodeSelector": {"kubernetes.io/hostname": s.node},
+        "restartPolicy": "Always",
+        "terminationGracePeriodSeconds": 10,
+        "containers": [container],
+    }
+    if init:
+        pod_spec["initContainers"] = init
+    if volumes:
+        pod_spec["volumes"] = volumes
+    labels = _labels(
+        name,
+        {
+            LABEL_PLAN: record.id,
+            LABEL_PIPELINE: str(s.pipeline),
+            LABEL_STAGE: str(s.stage),
+            LABEL_ROLE: "shard",
+        },
+    )
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": f"{stage_service_name(name, record.id, s.pipeline, s.stage)}",
+            "namespace": namespace,
+            "labels": labels,
+            "annotations": {
+                "amp4ec.io/blocks": f"{s.first_block}-{s.last_block}",
+                "amp4ec.io/predicted-ms": f"{s.predicted_ms:.3f}",
+                "prometheus.io/scrape": "true",
+                "prometheus.io/port": str(config.metrics_port),
+            },
+        },
+        "spec": pod_spec,
+    }
+
+
+def _stage_service(
+    name: str, namespace: str, record: PlanRecord, s: PlacedStage, config: OperatorConfig
+) -> dict:
+    selector = {
+        LABEL_DEPLOYMENT: name,
+        LABEL_PLAN: record.id,
+        LABEL_PIPELINE: str(s.pipeline),
+        LABEL_STAGE: str(s.stage),
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": stage_service_name(name, record.id, s.pipeline, s.stage),
+            "namespace": namespace,
+            "labels": _labels(name, {LABEL_PLAN: record.id, LABEL_ROLE: "stage"}),
+        },
+        "spec": {
+            "selector": selector,
+            "ports": [{"name": "grpc", "port": config.shard_port, "targetPort": "grpc"}],
+        },
+    }
+
+
+def desired_objects(
+    name: str, namespace: str, spec: DeploymentSpec, record: PlanRecord, config: OperatorConfig
+) -> list[dict[str, Any]]:
+    """Every Service and shard Pod of one plan: Services first, so next hops resolve when Pods start."""
+    services = [_stage_service(name, namespace, record, s, config) for s in record.stages]
+    pods = [_shard_pod(name, namespace, spec, record, s, config) for s in record.stages]
+    return services + pods
+
+
+def entry_service(name: str, namespace: str, plan: str, config: OperatorConfig) -> dict[str, Any]:
+    """The one Service clients use; it selects the first stage of every pipeline of ``plan``."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": _base(name),
+            "namespace": namespace,
+            "labels": _labels(name, {LABEL_ROLE: "entry"}),
+        },
+        "spec": {
+            "selector": {LABEL_DEPLOYMENT: name, LABEL_PLAN: plan, LABEL_STAGE: "0"},
+            "ports": [{"name": "grpc", "port": config.shard_port, "targetPort": "grpc"}],
+        },
+    }
+
+
+def as_dict(record: PlanRecord) -> dict[str, Any]:
+    """Plain-dict form for logs and tests."""
+    return asdict(record)

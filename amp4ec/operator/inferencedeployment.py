@@ -1,0 +1,77 @@
+"""Handlers of the InferenceDeployment kind: thin adapters from kopf to ``reconcile``.
+
+create / update (spec) / resume run a reconciliation and retry it (TemporaryError) until
+the plan serves; a timer re-plans at each deployment's interval with the planner's
+hysteresis; delete only forgets metrics (owner references let Kubernetes collect the
+children). ``Outcome`` maps to kopf's errors here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import kopf
+
+from amp4ec.operator import metrics
+from amp4ec.operator.config import GROUP, PLURAL, VERSION
+from amp4ec.operator.reconcile import Deps, Outcome, Target, reconcile
+
+__all__ = ["deleted", "reconcile_deployment", "replan"]
+
+TIMER_INTERVAL_S = 5.0
+"""How often the re-plan timer wakes; each deployment re-plans at its own spec.replan interval."""
+
+
+def _target(body: kopf.Body) -> Target:
+    meta = body.metadata
+    return Target(
+        name=meta.name or "",
+        namespace=meta.namespace or "default",
+        uid=meta.uid or "",
+        generation=int(meta.get("generation") or 1),
+        spec=dict(body.spec),
+        status=dict(body.status),
+    )
+
+
+async def _run(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, trigger: str) -> Outcome | None:
+    deps: Deps = memo.deps
+    t = _target(body)
+    lock = memo.locks.setdefault(t.uid, asyncio.Lock())
+    async with lock:
+        outcome = await reconcile(deps, t, trigger=trigger, adopt=lambda obj: kopf.adopt(obj, owner=body))
+    if outcome is not None:
+        for key, value in outcome.status.items():
+            patch.status[key] = value
+    return outcome
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+async def reconcile_deployment(
+    body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, reason: str, logger: logging.Logger, **_: Any
+) -> None:
+    outcome = await _run(body, patch, memo, trigger=str(reason))
+    if outcome is None:
+        return
+    if outcome.permanent is not None:
+        raise kopf.PermanentError(f"{outcome.reason}: {outcome.permanent}")
+    if outcome.retry_s is not None:
+        raise kopf.TemporaryError(outcome.reason, delay=outcome.retry_s)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=TIMER_INTERVAL_S, initial_delay=TIMER_INTERVAL_S)
+async def replan(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    # A pending rollout or a not-yet-ready plan is continued at the next tick; no retries here.
+    await _run(body, patch, memo, trigger="timer")
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
+async def deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    meta = body.metadata
+    metrics.forget(meta.namespace or "default", meta.name or "")
+    memo.deps.last_check.pop(meta.uid, None)
+    memo.locks.pop(meta.uid, None)

@@ -1,0 +1,399 @@
+"""One reconciliation of an InferenceDeployment: spec → profile → capacity → plan → objects → status.
+
+Kopf-free on purpose: the handlers call ``reconcile`` and map its ``Outcome`` to
+``kopf.TemporaryError``/``PermanentError`` in one place. Everything it decides is stored in
+``status`` (the active plan, and a plan being rolled out), so an operator restarted at any
+point continues where the last one stopped; objects are named by plan id, so doing a step
+twice creates nothing twice.
+
+Reading order: Deps, Outcome → reconcile (decide) → _propose (plan) → _roll_out and
+_settle (make-before-break, then keep the active plan's objects present).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from amp4ec import planner
+from amp4ec.errors import InvalidSpec, PlanInfeasible
+from amp4ec.operator import metrics
+from amp4ec.operator.capacity import CapacityUnavailable, Prometheus
+from amp4ec.operator.config import OperatorConfig
+from amp4ec.operator.desired import (
+    LABEL_DEPLOYMENT,
+    LABEL_PLAN,
+    PlanRecord,
+    desired_objects,
+    entry_service,
+    plan_record,
+)
+from amp4ec.operator.k8s import Conflict, Kube, KubeUnavailable, matches
+from amp4ec.operator.profiles import Profiler, ProfilerUnavailable
+from amp4ec.operator.spec import DeploymentSpec, parse_spec
+from amp4ec.operator.status import Phase, condition, merge_conditions, now_iso, with_ready
+from amp4ec.planner.types import Pin, Pipeline, Plan, Stage
+from amp4ec.scheduling import timed_plan
+
+__all__ = ["Deps", "Outcome", "Target", "reconcile"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Deps:
+    """What a reconciliation talks to; built once in the startup hook and kept in memo."""
+
+    kube: Kube
+    prometheus: Prometheus
+    profiler: Profiler
+    config: OperatorConfig
+    last_check: dict[str, float] = field(default_factory=dict)
+    """Deployment uid → monotonic time of its last capacity check (re-plan interval)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """The resource being reconciled, as read from its body."""
+
+    name: str
+    namespace: str
+    uid: str
+    generation: int
+    spec: Any
+    status: Mapping[str, Any]
+
+
+@dataclass
+class Outcome:
+    """What to write to status and how the handler should end."""
+
+    status: dict[str, Any]
+    retry_s: float | None = None
+    """Not done yet: run again after this many seconds (kopf.TemporaryError)."""
+    permanent: str | None = None
+    """The spec cannot work as written (kopf.PermanentError)."""
+    reason: str = ""
+
+
+class _Stop(Exception):
+    """Ends a reconciliation early with an Outcome."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.reason)
+        self.outcome = outcome
+
+
+def _finish(t: Target, phase: Phase, conds: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
+    merged = with_ready(merge_conditions(t.status.get("conditions"), conds))
+    ready = next(c for c in merged if c["type"] == "Ready")
+    failure = ready["reason"] if ready["status"] != "True" else None
+    return {"phase": phase.value, "conditions": merged, "failureReason": failure, **fields}
+
+
+async def reconcile(
+    deps: Deps, t: Target, *, trigger: str, adopt: Callable[[dict[str, Any]], None]
+) -> Outcome | None:
+    """Reconcile once; None means "nothing to do" (a timer tick before the re-plan interval)."""
+    try:
+        return await _reconcile(deps, t, trigger=trigger, adopt=adopt)
+    except _Stop as stop:
+        return stop.outcome
+    except KubeUnavailable as exc:
+        log.warning("%s/%s: Kubernetes API unavailable: %s", t.namespace, t.name, exc)
+        metrics.RECONCILE_ERRORS.labels(t.namespace, t.name, "KubernetesUnavailable").inc()
+        status = _finish(t, Phase(t.status.get("phase") or "Pending"), [])
+        return Outcome(status, retry_s=deps.config.ready_poll_s * 5, reason="KubernetesUnavailable")
+
+
+async def _reconcile(
+    deps: Deps, t: Target, *, trigger: str, adopt: Callable[[dict[str, Any]], None]
+) -> Outcome | None:
+    current = PlanRecord.from_status(t.status.get("plan"))
+    rollout = PlanRecord.from_status(t.status.get("rollout"))
+    try:
+        spec = parse_spec(t.spec)
+    except InvalidSpec as exc:
+        if trigger == "timer":
+            return None  # already reported by the handler that saw this generation
+        metrics.RECONCILE_ERRORS.labels(t.namespace, t.name, "InvalidSpec").inc()
+        conds = [condition("Planned", False, "InvalidSpec", str(exc))]
+        status = _finish(t, Phase.FAILED, conds, observedGeneration=t.generation)
+        return Outcome(status, permanent=str(exc), reason="InvalidSpec")
+
+    spec_changed = t.status.get("observedGeneration") != t.generation
+    now = time.monotonic()
+    due = now - deps.last_check.get(t.uid, -1e18) >= spec.replan.interval_seconds
+    if trigger == "timer" and not spec_changed and rollout is None and not due:
+        return None  # between re-plan checks: nothing to do
+    if trigger == "timer" and current is None and rollout is None:
+        return None  # first deployments belong to the create/resume handlers (they retry)
+
+    degraded: dict[str, Any] = condition("Degraded", False, "AsPlanned", "capacity is fresh for every node")
+    new_plan = False
+    if (current is None and rollout is None) or spec_changed or (due and rollout is None):
+        deps.last_check[t.uid] = now
+        proposal = await _propose(deps, t, spec, current, keep_current=not spec_changed)
+        if isinstance(proposal, dict):  # capacity unknown for the active plan: keep it
+            degraded = proposal
+        elif current is None or spec_changed or proposal.id != current.id:
+            if current is not None and proposal.id == current.id:
+                rollout = None
+            else:
+                rollout = proposal
+                new_plan = True
+        else:
+            rollout = None
+
+    if rollout is not None and (current is None or rollout.id != current.id):
+        if new_plan:
+            metrics.REPLANS.labels(t.namespace, t.name, trigger).inc()
+        current = await _roll_out(deps, t, spec, current, rollout, adopt, degraded)
+        rollout = None
+    assert current is not None
+    return await _settle(deps, t, spec, current, adopt, degraded)
+
+
+async def _propose(
+    deps: Deps, t: Target, spec: DeploymentSpec, current: PlanRecord | None, keep_current: bool
+) -> PlanRecord | dict[str, Any]:
+    """A new plan, or (with an active plan whose capacity is unknown) a Degraded condition."""
+    cfg = deps.config
+    waiting = Phase.PLANNING if current is None else Phase(t.status.get("phase") or "Serving")
+
+    def stop(reason: str, message: str, *, retry: float | None = None, permanent: bool = False) -> _Stop:
+        metrics.RECONCILE_ERRORS.labels(t.namespace, t.name, reason).inc()
+        conds = [condition("Planned", False, reason, message)]
+        phase = Phase.FAILED if permanent else waiting
+        extra = {"observedGeneration": t.generation} if permanent else {}
+        return _Stop(
+            Outcome(
+                _finish(t, phase, conds, **extra),
+                retry_s=None if permanent else retry,
+                permanent=message if permanent else None,
+                reason=reason,
+            )
+        )
+
+    try:
+        costs = await deps.profiler.costs(spec)
+    except InvalidSpec as exc:
+        raise stop("InvalidModel", str(exc), permanent=True) from None
+    except ProfilerUnavailable as exc:
+        raise stop("ProfilerUnavailable", str(exc), retry=cfg.ready_poll_s * 5) from None
+    nodes = [
+        n["metadata"]["name"]
+        for n in await deps.kube.list("Node", None, spec.node_selector)
+        if _node_ready(n)
+    ]
+    if not nodes:
+        selector = ",".join(f"{k}={v}" for k, v in spec.node_selector.items()) or "(any)"
+        raise stop("NoNodes", f"no ready node matches nodeSelector {selector}", retry=cfg.infeasible_retry_s)
+    try:
+        cap = await deps.prometheus.capacity(nodes, costs.reference_ms, cfg.capacity_max_age_s)
+    except CapacityUnavailable as exc:
+        if current is not None and keep_current:
+            metrics.RECONCILE_ERRORS.labels(t.namespace, t.name, "CapacityUnavailable").inc()
+            return condition("Degraded", True, "CapacityUnavailable", f"keeping the current plan: {exc}")
+        raise stop("CapacityUnavailable", str(exc), retry=cfg.ready_poll_s * 5) from None
+    stale = {n: why for n, why in cap.missing.items() if current is not None and n in current.nodes}
+    if stale and keep_current:
+        metrics.RECONCILE_ERRORS.labels(t.namespace, t.name, "CapacityStale").inc()
+        detail = "; ".join(f"{n}: {why}" for n, why in sorted(stale.items()))
+        return condition("Degraded", True, "CapacityStale", f"keeping the current plan: {detail}")
+    if not cap.nodes:
+        detail = "; ".join(f"{n}: {why}" for n, why in sorted(cap.missing.items()))
+        raise stop(
+            "NoCapacity", f"no node has fresh capacity metrics ({detail})", retry=cfg.infeasible_retry_s
+        )
+    pins = [Pin(p.first_block, p.last_block, p.node) for p in spec.placement]
+    try:
+        plan, _ = timed_plan(
+            costs.blocks,
+            list(cap.nodes.values()),
+            namespace=t.namespace,
+            deployment=t.name,
+            links=cap.links,
+            objective=spec.objective,
+            strategy=spec.strategy,
+            input_bytes=costs.input_bytes,
+            max_stages=spec.max_stages,
+            pinned=pins,
+        )
+    except PlanInfeasible as exc:
+        raise stop("PlanInfeasible", str(exc), retry=cfg.infeasible_retry_s) from None
+    except (InvalidSpec, ValueError) as exc:
+        raise stop("InvalidPlacement", str(exc), permanent=True) from None
+    proposal = plan_record(spec, plan, {n: c.cpu for n, c in cap.nodes.items()})
+    if (
+        current is not None
+        and keep_current
+        and proposal.id != current.id
+        and not _worth_it(current, plan, costs, cap, spec.replan.gain_threshold)
+    ):
+        return current
+    return proposal
+
+
+def _worth_it(current: PlanRecord, proposed: Plan, costs: Any, cap: Any, threshold: float) -> bool:
+    """The planner's hysteresis, with the current plan re-priced under today's capacity."""
+    pipelines: dict[int, list[Stage]] = {}
+    for s in current.stages:
+        pipelines.setdefault(s.pipeline, []).append(Stage(s.node, s.first_block, s.last_block))
+    placement = tuple(Pipeline(tuple(stages)) for _, stages in sorted(pipelines.items()))
+    try:
+        predicted = planner.evaluate(
+            placement, costs.blocks, list(cap.nodes.values()), cap.links, input_bytes=costs.input_bytes
+        )
+    except (PlanInfeasible, InvalidSpec, ValueError, KeyError):
+        return True  # the current plan no longer fits: any feasible plan is better
+    now = Plan(current.objective, current.strategy, placement, predicted)
+    return bool(planner.should_replan(now, proposed, threshold))
+
+
+def _node_ready(node: Mapping[str, Any]) -> bool:
+    for c in (node.get("status") or {}).get("conditions") or ():
+        if c.get("type") == "Ready":
+            return c.get("status") == "True"
+    return True  # no conditions reported (yet): do not exclude
+
+
+def _pod_ready(pod: Mapping[str, Any]) -> bool:
+    if (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return False
+    for c in (pod.get("status") or {}).get("conditions") or ():
+        if c.get("type") == "Ready":
+            return c.get("status") == "True"
+    return False
+
+
+async def _apply(deps: Deps, objs: list[dict[str, Any]], adopt: Callable[[dict[str, Any]], None]) -> None:
+    """Create what is missing; an existing object of the same name is the same object (named by plan id)."""
+    for obj in objs:
+        adopt(obj)
+        meta = obj["metadata"]
+        if await deps.kube.get(obj["kind"], meta["namespace"], meta["name"]) is None:
+            with contextlib.suppress(Conflict):  # created meanwhile (a restarted operator, a retry)
+                await deps.kube.create(obj)
+
+
+async def _shards_ready(deps: Deps, t: Target, record: PlanRecord) -> tuple[int, int]:
+    pods = await deps.kube.list("Pod", t.namespace, {LABEL_DEPLOYMENT: t.name, LABEL_PLAN: record.id})
+    return sum(_pod_ready(p) for p in pods), len(record.stages)
+
+
+def _plan_fields(t: Target, record: PlanRecord, cfg: OperatorConfig) -> dict[str, Any]:
+    entry = entry_service(t.name, t.namespace, record.id, cfg)["metadata"]["name"]
+    return {
+        "plan": record.to_status(),
+        "stages": len(record.stages),
+        "nodes": ",".join(dict.fromkeys(record.nodes)),
+        "predicted": record.to_status()["predicted"],
+        "endpoint": f"{entry}.{t.namespace}.svc:{cfg.shard_port}",
+        "observedGeneration": t.generation,
+    }
+
+
+async def _roll_out(
+    deps: Deps,
+    t: Target,
+    spec: DeploymentSpec,
+    current: PlanRecord | None,
+    target: PlanRecord,
+    adopt: Callable[[dict[str, Any]], None],
+    degraded: dict[str, Any],
+) -> PlanRecord:
+    """Make before break: the new plan's objects, its shards ready, then the entry switches."""
+    cfg = deps.config
+    await _apply(deps, desired_objects(t.name, t.namespace, spec, target, cfg), adopt)
+    ready, total = await _shards_ready(deps, t, target)
+    if ready < total:
+        message = f"{ready}/{total} shards of plan {target.id} ready"
+        conds = [
+            condition(
+                "Planned",
+                True,
+                "Planned",
+                f"plan {target.id}: {len(target.stages)} stages on {','.join(target.nodes)}",
+            ),
+            degraded,
+        ]
+        if current is None:
+            conds.append(condition("ShardsReady", False, "ShardsStarting", message))
+            fields = {**_plan_fields(t, target, cfg), "plan": None, "rollout": target.to_status()}
+            phase = Phase.DEPLOYING
+        else:
+            fields = {"rollout": target.to_status(), "observedGeneration": t.generation}
+            phase = Phase.REPLANNING
+        raise _Stop(
+            Outcome(_finish(t, phase, conds, **fields), retry_s=cfg.ready_poll_s, reason="ShardsStarting")
+        )
+    entry = entry_service(t.name, t.namespace, target.id, cfg)
+    adopt(entry)
+    meta = entry["metadata"]
+    existing = await deps.kube.get("Service", t.namespace, meta["name"])
+    if existing is None:
+        try:
+            await deps.kube.create(entry)
+        except Conflict:
+            existing = await deps.kube.get("Service", t.namespace, meta["name"])
+    if existing is not None and (existing.get("spec") or {}).get("selector") != entry["spec"]["selector"]:
+        await deps.kube.patch(
+            "Service", t.namespace, meta["name"], {"spec": {"selector": entry["spec"]["selector"]}}
+        )
+    log.info(
+        "%s/%s: plan %s serving (was %s)", t.namespace, t.name, target.id, current.id if current else "-"
+    )
+    return target
+
+
+async def _settle(
+    deps: Deps,
+    t: Target,
+    spec: DeploymentSpec,
+    current: PlanRecord,
+    adopt: Callable[[dict[str, Any]], None],
+    degraded: dict[str, Any],
+) -> Outcome:
+    """The active plan's objects exist, older plans' are gone; status says how ready it is."""
+    cfg = deps.config
+    await _apply(deps, desired_objects(t.name, t.namespace, spec, current, cfg), adopt)
+    entry = entry_service(t.name, t.namespace, current.id, cfg)
+    await _apply(deps, [entry], adopt)
+    for kind in ("Pod", "Service"):
+        owned = await deps.kube.list(kind, t.namespace, {LABEL_DEPLOYMENT: t.name})
+        stale = [
+            o for o in owned
+            if LABEL_PLAN in (o["metadata"].get("labels") or {}) and not matches(o, {LABEL_PLAN: current.id})
+        ]  # fmt: skip
+        await deps.kube.delete_all(kind, stale)
+    ready, total = await _shards_ready(deps, t, current)
+    planned = condition(
+        "Planned",
+        True,
+        "Planned",
+        f"plan {current.id}: {len(current.stages)} stages on {','.join(current.nodes)}",
+    )
+    fields = {**_plan_fields(t, current, cfg), "rollout": None}
+    previous = (t.status.get("plan") or {}).get("id")
+    if previous != current.id:
+        fields["lastPlanTime"] = now_iso()
+    if ready == total:
+        shards = condition("ShardsReady", True, "ShardsReady", f"{total}/{total} shards ready")
+        status = _finish(t, Phase.SERVING, [planned, shards, degraded], **fields)
+        _phase_metric(t, Phase.SERVING)
+        return Outcome(status, reason="Serving")
+    shards = condition("ShardsReady", False, "ShardsNotReady", f"{ready}/{total} shards ready")
+    degraded_now = condition("Degraded", True, "ShardsNotReady", f"{total - ready} shard(s) not ready")
+    status = _finish(t, Phase.DEPLOYING, [planned, shards, degraded_now], **fields)
+    _phase_metric(t, Phase.DEPLOYING)
+    return Outcome(status, retry_s=cfg.ready_poll_s, reason="ShardsNotReady")
+
+
+def _phase_metric(t: Target, phase: Phase) -> None:
+    for p in Phase:
+        metrics.PHASE.labels(t.namespace, t.name, p.value).set(1.0 if p is phase else 0.0)

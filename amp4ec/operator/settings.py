@@ -1,0 +1,73 @@
+"""The operator's single start-up hook: kopf settings under our own prefix, and clients into memo.
+
+No module-level clients and no environment reads anywhere else: ``OperatorConfig.from_env``
+runs here, once, and everything a handler needs comes from ``memo.deps``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import kopf
+
+from amp4ec.operator.capacity import Prometheus
+from amp4ec.operator.config import OperatorConfig
+from amp4ec.operator.k8s import Kube
+from amp4ec.operator.profiles import Profiler
+from amp4ec.operator.reconcile import Deps
+
+__all__ = ["configure", "shutdown"]
+
+
+@kopf.on.startup()
+async def configure(
+    settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any
+) -> None:
+    config = OperatorConfig.from_env()
+    settings.persistence.finalizer = "amp4ec.io/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="amp4ec.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="amp4ec.io", key="last-handled-configuration"
+    )
+    settings.posting.level = logging.WARNING
+    settings.watching.connect_timeout = 10
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.peering.standalone = True  # one replica (see manifests/operator.yaml)
+
+    info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
+    if info is None:
+        raise kopf.PermanentError("no Kubernetes credentials: neither a service account nor a kubeconfig")
+    memo.deps = Deps(
+        kube=Kube(info),
+        prometheus=Prometheus(config.prometheus_url, timeout_s=config.prometheus_timeout_s),
+        profiler=Profiler(config.profiler, timeout_s=config.profile_timeout_s),
+        config=config,
+    )
+    memo.locks = {}  # deployment uid → asyncio.Lock: the handlers and the timer take turns
+
+    from prometheus_client import start_http_server
+
+    server, _thread = start_http_server(config.operator_metrics_port)
+    memo.metrics_server = server
+    port = server.server_port
+    if config.metrics_port_file:
+        tmp = Path(config.metrics_port_file + ".tmp")
+        tmp.write_text(str(port))
+        tmp.replace(config.metrics_port_file)
+    logger.info(
+        "operator metrics on :%d; Prometheus %s; profiler %s", port, config.prometheus_url, config.profiler
+    )
+
+
+@kopf.on.cleanup()
+async def shutdown(memo: kopf.Memo, **_: Any) -> None:
+    deps: Deps | None = getattr(memo, "deps", None)
+    if deps is not None:
+        await asyncio.gather(deps.kube.close(), deps.prometheus.close(), deps.profiler.close())
+    server = getattr(memo, "metrics_server", None)
+    if server is not None:
+        server.shutdown()

@@ -1,0 +1,553 @@
+"""A Kubernetes stand-in for operator tests: KMock's emulator made API-server-like, plus a tiny kubelet.
+
+``Emulator`` extends ``kmock.KubernetesEmulator`` with what kopf relies on and the stock one
+lacks: ``metadata.uid``, ``resourceVersion`` (one counter, bumped on every change, not on
+no-op patches), ``generation`` (bumped when anything but metadata/status changes), the status
+subresource (``/status`` writes only status; the main resource ignores status), 409 on
+create-if-exists and on stale ``resourceVersion``, ``labelSelector`` on lists, and the
+garbage collector (children whose owner is gone are deleted, cascading).
+
+``Kubelet`` starts each Pod's container command as a local process (args and env, with the
+pod's own port and next hops rewritten to loopback), marks it Ready when its gRPC readiness
+probe answers SERVING, and maps every Service to a loopback TCP proxy (kube-proxy's job)
+in front of the ready Pods its selector matches.
+
+``FakeCluster`` runs both on an event loop in a thread; ``Kubectl`` is a sync REST client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import datetime
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import kmock
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from kmock._internal import apps, enums
+from kmock._internal.dicts import patch_dict
+from kmock._internal.k8s import KubernetesObjectConflictError, KubernetesObjectNotFoundError
+
+__all__ = ["Emulator", "FakeCluster", "Kubectl", "Kubelet"]
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD = "amp4ec.io/v1alpha1/inferencedeployments"
+PODS = "v1/pods"
+SERVICES = "v1/services"
+NODES = "v1/nodes"
+
+
+def _now() -> str:
+    return datetime.datetime.now(tz=datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class StaleResourceVersion(kmock.KubernetesError):
+    pass
+
+
+class Emulator(kmock.KubernetesEmulator):
+    """KMock's emulator with uid, resourceVersion, generation, /status, 409s, selectors and GC."""
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self._rv = itertools.count(1)
+        self.last_rv = 0
+        self.resources[CRD] = kmock.ResourceInfo(
+            kind="InferenceDeployment",
+            singular="inferencedeployment",
+            namespaced=True,
+            shortnames={"idep"},
+            subresources={"status"},
+            verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
+        )
+        for res, kind, namespaced in (
+            (PODS, "Pod", True),
+            (SERVICES, "Service", True),
+            (NODES, "Node", False),
+            ("v1/events", "Event", True),
+            ("v1/namespaces", "Namespace", False),
+        ):
+            self.resources[res] = kmock.ResourceInfo(
+                kind=kind,
+                singular=kind.lower(),
+                namespaced=namespaced,
+                subresources={"status"} if kind in ("Pod", "Service", "Node") else set(),
+                verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
+            )
+
+    def _has_status(self, resource: Any) -> bool:
+        return any(r == resource and "status" in self.resources[r].subresources for r in self.resources)
+
+    def _bump(self, meta: dict[str, Any]) -> None:
+        self.last_rv = next(self._rv)
+        meta["resourceVersion"] = str(self.last_rv)
+
+    def _live(self, key: tuple[Any, str | None, str]) -> bool:
+        return key in self._objects and not self._objects[key].deleted
+
+    async def _emit(self, resource: Any, kind: str, raw: dict[str, Any]) -> None:
+        await self._buses[resource].put({"type": kind, "object": copy.deepcopy(raw)})
+
+    async def _remove(self, key: tuple[Any, str | None, str]) -> None:
+        """Delete now (no finalizers left), then collect everything it owned."""
+        obj = self._objects[key]
+        raw = copy.deepcopy(obj.last.raw)
+        self._bump(raw["metadata"])
+        obj.create(raw)
+        obj.delete()
+        await self._emit(key[0], "DELETED", raw)
+        uid = raw["metadata"].get("uid")
+        for child_key, child in list(self._objects.items()):
+            if child.deleted:
+                continue
+            owners = child.last.raw.get("metadata", {}).get("ownerReferences") or []
+            if any(o.get("uid") == uid for o in owners):
+                await self._delete(child_key)
+
+    async def _delete(self, key: tuple[Any, str | None, str]) -> None:
+        obj = self._objects[key]
+        meta = obj.last.raw.get("metadata", {})
+        if meta.get("deletionTimestamp"):
+            return
+        if meta.get("finalizers"):
+            raw = copy.deepcopy(obj.last.raw)
+            raw["metadata"]["deletionTimestamp"] = _now()
+            self._bump(raw["metadata"])
+            obj.create(raw)
+            await self._emit(key[0], "MODIFIED", raw)
+        else:
+            await self._remove(key)
+
+    async def _write(self, key: tuple[Any, str | None, str], body: Any, subresource: str | None) -> None:
+        obj = self._objects[key]
+        old = copy.deepcopy(obj.last.raw)
+        if isinstance(body, dict):
+            rv = (body.get("metadata") or {}).get("resourceVersion")
+            if rv and rv != old["metadata"].get("resourceVersion"):
+                raise StaleResourceVersion(
+                    status=409, reason="Conflict", message="the object has been modified; apply to the latest"
+                )
+            if subresource == "status":
+                body = {"status": body.get("status")}
+            elif self._has_status(key[0]):
+                body = {k: v for k, v in body.items() if k != "status"}
+        new = copy.deepcopy(dict(patch_dict(old, body)))
+        for fixed in ("uid", "name", "namespace", "creationTimestamp", "resourceVersion", "generation"):
+            if fixed in old["metadata"]:
+                new.setdefault("metadata", {})[fixed] = old["metadata"][fixed]
+        if new == old:
+            return  # a no-op patch changes nothing, not even resourceVersion
+        strip = ("metadata", "status")
+        if {k: v for k, v in new.items() if k not in strip} != {
+            k: v for k, v in old.items() if k not in strip
+        }:
+            new["metadata"]["generation"] = int(old["metadata"].get("generation", 1)) + 1
+        self._bump(new["metadata"])
+        obj.create(new)
+        if new["metadata"].get("deletionTimestamp") and not new["metadata"].get("finalizers"):
+            await self._remove(key)
+        else:
+            await self._emit(key[0], "MODIFIED", new)
+
+    async def _create(self, resource: Any, namespace: str | None, data: dict[str, Any]) -> None:
+        obj = copy.deepcopy(data)
+        meta = obj.setdefault("metadata", {})
+        if namespace:
+            meta["namespace"] = namespace
+        key = (resource, meta.get("namespace"), meta.get("name"))
+        if self._live(key):
+            raise KubernetesObjectConflictError(
+                reason="AlreadyExists", message=f"{meta.get('name')} already exists"
+            )
+        meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(), generation=1)
+        meta.pop("deletionTimestamp", None)
+        if self._has_status(resource):
+            obj["status"] = {"phase": "Pending"} if resource == kmock.resource(PODS) else {}
+        self._bump(meta)
+        if key in self._objects:
+            self._objects[key].create(obj)
+        else:
+            self._objects[key] = obj
+        await self._emit(resource, "ADDED", obj)
+
+    async def _handle(self, request: kmock.Request) -> Any:
+        res, action = request.resource, request.action
+        if res is not None and action in (enums.action.CREATE, enums.action.UPDATE, enums.action.DELETE):
+            async with self._lock:
+                if action == enums.action.CREATE:
+                    await self._create(res, request.namespace, request.data or {})
+                else:
+                    key = (res, request.namespace, request.name)
+                    if request.name is None or not self._live(key):
+                        raise KubernetesObjectNotFoundError()
+                    if action == enums.action.UPDATE:
+                        await self._write(key, request.data, request.subresource)
+                    else:
+                        await self._delete(key)
+        # Render through the stock fallbacks (they read the state kept above).
+        return await apps.RawHandler._handle(self, request)
+
+    async def _serve_list(self, request: kmock.Request) -> Any:
+        result = await super()._serve_list(request)
+        selector = dict(
+            kv.split("=", 1) for kv in (request.params.get("labelSelector") or "").split(",") if "=" in kv
+        )
+        items = [o for o in result["items"] if _has_labels(o, selector)]
+        return {"metadata": {"resourceVersion": str(self.last_rv)}, "items": items}
+
+    # Used by the kubelet stand-in (same loop), with the same semantics as a /status PATCH.
+    async def patch_status(self, resource: str, namespace: str | None, name: str, status: dict) -> None:
+        key = (kmock.resource(resource), namespace, name)
+        async with self._lock:
+            if self._live(key):
+                await self._write(key, {"status": status}, "status")
+
+    def history(self, resource: str, namespace: str | None, name: str) -> list[dict[str, Any] | None]:
+        """Every version of an object, oldest first; None marks a deletion."""
+        key = (kmock.resource(resource), namespace, name)
+        if key not in self._objects:
+            return []
+        return [None if v is None else copy.deepcopy(v.raw) for v in self._objects[key].history]
+
+    def names(self, resource: str, namespace: str) -> set[str]:
+        """Names of every object of this resource ever created in the namespace (deleted ones too)."""
+        res = kmock.resource(resource)
+        return {name for (r, ns, name) in self._objects if r == res and ns == namespace}
+
+    def live_objects(self, resource: str) -> list[dict[str, Any]]:
+        res = kmock.resource(resource)
+        return [
+            copy.deepcopy(o.last.raw) for (r, _, _), o in self._objects.items() if r == res and not o.deleted
+        ]
+
+
+@dataclass
+class _Proc:
+    uid: str
+    popen: subprocess.Popen[bytes]
+    port_file: Path
+    log: Path
+    probe_service: str
+    port: int | None = None
+    ready: bool = False
+
+
+@dataclass
+class Kubelet:
+    """Runs shard Pods as local processes and Services as loopback proxies (see module docstring)."""
+
+    emulator: Emulator
+    workdir: Path
+    env: dict[str, str]
+    procs: dict[tuple[str, str], _Proc] = field(default_factory=dict)
+    proxies: dict[tuple[str, str], tuple[asyncio.base_events.Server, int, dict[str, str]]] = field(
+        default_factory=dict
+    )
+    _rr: itertools.count[int] = field(default_factory=itertools.count)
+
+    def service_port(self, namespace: str, name: str) -> int | None:
+        entry = self.proxies.get((namespace, name))
+        return entry[1] if entry else None
+
+    def _rewrite(self, args: list[str], namespace: str, port_file: Path) -> list[str] | None:
+        out: list[str] = []
+        it = iter(args)
+        for a in it:
+            if a == "--port":
+                next(it)
+                out += ["--port", "0", "--port-file", str(port_file)]
+            elif a == "--host":
+                next(it)
+                out += ["--host", "127.0.0.1"]
+            elif a == "--metrics-port":
+                next(it)  # many Pods on one host: no fixed metrics ports
+            elif ".svc:" in a:
+                host = a.split(":")[0]
+                svc, ns = host.split(".")[0], host.split(".")[1]
+                port = self.service_port(ns, svc)
+                if port is None:
+                    return None  # the Service is not there yet: DNS would fail too
+                out.append(f"127.0.0.1:{port}")
+            else:
+                out.append(a)
+        return out
+
+    def _start(self, pod: dict[str, Any]) -> None:
+        meta = pod["metadata"]
+        key = (meta["namespace"], meta["name"])
+        container = pod["spec"]["containers"][0]
+        port_file = self.workdir / f"{meta['namespace']}-{meta['name']}-{meta['uid'][:8]}.port"
+        args = self._rewrite(list(container.get("args", [])), meta["namespace"], port_file)
+        if args is None:
+            return
+        command = [sys.executable if c == "python" else c for c in container.get("command", [])]
+        env = {**self.env, **{e["name"]: e["value"] for e in container.get("env", [])}}
+        log = port_file.with_suffix(".log")
+        with log.open("wb") as out:
+            popen = subprocess.Popen(command + args, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        probe = ((container.get("readinessProbe") or {}).get("grpc") or {}).get("service", "")
+        self.procs[key] = _Proc(meta["uid"], popen, port_file, log, probe)
+
+    async def _probe(self, proc: _Proc) -> bool:
+        if proc.port is None:
+            if not proc.port_file.exists():
+                return False
+            proc.port = int(proc.port_file.read_text())
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{proc.port}") as channel:
+                answer = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=proc.probe_service), timeout=1.0
+                )
+            return answer.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.aio.AioRpcError:
+            return False
+
+    def _stop(self, key: tuple[str, str]) -> None:
+        proc = self.procs.pop(key)
+        if proc.popen.poll() is None:
+            proc.popen.send_signal(signal.SIGTERM)
+            try:
+                proc.popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.popen.kill()
+                proc.popen.wait()
+
+    async def sync(self) -> None:
+        services = {
+            (s["metadata"]["namespace"], s["metadata"]["name"]): s
+            for s in self.emulator.live_objects(SERVICES)
+        }
+        for key in list(self.proxies):
+            if key not in services:
+                server, _, _ = self.proxies.pop(key)
+                server.close()
+        for key, svc in services.items():
+            selector = (svc.get("spec") or {}).get("selector") or {}
+            if key not in self.proxies:
+                server = await asyncio.start_server(
+                    lambda r, w, k=key: self._forward(k, r, w), "127.0.0.1", 0
+                )
+                self.proxies[key] = (server, server.sockets[0].getsockname()[1], selector)
+            else:
+                server, port, _ = self.proxies[key]
+                self.proxies[key] = (server, port, selector)
+        pods = {
+            (p["metadata"]["namespace"], p["metadata"]["name"]): p for p in self.emulator.live_objects(PODS)
+        }
+        for key in list(self.procs):
+            pod = pods.get(key)
+            if (
+                pod is None
+                or pod["metadata"]["uid"] != self.procs[key].uid
+                or pod["metadata"].get("deletionTimestamp")
+            ):
+                await asyncio.to_thread(self._stop, key)
+        for key, pod in pods.items():
+            if key not in self.procs and not pod["metadata"].get("deletionTimestamp"):
+                self._start(pod)
+        for key, proc in list(self.procs.items()):
+            if proc.popen.poll() is not None:
+                await self.emulator.patch_status(PODS, key[0], key[1], _pod_status(False, failed=True))
+                self.procs.pop(key)  # restartPolicy Always: started again on the next sync
+                continue
+            ready = await self._probe(proc)
+            if ready != proc.ready:
+                proc.ready = ready
+                await self.emulator.patch_status(PODS, key[0], key[1], _pod_status(ready))
+
+    def _endpoints(self, key: tuple[str, str]) -> list[int]:
+        _, _, selector = self.proxies[key]
+        if not selector:
+            return []
+        ports = []
+        for (ns, name), proc in self.procs.items():
+            if ns != key[0] or not proc.ready or proc.port is None:
+                continue
+            pods = self.emulator.live_objects(PODS)
+            pod = next(
+                (p for p in pods if (p["metadata"]["namespace"], p["metadata"]["name"]) == (ns, name)), None
+            )
+            if pod is not None and _has_labels(pod, selector):
+                ports.append(proc.port)
+        return sorted(ports)
+
+    async def _forward(
+        self, key: tuple[str, str], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        ports = self._endpoints(key) if key in self.proxies else []
+        if not ports:
+            writer.close()
+            return
+        port = ports[next(self._rr) % len(ports)]
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            writer.close()
+            return
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                with contextlib.suppress(Exception):
+                    dst.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.sync()
+            except Exception as exc:  # keep the kubelet alive; the test sees the symptom
+                print(f"kubelet: {type(exc).__name__}: {exc}", file=sys.stderr)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.3)
+        for key in list(self.procs):
+            await asyncio.to_thread(self._stop, key)
+        for server, _, _ in self.proxies.values():
+            server.close()
+
+
+def _has_labels(obj: dict[str, Any], selector: dict[str, str]) -> bool:
+    labels = obj.get("metadata", {}).get("labels") or {}
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def _pod_status(ready: bool, failed: bool = False) -> dict[str, Any]:
+    return {
+        "phase": "Failed" if failed else "Running",
+        "podIP": "127.0.0.1",
+        "conditions": [
+            {"type": "Ready", "status": "True" if ready else "False", "lastTransitionTime": _now()}
+        ],
+    }
+
+
+class FakeCluster:
+    """The emulator, its HTTP server and the kubelet on an event loop in a background thread."""
+
+    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+        self.workdir = workdir
+        self.env = env
+        self.url = ""
+        self.emulator: Emulator | None = None
+        self.kubelet: Kubelet | None = None
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._main, daemon=True, name="fake-cluster")
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._serve())
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+        async with Emulator() as emulator, kmock.Server(emulator) as server:
+            self.emulator = emulator
+            self.url = str(server.url).rstrip("/")
+            self.kubelet = Kubelet(emulator, self.workdir, self.env)
+            self._ready.set()
+            await self.kubelet.run(self._stop)
+
+    def __enter__(self) -> FakeCluster:
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError("fake cluster did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+
+    def call(self, fn: Any, *args: Any) -> Any:
+        """Run a coroutine function on the cluster's loop and wait for it."""
+        return asyncio.run_coroutine_threadsafe(fn(*args), self._loop).result(30)
+
+    def service_port(self, namespace: str, name: str) -> int | None:
+        assert self.kubelet is not None
+        return self.kubelet.service_port(namespace, name)
+
+    def kubeconfig(self, path: Path) -> Path:
+        path.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "kmock", "cluster": {"server": self.url}}],
+                    "users": [{"name": "kmock", "user": {"token": "test"}}],
+                    "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}],
+                    "current-context": "kmock",
+                }
+            )
+        )
+        return path
+
+
+class Kubectl:
+    """A few kubectl verbs over the REST API (sync; for test code)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def _call(self, method: str, path: str, body: Any = None, ctype: str = "application/json") -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(
+            self.url + path, data=data, method=method, headers={"Content-Type": ctype}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return json.loads(resp.read() or b"{}")
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return None
+            raise
+
+    @staticmethod
+    def path(resource: str, namespace: str | None, name: str | None = None) -> str:
+        group_version, plural = resource.rsplit("/", 1)
+        base = f"/api/{group_version}" if group_version == "v1" else f"/apis/{group_version}"
+        path = f"{base}/namespaces/{namespace}/{plural}" if namespace else f"{base}/{plural}"
+        return f"{path}/{name}" if name else path
+
+    def create(self, resource: str, obj: dict[str, Any]) -> Any:
+        return self._call("POST", self.path(resource, obj["metadata"].get("namespace")), obj)
+
+    def get(self, resource: str, namespace: str | None, name: str) -> Any:
+        return self._call("GET", self.path(resource, namespace, name))
+
+    def list(self, resource: str, namespace: str | None = None, selector: str = "") -> list[dict[str, Any]]:
+        suffix = f"?labelSelector={selector}" if selector else ""
+        return (self._call("GET", self.path(resource, namespace) + suffix) or {}).get("items", [])
+
+    def patch(self, resource: str, namespace: str | None, name: str, body: Any) -> Any:
+        return self._call("PATCH", self.path(resource, namespace, name), body, "application/merge-patch+json")
+
+    def delete(self, resource: str, namespace: str | None, name: str) -> Any:
+        return self._call("DELETE", self.path(resource, namespace, name))
+
+
+def environ(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of processes the tests start: the repo root importable (tests.model_zoo)."""
+    env = {**os.environ, **(extra or {})}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    return env

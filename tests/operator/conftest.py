@@ -1,0 +1,288 @@
+"""Fixtures for the operator's end-to-end tests: fake cluster, real Prometheus, real monitors, real kopf."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.operator.cluster import CRD, NODES, ROOT, FakeCluster, Kubectl, environ
+
+NODE_NAMES = ("edge-a", "edge-b", "edge-c")
+WAIT_S = 90.0
+
+
+def wait_for(
+    check: Callable[[], Any], timeout: float = WAIT_S, what: str = "condition", every: float = 0.3
+) -> Any:
+    """Poll ``check`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except Exception as exc:  # keep polling; report the last failure
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def require_prometheus() -> str:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("the prometheus binary is required under CI (.ci/run installs the Debian package)")
+        pytest.skip("prometheus binary not found (apt-get install prometheus); CI installs it")
+    return binary
+
+
+def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class Monitor:
+    node: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    metrics_port: int
+    override: Path
+    log: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def set_capacity(self, **values: float) -> None:
+        tmp = self.override.with_suffix(".tmp")
+        tmp.write_text(json.dumps(values))
+        tmp.replace(self.override)
+
+
+def start_monitor(node: str, workdir: Path) -> Monitor:
+    port_file = workdir / f"monitor-{node}.port"
+    override = workdir / f"monitor-{node}.json"
+    log = workdir / f"monitor-{node}.log"
+    metrics_port = free_port()
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "amp4ec.node_agent", "--node", node, "--port-file", str(port_file),
+                "--metrics-port", str(metrics_port), "--cpu-limit", "1", "--memory-bytes", str(2 << 30),
+                "--monitor-interval", "1", "--capacity-override", str(override),
+            ],
+            env=environ(), stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+        )  # fmt: skip
+    port = wait_for(lambda: port_file.exists() and int(port_file.read_text()), 60, f"monitor {node} to serve")
+    return Monitor(node, proc, port, metrics_port, override, log)
+
+
+@dataclass
+class PrometheusServer:
+    proc: subprocess.Popen[bytes]
+    url: str
+    targets_file: Path
+    log: Path
+
+    def set_targets(self, targets: list[str]) -> None:
+        tmp = self.targets_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps([{"targets": targets, "labels": {"job": "amp4ec-monitor"}}]))
+        tmp.replace(self.targets_file)
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return json.loads(resp.read())["data"]["result"]
+
+
+def start_prometheus(binary: str, workdir: Path, targets: list[str]) -> PrometheusServer:
+    port = free_port()
+    targets_file = workdir / "targets.json"
+    config = workdir / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
+        "scrape_configs:\n  - job_name: amp4ec-monitor\n    file_sd_configs:\n"
+        f"      - files: ['{targets_file}']\n        refresh_interval: 1s\n"
+    )
+    log = workdir / "prometheus.log"
+    server = PrometheusServer(None, f"http://127.0.0.1:{port}", targets_file, log)  # type: ignore[arg-type]
+    server.set_targets(targets)
+    with log.open("wb") as out:
+        server.proc = subprocess.Popen(
+            [
+                binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h",
+            ],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+    def ready() -> bool:
+        with urllib.request.urlopen(f"{server.url}/-/ready", timeout=2) as resp:
+            return resp.status == 200
+
+    wait_for(ready, 60, "Prometheus to be ready")
+    return server
+
+
+@dataclass
+class Operator:
+    env: dict[str, str]
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+    metrics_port_file: Path = field(default_factory=Path)
+
+    def start(self) -> None:
+        self.starts += 1
+        self.metrics_port_file.unlink(missing_ok=True)
+        out = self.log.open("ab")
+        command = [
+            sys.executable,
+            "-m",
+            "kopf",
+            "run",
+            "--standalone",
+            "--all-namespaces",
+            "-m",
+            "amp4ec.operator",
+        ]
+        self.proc = subprocess.Popen(command, env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        out.close()
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, as a crashed or evicted Pod."""
+        if self.proc is not None:
+            _stop(self.proc, signal.SIGKILL)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+
+    def metrics(self) -> str:
+        port = wait_for(
+            lambda: self.metrics_port_file.exists() and int(self.metrics_port_file.read_text()),
+            30,
+            "metrics port",
+        )
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            return resp.read().decode()
+
+
+@dataclass
+class Env:
+    cluster: FakeCluster
+    kubectl: Kubectl
+    prometheus: PrometheusServer
+    monitors: dict[str, Monitor]
+    operator: Operator
+    workdir: Path
+
+    def deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.kubectl.get(CRD, namespace, name)
+
+    def condition(self, namespace: str, name: str, kind: str) -> dict[str, Any] | None:
+        obj = self.deployment(namespace, name) or {}
+        for c in (obj.get("status") or {}).get("conditions") or ():
+            if c["type"] == kind:
+                return c
+        return None
+
+    def logs(self) -> str:
+        parts = [f"--- operator ---\n{self.operator.log.read_text(errors='replace')[-6000:]}"]
+        for log in sorted(self.workdir.glob("*.log")):
+            if log != self.operator.log:
+                parts.append(f"--- {log.name} ---\n{log.read_text(errors='replace')[-1500:]}")
+        return "\n".join(parts)
+
+
+def _node(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "labels": {
+                "kubernetes.io/hostname": name,
+                "amp4ec.io/edge": "true",
+                "kubernetes.io/arch": "amd64",
+            },
+        },
+        "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+    }
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    binary = require_prometheus()
+    workdir = tmp_path_factory.mktemp("operator")
+    started: list[subprocess.Popen[bytes]] = []
+    with FakeCluster(workdir, environ()) as cluster:
+        kubectl = Kubectl(cluster.url)
+        try:
+            for name in NODE_NAMES:
+                kubectl.create(NODES, _node(name))
+            monitors = {}
+            for name in NODE_NAMES:
+                monitors[name] = start_monitor(name, workdir)
+                started.append(monitors[name].proc)
+            prometheus = start_prometheus(
+                binary, workdir, [f"127.0.0.1:{m.metrics_port}" for m in monitors.values()]
+            )
+            started.append(prometheus.proc)
+            operator_env = environ(
+                {
+                    "KUBECONFIG": str(cluster.kubeconfig(workdir / "kubeconfig.json")),
+                    "AMP4EC_PROMETHEUS_URL": prometheus.url,
+                    "AMP4EC_PROFILER": monitors[NODE_NAMES[0]].address,
+                    "AMP4EC_OPERATOR_METRICS_PORT": "0",
+                    "AMP4EC_METRICS_PORT_FILE": str(workdir / "operator-metrics.port"),
+                    "AMP4EC_READY_POLL_S": "1",
+                    "AMP4EC_CAPACITY_MAX_AGE_S": "10",
+                    "AMP4EC_INFEASIBLE_RETRY_S": "3",
+                }
+            )
+            operator = Operator(
+                operator_env, workdir / "operator.log", metrics_port_file=workdir / "operator-metrics.port"
+            )
+            operator.start()
+            e = Env(cluster, kubectl, prometheus, monitors, operator, workdir)
+            # Every node's capacity visible in Prometheus before any test plans.
+            wait_for(
+                lambda: len(prometheus.query("amp4ec_node_workload_ms")) == len(NODE_NAMES),
+                60,
+                "node metrics",
+            )
+            yield e
+        finally:
+            if "operator" in locals():
+                operator.stop()
+            for proc in started:
+                _stop(proc)

@@ -1,0 +1,314 @@
+"""The operator end to end: real kopf, KMock API, kubelet stand-in, real Prometheus and node agents.
+
+One module-scoped environment (see conftest.py); tests run in file order and each uses its
+own namespace, so a failure in one leaves the others meaningful.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.operator.cluster import CRD, PODS, ROOT, SERVICES, environ
+from tests.operator.conftest import NODE_NAMES, Env, wait_for
+
+pytestmark = pytest.mark.slow
+
+MODEL = {"name": "tests.model_zoo:residual_net", "seed": 3}
+
+
+def resource(namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "amp4ec.io/v1alpha1",
+        "kind": "InferenceDeployment",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }
+
+
+def wait_serving(env: Env, namespace: str, name: str, timeout: float = 120) -> dict[str, Any]:
+    def serving() -> dict[str, Any] | None:
+        obj = env.deployment(namespace, name) or {}
+        status = obj.get("status") or {}
+        ready = env.condition(namespace, name, "Ready")
+        ok = (
+            status.get("phase") == "Serving"
+            and ready
+            and ready["status"] == "True"
+            and not status.get("rollout")
+        )
+        return obj if ok else None
+
+    try:
+        return wait_for(serving, timeout, f"{namespace}/{name} to serve")
+    except AssertionError:
+        print(env.logs())
+        raise
+
+
+def infer(env: Env, namespace: str, name: str, x: torch.Tensor, tmp_path: Path) -> torch.Tensor:
+    port = env.cluster.service_port(namespace, name)
+    assert port is not None, "the entry Service has no loopback port"
+    (tmp_path / "x.pt").unlink(missing_ok=True)
+    torch.save(x, tmp_path / "x.pt")
+    out = tmp_path / "y.pt"
+    proc = subprocess.run(
+        [sys.executable, "-m", "amp4ec", "infer", "--endpoint", f"127.0.0.1:{port}",
+         "--input", str(tmp_path / "x.pt"), "--output", str(out), "--json"],
+        env=environ(), cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    answer = json.loads(proc.stdout)
+    assert answer["outputs"][0]["shape"] == [1, 10]
+    assert len(answer["outputs"][0]["top_k"][0]) == 5
+    return torch.load(out, weights_only=True)
+
+
+def monolith(x: torch.Tensor) -> torch.Tensor:
+    from amp4ec.slicing import ModelSource, load_model
+
+    loaded = load_model(ModelSource(MODEL["name"], seed=MODEL["seed"]))
+    with torch.inference_mode():
+        return loaded.module(x)
+
+
+def _ready(pod: dict[str, Any]) -> bool:
+    conditions = (pod.get("status") or {}).get("conditions") or ()
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+def owned(env: Env, namespace: str, resource_: str, name: str) -> list[dict[str, Any]]:
+    return env.kubectl.list(resource_, namespace, f"amp4ec.io/deployment={name}")
+
+
+def test_create_plans_places_shards_and_answers_like_the_monolith(env: Env, tmp_path: Path) -> None:
+    spec = {
+        "model": MODEL,
+        "objective": "throughput",
+        "nodeSelector": {"amp4ec.io/edge": "true"},
+        "placement": [{"firstBlock": 0, "lastBlock": 1, "node": "edge-a"}],
+        "replan": {"intervalSeconds": 5, "gainThreshold": 0.05},
+    }
+    env.kubectl.create(CRD, resource("e2e", "resnet", spec))
+    obj = wait_serving(env, "e2e", "resnet")
+    status = obj["status"]
+    stages = status["plan"]["stages"]
+    assert status["observedGeneration"] == obj["metadata"]["generation"] == 1
+    assert status["stages"] == len(stages) >= 1
+    assert {c["type"] for c in status["conditions"]} == {"Planned", "ShardsReady", "Ready", "Degraded"}
+    assert status["endpoint"] == "resnet.e2e.svc:50051"
+    assert status["predicted"]["throughputRps"] > 0
+    for p in {s["pipeline"] for s in stages}:
+        chain = [s for s in stages if s["pipeline"] == p]
+        assert chain[0]["firstBlock"] == 0
+        for a, b in itertools.pairwise(chain):
+            assert b["firstBlock"] == a["lastBlock"] + 1
+    assert {s["node"] for s in stages} <= set(NODE_NAMES)
+    assert any((s["node"], s["firstBlock"], s["lastBlock"]) == ("edge-a", 0, 1) for s in stages)
+    assert len(stages) >= 2  # the pin makes a pipeline: activations cross a hop
+
+    pods = owned(env, "e2e", PODS, "resnet")
+    assert len(pods) == len(stages)
+    uid = obj["metadata"]["uid"]
+    for pod in pods:
+        assert pod["metadata"]["ownerReferences"][0]["uid"] == uid
+        labels = pod["metadata"]["labels"]
+        where = (labels["amp4ec.io/pipeline"], labels["amp4ec.io/stage"])
+        stage = next(s for s in stages if (str(s["pipeline"]), str(s["stage"])) == where)
+        assert pod["spec"]["nodeSelector"] == {"kubernetes.io/hostname": stage["node"]}
+        args = pod["spec"]["containers"][0]["args"]
+        assert args[args.index("--first-block") + 1] == str(stage["firstBlock"])
+        assert pod["spec"]["containers"][0]["resources"]["requests"]["cpu"].endswith("m")
+    services = {s["metadata"]["name"] for s in owned(env, "e2e", SERVICES, "resnet")}
+    assert "resnet" in services and len(services) == len(stages) + 1
+
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(infer(env, "e2e", "resnet", x, tmp_path), monolith(x))
+
+
+HTTPS = "https://models.example/m.pt"
+
+
+def pins(*spans: tuple[int, int, str]) -> list[dict[str, Any]]:
+    return [{"firstBlock": a, "lastBlock": b, "node": n} for a, b, n in spans]
+
+
+MALFORMED: list[tuple[str, dict[str, Any], str]] = [
+    ("model-not-object", {"model": "resnet"}, "InvalidSpec"),
+    ("model-missing", {"objective": "latency"}, "InvalidSpec"),
+    ("model-name-path", {"model": {"name": "../etc/passwd"}}, "InvalidSpec"),
+    ("model-unknown", {"model": {"name": "mobilenet_v9"}}, "InvalidModel"),
+    ("factory-unknown", {"model": {"name": "tests.model_zoo:nope"}}, "InvalidModel"),
+    ("https-no-sha", {"model": {"name": "mobilenet_v2", "storageUri": HTTPS}}, "InvalidSpec"),
+    ("sha-malformed", {"model": {**MODEL, "storageUri": HTTPS, "sha256": "abc"}}, "InvalidSpec"),
+    ("uri-scheme", {"model": {**MODEL, "storageUri": "s3://bucket/m.pt"}}, "InvalidSpec"),
+    ("pvc-no-path", {"model": {**MODEL, "storageUri": "pvc://claim"}}, "InvalidSpec"),
+    ("shape-zero", {"model": MODEL, "inputShape": [1, 3, 0, 16]}, "InvalidSpec"),
+    ("shape-strings", {"model": MODEL, "inputShape": ["1", "3"]}, "InvalidSpec"),
+    ("shape-impossible", {"model": MODEL, "inputShape": [1, 5, 16, 16]}, "InvalidModel"),
+    ("objective-enum", {"model": MODEL, "objective": "fastest"}, "InvalidSpec"),
+    ("strategy-enum", {"model": MODEL, "strategy": "magic"}, "InvalidSpec"),
+    ("max-stages-zero", {"model": MODEL, "maxStages": 0}, "InvalidSpec"),
+    ("max-stages-string", {"model": MODEL, "maxStages": "3"}, "InvalidSpec"),
+    ("replan-too-often", {"model": MODEL, "replan": {"intervalSeconds": 1}}, "InvalidSpec"),
+    ("gain-negative", {"model": MODEL, "replan": {"gainThreshold": -1}}, "InvalidSpec"),
+    ("no-nodes-match", {"model": MODEL, "nodeSelector": {"amp4ec.io/edge": "nowhere"}}, "NoNodes"),
+    ("selector-key", {"model": MODEL, "nodeSelector": {"bad key!": "x"}}, "InvalidSpec"),
+    ("pins-overlap", {"model": MODEL, "placement": pins((0, 2, "edge-a"), (2, 3, "edge-b"))}, "InvalidSpec"),
+    ("pin-reversed", {"model": MODEL, "placement": pins((3, 1, "edge-a"))}, "InvalidSpec"),
+    ("pin-out-of-range", {"model": MODEL, "placement": pins((40, 41, "edge-a"))}, "InvalidPlacement"),
+    ("unknown-field", {"model": MODEL, "replicas": 3}, "InvalidSpec"),
+]
+
+
+def reason_is(env: Env, namespace: str, name: str, kind: str, reason: str) -> dict[str, Any] | None:
+    c = env.condition(namespace, name, kind)
+    return c if c is not None and c["reason"] == reason else None
+
+
+def test_malformed_resources_each_get_a_clear_condition_and_the_operator_serves_others(env: Env) -> None:
+    assert len(MALFORMED) >= 20
+    for name, spec, _ in MALFORMED:
+        env.kubectl.create(CRD, resource("malformed", name, spec))
+    env.kubectl.create(CRD, resource("malformed", "good", {"model": MODEL, "objective": "latency"}))
+    for name, _, reason in MALFORMED:
+        ready = wait_for(
+            lambda name=name, reason=reason: reason_is(env, "malformed", name, "Ready", reason),
+            60,
+            f"{name} to report {reason}",
+        )
+        assert ready["status"] == "False"
+        planned = env.condition("malformed", name, "Planned")
+        assert planned is not None and planned["status"] == "False" and planned["message"], planned
+        assert not owned(env, "malformed", PODS, name), f"{name} got shard Pods"
+    bad_type = env.condition("malformed", "max-stages-string", "Planned")
+    assert bad_type is not None and "spec.maxStages" in bad_type["message"]
+    wait_serving(env, "malformed", "good")
+    failed = env.deployment("malformed", "model-unknown")
+    assert failed is not None and failed["status"]["phase"] == "Failed"
+
+
+def test_capacity_change_replans_make_before_break(env: Env, tmp_path: Path) -> None:
+    spec = {"model": MODEL, "objective": "latency", "replan": {"intervalSeconds": 5, "gainThreshold": 0.05}}
+    env.kubectl.create(CRD, resource("capacity", "lat", spec))
+    before = wait_serving(env, "capacity", "lat")["status"]["plan"]
+    old_pods = {p["metadata"]["name"] for p in owned(env, "capacity", PODS, "lat")}
+    assert len(before["stages"]) == 1  # latency on equal nodes: one stage, no hops
+    slowed = before["stages"][0]["node"]
+    env.monitors[slowed].set_capacity(workload_ms=1000.0)  # 100-1000x slower than the others
+    try:
+        after = wait_for(
+            lambda: (
+                (s := (env.deployment("capacity", "lat") or {}).get("status") or {}).get("phase") == "Serving"
+                and s["plan"]["id"] != before["id"]
+                and s["plan"]
+            ),
+            90,
+            "a new plan after the capacity change",
+        )
+    finally:
+        env.monitors[slowed].set_capacity()
+    assert all(s["node"] != slowed for s in after["stages"])
+    emulator = env.cluster.emulator
+    assert emulator is not None
+
+    def rv(version: dict[str, Any] | None) -> int:
+        return int(version["metadata"]["resourceVersion"]) if version else 0
+
+    new_ready = []
+    for name in {p["metadata"]["name"] for p in owned(env, "capacity", PODS, "lat")} - old_pods:
+        history = emulator.history(PODS, "capacity", name)
+        ready_at = [rv(v) for v in history if v and _ready(v)]
+        new_ready.append(min(ready_at))
+    assert new_ready
+    for name in old_pods:
+        history = emulator.history(PODS, "capacity", name)
+        assert history[-1] is None, f"old shard {name} was not deleted"
+        deleted_at = rv(history[-2])
+        assert deleted_at > max(new_ready), "an old shard went before every new shard was ready"
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(8))
+    torch.testing.assert_close(infer(env, "capacity", "lat", x, tmp_path), monolith(x))
+
+
+def test_prometheus_unreachable_keeps_the_plan_and_says_so(env: Env) -> None:
+    before = wait_serving(env, "capacity", "lat")["status"]["plan"]["id"]
+    env.prometheus.proc.send_signal(signal.SIGSTOP)  # queries hang until the operator's timeout
+    try:
+        degraded = wait_for(
+            lambda: (
+                (c := env.condition("capacity", "lat", "Degraded"))
+                and c["reason"] == "CapacityUnavailable"
+                and c
+            ),
+            60,
+            "Degraded=CapacityUnavailable",
+        )
+        assert degraded["status"] == "True"
+        ready = env.condition("capacity", "lat", "Ready")
+        assert ready is not None and ready["status"] == "True"
+        assert (env.deployment("capacity", "lat") or {})["status"]["plan"]["id"] == before
+    finally:
+        env.prometheus.proc.send_signal(signal.SIGCONT)
+    wait_for(
+        lambda: (c := env.condition("capacity", "lat", "Degraded")) and c["status"] == "False",
+        60,
+        "Degraded=False",
+    )
+
+
+def test_operator_metrics(env: Env) -> None:
+    text = env.operator.metrics()
+    overhead = re.search(
+        r"amp4ec_scheduler_overhead_seconds_count"
+        r'\{deployment="lat",namespace="capacity",strategy="\w+"\} (\S+)',
+        text,
+    )
+    assert overhead is not None and float(overhead[1]) >= 1, text[-3000:]
+    replans = re.search(
+        r'amp4ec_replans_total\{deployment="lat",namespace="capacity",trigger="timer"\} (\S+)', text
+    )
+    assert replans is not None and float(replans[1]) >= 1, text[-3000:]
+    assert (
+        'amp4ec_reconcile_errors_total{deployment="model-unknown",namespace="malformed",reason="InvalidModel"}'
+        in text
+    )
+
+
+def test_operator_restart_mid_reconcile_converges_without_duplicates(env: Env) -> None:
+    spec = {"model": MODEL, "placement": [{"firstBlock": 0, "lastBlock": 1, "node": "edge-b"}]}
+    env.kubectl.create(CRD, resource("restart", "pinned", spec))
+    wait_for(lambda: owned(env, "restart", PODS, "pinned"), 60, "the first shard Pods", every=0.05)
+    env.operator.kill()
+    env.operator.start()
+    obj = wait_serving(env, "restart", "pinned")
+    stages = obj["status"]["plan"]["stages"]
+    assert len(stages) >= 2
+    assert any(s["node"] == "edge-b" and (s["firstBlock"], s["lastBlock"]) == (0, 1) for s in stages)
+    pods = owned(env, "restart", PODS, "pinned")
+    assert len(pods) == len(stages)
+    assert env.cluster.emulator is not None
+    assert len(env.cluster.emulator.names(PODS, "restart")) == len(stages), "a Pod was created twice"
+
+
+def test_delete_removes_everything_owned(env: Env) -> None:
+    assert owned(env, "e2e", PODS, "resnet")
+    env.kubectl.delete(CRD, "e2e", "resnet")
+    wait_for(lambda: env.deployment("e2e", "resnet") is None, 60, "the resource to go")
+    wait_for(
+        lambda: not owned(env, "e2e", PODS, "resnet") and not owned(env, "e2e", SERVICES, "resnet"),
+        60,
+        "owned Pods and Services to go",
+    )
+    assert env.cluster.kubelet is not None
+    wait_for(
+        lambda: not [k for k in env.cluster.kubelet.procs if k[0] == "e2e"], 30, "shard processes to stop"
+    )

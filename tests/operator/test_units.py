@@ -1,0 +1,176 @@
+"""Operator pieces without a cluster: spec validation, desired objects, status, config, CRD sync."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, get_args
+
+import pytest
+import yaml
+
+from amp4ec.errors import InvalidSpec
+from amp4ec.operator.config import OperatorConfig
+from amp4ec.operator.desired import PlanRecord, desired_objects, entry_service, plan_record
+from amp4ec.operator.spec import Objective, Strategy, parse_spec
+from amp4ec.operator.status import Phase, condition, merge_conditions, with_ready
+from amp4ec.planner.types import Pipeline, Plan, Prediction, Stage
+
+ROOT = Path(__file__).resolve().parents[2]
+SHA = "a" * 64
+PIN_A = {"firstBlock": 0, "lastBlock": 0, "node": "a"}
+PIN_B = {"firstBlock": 1, "lastBlock": 1, "node": "b"}
+
+
+def crd_schema() -> dict[str, Any]:
+    crd = yaml.safe_load((ROOT / "manifests/crd.yaml").read_text())
+    return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
+
+
+def test_minimal_spec_gets_defaults() -> None:
+    spec = parse_spec({"model": {"name": "mobilenet_v2"}})
+    assert (spec.objective, spec.strategy, spec.replan.interval_seconds, spec.model.seed) == (
+        "throughput", "optimal", 60, 0,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        ({"model": {"name": "mobilenet_v2"}, "maxStages": "2"}, "spec.maxStages"),
+        ({"model": {"name": "mobilenet_v2", "storageUri": "https://h/m.pt"}}, "sha256"),
+        ({"model": {"name": "m", "storageUri": "pvc://Claim/x"}}, "spec.model.storageUri"),
+        ({"model": {"name": "m", "sha256": SHA}}, "without a storageUri"),
+        ({"model": {"name": "m"}, "inputShape": [1, -3]}, "spec.inputShape"),
+        ({"model": {"name": "m"}, "inputShape": [65536, 65536]}, "2^28"),
+        ({"model": {"name": "m"}, "placement": [PIN_A] * 2}, "overlap"),
+        ({"model": {"name": "m"}, "strategy": "paper", "placement": [PIN_A]}, "strategy optimal"),
+        ({"model": {"name": "m"}, "maxStages": 1, "placement": [PIN_A, PIN_B]}, "exceed maxStages"),
+        ({"model": {"name": "m"}, "replan": {"intervalSeconds": 2.5}}, "spec.replan.intervalSeconds"),
+        ("not an object", "spec: expected an object"),
+    ],
+)  # fmt: skip
+def test_invalid_specs_name_the_field(raw: Any, field: str) -> None:
+    with pytest.raises(InvalidSpec, match=None) as info:
+        parse_spec(raw)
+    assert field in str(info.value)
+
+
+def test_storage_uris_are_accepted_in_kserve_style() -> None:
+    https = parse_spec({"model": {"name": "mobilenet_v2", "storageUri": "https://h/m.pth", "sha256": SHA}})
+    assert https.model.pvc is None
+    pvc = parse_spec({"model": {"name": "mobilenet_v2", "storageUri": "pvc://models/v2/weights.pt"}})
+    assert pvc.model.pvc == ("models", "v2/weights.pt")
+
+
+def test_crd_enums_match_the_pydantic_models() -> None:
+    props = crd_schema()
+    spec = props["spec"]["properties"]
+    assert spec["objective"]["enum"] == list(get_args(Objective))
+    assert spec["strategy"]["enum"] == list(get_args(Strategy))
+    assert props["status"]["properties"]["phase"]["enum"] == [p.value for p in Phase]
+    condition_types = props["status"]["properties"]["conditions"]["items"]["properties"]["type"]["enum"]
+    assert condition_types == ["Planned", "ShardsReady", "Ready", "Degraded"]
+
+
+def _record(**kw: Any) -> tuple[Any, PlanRecord]:
+    spec = parse_spec({"model": {"name": "mobilenet_v2"}, "inputShape": [1, 3, 64, 64], **kw})
+    stages = (Stage("edge-a", 0, 3, 2.0, 0.1, 10 << 20), Stage("edge-b", 4, 9, 3.0, 0.2, 20 << 20))
+    plan = Plan("throughput", "optimal", (Pipeline(stages),), Prediction((2.1, 3.2), 3.2, 6.0, 312.5))
+    return spec, plan_record(spec, plan, {"edge-a": 1.0, "edge-b": 0.5})
+
+
+def test_desired_objects_wire_a_pipeline() -> None:
+    spec, record = _record()
+    objs = desired_objects("mnv2", "ml", spec, record, OperatorConfig())
+    services = [o for o in objs if o["kind"] == "Service"]
+    pods = [o for o in objs if o["kind"] == "Pod"]
+    assert [o["kind"] for o in objs] == ["Service", "Service", "Pod", "Pod"]  # Services first
+    first, second = pods
+    args = first["spec"]["containers"][0]["args"]
+    assert args[args.index("--next-hop") + 1] == f"{services[1]['metadata']['name']}.ml.svc:50051"
+    assert "--next-hop" not in second["spec"]["containers"][0]["args"]
+    assert args[args.index("--input-shape") + 1] == "1,3,64,64"
+    assert first["spec"]["nodeSelector"] == {"kubernetes.io/hostname": "edge-a"}
+    assert second["spec"]["containers"][0]["resources"]["limits"]["cpu"] == "500m"
+    assert first["spec"]["containers"][0]["readinessProbe"]["grpc"]["service"] == "amp4ec.wire.v1.Shard"
+    assert all(record.id in o["metadata"]["name"] for o in objs)
+    assert services[0]["spec"]["selector"].items() <= first["metadata"]["labels"].items()
+    entry = entry_service("mnv2", "ml", record.id, OperatorConfig())
+    assert entry["metadata"]["name"] == "mnv2" and entry["spec"]["selector"]["amp4ec.io/stage"] == "0"
+
+
+def test_desired_objects_are_pure_and_plan_ids_follow_content() -> None:
+    spec, record = _record()
+    assert desired_objects("m", "ns", spec, record, OperatorConfig()) == desired_objects(
+        "m", "ns", spec, record, OperatorConfig()
+    )
+    assert PlanRecord.from_status(record.to_status()) == record
+    _, other = _record(model={"name": "mobilenet_v2", "seed": 1})
+    assert other.id != record.id
+
+
+def test_storage_uri_adds_a_verifying_initializer() -> None:
+    spec, record = _record(model={"name": "mobilenet_v2", "storageUri": "https://h/w.pt", "sha256": SHA})
+    pod = desired_objects("m", "ns", spec, record, OperatorConfig())[-1]
+    init = pod["spec"]["initContainers"][0]
+    assert init["args"][init["args"].index("--sha256") + 1] == SHA
+    args = pod["spec"]["containers"][0]["args"]
+    assert args[args.index("--weights") + 1] == "/mnt/models/weights.pt"
+    spec, record = _record(model={"name": "mobilenet_v2", "storageUri": "pvc://claim/w.pt"})
+    pod = desired_objects("m", "ns", spec, record, OperatorConfig())[-1]
+    assert {"name": "model-pvc", "persistentVolumeClaim": {"claimName": "claim", "readOnly": True}} in pod[
+        "spec"
+    ]["volumes"]
+
+
+def test_conditions_keep_transition_times_and_aggregate_ready() -> None:
+    first = merge_conditions([], [condition("Planned", True, "Planned")], now="t1")
+    again = merge_conditions(first, [condition("Planned", True, "Planned", "same status")], now="t2")
+    assert again[0]["lastTransitionTime"] == "t1"
+    flipped = merge_conditions(again, [condition("Planned", False, "PlanInfeasible")], now="t3")
+    assert flipped[0]["lastTransitionTime"] == "t3"
+    ready = with_ready(merge_conditions(first, [condition("ShardsReady", False, "ShardsStarting", "1/2")]))
+    assert {c["type"]: (c["status"], c["reason"]) for c in ready}["Ready"] == ("False", "ShardsStarting")
+    ok = with_ready(merge_conditions(first, [condition("ShardsReady", True, "ShardsReady")]))
+    assert {c["type"]: c["status"] for c in ok}["Ready"] == "True"
+
+
+def test_config_from_env() -> None:
+    config = OperatorConfig.from_env(
+        {
+            "AMP4EC_PROMETHEUS_URL": "http://p:9090",
+            "AMP4EC_READY_POLL_S": "0.5",
+            "AMP4EC_SHARD_ENV": "A=1,B=2",
+        }
+    )
+    assert (config.prometheus_url, config.ready_poll_s, dict(config.shard_env)) == (
+        "http://p:9090", 0.5, {"A": "1", "B": "2"},
+    )  # fmt: skip
+    with pytest.raises(ValueError):
+        OperatorConfig.from_env({"AMP4EC_SHARD_PORT": "many"})
+
+
+def test_the_operator_never_imports_torch() -> None:
+    code = "import sys, amp4ec.operator; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_storage_initializer_verifies_the_digest(tmp_path: Path) -> None:
+    import hashlib
+
+    from amp4ec.operator.fetch import FetchError, fetch
+
+    claim = tmp_path / "claim"
+    (claim / "v2").mkdir(parents=True)
+    (claim / "v2/w.pt").write_bytes(b"weights")
+    good = hashlib.sha256(b"weights").hexdigest()
+    out = tmp_path / "models/weights.pt"
+    assert fetch("pvc://models/v2/w.pt", out, good, pvc_mount=claim) == good
+    assert out.read_bytes() == b"weights"
+    with pytest.raises(FetchError, match="sha256 expected"):
+        fetch("pvc://models/v2/w.pt", tmp_path / "bad.pt", "0" * 64, pvc_mount=claim)
+    assert not (tmp_path / "bad.pt").exists()
+    with pytest.raises(FetchError, match="escapes"):
+        fetch("pvc://models/../../etc/passwd", tmp_path / "x", pvc_mount=claim)

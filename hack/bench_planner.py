@@ -110,6 +110,11 @@ def random_instance(
     return blocks, nodes
 
 
+def _profile_blocks(data: list | dict) -> list[dict]:
+    """A list of LayerProfile dicts, or the JSON `amp4ec plan --json` writes (its "blocks")."""
+    return data["blocks"] if isinstance(data, dict) else data
+
+
 def timed(fn, runs: int) -> dict[str, float]:
     fn()
     samples = []
@@ -135,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     blocks = (
-        [LayerProfile(**b) for b in json.loads(args.profile.read_text())] if args.profile else mobilenet_v2()
+        [LayerProfile(**b) for b in _profile_blocks(json.loads(args.profile.read_text()))]
+        if args.profile
+        else mobilenet_v2()
     )
     nodes = paper_nodes()
     rows = []

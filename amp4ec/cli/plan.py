@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,7 @@ def plan(
         default_link=link,
     )
     data = plan_json(result, planning_ms, prepared.chain.names)
+    data["blocks"] = [dataclasses.asdict(b) for b in prepared.profiles]  # what the plan was made from
     print_plan(console, data, {n.name: n.cpu for n in specs}, model)
     if json_path is not None:
         json_path.write_text(json.dumps(data, indent=2))

@@ -126,6 +126,8 @@ def print_report(console: Console, report) -> None:
     results.add_row("CPU limits", report.limits)
     console.print(results)
     skipped = [n.name for n in report.nodes if n.name not in {s.node for s in report.plan.stages}]
+    for warning in report.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
     for note in report.plan.notes:
         console.print(f"note: {note}")
     if skipped and not report.plan.notes:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -77,6 +78,7 @@ class RunReport:
     stage_param_bytes: list[int]
     bytes_per_request: float
     capacities: dict[str, dict[str, float]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def throughput_rps(self) -> float:
@@ -120,6 +122,7 @@ class RunReport:
                 "throughput_rps": self.plan.predicted.throughput_rps,
             },
             "capacities": self.capacities,
+            "warnings": self.warnings,
         }
 
 
@@ -132,6 +135,18 @@ def _quantile(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def oversubscription_warnings(nodes: tuple[NodeSpec, ...]) -> list[str]:
+    """Say so when the emulated nodes claim the whole machine: the client then competes with them."""
+    cores = len(os.sched_getaffinity(0))
+    total = sum(n.cpu for n in nodes)
+    if total <= cores - 0.25:
+        return []
+    return [
+        f"the nodes' CPU shares add up to {total:g} of this machine's {cores} cores, leaving none for "
+        "the load generator: measured throughput falls short of what these nodes would do alone"
+    ]
 
 
 def prepare(source: ModelSource) -> Prepared:
@@ -209,6 +224,7 @@ async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
             f"--nodes: {len(config.nodes)} nodes but {config.source.spec} has only "
             f"{len(prepared.chain)} blocks; give at most {len(prepared.chain)}"
         )
+    warnings = oversubscription_warnings(config.nodes)
     report("starting node agents", 0, len(config.nodes))
     async with LocalCluster(config.nodes, config.limit_mode) as cluster:
         report("measuring node capacity", 0, len(config.nodes))
@@ -262,6 +278,7 @@ async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
         forward_ms=_forward_ms(plan, results, entries),
         stage_param_bytes=param_bytes,
         bytes_per_request=statistics.fmean(r.request_bytes + r.response_bytes for r in results),
+        warnings=warnings,
         capacities={
             n: {"cpu_limit": c.cpu_limit, "workload_ms": c.workload_ms, "speed": nc.speed}
             for (n, c), nc in zip(capacities.items(), nodes, strict=True)

@@ -3,7 +3,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-source hack/venv.sh agent,operator,test
+source hack/venv.sh agent,operator,test,bench,deploy
 ruff check amp4ec tests hack
 ruff format --check amp4ec tests hack
 lint-imports --no-cache

@@ -39,11 +39,12 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from amp4ec.cli import infer, plan, run
+    from amp4ec.cli import bench, infer, plan, run
 
     cli.add_command(run.run)
     cli.add_command(plan.plan)
     cli.add_command(infer.infer)
+    cli.add_command(bench.bench)
 
 
 _register()

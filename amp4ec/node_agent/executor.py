@@ -6,6 +6,9 @@ No gRPC here beyond the generated message types: the servicer is the adapter.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import gc
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -14,10 +17,11 @@ import torch
 
 from amp4ec.errors import InvalidSpec
 from amp4ec.slicing import ModelSource, Shard, load_model, split_model
+from amp4ec.slicing.materialise import materialise
 from amp4ec.wire import codec
 from amp4ec.wire.v1 import agent_pb2, shard_pb2
 
-__all__ = ["LoadedStage", "StageConfig", "StageExecutor", "build_stage"]
+__all__ = ["LoadedStage", "StageConfig", "StageExecutor", "build_stage", "release_memory"]
 
 
 @dataclass(frozen=True)
@@ -82,19 +86,49 @@ class LoadedStage:
 def build_stage(config: StageConfig) -> LoadedStage:
     """Load the model, cut it into its chain and keep only this stage's blocks.
 
-    The rest of the chain is dropped on return, so only this range's parameters stay resident.
+    A zoo model is built and cut on the meta device and only this range's tensors are made
+    real, so the agent never holds the whole model (see ``amp4ec.slicing.materialise``);
+    other models are built whole and the rest of the chain is dropped on return. Memory freed
+    before and after (a stage just unloaded, the tracing) goes back to the OS, so a node's
+    memory limit holds what the planner counted.
     """
     if not config.model:
         raise InvalidSpec("model: expected a zoo name, a .pt2 path or package.module:factory, got ''")
-    loaded = load_model(
-        ModelSource(config.model, weights=config.weights, seed=config.seed, input_shape=config.input_shape)
+    release_memory()
+    stage = _build(config)
+    release_memory()
+    return stage
+
+
+def _build(config: StageConfig) -> LoadedStage:
+    source = ModelSource(
+        config.model, weights=config.weights, seed=config.seed, input_shape=config.input_shape
     )
-    chain = split_model(loaded)
+    loaded = load_model(source, materialise=False)
+    if loaded.lazy:
+        meta_inputs = tuple(t.to("meta") for t in loaded.example_inputs)
+        chain = split_model(replace(loaded, example_inputs=meta_inputs))
+    else:
+        chain = split_model(loaded)
     if config.last_block < 0:  # -1: through the last block
         config = replace(config, last_block=len(chain) - 1)
     shard = chain.shard(config.first_block, config.last_block)
+    if loaded.lazy:
+        materialise(shard.blocks, config.seed, loaded.state)
     shard.eval()
     return LoadedStage(config=config, shard=shard, num_blocks=len(chain))
+
+
+def release_memory() -> None:
+    """Collect garbage (fx graphs sit in reference cycles) and hand freed heap back to the OS.
+
+    [Note: malloc_trim] glibc keeps freed heap pages (and raises its mmap threshold after a
+    large free), so without a trim an agent that swapped stages keeps the old one's memory
+    resident and a cgroup memory limit kills it for memory it no longer uses.
+    """
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class StageExecutor:

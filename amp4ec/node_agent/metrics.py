@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-__all__ = ["CAPACITY", "PHASE_SECONDS", "REQUESTS"]
+__all__ = ["CAPACITY", "PHASE_SECONDS", "REQUESTS", "REQUEST_SECONDS"]
 
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -19,6 +19,14 @@ REQUESTS = Counter(
     "Requests a stage answered, by gRPC status code name.",
     ["node", "code"],
 )
+REQUEST_SECONDS = Histogram(
+    "amp4ec_request_seconds",
+    "End to end, observed by the entry stage (stage 0) only: from a request's arrival to its"
+    " answer, through every later stage, by gRPC status code name.",
+    ["node", "code"],
+    buckets=(*_BUCKETS, 10.0),
+)
+"""Its ``_count`` is the pipeline's answered requests: what the operator's ``status.measured`` reads."""
 CAPACITY = Gauge(
     "amp4ec_node_capacity",
     "What this node offers: cpu_limit (cores), workload_ms, memory_available_bytes, load.",

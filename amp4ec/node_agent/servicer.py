@@ -86,10 +86,12 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         """One request through this stage and everything after it; failures become error frames."""
         arrived = time.perf_counter()
         node = self._settings.node
+        entry = False
         try:
             if frame.deadline_unix_ms and time.time() * 1000 > frame.deadline_unix_ms:
                 raise DeadlineExceeded(f"request {frame.request_id!r} passed its deadline before stage ran")
             stage = self._repository.current
+            entry = stage.config.stage == 0
             tensors, timing = await self._executor.run(stage, frame, arrived)
             for phase in ("queue", "decode", "forward", "encode"):
                 metrics.PHASE_SECONDS.labels(node, phase).observe(getattr(timing, f"{phase}_us") / 1e6)
@@ -105,7 +107,10 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             raise
         except Exception as exc:  # every failure is this request's answer, never the stream's end
             answer = error_frame(frame.request_id, exc)
-        metrics.REQUESTS.labels(node, answer.error.code or "OK").inc()
+        code = answer.error.code or "OK"
+        metrics.REQUESTS.labels(node, code).inc()
+        if entry:  # the whole pipeline's time, once per request
+            metrics.REQUEST_SECONDS.labels(node, code).observe(time.perf_counter() - arrived)
         return answer
 
     async def Stream(

@@ -6,6 +6,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
+from amp4ec.operator.measured import valid_window
+
 __all__ = ["GROUP", "PLURAL", "VERSION", "OperatorConfig"]
 
 GROUP = "amp4ec.io"
@@ -52,6 +54,12 @@ class OperatorConfig:
     """Delay before planning again when no placement fits (capacity may grow)."""
     prometheus_timeout_s: float = 5.0
     """Timeout of one PromQL query."""
+    measure_window: str = "2m"
+    """PromQL range of ``status.measured`` (rates and quantiles over it): at least two scrapes
+    of the shard Pods, better four (Grafana's rule for ``$__rate_interval``)."""
+    measure_interval_s: float = 15.0
+    """Seconds between two ``status.measured`` updates of one deployment (the re-plan timer
+    wakes every 5 s; a shorter interval means every tick)."""
     profile_timeout_s: float = 120.0
     """Timeout of one ``Monitor.Profile`` call (loading and timing a model)."""
     shard_env: Mapping[str, str] = field(default_factory=dict)
@@ -75,3 +83,10 @@ class OperatorConfig:
             else:
                 values[f.name] = raw
         return cls(**values)  # type: ignore[arg-type]
+
+    def __post_init__(self) -> None:
+        if not valid_window(self.measure_window):
+            raise ValueError(
+                "AMP4EC_MEASURE_WINDOW: expected a PromQL duration like 2m or 30s,"
+                f" got {self.measure_window!r}"
+            )

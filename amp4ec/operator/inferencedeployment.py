@@ -2,8 +2,9 @@
 
 create / update (spec) / resume run a reconciliation and retry it (TemporaryError) until
 the plan serves; a timer re-plans at each deployment's interval with the planner's
-hysteresis; delete only forgets metrics (owner references let Kubernetes collect the
-children). ``Outcome`` maps to kopf's errors here and nowhere else.
+hysteresis and refreshes ``status.measured`` (throughput, latency) from Prometheus;
+delete only forgets metrics (owner references let Kubernetes collect the children).
+``Outcome`` maps to kopf's errors here and nowhere else.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import kopf
 
 from amp4ec.operator import metrics
 from amp4ec.operator.config import GROUP, PLURAL, VERSION
-from amp4ec.operator.reconcile import Deps, Outcome, Target, reconcile
+from amp4ec.operator.reconcile import Deps, Outcome, Target, measure, reconcile
 
 __all__ = ["deleted", "reconcile_deployment", "replan"]
 
@@ -67,6 +68,10 @@ async def reconcile_deployment(
 async def replan(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     # A pending rollout or a not-yet-ready plan is continued at the next tick; no retries here.
     await _run(body, patch, memo, trigger="timer")
+    # Measured throughput and latency: read-only (Prometheus), so outside the lock.
+    measured = await measure(memo.deps, _target(body))
+    if measured is not None:
+        patch.status["measured"] = measured
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
@@ -74,4 +79,5 @@ async def deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     meta = body.metadata
     metrics.forget(meta.namespace or "default", meta.name or "")
     memo.deps.last_check.pop(meta.uid, None)
+    memo.deps.last_measure.pop(meta.uid, None)
     memo.locks.pop(meta.uid, None)

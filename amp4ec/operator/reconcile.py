@@ -33,13 +33,14 @@ from amp4ec.operator.desired import (
     plan_record,
 )
 from amp4ec.operator.k8s import Conflict, Kube, KubeUnavailable, matches
+from amp4ec.operator.measured import measured_queries, measured_status, scalar
 from amp4ec.operator.profiles import Profiler, ProfilerUnavailable
 from amp4ec.operator.spec import DeploymentSpec, parse_spec
 from amp4ec.operator.status import Phase, condition, merge_conditions, now_iso, with_ready
 from amp4ec.planner.types import Pin, Pipeline, Plan, Stage
 from amp4ec.scheduling import timed_plan
 
-__all__ = ["Deps", "Outcome", "Target", "reconcile"]
+__all__ = ["Deps", "Outcome", "Target", "measure", "reconcile"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class Deps:
     config: OperatorConfig
     last_check: dict[str, float] = field(default_factory=dict)
     """Deployment uid → monotonic time of its last capacity check (re-plan interval)."""
+    last_measure: dict[str, float] = field(default_factory=dict)
+    """Deployment uid → monotonic time of its last ``status.measured`` query."""
 
 
 @dataclass(frozen=True)
@@ -397,3 +400,23 @@ async def _settle(
 def _phase_metric(t: Target, phase: Phase) -> None:
     for p in Phase:
         metrics.PHASE.labels(t.namespace, t.name, p.value).set(1.0 if p is phase else 0.0)
+
+
+async def measure(deps: Deps, t: Target) -> dict[str, Any] | None:
+    """``status.measured`` from the entry shards' metrics, or None: not due, nothing serving,
+    or Prometheus unreachable (the last measurement stays, dated by its ``observedAt``)."""
+    if not t.status.get("plan"):
+        return None  # no shards serve yet (or the spec never planned)
+    now = time.monotonic()
+    if now - deps.last_measure.get(t.uid, -1e18) < deps.config.measure_interval_s:
+        return None
+    deps.last_measure[t.uid] = now
+    window = deps.config.measure_window
+    values: dict[str, float | None] = {}
+    try:
+        for key, promql in measured_queries(t.namespace, t.name, window).items():
+            values[key] = scalar(await deps.prometheus.query(promql))
+    except CapacityUnavailable as exc:
+        log.warning("%s/%s: measured throughput and latency unavailable: %s", t.namespace, t.name, exc)
+        return None
+    return measured_status(values, window, now_iso())

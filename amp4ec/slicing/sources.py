@@ -6,6 +6,7 @@ so the CLI and the node agent can show it as one line.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from torch import nn
 
 from amp4ec.errors import InvalidSpec, ModelNotFound, ShapeMismatch
 from amp4ec.slicing.archive import ensure_safe_archive
+from amp4ec.slicing.materialise import load_state, supports_meta
+from amp4ec.slicing.materialise import materialise as materialise_tensors
 
 __all__ = ["LoadedModel", "ModelSource", "load_model"]
 
@@ -44,22 +47,33 @@ class LoadedModel:
     module: nn.Module
     example_inputs: tuple[torch.Tensor, ...]
     name: str
+    lazy: bool = False
+    """True when the module's tensors are still on the meta device (``load_model(...,
+    materialise=False)`` of a zoo model): split it, then ``materialise`` only the shard kept."""
+    state: Mapping[str, torch.Tensor] | None = None
+    """The memory-mapped weights file of a lazy model (None: seeded weights)."""
 
 
-def load_model(source: ModelSource) -> LoadedModel:
-    """Build (or load) the model, apply weights, and make deterministic example inputs."""
+def load_model(source: ModelSource, *, materialise: bool = True) -> LoadedModel:
+    """Build (or load) the model, apply weights, and make deterministic example inputs.
+
+    A zoo model is built on the meta device and its tensors made from (seed, name) (see
+    ``amp4ec.slicing.materialise``); ``materialise=False`` leaves them on the meta device so
+    that a caller keeping one shard never holds the whole model.
+    """
     spec = source.spec.strip()
     if not spec:
         raise InvalidSpec(f"model: expected {_SPEC_FORMS}, got ''")
     override = _check_shape(source.input_shape) if source.input_shape is not None else None
 
     archive = spec.endswith(".pt2")
+    lazy, state = False, None
     if archive:
         module, shapes, dtypes = _load_archive(spec, override)
         name = Path(spec).stem
     else:
         factory, name, default_shape = _resolve_factory(spec)
-        module = _build(factory, source.seed, name)
+        module, lazy = _build(factory, source.seed, name, meta=_is_zoo(spec))
         shape = override or _declared_shape(module, factory, default_shape)
         if shape is None:
             raise InvalidSpec(
@@ -68,13 +82,24 @@ def load_model(source: ModelSource) -> LoadedModel:
             )
         shapes, dtypes = [shape], [torch.float32]
 
-    if source.weights:
+    if lazy:
+        state = load_state(source.weights, module.state_dict(), name) if source.weights else None
+        if materialise:
+            materialise_tensors([module], source.seed, state)
+            lazy, state = False, None
+    elif source.weights:
         _apply_weights(module, source.weights, name)
     if not archive:
         module.eval()  # an ExportedProgram's module refuses .eval(); it runs as it was exported
     gen = torch.Generator().manual_seed(source.seed)
     inputs = tuple(_example(s, d, gen) for s, d in zip(shapes, dtypes, strict=True))
-    return LoadedModel(module=module, example_inputs=inputs, name=name)
+    return LoadedModel(module=module, example_inputs=inputs, name=name, lazy=lazy, state=state)
+
+
+def _is_zoo(spec: str) -> bool:
+    from amp4ec.models import ZOO
+
+    return spec in ZOO
 
 
 def _resolve_factory(spec: str) -> tuple[Callable[..., Any], str, tuple[int, ...] | None]:
@@ -108,17 +133,23 @@ def _resolve_factory(spec: str) -> tuple[Callable[..., Any], str, tuple[int, ...
     return factory, spec, None
 
 
-def _build(factory: Callable[..., Any], seed: int, name: str) -> nn.Module:
+def _build(factory: Callable[..., Any], seed: int, name: str, meta: bool = False) -> tuple[nn.Module, bool]:
+    """(module, on the meta device?). ``meta`` is honoured only when every buffer's value is
+    known without running the factory for real (``supports_meta``); else it is built again."""
     # fork_rng: seeding must not disturb the caller's global RNG stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            module = factory()
+            with torch.device("meta") if meta else contextlib.nullcontext():
+                module = factory()
+            if meta and isinstance(module, nn.Module) and not supports_meta(module):
+                torch.manual_seed(seed)
+                module, meta = factory(), False
         except Exception as e:
             raise InvalidSpec(f"model: factory {name}() failed ({type(e).__name__}: {_first_line(e)})") from e
     if not isinstance(module, nn.Module):
         raise InvalidSpec(f"model: factory {name}() returned {type(module).__name__}, expected an nn.Module")
-    return module
+    return module, meta
 
 
 def _declared_shape(

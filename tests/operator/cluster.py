@@ -10,7 +10,11 @@ garbage collector (children whose owner is gone are deleted, cascading).
 ``Kubelet`` starts each Pod's container command as a local process (args and env, with the
 pod's own port and next hops rewritten to loopback), marks it Ready when its gRPC readiness
 probe answers SERVING, and maps every Service to a loopback TCP proxy (kube-proxy's job)
-in front of the ready Pods its selector matches.
+in front of the ready Pods its selector matches. It also stands in for Prometheus'
+``kubernetes_sd``: a Pod annotated ``prometheus.io/scrape: "true"`` gets a free loopback
+metrics port, and while its process runs, a file_sd target file in ``sd_dir`` carries the
+``__meta_kubernetes_*`` labels kubernetes_sd would (namespace, pod name, labels,
+annotations), so the test Prometheus applies the same relabelling a cluster's does.
 
 ``FakeCluster`` runs both on an event loop in a thread; ``Kubectl`` is a sync REST client.
 """
@@ -24,7 +28,9 @@ import datetime
 import itertools
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -244,6 +250,8 @@ class _Proc:
     probe_service: str
     port: int | None = None
     ready: bool = False
+    sd_file: Path | None = None
+    """Its file_sd target file, written while the process runs (a scraped Pod only)."""
 
 
 @dataclass
@@ -253,6 +261,8 @@ class Kubelet:
     emulator: Emulator
     workdir: Path
     env: dict[str, str]
+    sd_dir: Path | None = None
+    """Where file_sd target files of scraped Pods go (None: no service discovery)."""
     procs: dict[tuple[str, str], _Proc] = field(default_factory=dict)
     proxies: dict[tuple[str, str], tuple[asyncio.base_events.Server, int, dict[str, str]]] = field(
         default_factory=dict
@@ -263,7 +273,9 @@ class Kubelet:
         entry = self.proxies.get((namespace, name))
         return entry[1] if entry else None
 
-    def _rewrite(self, args: list[str], namespace: str, port_file: Path) -> list[str] | None:
+    def _rewrite(
+        self, args: list[str], namespace: str, port_file: Path, metrics_port: int | None
+    ) -> list[str] | None:
         out: list[str] = []
         it = iter(args)
         for a in it:
@@ -275,6 +287,8 @@ class Kubelet:
                 out += ["--host", "127.0.0.1"]
             elif a == "--metrics-port":
                 next(it)  # many Pods on one host: no fixed metrics ports
+                if metrics_port is not None:
+                    out += ["--metrics-port", str(metrics_port)]
             elif ".svc:" in a:
                 host = a.split(":")[0]
                 svc, ns = host.split(".")[0], host.split(".")[1]
@@ -291,7 +305,9 @@ class Kubelet:
         key = (meta["namespace"], meta["name"])
         container = pod["spec"]["containers"][0]
         port_file = self.workdir / f"{meta['namespace']}-{meta['name']}-{meta['uid'][:8]}.port"
-        args = self._rewrite(list(container.get("args", [])), meta["namespace"], port_file)
+        scraped = self.sd_dir is not None and _scraped(pod)
+        metrics_port = _free_port() if scraped else None
+        args = self._rewrite(list(container.get("args", [])), meta["namespace"], port_file, metrics_port)
         if args is None:
             return
         command = [sys.executable if c == "python" else c for c in container.get("command", [])]
@@ -300,7 +316,11 @@ class Kubelet:
         with log.open("wb") as out:
             popen = subprocess.Popen(command + args, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
         probe = ((container.get("readinessProbe") or {}).get("grpc") or {}).get("service", "")
-        self.procs[key] = _Proc(meta["uid"], popen, port_file, log, probe)
+        sd_file = None
+        if metrics_port is not None and self.sd_dir is not None:
+            sd_file = self.sd_dir / f"{port_file.stem}.json"
+            _write_atomic(sd_file, json.dumps([_sd_target(pod, f"127.0.0.1:{metrics_port}")]))
+        self.procs[key] = _Proc(meta["uid"], popen, port_file, log, probe, sd_file=sd_file)
 
     async def _probe(self, proc: _Proc) -> bool:
         if proc.port is None:
@@ -318,6 +338,7 @@ class Kubelet:
 
     def _stop(self, key: tuple[str, str]) -> None:
         proc = self.procs.pop(key)
+        _forget_target(proc)
         if proc.popen.poll() is None:
             proc.popen.send_signal(signal.SIGTERM)
             try:
@@ -362,7 +383,7 @@ class Kubelet:
         for key, proc in list(self.procs.items()):
             if proc.popen.poll() is not None:
                 await self.emulator.patch_status(PODS, key[0], key[1], _pod_status(False, failed=True))
-                self.procs.pop(key)  # restartPolicy Always: started again on the next sync
+                _forget_target(self.procs.pop(key))  # restartPolicy Always: started again on the next sync
                 continue
             ready = await self._probe(proc)
             if ready != proc.ready:
@@ -426,6 +447,51 @@ class Kubelet:
             server.close()
 
 
+def _scraped(pod: dict[str, Any]) -> bool:
+    annotations = pod["metadata"].get("annotations") or {}
+    return annotations.get("prometheus.io/scrape") == "true"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _meta_name(key: str) -> str:
+    """Prometheus' label-name sanitising (``amp4ec.io/stage`` → ``amp4ec_io_stage``)."""
+    return re.sub(r"[^a-zA-Z0-9_]", "_", key)
+
+
+def _sd_target(pod: dict[str, Any], address: str) -> dict[str, Any]:
+    """One file_sd target group with the ``__meta_kubernetes_pod_*`` labels of kubernetes_sd's pod role."""
+    meta = pod["metadata"]
+    labels = {
+        "__meta_kubernetes_namespace": meta["namespace"],
+        "__meta_kubernetes_pod_name": meta["name"],
+        "__meta_kubernetes_pod_uid": meta["uid"],
+        "__meta_kubernetes_pod_node_name": (pod["spec"].get("nodeSelector") or {}).get(
+            "kubernetes.io/hostname", ""
+        ),
+    }
+    for k, v in (meta.get("labels") or {}).items():
+        labels[f"__meta_kubernetes_pod_label_{_meta_name(k)}"] = v
+    for k, v in (meta.get("annotations") or {}).items():
+        labels[f"__meta_kubernetes_pod_annotation_{_meta_name(k)}"] = v
+    return {"targets": [address], "labels": labels}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)  # Prometheus never reads half a file
+
+
+def _forget_target(proc: _Proc) -> None:
+    if proc.sd_file is not None:
+        proc.sd_file.unlink(missing_ok=True)
+
+
 def _has_labels(obj: dict[str, Any], selector: dict[str, str]) -> bool:
     labels = obj.get("metadata", {}).get("labels") or {}
     return all(labels.get(k) == v for k, v in selector.items())
@@ -447,6 +513,9 @@ class FakeCluster:
     def __init__(self, workdir: Path, env: dict[str, str]) -> None:
         self.workdir = workdir
         self.env = env
+        self.sd_dir = workdir / "pods-sd"
+        """file_sd target files of scraped Pods (the test Prometheus reads ``*.json`` here)."""
+        self.sd_dir.mkdir(exist_ok=True)
         self.url = ""
         self.emulator: Emulator | None = None
         self.kubelet: Kubelet | None = None
@@ -464,7 +533,7 @@ class FakeCluster:
         async with Emulator() as emulator, kmock.Server(emulator) as server:
             self.emulator = emulator
             self.url = str(server.url).rstrip("/")
-            self.kubelet = Kubelet(emulator, self.workdir, self.env)
+            self.kubelet = Kubelet(emulator, self.workdir, self.env, sd_dir=self.sd_dir)
             self._ready.set()
             await self.kubelet.run(self._stop)
 

@@ -23,6 +23,9 @@ from tests.operator.cluster import CRD, NODES, ROOT, FakeCluster, Kubectl, envir
 
 NODE_NAMES = ("edge-a", "edge-b", "edge-c")
 WAIT_S = 90.0
+MEASURE_WINDOW = "30s"
+"""status.measured's PromQL range here: 30 scrapes at 1 s, and long enough that a burst of
+test requests stays in it for the next timer tick (every 5 s)."""
 
 
 def wait_for(
@@ -123,15 +126,40 @@ class PrometheusServer:
             return json.loads(resp.read())["data"]["result"]
 
 
-def start_prometheus(binary: str, workdir: Path, targets: list[str]) -> PrometheusServer:
+SHARD_RELABELLING = """\
+    relabel_configs:
+      - source_labels: [__meta_kubernetes_pod_label_app_kubernetes_io_name]
+        regex: amp4ec-shard
+        action: keep
+      - {source_labels: [__meta_kubernetes_namespace], target_label: namespace}
+      - {source_labels: [__meta_kubernetes_pod_name], target_label: pod}
+      - {source_labels: [__meta_kubernetes_pod_label_amp4ec_io_deployment], target_label: deployment}
+      - {source_labels: [__meta_kubernetes_pod_label_amp4ec_io_stage], target_label: stage}
+      - {source_labels: [__meta_kubernetes_pod_label_amp4ec_io_pipeline], target_label: pipeline}
+      - {source_labels: [__meta_kubernetes_pod_label_amp4ec_io_plan], target_label: plan}
+"""
+"""What the chart's shard PodMonitor (charts/amp4ec/templates/servicemonitor.yaml) makes the
+Prometheus Operator generate: select shard Pods, then the Pod's namespace and name and its
+amp4ec.io/* labels as target labels; the operator's status.measured selects by these."""
+
+
+def start_prometheus(
+    binary: str, workdir: Path, targets: list[str], pods_sd_dir: Path | None = None
+) -> PrometheusServer:
     port = free_port()
     targets_file = workdir / "targets.json"
     config = workdir / "prometheus.yml"
-    config.write_text(
+    text = (
         "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
         "scrape_configs:\n  - job_name: amp4ec-monitor\n    file_sd_configs:\n"
         f"      - files: ['{targets_file}']\n        refresh_interval: 1s\n"
     )
+    if pods_sd_dir is not None:  # the kubelet stand-in's file_sd in place of kubernetes_sd
+        text += (
+            "  - job_name: amp4ec-shards\n    honor_labels: true\n    file_sd_configs:\n"
+            f"      - files: ['{pods_sd_dir}/*.json']\n        refresh_interval: 1s\n" + SHARD_RELABELLING
+        )
+    config.write_text(text)
     log = workdir / "prometheus.log"
     server = PrometheusServer(None, f"http://127.0.0.1:{port}", targets_file, log)  # type: ignore[arg-type]
     server.set_targets(targets)
@@ -254,7 +282,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                 monitors[name] = start_monitor(name, workdir)
                 started.append(monitors[name].proc)
             prometheus = start_prometheus(
-                binary, workdir, [f"127.0.0.1:{m.metrics_port}" for m in monitors.values()]
+                binary, workdir, [f"127.0.0.1:{m.metrics_port}" for m in monitors.values()], cluster.sd_dir
             )
             started.append(prometheus.proc)
             operator_env = environ(
@@ -267,6 +295,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                     "AMP4EC_READY_POLL_S": "1",
                     "AMP4EC_CAPACITY_MAX_AGE_S": "10",
                     "AMP4EC_INFEASIBLE_RETRY_S": "3",
+                    "AMP4EC_MEASURE_WINDOW": MEASURE_WINDOW,
+                    "AMP4EC_MEASURE_INTERVAL_S": "1",
                 }
             )
             operator = Operator(

@@ -6,12 +6,14 @@ own namespace, so a failure in one leaves the others meaningful.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ import pytest
 import torch
 
 from tests.operator.cluster import CRD, PODS, ROOT, SERVICES, environ
-from tests.operator.conftest import NODE_NAMES, Env, wait_for
+from tests.operator.conftest import MEASURE_WINDOW, NODE_NAMES, Env, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -135,6 +137,57 @@ def test_create_plans_places_shards_and_answers_like_the_monolith(env: Env, tmp_
     torch.testing.assert_close(infer(env, "e2e", "resnet", x, tmp_path), monolith(x))
 
 
+async def _traffic(port: int, x: torch.Tensor, at_least: int, for_s: float) -> list[float]:
+    """Closed-loop requests through the entry Service; the client-side latency of each, in s."""
+    from amp4ec.client import Client
+
+    latencies: list[float] = []
+    deadline = time.monotonic() + for_s
+    async with Client([f"127.0.0.1:{port}"]) as client:
+        while len(latencies) < at_least or time.monotonic() < deadline:
+            latencies.append((await client.infer([x])).latency_s)
+            await asyncio.sleep(0.05)
+    return latencies
+
+
+def measured_numbers(env: Env, namespace: str, name: str) -> dict[str, Any] | None:
+    measured = ((env.deployment(namespace, name) or {}).get("status") or {}).get("measured") or {}
+    return measured if "throughputRps" in measured else None
+
+
+def test_measured_throughput_and_latency_come_from_real_requests(env: Env) -> None:
+    obj = wait_serving(env, "e2e", "resnet")
+    assert len(obj["status"]["plan"]["stages"]) >= 2  # the latency spans a hop
+    port = env.cluster.service_port("e2e", "resnet")
+    assert port is not None
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(9))
+    # Spread over several scrapes (1 s): a rate needs two samples of the counter.
+    latencies = asyncio.run(_traffic(port, x, at_least=30, for_s=4.0))
+    sent_after = time.time()
+    try:
+        measured = wait_for(
+            lambda: (
+                (m := measured_numbers(env, "e2e", "resnet"))
+                and m["observedAt"] >= time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(sent_after))
+                and m
+            ),
+            60,
+            "status.measured after the requests",
+        )
+    except AssertionError:
+        print(env.logs())
+        raise
+    assert measured["window"] == MEASURE_WINDOW
+    assert 0 < measured["throughputRps"] <= len(latencies)
+    assert measured["latencyP95Ms"] >= measured["latencyP50Ms"] > 0
+    # The entry shard's time is inside the client's; a quantile lands somewhere in its bucket,
+    # and neighbouring bucket bounds are at most 2.5x apart.
+    assert measured["latencyP95Ms"] <= 2.5 * 1000 * max(latencies), (measured, max(latencies))
+    # Only the entry stage observes the end-to-end histogram, under the Pod's target labels.
+    series = env.prometheus.query('amp4ec_request_seconds_count{namespace="e2e",deployment="resnet"}')
+    assert series and {s["metric"]["stage"] for s in series} == {"0"}, series
+
+
 HTTPS = "https://models.example/m.pt"
 
 
@@ -193,6 +246,14 @@ def test_malformed_resources_each_get_a_clear_condition_and_the_operator_serves_
     bad_type = env.condition("malformed", "max-stages-string", "Planned")
     assert bad_type is not None and "spec.maxStages" in bad_type["message"]
     wait_serving(env, "malformed", "good")
+    # Nobody calls it: the operator measures, and says so with no numbers rather than zeros.
+    idle = wait_for(
+        lambda: ((env.deployment("malformed", "good") or {}).get("status") or {}).get("measured"),
+        30,
+        "status.measured of an idle deployment",
+    )
+    assert idle["window"] == MEASURE_WINDOW and idle["observedAt"]
+    assert not {"throughputRps", "latencyP50Ms", "latencyP95Ms"} & set(idle), idle
     failed = env.deployment("malformed", "model-unknown")
     assert failed is not None and failed["status"]["phase"] == "Failed"
 

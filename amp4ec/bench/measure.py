@@ -1,0 +1,254 @@
+"""One deployed plan → its figures: latency, saturation, open-loop percentiles, overhead, bytes, stages."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from amp4ec.bench.configs import Sizes
+from amp4ec.bench.loadgen import closed_loop, open_loop, sequential
+from amp4ec.bench.progress import ProgressSink
+from amp4ec.client import Client, Result
+from amp4ec.local.cluster import LocalCluster
+from amp4ec.local.run import Prepared, _forward_ms, _measured_stage_ms, _quantile
+from amp4ec.planner.types import Plan
+from amp4ec.slicing import ModelSource
+from amp4ec.wire.v1 import agent_pb2
+
+__all__ = ["Bench", "deploy", "measure_plan", "plan_rows", "quantiles"]
+
+
+@dataclass
+class Bench:
+    """What every measurement in one configuration shares."""
+
+    cluster: LocalCluster
+    prepared: Prepared
+    source: ModelSource
+    sizes: Sizes
+    progress: ProgressSink
+    hop: Callable[[str], str]
+    """Address an upstream stage sends to for a node (the agent itself, or a shaped link)."""
+    drop_after_s: float = 10.0
+    forward_cache: dict[tuple[int, int], float] = field(default_factory=dict)
+
+    def forward_cpu_ms(self, first: int, last: int, repeats: int = 5) -> float:
+        """CPU time of one forward of blocks first..last on one thread, measured here.
+
+        [Note: forward CPU measured, not taken from wall times] A forward's wall time under a
+        CFS quota includes the time it sat throttled, and the profile's wall times include
+        whatever else ran on the machine; thread CPU time is neither. The agents run on the
+        same cores with one intra-op thread, so this is the CPU their forward costs.
+        """
+        key = (first, last)
+        if key not in self.forward_cache:
+            shard = self.prepared.chain.shard(first, last)
+            inputs = self.prepared.loaded.example_inputs
+            with torch.inference_mode():
+                x = tuple(self.prepared.chain.shard(0, first - 1)(*inputs)) if first > 0 else inputs
+                threads = torch.get_num_threads()
+                torch.set_num_threads(1)
+                try:
+                    shard(*x)
+                    times = []
+                    for _ in range(repeats):
+                        t0 = time.thread_time()
+                        shard(*x)
+                        times.append((time.thread_time() - t0) * 1000)
+                finally:
+                    torch.set_num_threads(threads)
+            self.forward_cache[key] = statistics.median(times)
+        return self.forward_cache[key]
+
+
+def quantiles(values: list[float]) -> dict[str, float]:
+    return {
+        "p50": _quantile(values, 0.5),
+        "p95": _quantile(values, 0.95),
+        "mean": statistics.fmean(values) if values else float("nan"),
+        "max": max(values) if values else float("nan"),
+    }
+
+
+def plan_rows(plan: Plan) -> list[dict[str, Any]]:
+    return [
+        {"pipeline": p, "node": s.node, "first_block": s.first_block, "last_block": s.last_block}
+        for p, pipe in enumerate(plan.pipelines)
+        for s in pipe.stages
+    ]
+
+
+async def deploy(bench: Bench, plan: Plan) -> tuple[list[str], list[int]]:
+    """Unload every agent (memory first), then load each stage; (entry addresses, param bytes)."""
+    cluster = bench.cluster
+    await asyncio.gather(
+        *(cluster.agent_stub(n).UnloadStage(agent_pb2.UnloadRequest(), timeout=30) for n in cluster.agents)
+    )
+    loads = []
+    for pipeline in plan.pipelines:
+        for i, stage in enumerate(pipeline.stages):
+            nxt = pipeline.stages[i + 1].node if i + 1 < len(pipeline.stages) else None
+            spec = agent_pb2.StageSpec(
+                model=bench.source.spec,
+                weights=bench.source.weights or "",
+                seed=bench.source.seed,
+                input_shape=list(bench.source.input_shape or ()),
+                first_block=stage.first_block,
+                last_block=stage.last_block,
+                next_hop=bench.hop(nxt) if nxt else "",
+                stage=i,
+            )
+            loads.append(cluster.load(stage.node, spec))
+    infos = await asyncio.gather(*loads)
+    entries = [cluster.address(p.stages[0].node) for p in plan.pipelines]
+    return entries, [info.param_bytes for info in infos]
+
+
+async def measure_plan(bench: Bench, plan: Plan, label: str, rate_rps: float | None) -> dict[str, Any]:
+    """Deploy ``plan`` and measure it; ``rate_rps`` None = open loop at 90% of its own saturation."""
+    progress, sizes, prepared = bench.progress, bench.sizes, bench.prepared
+    progress.phase(f"{label}: loading {len(plan.stages)} stage(s)")
+    entries, param_bytes = await deploy(bench, plan)
+    inputs = prepared.loaded.example_inputs
+    stages = len(plan.stages)
+    async with Client(entries) as client:
+        first = await client.infer(inputs)
+        diff = max(
+            float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
+            for a, b in zip(first.outputs, prepared.expected, strict=True)
+        )
+        await closed_loop(client, inputs, 2 * stages, stages)  # warm-up: every stage, every stream
+
+        progress.phase(f"{label}: single requests", sizes.sequential)
+        single = await sequential(client, inputs, sizes.sequential, progress.advance)
+
+        by_level: dict[int, float] = {}
+        best: tuple[float, int, list[Result], dict, dict] | None = None
+        for factor in sizes.concurrency_factors:
+            level = max(1, factor * stages)
+            if level in by_level:
+                continue
+            progress.phase(f"{label}: saturation, {level} in flight", sizes.saturation)
+            before = await bench.cluster.capacities()
+            results, wall = await closed_loop(client, inputs, sizes.saturation, level, progress.advance)
+            after = await bench.cluster.capacities()
+            by_level[level] = len(results) / wall
+            if best is None or by_level[level] > best[0]:
+                best = (by_level[level], level, results, before, after)
+        assert best is not None
+        rps, level, results, before, after = best
+
+        rate = rate_rps if rate_rps is not None else 0.9 * rps
+        progress.phase(f"{label}: open loop at {rate:.1f} req/s", sizes.open_loop)
+        opened = await open_loop(
+            client, inputs, sizes.open_loop, rate, drop_after_s=bench.drop_after_s, tick=progress.advance
+        )
+
+    share = _pipeline_shares(plan, results, entries)
+    return {
+        "status": "ok",
+        "plan": plan_rows(plan),
+        "notes": list(plan.notes),
+        "max_abs_diff": diff,
+        "param_mb": [round(b / 1e6, 3) for b in param_bytes],
+        "single_ms": quantiles([r.latency_s * 1000 for r in single]),
+        "saturation": {
+            "rps": rps,
+            "concurrency": level,
+            "requests": len(results),
+            "by_concurrency": {str(k): v for k, v in by_level.items()},
+        },
+        "open_loop": {
+            "rate_rps": rate,
+            "sent": opened.sent,
+            "completed": opened.completed,
+            "dropped": opened.dropped,
+            "late": opened.late,
+            "achieved_rps": opened.achieved_rps,
+            **{f"{k}_ms": v for k, v in quantiles(opened.latencies_ms).items()},
+            "latencies_ms": [round(x, 3) for x in opened.latencies_ms],
+        },
+        "overhead": _overhead(bench, plan, results, share, before, after),
+        "bytes_per_request": _bytes(plan, prepared, results, share),
+        "stages": _stages(plan, results, entries, before, after),
+        "predicted": {
+            "bottleneck_ms": plan.predicted.bottleneck_ms,
+            "latency_ms": plan.predicted.latency_ms,
+            "throughput_rps": plan.predicted.throughput_rps,
+        },
+    }
+
+
+def _pipeline_shares(plan: Plan, results: list[Result], entries: list[str]) -> list[float]:
+    counts = [0] * len(plan.pipelines)
+    index = {e: i for i, e in enumerate(entries)}
+    for r in results:
+        counts[index[r.entry]] += 1
+    total = sum(counts) or 1
+    return [c / total for c in counts]
+
+
+def _overhead(
+    bench: Bench,
+    plan: Plan,
+    results: list[Result],
+    share: list[float],
+    before: dict[str, agent_pb2.Capacity],
+    after: dict[str, agent_pb2.Capacity],
+) -> dict[str, float]:
+    """Agents' CPU per request beyond the forward passes (decode, encode, gRPC, relaying
+    answers, idle polling); the forward's own CPU is ``Bench.forward_cpu_ms``."""
+    nodes = {s.node for s in plan.stages}
+    agent_ms = 1000 * sum(after[n].cpu_seconds - before[n].cpu_seconds for n in nodes) / max(1, len(results))
+    forward_ms = sum(
+        f * sum(bench.forward_cpu_ms(s.first_block, s.last_block) for s in p.stages)
+        for f, p in zip(share, plan.pipelines, strict=True)
+    )
+    overhead = agent_ms - forward_ms
+    return {
+        "agent_cpu_ms": agent_ms,
+        "forward_cpu_ms": forward_ms,
+        "overhead_cpu_ms": overhead,
+        "overhead_fraction": overhead / agent_ms if agent_ms > 0 else float("nan"),
+    }
+
+
+def _bytes(plan: Plan, prepared: Prepared, results: list[Result], share: list[float]) -> dict[str, float]:
+    """Client bytes as measured (frames); inter-stage bytes from the cut sizes, answers relayed back."""
+    client = statistics.fmean(r.request_bytes + r.response_bytes for r in results)
+    response = statistics.fmean(r.response_bytes for r in results)
+    inter = sum(
+        f * sum(prepared.profiles[s.last_block].out_bytes + response for s in p.stages[:-1])
+        for f, p in zip(share, plan.pipelines, strict=True)
+    )
+    return {"client": client, "inter_stage": inter, "total": client + inter}
+
+
+def _stages(
+    plan: Plan,
+    results: list[Result],
+    entries: list[str],
+    before: dict[str, agent_pb2.Capacity],
+    after: dict[str, agent_pb2.Capacity],
+) -> list[dict[str, Any]]:
+    measured = _measured_stage_ms(plan, results, entries, before, after)
+    forward = _forward_ms(plan, results, entries)
+    return [
+        {
+            "node": s.node,
+            "first_block": s.first_block,
+            "last_block": s.last_block,
+            "predicted_ms": s.stage_ms,
+            "predicted_compute_ms": s.compute_ms,
+            "predicted_transfer_ms": s.transfer_ms,
+            "measured_ms": m,
+            "forward_ms": f,
+        }
+        for s, m, f in zip(plan.stages, measured, forward, strict=True)
+    ]

@@ -1,0 +1,297 @@
+"""One configuration on one local cluster: the resource-matched monolith, the ideal, every strategy."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import statistics
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from amp4ec.bench.configs import CLIENT_HEADROOM, MATCHED, UNAWARE, Configuration, scale_nodes
+from amp4ec.bench.links import ShapedLinks
+from amp4ec.bench.loadgen import closed_loop
+from amp4ec.bench.measure import Bench, deploy, measure_plan
+from amp4ec.bench.progress import ProgressSink
+from amp4ec.client import Client
+from amp4ec.errors import Amp4ecError, PlanInfeasible
+from amp4ec.local.cluster import LocalCluster, NodeSpec
+from amp4ec.local.run import Prepared, measure_links, node_capacities
+from amp4ec.planner.types import Link, NodeCapacity, Plan
+from amp4ec.scheduling import timed_plan
+from amp4ec.slicing import ModelSource
+from amp4ec.wire.v1 import agent_pb2
+
+__all__ = ["MEMORY_MARGIN", "run_configuration", "steps"]
+
+MEMORY_MARGIN = 64 * 1024 * 1024
+"""Kept free on a memory-limited node beyond its idle agent's resident memory (allocator
+slack, the stage being built); the rest is what the planner may fill."""
+MATCHED_NODE = "matched"
+
+
+def steps(config: Configuration) -> int:
+    """Measurements in a configuration, for the overall progress bar: each strategy and the ideal."""
+    return len(config.strategies) + 1
+
+
+async def run_configuration(
+    config: Configuration,
+    prepared: Prepared,
+    budget: float,
+    progress: ProgressSink,
+    *,
+    limit_mode: str = "auto",
+    drop_after_s: float = 10.0,
+) -> dict[str, Any]:
+    nodes, factor = scale_nodes(config, budget)
+    if factor < 1:
+        cores = budget / (1 - CLIENT_HEADROOM)
+        progress.note(
+            f"{config.name}: scaled all shares by {factor:.2f} to fit {cores:.0f} cores with client "
+            f"headroom ({config.total_cpu:g} CPU asked, {budget:.2f} available to nodes)"
+        )
+    mems = [n.memory_bytes for n in nodes if n.memory_bytes]
+    total_memory = sum(mems) if len(mems) == len(nodes) else None
+    matched = NodeSpec(MATCHED_NODE, round(sum(n.cpu for n in nodes), 4), total_memory)
+    out: dict[str, Any] = {
+        "name": config.name,
+        "title": config.title,
+        "model": config.source.spec,
+        "input_shape": list(prepared.loaded.example_inputs[0].shape),
+        "blocks": len(prepared.chain),
+        "model_mb": round(sum(p.param_bytes for p in prepared.profiles) / 1e6, 2),
+        "note": config.note,
+        "scale_factor": factor,
+        "nodes": [_node_json(n, p) for n, p in zip(nodes, config.nodes, strict=True)],
+        "matched": _node_json(matched, None),
+        "strategies": {},
+    }
+    if config.links:
+        out["links"] = {"rate_mbit": config.links.rate_mbit, "delay_ms": config.links.delay_ms}
+    names = [n.name for n in nodes]
+    async with (
+        LocalCluster([*nodes, matched], limit_mode) as cluster,
+        _links(config, cluster, names) as shaped,
+    ):
+        out["cpu_limits"] = cluster.limit_description
+        await _prime(cluster, config.source)
+        caps = await _capacities(cluster)
+        capacity = {c.name: c for c in node_capacities(caps, prepared.reference_ms)}
+        planner_nodes = [_memory_headroom(cluster, capacity[n], config.shard_memory_mb) for n in names]
+        for row, offered in zip(out["nodes"], planner_nodes, strict=True):
+            row["offered_to_shards_mb"] = _mb(offered.memory_bytes)
+        loopback = [link for link in await measure_links(cluster) if MATCHED_NODE not in (link.src, link.dst)]
+        links = await shaped.links(names, loopback) if shaped else loopback
+        out["links_measured"] = [_link_json(link) for link in links]
+        bench = Bench(
+            cluster,
+            prepared,
+            config.source,
+            config.sizes,
+            progress,
+            shaped.hop if shaped else cluster.address,
+            drop_after_s,
+        )
+
+        threads = max(1, math.floor(matched.cpu))
+        plan, ms = _plan(prepared, [_memory_headroom(cluster, capacity[MATCHED_NODE])], "monolith", [])
+        result = await _guarded(bench, plan, MATCHED, None)
+        result.update(planning_ms=ms, threads_tried=sorted({1, threads}), threads=threads)
+        if threads > 1:
+            result.setdefault("notes", []).append(
+                f"ran with floor(cpu) = {threads} threads; the 1-thread variant was not run"
+            )
+        out["strategies"][MATCHED] = result
+        progress.step()
+        rate = result.get("open_loop", {}).get("rate_rps")
+        out["open_loop_rate_rps"] = rate
+
+        out["ideal"] = await _ideal(bench, planner_nodes, links)
+        if out["ideal"] is not None:
+            progress.step()
+
+        for strategy in config.strategies:
+            if strategy == MATCHED:
+                continue
+            with_links = loopback if strategy == UNAWARE else links
+            # "monolith" is the whole model on the node with the most CPU, as the paper means it.
+            candidates = (
+                [max(planner_nodes, key=lambda n: n.cpu)] if strategy == "monolith" else planner_nodes
+            )
+            try:
+                plan, ms = _plan(
+                    prepared, candidates, "optimal" if strategy == UNAWARE else strategy, with_links
+                )
+            except PlanInfeasible as e:
+                out["strategies"][strategy] = {"status": "infeasible", "reason": str(e)}
+            else:
+                result = await _guarded(bench, plan, strategy, rate)
+                result["planning_ms"] = ms
+                out["strategies"][strategy] = result
+            progress.step()
+    if out["ideal"] is None:
+        out["ideal"] = await _ideal_without_memory_limits(bench, nodes, limit_mode)
+        progress.step()
+    return out
+
+
+async def _capacities(cluster: LocalCluster) -> dict[str, agent_pb2.Capacity]:
+    """Each agent's capacity, the reference workload run one agent at a time.
+
+    [Note: one at a time] LocalCluster.capacities asks every agent at once; with the
+    resource-matched monolith beside the nodes their shares add up to more than the machine,
+    so simultaneous workloads would slow each other and every speed would read low. Agents
+    keep their first measurement, so the later, simultaneous readings cost nothing.
+    """
+    for node in cluster.agents:
+        await cluster.agent_stub(node).GetCapacity(agent_pb2.CapacityRequest(), timeout=60)
+    return await cluster.capacities()
+
+
+def _plan(
+    prepared: Prepared, nodes: Sequence[NodeCapacity], strategy: str, links: Sequence[Link], repeats: int = 5
+) -> tuple[Plan, float]:
+    """The plan, and the median wall time of ``repeats`` planning calls (ms)."""
+    times, plan = [], None
+    for _ in range(repeats):
+        plan, ms = timed_plan(
+            prepared.profiles,
+            nodes,
+            strategy=strategy,
+            objective="throughput",
+            input_bytes=prepared.chain.input_bytes,
+            links=links,
+        )
+        times.append(ms)
+    assert plan is not None
+    return plan, statistics.median(times)
+
+
+async def _guarded(bench: Bench, plan: Plan, label: str, rate: float | None) -> dict[str, Any]:
+    """measure_plan, with a failure (an agent killed for memory, say) recorded instead of raised."""
+    try:
+        return await measure_plan(bench, plan, label, rate)
+    except Amp4ecError as e:
+        dead = [
+            f"{name} {agent.exit_reason()}"
+            for name, agent in bench.cluster.agents.items()
+            if agent.process.poll() is not None
+        ]
+        reason = str(e).splitlines()[0] + (f" ({'; '.join(dead)})" if dead else "")
+        bench.progress.note(f"{label} failed: {reason}")
+        if dead:
+            raise Amp4ecError(f"{label}: node agent died: {'; '.join(dead)}") from e
+        return {"status": "failed", "reason": reason}
+
+
+async def _ideal(bench: Bench, planner_nodes: Sequence[NodeCapacity], links: Sequence[Link]) -> dict | None:
+    """Each node's standalone throughput with the whole model on it; their sum is the ideal.
+    None when some node cannot hold the model (then ``_ideal_without_memory_limits``)."""
+    try:
+        plan, _ = _plan(bench.prepared, planner_nodes, "replicate", links, repeats=1)
+    except PlanInfeasible:
+        return None
+    if len(plan.pipelines) < len(planner_nodes):
+        return None
+    per_node = await _standalone(bench, plan)
+    where = "each node alone, under its CPU and memory limits"
+    return {"rps": sum(per_node.values()), "per_node_rps": per_node, "measured": where}
+
+
+async def _ideal_without_memory_limits(bench: Bench, nodes: Sequence[NodeSpec], limit_mode: str) -> dict:
+    """The ideal where no node holds the model: the same CPU shares, memory limits lifted.
+
+    Runs on a cluster of its own once the configuration's cluster is gone (two clusters of
+    one process at once would share cgroup names)."""
+    free = [replace(n, memory_bytes=None) for n in nodes]
+    async with LocalCluster(free, limit_mode) as cluster:
+        caps = node_capacities(await _capacities(cluster), bench.prepared.reference_ms)
+        plan, _ = _plan(bench.prepared, caps, "replicate", [], repeats=1)
+        per_node = await _standalone(replace(bench, cluster=cluster, hop=cluster.address), plan)
+    where = "each node alone under its CPU limit, its memory limit lifted (no node holds the model)"
+    return {"rps": sum(per_node.values()), "per_node_rps": per_node, "measured": where}
+
+
+async def _standalone(bench: Bench, plan: Plan) -> dict[str, float]:
+    await deploy(bench, plan)
+    inputs = bench.prepared.loaded.example_inputs
+    out = {}
+    for pipeline in plan.pipelines:
+        node = pipeline.stages[0].node
+        bench.progress.phase(f"ideal: {node} alone", bench.sizes.ideal)
+        async with Client([bench.cluster.address(node)]) as client:
+            await closed_loop(client, inputs, 2, 2)
+            results, wall = await closed_loop(client, inputs, bench.sizes.ideal, 2, bench.progress.advance)
+        out[node] = len(results) / wall
+    return out
+
+
+async def _prime(cluster: LocalCluster, source: ModelSource) -> None:
+    """Load the model's first block on every agent: what building any stage imports and keeps
+    (fx, tracing caches) is then resident, so the memory left over is what stages can use."""
+    spec = agent_pb2.StageSpec(
+        model=source.spec,
+        weights=source.weights or "",
+        seed=source.seed,
+        input_shape=list(source.input_shape or ()),
+        first_block=0,
+        last_block=0,
+    )
+    await asyncio.gather(*(cluster.load(node, spec) for node in cluster.agents))
+
+
+def _memory_headroom(cluster: LocalCluster, node: NodeCapacity, shard_mb: int | None = None) -> NodeCapacity:
+    """A memory-limited node offers its limit less its primed agent's resident memory (anonymous
+    and mapped files, as its cgroup counts them) and a margin. With ``shard_mb`` the node offers
+    exactly that, and its cgroup limit is lowered to resident + margin + ``shard_mb``."""
+    agent = cluster.agents[node.name]
+    if not agent.node.memory_bytes or agent.cgroup is None:
+        return node
+    for d in agent.cgroup.dirs:
+        stat = Path(d, "memory.stat")
+        if stat.exists():
+            fields = dict(line.split() for line in stat.read_text().splitlines())
+            resident = sum(int(fields.get(f"total_{k}", fields.get(k, "0"))) for k in ("rss", "mapped_file"))
+            if shard_mb is not None:
+                offer = shard_mb * 2**20
+                Path(d, "memory.limit_in_bytes").write_text(str(resident + MEMORY_MARGIN + offer))
+                return replace(node, memory_bytes=offer)
+            free = agent.node.memory_bytes - resident - MEMORY_MARGIN
+            return replace(node, memory_bytes=max(0, min(node.memory_bytes, free)))
+    return node
+
+
+def _node_json(node: NodeSpec, paper: NodeSpec | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": node.name, "cpu": node.cpu, "memory_mb": _mb(node.memory_bytes)}
+    if paper is not None:
+        out["paper_cpu"] = paper.cpu
+    return out
+
+
+def _mb(value: int | None) -> float | None:
+    return None if value is None else round(value / 2**20, 1)
+
+
+def _link_json(link: Link) -> dict[str, Any]:
+    return {
+        "src": link.src,
+        "dst": link.dst,
+        "rtt_ms": round(link.rtt_ms, 3),
+        "mbit_s": round(link.bandwidth_bytes_per_s * 8 / 1e6, 2),
+    }
+
+
+@contextlib.asynccontextmanager
+async def _links(
+    config: Configuration, cluster: LocalCluster, names: list[str]
+) -> AsyncIterator[ShapedLinks | None]:
+    if config.links is None:
+        yield None
+        return
+    async with ShapedLinks(config.links, {n: cluster.address(n) for n in names}, os.getpid()) as shaped:
+        yield shaped

@@ -1,0 +1,78 @@
+"""run_bench: every configuration in order, each model profiled once, failures recorded not raised."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from amp4ec.bench.configs import Configuration, configurations, cpu_budget
+from amp4ec.bench.links import links_available
+from amp4ec.bench.progress import ProgressSink
+from amp4ec.bench.report import machine, summarise
+from amp4ec.bench.runner import run_configuration, steps
+from amp4ec.errors import Amp4ecError
+from amp4ec.local.run import Prepared, prepare
+from amp4ec.slicing import ModelSource
+
+__all__ = ["BenchOptions", "plan_configurations", "run_bench"]
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    source: ModelSource
+    quick: bool = False
+    only: tuple[str, ...] = ()
+    big_model: str = "vit_b_16"
+    limit_mode: str = "auto"
+    cores: int | None = None
+    """Cores the benchmark may use (default: this process's affinity)."""
+    command: str = "amp4ec bench"
+
+
+def plan_configurations(options: BenchOptions) -> list[Configuration]:
+    return configurations(options.source, quick=options.quick, only=options.only, big_model=options.big_model)
+
+
+async def run_bench(options: BenchOptions, progress: ProgressSink | None = None) -> dict[str, Any]:
+    sink = progress or ProgressSink()
+    started = time.perf_counter()
+    configs = plan_configurations(options)
+    budget = cpu_budget(options.cores)
+    results: dict[str, Any] = {
+        "schema": 1,
+        "command": options.command,
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "quick": options.quick,
+        "machine": machine(),
+        "cpu_budget": budget,
+        "configurations": [],
+    }
+    prepared: dict[ModelSource, Prepared] = {}
+    for config in configs:
+        if config.links is not None and (why := links_available()) is not None:
+            sink.note(f"{config.name}: skipped, slow links {why}")
+            results["configurations"].append({"name": config.name, "status": "skipped", "reason": why})
+            continue
+        if config.source not in prepared:
+            sink.phase(f"profiling {config.source.spec}")
+            prepared[config.source] = await asyncio.to_thread(prepare, config.source)
+        try:
+            result = await run_configuration(
+                config, prepared[config.source], budget, sink, limit_mode=options.limit_mode
+            )
+        except Amp4ecError as e:
+            sink.note(f"{config.name} failed: {e}")
+            results["configurations"].append({"name": config.name, "status": "failed", "reason": str(e)})
+            continue
+        result["status"] = "ok"
+        summarise(result)
+        results["configurations"].append(result)
+    results["wall_s"] = time.perf_counter() - started
+    return results
+
+
+def total_steps(options: BenchOptions) -> int:
+    return sum(steps(c) for c in plan_configurations(options))

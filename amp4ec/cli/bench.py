@@ -1,0 +1,125 @@
+"""``amp4ec bench``: every configuration and strategy, measured in one run → JSON, PNGs, docs table."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+from amp4ec.bench.progress import ProgressSink
+from amp4ec.cli.options import model_options, source_from
+
+__all__ = ["bench"]
+
+CONFIG_NAMES = ("standard", "scale-down", "scale-up", "big-model", "slow-links")
+
+
+class _RichSink(ProgressSink):
+    def __init__(self, bar: Progress, console: Console, total: int) -> None:
+        self.bar, self.console = bar, console
+        self.overall: TaskID = bar.add_task("[bold]benchmark", total=total)
+        self.current: TaskID = bar.add_task("starting", total=None)
+
+    def phase(self, text: str, total: int | None = None) -> None:
+        self.bar.reset(self.current, total=total, description=text)
+
+    def advance(self) -> None:
+        self.bar.advance(self.current)
+
+    def step(self) -> None:
+        self.bar.advance(self.overall)
+
+    def note(self, text: str) -> None:
+        self.console.print(f"[yellow]note:[/] {text}", highlight=False)
+
+
+@click.command()
+@model_options
+@click.option("--quick", is_flag=True, help="the reduced CI run: one configuration, few requests")
+@click.option(
+    "--only",
+    multiple=True,
+    type=click.Choice(CONFIG_NAMES),
+    help="run only this configuration (repeatable; default: all, or standard with --quick)",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("out/bench"),
+    show_default=True,
+    help="folder for results.json and the PNG plots",
+)
+@click.option(
+    "--docs",
+    "docs_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("docs/benchmarks.md"),
+    show_default=True,
+    help="Markdown file whose generated section is rewritten",
+)
+@click.option("--no-docs", is_flag=True, help="do not touch the Markdown file")
+@click.option(
+    "--big-model", default="vit_b_16", show_default=True, help="zoo model of the big-model configuration"
+)
+@click.option(
+    "--cpu-limits",
+    type=click.Choice(("auto", "cgroup", "emulate", "none")),
+    default="auto",
+    show_default=True,
+    help="how node CPU shares are enforced (auto: cgroup when permitted)",
+)
+def bench(
+    model: str,
+    weights: str | None,
+    seed: int,
+    input_shape: str | None,
+    quick: bool,
+    only: tuple[str, ...],
+    out: Path,
+    docs_path: Path,
+    no_docs: bool,
+    big_model: str,
+    cpu_limits: str,
+) -> None:
+    """Benchmark amp4ec against both monoliths and the baselines, as in the paper, on this machine."""
+    # gRPC's fork notices (agents are forked while channels are open) would interleave the bar.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    from amp4ec.bench.markdown import render, write_docs
+    from amp4ec.bench.plots import write_plots
+    from amp4ec.bench.report import write_json
+    from amp4ec.bench.suite import BenchOptions, run_bench, total_steps
+
+    options = BenchOptions(
+        source=source_from(model, weights, seed, input_shape),
+        quick=quick,
+        only=only,
+        big_model=big_model,
+        limit_mode=cpu_limits,
+        command=shlex.join(["amp4ec", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else "amp4ec bench",
+    )
+    console = Console()
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        results = asyncio.run(run_bench(options, _RichSink(bar, console, total_steps(options))))
+    write_json(results, out / "results.json")
+    plots = write_plots(results, out)
+    markdown = render(results)
+    (out / "benchmarks.md").write_text(markdown)
+    console.print(markdown, markup=False, highlight=False)
+    if not no_docs:
+        write_docs(docs_path, markdown)
+        console.print(f"table written into {docs_path}")
+    console.print(f"results: {out / 'results.json'}; plots: {', '.join(str(p) for p in plots)}")
+    console.print(f"took {results['wall_s'] / 60:.1f} min")

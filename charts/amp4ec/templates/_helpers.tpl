@@ -1,0 +1,86 @@
+{{/* Names and labels shared by every template. */}}
+
+{{- define "amp4ec.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The prefix of every object name: the release name when it already contains the chart name. */}}
+{{- define "amp4ec.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "amp4ec.operatorName" -}}
+{{- printf "%s-operator" (include "amp4ec.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "amp4ec.monitorName" -}}
+{{- printf "%s-monitor" (include "amp4ec.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "amp4ec.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "amp4ec.operatorName" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "amp4ec.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/part-of: amp4ec
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Selector labels of one component (operator | monitor): stable across upgrades. */}}
+{{- define "amp4ec.selectorLabels" -}}
+{{ include "amp4ec.componentLabels" . }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+{{- end }}
+
+{{/* The component part of the selector labels, beside amp4ec.labels (which has the instance). */}}
+{{- define "amp4ec.componentLabels" -}}
+app.kubernetes.io/name: {{ include "amp4ec.name" .root }}-{{ .component }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "amp4ec.operatorImage" -}}
+{{- printf "%s:%s" .Values.operator.image.repository (default .Chart.AppVersion .Values.operator.image.tag) }}
+{{- end }}
+
+{{- define "amp4ec.agentImage" -}}
+{{- printf "%s:%s" .Values.agent.image.repository (default .Chart.AppVersion .Values.agent.image.tag) }}
+{{- end }}
+
+{{/* host:port the operator asks for block profiles (Monitor.Profile). */}}
+{{- define "amp4ec.profiler" -}}
+{{- if .Values.operator.profiler }}
+{{- .Values.operator.profiler }}
+{{- else if .Values.monitor.enabled }}
+{{- printf "%s.%s.svc:%d" (include "amp4ec.monitorName" .) .Release.Namespace (int .Values.monitor.grpcPort) }}
+{{- else }}
+{{- fail "operator.profiler is required when monitor.enabled is false (the operator profiles models through a monitor)" }}
+{{- end }}
+{{- end }}
+
+{{/* A map as K=V,K2=V2 (sorted keys), the format of AMP4EC_SHARD_ENV. */}}
+{{- define "amp4ec.keyValues" -}}
+{{- $pairs := list }}
+{{- range $k, $v := . }}
+{{- $pairs = append $pairs (printf "%s=%v" $k $v) }}
+{{- end }}
+{{- join "," $pairs }}
+{{- end }}

@@ -1,0 +1,157 @@
+"""The benchmark's parts without a cluster: scaling, load generators, the delay proxy, the docs section."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from amp4ec.bench.configs import (
+    ALL_CONFIGURATIONS,
+    STRATEGIES,
+    LinkShape,
+    configurations,
+    cpu_budget,
+    scale_nodes,
+)
+from amp4ec.bench.links import ShapedLinks, links_available
+from amp4ec.bench.loadgen import closed_loop, open_loop
+from amp4ec.bench.markdown import BEGIN, END, write_docs
+from amp4ec.bench.proxy import serve
+from amp4ec.errors import InvalidSpec
+from amp4ec.slicing import ModelSource
+
+
+def test_configurations_and_scaling() -> None:
+    every = configurations(ModelSource("mobilenet_v2"))
+    assert [c.name for c in every] == list(ALL_CONFIGURATIONS)
+    standard = every[0]
+    assert [n.cpu for n in standard.nodes] == [1.0, 0.6, 0.4]
+    assert set(standard.strategies) == set(STRATEGIES)
+    nodes, factor = scale_nodes(standard, cpu_budget(2))
+    assert factor == pytest.approx(0.8)
+    assert sum(n.cpu for n in nodes) == pytest.approx(1.6)
+    assert scale_nodes(every[1], cpu_budget(2))[1] == 1.0, "1 CPU fits 2 cores with headroom"
+    assert [c.name for c in configurations(ModelSource("mobilenet_v2"), quick=True)] == ["standard"]
+    with pytest.raises(InvalidSpec, match="unknown configuration 'nope'"):
+        configurations(ModelSource("mobilenet_v2"), only=("nope",))
+
+
+class _FakeClient:
+    """Answers after ``service_s``, one at a time (a single-server queue)."""
+
+    def __init__(self, service_s: float) -> None:
+        self.service_s = service_s
+        self.lock = asyncio.Lock()
+
+    async def infer(self, inputs: object) -> SimpleNamespace:
+        async with self.lock:
+            await asyncio.sleep(self.service_s)
+        return SimpleNamespace(latency_s=self.service_s)
+
+
+def test_open_loop_counts_from_the_schedule_and_drops_what_is_too_slow() -> None:
+    async def main() -> tuple:
+        fast = await open_loop(_FakeClient(0.001), (), 20, 200.0, drop_after_s=1.0)  # type: ignore[arg-type]
+        slow = await open_loop(_FakeClient(0.05), (), 10, 1000.0, drop_after_s=0.2)  # type: ignore[arg-type]
+        results, wall = await closed_loop(_FakeClient(0.01), (), 10, 3)  # type: ignore[arg-type]
+        return fast, slow, results, wall
+
+    fast, slow, results, wall = asyncio.run(main())
+    assert fast.completed == 20 and fast.dropped == 0 and fast.achieved_rps > 0
+    assert min(fast.latencies_ms) >= 1.0
+    # 10 requests in ~10 ms into a server that takes 50 ms each: the queue grows, latencies with it,
+    # and what waits beyond 200 ms is dropped and counted.
+    assert slow.dropped > 0 and slow.completed + slow.dropped == 10
+    assert slow.latencies_ms == sorted(slow.latencies_ms)
+    assert len(results) == 10 and wall >= 0.1
+
+
+def test_the_proxy_adds_its_delay_each_way() -> None:
+    async def main() -> float:
+        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while data := await reader.read(1024):
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        target = await asyncio.start_server(echo, "127.0.0.1", 0)
+        target_port = target.sockets[0].getsockname()[1]
+        port_file = Path(f"/tmp/amp4ec-proxy-test-{id(target)}.port")
+        proxy = asyncio.create_task(serve("127.0.0.1:0", f"127.0.0.1:{target_port}", 30.0, port_file))
+        while not port_file.exists():
+            await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(port_file.read_text()))
+        port_file.unlink()
+        start = time.perf_counter()
+        writer.write(b"ping")
+        assert await reader.readexactly(4) == b"ping"
+        elapsed = time.perf_counter() - start
+        writer.close()
+        proxy.cancel()
+        target.close()
+        return elapsed
+
+    assert asyncio.run(main()) >= 0.06
+
+
+def test_docs_section_is_replaced_between_markers_and_the_rest_kept(tmp_path: Path) -> None:
+    docs = tmp_path / "benchmarks.md"
+    write_docs(docs, "first table\n")
+    assert BEGIN in docs.read_text() and "first table" in docs.read_text()
+    docs.write_text("# Mine\n\nkeep me\n\n" + docs.read_text() + "\nand me\n")
+    write_docs(docs, "second table\n")
+    text = docs.read_text()
+    assert "keep me" in text and "and me" in text and "second table" in text
+    assert "first table" not in text and text.count(BEGIN) == 1 and text.count(END) == 1
+    other = tmp_path / "other.md"
+    other.write_text("# Benchmarks\n\nsomeone's notes\n")
+    write_docs(other, "table\n")
+    assert other.read_text().startswith("# Benchmarks\n\nsomeone's notes\n") and "table" in other.read_text()
+
+
+@pytest.mark.skipif(links_available() is not None, reason=f"slow links: {links_available()}")
+def test_shaped_links_delay_and_limit_then_leave_nothing_behind() -> None:
+    def namespaces() -> str:
+        return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
+
+    async def main() -> tuple[float, float, str]:
+        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        target = await asyncio.start_server(echo, "127.0.0.1", 0)
+        port = target.sockets[0].getsockname()[1]
+        async with ShapedLinks(
+            LinkShape(rate_mbit=20, delay_ms=10), {"n0": f"127.0.0.1:{port}"}, os.getpid()
+        ) as links:
+            inside = namespaces()
+            host, hop_port = links.hop("n0").rsplit(":", 1)
+            assert host.startswith("198.18.")
+            reader, writer = await asyncio.open_connection(host, int(hop_port))
+            start = time.perf_counter()
+            writer.write(b"x")
+            await reader.readexactly(1)
+            rtt = time.perf_counter() - start
+            payload = bytes(250_000)  # 2 Mbit each way at 20 Mbit/s: at least 0.2 s
+            start = time.perf_counter()
+            writer.write(payload)
+            await reader.readexactly(len(payload))
+            transfer = time.perf_counter() - start
+            writer.close()
+        target.close()
+        return rtt, transfer, inside
+
+    rtt, transfer, inside = asyncio.run(main())
+    assert f"amp4ec-{os.getpid()}-0" in inside
+    assert rtt >= 0.02 and transfer >= 0.2
+    assert f"amp4ec-{os.getpid()}-" not in namespaces()
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=False).stdout
+    assert f"a4h{os.getpid() % 100000}x" not in links

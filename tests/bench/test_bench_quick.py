@@ -1,0 +1,84 @@
+"""``amp4ec bench --quick`` end to end: the output is complete and well-formed (never a timing)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from amp4ec.bench.configs import STRATEGIES
+from amp4ec.bench.markdown import BEGIN, END
+from amp4ec.bench.plots import PLOTS
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _positive(value: Any, what: str) -> None:
+    assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, f"{what} = {value!r}"
+
+
+def _finite(value: Any, what: str) -> None:
+    assert isinstance(value, (int, float)) and math.isfinite(value), f"{what} = {value!r}"
+
+
+def test_quick_bench_writes_complete_results_plots_and_docs(tmp_path: Path) -> None:
+    out, docs = tmp_path / "out", tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\nwritten by someone else\n")
+    cmd = [sys.executable, "-m", "amp4ec", "bench", "--quick", "--input-shape", "1,3,64,64"]
+    cmd += ["--out", str(out), "--docs", str(docs)]
+    done = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env={**os.environ, "COLUMNS": "200"}
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["quick"] is True and results["machine"]["cores"] >= 1
+    (config,) = results["configurations"]
+    assert config["name"] == "standard" and config["status"] == "ok"
+    _positive(config["ideal"]["rps"], "ideal")
+    assert len(config["ideal"]["per_node_rps"]) == len(config["nodes"]) == 3
+    _positive(config["open_loop_rate_rps"], "open-loop rate")
+    assert 0 < config["scale_factor"] <= 1
+    assert set(config["strategies"]) == set(STRATEGIES)
+    for name, s in config["strategies"].items():
+        assert s["status"] == "ok", (name, s.get("reason"))
+        assert s["max_abs_diff"] < 1e-3, name
+        for key in ("p50", "p95", "mean"):
+            _positive(s["single_ms"][key], f"{name} single {key}")
+        _positive(s["saturation"]["rps"], f"{name} saturation")
+        ol = s["open_loop"]
+        assert ol["completed"] + ol["dropped"] == ol["sent"] > 0
+        if ol["completed"]:
+            _positive(ol["p50_ms"], f"{name} open p50")
+            _positive(ol["p95_ms"], f"{name} open p95")
+        _positive(s["planning_ms"], f"{name} planning")
+        _positive(s["fraction_of_ideal"], f"{name} fraction of ideal")
+        _positive(s["vs_matched_monolith"]["throughput"], f"{name} vs matched")
+        _positive(s["vs_monolith"]["throughput"], f"{name} vs monolith")
+        _positive(s["overhead"]["agent_cpu_ms"], f"{name} agent CPU")
+        _positive(s["overhead"]["forward_cpu_ms"], f"{name} forward CPU")
+        _finite(s["overhead"]["overhead_cpu_ms"], f"{name} overhead")
+        _positive(s["bytes_per_request"]["client"], f"{name} client bytes")
+        assert s["bytes_per_request"]["total"] >= s["bytes_per_request"]["client"]
+        assert s["stages"] and len(s["stages"]) == len(s["plan"])
+        for stage in s["stages"]:
+            _positive(stage["predicted_ms"], f"{name} predicted")
+            _positive(stage["measured_ms"], f"{name} measured")
+    assert config["strategies"]["matched_monolith"]["plan"][0]["node"] == "matched"
+
+    for plot in PLOTS:
+        assert (out / plot).read_bytes()[:8] == PNG, plot
+    text = docs.read_text()
+    assert text.startswith("# Benchmarks\n\nwritten by someone else\n")
+    table = text[text.index(BEGIN) : text.index(END)]
+    for label in ("optimal (ours)", "paper (RALOS)", "replicate", "monolith, resource-matched"):
+        assert f"| {label} |" in table
+    assert "scaled all shares by 0.80" in done.stdout

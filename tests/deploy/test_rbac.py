@@ -1,0 +1,243 @@
+"""The chart's ClusterRole is exactly what the operator uses: every call it makes, nothing more.
+
+The operator's own calls are derived, not listed: a reconciliation runs (create → shards
+start → serving → a node leaves → re-plan → make-before-break → old plan deleted) against
+``RecordingKube``, the real ``amp4ec.operator.k8s.Kube`` with only its HTTP transport
+replaced by an in-memory API server that records (method, path). A static scan of
+``amp4ec/operator`` checks that the scenario reached every ``kube.<method>(...)`` call site.
+
+kopf's own calls (kopf 1.45, ``kopf run --standalone --all-namespaces``) are read from its
+source and listed in ``KOPF_NEEDS`` with where each comes from.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import re
+from collections.abc import Mapping
+from types import SimpleNamespace
+from typing import Any
+
+import yaml
+
+from amp4ec.operator.capacity import Capacity
+from amp4ec.operator.config import GROUP, PLURAL, OperatorConfig
+from amp4ec.operator.k8s import Kube
+from amp4ec.operator.profiles import ModelCosts
+from amp4ec.operator.reconcile import Deps, Target, reconcile
+from amp4ec.planner.types import LayerProfile, NodeCapacity
+from tests.deploy.chart import ROOT, one, render
+
+Permission = tuple[str, str, str]  # (apiGroup, resource, verb)
+
+KOPF_NEEDS: dict[Permission, str] = {
+    (GROUP, PLURAL, "list"): "kopf/_cogs/clients/fetching.py: the initial listing of every watch",
+    (GROUP, PLURAL, "watch"): "kopf/_cogs/clients/watching.py: the watch stream, all namespaces",
+    (GROUP, PLURAL, "patch"): "kopf/_cogs/clients/patching.py: finalizer and amp4ec.io/ progress annotations",
+    (GROUP, f"{PLURAL}/status", "patch"): "kopf/_cogs/clients/patching.py: patch.status[...] via /status",
+    ("", "events", "create"): "kopf/_cogs/clients/events.py: post_event (handler outcomes)",
+    ("apiextensions.k8s.io", "customresourcedefinitions", "list"): "kopf/_core/reactor/observation.py",
+    (
+        "apiextensions.k8s.io",
+        "customresourcedefinitions",
+        "watch",
+    ): "resource_observer (scanning not disabled)",
+}
+"""Not needed: namespaces (namespace_observer lists them only when not clusterwide) and
+kopf.dev peering objects (standalone). Discovery (/api, /apis, /version) is allowed to every
+authenticated user by the default ``system:discovery`` role."""
+
+_PATH = re.compile(r"^/api/v1/(?:namespaces/[^/]+/)?(?P<plural>[a-z]+)(?:/(?P<name>[^/?]+))?(?:\?.*)?$")
+_VERBS = {"POST": "create", "PATCH": "patch", "DELETE": "delete"}
+_METHOD_VERBS = {
+    "get": "get",
+    "list": "list",
+    "create": "create",
+    "patch": "patch",
+    "delete": "delete",
+    "delete_all": "delete",
+}
+"""Kube method → the RBAC verb of the request it sends (amp4ec/operator/k8s.py)."""
+
+
+class RecordingKube(Kube):
+    """``Kube`` over an in-memory API server that records every request as a permission."""
+
+    def __init__(self) -> None:
+        info = SimpleNamespace(
+            server="http://api.test", token=None, username=None, password=None, insecure=False
+        )
+        super().__init__(info)
+        self.objects: dict[tuple[str, str | None, str], dict[str, Any]] = {}
+        self.used: set[Permission] = set()
+        self.methods: set[tuple[str, str]] = set()  # (Kube method, kind) reached
+
+    async def _request(self, method: str, path: str, body: Any = None, content_type: str = "") -> Any:
+        m = _PATH.match(path)
+        assert m, f"unexpected API path {path}"
+        plural, name = m.group("plural"), m.group("name")
+        namespace = path.split("/")[4] if "/namespaces/" in path else None
+        verb = ("get" if name else "list") if method == "GET" else _VERBS[method]
+        self.used.add(("", plural, verb))
+        key = (plural, namespace, name or "")
+        if method == "GET" and name:
+            return self.objects.get(key)
+        if method == "GET":
+            return {
+                "items": [
+                    o for (p, ns, _), o in self.objects.items() if p == plural and ns in (namespace, None)
+                ]
+            }
+        if method == "POST":
+            meta = body["metadata"]
+            self.objects[(plural, meta.get("namespace"), meta["name"])] = dict(body, status={})
+            return body
+        if method == "PATCH":
+            _merge(self.objects[key], body)
+            return self.objects[key]
+        self.objects.pop(key, None)
+        return {}
+
+    def add_node(self, name: str) -> None:
+        self.objects[("nodes", None, name)] = {
+            "metadata": {"name": name, "labels": {"amp4ec.io/edge": "true"}},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+        }
+
+    def start_pods(self) -> None:
+        """The kubelet: every shard Pod becomes Ready."""
+        for (plural, _, _), obj in self.objects.items():
+            if plural == "pods":
+                obj["status"] = {"conditions": [{"type": "Ready", "status": "True"}]}
+
+
+def _merge(target: dict[str, Any], patch: Mapping[str, Any]) -> None:
+    for k, v in patch.items():
+        if isinstance(v, Mapping) and isinstance(target.get(k), dict):
+            _merge(target[k], v)
+        else:
+            target[k] = v
+
+
+class Profiles:
+    async def costs(self, spec: Any) -> ModelCosts:
+        blocks = tuple(LayerProfile(f"b{i}", 10**6, 10**5, 10**4, 5.0) for i in range(4))
+        return ModelCosts(blocks=blocks, input_bytes=10**4, reference_ms=10.0)
+
+
+class Capacities:
+    async def capacity(self, nodes: list[str], reference_ms: float, max_age_s: float) -> Capacity:
+        return Capacity(nodes={n: NodeCapacity(n, 1.0, 4 << 30, speed=1.0) for n in nodes})
+
+
+def _operator_calls() -> set[Permission]:
+    kube = RecordingKube()
+    for node in ("edge-a", "edge-b"):
+        kube.add_node(node)
+    deps = Deps(kube=kube, prometheus=Capacities(), profiler=Profiles(), config=OperatorConfig())  # type: ignore[arg-type]
+    spec = {
+        "model": {"name": "mobilenet_v2"},
+        "strategy": "equal",
+        "nodeSelector": {"amp4ec.io/edge": "true"},
+    }
+    status: dict[str, Any] = {}
+
+    async def step(trigger: str) -> str:
+        t = Target("demo", "default", "uid-1", 1, spec, dict(status))
+        outcome = await reconcile(deps, t, trigger=trigger, adopt=lambda obj: None)
+        assert outcome is not None
+        status.update(outcome.status)
+        return outcome.reason
+
+    async def scenario() -> None:
+        assert await step("create") == "ShardsStarting"
+        kube.start_pods()
+        assert await step("create") == "Serving"
+        first = status["plan"]["id"]
+        # A node of the plan leaves and another joins: the next check re-plans, make before break.
+        del kube.objects[("nodes", None, "edge-a")]
+        kube.add_node("edge-c")
+        deps.last_check.clear()
+        assert await step("timer") == "ShardsStarting"
+        kube.start_pods()
+        deps.last_check.clear()
+        assert await step("timer") == "Serving"
+        assert status["plan"]["id"] != first
+        await kube.close()
+
+    asyncio.run(scenario())
+    plans = {
+        o["metadata"]["labels"].get("amp4ec.io/plan") for (p, _, _), o in kube.objects.items() if p == "pods"
+    }
+    assert plans == {status["plan"]["id"]}, "the old plan's Pods are gone"
+    return kube.used
+
+
+def _kube_call_sites() -> set[str]:
+    """Kube methods the operator calls anywhere (``<...>.kube.<method>(...)``), by static scan."""
+    methods = set()
+    for path in sorted((ROOT / "amp4ec" / "operator").glob("*.py")):
+        if path.name == "k8s.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Attribute)
+                and node.func.value.attr == "kube"
+                and node.func.attr != "close"
+            ):
+                methods.add(node.func.attr)
+    return methods
+
+
+def _granted(objs: list[dict[str, Any]]) -> set[Permission]:
+    role = one(objs, "ClusterRole")
+    return {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+def test_the_scenario_reaches_every_kube_call_site() -> None:
+    sites = _kube_call_sites()
+    assert sites, "no kube calls found: the scan is broken"
+    unknown = sites - set(_METHOD_VERBS)
+    assert not unknown, f"new Kube methods {unknown}: add them to _METHOD_VERBS (and the ClusterRole)"
+    verbs = {v for _, _, v in _operator_calls()}
+    assert {_METHOD_VERBS[m] for m in sites} <= verbs, "the scenario misses a call site"
+
+
+def test_cluster_role_is_exactly_what_the_operator_and_kopf_use() -> None:
+    used = _operator_calls()
+    assert used == {
+        ("", "nodes", "list"),
+        ("", "pods", "get"), ("", "pods", "list"), ("", "pods", "create"), ("", "pods", "delete"),
+        ("", "services", "get"), ("", "services", "list"), ("", "services", "create"),
+        ("", "services", "patch"), ("", "services", "delete"),
+    }  # fmt: skip
+    needed = used | set(KOPF_NEEDS)
+    granted = _granted(render())
+    assert granted - needed == set(), f"granted but never used: {sorted(granted - needed)}"
+    assert needed - granted == set(), f"used but not granted: {sorted(needed - granted)}"
+
+
+def test_kopf_needs_hold_for_how_the_chart_runs_it() -> None:
+    """KOPF_NEEDS assumes clusterwide + standalone, a status subresource, and scanning left on."""
+    (c,) = one(render(), "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert {"--standalone", "--all-namespaces"} <= set(c["command"])
+    assert "scanning.disabled" not in (ROOT / "amp4ec" / "operator" / "settings.py").read_text()
+    crd = yaml.safe_load((ROOT / "manifests" / "crd.yaml").read_text())
+    assert all(v.get("subresources", {}).get("status") == {} for v in crd["spec"]["versions"])
+    # Clusterwide means one ClusterRole bound to the operator's ServiceAccount, and no Role.
+    objs = render()
+    binding = one(objs, "ClusterRoleBinding")
+    sa = one(objs, "ServiceAccount")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": "amp4ec-system"}
+    ]
+    assert not [o for o in objs if o["kind"] in {"Role", "RoleBinding"}]

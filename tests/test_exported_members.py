@@ -20,6 +20,7 @@ PUBLIC = {
         "Stage",
         "evaluate",
         "plan",
+        "reference_overhead_ms",
         "replan_reason",
         "should_replan",
     },

@@ -120,31 +120,77 @@ def _config(config: dict[str, Any]) -> list[str]:
             _f(result["bytes_per_request"]["total"] / 1e6, 2),
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", *_stages(config), ""]
+    tunings = config["strategies"].get(MATCHED, {}).get("tunings_rps")
+    if tunings:
+        tried = ", ".join(f"{name}: {_f(rps)}" for name, rps in tunings.items())
+        lines += ["", f"Resource-matched monolith tunings (saturation req/s; the best is shown): {tried}."]
+    lines += ["", *_summary(config), *_stages(config), ""]
     return lines
+
+
+def stage_error(stage: dict[str, Any]) -> float | None:
+    """(measured − predicted) / predicted stage time, or None when either is missing."""
+    pred, meas = stage.get("predicted_ms"), stage.get("measured_ms")
+    if not pred or meas is None or meas != meas:
+        return None
+    return (meas - pred) / pred
+
+
+def _summary(config: dict[str, Any]) -> list[str]:
+    """The two claims the planner is held to: the default strategy's throughput is at least
+    every other strategy's, and its predicted stage times are within 25% of measured."""
+    ok = {k: r for k, r in config["strategies"].items() if r.get("status") == "ok"}
+    if "optimal" not in ok:
+        return []
+    ours = ok["optimal"]["saturation"]["rps"]
+    others = {k: r["saturation"]["rps"] for k, r in ok.items() if k not in ("optimal", UNAWARE)}
+    lines = []
+    if others:
+        best = max(others, key=others.__getitem__)
+        ours_plan = ok["optimal"]["plan"]
+        same = [_LABELS.get(k, k) for k, r in ok.items() if k != "optimal" and r["plan"] == ours_plan]
+        lines.append(
+            f"Default strategy (optimal): {ours:.1f} req/s; best other: {_LABELS.get(best, best)} "
+            f"{others[best]:.1f} req/s ({ours / others[best]:.2f}×)."
+            + (f" Same plan as optimal, measured separately: {', '.join(same)}." if same else "")
+        )
+    errors = {k: [e for s in r["stages"] if (e := stage_error(s)) is not None] for k, r in ok.items()}
+    mine = errors.get("optimal") or []
+    spread = [abs(e) for es in errors.values() for e in es]
+    if mine and spread:
+        lines.append(
+            f"Stage-time prediction error: optimal's stages within {100 * max(abs(e) for e in mine):.0f}%; "
+            f"all strategies' stages: median {100 * sorted(spread)[len(spread) // 2]:.0f}%, "
+            f"worst {100 * max(spread):.0f}%."
+        )
+    return [" ".join(lines), ""] if lines else []
 
 
 def _stages(config: dict[str, Any]) -> list[str]:
     """Predicted vs measured stage times: how far the cost model is off.
 
-    Measured is CPU per request over the CPU limit, so it is compared with the predicted
-    compute; the predicted inbound transfer is shown beside it (a link's time uses no CPU)."""
+    Measured is the stage's CPU per request over its CPU limit (on loopback, receiving the
+    input is CPU work too), compared with the predicted stage time: blocks + the agent's
+    per-request overhead + the inbound transfer."""
     lines = [
         "<details><summary>Predicted vs measured stage times, ms per request "
         "(measured = the stage's CPU per request ÷ its CPU limit)</summary>",
         "",
-        "| strategy | node | blocks | predicted compute | measured | error | predicted transfer in |",
-        "|---|---|---|--:|--:|--:|--:|",
+        "| strategy | node | blocks | predicted (blocks + overhead + transfer) | measured | error |",
+        "|---|---|---|--:|--:|--:|",
     ]
     for name, result in config["strategies"].items():
         if result.get("status") != "ok":
             continue
         for s in result["stages"]:
-            pred, meas = s["predicted_compute_ms"], s["measured_ms"]
-            err = (meas - pred) / pred * 100 if pred and meas is not None and meas == meas else None
+            err = stage_error(s)
+            parts = (
+                f"{_f(s['predicted_ms'])} ({_f(s['predicted_compute_ms'])} + "
+                f"{_f(s.get('predicted_overhead_ms', 0.0))} + {_f(s['predicted_transfer_ms'])})"
+            )
             lines.append(
                 f"| {_LABELS.get(name, name)} | {s['node']} | {s['first_block']}–{s['last_block']} "
-                f"| {_f(pred)} | {_f(meas)} | {_f(err, 0, '%')} | {_f(s['predicted_transfer_ms'])} |"
+                f"| {parts} | {_f(s['measured_ms'])} | {_f(None if err is None else 100 * err, 0, '%')} |"
             )
     return [*lines, "", "</details>"]
 

@@ -247,6 +247,7 @@ def _stages(
             "predicted_ms": s.stage_ms,
             "predicted_compute_ms": s.compute_ms,
             "predicted_transfer_ms": s.transfer_ms,
+            "predicted_overhead_ms": s.overhead_ms,
             "measured_ms": m,
             "forward_ms": f,
         }

@@ -13,6 +13,7 @@ import click
 from rich.console import Console
 
 from amp4ec import __version__
+from amp4ec.allocator import keep_activation_memory
 from amp4ec.errors import Amp4ecError
 
 __all__ = ["cli", "main"]
@@ -57,4 +58,6 @@ def _interrupt(signum: int, frame: object) -> None:
 def main() -> None:
     # SIGTERM (kill, systemd, a CI timeout) cleans up like Ctrl-C: agents stopped, cgroups removed.
     signal.signal(signal.SIGTERM, _interrupt)
+    # Profiles and in-process forwards must time what the agents do: see [Note: activation page faults].
+    keep_activation_memory()
     cli()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import shutil
@@ -33,6 +34,7 @@ __all__ = ["LIMIT_MODES", "LocalCluster", "NodeSpec", "parse_bytes", "parse_node
 log = logging.getLogger(__name__)
 LIMIT_MODES = ("auto", "cgroup", "emulate", "none")
 _CGROUP_PREFIX = "amp4ec-"
+_SERIALS = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,10 @@ class NodeSpec:
     """CPU limit in cores."""
     memory_bytes: int | None = None
     """Memory limit (enforced by cgroup where possible); None = unlimited."""
+    threads: int | None = None
+    """torch intra-op threads of its agent; None = the agent's default (floor of the share)."""
+    workers: int = 1
+    """Forward threads of its agent (requests served side by side)."""
 
 
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "KI": 1024, "MI": 1024**2, "GI": 1024**3}
@@ -122,6 +128,7 @@ class LocalCluster:
         self.agents: dict[str, _Agent] = {}
         self._workdir: Path | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._serial = next(_SERIALS)
 
     @property
     def limit_description(self) -> str:
@@ -165,7 +172,8 @@ class LocalCluster:
         assert self._workdir is not None
         cgroup = None
         if self.limit_mode == "cgroup":
-            cgroup = NodeCgroup(f"{_CGROUP_PREFIX}{os.getpid()}-{index}", node.cpu, node.memory_bytes)
+            name = f"{_CGROUP_PREFIX}{os.getpid()}-{self._serial}-{index}"  # unique per cluster
+            cgroup = NodeCgroup(name, node.cpu, node.memory_bytes)
         port_file = self._workdir / f"{node.name}.port"
         log_path = self._workdir / f"{node.name}.log"
         cmd = [
@@ -185,6 +193,9 @@ class LocalCluster:
             cmd.append("--emulate-cpu")
         if node.memory_bytes:
             cmd += ["--memory-bytes", str(node.memory_bytes)]
+        if node.threads:
+            cmd += ["--threads", str(node.threads)]
+        cmd += ["--workers", str(node.workers)]
 
         def preexec() -> None:
             set_parent_death_signal()

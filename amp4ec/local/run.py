@@ -21,7 +21,7 @@ from amp4ec.client import Client, Result
 from amp4ec.errors import InvalidSpec
 from amp4ec.local.cluster import LocalCluster, NodeSpec
 from amp4ec.node_agent.capacity import reference_workload_ms
-from amp4ec.planner.types import Link, NodeCapacity, Plan
+from amp4ec.planner.types import Link, NodeCapacity, Plan, reference_overhead_ms
 from amp4ec.scheduling import timed_plan
 from amp4ec.slicing import BlockChain, LoadedModel, ModelSource, load_model, profile_chain, split_model
 from amp4ec.wire.v1 import agent_pb2
@@ -161,16 +161,20 @@ def prepare(source: ModelSource) -> Prepared:
 
 def node_capacities(capacities: dict[str, agent_pb2.Capacity], reference_ms: float) -> list[NodeCapacity]:
     """Agents' measurements → planner input; speed is relative to the profiling process."""
-    return [
-        NodeCapacity(
-            name=name,
-            cpu=c.cpu_limit,
-            memory_bytes=c.memory_available_bytes,
-            speed=reference_ms / c.workload_ms if c.workload_ms > 0 else 0.0,
-            load=c.load,
+    nodes = []
+    for name, c in capacities.items():
+        speed = reference_ms / c.workload_ms if c.workload_ms > 0 else 0.0
+        nodes.append(
+            NodeCapacity(
+                name=name,
+                cpu=c.cpu_limit,
+                memory_bytes=c.memory_available_bytes,
+                speed=speed,
+                load=c.load,
+                overhead_ms=reference_overhead_ms(c.request_overhead_ms, c.cpu_limit, speed),
+            )
         )
-        for name, c in capacities.items()
-    ]
+    return nodes
 
 
 async def deploy(cluster: LocalCluster, plan: Plan, source: ModelSource) -> list[int]:
@@ -280,7 +284,12 @@ async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
         bytes_per_request=statistics.fmean(r.request_bytes + r.response_bytes for r in results),
         warnings=warnings,
         capacities={
-            n: {"cpu_limit": c.cpu_limit, "workload_ms": c.workload_ms, "speed": nc.speed}
+            n: {
+                "cpu_limit": c.cpu_limit,
+                "workload_ms": c.workload_ms,
+                "speed": nc.speed,
+                "request_overhead_cpu_ms": c.request_overhead_ms,
+            }
             for (n, c), nc in zip(capacities.items(), nodes, strict=True)
         },
     )

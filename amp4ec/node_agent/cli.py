@@ -48,6 +48,7 @@ def parse_args(
     p.add_argument("--cpu-limit", type=float, help="CPU cores (default: read the cgroup quota)")
     p.add_argument("--emulate-cpu", action="store_true", help="emulate --cpu-limit by idling (no cgroup)")
     p.add_argument("--threads", type=int, help="torch threads (default: floor(cpu limit), at least 1)")
+    p.add_argument("--workers", type=int, default=1, help="forward threads serving requests side by side")
     p.add_argument("--window", type=int, default=16, help="in-flight requests per inbound stream")
     p.add_argument("--memory-bytes", type=int, help="memory to report (default: cgroup/MemAvailable)")
     stage = p.add_argument_group("stage (optional: a range can also be loaded over gRPC)")
@@ -86,6 +87,7 @@ def parse_args(
         cpu_limit=a.cpu_limit,
         emulate_cpu=a.emulate_cpu,
         threads=a.threads,
+        workers=a.workers,
         window=a.window,
         memory_bytes=a.memory_bytes,
     )

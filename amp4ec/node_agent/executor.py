@@ -6,22 +6,20 @@ No gRPC here beyond the generated message types: the servicer is the adapter.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
-import gc
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import torch
 
+from amp4ec.allocator import release_memory
 from amp4ec.errors import InvalidSpec
 from amp4ec.slicing import ModelSource, Shard, load_model, split_model
 from amp4ec.slicing.materialise import materialise
 from amp4ec.wire import codec
 from amp4ec.wire.v1 import agent_pb2, shard_pb2
 
-__all__ = ["LoadedStage", "StageConfig", "StageExecutor", "build_stage", "release_memory"]
+__all__ = ["LoadedStage", "StageConfig", "StageExecutor", "build_stage"]
 
 
 @dataclass(frozen=True)
@@ -119,28 +117,19 @@ def _build(config: StageConfig) -> LoadedStage:
     return LoadedStage(config=config, shard=shard, num_blocks=len(chain))
 
 
-def release_memory() -> None:
-    """Collect garbage (fx graphs sit in reference cycles) and hand freed heap back to the OS.
-
-    [Note: malloc_trim] glibc keeps freed heap pages (and raises its mmap threshold after a
-    large free), so without a trim an agent that swapped stages keeps the old one's memory
-    resident and a cgroup memory limit kills it for memory it no longer uses.
-    """
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 class StageExecutor:
-    """Runs requests through a stage on one worker thread, in arrival order.
+    """Runs requests through a stage on ``workers`` forward threads (one: in arrival order).
 
-    One thread: a node's CPU share is the budget, and torch's own intra-op threads are
-    the way to use more than one core. With ``emulate_cpu`` the worker idles after each
-    forward so the duty cycle matches the CPU limit.
+    A node's CPU share is the budget. One worker suits a share of a core or less; beyond
+    that, torch's intra-op threads or more workers (requests side by side, answered as they
+    finish) use the extra cores. With ``emulate_cpu`` a worker idles after each forward so
+    the duty cycle matches the CPU limit.
     """
 
-    def __init__(self, cpu_limit: float, emulate_cpu: bool = False) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+    def __init__(self, cpu_limit: float, emulate_cpu: bool = False, workers: int = 1) -> None:
+        if workers < 1:
+            raise InvalidSpec(f"workers: expected at least 1 forward thread, got {workers}")
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="forward")
         self._idle_factor = (1.0 / cpu_limit - 1.0) if emulate_cpu and 0 < cpu_limit < 1 else 0.0
 
     async def run(

@@ -29,6 +29,7 @@ REQUEST_SECONDS = Histogram(
 """Its ``_count`` is the pipeline's answered requests: what the operator's ``status.measured`` reads."""
 CAPACITY = Gauge(
     "amp4ec_node_capacity",
-    "What this node offers: cpu_limit (cores), workload_ms, memory_available_bytes, load.",
+    "What this node offers: cpu_limit (cores), workload_ms, memory_available_bytes, load, "
+    "request_overhead_ms (CPU ms a request costs a stage here beyond its blocks).",
     ["node", "resource"],
 )

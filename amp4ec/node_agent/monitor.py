@@ -6,7 +6,8 @@ bandwidth to its peers) as Prometheus gauges, refreshed every ``interval`` secon
 serves ``Monitor.Profile`` so the operator learns block costs without importing torch.
 
 [Note: capacity override] ``override`` names a JSON file re-read on every refresh whose keys
-(``cpu_limit``, ``workload_ms``, ``memory_available_bytes``) replace the measured values. It
+(``cpu_limit``, ``workload_ms``, ``request_overhead_ms``, ``memory_available_bytes``) replace
+the measured values. It
 lets an operator drain or slow a node by hand and lets tests change capacity for real,
 through the same metrics and Prometheus path a cluster uses.
 """
@@ -25,6 +26,7 @@ from pathlib import Path
 import grpc
 from prometheus_client import Gauge
 
+from amp4ec.node_agent.calibrate import request_overhead_ms
 from amp4ec.node_agent.capacity import memory_available_bytes, reference_workload_ms
 from amp4ec.node_agent.server import AgentServer
 from amp4ec.node_agent.settings import AgentSettings
@@ -32,7 +34,16 @@ from amp4ec.node_agent.status import status_of
 from amp4ec.wire import codec
 from amp4ec.wire.v1 import agent_pb2, agent_pb2_grpc
 
-__all__ = ["CPU_LIMIT", "LINK_BANDWIDTH", "LINK_RTT", "MEMORY", "WORKLOAD", "Monitor", "MonitorServicer"]
+__all__ = [
+    "CPU_LIMIT",
+    "LINK_BANDWIDTH",
+    "LINK_RTT",
+    "MEMORY",
+    "OVERHEAD",
+    "WORKLOAD",
+    "Monitor",
+    "MonitorServicer",
+]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +51,11 @@ CPU_LIMIT = Gauge("amp4ec_node_cpu_limit_cores", "CPU cores a shard on this node
 WORKLOAD = Gauge(
     "amp4ec_node_workload_ms",
     "Milliseconds this node takes for amp4ec's fixed reference workload on one thread (lower is faster).",
+    ["node"],
+)
+OVERHEAD = Gauge(
+    "amp4ec_node_request_overhead_ms",
+    "CPU milliseconds one request costs a stage on this node beyond its blocks (gRPC, codec, relaying).",
     ["node"],
 )
 MEMORY = Gauge("amp4ec_node_memory_available_bytes", "Memory a shard may still use on this node.", ["node"])
@@ -117,6 +133,8 @@ class Monitor:
     override: Path | None = None
     """JSON file whose keys replace measured values (see the module's note)."""
     _workload_ms: float | None = None
+    overhead_ms: float = 0.0
+    """The agent's per-request CPU overhead; ``run`` measures it once before refreshing."""
     _task: asyncio.Task[None] | None = None
 
     def refresh(self) -> dict[str, float]:
@@ -126,6 +144,7 @@ class Monitor:
         values = {
             "cpu_limit": self.cpu_limit,
             "workload_ms": self._workload_ms,
+            "request_overhead_ms": self.overhead_ms,
             "memory_available_bytes": float(self.settings.memory_bytes or memory_available_bytes()),
         }
         if self.override is not None and self.override.exists():
@@ -136,6 +155,7 @@ class Monitor:
         node = self.settings.node
         CPU_LIMIT.labels(node).set(values["cpu_limit"])
         WORKLOAD.labels(node).set(values["workload_ms"])
+        OVERHEAD.labels(node).set(values["request_overhead_ms"])
         MEMORY.labels(node).set(values["memory_available_bytes"])
         return values
 
@@ -158,6 +178,10 @@ class Monitor:
         LINK_BANDWIDTH.labels(self.settings.node, peer).set(2 * _PROBE_BYTES / elapsed)
 
     async def run(self) -> None:
+        try:
+            self.overhead_ms = await request_overhead_ms(self.settings)
+        except Exception:
+            log.exception("request overhead calibration failed; reporting 0")
         while True:
             try:
                 await asyncio.to_thread(self.refresh)

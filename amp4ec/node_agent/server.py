@@ -9,6 +9,8 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from amp4ec.allocator import keep_activation_memory
+from amp4ec.node_agent.calibrate import request_overhead_ms
 from amp4ec.node_agent.capacity import cgroup_cpu_limit
 from amp4ec.node_agent.executor import StageConfig, StageExecutor
 from amp4ec.node_agent.servicer import AgentServicer, ShardServicer, StageRepository
@@ -41,13 +43,16 @@ async def create_server(settings: AgentSettings) -> AgentServer:
     cpu_limit = settings.cpu_limit if settings.cpu_limit is not None else cgroup_cpu_limit()
     threads = settings.threads or max(1, math.floor(cpu_limit))
     torch.set_num_threads(threads)
+    keep_activation_memory()  # see [Note: activation page faults]
 
     server = grpc.aio.server(options=settings.grpc_options())
     health_servicer = health.aio.HealthServicer()
     repository = StageRepository(settings, health_servicer)
-    executor = StageExecutor(cpu_limit, emulate_cpu=settings.emulate_cpu)
+    executor = StageExecutor(cpu_limit, emulate_cpu=settings.emulate_cpu, workers=settings.workers)
     shard_pb2_grpc.add_ShardServicer_to_server(ShardServicer(settings, repository, executor), server)
-    agent_pb2_grpc.add_NodeAgentServicer_to_server(AgentServicer(settings, repository, cpu_limit), server)
+    agent_pb2_grpc.add_NodeAgentServicer_to_server(
+        AgentServicer(settings, repository, cpu_limit, lambda: request_overhead_ms(settings)), server
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     # The agent process is healthy as soon as it serves; the Shard service only once a range is loaded.
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2
@@ -62,6 +62,10 @@ class StageRepository:
             )
             return stage
 
+    def serve(self, stage: LoadedStage) -> None:
+        """Serve an already built stage (the overhead calibration's relay); no health change."""
+        self._stage = stage
+
     async def unload(self) -> None:
         self._stage = None
         await self._health.set("amp4ec.wire.v1.Shard", health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -77,10 +81,19 @@ class StageRepository:
 
 
 class ShardServicer(shard_pb2_grpc.ShardServicer):
-    def __init__(self, settings: AgentSettings, repository: StageRepository, executor: StageExecutor) -> None:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        repository: StageRepository,
+        executor: StageExecutor,
+        *,
+        observe: bool = True,
+    ) -> None:
         self._settings = settings
         self._repository = repository
         self._executor = executor
+        self._observe = observe
+        """False for the overhead calibration, whose requests are not the node's traffic."""
 
     async def _process(self, frame: shard_pb2.Frame) -> shard_pb2.Frame:
         """One request through this stage and everything after it; failures become error frames."""
@@ -93,7 +106,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             stage = self._repository.current
             entry = stage.config.stage == 0
             tensors, timing = await self._executor.run(stage, frame, arrived)
-            for phase in ("queue", "decode", "forward", "encode"):
+            for phase in ("queue", "decode", "forward", "encode") if self._observe else ():
                 metrics.PHASE_SECONDS.labels(node, phase).observe(getattr(timing, f"{phase}_us") / 1e6)
             if stage.config.next_hop:
                 out = shard_pb2.Frame(
@@ -108,6 +121,8 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         except Exception as exc:  # every failure is this request's answer, never the stream's end
             answer = error_frame(frame.request_id, exc)
         code = answer.error.code or "OK"
+        if not self._observe:
+            return answer
         metrics.REQUESTS.labels(node, code).inc()
         if entry:  # the whole pipeline's time, once per request
             metrics.REQUEST_SECONDS.labels(node, code).observe(time.perf_counter() - arrived)
@@ -165,18 +180,28 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
 
 
 class AgentServicer(agent_pb2_grpc.NodeAgentServicer):
-    def __init__(self, settings: AgentSettings, repository: StageRepository, cpu_limit: float) -> None:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        repository: StageRepository,
+        cpu_limit: float,
+        measure_overhead: Callable[[], Awaitable[float]] | None = None,
+    ) -> None:
         self._settings = settings
         self._repository = repository
         self._cpu_limit = cpu_limit
         self._load = LoadMeter(cpu_limit)
         self._workload_ms: float | None = None
+        self._measure_overhead = measure_overhead
+        self._overhead_ms: float | None = None
 
     async def GetCapacity(
         self, request: agent_pb2.CapacityRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.Capacity:
         if self._workload_ms is None:  # measured once, on first demand, not at start-up
             self._workload_ms = await asyncio.to_thread(reference_workload_ms)
+        if self._overhead_ms is None:
+            self._overhead_ms = await self._measure_overhead() if self._measure_overhead else 0.0
         memory = self._settings.memory_bytes or memory_available_bytes()
         capacity = agent_pb2.Capacity(
             node=self._settings.node,
@@ -185,8 +210,9 @@ class AgentServicer(agent_pb2_grpc.NodeAgentServicer):
             memory_available_bytes=memory,
             load=self._load.read(),
             cpu_seconds=time.process_time(),
+            request_overhead_ms=self._overhead_ms,
         )
-        for resource in ("cpu_limit", "workload_ms", "memory_available_bytes", "load"):
+        for resource in ("cpu_limit", "workload_ms", "memory_available_bytes", "load", "request_overhead_ms"):
             metrics.CAPACITY.labels(self._settings.node, resource).set(getattr(capacity, resource))
         return capacity
 

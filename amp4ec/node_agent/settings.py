@@ -30,6 +30,10 @@ class AgentSettings:
     threads: int | None = None
     """torch intra-op threads; None = floor(cpu_limit), at least 1. One thread under a
     fractional quota: more threads only burn the quota on synchronisation."""
+    workers: int = 1
+    """Forward threads running requests side by side. One keeps arrival order and suits a
+    share of one core or less; a node of several cores serving a whole small model at batch
+    1 uses them better with a worker per core than with intra-op threads."""
     window: int = 16
     """Requests one inbound stream may have in this stage and beyond it at once. When it is
     full the agent stops reading the stream, and gRPC flow control pushes back upstream."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from amp4ec.planner.types import Link, NodeCapacity
+from amp4ec.planner.types import Link, NodeCapacity, reference_overhead_ms
 
 __all__ = ["QUERIES", "Capacity", "CapacityUnavailable", "Prometheus"]
 
@@ -33,6 +33,7 @@ QUERIES: Mapping[str, str] = {
         ' or max by (node) (label_replace(node_memory_MemAvailable_bytes, "node", "$1", "instance", "(.+)"))'
     ),
     "workload_ms": "max by (node) (amp4ec_node_workload_ms)",
+    "overhead_ms": "max by (node) (amp4ec_node_request_overhead_ms)",
     "age_s": "max by (node) (time() - timestamp(amp4ec_node_workload_ms))",
     "rtt_s": "max by (src, dst) (amp4ec_link_rtt_seconds)",
     "bandwidth": "max by (src, dst) (amp4ec_link_bandwidth_bytes_per_second)",
@@ -97,6 +98,7 @@ class Prometheus:
         cpu = await self._by("cpu", "node")
         memory = await self._by("memory", "node")
         workload = await self._by("workload_ms", "node")
+        overhead = await self._by("overhead_ms", "node")
         age = await self._by("age_s", "node")
         rtt = await self._by("rtt_s", "src", "dst")
         bandwidth = await self._by("bandwidth", "src", "dst")
@@ -111,11 +113,13 @@ class Prometheus:
                 missing[node] = f"capacity metrics {age[key]:.0f} s old (max {max_age_s:g} s)"
                 continue
             w = workload.get(key, 0.0)
+            speed = reference_ms / w if w > 0 and reference_ms > 0 else 0.0
             found[node] = NodeCapacity(
                 name=node,
                 cpu=cpu[key],
                 memory_bytes=int(memory[key]),
-                speed=reference_ms / w if w > 0 and reference_ms > 0 else 0.0,
+                speed=speed,
+                overhead_ms=reference_overhead_ms(overhead.get(key, 0.0), cpu[key], speed),
             )
         links = tuple(
             Link(src, dst, rtt_ms=1000.0 * value, bandwidth_bytes_per_s=bandwidth[(src, dst)])

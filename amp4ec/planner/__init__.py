@@ -17,11 +17,11 @@ Reading order:
 10. ``replan``    — hysteresis: replan only for a real gain.
 
 Cost model (all strategies): a stage's time is the sum of its blocks' ``compute_ms``
-divided by its node's ``effective_speed`` plus the time its input takes over the
-inbound link (from the previous stage's node, or from ``client`` with ``input_bytes``
-for the first stage). Links are looked up src→dst, then dst→src, then ``default_link``
-(0.2 ms round trip, 1 GB/s). A stage's memory is its parameters plus its largest
-activation and must fit its node. A pipeline's latency adds the return of the last
+and its node's per-request ``overhead_ms``, divided by the node's ``effective_speed``,
+plus the time its input takes over the inbound link (from the previous stage's node, or
+from ``client`` with ``input_bytes`` for the first stage). Links are looked up src→dst,
+then dst→src, then ``default_link`` (0.2 ms round trip, 1 GB/s). A stage's memory is its
+parameters plus its largest activation and must fit its node. A pipeline's latency adds the return of the last
 block's output to the client; its throughput is 1000/slowest stage; a plan's
 throughput is the sum over its pipelines (see ``types.Prediction``).
 """
@@ -47,6 +47,7 @@ from amp4ec.planner.types import (
     Prediction,
     SchedulerHistory,
     Stage,
+    reference_overhead_ms,
 )
 from amp4ec.planner.validate import check_choice, check_history, check_max_stages, check_pins
 
@@ -64,6 +65,7 @@ __all__ = [
     "Stage",
     "evaluate",
     "plan",
+    "reference_overhead_ms",
     "replan_reason",
     "should_replan",
 ]

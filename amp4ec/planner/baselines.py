@@ -120,7 +120,7 @@ def plan_monolith(cm: CostModel, objective: str) -> tuple[Raw, list[str]]:
     fit = _fitting(cm, "monolith")
 
     def key(n: int) -> tuple[float, float]:
-        stage = cm.compute_ms(n, 0, cm.B - 1) + cm.transfer_ms(-1, n, 0)
+        stage = cm.compute_ms(n, 0, cm.B - 1) + cm.transfer_ms(-1, n, 0) + cm.overhead[n]
         latency = stage + cm.return_ms(n)
         return (latency, stage) if objective == "latency" else (stage, latency)
 

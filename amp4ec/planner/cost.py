@@ -58,6 +58,8 @@ class CostModel:
         self.names = [n.name for n in self.nodes]
         self.index = {name: i for i, name in enumerate(self.names)}
         self.speed = [n.effective_speed for n in self.nodes]
+        self.overhead = [n.overhead_ms / n.effective_speed for n in self.nodes]
+        """Per node, the wall ms its agent spends on each request beyond the blocks."""
         self.memory = [n.memory_bytes for n in self.nodes]
         self.prefix_ms = [0.0, *accumulate(b.compute_ms for b in self.blocks)]
         self.prefix_params = [0, *accumulate(b.param_bytes for b in self.blocks)]
@@ -66,7 +68,7 @@ class CostModel:
         self.model_bytes = self.memory_bytes(0, self.B - 1)
         self._cint: dict[int, list[int]] = {}
         self._kmax: dict[int, list[int]] = {}
-        self._xfer: dict[tuple[float, float], list[int]] = {}
+        self._xfer: dict[tuple[float, float, float], list[int]] = {}
 
     # ---- float cost of one stage -------------------------------------------------------------
     def link(self, src: str, dst: str) -> Link:
@@ -99,11 +101,14 @@ class CostModel:
         return self._cint[n]
 
     def xfer_ns(self, src: str, dst: str) -> list[int]:
-        """Per first block j, ns for j's input to cross src→dst."""
+        """Per first block j, ns for j's input to cross src→dst, plus ``dst``'s per-request
+        overhead: both are paid once per stage whatever its blocks, so the exact searches
+        price them together."""
         link = self.link(src, dst)
-        key = (link.rtt_ms, link.bandwidth_bytes_per_s)
+        extra = self.overhead[self.index[dst]]
+        key = (link.rtt_ms, link.bandwidth_bytes_per_s, extra)
         if key not in self._xfer:
-            self._xfer[key] = [round(link.transfer_ms(x) * SCALE) for x in self.in_bytes]
+            self._xfer[key] = [round((link.transfer_ms(x) + extra) * SCALE) for x in self.in_bytes]
         return self._xfer[key]
 
     def ret_ns(self, n: int) -> int:
@@ -152,6 +157,7 @@ class CostModel:
             compute_ms=self.compute_ms(n, first, last),
             transfer_ms=self.transfer_ms(prev, n, first),
             memory_bytes=self.memory_bytes(first, last),
+            overhead_ms=self.overhead[n],
         )
 
     def price(self, raw: Raw) -> tuple[tuple[Pipeline, ...], Prediction]:

@@ -28,6 +28,7 @@ __all__ = [
     "Prediction",
     "SchedulerHistory",
     "Stage",
+    "reference_overhead_ms",
 ]
 
 OBJECTIVES = ("throughput", "latency")
@@ -65,10 +66,25 @@ class NodeCapacity:
     reference core). 0 means unknown: the planner then uses ``min(cpu, 1)``."""
     load: float = 0.0
     """Current utilisation in [0, 1], used by the paper's scheduler filter."""
+    overhead_ms: float = 0.0
+    """Reference-core milliseconds a stage on this node spends per request beyond its blocks
+    (receiving, decoding, encoding, forwarding, relaying the answer), measured by its agent.
+    Like a block, it takes ``overhead_ms / effective_speed`` on the node."""
 
     @property
     def effective_speed(self) -> float:
         return self.speed if self.speed > 0 else min(self.cpu, 1.0)
+
+
+def reference_overhead_ms(cpu_ms: float, cpu: float, speed: float) -> float:
+    """A node agent's measured per-request CPU ms (on its own cores) in reference-core ms.
+
+    ``speed / min(cpu, 1)`` is how fast one of the node's cores is against the reference
+    core, so ``NodeCapacity.overhead_ms / effective_speed`` comes back to the wall time the
+    node spends: ``cpu_ms / min(cpu, 1)``.
+    """
+    share = min(cpu, 1.0)
+    return cpu_ms * speed / share if share > 0 and speed > 0 else cpu_ms
 
 
 @dataclass(frozen=True)
@@ -142,10 +158,12 @@ class Stage:
     """Predicted time to receive the stage's input over its inbound link."""
     memory_bytes: int = 0
     """Predicted resident bytes: parameters plus peak activation."""
+    overhead_ms: float = 0.0
+    """Predicted per-request time of the node's agent beyond the blocks (its ``overhead_ms``)."""
 
     @property
     def stage_ms(self) -> float:
-        return self.compute_ms + self.transfer_ms
+        return self.compute_ms + self.transfer_ms + self.overhead_ms
 
     @property
     def blocks(self) -> range:

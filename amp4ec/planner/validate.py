@@ -102,6 +102,7 @@ def check_nodes(nodes: Any) -> tuple[NodeCapacity, ...]:
         _ensure_number(n.cpu, f"nodes[{i}].cpu")
         _ensure_count(n.memory_bytes, f"nodes[{i}].memory_bytes")
         _ensure_number(n.speed, f"nodes[{i}].speed")
+        _ensure_number(n.overhead_ms, f"nodes[{i}].overhead_ms")
         load = _ensure_number(n.load, f"nodes[{i}].load")
         if load > 1:
             raise InvalidSpec(f"nodes[{i}].load: expected a utilisation in [0, 1], got {n.load!r}")

@@ -155,3 +155,14 @@ def test_shaped_links_delay_and_limit_then_leave_nothing_behind() -> None:
     assert f"amp4ec-{os.getpid()}-" not in namespaces()
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=False).stdout
     assert f"a4h{os.getpid() % 100000}x" not in links
+
+
+def test_the_matched_monolith_is_tuned_only_where_it_has_several_cores() -> None:
+    from amp4ec.bench.runner import matched_variants
+    from amp4ec.local.cluster import NodeSpec
+
+    assert matched_variants(NodeSpec("matched", 0.8)) == [NodeSpec("matched", 0.8)]
+    variants = matched_variants(NodeSpec("matched", 1.6, 2**30))
+    assert [(v.threads, v.workers) for v in variants] == [(None, 1), (2, 1), (None, 2)]
+    assert len({v.name for v in variants}) == 3
+    assert all(v.cpu == 1.6 and v.memory_bytes == 2**30 for v in variants)

@@ -72,7 +72,11 @@ def test_quick_bench_writes_complete_results_plots_and_docs(tmp_path: Path) -> N
         for stage in s["stages"]:
             _positive(stage["predicted_ms"], f"{name} predicted")
             _positive(stage["measured_ms"], f"{name} measured")
-    assert config["strategies"]["matched_monolith"]["plan"][0]["node"] == "matched"
+    matched = config["strategies"]["matched_monolith"]
+    assert matched["plan"][0]["node"].startswith("matched")
+    # 1.6 CPU: one thread, two intra-op threads and two workers are all measured.
+    assert len(matched["tunings_rps"]) == 3 and all(r > 0 for r in matched["tunings_rps"].values())
+    assert matched["saturation"]["rps"] == max(matched["tunings_rps"].values())
 
     for plot in PLOTS:
         assert (out / plot).read_bytes()[:8] == PNG, plot
@@ -82,3 +86,5 @@ def test_quick_bench_writes_complete_results_plots_and_docs(tmp_path: Path) -> N
     for label in ("optimal (ours)", "paper (RALOS)", "replicate", "monolith, resource-matched"):
         assert f"| {label} |" in table
     assert "scaled all shares by 0.80" in done.stdout
+    assert "Default strategy (optimal):" in table and "Stage-time prediction error:" in table
+    assert "Resource-matched monolith tunings" in table

@@ -54,6 +54,7 @@ def test_bad_arguments_name_the_field(kw, match):
         (NodeCapacity("a", 1.0, -5), r"nodes\[0\].memory_bytes"),
         (NodeCapacity("a", 1.0, MB, speed=math.nan), r"nodes\[0\].speed"),
         (NodeCapacity("a", 1.0, MB, load=1.5), r"nodes\[0\].load"),
+        (NodeCapacity("a", 1.0, MB, overhead_ms=-1.0), r"nodes\[0\].overhead_ms"),
         (NodeCapacity("a", 0.0, MB), "no speed"),
         (NodeCapacity("client", 1.0, MB), "reserved"),
         (NodeCapacity("", 1.0, MB), r"nodes\[0\].name"),

@@ -132,7 +132,11 @@ def _full_instance(seed: int) -> dict:
     rng = random.Random(seed)
     nodes = [
         NodeCapacity(
-            f"n{i}", rng.choice([0.4, 0.6, 1.0]), rng.randint(30, 200) * MB, speed=rng.choice([0, 1.5])
+            f"n{i}",
+            rng.choice([0.4, 0.6, 1.0]),
+            rng.randint(30, 200) * MB,
+            speed=rng.choice([0, 1.5]),
+            overhead_ms=rng.choice([0.0, 0.5, 2.0]),
         )
         for i in range(4)
     ]

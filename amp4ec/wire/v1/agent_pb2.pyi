@@ -12,20 +12,22 @@ class CapacityRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Capacity(_message.Message):
-    __slots__ = ("node", "cpu_limit", "workload_ms", "memory_available_bytes", "load", "cpu_seconds")
+    __slots__ = ("node", "cpu_limit", "workload_ms", "memory_available_bytes", "load", "cpu_seconds", "request_overhead_ms")
     NODE_FIELD_NUMBER: _ClassVar[int]
     CPU_LIMIT_FIELD_NUMBER: _ClassVar[int]
     WORKLOAD_MS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_OVERHEAD_MS_FIELD_NUMBER: _ClassVar[int]
     node: str
     cpu_limit: float
     workload_ms: float
     memory_available_bytes: int
     load: float
     cpu_seconds: float
-    def __init__(self, node: _Optional[str] = ..., cpu_limit: _Optional[float] = ..., workload_ms: _Optional[float] = ..., memory_available_bytes: _Optional[int] = ..., load: _Optional[float] = ..., cpu_seconds: _Optional[float] = ...) -> None: ...
+    request_overhead_ms: float
+    def __init__(self, node: _Optional[str] = ..., cpu_limit: _Optional[float] = ..., workload_ms: _Optional[float] = ..., memory_available_bytes: _Optional[int] = ..., load: _Optional[float] = ..., cpu_seconds: _Optional[float] = ..., request_overhead_ms: _Optional[float] = ...) -> None: ...
 
 class Probe(_message.Message):
     __slots__ = ("payload", "reply_bytes")

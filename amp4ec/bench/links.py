@@ -26,8 +26,8 @@ from pathlib import Path
 import grpc
 
 from amp4ec.bench.configs import LinkShape
+from amp4ec.children import child_env
 from amp4ec.errors import Amp4ecError
-from amp4ec.local.cgroups import set_parent_death_signal
 from amp4ec.planner.types import Link
 from amp4ec.wire.v1 import agent_pb2, agent_pb2_grpc
 
@@ -131,7 +131,7 @@ class ShapedLinks:
             cmd,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            preexec_fn=set_parent_death_signal,
+            env=child_env(),  # no preexec_fn: see [Note: no preexec_fn] in amp4ec.children
             start_new_session=True,
         )
         self.processes.append(process)

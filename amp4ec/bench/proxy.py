@@ -1,7 +1,8 @@
 """A TCP forwarder that delays every chunk by a fixed time each way (netem's delay, without netem).
 
 Run as ``python -m amp4ec.bench.proxy --listen HOST:PORT --target HOST:PORT --delay-ms D``;
-it writes its bound port to ``--port-file`` and stops on SIGTERM. Standard library only, so
+it writes its bound port to ``--port-file`` and stops on SIGTERM. Standard library only (and
+``amp4ec.children``), so
 it starts fast and can run inside a network namespace (``ip netns exec``).
 """
 
@@ -13,6 +14,8 @@ import contextlib
 import signal
 import socket
 from pathlib import Path
+
+from amp4ec.children import die_with_parent
 
 __all__ = ["main", "serve"]
 
@@ -99,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay added to every chunk")
     p.add_argument("--port-file", type=Path, help="write the bound port here once listening")
     a = p.parse_args(argv)
+    die_with_parent()
     asyncio.run(serve(a.listen, a.target, a.delay_ms, a.port_file))
 
 

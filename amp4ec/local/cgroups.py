@@ -8,12 +8,10 @@ node here behaves like the paper's 0.4-CPU container (bursts of 40 ms per 100 ms
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
-import signal
 from pathlib import Path
 
-__all__ = ["NodeCgroup", "cgroups_available", "set_parent_death_signal"]
+__all__ = ["NodeCgroup", "cgroups_available", "remove_stale"]
 
 _ROOT = Path("/sys/fs/cgroup")
 PERIOD_US = 100_000
@@ -53,10 +51,11 @@ class NodeCgroup:
             self.dirs.append(mem_dir)
             (mem_dir / "memory.limit_in_bytes").write_text(str(memory_bytes))
 
-    def enter(self) -> None:
-        """Move the calling process into these cgroups (used between fork and exec)."""
+    def add(self, pid: int) -> None:
+        """Move process ``pid`` into these cgroups (right after starting it: see
+        [Note: no preexec_fn] in ``amp4ec.children``)."""
         for d in self.dirs:
-            (d / "cgroup.procs").write_text(str(os.getpid()))
+            (d / "cgroup.procs").write_text(str(pid))
 
     def remove(self) -> None:
         """Remove the cgroups; their processes must have exited."""
@@ -74,10 +73,3 @@ def remove_stale(prefix: str) -> None:
                 if pid.isdigit() and not Path(f"/proc/{pid}").exists():
                     with contextlib.suppress(OSError):
                         d.rmdir()
-
-
-def set_parent_death_signal() -> None:
-    """Ask the kernel to SIGTERM this process when its parent dies (Linux prctl)."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG

@@ -25,8 +25,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from amp4ec.children import child_env
 from amp4ec.errors import Amp4ecError, InvalidSpec
-from amp4ec.local.cgroups import NodeCgroup, cgroups_available, remove_stale, set_parent_death_signal
+from amp4ec.local.cgroups import NodeCgroup, cgroups_available, remove_stale
 from amp4ec.wire.v1 import agent_pb2, agent_pb2_grpc, shard_pb2
 
 __all__ = ["LIMIT_MODES", "LocalCluster", "NodeSpec", "parse_bytes", "parse_nodes"]
@@ -197,15 +198,16 @@ class LocalCluster:
             cmd += ["--threads", str(node.threads)]
         cmd += ["--workers", str(node.workers)]
 
-        def preexec() -> None:
-            set_parent_death_signal()
-            if cgroup is not None:
-                cgroup.enter()
-
-        with open(log_path, "wb") as log_file:
+        with open(log_path, "wb") as log_file:  # no preexec_fn: see [Note: no preexec_fn]
             process = subprocess.Popen(
-                cmd, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=preexec, start_new_session=True
+                cmd, stdout=log_file, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True
             )
+        if cgroup is not None:
+            try:
+                cgroup.add(process.pid)  # before the agent has even imported torch
+            except OSError:
+                process.kill()
+                raise
         return _Agent(node, process, port_file, log_path, cgroup)
 
     async def _wait_ready(self, agent: _Agent) -> None:

@@ -9,6 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
+from amp4ec.children import die_with_parent
 from amp4ec.errors import Amp4ecError
 from amp4ec.node_agent.capacity import cgroup_cpu_limit
 from amp4ec.node_agent.executor import StageConfig
@@ -149,6 +150,7 @@ async def serve(
 
 
 def main(argv: list[str] | None = None) -> None:
+    die_with_parent()  # a no-op unless a local cluster started this agent
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings, config, port_file, monitor = parse_args(argv)
     try:

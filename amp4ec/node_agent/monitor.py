@@ -140,7 +140,7 @@ class Monitor:
     def refresh(self) -> dict[str, float]:
         """Measure (the reference workload only once) and set the gauges; returns what was set."""
         if self._workload_ms is None:
-            self._workload_ms = reference_workload_ms()
+            self._workload_ms = reference_workload_ms(self.cpu_limit)
         values = {
             "cpu_limit": self.cpu_limit,
             "workload_ms": self._workload_ms,

@@ -199,7 +199,7 @@ class AgentServicer(agent_pb2_grpc.NodeAgentServicer):
         self, request: agent_pb2.CapacityRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.Capacity:
         if self._workload_ms is None:  # measured once, on first demand, not at start-up
-            self._workload_ms = await asyncio.to_thread(reference_workload_ms)
+            self._workload_ms = await asyncio.to_thread(reference_workload_ms, self._cpu_limit)
         if self._overhead_ms is None:
             self._overhead_ms = await self._measure_overhead() if self._measure_overhead else 0.0
         memory = self._settings.memory_bytes or memory_available_bytes()

@@ -108,3 +108,14 @@ def test_overhead_calibration_measures_cpu_and_leaves_the_metrics_alone() -> Non
     overhead = asyncio.run(request_overhead_ms(AgentSettings(node="calibration-test"), requests=20, warmup=2))
     assert 0 < overhead < 50
     assert served() == before
+
+
+def test_reference_workload_reports_the_rate_a_cpu_share_sustains() -> None:
+    from amp4ec.node_agent.capacity import reference_workload_ms
+
+    # CPU time per unit, over the share: a quarter of a core is four times slower, wherever
+    # the measurement falls in the quota's periods (here there is no quota at all).
+    full = reference_workload_ms(window_s=0.2)
+    quarter = reference_workload_ms(0.25, window_s=0.2)
+    assert 2.8 < quarter / full < 5.2
+    assert reference_workload_ms(4.0, window_s=0.1) < 2 * full  # one thread uses one core at most

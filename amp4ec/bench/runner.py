@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import math
 import os
 import statistics
@@ -15,7 +16,7 @@ from typing import Any
 from amp4ec.bench.configs import CLIENT_HEADROOM, MATCHED, UNAWARE, Configuration, scale_nodes
 from amp4ec.bench.links import ShapedLinks
 from amp4ec.bench.loadgen import closed_loop
-from amp4ec.bench.measure import Bench, deploy, measure_plan
+from amp4ec.bench.measure import Bench, deploy, measure_plan, plan_rows
 from amp4ec.bench.progress import ProgressSink
 from amp4ec.client import Client
 from amp4ec.errors import Amp4ecError, PlanInfeasible
@@ -125,7 +126,7 @@ async def run_configuration(
             except PlanInfeasible as e:
                 out["strategies"][strategy] = {"status": "infeasible", "reason": str(e)}
             else:
-                result = await _guarded(bench, plan, strategy, rate)
+                result = await _measure_once(bench, plan, strategy, rate, out["strategies"])
                 result["planning_ms"] = ms
                 out["strategies"][strategy] = result
             progress.step()
@@ -203,6 +204,22 @@ def _plan(
         times.append(ms)
     assert plan is not None
     return plan, statistics.median(times)
+
+
+async def _measure_once(
+    bench: Bench, plan: Plan, strategy: str, rate: float | None, done: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """Measure ``plan``, unless a strategy before made the very same plan: the same deployment
+    measured twice differs only by run-to-run noise (a few percent), which would rank two
+    identical plans. Its figures are then shared, marked ``same_plan_as``."""
+    rows = plan_rows(plan)
+    for name, result in done.items():
+        if name != MATCHED and result.get("status") == "ok" and result["plan"] == rows:
+            shared = copy.deepcopy(result)
+            shared.pop("same_plan_as", None)
+            shared.update(same_plan_as=name, notes=list(plan.notes))
+            return shared
+    return await _guarded(bench, plan, strategy, rate)
 
 
 async def _guarded(bench: Bench, plan: Plan, label: str, rate: float | None) -> dict[str, Any]:

@@ -130,9 +130,17 @@ def _config(config: dict[str, Any]) -> list[str]:
     return lines
 
 
+def predicted_cpu_ms(stage: dict[str, Any]) -> float:
+    """The CPU part of a predicted stage time: its blocks and its agent's per-request overhead."""
+    return stage["predicted_compute_ms"] + stage.get("predicted_overhead_ms", 0.0)
+
+
 def stage_error(stage: dict[str, Any]) -> float | None:
-    """(measured − predicted) / predicted stage time, or None when either is missing."""
-    pred, meas = stage.get("predicted_ms"), stage.get("measured_ms")
+    """(measured − predicted) / predicted for the stage's CPU part, or None when missing.
+
+    Measured is CPU per request over the CPU limit, so the predicted inbound transfer is left
+    out: on a shaped link it is wall time the stage spends waiting, not computing."""
+    pred, meas = predicted_cpu_ms(stage), stage.get("measured_ms")
     if not pred or meas is None or meas != meas:
         return None
     return (meas - pred) / pred
@@ -161,6 +169,9 @@ def _summary(config: dict[str, Any]) -> list[str]:
             f"{_LABELS.get(best, best)} {others[best]:.1f} req/s ({ours / others[best]:.2f}×)."
             + (f" Same plan as optimal (one deployment, measured once): {', '.join(same)}." if same else "")
         )
+    predicted = ok["optimal"].get("predicted", {}).get("throughput_rps")
+    if predicted:
+        lines.append(f"Optimal's predicted throughput {predicted:.1f} req/s, measured {ours:.1f}.")
     errors = {
         k: [e for s in r["stages"] if (e := stage_error(s)) is not None]
         for k, r in ok.items()
@@ -180,28 +191,31 @@ def _summary(config: dict[str, Any]) -> list[str]:
 def _stages(config: dict[str, Any]) -> list[str]:
     """Predicted vs measured stage times: how far the cost model is off.
 
-    Measured is the stage's CPU per request over its CPU limit (on loopback, receiving the
-    input is CPU work too), compared with the predicted stage time: blocks + the agent's
-    per-request overhead + the inbound transfer."""
+    Measured is the stage's CPU per request over its CPU limit, compared with the predicted
+    CPU part (blocks + the agent's per-request overhead); the predicted inbound transfer,
+    wall time on the link, is shown beside it."""
     lines = [
         "<details><summary>Predicted vs measured stage times, ms per request "
         "(measured = the stage's CPU per request ÷ its CPU limit)</summary>",
         "",
-        "| strategy | node | blocks | predicted (blocks + overhead + transfer) | measured | error |",
-        "|---|---|---|--:|--:|--:|",
+        "| strategy | node | blocks | predicted blocks + overhead | measured | error | predicted transfer |",
+        "|---|---|---|--:|--:|--:|--:|",
     ]
     for name, result in config["strategies"].items():
         if result.get("status") != "ok":
             continue
+        if result.get("same_plan_as"):
+            continue
         for s in result["stages"]:
             err = stage_error(s)
             parts = (
-                f"{_f(s['predicted_ms'])} ({_f(s['predicted_compute_ms'])} + "
-                f"{_f(s.get('predicted_overhead_ms', 0.0))} + {_f(s['predicted_transfer_ms'])})"
+                f"{_f(predicted_cpu_ms(s))} ({_f(s['predicted_compute_ms'])} + "
+                f"{_f(s.get('predicted_overhead_ms', 0.0))})"
             )
             lines.append(
                 f"| {_LABELS.get(name, name)} | {s['node']} | {s['first_block']}–{s['last_block']} "
-                f"| {parts} | {_f(s['measured_ms'])} | {_f(None if err is None else 100 * err, 0, '%')} |"
+                f"| {parts} | {_f(s['measured_ms'])} | {_f(None if err is None else 100 * err, 0, '%')} "
+                f"| {_f(s['predicted_transfer_ms'])} |"
             )
     return [*lines, "", "</details>"]
 

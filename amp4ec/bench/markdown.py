@@ -169,6 +169,12 @@ def _summary(config: dict[str, Any]) -> list[str]:
             f"{_LABELS.get(best, best)} {others[best]:.1f} req/s ({ours / others[best]:.2f}×)."
             + (f" Same plan as optimal (one deployment, measured once): {', '.join(same)}." if same else "")
         )
+    if UNAWARE in ok:
+        blind = ok[UNAWARE]["saturation"]["rps"]
+        lines.append(
+            f"Network-aware plan {ours:.1f} req/s against the plan made as if links were loopback "
+            f"{blind:.1f} req/s, on the same slow links ({ours / blind:.2f}×)."
+        )
     predicted = ok["optimal"].get("predicted", {}).get("throughput_rps")
     if predicted:
         lines.append(f"Optimal's predicted throughput {predicted:.1f} req/s, measured {ours:.1f}.")

@@ -16,7 +16,8 @@ from amp4ec.bench.loadgen import closed_loop, open_loop, sequential
 from amp4ec.bench.progress import ProgressSink
 from amp4ec.client import Client, Result
 from amp4ec.local.cluster import LocalCluster
-from amp4ec.local.run import Prepared, _forward_ms, _measured_stage_ms, _quantile
+from amp4ec.local.run import Prepared, forward_ms_per_stage, measured_stage_ms, quantile
+from amp4ec.local.run import deploy as deploy_stages
 from amp4ec.planner.types import Plan
 from amp4ec.slicing import ModelSource
 from amp4ec.wire.v1 import agent_pb2
@@ -69,8 +70,8 @@ class Bench:
 
 def quantiles(values: list[float]) -> dict[str, float]:
     return {
-        "p50": _quantile(values, 0.5),
-        "p95": _quantile(values, 0.95),
+        "p50": quantile(values, 0.5),
+        "p95": quantile(values, 0.95),
         "mean": statistics.fmean(values) if values else float("nan"),
         "max": max(values) if values else float("nan"),
     }
@@ -90,24 +91,8 @@ async def deploy(bench: Bench, plan: Plan) -> tuple[list[str], list[int]]:
     await asyncio.gather(
         *(cluster.agent_stub(n).UnloadStage(agent_pb2.UnloadRequest(), timeout=30) for n in cluster.agents)
     )
-    loads = []
-    for pipeline in plan.pipelines:
-        for i, stage in enumerate(pipeline.stages):
-            nxt = pipeline.stages[i + 1].node if i + 1 < len(pipeline.stages) else None
-            spec = agent_pb2.StageSpec(
-                model=bench.source.spec,
-                weights=bench.source.weights or "",
-                seed=bench.source.seed,
-                input_shape=list(bench.source.input_shape or ()),
-                first_block=stage.first_block,
-                last_block=stage.last_block,
-                next_hop=bench.hop(nxt) if nxt else "",
-                stage=i,
-            )
-            loads.append(cluster.load(stage.node, spec))
-    infos = await asyncio.gather(*loads)
-    entries = [cluster.address(p.stages[0].node) for p in plan.pipelines]
-    return entries, [info.param_bytes for info in infos]
+    param_bytes = await deploy_stages(cluster, plan, bench.source, bench.hop)
+    return [cluster.address(p.stages[0].node) for p in plan.pipelines], param_bytes
 
 
 async def measure_plan(bench: Bench, plan: Plan, label: str, rate_rps: float | None) -> dict[str, Any]:
@@ -237,8 +222,8 @@ def _stages(
     before: dict[str, agent_pb2.Capacity],
     after: dict[str, agent_pb2.Capacity],
 ) -> list[dict[str, Any]]:
-    measured = _measured_stage_ms(plan, results, entries, before, after)
-    forward = _forward_ms(plan, results, entries)
+    measured = measured_stage_ms(plan, results, entries, before, after)
+    forward = forward_ms_per_stage(plan, results, entries)
     return [
         {
             "node": s.node,

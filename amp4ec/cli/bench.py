@@ -10,10 +10,10 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import Progress, TaskID
 
 from amp4ec.bench.progress import ProgressSink
-from amp4ec.cli.options import model_options, source_from
+from amp4ec.cli.options import model_options, progress_bar, source_from
 
 __all__ = ["bench"]
 
@@ -104,14 +104,7 @@ def bench(
         command=shlex.join(["amp4ec", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else "amp4ec bench",
     )
     console = Console()
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
+    with progress_bar(console) as bar:
         results = asyncio.run(run_bench(options, _RichSink(bar, console, total_steps(options))))
     write_json(results, out / "results.json")
     plots = write_plots(results, out)

@@ -1,4 +1,5 @@
-"""Options shared by subcommands that take a model (run, plan, bench)."""
+"""What the subcommands share: model options (run, plan, bench), planning options (run,
+plan), and the progress bar (run, bench)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,21 @@ from collections.abc import Callable
 from typing import Any
 
 import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from amp4ec.errors import InvalidSpec
 from amp4ec.planner import OBJECTIVES, STRATEGIES
 
-__all__ = ["OBJECTIVES", "STRATEGIES", "model_options", "parse_shape", "source_from"]
+__all__ = [
+    "OBJECTIVES",
+    "STRATEGIES",
+    "model_options",
+    "parse_shape",
+    "planning_options",
+    "progress_bar",
+    "source_from",
+]
 
 
 def parse_shape(text: str | None) -> tuple[int, ...] | None:
@@ -52,3 +63,23 @@ def source_from(model: str, weights: str | None, seed: int, input_shape: str | N
     from amp4ec.slicing import ModelSource
 
     return ModelSource(model, weights=weights, seed=seed, input_shape=parse_shape(input_shape))
+
+
+def planning_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--strategy`` and ``--objective``, as ``amp4ec.planner.plan`` takes them."""
+    f = click.option("--objective", type=click.Choice(OBJECTIVES), default="throughput", show_default=True)(f)
+    return click.option(
+        "--strategy", "-s", type=click.Choice(STRATEGIES), default="optimal", show_default=True
+    )(f)
+
+
+def progress_bar(console: Console) -> Progress:
+    """The bar long commands show while they work; it disappears when they are done."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )

@@ -11,7 +11,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from amp4ec.cli.options import OBJECTIVES, STRATEGIES, model_options, source_from
+from amp4ec.cli.options import model_options, planning_options, source_from
 
 __all__ = ["plan"]
 
@@ -25,8 +25,7 @@ __all__ = ["plan"]
     show_default=True,
     help="nodes as CPU share[:memory], comma-separated, e.g. 1.0:1G,0.6:512M,0.4:512M",
 )
-@click.option("--objective", type=click.Choice(OBJECTIVES), default="throughput", show_default=True)
-@click.option("--strategy", "-s", type=click.Choice(STRATEGIES), default="optimal", show_default=True)
+@planning_options
 @click.option(
     "--bandwidth-mbps",
     type=float,

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from amp4ec.cli.options import OBJECTIVES, STRATEGIES, model_options, source_from
+from amp4ec.cli.options import model_options, planning_options, progress_bar, source_from
 
 __all__ = ["run"]
 
@@ -30,8 +29,7 @@ __all__ = ["run"]
 @click.option(
     "--concurrency", "-c", type=int, help="requests in flight (default: enough to fill the pipelines)"
 )
-@click.option("--strategy", "-s", type=click.Choice(STRATEGIES), default="optimal", show_default=True)
-@click.option("--objective", type=click.Choice(OBJECTIVES), default="throughput", show_default=True)
+@planning_options
 @click.option(
     "--cpu-limits",
     type=click.Choice(("auto", "cgroup", "emulate", "none")),
@@ -72,14 +70,7 @@ def run(
         limit_mode=cpu_limits,
     )
     console = Console()
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
+    with progress_bar(console) as bar:
         task = bar.add_task("starting", total=None)
 
         def progress(phase: str, done: int, total: int) -> None:

@@ -26,7 +26,17 @@ from amp4ec.scheduling import timed_plan
 from amp4ec.slicing import BlockChain, LoadedModel, ModelSource, load_model, profile_chain, split_model
 from amp4ec.wire.v1 import agent_pb2
 
-__all__ = ["RunConfig", "RunReport", "deploy", "node_capacities", "prepare", "run"]
+__all__ = [
+    "RunConfig",
+    "RunReport",
+    "deploy",
+    "forward_ms_per_stage",
+    "measured_stage_ms",
+    "node_capacities",
+    "prepare",
+    "quantile",
+    "run",
+]
 
 Progress = Callable[[str, int, int], None]
 """progress(phase, done, total)."""
@@ -85,7 +95,7 @@ class RunReport:
         return self.requests / self.wall_s if self.wall_s > 0 else 0.0
 
     def latency_ms(self, q: float) -> float:
-        return _quantile(self.latencies_ms, q)
+        return quantile(self.latencies_ms, q)
 
     def to_json(self) -> dict[str, Any]:
         stages = self.plan.stages
@@ -130,7 +140,7 @@ def _indexed(plan: Plan) -> list[tuple[int, planner.Stage]]:
     return [(p, s) for p, pipe in enumerate(plan.pipelines) for s in pipe.stages]
 
 
-def _quantile(values: list[float], q: float) -> float:
+def quantile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
@@ -177,8 +187,14 @@ def node_capacities(capacities: dict[str, agent_pb2.Capacity], reference_ms: flo
     return nodes
 
 
-async def deploy(cluster: LocalCluster, plan: Plan, source: ModelSource) -> list[int]:
-    """Load every stage of every pipeline on its node; returns each stage's parameter bytes."""
+async def deploy(
+    cluster: LocalCluster, plan: Plan, source: ModelSource, hop: Callable[[str], str] | None = None
+) -> list[int]:
+    """Load every stage of every pipeline on its node; returns each stage's parameter bytes.
+
+    ``hop`` gives the address an upstream stage sends to for a node (default: its agent; the
+    benchmark's shaped links put a delaying proxy in between)."""
+    address = hop or cluster.address
     loads = []
     for pipeline in plan.pipelines:
         for i, stage in enumerate(pipeline.stages):
@@ -190,7 +206,7 @@ async def deploy(cluster: LocalCluster, plan: Plan, source: ModelSource) -> list
                 input_shape=list(source.input_shape or ()),
                 first_block=stage.first_block,
                 last_block=stage.last_block,
-                next_hop=cluster.address(nxt) if nxt else "",
+                next_hop=address(nxt) if nxt else "",
                 stage=i,
             )
             loads.append(cluster.load(stage.node, spec))
@@ -278,8 +294,8 @@ async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
         wall_s=wall,
         max_abs_diff=diff,
         planning_ms=planning_ms,
-        measured_stage_ms=_measured_stage_ms(plan, results, entries, before, after),
-        forward_ms=_forward_ms(plan, results, entries),
+        measured_stage_ms=measured_stage_ms(plan, results, entries, before, after),
+        forward_ms=forward_ms_per_stage(plan, results, entries),
         stage_param_bytes=param_bytes,
         bytes_per_request=statistics.fmean(r.request_bytes + r.response_bytes for r in results),
         warnings=warnings,
@@ -312,7 +328,7 @@ def _requests_per_pipeline(plan: Plan, results: list[Result], entries: list[str]
     return counts
 
 
-def _measured_stage_ms(
+def measured_stage_ms(
     plan: Plan,
     results: list[Result],
     entries: list[str],
@@ -331,7 +347,7 @@ def _measured_stage_ms(
     return out
 
 
-def _forward_ms(plan: Plan, results: list[Result], entries: list[str]) -> list[float]:
+def forward_ms_per_stage(plan: Plan, results: list[Result], entries: list[str]) -> list[float]:
     """Median decode+forward+encode wall time per stage, from the timings each answer carries."""
     pipeline_of = {entry: i for i, entry in enumerate(entries)}
     samples: list[list[list[float]]] = [[[] for _ in p.stages] for p in plan.pipelines]

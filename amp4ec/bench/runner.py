@@ -216,8 +216,7 @@ async def _measure_once(
     for name, result in done.items():
         if name != MATCHED and result.get("status") == "ok" and result["plan"] == rows:
             shared = copy.deepcopy(result)
-            shared.pop("same_plan_as", None)
-            shared.update(same_plan_as=name, notes=list(plan.notes))
+            shared.update(same_plan_as=result.get("same_plan_as") or name, notes=list(plan.notes))
             return shared
     return await _guarded(bench, plan, strategy, rate)
 

@@ -207,6 +207,8 @@ class LocalCluster:
                 cgroup.add(process.pid)  # before the agent has even imported torch
             except OSError:
                 process.kill()
+                process.wait()
+                cgroup.remove()
                 raise
         return _Agent(node, process, port_file, log_path, cgroup)
 

@@ -1,15 +1,17 @@
 """The agent's per-request overhead, measured on its own data path.
 
 A stage costs more than its blocks: the frame is received and decoded, the result encoded
-and sent on, and the answer relayed back upstream. On MobileNetV2 that is ~2.5 ms of CPU per
-stage and request beside ~16 ms of blocks, so a plan of many short stages is slower than
-block times alone predict. The planner adds this figure to every stage.
+and sent on, and the answer relayed back upstream. The planner adds this figure to every
+stage, so a plan of many short stages is priced what it costs.
 
 The measurement relays small frames from a ShardStream (what a stage uses to reach its
-next hop) to this agent's own ShardServicer, serving a stage without blocks, on a throwaway
-loopback server: one request costs exactly one hop's receive side and one hop's send side,
-what a middle stage pays. CPU time (all threads), not wall time, so a CPU quota or a busy
-machine does not distort it.
+next hop) to this agent's own ShardServicer, serving a one-block relay stage, on a throwaway
+loopback server: one request costs one hop's receive side and one hop's send side, what a
+middle stage pays. CPU time (all threads), not wall time, so a CPU quota or a busy machine
+does not distort it. On the benchmark machine it reads ~0.5 ms. What grows with the bytes
+(~1 ms of CPU per MB, both ends together) is not in it: the planner prices bytes through the
+measured link bandwidth, which charges the receiving stage only, so a stage that sends a
+large activation reads 1–2 ms faster than it runs on MobileNetV2 (see docs/benchmarks.md).
 """
 
 from __future__ import annotations

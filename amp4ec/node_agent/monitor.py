@@ -7,9 +7,8 @@ serves ``Monitor.Profile`` so the operator learns block costs without importing 
 
 [Note: capacity override] ``override`` names a JSON file re-read on every refresh whose keys
 (``cpu_limit``, ``workload_ms``, ``request_overhead_ms``, ``memory_available_bytes``) replace
-the measured values. It
-lets an operator drain or slow a node by hand and lets tests change capacity for real,
-through the same metrics and Prometheus path a cluster uses.
+the measured values. It lets an operator drain or slow a node by hand and lets tests change
+capacity for real, through the same metrics and Prometheus path a cluster uses.
 """
 
 from __future__ import annotations

@@ -200,8 +200,8 @@ class AgentServicer(agent_pb2_grpc.NodeAgentServicer):
     ) -> agent_pb2.Capacity:
         if self._workload_ms is None:  # measured once, on first demand, not at start-up
             self._workload_ms = await asyncio.to_thread(reference_workload_ms, self._cpu_limit)
-        if self._overhead_ms is None:
-            self._overhead_ms = await self._measure_overhead() if self._measure_overhead else 0.0
+        if self._overhead_ms is None:  # once, like the workload: before the agent serves traffic
+            self._overhead_ms = await self._overhead()
         memory = self._settings.memory_bytes or memory_available_bytes()
         capacity = agent_pb2.Capacity(
             node=self._settings.node,
@@ -215,6 +215,15 @@ class AgentServicer(agent_pb2_grpc.NodeAgentServicer):
         for resource in ("cpu_limit", "workload_ms", "memory_available_bytes", "load", "request_overhead_ms"):
             metrics.CAPACITY.labels(self._settings.node, resource).set(getattr(capacity, resource))
         return capacity
+
+    async def _overhead(self) -> float:
+        if self._measure_overhead is None:
+            return 0.0
+        try:
+            return await self._measure_overhead()
+        except Exception:  # capacity without this term beats no capacity at all
+            log.exception("request overhead calibration failed; reporting 0")
+            return 0.0
 
     async def Echo(self, request: agent_pb2.Probe, context: grpc.aio.ServicerContext) -> agent_pb2.Probe:
         return agent_pb2.Probe(payload=bytes(max(0, request.reply_bytes)))

@@ -162,8 +162,9 @@ async def _tuned_monolith(
     for variant in variants:
         plan, ms = _plan(prepared, [_memory_headroom(cluster, capacity[variant.name])], "monolith", [])
         result = await _guarded(bench, plan, f"{MATCHED} ({_tuning(variant)})", None)
-        result.update(planning_ms=ms, tuning=_tuning(variant), threads=variant.threads or 1)
-        result["workers"] = variant.workers
+        result.update(
+            planning_ms=ms, tuning=_tuning(variant), threads=variant.threads or 1, workers=variant.workers
+        )
         tried[_tuning(variant)] = result
     best = max(tried.values(), key=lambda r: r.get("saturation", {}).get("rps", -1.0))
     best["tunings_rps"] = {name: r.get("saturation", {}).get("rps") for name, r in tried.items()}

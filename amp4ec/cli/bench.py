@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import Progress, TaskID
 
 from amp4ec.bench.progress import ProgressSink
-from amp4ec.cli.options import model_options, progress_bar, source_from
+from amp4ec.cli.options import cpu_limits_option, model_options, progress_bar, source_from
 
 __all__ = ["bench"]
 
@@ -67,13 +67,7 @@ class _RichSink(ProgressSink):
 @click.option(
     "--big-model", default="vit_b_16", show_default=True, help="zoo model of the big-model configuration"
 )
-@click.option(
-    "--cpu-limits",
-    type=click.Choice(("auto", "cgroup", "emulate", "none")),
-    default="auto",
-    show_default=True,
-    help="how node CPU shares are enforced (auto: cgroup when permitted)",
-)
+@cpu_limits_option
 def bench(
     model: str,
     weights: str | None,

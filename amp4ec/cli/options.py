@@ -1,5 +1,5 @@
 """What the subcommands share: model options (run, plan, bench), planning options (run,
-plan), and the progress bar (run, bench)."""
+plan), the CPU-limit option and the progress bar (run, bench)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from amp4ec.planner import OBJECTIVES, STRATEGIES
 __all__ = [
     "OBJECTIVES",
     "STRATEGIES",
+    "cpu_limits_option",
     "model_options",
     "parse_shape",
     "planning_options",
@@ -71,6 +72,19 @@ def planning_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--strategy", "-s", type=click.Choice(STRATEGIES), default="optimal", show_default=True
     )(f)
+
+
+LIMIT_MODES = ("auto", "cgroup", "emulate", "none")
+"""``amp4ec.local.LIMIT_MODES``, repeated: importing ``amp4ec.local`` loads torch, too slow for
+``--help`` (tests/cli checks the two agree)."""
+
+cpu_limits_option = click.option(
+    "--cpu-limits",
+    type=click.Choice(LIMIT_MODES),
+    default="auto",
+    show_default=True,
+    help="how node CPU shares are enforced (auto: cgroup when permitted)",
+)
 
 
 def progress_bar(console: Console) -> Progress:

@@ -11,7 +11,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from amp4ec.cli.options import model_options, planning_options, progress_bar, source_from
+from amp4ec.cli.options import cpu_limits_option, model_options, planning_options, progress_bar, source_from
 
 __all__ = ["run"]
 
@@ -30,13 +30,7 @@ __all__ = ["run"]
     "--concurrency", "-c", type=int, help="requests in flight (default: enough to fill the pipelines)"
 )
 @planning_options
-@click.option(
-    "--cpu-limits",
-    type=click.Choice(("auto", "cgroup", "emulate", "none")),
-    default="auto",
-    show_default=True,
-    help="how node CPU shares are enforced (auto: cgroup when permitted)",
-)
+@cpu_limits_option
 @click.option(
     "--json",
     "json_path",

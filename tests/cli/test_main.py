@@ -160,3 +160,10 @@ def test_interrupt_stops_every_agent_and_removes_cgroups(signum: int) -> None:
     for pid in agents:
         assert not Path(f"/proc/{pid}").exists(), f"agent {pid} outlived the runner"
     assert all(not Path(g).exists() for g in groups)
+
+
+def test_cpu_limit_choices_are_the_local_clusters() -> None:
+    from amp4ec.cli.options import LIMIT_MODES
+    from amp4ec.local import LIMIT_MODES as CLUSTER_MODES
+
+    assert LIMIT_MODES == CLUSTER_MODES

@@ -40,12 +40,13 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from amp4ec.cli import bench, infer, plan, run
+    from amp4ec.cli import bench, infer, models, plan, run
 
     cli.add_command(run.run)
     cli.add_command(plan.plan)
     cli.add_command(infer.infer)
     cli.add_command(bench.bench)
+    cli.add_command(models.models)
 
 
 _register()

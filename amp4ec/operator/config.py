@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from amp4ec.operator.measured import valid_window
+from amp4ec.operator.spec import SpecPolicy
+from amp4ec.operator.storage_hosts import parse_networks
 
 __all__ = ["GROUP", "PLURAL", "VERSION", "OperatorConfig"]
 
@@ -64,6 +68,38 @@ class OperatorConfig:
     """Timeout of one ``Monitor.Profile`` call (loading and timing a model)."""
     shard_env: Mapping[str, str] = field(default_factory=dict)
     """Extra environment of shard containers (``AMP4EC_SHARD_ENV`` as ``K=V,K2=V2``)."""
+    # Hardening (docs/operator.md, "Kubernetes hardening"); set by the chart's values.
+    allowed_factory_modules: tuple[str, ...] = ()
+    """Modules whose ``module:factory`` an InferenceDeployment may name (comma-separated; a
+    factory is code execution in the profiler and every shard). Default: none."""
+    storage_allowed_networks: tuple[str, ...] = ()
+    """CIDRs a storageUri may reach although loopback or link-local (comma-separated; tests only)."""
+    shard_tolerations: tuple[Mapping[str, Any], ...] = ()
+    """Tolerations of every shard Pod, before the resource's own (a JSON list)."""
+    shard_node_selector: Mapping[str, str] = field(default_factory=dict)
+    """Labels every shard node must carry, beside the resource's ``spec.nodeSelector`` (``K=V,…``)."""
+    shard_image_pull_secrets: tuple[str, ...] = ()
+    """Secret names for pulling the agent image, in every shard Pod (comma-separated)."""
+    shard_priority_class_name: str = ""
+    """Priority class of shard Pods whose resource names none."""
+    network_policy: bool = True
+    """Create a NetworkPolicy per deployment (its shards reachable only from its own stages,
+    its clients, the operator and Prometheus)."""
+    operator_namespace: str = "amp4ec-system"
+    """Namespace of the operator's Pod (NetworkPolicies let it reach shards)."""
+    operator_pod_labels: Mapping[str, str] = field(
+        default_factory=lambda: {
+            "app.kubernetes.io/name": "amp4ec-operator",
+            "app.kubernetes.io/component": "operator",
+        }
+    )
+    """Labels of the operator's Pod (``K=V,…``)."""
+    prometheus_namespace_labels: Mapping[str, str] = field(
+        default_factory=lambda: {"kubernetes.io/metadata.name": "monitoring"}
+    )
+    """Labels of the namespace Prometheus runs in: only it may scrape shard metrics (``K=V,…``)."""
+    prometheus_pod_labels: Mapping[str, str] = field(default_factory=dict)
+    """Labels of the Prometheus Pods there (``K=V,…``; empty: any Pod of that namespace)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -74,8 +110,14 @@ class OperatorConfig:
             raw = env.get(f"AMP4EC_{f.name.upper()}")
             if raw is None:
                 continue
-            if f.name == "shard_env":
+            if f.type == "Mapping[str, str]":
                 values[f.name] = dict(kv.split("=", 1) for kv in raw.split(",") if "=" in kv)
+            elif f.type == "tuple[str, ...]":
+                values[f.name] = tuple(v.strip() for v in raw.split(",") if v.strip())
+            elif f.type == "tuple[Mapping[str, Any], ...]":
+                values[f.name] = tuple(_json_objects(f.name, raw))
+            elif f.type == "bool":
+                values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
             elif f.type in ("int",):
                 values[f.name] = int(raw)
             elif f.type in ("float",):
@@ -90,3 +132,21 @@ class OperatorConfig:
                 "AMP4EC_MEASURE_WINDOW: expected a PromQL duration like 2m or 30s,"
                 f" got {self.measure_window!r}"
             )
+        try:
+            parse_networks(self.storage_allowed_networks)
+        except ValueError as exc:
+            raise ValueError(f"AMP4EC_STORAGE_ALLOWED_NETWORKS: expected CIDRs, {exc}") from None
+
+    def spec_policy(self) -> SpecPolicy:
+        """What the cluster admin allows in a resource's spec beyond the CRD schema."""
+        return SpecPolicy(
+            allowed_factory_modules=self.allowed_factory_modules,
+            storage_allowed_networks=parse_networks(self.storage_allowed_networks),
+        )
+
+
+def _json_objects(name: str, raw: str) -> list[Mapping[str, Any]]:
+    value = json.loads(raw or "[]")
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ValueError(f"AMP4EC_{name.upper()}: expected a JSON list of objects, got {raw!r}")
+    return value

@@ -19,6 +19,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from amp4ec.operator.config import OperatorConfig
+from amp4ec.operator.names import child_base, label_value
+from amp4ec.operator.netpol import network_policy
+from amp4ec.operator.podsecurity import harden, scheduling
 from amp4ec.operator.spec import DeploymentSpec
 from amp4ec.planner.types import Plan
 
@@ -27,6 +30,7 @@ __all__ = [
     "LABEL_PLAN",
     "PlacedStage",
     "PlanRecord",
+    "deployment_policy",
     "desired_objects",
     "entry_service",
     "plan_record",
@@ -168,17 +172,13 @@ def plan_record(spec: DeploymentSpec, plan: Plan, node_cpu: Mapping[str, float])
     )
 
 
-def _base(name: str) -> str:
-    # Service names are DNS-1035 labels (<= 63 chars); leave room for "-<plan>-p<i>s<j>".
-    return name[:40].rstrip("-")
-
-
 def stage_service_name(name: str, plan: str, pipeline: int, stage: int) -> str:
-    return f"{_base(name)}-{plan}-p{pipeline}s{stage}"
+    # DNS-1035 labels (<= 63): a base of <= 40 (names.py), "-<plan>-p<i>s<j>" after it.
+    return f"{child_base(name)}-{plan}-p{pipeline}s{stage}"
 
 
 def _labels(name: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    return {**_COMMON, LABEL_DEPLOYMENT: name, **(extra or {})}
+    return {**_COMMON, LABEL_DEPLOYMENT: label_value(name), **(extra or {})}
 
 
 def _quantity_cpu(cores: float) -> str:
@@ -272,7 +272,7 @@ def _shard_pod(
     if mounts:
         container["volumeMounts"] = mounts
     pod_spec: dict[str, Any] = {
-        "nodeSelector": {"kubernetes.io/hostname": s.node},
+        **scheduling(spec, config, s.node),
         "restartPolicy": "Always",
         "terminationGracePeriodSeconds": 10,
         "containers": [container],
@@ -281,6 +281,7 @@ def _shard_pod(
         pod_spec["initContainers"] = init
     if volumes:
         pod_spec["volumes"] = volumes
+    harden(pod_spec)
     labels = _labels(
         name,
         {
@@ -312,7 +313,7 @@ def _stage_service(
     name: str, namespace: str, record: PlanRecord, s: PlacedStage, config: OperatorConfig
 ) -> dict:
     selector = {
-        LABEL_DEPLOYMENT: name,
+        LABEL_DEPLOYMENT: label_value(name),
         LABEL_PLAN: record.id,
         LABEL_PIPELINE: str(s.pipeline),
         LABEL_STAGE: str(s.stage),
@@ -347,15 +348,24 @@ def entry_service(name: str, namespace: str, plan: str, config: OperatorConfig) 
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {
-            "name": _base(name),
+            "name": child_base(name),
             "namespace": namespace,
             "labels": _labels(name, {LABEL_ROLE: "entry"}),
         },
         "spec": {
-            "selector": {LABEL_DEPLOYMENT: name, LABEL_PLAN: plan, LABEL_STAGE: "0"},
+            "selector": {LABEL_DEPLOYMENT: label_value(name), LABEL_PLAN: plan, LABEL_STAGE: "0"},
             "ports": [{"name": "grpc", "port": config.shard_port, "targetPort": "grpc"}],
         },
     }
+
+
+def deployment_policy(
+    name: str, namespace: str, spec: DeploymentSpec, config: OperatorConfig
+) -> dict[str, Any] | None:
+    """The deployment's NetworkPolicy (one for every plan), or None when the chart turned them off."""
+    if not config.network_policy:
+        return None
+    return network_policy(name, namespace, spec, config, _labels(name, {LABEL_ROLE: "policy"}))
 
 
 def as_dict(record: PlanRecord) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The one Kubernetes adapter: a small async REST client for Pods, Services and Nodes.
+"""The one Kubernetes adapter: a small async REST client for Pods, Services, Nodes and NetworkPolicies.
 
 It logs in the way kopf does (service account in a Pod, else the kubeconfig), speaks JSON
 merge patches, and maps HTTP failures once: 404 → None/ignored, 409 → ``Conflict``,
@@ -17,7 +17,12 @@ import aiohttp
 
 __all__ = ["Conflict", "Kube", "KubeError", "KubeUnavailable", "matches", "object_path"]
 
-_CORE = {"Pod": "pods", "Service": "services", "Node": "nodes"}
+_KINDS = {
+    "Pod": ("/api/v1", "pods"),
+    "Service": ("/api/v1", "services"),
+    "Node": ("/api/v1", "nodes"),
+    "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies"),
+}
 
 
 class KubeError(Exception):
@@ -33,9 +38,9 @@ class Conflict(KubeError):
 
 
 def object_path(kind: str, namespace: str | None, name: str | None = None) -> str:
-    """REST path of a core/v1 object or collection."""
-    plural = _CORE[kind]
-    path = f"/api/v1/namespaces/{namespace}/{plural}" if namespace else f"/api/v1/{plural}"
+    """REST path of an object or collection of a kind the operator handles."""
+    prefix, plural = _KINDS[kind]
+    path = f"{prefix}/namespaces/{namespace}/{plural}" if namespace else f"{prefix}/{plural}"
     return f"{path}/{name}" if name else path
 
 

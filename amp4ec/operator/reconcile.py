@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from amp4ec import planner
 from amp4ec.errors import InvalidSpec, PlanInfeasible
@@ -28,15 +29,19 @@ from amp4ec.operator.desired import (
     LABEL_DEPLOYMENT,
     LABEL_PLAN,
     PlanRecord,
+    deployment_policy,
     desired_objects,
     entry_service,
     plan_record,
 )
 from amp4ec.operator.k8s import Conflict, Kube, KubeUnavailable, matches
 from amp4ec.operator.measured import measured_queries, measured_status, scalar
+from amp4ec.operator.names import label_value, owned_by, owner_names
+from amp4ec.operator.podsecurity import node_selector
 from amp4ec.operator.profiles import Profiler, ProfilerUnavailable
 from amp4ec.operator.spec import DeploymentSpec, parse_spec
 from amp4ec.operator.status import Phase, condition, merge_conditions, now_iso, with_ready
+from amp4ec.operator.storage_hosts import HostRefused, HostUnresolved, resolve_checked_async
 from amp4ec.planner.types import Pin, Pipeline, Plan, Stage
 from amp4ec.scheduling import timed_plan
 
@@ -119,7 +124,7 @@ async def _reconcile(
     current = PlanRecord.from_status(t.status.get("plan"))
     rollout = PlanRecord.from_status(t.status.get("rollout"))
     try:
-        spec = parse_spec(t.spec)
+        spec = parse_spec(t.spec, deps.config.spec_policy())
     except InvalidSpec as exc:
         if trigger == "timer":
             return None  # already reported by the handler that saw this generation
@@ -183,18 +188,19 @@ async def _propose(
         )
 
     try:
+        await _check_storage_host(spec, cfg)
+    except HostRefused as exc:
+        raise stop("InvalidSpec", f"spec.model.storageUri: refused: {exc}", permanent=True) from None
+    try:
         costs = await deps.profiler.costs(spec)
     except InvalidSpec as exc:
         raise stop("InvalidModel", str(exc), permanent=True) from None
     except ProfilerUnavailable as exc:
         raise stop("ProfilerUnavailable", str(exc), retry=cfg.ready_poll_s * 5) from None
-    nodes = [
-        n["metadata"]["name"]
-        for n in await deps.kube.list("Node", None, spec.node_selector)
-        if _node_ready(n)
-    ]
+    wanted = node_selector(spec, cfg)
+    nodes = [n["metadata"]["name"] for n in await deps.kube.list("Node", None, wanted) if _node_ready(n)]
     if not nodes:
-        selector = ",".join(f"{k}={v}" for k, v in spec.node_selector.items()) or "(any)"
+        selector = ",".join(f"{k}={v}" for k, v in wanted.items()) or "(any)"
         raise stop("NoNodes", f"no ready node matches nodeSelector {selector}", retry=cfg.infeasible_retry_s)
     try:
         cap = await deps.prometheus.capacity(nodes, costs.reference_ms, cfg.capacity_max_age_s)
@@ -242,6 +248,21 @@ async def _propose(
     return proposal
 
 
+async def _check_storage_host(spec: DeploymentSpec, cfg: OperatorConfig) -> None:
+    """An https storage host must not resolve to a loopback, link-local or metadata address.
+    A name that does not resolve here is left to the initializer (which checks again anyway)."""
+    uri = spec.model.storage_uri or ""
+    if not uri.startswith("https://"):
+        return
+    parts = urlsplit(uri)
+    try:
+        await resolve_checked_async(
+            parts.hostname or "", parts.port or 443, cfg.spec_policy().storage_allowed_networks
+        )
+    except HostUnresolved as exc:
+        log.info("storageUri host not resolved by the operator (the initializer checks it): %s", exc)
+
+
 def _worth_it(current: PlanRecord, proposed: Plan, costs: Any, cap: Any, threshold: float) -> bool:
     """The planner's hysteresis, with the current plan re-priced under today's capacity."""
     pipelines: dict[int, list[Stage]] = {}
@@ -274,18 +295,68 @@ def _pod_ready(pod: Mapping[str, Any]) -> bool:
     return False
 
 
-async def _apply(deps: Deps, objs: list[dict[str, Any]], adopt: Callable[[dict[str, Any]], None]) -> None:
-    """Create what is missing; an existing object of the same name is the same object (named by plan id)."""
+def _foreign(deps: Deps, t: Target, obj: Mapping[str, Any]) -> _Stop:
+    """Refuse to touch an object of our name that another owner holds (never take it over)."""
+    meta = obj.get("metadata") or {}
+    kind = obj.get("kind") or "object"
+    message = (
+        f"{kind} {t.namespace}/{meta.get('name')} already exists and belongs to "
+        f"{owner_names(obj)}, not to this InferenceDeployment: refusing to change or delete it; "
+        "rename this deployment or remove that object"
+    )
+    metrics.RECONCILE_ERRORS.labels(t.namespace, t.name, "NameConflict").inc()
+    conds = [condition("ShardsReady", False, "NameConflict", message)]
+    phase = Phase(t.status.get("phase") or "Pending")
+    return _Stop(
+        Outcome(_finish(t, phase, conds), retry_s=deps.config.infeasible_retry_s, reason="NameConflict")
+    )
+
+
+async def _existing(deps: Deps, t: Target, obj: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The live object of ``obj``'s name, if it is ours; None if absent; refuses someone else's."""
+    meta = obj["metadata"]
+    live = await deps.kube.get(obj["kind"], meta["namespace"], meta["name"])
+    if live is not None and not owned_by(live, t.uid):
+        raise _foreign(deps, t, {**live, "kind": obj["kind"]})
+    return live
+
+
+async def _apply(
+    deps: Deps, t: Target, objs: list[dict[str, Any]], adopt: Callable[[dict[str, Any]], None]
+) -> None:
+    """Create what is missing; an existing object of the same name is the same object (named by
+    plan id) when this deployment owns it, and a refusal when it does not."""
     for obj in objs:
         adopt(obj)
-        meta = obj["metadata"]
-        if await deps.kube.get(obj["kind"], meta["namespace"], meta["name"]) is None:
+        if await _existing(deps, t, obj) is None:
             with contextlib.suppress(Conflict):  # created meanwhile (a restarted operator, a retry)
                 await deps.kube.create(obj)
 
 
+async def _apply_policy(
+    deps: Deps, t: Target, spec: DeploymentSpec, adopt: Callable[[dict[str, Any]], None]
+) -> None:
+    """The deployment's NetworkPolicy exists, as the spec and the chart say now (before any Pod)."""
+    policy = deployment_policy(t.name, t.namespace, spec, deps.config)
+    if policy is None:
+        return
+    adopt(policy)
+    live = await _existing(deps, t, policy)
+    if live is None:
+        with contextlib.suppress(Conflict):
+            await deps.kube.create(policy)
+    elif live.get("spec") != policy["spec"]:
+        meta = policy["metadata"]
+        await deps.kube.patch("NetworkPolicy", t.namespace, meta["name"], {"spec": policy["spec"]})
+
+
+async def _owned(deps: Deps, t: Target, kind: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
+    """Objects of ``kind`` with ``labels`` that this deployment owns (a label can be copied)."""
+    return [o for o in await deps.kube.list(kind, t.namespace, labels) if owned_by(o, t.uid)]
+
+
 async def _shards_ready(deps: Deps, t: Target, record: PlanRecord) -> tuple[int, int]:
-    pods = await deps.kube.list("Pod", t.namespace, {LABEL_DEPLOYMENT: t.name, LABEL_PLAN: record.id})
+    pods = await _owned(deps, t, "Pod", {LABEL_DEPLOYMENT: label_value(t.name), LABEL_PLAN: record.id})
     return sum(_pod_ready(p) for p in pods), len(record.stages)
 
 
@@ -312,7 +383,8 @@ async def _roll_out(
 ) -> PlanRecord:
     """Make before break: the new plan's objects, its shards ready, then the entry switches."""
     cfg = deps.config
-    await _apply(deps, desired_objects(t.name, t.namespace, spec, target, cfg), adopt)
+    await _apply_policy(deps, t, spec, adopt)
+    await _apply(deps, t, desired_objects(t.name, t.namespace, spec, target, cfg), adopt)
     ready, total = await _shards_ready(deps, t, target)
     if ready < total:
         message = f"{ready}/{total} shards of plan {target.id} ready"
@@ -338,12 +410,12 @@ async def _roll_out(
     entry = entry_service(t.name, t.namespace, target.id, cfg)
     adopt(entry)
     meta = entry["metadata"]
-    existing = await deps.kube.get("Service", t.namespace, meta["name"])
+    existing = await _existing(deps, t, entry)
     if existing is None:
         try:
             await deps.kube.create(entry)
         except Conflict:
-            existing = await deps.kube.get("Service", t.namespace, meta["name"])
+            existing = await _existing(deps, t, entry)
     if existing is not None and (existing.get("spec") or {}).get("selector") != entry["spec"]["selector"]:
         await deps.kube.patch(
             "Service", t.namespace, meta["name"], {"spec": {"selector": entry["spec"]["selector"]}}
@@ -364,11 +436,12 @@ async def _settle(
 ) -> Outcome:
     """The active plan's objects exist, older plans' are gone; status says how ready it is."""
     cfg = deps.config
-    await _apply(deps, desired_objects(t.name, t.namespace, spec, current, cfg), adopt)
+    await _apply_policy(deps, t, spec, adopt)
+    await _apply(deps, t, desired_objects(t.name, t.namespace, spec, current, cfg), adopt)
     entry = entry_service(t.name, t.namespace, current.id, cfg)
-    await _apply(deps, [entry], adopt)
+    await _apply(deps, t, [entry], adopt)
     for kind in ("Pod", "Service"):
-        owned = await deps.kube.list(kind, t.namespace, {LABEL_DEPLOYMENT: t.name})
+        owned = await _owned(deps, t, kind, {LABEL_DEPLOYMENT: label_value(t.name)})
         stale = [
             o for o in owned
             if LABEL_PLAN in (o["metadata"].get("labels") or {}) and not matches(o, {LABEL_PLAN: current.id})
@@ -414,7 +487,7 @@ async def measure(deps: Deps, t: Target) -> dict[str, Any] | None:
     window = deps.config.measure_window
     values: dict[str, float | None] = {}
     try:
-        for key, promql in measured_queries(t.namespace, t.name, window).items():
+        for key, promql in measured_queries(t.namespace, label_value(t.name), window).items():
             values[key] = scalar(await deps.prometheus.query(promql))
     except CapacityUnavailable as exc:
         log.warning("%s/%s: measured throughput and latency unavailable: %s", t.namespace, t.name, exc)

@@ -10,19 +10,55 @@ from __future__ import annotations
 import itertools
 import json
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from amp4ec.errors import InvalidSpec
+from amp4ec.operator.storage_hosts import Network, host_refusal
 
-__all__ = ["DeploymentSpec", "ModelRef", "PinSpec", "ReplanSpec", "parse_spec"]
+__all__ = [
+    "MAX_INPUT_ELEMENTS",
+    "DeploymentSpec",
+    "ModelRef",
+    "PinSpec",
+    "ReplanSpec",
+    "SpecPolicy",
+    "Toleration",
+    "parse_spec",
+]
 
 _NAME = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_]*|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")
 """A zoo name (``mobilenet_v2``) or a factory (``package.module:factory``)."""
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _PVC = re.compile(r"^pvc://(?P<claim>[a-z0-9]([-a-z0-9]*[a-z0-9])?)/(?P<path>[^\s]+)$")
 _LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+MAX_INPUT_ELEMENTS = 1 << 22
+"""Most elements of one input (4,194,304: [1, 3, 1024, 1024] or [16, 3, 224, 224]). Profiling
+allocates activations in proportion: [1, 3, 4096, 4096] held the shared profiler at 6.35 GB for
+~100 s. The CRD's CEL rule on ``inputShape`` says the same (a test keeps them equal)."""
+
+
+@dataclass(frozen=True)
+class SpecPolicy:
+    """What the cluster admin allows beyond the schema (chart values → operator config)."""
+
+    allowed_factory_modules: tuple[str, ...] = ()
+    """Modules whose ``module:factory`` a resource may name (a factory is code the profiler and
+    every shard run); a module allows its submodules. Default: none."""
+    storage_allowed_networks: Sequence[Network] = ()
+    """Networks a storageUri may reach although they are loopback/link-local (tests only)."""
+
+    def factory_allowed(self, module: str) -> bool:
+        return any(module == m or module.startswith(m + ".") for m in self.allowed_factory_modules)
+
 
 Objective = Literal["throughput", "latency"]
 Strategy = Literal["optimal", "paper", "equal", "memory", "replicate", "monolith"]
@@ -64,11 +100,12 @@ class ModelRef(_Strict):
         if v is None:
             return v
         if v.startswith("https://"):
-            if len(v) <= len("https://") or "/" not in v[len("https://") :]:
-                raise ValueError(f"expected https://host/path, got {v!r}")
+            _check_https(v)
         elif v.startswith("pvc://"):
-            if not _PVC.match(v):
+            m = _PVC.match(v)
+            if not m:
                 raise ValueError(f"expected pvc://claim-name/path/in/claim, got {v!r}")
+            _check_claim_path(m["path"])
         else:
             raise ValueError(f"expected a pvc:// or https:// URI, got {v!r}")
         return v
@@ -91,6 +128,31 @@ class ModelRef(_Strict):
         """(claim, path) of a ``pvc://`` URI, else None."""
         m = _PVC.match(self.storage_uri or "")
         return (m["claim"], m["path"]) if m else None
+
+
+def _check_https(uri: str) -> None:
+    """An https URI with a host, no credentials, a valid port and a path."""
+    if len(uri) <= len("https://") or "/" not in uri[len("https://") :]:
+        raise ValueError(f"expected https://host/path, got {uri!r}")
+    try:
+        parts = urlsplit(uri)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"expected https://host[:port]/path, got {uri!r} ({exc})") from None
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("expected no user:password@ in the URI (credentials do not belong in a spec)")
+    if not parts.hostname:
+        raise ValueError(f"expected https://host/path, got {uri!r}")
+    if port == 0:
+        raise ValueError(f"expected a port in 1..65535, got {uri!r}")
+
+
+def _check_claim_path(path: str) -> None:
+    """A relative path that stays inside the claim: no leading /, no ``..`` component."""
+    if path.startswith("/"):
+        raise ValueError(f"expected a path relative to the claim, got the absolute path {path!r}")
+    if ".." in PurePosixPath(path).parts or "\\" in path:
+        raise ValueError(f"expected a path inside the claim (no '..', no backslash), got {path!r}")
 
 
 class ReplanSpec(_Strict):
@@ -116,6 +178,39 @@ class PinSpec(_Strict):
         return self
 
 
+class Toleration(_Strict):
+    """A Pod toleration (core/v1 Toleration), passed to every shard Pod: edge nodes are often tainted."""
+
+    key: str | None = Field(None, max_length=317)
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = Field(None, max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = Field(None, alias="tolerationSeconds", ge=0, le=2**31 - 1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Toleration:
+        if self.key is not None and not _LABEL_KEY.match(self.key):
+            raise ValueError(f"key: expected a label key like node-role.kubernetes.io/edge, got {self.key!r}")
+        if self.value is not None and not _LABEL_VALUE.match(self.value):
+            raise ValueError(f"value: expected a label value, got {self.value!r}")
+        if self.operator == "Exists" and self.value:
+            raise ValueError("value: must be empty with operator Exists")
+        if self.key is None and self.operator != "Exists":
+            raise ValueError("operator: must be Exists when key is empty (tolerates every taint)")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError("tolerationSeconds: only with effect NoExecute")
+        return self
+
+    def to_k8s(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
+class LocalObjectReference(_Strict):
+    """``{name: ...}`` of a Secret in the deployment's namespace (imagePullSecrets)."""
+
+    name: str = Field(min_length=1, max_length=253, pattern=_SUBDOMAIN.pattern)
+
+
 class DeploymentSpec(_Strict):
     """``spec`` of an InferenceDeployment."""
 
@@ -130,6 +225,14 @@ class DeploymentSpec(_Strict):
     replan: ReplanSpec = Field(default_factory=ReplanSpec)
     placement: tuple[PinSpec, ...] = ()
     """Manual pins the planner respects; every other block is placed freely."""
+    tolerations: tuple[Toleration, ...] = Field((), max_length=32)
+    """Added to every shard Pod (after the chart's defaults)."""
+    image_pull_secrets: tuple[LocalObjectReference, ...] = Field((), alias="imagePullSecrets", max_length=16)
+    """Added to every shard Pod (after the chart's defaults)."""
+    priority_class_name: str | None = Field(
+        None, alias="priorityClassName", min_length=1, max_length=253, pattern=_SUBDOMAIN.pattern
+    )
+    """Priority class of shard Pods (else the chart's default)."""
 
     @field_validator("input_shape")
     @classmethod
@@ -140,16 +243,20 @@ class DeploymentSpec(_Strict):
             numel = 1
             for d in v:
                 numel *= d
-            if numel > 1 << 28:
-                raise ValueError(f"expected at most 2^28 elements in one input, got {numel} ({list(v)})")
+            if numel > MAX_INPUT_ELEMENTS:
+                raise ValueError(
+                    f"expected at most {MAX_INPUT_ELEMENTS} elements in one input, got {numel} ({list(v)})"
+                )
         return v
 
     @field_validator("node_selector")
     @classmethod
     def _selector(cls, v: dict[str, str]) -> dict[str, str]:
-        for key in v:
+        for key, value in v.items():
             if not _LABEL_KEY.match(key):
                 raise ValueError(f"expected label keys like kubernetes.io/arch, got {key!r}")
+            if len(value) > 63 or not _LABEL_VALUE.match(value):
+                raise ValueError(f"expected a label value (at most 63 characters) for {key}, got {value!r}")
         return v
 
     @model_validator(mode="after")
@@ -178,13 +285,33 @@ def _path(loc: tuple[Any, ...]) -> str:
     return out
 
 
-def parse_spec(raw: Any) -> DeploymentSpec:
-    """Validate a resource's ``spec``; raises InvalidSpec naming every wrong field."""
+def _check_policy(spec: DeploymentSpec, policy: SpecPolicy) -> None:
+    """What the cluster admin allows: factories of listed modules, storage off forbidden hosts."""
+    name = spec.model.name or ""
+    if ":" in name:
+        module = name.split(":", 1)[0]
+        if not policy.factory_allowed(module):
+            allowed = ", ".join(policy.allowed_factory_modules) or "none"
+            raise InvalidSpec(
+                f"spec.model.name: factory module {module!r} is not allowed by the cluster admin "
+                f"(a factory is code execution; allowed modules: {allowed}; chart value "
+                "operator.allowedFactoryModules)"
+            )
+    uri = spec.model.storage_uri or ""
+    if uri.startswith("https://"):
+        why = host_refusal(urlsplit(uri).hostname or "", policy.storage_allowed_networks)
+        if why is not None:
+            raise InvalidSpec(f"spec.model.storageUri: refused: {why}")
+
+
+def parse_spec(raw: Any, policy: SpecPolicy | None = None) -> DeploymentSpec:
+    """Validate a resource's ``spec`` under ``policy`` (default: no factories, no exceptions for
+    forbidden storage hosts); raises InvalidSpec naming every wrong field."""
     if not isinstance(raw, dict):
         raise InvalidSpec(f"spec: expected an object, got {type(raw).__name__}")
     try:
         # JSON mode: strict types as the API server sees them (arrays for tuples, no "1" for 1).
-        return DeploymentSpec.model_validate_json(json.dumps(raw))
+        spec = DeploymentSpec.model_validate_json(json.dumps(raw))
     except ValidationError as exc:
         problems = []
         for err in exc.errors(include_url=False):
@@ -192,3 +319,5 @@ def parse_spec(raw: Any) -> DeploymentSpec:
             msg = err["msg"].removeprefix("Value error, ")
             problems.append(f"{_path(loc)}: {msg}")
         raise InvalidSpec("; ".join(problems)) from None
+    _check_policy(spec, policy or SpecPolicy())
+    return spec

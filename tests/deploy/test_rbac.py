@@ -48,7 +48,10 @@ KOPF_NEEDS: dict[Permission, str] = {
 kopf.dev peering objects (standalone). Discovery (/api, /apis, /version) is allowed to every
 authenticated user by the default ``system:discovery`` role."""
 
-_PATH = re.compile(r"^/api/v1/(?:namespaces/[^/]+/)?(?P<plural>[a-z]+)(?:/(?P<name>[^/?]+))?(?:\?.*)?$")
+_PATH = re.compile(
+    r"^/(?:api/v1|apis/(?P<group>[a-z0-9.]+)/v1)/(?:namespaces/(?P<ns>[^/]+)/)?"
+    r"(?P<plural>[a-z]+)(?:/(?P<name>[^/?]+))?(?:\?.*)?$"
+)
 _VERBS = {"POST": "create", "PATCH": "patch", "DELETE": "delete"}
 _METHOD_VERBS = {
     "get": "get",
@@ -76,10 +79,9 @@ class RecordingKube(Kube):
     async def _request(self, method: str, path: str, body: Any = None, content_type: str = "") -> Any:
         m = _PATH.match(path)
         assert m, f"unexpected API path {path}"
-        plural, name = m.group("plural"), m.group("name")
-        namespace = path.split("/")[4] if "/namespaces/" in path else None
+        plural, name, namespace = m.group("plural"), m.group("name"), m.group("ns")
         verb = ("get" if name else "list") if method == "GET" else _VERBS[method]
-        self.used.add(("", plural, verb))
+        self.used.add((m.group("group") or "", plural, verb))
         key = (plural, namespace, name or "")
         if method == "GET" and name:
             return self.objects.get(key)
@@ -142,10 +144,14 @@ def _operator_calls() -> set[Permission]:
         "nodeSelector": {"amp4ec.io/edge": "true"},
     }
     status: dict[str, Any] = {}
+    generation = [1]
+
+    def adopt(obj: dict[str, Any]) -> None:  # what kopf.adopt does: the operator checks it
+        obj["metadata"]["ownerReferences"] = [{"kind": "InferenceDeployment", "name": "demo", "uid": "uid-1"}]
 
     async def step(trigger: str) -> str:
-        t = Target("demo", "default", "uid-1", 1, spec, dict(status))
-        outcome = await reconcile(deps, t, trigger=trigger, adopt=lambda obj: None)
+        t = Target("demo", "default", "uid-1", generation[0], spec, dict(status))
+        outcome = await reconcile(deps, t, trigger=trigger, adopt=adopt)
         assert outcome is not None
         status.update(outcome.status)
         return outcome.reason
@@ -164,6 +170,13 @@ def _operator_calls() -> set[Permission]:
         deps.last_check.clear()
         assert await step("timer") == "Serving"
         assert status["plan"]["id"] != first
+        # Weights from https storage: the NetworkPolicy's egress changes (patched), a new plan.
+        https = "https://198.51.100.7/w.pt"
+        spec["model"] = {"name": "mobilenet_v2", "storageUri": https, "sha256": "a" * 64}
+        generation[0] = 2
+        assert await step("update") == "ShardsStarting"
+        kube.start_pods()
+        assert await step("update") == "Serving"
         await kube.close()
 
     asyncio.run(scenario())
@@ -219,6 +232,8 @@ def test_cluster_role_is_exactly_what_the_operator_and_kopf_use() -> None:
         ("", "pods", "get"), ("", "pods", "list"), ("", "pods", "create"), ("", "pods", "delete"),
         ("", "services", "get"), ("", "services", "list"), ("", "services", "create"),
         ("", "services", "patch"), ("", "services", "delete"),
+        ("networking.k8s.io", "networkpolicies", "get"), ("networking.k8s.io", "networkpolicies", "create"),
+        ("networking.k8s.io", "networkpolicies", "patch"),
     }  # fmt: skip
     needed = used | set(KOPF_NEEDS)
     granted = _granted(render())

@@ -43,7 +43,7 @@ def test_minimal_spec_gets_defaults() -> None:
         ({"model": {"name": "m", "storageUri": "pvc://Claim/x"}}, "spec.model.storageUri"),
         ({"model": {"name": "m", "sha256": SHA}}, "without a storageUri"),
         ({"model": {"name": "m"}, "inputShape": [1, -3]}, "spec.inputShape"),
-        ({"model": {"name": "m"}, "inputShape": [65536, 65536]}, "2^28"),
+        ({"model": {"name": "m"}, "inputShape": [65536, 65536]}, "at most 4194304 elements"),
         ({"model": {"name": "m"}, "placement": [PIN_A] * 2}, "overlap"),
         ({"model": {"name": "m"}, "strategy": "paper", "placement": [PIN_A]}, "strategy optimal"),
         ({"model": {"name": "m"}, "maxStages": 1, "placement": [PIN_A, PIN_B]}, "exceed maxStages"),

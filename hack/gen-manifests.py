@@ -36,6 +36,7 @@ NAMESPACE = "amp4ec-system"
 # Helm's install order (pkg/release/util/kind_sorter.go), for the kinds this chart renders.
 INSTALL_ORDER = [
     "Namespace",
+    "NetworkPolicy",
     "ServiceAccount",
     "ConfigMap",
     "ClusterRole",

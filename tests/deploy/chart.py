@@ -86,6 +86,8 @@ FULL_VALUES: dict[str, Any] = {
         "config": {"CAPACITY_MAX_AGE_S": 60, "READY_POLL_S": "1.5"},
         "shardEnv": {"OMP_NUM_THREADS": "1", "LOG_LEVEL": "debug"},
         "logLevel": "verbose",
+        "allowedFactoryModules": ["vision_models", "acme.nets"],
+        "storageAllowedNetworks": ["127.0.0.0/8"],
         "nodeSelector": {"node-role.kubernetes.io/control-plane": ""},
         "tolerations": [{"key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule"}],
         "priorityClassName": "system-cluster-critical",
@@ -93,6 +95,18 @@ FULL_VALUES: dict[str, Any] = {
         "podLabels": {"tier": "control"},
     },
     "agent": {"image": {"repository": "registry.local/amp4ec-node-agent", "tag": "dev"}},
+    "shards": {
+        "tolerations": [{"key": "amp4ec.io/edge", "operator": "Exists", "effect": "NoSchedule"}],
+        "nodeSelector": {"amp4ec.io/profile": "edge"},
+        "imagePullSecrets": [{"name": "regcred"}],
+        "priorityClassName": "edge-inference",
+    },
+    "networkPolicy": {
+        "prometheus": {
+            "namespaceSelector": {"kubernetes.io/metadata.name": "observability"},
+            "podSelector": {"app.kubernetes.io/name": "prometheus"},
+        }
+    },
     "monitor": {
         "interval": 5,
         "grpcPort": 50052,
@@ -128,4 +142,5 @@ MINIMAL_VALUES: dict[str, Any] = {
     "operator": {"profiler": "profiler.ml.svc:50051"},
     "metrics": {"podAnnotations": False},
     "grafana": {"dashboard": {"enabled": False}},
+    "networkPolicy": {"enabled": False, "shards": False},
 }

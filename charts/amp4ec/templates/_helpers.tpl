@@ -84,3 +84,45 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- join "," $pairs }}
 {{- end }}
+
+{{/* Operator settings of shard Pods' hardening (docs/operator.md, "Kubernetes hardening"). */}}
+{{- define "amp4ec.hardeningEnv" -}}
+{{- $operatorLabels := include "amp4ec.selectorLabels" (dict "root" . "component" "operator") | fromYaml }}
+- {name: AMP4EC_NETWORK_POLICY, value: {{ .Values.networkPolicy.shards | quote }}}
+- {name: AMP4EC_OPERATOR_NAMESPACE, value: {{ .Release.Namespace | quote }}}
+- {name: AMP4EC_OPERATOR_POD_LABELS, value: {{ include "amp4ec.keyValues" $operatorLabels | quote }}}
+- {name: AMP4EC_PROMETHEUS_NAMESPACE_LABELS, value: {{ include "amp4ec.keyValues" .Values.networkPolicy.prometheus.namespaceSelector | quote }}}
+- {name: AMP4EC_PROMETHEUS_POD_LABELS, value: {{ include "amp4ec.keyValues" .Values.networkPolicy.prometheus.podSelector | quote }}}
+{{- with .Values.operator.allowedFactoryModules }}
+- {name: AMP4EC_ALLOWED_FACTORY_MODULES, value: {{ join "," . | quote }}}
+{{- end }}
+{{- with .Values.operator.storageAllowedNetworks }}
+- {name: AMP4EC_STORAGE_ALLOWED_NETWORKS, value: {{ join "," . | quote }}}
+{{- end }}
+{{- with .Values.shards.tolerations }}
+- {name: AMP4EC_SHARD_TOLERATIONS, value: {{ toJson . | quote }}}
+{{- end }}
+{{- with .Values.shards.nodeSelector }}
+- {name: AMP4EC_SHARD_NODE_SELECTOR, value: {{ include "amp4ec.keyValues" . | quote }}}
+{{- end }}
+{{- with .Values.shards.imagePullSecrets }}
+{{- $names := list }}
+{{- range . }}{{ $names = append $names .name }}{{ end }}
+- {name: AMP4EC_SHARD_IMAGE_PULL_SECRETS, value: {{ join "," $names | quote }}}
+{{- end }}
+{{- with .Values.shards.priorityClassName }}
+- {name: AMP4EC_SHARD_PRIORITY_CLASS_NAME, value: {{ . | quote }}}
+{{- end }}
+{{- end }}
+
+{{/* A NetworkPolicy peer: Prometheus's namespace (and Pods, when podSelector is set). */}}
+{{- define "amp4ec.prometheusPeer" -}}
+- namespaceSelector:
+    matchLabels:
+      {{- toYaml .Values.networkPolicy.prometheus.namespaceSelector | nindent 6 }}
+  {{- with .Values.networkPolicy.prometheus.podSelector }}
+  podSelector:
+    matchLabels:
+      {{- toYaml . | nindent 6 }}
+  {{- end }}
+{{- end }}

@@ -4,8 +4,9 @@
 Security Standard "restricted": non-root, read-only root filesystem, no privilege escalation,
 every capability dropped, seccomp RuntimeDefault), a writable ``emptyDir`` at ``/tmp`` (the
 only place the agent writes: ``HOME``, caches), and no service-account token (a shard never
-calls the Kubernetes API). ``scheduling(spec, config)`` passes tolerations, node selector,
-image pull secrets and priority class through from the chart's defaults and the resource.
+calls the Kubernetes API). ``scheduling(spec, config, node)`` passes tolerations, image pull
+secrets and priority class through from the chart's defaults and the resource; ``node_selector``
+(the chart's and the resource's) is what planning selects nodes by.
 """
 
 from __future__ import annotations
@@ -75,8 +76,9 @@ def node_selector(spec: DeploymentSpec, config: OperatorConfig) -> dict[str, str
 
 def scheduling(spec: DeploymentSpec, config: OperatorConfig, node: str) -> dict[str, Any]:
     """The Pod spec fields that place a shard: pinned to ``node``, tolerating what the chart and
-    the resource say, pulling with their secrets, at their priority class."""
-    fields: dict[str, Any] = {"nodeSelector": {**node_selector(spec, config), "kubernetes.io/hostname": node}}
+    the resource say, pulling with their secrets, at their priority class. The node selectors
+    (``node_selector``) chose the nodes the planner considered; ``node`` is one of them."""
+    fields: dict[str, Any] = {"nodeSelector": {"kubernetes.io/hostname": node}}
     tolerations = [dict(t) for t in config.shard_tolerations] + [t.to_k8s() for t in spec.tolerations]
     if tolerations:
         fields["tolerations"] = tolerations

@@ -147,7 +147,8 @@ def test_full_values_reach_shard_pods_and_the_spec_policy() -> None:
     assert pod["tolerations"] == FULL_VALUES["shards"]["tolerations"]
     assert pod["imagePullSecrets"] == FULL_VALUES["shards"]["imagePullSecrets"]
     assert pod["priorityClassName"] == "edge-inference"
-    assert pod["nodeSelector"] == {"amp4ec.io/profile": "edge", "kubernetes.io/hostname": "edge-a"}
+    assert pod["nodeSelector"] == {"kubernetes.io/hostname": "edge-a"}
+    assert dict(config.shard_node_selector) == {"amp4ec.io/profile": "edge"}  # what planning selects by
     policy = config.spec_policy()
     assert policy.factory_allowed("acme.nets.resnet") and not policy.factory_allowed("os")
     assert [str(n) for n in policy.storage_allowed_networks] == ["127.0.0.0/8"]

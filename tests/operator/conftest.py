@@ -297,6 +297,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                     "AMP4EC_INFEASIBLE_RETRY_S": "3",
                     "AMP4EC_MEASURE_WINDOW": MEASURE_WINDOW,
                     "AMP4EC_MEASURE_INTERVAL_S": "1",
+                    # The test models are factories: allowed as a cluster admin would (chart value).
+                    "AMP4EC_ALLOWED_FACTORY_MODULES": "tests",
                 }
             )
             operator = Operator(

@@ -28,6 +28,7 @@ from amp4ec.planner.types import Plan
 __all__ = [
     "LABEL_DEPLOYMENT",
     "LABEL_PLAN",
+    "LABEL_ROLE",
     "PlacedStage",
     "PlanRecord",
     "deployment_policy",

@@ -28,6 +28,7 @@ from amp4ec.operator.config import OperatorConfig
 from amp4ec.operator.desired import (
     LABEL_DEPLOYMENT,
     LABEL_PLAN,
+    LABEL_ROLE,
     PlanRecord,
     deployment_policy,
     desired_objects,
@@ -445,6 +446,11 @@ async def _settle(
         stale = [
             o for o in owned
             if LABEL_PLAN in (o["metadata"].get("labels") or {}) and not matches(o, {LABEL_PLAN: current.id})
+        ]  # fmt: skip
+        # An entry Service of an older name (before names.py: a long name cut at 40) is ours and dead.
+        stale += [
+            o for o in owned
+            if matches(o, {LABEL_ROLE: "entry"}) and o["metadata"]["name"] != entry["metadata"]["name"]
         ]  # fmt: skip
         await deps.kube.delete_all(kind, stale)
     ready, total = await _shards_ready(deps, t, current)

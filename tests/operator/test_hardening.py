@@ -263,6 +263,33 @@ def test_stale_looking_objects_of_another_owner_are_never_deleted() -> None:
     assert ("Pod", "lookalike") not in kube.deleted and ("Pod", "ml", "lookalike") in kube.objects
 
 
+def test_an_entry_service_of_the_old_cut_name_is_removed_after_the_upgrade() -> None:
+    kube = FakeKube()
+    for node in ("edge-a", "edge-b"):
+        kube.add_node(node)
+    deps = _deps(kube)
+    old = CANARY_A[:40].rstrip("-")  # the entry Service's name before names.py
+    labels = {"amp4ec.io/deployment": CANARY_A, "amp4ec.io/role": "entry"}
+    kube.objects[("Service", "ml", old)] = {
+        "kind": "Service",
+        "metadata": {
+            "name": old,
+            "namespace": "ml",
+            "labels": labels,
+            "ownerReferences": _owner(CANARY_A, "uid-a"),
+        },
+    }
+    status: dict[str, Any] = {}
+
+    async def scenario() -> Outcome:
+        await _step(deps, CANARY_A, "uid-a", SPEC, status)
+        kube.start_pods()
+        return await _step(deps, CANARY_A, "uid-a", SPEC, status)
+
+    assert asyncio.run(scenario()).reason == "Serving"
+    assert ("Service", old) in kube.deleted and status["endpoint"].startswith(child_base(CANARY_A) + ".")
+
+
 # --- shard Pods -------------------------------------------------------------------------------
 
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from amp4ec.errors import InvalidSpec
 from amp4ec.operator.capacity import Capacity
@@ -83,6 +85,21 @@ def test_child_names_and_labels_are_valid_for_any_resource_name(name: str) -> No
         assert label == name
     for obj in _objects(name):
         kubernetes_validate.validate(obj, "1.30", strict=True)
+
+
+_LABEL = st.from_regex(r"\A[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
+SUBDOMAINS = st.lists(_LABEL, min_size=1, max_size=6).map(".".join).filter(lambda n: len(n) <= 253)
+"""Every name an InferenceDeployment may have (a DNS-1123 subdomain)."""
+
+
+@settings(max_examples=150, deadline=None)
+@given(a=SUBDOMAINS, b=SUBDOMAINS)
+def test_any_two_resource_names_get_valid_and_distinct_children(a: str, b: str) -> None:
+    for name in (a, b):
+        assert len(child_base(name)) <= 40 and DNS1035.match(child_base(name))
+        assert len(label_value(name)) <= 63 and LABEL_VALUE.match(label_value(name))
+    if a != b:
+        assert child_base(a) != child_base(b) and label_value(a) != label_value(b)
 
 
 def test_cut_names_differ_in_their_hash() -> None:

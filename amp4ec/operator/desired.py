@@ -1,5 +1,9 @@
 """Pure: the Kubernetes objects a plan needs (shard Pods, per-stage Services, the entry Service).
 
+Shard Pods are restricted (``podsecurity.harden``, the last step of rendering one), names are
+unique per deployment (``names.py``), and one NetworkPolicy per deployment (``netpol.py``)
+selects the shards of every plan.
+
 Names carry the plan's id, so the objects of two plans coexist during a make-before-break
 switch, and creating the same plan twice names the same objects (idempotent). The handler
 adopts the results (owner references) and applies them through ``k8s.py``.
@@ -137,12 +141,16 @@ def _finite(x: float) -> float:
 
 
 def plan_id(spec: DeploymentSpec, stages: Sequence[PlacedStage]) -> str:
-    """Eight hex digits naming what the shard Pods run: the model and the placement."""
-    key = {
+    """Eight hex digits naming what the shard Pods run: the model and the placement, and how
+    they are scheduled (a toleration added to a Pending deployment must roll out new Pods)."""
+    key: dict[str, Any] = {
         "model": spec.model.model_dump(by_alias=True),
         "inputShape": list(spec.input_shape or ()),
         "stages": [(s.pipeline, s.stage, s.node, s.first_block, s.last_block, s.cpu) for s in stages],
     }
+    pod = spec.model_dump(by_alias=True, include={"tolerations", "image_pull_secrets", "priority_class_name"})
+    if any(pod.values()):  # absent when unset: the ids of existing plans do not change
+        key["pod"] = pod
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
 
 

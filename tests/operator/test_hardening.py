@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import hashlib
+import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -379,6 +381,21 @@ def test_scheduling_fields_come_from_the_chart_then_the_resource() -> None:
     assert plain["priorityClassName"] == "edge-default" and len(plain["tolerations"]) == 1
     bare = _pods(_objects("mnv2"))[0]["spec"]
     assert "tolerations" not in bare and "imagePullSecrets" not in bare and "priorityClassName" not in bare
+
+
+def test_a_changed_toleration_is_a_new_plan_and_unset_fields_keep_old_plan_ids() -> None:
+    base = {"model": {"name": "mobilenet_v2"}, "inputShape": [1, 3, 64, 64]}
+    spec = parse_spec(base)
+    record = _record(spec)
+    old_key = {  # plan_id before the pass-through fields existed
+        "model": spec.model.model_dump(by_alias=True),
+        "inputShape": [1, 3, 64, 64],
+        "stages": [(s.pipeline, s.stage, s.node, s.first_block, s.last_block, s.cpu) for s in record.stages],
+    }
+    assert record.id == hashlib.sha256(json.dumps(old_key, sort_keys=True).encode()).hexdigest()[:8]
+    tolerant = _record(parse_spec({**base, "tolerations": [{"key": "edge", "operator": "Exists"}]}))
+    assert tolerant.id != record.id
+    assert _record(parse_spec({**base, "priorityClassName": "high"})).id not in {record.id, tolerant.id}
 
 
 def test_planning_only_considers_nodes_the_chart_and_the_resource_select() -> None:

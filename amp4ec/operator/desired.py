@@ -190,6 +190,15 @@ def _labels(name: str, extra: Mapping[str, str] | None = None) -> dict[str, str]
     return {**_COMMON, LABEL_DEPLOYMENT: label_value(name), **(extra or {})}
 
 
+FACTORY_ENV = "AMP4EC_ALLOW_FACTORIES"
+"""The node agent's own allow-list of factory modules (it refuses any other ``module:factory``)."""
+
+
+def _factory_env(config: OperatorConfig) -> dict[str, str]:
+    """The cluster admin's factory modules, for the agent's check of its own (shards, monitor)."""
+    return {FACTORY_ENV: ",".join(config.allowed_factory_modules)} if config.allowed_factory_modules else {}
+
+
 def _quantity_cpu(cores: float) -> str:
     return f"{max(10, round(cores * 1000))}m"
 
@@ -278,7 +287,9 @@ def _shard_pod(
             "periodSeconds": 2,
         },
         "livenessProbe": {"grpc": {"port": config.shard_port}, "periodSeconds": 10, "failureThreshold": 6},
-        "env": [{"name": k, "value": v} for k, v in sorted(config.shard_env.items())],
+        "env": [
+            {"name": k, "value": v} for k, v in sorted({**config.shard_env, **_factory_env(config)}.items())
+        ],
     }
     if mounts:
         container["volumeMounts"] = mounts

@@ -152,8 +152,14 @@ def test_full_values_reach_shard_pods_and_the_spec_policy() -> None:
     policy = config.spec_policy()
     assert policy.factory_allowed("acme.nets.resnet") and not policy.factory_allowed("os")
     assert [str(n) for n in policy.storage_allowed_networks] == ["127.0.0.0/8"]
+    env = {e["name"]: e["value"] for e in one(_shard_objects(config), "Pod")["spec"]["containers"][0]["env"]}
+    assert env["AMP4EC_ALLOW_FACTORIES"] == "vision_models,acme.nets"  # the agent checks too
+    (monitor,) = one(render(FULL_VALUES), "DaemonSet")["spec"]["template"]["spec"]["containers"]
+    assert {"name": "AMP4EC_ALLOW_FACTORIES", "value": "vision_models,acme.nets"} in monitor["env"]
     _, default = _config({})
     assert default.allowed_factory_modules == () and default.storage_allowed_networks == ()
+    (monitor,) = one(render({}), "DaemonSet")["spec"]["template"]["spec"]["containers"]
+    assert "AMP4EC_ALLOW_FACTORIES" not in {e["name"] for e in monitor["env"]}
     _, minimal = _config(MINIMAL_VALUES)
     assert minimal.network_policy is False and not by_kind(_shard_objects(minimal), "NetworkPolicy")
 

@@ -175,9 +175,14 @@ def _load_archive(
     """A torch.export archive → its module plus the input shapes/dtypes it was exported with."""
     if not Path(path).is_file():
         raise ModelNotFound(f"model: file {path} does not exist; expected a torch.export .pt2 archive")
-    ensure_safe_archive(path)  # torch.export.load would otherwise unpickle what the archive asks
     try:
-        program = torch.export.load(path)
+        # One open file for the check and the load: replacing the path in between changes nothing.
+        with open(path, "rb") as file:
+            ensure_safe_archive(file, name=path)  # see [Note: archive allow-list]
+            file.seek(0)
+            program = torch.export.load(file)
+    except InvalidSpec:
+        raise
     except Exception as e:
         raise InvalidSpec(
             f"model: cannot load {path} as a torch.export archive ({type(e).__name__}: {_first_line(e)})"

@@ -25,6 +25,7 @@ from amp4ec.local.run import Prepared, measure_links, node_capacities
 from amp4ec.planner.types import Link, NodeCapacity, Plan
 from amp4ec.scheduling import timed_plan
 from amp4ec.slicing import ModelSource
+from amp4ec.slicing.sources import factory_module
 from amp4ec.wire.v1 import agent_pb2
 
 __all__ = ["MEMORY_MARGIN", "run_configuration", "steps"]
@@ -77,7 +78,7 @@ async def run_configuration(
         out["links"] = {"rate_mbit": config.links.rate_mbit, "delay_ms": config.links.delay_ms}
     names = [n.name for n in nodes]
     async with (
-        LocalCluster([*nodes, *variants], limit_mode) as cluster,
+        LocalCluster([*nodes, *variants], limit_mode, allow_factories=_named(config.source)) as cluster,
         _links(config, cluster, names) as shaped,
     ):
         out["cpu_limits"] = cluster.limit_description
@@ -259,7 +260,7 @@ async def _ideal_without_memory_limits(bench: Bench, nodes: Sequence[NodeSpec], 
     Runs on a cluster of its own once the configuration's cluster is gone (two clusters of
     one process at once would share cgroup names)."""
     free = [replace(n, memory_bytes=None) for n in nodes]
-    async with LocalCluster(free, limit_mode) as cluster:
+    async with LocalCluster(free, limit_mode, allow_factories=_named(bench.source)) as cluster:
         caps = node_capacities(await _capacities(cluster), bench.prepared.reference_ms)
         plan, _ = _plan(bench.prepared, caps, "replicate", [], repeats=1)
         per_node = await _standalone(replace(bench, cluster=cluster, hop=cluster.address), plan)
@@ -345,3 +346,8 @@ async def _links(
         return
     async with ShapedLinks(config.links, {n: cluster.address(n) for n in names}, os.getpid()) as shaped:
         yield shaped
+
+
+def _named(source: ModelSource) -> list[str]:
+    """The factory module the user named on the command line, the only one agents may import."""
+    return [m for m in (factory_module(source.spec),) if m]

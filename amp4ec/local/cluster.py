@@ -115,7 +115,11 @@ class LocalCluster:
     """Node agents as local processes. Use as ``async with LocalCluster(nodes) as cluster``."""
 
     def __init__(
-        self, nodes: Sequence[NodeSpec], limit_mode: str = "auto", start_timeout_s: float = 180
+        self,
+        nodes: Sequence[NodeSpec],
+        limit_mode: str = "auto",
+        start_timeout_s: float = 180,
+        allow_factories: Sequence[str] = (),
     ) -> None:
         if limit_mode not in LIMIT_MODES:
             raise InvalidSpec(f"--cpu-limits: expected one of {', '.join(LIMIT_MODES)}, got {limit_mode!r}")
@@ -126,6 +130,8 @@ class LocalCluster:
         self.nodes = list(nodes)
         self.limit_mode = limit_mode
         self.start_timeout_s = start_timeout_s
+        self.allow_factories = tuple(allow_factories)
+        """Modules the agents may import factories from: the one the user named, if any."""
         self.agents: dict[str, _Agent] = {}
         self._workdir: Path | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -197,6 +203,8 @@ class LocalCluster:
         if node.threads:
             cmd += ["--threads", str(node.threads)]
         cmd += ["--workers", str(node.workers)]
+        for module in self.allow_factories:
+            cmd += ["--allow-factory", module]
 
         with open(log_path, "wb") as log_file:  # no preexec_fn: see [Note: no preexec_fn]
             process = subprocess.Popen(

@@ -24,6 +24,7 @@ from amp4ec.node_agent.capacity import reference_workload_ms
 from amp4ec.planner.types import Link, NodeCapacity, Plan, reference_overhead_ms
 from amp4ec.scheduling import timed_plan
 from amp4ec.slicing import BlockChain, LoadedModel, ModelSource, load_model, profile_chain, split_model
+from amp4ec.slicing.sources import factory_module
 from amp4ec.wire.v1 import agent_pb2
 
 __all__ = [
@@ -246,7 +247,8 @@ async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
         )
     warnings = oversubscription_warnings(config.nodes)
     report("starting node agents", 0, len(config.nodes))
-    async with LocalCluster(config.nodes, config.limit_mode) as cluster:
+    allowed = [m for m in (factory_module(config.source.spec),) if m]  # what the user named
+    async with LocalCluster(config.nodes, config.limit_mode, allow_factories=allowed) as cluster:
         report("measuring node capacity", 0, len(config.nodes))
         capacities = await cluster.capacities()
         nodes = node_capacities(capacities, prepared.reference_ms)

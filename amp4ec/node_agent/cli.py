@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -30,6 +31,16 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _peer(text: str) -> tuple[str, str]:
     name, sep, target = text.partition("=")
     if not sep or not name or ":" not in target:
@@ -52,6 +63,26 @@ def parse_args(
     p.add_argument("--workers", type=int, default=1, help="forward threads serving requests side by side")
     p.add_argument("--window", type=int, default=16, help="in-flight requests per inbound stream")
     p.add_argument("--memory-bytes", type=int, help="memory to report (default: cgroup/MemAvailable)")
+    lim = p.add_argument_group("bounds (see docs/architecture.md, Bounds)")
+    d = AgentSettings()
+    lim.add_argument("--max-streams", type=_positive, default=d.max_streams, help="data-plane calls at once")
+    lim.add_argument(
+        "--unread-timeout", type=float, default=d.unread_timeout_s, help="end a stream unread this many s"
+    )
+    lim.add_argument("--max-held-bytes", type=_positive, default=d.max_held_bytes)
+    lim.add_argument("--max-batch", type=_positive, default=d.max_batch, help="largest dim 0 of a frame")
+    lim.add_argument("--max-input-elements", type=_positive, default=d.max_input_elements)
+    lim.add_argument("--max-profile-repeats", type=_positive, default=d.max_profile_repeats)
+    lim.add_argument("--max-echo-bytes", type=_positive, default=d.max_echo_bytes)
+    lim.add_argument("--max-message-bytes", type=_positive, default=d.max_message_bytes)
+    lim.add_argument(
+        "--allow-factory",
+        action="append",
+        default=[m for m in os.environ.get("AMP4EC_ALLOW_FACTORIES", "").split(",") if m],
+        metavar="MODULE",
+        help="module whose package.module:factory specs LoadStage/Profile may import (repeatable; "
+        "env AMP4EC_ALLOW_FACTORIES, comma-separated; default none: a factory runs code)",
+    )
     stage = p.add_argument_group("stage (optional: a range can also be loaded over gRPC)")
     stage.add_argument("--model", help="zoo name, .pt2 path or package.module:factory")
     stage.add_argument("--weights", help="local state_dict file (loaded with weights_only=True)")
@@ -91,6 +122,15 @@ def parse_args(
         workers=a.workers,
         window=a.window,
         memory_bytes=a.memory_bytes,
+        max_streams=a.max_streams,
+        unread_timeout_s=a.unread_timeout,
+        max_held_bytes=a.max_held_bytes,
+        max_batch=a.max_batch,
+        max_input_elements=a.max_input_elements,
+        max_profile_repeats=a.max_profile_repeats,
+        max_echo_bytes=a.max_echo_bytes,
+        max_message_bytes=a.max_message_bytes,
+        allowed_factories=tuple(a.allow_factory),
     )
     config = None
     if a.model:

@@ -25,8 +25,11 @@ from pathlib import Path
 import grpc
 from prometheus_client import Gauge
 
+from amp4ec.errors import InvalidSpec
 from amp4ec.node_agent.calibrate import request_overhead_ms
 from amp4ec.node_agent.capacity import memory_available_bytes, reference_workload_ms
+from amp4ec.node_agent.decoding import add_servicer
+from amp4ec.node_agent.limits import check_profile
 from amp4ec.node_agent.server import AgentServer
 from amp4ec.node_agent.settings import AgentSettings
 from amp4ec.node_agent.status import status_of
@@ -71,13 +74,18 @@ _PROBE_BYTES = 1 << 20
 class MonitorServicer(agent_pb2_grpc.MonitorServicer):
     """``Monitor.Profile``: load, split and time a model; one profile per spec is cached."""
 
-    def __init__(self) -> None:
+    def __init__(self, settings: AgentSettings) -> None:
+        self._settings = settings
         self._cache: dict[bytes, agent_pb2.ModelProfile] = {}
         self._lock = asyncio.Lock()
 
     async def Profile(
         self, request: agent_pb2.ProfileRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.ModelProfile:
+        try:
+            check_profile(request, self._settings)
+        except InvalidSpec as exc:
+            await context.abort(*status_of(exc))
         key = request.SerializeToString(deterministic=True)
         async with self._lock:  # one profile at a time: profiling owns the reference core
             if key not in self._cache:
@@ -195,7 +203,8 @@ class Monitor:
 
     def start(self, agent: AgentServer) -> None:
         """Register ``Monitor`` on the (not yet started) agent server and start refreshing."""
-        agent_pb2_grpc.add_MonitorServicer_to_server(MonitorServicer(), agent.server)
+        servicer = MonitorServicer(self.settings)
+        add_servicer(agent_pb2_grpc.add_MonitorServicer_to_server, servicer, agent.server)
         self._task = asyncio.create_task(self.run())
 
     async def stop(self) -> None:

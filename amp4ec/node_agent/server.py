@@ -12,6 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from amp4ec.allocator import keep_activation_memory
 from amp4ec.node_agent.calibrate import request_overhead_ms
 from amp4ec.node_agent.capacity import cgroup_cpu_limit
+from amp4ec.node_agent.decoding import add_servicer
 from amp4ec.node_agent.executor import StageConfig, StageExecutor
 from amp4ec.node_agent.servicer import AgentServicer, ShardServicer, StageRepository
 from amp4ec.node_agent.settings import AgentSettings
@@ -45,13 +46,20 @@ async def create_server(settings: AgentSettings) -> AgentServer:
     torch.set_num_threads(threads)
     keep_activation_memory()  # see [Note: activation page faults]
 
-    server = grpc.aio.server(options=settings.grpc_options())
+    # Data-plane calls are counted by the servicer (--max-streams); this backstop bounds the rest.
+    server = grpc.aio.server(
+        options=settings.grpc_options(), maximum_concurrent_rpcs=4 * settings.max_streams
+    )
     health_servicer = health.aio.HealthServicer()
     repository = StageRepository(settings, health_servicer)
     executor = StageExecutor(cpu_limit, emulate_cpu=settings.emulate_cpu, workers=settings.workers)
-    shard_pb2_grpc.add_ShardServicer_to_server(ShardServicer(settings, repository, executor), server)
-    agent_pb2_grpc.add_NodeAgentServicer_to_server(
-        AgentServicer(settings, repository, cpu_limit, lambda: request_overhead_ms(settings)), server
+    # add_servicer: undecodable requests are answered INVALID_ARGUMENT (see [Note: undecodable requests]).
+    shard = ShardServicer(settings, repository, executor)
+    add_servicer(shard_pb2_grpc.add_ShardServicer_to_server, shard, server)
+    add_servicer(
+        agent_pb2_grpc.add_NodeAgentServicer_to_server,
+        AgentServicer(settings, repository, cpu_limit, lambda: request_overhead_ms(settings)),
+        server,
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     # The agent process is healthy as soon as it serves; the Shard service only once a range is loaded.

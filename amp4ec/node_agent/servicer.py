@@ -7,6 +7,7 @@ surface (capacity, link probes, loading a layer range).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,10 +15,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 from grpc_health.v1 import health, health_pb2
 
-from amp4ec.errors import StageNotLoaded
+from amp4ec.errors import InvalidSpec, StageNotLoaded
 from amp4ec.node_agent import metrics
+from amp4ec.node_agent.budget import Budget, OverBudget
 from amp4ec.node_agent.capacity import LoadMeter, memory_available_bytes, reference_workload_ms
+from amp4ec.node_agent.decoding import Undecodable
 from amp4ec.node_agent.executor import LoadedStage, StageConfig, StageExecutor, build_stage
+from amp4ec.node_agent.limits import check_echo, check_frame, check_stage_spec
 from amp4ec.node_agent.settings import AgentSettings
 from amp4ec.node_agent.status import DeadlineExceeded, error_frame, status_of
 from amp4ec.wire.stream import ShardStream
@@ -26,6 +30,8 @@ from amp4ec.wire.v1 import agent_pb2, agent_pb2_grpc, shard_pb2, shard_pb2_grpc
 __all__ = ["AgentServicer", "ShardServicer", "StageRepository"]
 
 log = logging.getLogger(__name__)
+
+Request = shard_pb2.Frame | Undecodable
 
 
 class StageRepository:
@@ -94,18 +100,28 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         self._executor = executor
         self._observe = observe
         """False for the overhead calibration, whose requests are not the node's traffic."""
+        self._calls = 0
+        self._budget = Budget(settings.max_held_bytes)
+        """Data-plane calls (streams and Infer) being served, against ``max_streams``."""
 
-    async def _process(self, frame: shard_pb2.Frame) -> shard_pb2.Frame:
-        """One request through this stage and everything after it; failures become error frames."""
+    async def _process(
+        self, frame: shard_pb2.Frame, turn: asyncio.Semaphore | None = None
+    ) -> shard_pb2.Frame:
+        """One request through this stage and everything after it; failures become error frames.
+
+        ``turn`` is the calling stream's share of the forward threads (see [Note: fair streams]).
+        """
         arrived = time.perf_counter()
         node = self._settings.node
         entry = False
         try:
+            check_frame(frame, self._settings)
             if frame.deadline_unix_ms and time.time() * 1000 > frame.deadline_unix_ms:
                 raise DeadlineExceeded(f"request {frame.request_id!r} passed its deadline before stage ran")
             stage = self._repository.current
             entry = stage.config.stage == 0
-            tensors, timing = await self._executor.run(stage, frame, arrived)
+            async with turn or contextlib.nullcontext():
+                tensors, timing = await self._executor.run(stage, frame, arrived)
             for phase in ("queue", "decode", "forward", "encode") if self._observe else ():
                 metrics.PHASE_SECONDS.labels(node, phase).observe(getattr(timing, f"{phase}_us") / 1e6)
             if stage.config.next_hop:
@@ -119,7 +135,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # every failure is this request's answer, never the stream's end
-            answer = error_frame(frame.request_id, exc)
+            answer = error_frame(frame.request_id[: self._settings.max_request_id_chars], exc)
         code = answer.error.code or "OK"
         if not self._observe:
             return answer
@@ -128,24 +144,73 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             metrics.REQUEST_SECONDS.labels(node, code).observe(time.perf_counter() - arrived)
         return answer
 
-    async def Stream(
-        self, request_iterator: AsyncIterator[shard_pb2.Frame], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[shard_pb2.Frame]:
-        answers: asyncio.Queue[shard_pb2.Frame | None] = asyncio.Queue()
-        window = asyncio.Semaphore(self._settings.window)
-        in_flight: set[asyncio.Task[None]] = set()
+    @contextlib.asynccontextmanager
+    async def _call_slot(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """One of ``max_streams`` data-plane calls, or RESOURCE_EXHAUSTED at once."""
+        if self._calls >= self._settings.max_streams:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"node agent {self._settings.node} serves {self._settings.max_streams} calls already "
+                "(--max-streams); retry later",
+            )
+        self._calls += 1
+        try:
+            yield
+        finally:
+            self._calls -= 1
 
-        async def handle(frame: shard_pb2.Frame) -> None:
-            try:
-                await answers.put(await self._process(frame))
-            finally:
-                window.release()
+    async def Stream(
+        self, request_iterator: AsyncIterator[Request], context: grpc.aio.ServicerContext
+    ) -> None:
+        """[Note: window until read] A window slot is taken when a request is read and given
+        back only when gRPC has sent its answer (``context.write`` returns), which HTTP/2
+        flow control stops when the caller does not read. So a caller that stops reading
+        stops being read after ``window`` requests and holds at most ``window`` answers here.
+        When an answer has waited ``unread_timeout_s`` to be sent, or the agent needs the
+        memory (see [Note: held bytes]), the call ends RESOURCE_EXHAUSTED and its answers are
+        freed. Answers are written with ``context.write``, not yielded, because only then can
+        a stalled write be given up: cancelling a handler task sends the caller no status
+        and keeps the call open (grpc/grpc#29248).
+
+        [Note: fair streams] Each stream may have at most ``workers`` requests queued for the
+        forward threads, so a request on a new stream waits for at most one forward per other
+        busy stream, not for every request those streams have sent.
+        """
+        async with self._call_slot(context):
+            await self._stream(request_iterator, context)
+
+    async def _stream(
+        self, request_iterator: AsyncIterator[Request], context: grpc.aio.ServicerContext
+    ) -> None:
+        answers: asyncio.Queue[tuple[shard_pb2.Frame, int] | None] = asyncio.Queue()
+        window = asyncio.Semaphore(self._settings.window)
+        turn = asyncio.Semaphore(self._settings.workers)
+        in_flight: set[asyncio.Task[None]] = set()
+        evicted = asyncio.Event()
+        holder = self._budget.open(evicted.set)
+
+        def queue(answer: shard_pb2.Frame, request_size: int) -> None:
+            size = answer.ByteSize()
+            self._budget.answer(holder, request_size, size)
+            answers.put_nowait((answer, size))
+
+        async def handle(frame: shard_pb2.Frame, size: int) -> None:
+            queue(await self._process(frame, turn), size)
 
         async def read() -> None:
             async for frame in request_iterator:
                 # A full window stops the reads; gRPC flow control then pushes back upstream.
                 await window.acquire()
-                task = asyncio.create_task(handle(frame))
+                if isinstance(frame, Undecodable):  # no request id to answer by: ""
+                    queue(error_frame("", InvalidSpec(frame.describe())), 0)
+                    continue
+                size = frame.ByteSize()
+                try:
+                    self._budget.charge_request(holder, size)
+                except OverBudget as exc:
+                    queue(error_frame(frame.request_id[: self._settings.max_request_id_chars], exc), 0)
+                    continue
+                task = asyncio.create_task(handle(frame, size))
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
             if in_flight:
@@ -154,17 +219,57 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
 
         reader = asyncio.create_task(read())
         try:
-            while (answer := await answers.get()) is not None:
-                yield answer
+            while (item := await answers.get()) is not None:
+                answer, size = item
+                await self._write(context, answer, evicted)
+                self._budget.taken(holder, size)
+                window.release()
             await reader  # surfaces a broken inbound stream as this call's status
         finally:
-            # The caller went away (cancelled, deadline): drop what it had in flight.
+            # The caller went away (cancelled, deadline, never read): drop what it had in flight.
             reader.cancel()
             for task in list(in_flight):
                 task.cancel()
+            self._budget.close(holder)
+
+    async def _write(
+        self, context: grpc.aio.ServicerContext, answer: shard_pb2.Frame, evicted: asyncio.Event
+    ) -> None:
+        """Send one answer, or end the call RESOURCE_EXHAUSTED when the caller does not take it."""
+        write = asyncio.ensure_future(context.write(answer))
+        evict = asyncio.ensure_future(evicted.wait())
+        try:
+            await asyncio.wait(
+                {write, evict}, timeout=self._settings.unread_timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            evict.cancel()
+        if write.done():
+            write.result()
+            return
+        write.cancel()
+        why = (
+            "the agent needed their memory"
+            if evicted.is_set()
+            else (f"none was taken for {self._settings.unread_timeout_s:.0f} s (--unread-timeout)")
+        )
+        log.warning("ending a stream that does not read its answers: %s", why)
+        # The status waits behind the unsent answer in the caller's HTTP/2 stream, but this
+        # call's answers, window and slot are freed now.
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, f"stream ended: its answers were not read and {why}"
+        )
 
     async def Infer(self, request: shard_pb2.Frame, context: grpc.aio.ServicerContext) -> shard_pb2.Frame:
-        answer = await self._process(request)
+        async with self._call_slot(context):
+            holder = self._budget.open(lambda: None)  # answered at once: never the stalled one
+            try:
+                self._budget.charge_request(holder, request.ByteSize())
+                answer = await self._process(request)
+            except OverBudget as exc:
+                answer = error_frame(request.request_id, exc)
+            finally:
+                self._budget.close(holder)
         if answer.error.code:
             await context.abort(grpc.StatusCode[answer.error.code], answer.error.message)
         return answer
@@ -226,12 +331,17 @@ class AgentServicer(agent_pb2_grpc.NodeAgentServicer):
             return 0.0
 
     async def Echo(self, request: agent_pb2.Probe, context: grpc.aio.ServicerContext) -> agent_pb2.Probe:
-        return agent_pb2.Probe(payload=bytes(max(0, request.reply_bytes)))
+        try:
+            check_echo(request, self._settings)
+        except InvalidSpec as exc:
+            await context.abort(*status_of(exc))
+        return agent_pb2.Probe(payload=bytes(request.reply_bytes))
 
     async def LoadStage(
         self, request: agent_pb2.StageSpec, context: grpc.aio.ServicerContext
     ) -> shard_pb2.ShardInfo:
         try:
+            check_stage_spec(request, self._settings)
             stage = await self._repository.load(StageConfig.from_message(request))
         except Exception as exc:
             await context.abort(*status_of(exc))

@@ -37,8 +37,34 @@ class AgentSettings:
     window: int = 16
     """Requests one inbound stream may have in this stage and beyond it at once. When it is
     full the agent stops reading the stream, and gRPC flow control pushes back upstream."""
-    max_message_bytes: int = 256 * MiB
-    """gRPC send/receive limit on both ends; an activation larger than this is refused."""
+    max_message_bytes: int = 64 * MiB
+    """gRPC send/receive limit on both ends; an activation larger than this is refused
+    (RESOURCE_EXHAUSTED). 64 MiB holds a batch of 64 ImageNet inputs (38.5 MB)."""
+    max_streams: int = 64
+    """Calls (streams included) the agent serves at once; more are refused RESOURCE_EXHAUSTED.
+    With ``window`` it bounds the answers held for callers: max_streams x window."""
+    max_held_bytes: int = 128 * MiB
+    """Bytes of requests in work and answers not yet read the agent holds for all callers
+    together (protobuf sizes); past it the longest-stalled stream is ended, or new requests
+    are refused RESOURCE_EXHAUSTED (see [Note: held bytes])."""
+    unread_timeout_s: float = 30.0
+    """A stream whose caller has not taken an answer for this long is ended (its window's
+    answers freed), so a caller that stops reading cannot hold memory for ever."""
+    max_batch: int = 64
+    """Largest dim 0 of a frame's tensors: a batch-flexible stage would otherwise run any
+    batch a caller sends (batch 400 of MobileNetV2 needs ~6 GB of activations)."""
+    max_input_elements: int = 1 << 24
+    """Largest element count of an ``input_shape`` in LoadStage and Monitor.Profile (16.8 M:
+    a 3x2048x2048 image; [1, 3, 4096, 4096] made the profiler peak at 6.35 GB)."""
+    max_profile_repeats: int = 100
+    """Largest ``repeats`` of Monitor.Profile (timed runs per block)."""
+    max_echo_bytes: int = 4 * MiB
+    """Largest Echo payload and reply (link probes use 1 MiB)."""
+    max_request_id_chars: int = 128
+    """Longest request id a frame may carry (it is copied into every answer and log line)."""
+    allowed_factories: tuple[str, ...] = ()
+    """Modules whose ``package.module:factory`` specs LoadStage and Profile may import; a
+    factory is code execution, so none by default (see ``amp4ec.slicing.sources``)."""
     grace_s: float = 5.0
     """Seconds in-flight requests get to finish on SIGTERM before the server stops."""
     memory_bytes: int | None = None

@@ -11,6 +11,7 @@ import logging
 import grpc
 
 from amp4ec.errors import InvalidSpec, ShardUnavailable, StageNotLoaded
+from amp4ec.node_agent.budget import OverBudget
 from amp4ec.wire.v1 import shard_pb2
 
 __all__ = ["error_frame", "status_of"]
@@ -29,6 +30,8 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     if isinstance(exc, ShardUnavailable):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, OverBudget):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, DeadlineExceeded):
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
     # Anything else is our bug: log it in full, tell the caller only that it happened.

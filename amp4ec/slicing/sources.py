@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from amp4ec.slicing.archive import ensure_safe_archive
 from amp4ec.slicing.materialise import load_state, supports_meta
 from amp4ec.slicing.materialise import materialise as materialise_tensors
 
-__all__ = ["LoadedModel", "ModelSource", "load_model"]
+__all__ = ["LoadedModel", "ModelSource", "ensure_factory_allowed", "factory_module", "load_model"]
 
 _SPEC_FORMS = "a zoo name, a path ending in .pt2 or package.module:factory"
 
@@ -94,6 +94,32 @@ def load_model(source: ModelSource, *, materialise: bool = True) -> LoadedModel:
     gen = torch.Generator().manual_seed(source.seed)
     inputs = tuple(_example(s, d, gen) for s, d in zip(shapes, dtypes, strict=True))
     return LoadedModel(module=module, example_inputs=inputs, name=name, lazy=lazy, state=state)
+
+
+def factory_module(spec: str) -> str | None:
+    """The module a ``package.module:factory`` spec imports; None for zoo names and archives."""
+    spec = spec.strip()
+    if spec.endswith(".pt2") or ":" not in spec or _is_zoo(spec):
+        return None
+    return spec.partition(":")[0]
+
+
+def ensure_factory_allowed(spec: str, allowed: Collection[str], field: str = "model") -> None:
+    """Refuse a factory spec unless its module (or a package above it) is in ``allowed``.
+
+    Importing a module runs its code (``os:abort`` kills the process), so a spec that
+    arrives over the network may name only modules whoever started the process allowed.
+    """
+    module = factory_module(spec)
+    if module is None:
+        return
+    if any(module == a or module.startswith(a + ".") for a in allowed):
+        return
+    shown = ", ".join(sorted(allowed)) or "none"
+    raise InvalidSpec(
+        f"{field}: factory module {module!r} is not allowed here (a factory runs code; allowed: {shown}); "
+        "expected a zoo name, a .pt2 archive or a factory of an allowed module"
+    )
 
 
 def _is_zoo(spec: str) -> bool:

@@ -15,7 +15,7 @@ import torch
 from amp4ec.errors import ShapeMismatch
 from amp4ec.wire.v1 import shard_pb2
 
-__all__ = ["DTYPES", "decode", "decode_all", "describe", "encode", "encode_all", "spec_of"]
+__all__ = ["DTYPES", "MAX_DIMS", "decode", "decode_all", "describe", "encode", "encode_all", "spec_of"]
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -30,6 +30,8 @@ DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
+MAX_DIMS = 16
+_MAX_BYTES = 1 << 62
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -66,10 +68,15 @@ def decode(message: shard_pb2.Tensor, field: str = "tensor") -> torch.Tensor:
     if dtype is None:
         raise ShapeMismatch(f"{field}.dtype: expected one of {', '.join(DTYPES)}, actual {message.dtype!r}")
     shape = tuple(message.shape)
+    if len(shape) > MAX_DIMS:
+        raise ShapeMismatch(f"{field}.shape: expected at most {MAX_DIMS} dims, actual {len(shape)}")
     if any(d < 0 for d in shape):
         raise ShapeMismatch(f"{field}.shape: expected non-negative sizes, actual {list(shape)}")
-    numel = math.prod(shape)
     itemsize = torch.empty((), dtype=dtype).element_size()
+    # torch computes sizes and strides in int64, zero dims or not: [0, 2**62, 2**62] overflows there.
+    if math.prod(max(d, 1) for d in shape) * itemsize >= _MAX_BYTES:
+        raise ShapeMismatch(f"{field}.shape: expected a byte count below 2**62, actual {list(shape)}")
+    numel = math.prod(shape)
     expected = numel * itemsize
     if len(message.data) != expected:
         raise ShapeMismatch(

@@ -37,7 +37,7 @@ def test_three_agent_pipeline_equals_monolith_and_cleans_up() -> None:
     nodes = [NodeSpec(f"node{i}", 0.5) for i in range(3)]
 
     async def main() -> tuple[list[int], list[Path]]:
-        async with LocalCluster(nodes, limit_mode="auto") as cluster:
+        async with LocalCluster(nodes, limit_mode="auto", allow_factories=["tests.model_zoo"]) as cluster:
             pids = [a.process.pid for a in cluster.agents.values()]
             groups = [d for a in cluster.agents.values() if a.cgroup for d in a.cgroup.dirs]
             # Loaded last stage first or not: the next hop is dialled lazily, order does not matter.

@@ -27,7 +27,7 @@ def monolith():
 
 
 async def _agent(config: StageConfig | None = None):
-    agent = await create_server(AgentSettings(port=0, cpu_limit=1.0))
+    agent = await create_server(AgentSettings(port=0, cpu_limit=1.0, allowed_factories=("tests.model_zoo",)))
     if config is not None:
         await agent.load(config)
     await agent.server.start()

@@ -617,6 +617,7 @@ class Kubectl:
 
 def environ(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of processes the tests start: the repo root importable (tests.model_zoo)."""
-    env = {**os.environ, **(extra or {})}
+    # Profile and LoadStage import a factory only from allowed modules (none by default).
+    env = {**os.environ, "AMP4EC_ALLOW_FACTORIES": "tests.model_zoo", **(extra or {})}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     return env

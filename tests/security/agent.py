@@ -1,0 +1,73 @@
+"""A real node agent process on loopback, for tests that attack it as a network peer would."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+_SERIAL = itertools.count()
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.02)
+
+
+class AgentProcess:
+    """``python -m amp4ec.node_agent FLAGS`` with its port read back; RSS read from /proc."""
+
+    def __init__(self, workdir: Path, *flags: str) -> None:
+        serial = next(_SERIAL)
+        port_file = workdir / f"agent{serial}.port"
+        self.log = workdir / f"agent{serial}.log"
+        port_file.unlink(missing_ok=True)
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+        }
+        env.pop("AMP4EC_ALLOW_FACTORIES", None)  # the default: no factory allowed over the network
+        cmd = [sys.executable, "-m", "amp4ec.node_agent", "--port", "0", "--port-file", str(port_file)]
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(
+                [*cmd, "--cpu-limit", "1", *flags], stdout=log, stderr=log, env=env
+            )
+        wait_for(lambda: port_file.exists() or self.process.poll() is not None, 120, "the agent's port")
+        assert self.process.poll() is None, self.log_tail()
+        self.address = f"127.0.0.1:{int(port_file.read_text())}"
+        with grpc.insecure_channel(self.address) as channel:
+            health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=60, wait_for_ready=True
+            )
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()

@@ -4,12 +4,16 @@
 read hold 100 windows of answers. So every request's frame is charged from arrival until its
 answer exists, and every answer until gRPC has taken it. When a charge would pass the
 budget, the stream whose oldest answer has waited longest unread (at least ``stall_s``) is
-ended RESOURCE_EXHAUSTED and its answers freed; when no stream is stalled, the agent is
-simply busy and the new request is refused RESOURCE_EXHAUSTED (an Error frame on a stream).
+ended RESOURCE_EXHAUSTED and its answers freed; when no stream is stalled within
+``2 * stall_s``, the agent is simply busy and the new request is refused RESOURCE_EXHAUSTED
+(an Error frame on a stream).
+A new call past ``max_streams`` ends the most stalled stream the same way, so streams that
+never read cannot keep a valid caller out.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,7 +38,7 @@ class Holder:
 
 
 class Budget:
-    def __init__(self, limit_bytes: int, stall_s: float = 1.0) -> None:
+    def __init__(self, limit_bytes: int, stall_s: float = 0.5) -> None:
         self.limit = limit_bytes
         self.stall_s = stall_s
         self.used = 0
@@ -50,15 +54,19 @@ class Budget:
         holder.held = 0
         self._holders.discard(holder)
 
-    def charge_request(self, holder: Holder, size: int) -> None:
-        """Charge a request's frame, or raise OverBudget when the agent cannot take it."""
-        if self.used + size > self.limit:
-            self._end_most_stalled(exclude=holder)
-            if self.used + size > self.limit:  # freed only once that call unwinds
+    async def charge_request(self, holder: Holder, size: int) -> None:
+        """Charge a request's frame, waiting up to ``2 * stall_s`` for room (a stalled call's
+        memory is freed as it unwinds, and a call may become stalled meanwhile); else raise
+        OverBudget: the agent is busy with work its callers do read."""
+        deadline = time.monotonic() + 2 * self.stall_s
+        while self.used + size > self.limit:
+            self.end_most_stalled(exclude=holder)
+            if time.monotonic() > deadline:
                 raise OverBudget(
                     f"node agent holds {self.used} bytes of requests and unread answers "
                     f"(budget {self.limit}); retry later"
                 )
+            await asyncio.sleep(0.02)  # re-checked as calls unwind and stalls age
         self._add(holder, size)
 
     def answer(self, holder: Holder, request_size: int, answer_size: int) -> None:
@@ -66,7 +74,7 @@ class Budget:
         self._add(holder, answer_size - request_size)
         holder.unread_since.append(time.monotonic())
         if self.used > self.limit:
-            self._end_most_stalled(exclude=holder)
+            self.end_most_stalled(exclude=holder)
 
     def taken(self, holder: Holder, answer_size: int) -> None:
         self._add(holder, -answer_size)
@@ -81,7 +89,8 @@ class Budget:
         holder.held += size
         self.used += size
 
-    def _end_most_stalled(self, exclude: Holder) -> None:
+    def end_most_stalled(self, exclude: Holder | None = None) -> bool:
+        """End the call whose oldest answer has waited longest (at least ``stall_s``), if any."""
         now = time.monotonic()
         stalled = [
             h
@@ -95,3 +104,4 @@ class Budget:
             victim = min(stalled, key=lambda h: h.unread_since[0])
             victim.ending = True
             victim.end()
+        return bool(stalled)

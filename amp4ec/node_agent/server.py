@@ -48,7 +48,7 @@ async def create_server(settings: AgentSettings) -> AgentServer:
 
     # Data-plane calls are counted by the servicer (--max-streams); this backstop bounds the rest.
     server = grpc.aio.server(
-        options=settings.grpc_options(), maximum_concurrent_rpcs=4 * settings.max_streams
+        options=settings.server_options(), maximum_concurrent_rpcs=4 * settings.max_streams
     )
     health_servicer = health.aio.HealthServicer()
     repository = StageRepository(settings, health_servicer)

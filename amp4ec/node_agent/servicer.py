@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 from grpc_health.v1 import health, health_pb2
 
+from amp4ec.allocator import release_memory
 from amp4ec.errors import InvalidSpec, StageNotLoaded
 from amp4ec.node_agent import metrics
 from amp4ec.node_agent.budget import Budget, OverBudget
@@ -102,6 +103,8 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         """False for the overhead calibration, whose requests are not the node's traffic."""
         self._calls = 0
         self._budget = Budget(settings.max_held_bytes)
+        self._slots = asyncio.Condition()
+        self._trim: asyncio.TimerHandle | None = None
         """Data-plane calls (streams and Infer) being served, against ``max_streams``."""
 
     async def _process(
@@ -146,8 +149,14 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
 
     @contextlib.asynccontextmanager
     async def _call_slot(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        """One of ``max_streams`` data-plane calls, or RESOURCE_EXHAUSTED at once."""
-        if self._calls >= self._settings.max_streams:
+        """One of ``max_streams`` data-plane calls: a stalled stream's (see [Note: held bytes]),
+        or RESOURCE_EXHAUSTED at once when every call is being served."""
+        limit = self._settings.max_streams
+        if self._calls >= limit and self._budget.end_most_stalled():
+            async with self._slots:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._slots.wait_for(lambda: self._calls < limit), 5.0)
+        if self._calls >= limit:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"node agent {self._settings.node} serves {self._settings.max_streams} calls already "
@@ -158,6 +167,8 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             yield
         finally:
             self._calls -= 1
+            async with self._slots:
+                self._slots.notify_all()
 
     async def Stream(
         self, request_iterator: AsyncIterator[Request], context: grpc.aio.ServicerContext
@@ -206,7 +217,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
                     continue
                 size = frame.ByteSize()
                 try:
-                    self._budget.charge_request(holder, size)
+                    await self._budget.charge_request(holder, size)
                 except OverBudget as exc:
                     queue(error_frame(frame.request_id[: self._settings.max_request_id_chars], exc), 0)
                     continue
@@ -218,6 +229,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             await answers.put(None)
 
         reader = asyncio.create_task(read())
+        ended = False
         try:
             while (item := await answers.get()) is not None:
                 answer, size = item
@@ -225,12 +237,24 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
                 self._budget.taken(holder, size)
                 window.release()
             await reader  # surfaces a broken inbound stream as this call's status
+            ended = True
         finally:
             # The caller went away (cancelled, deadline, never read): drop what it had in flight.
             reader.cancel()
             for task in list(in_flight):
                 task.cancel()
             self._budget.close(holder)
+            if not ended:
+                self._trim_soon()
+
+    def _trim_soon(self) -> None:
+        """[Note: trim after abuse] Freed answers stay resident (``keep_activation_memory``
+        raises glibc's trim threshold), so once streams stop ending abnormally for half a
+        second the heap is handed back: RSS returns near its warm size after an attack."""
+        if self._trim is not None:
+            self._trim.cancel()
+        loop = asyncio.get_running_loop()
+        self._trim = loop.call_later(0.5, lambda: loop.run_in_executor(None, release_memory))
 
     async def _write(
         self, context: grpc.aio.ServicerContext, answer: shard_pb2.Frame, evicted: asyncio.Event
@@ -264,7 +288,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         async with self._call_slot(context):
             holder = self._budget.open(lambda: None)  # answered at once: never the stalled one
             try:
-                self._budget.charge_request(holder, request.ByteSize())
+                await self._budget.charge_request(holder, request.ByteSize())
                 answer = await self._process(request)
             except OverBudget as exc:
                 answer = error_frame(request.request_id, exc)

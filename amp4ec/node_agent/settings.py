@@ -76,3 +76,8 @@ class AgentSettings:
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.max_receive_message_length", self.max_message_bytes),
         ]
+
+    def server_options(self) -> list[tuple[str, int]]:
+        # HTTP/2 streams per connection: a stream ended for not reading stays in gRPC core
+        # until its caller reads or disconnects, so cap how many one connection can leave.
+        return [*self.grpc_options(), ("grpc.max_concurrent_streams", self.max_streams)]

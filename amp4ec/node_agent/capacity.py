@@ -8,7 +8,13 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["LoadMeter", "cgroup_cpu_limit", "memory_available_bytes", "reference_workload_ms"]
+__all__ = [
+    "LoadMeter",
+    "cgroup_cpu_limit",
+    "memory_available_bytes",
+    "node_memory_available_bytes",
+    "reference_workload_ms",
+]
 
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -45,6 +51,18 @@ def cgroup_cpu_limit() -> float:
     except (OSError, ValueError):
         return cores
     return cores if quota <= 0 else min(cores, quota / period)
+
+
+def node_memory_available_bytes() -> int:
+    """The node's MemAvailable, whatever this process's own cgroup allows (the monitor role's
+    figure: its memory limit bounds the monitor, not what a shard on the node may use)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def memory_available_bytes() -> int:

@@ -27,7 +27,7 @@ from prometheus_client import Gauge
 
 from amp4ec.errors import InvalidSpec
 from amp4ec.node_agent.calibrate import request_overhead_ms
-from amp4ec.node_agent.capacity import memory_available_bytes, reference_workload_ms
+from amp4ec.node_agent.capacity import node_memory_available_bytes, reference_workload_ms
 from amp4ec.node_agent.decoding import add_servicer
 from amp4ec.node_agent.limits import check_profile
 from amp4ec.node_agent.server import AgentServer
@@ -152,7 +152,7 @@ class Monitor:
             "cpu_limit": self.cpu_limit,
             "workload_ms": self._workload_ms,
             "request_overhead_ms": self.overhead_ms,
-            "memory_available_bytes": float(self.settings.memory_bytes or memory_available_bytes()),
+            "memory_available_bytes": float(self.settings.memory_bytes or node_memory_available_bytes()),
         }
         if self.override is not None and self.override.exists():
             try:

@@ -231,9 +231,11 @@ def test_monitor_runs_on_edge_nodes_without_a_limit_it_would_report() -> None:
     pod = ds["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"amp4ec.io/edge": "true"}
     assert pod["automountServiceAccountToken"] is False  # the monitor never calls the API
-    # cgroup_cpu_limit()/memory_available_bytes() read the monitor's own cgroup: a limit there
-    # would be published as the node's capacity (amp4ec_node_cpu_limit_cores).
-    assert "limits" not in pod["containers"][0]["resources"]
+    # cgroup_cpu_limit() reads the monitor's own cgroup: a CPU limit there would be published as
+    # the node's capacity (amp4ec_node_cpu_limit_cores). Memory is limited (issue 10): the monitor
+    # reports the node's MemAvailable, not its own headroom.
+    resources = pod["containers"][0]["resources"]
+    assert set(resources["limits"]) == {"memory"} and resources["limits"]["memory"] == "3Gi"
     full = one(render(FULL_VALUES), "DaemonSet")["spec"]["template"]["spec"]
     assert full["tolerations"][0]["key"] == "amp4ec.io/edge" and "affinity" in full
 

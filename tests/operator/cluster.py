@@ -617,7 +617,8 @@ class Kubectl:
 
 def environ(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of processes the tests start: the repo root importable (tests.model_zoo)."""
-    # Profile and LoadStage import a factory only from allowed modules (none by default).
-    env = {**os.environ, "AMP4EC_ALLOW_FACTORIES": "tests.model_zoo", **(extra or {})}
+    # The agents' own check: Profile and LoadStage import factories only from these modules (as
+    # the chart passes operator.allowedFactoryModules, here "tests").
+    env = {**os.environ, "AMP4EC_ALLOW_FACTORIES": "tests", **(extra or {})}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     return env

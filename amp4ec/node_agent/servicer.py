@@ -102,10 +102,11 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         self._observe = observe
         """False for the overhead calibration, whose requests are not the node's traffic."""
         self._calls = 0
-        self._budget = Budget(settings.max_held_bytes)
-        self._slots = asyncio.Condition()
-        self._trim: asyncio.TimerHandle | None = None
         """Data-plane calls (streams and Infer) being served, against ``max_streams``."""
+        self._slots = asyncio.Condition()
+        """Notified whenever a call ends (a new call waits for the stalled one it ended)."""
+        self._budget = Budget(settings.max_held_bytes)
+        self._trim: asyncio.TimerHandle | None = None
 
     async def _process(
         self, frame: shard_pb2.Frame, turn: asyncio.Semaphore | None = None
@@ -154,7 +155,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         limit = self._settings.max_streams
         if self._calls >= limit and self._budget.end_most_stalled():
             async with self._slots:
-                with contextlib.suppress(TimeoutError):
+                with contextlib.suppress(asyncio.TimeoutError):  # 3.10: not the builtin yet
                     await asyncio.wait_for(self._slots.wait_for(lambda: self._calls < limit), 5.0)
         if self._calls >= limit:
             await context.abort(

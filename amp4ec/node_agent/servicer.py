@@ -198,8 +198,10 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         window = asyncio.Semaphore(self._settings.window)
         turn = asyncio.Semaphore(self._settings.workers)
         in_flight: set[asyncio.Task[None]] = set()
-        evicted = asyncio.Event()
-        holder = self._budget.open(evicted.set)
+        evicted: asyncio.Future[None] = (
+            asyncio.get_running_loop().create_future()
+        )  # one per stream, not per write
+        holder = self._budget.open(lambda: evicted.done() or evicted.set_result(None))
 
         def queue(answer: shard_pb2.Frame, request_size: int) -> None:
             size = answer.ByteSize()
@@ -258,24 +260,20 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         self._trim = loop.call_later(0.5, lambda: loop.run_in_executor(None, release_memory))
 
     async def _write(
-        self, context: grpc.aio.ServicerContext, answer: shard_pb2.Frame, evicted: asyncio.Event
+        self, context: grpc.aio.ServicerContext, answer: shard_pb2.Frame, evicted: asyncio.Future[None]
     ) -> None:
         """Send one answer, or end the call RESOURCE_EXHAUSTED when the caller does not take it."""
         write = asyncio.ensure_future(context.write(answer))
-        evict = asyncio.ensure_future(evicted.wait())
-        try:
-            await asyncio.wait(
-                {write, evict}, timeout=self._settings.unread_timeout_s, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            evict.cancel()
+        await asyncio.wait(
+            {write, evicted}, timeout=self._settings.unread_timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
         if write.done():
             write.result()
             return
         write.cancel()
         why = (
             "the agent needed their memory"
-            if evicted.is_set()
+            if evicted.done()
             else (f"none was taken for {self._settings.unread_timeout_s:.0f} s (--unread-timeout)")
         )
         log.warning("ending a stream that does not read its answers: %s", why)

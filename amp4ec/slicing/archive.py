@@ -88,6 +88,7 @@ _EXPR_NAMES = {
 }  # fmt: skip
 _EXPR_TOKEN = re.compile(r"\s+|'[A-Za-z]\w{0,15}'|[A-Za-z_]\w*|\d{1,19}(?!\d)|[(),=+\-*/]")
 _MAX_EXPR_CHARS = 4096
+_MAX_READ_BYTES = 256 << 20
 
 
 def ensure_safe_archive(source: str | Path | IO[bytes], name: str | None = None) -> None:
@@ -109,7 +110,7 @@ def ensure_safe_archive(source: str | Path | IO[bytes], name: str | None = None)
         for rel in sorted(_REQUIRED - entries.keys()):
             refuse(rel, "is missing; expected the layout torch.export.save writes")
         for rel, value in (("archive_format", b"pt2"), ("archive_version", b"0")):
-            if archive.read(entries[rel]).strip() != value:
+            if _read(archive, entries[rel], refuse).strip() != value:
                 refuse(entries[rel], f"expected {value.decode()!r}")
         for rel, payload_dir in _CONFIGS.items():
             if rel in entries:
@@ -164,11 +165,19 @@ def _check_entry(rel: str, full: str, refuse: Refuse) -> None:
     refuse(full, "is not part of the data-only layout")
 
 
+def _read(archive: zipfile.ZipFile, full: str, refuse: Refuse) -> bytes:
+    """An entry the check reads whole, bounded: a small zip may inflate to gigabytes."""
+    if archive.getinfo(full).file_size > _MAX_READ_BYTES:
+        refuse(full, f"is larger than {_MAX_READ_BYTES >> 20} MiB uncompressed")
+    return archive.read(full)
+
+
 def _check_config(
     archive: zipfile.ZipFile, full: str, payload_dir: str, entries: dict[str, str], refuse: Refuse
 ) -> None:
+    raw = _read(archive, full, refuse)
     try:
-        config = json.loads(archive.read(full))["config"]
+        config = json.loads(raw)["config"]
         items = list(config.items())
     except (ValueError, KeyError, TypeError, AttributeError):
         refuse(full, "is not a valid payload config")
@@ -185,8 +194,9 @@ def _check_config(
 
 
 def _check_program(archive: zipfile.ZipFile, full: str, refuse: Refuse) -> None:
+    raw = _read(archive, full, refuse)
     try:
-        program = json.loads(archive.read(full))
+        program = json.loads(raw)
     except ValueError:
         refuse(full, "is not valid JSON")
     for key, value in _strings(program):
@@ -226,7 +236,8 @@ def _plain_expression(text: str) -> bool:
 
 def _check_sample_inputs(archive: zipfile.ZipFile, full: str, refuse: Refuse) -> None:
     # torch retries with weights_only=False when this fails; refuse instead.
+    raw = _read(archive, full, refuse)
     try:
-        torch.load(io.BytesIO(archive.read(full)), weights_only=True)
+        torch.load(io.BytesIO(raw), weights_only=True)
     except Exception as e:
         refuse(full, f"needs pickle to load ({type(e).__name__})")

@@ -267,3 +267,13 @@ def test_not_a_zip(tmp_path: Path) -> None:
     path.write_bytes(b"not a zip")
     with pytest.raises(InvalidSpec, match=r"not a torch\.export archive"):
         load_model(ModelSource(str(path)))
+
+
+def test_entries_read_whole_are_bounded(archive: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small zip may inflate to gigabytes: entries the check reads have a size bound (256 MiB;
+    lowered here so the test needs no big file)."""
+    from amp4ec.slicing import archive as guard
+
+    monkeypatch.setattr(guard, "_MAX_READ_BYTES", 1000)
+    with pytest.raises(InvalidSpec, match=r"'archive/data/weights/model_weights_config.json' is larger than"):
+        load_model(ModelSource(str(archive)))

@@ -6,17 +6,19 @@
     │   └── ShapeMismatch            a tensor's dtype/shape/bytes differ from what a stage expects
     ├── PlanInfeasible               no placement satisfies the constraints (memory, zero nodes)
     ├── StageNotLoaded               a request reached an agent that serves no stage
-    └── ShardUnavailable             a peer agent cannot be reached (transient)
+    ├── ShardUnavailable             a peer agent cannot be reached (transient)
+    └── DeadlineExceeded             a request's deadline passed before it was answered
 
 The node agent's interceptor maps InvalidSpec/ShapeMismatch to INVALID_ARGUMENT,
-StageNotLoaded to FAILED_PRECONDITION, ShardUnavailable to UNAVAILABLE, and anything
-else to INTERNAL with a generic message.
+StageNotLoaded to FAILED_PRECONDITION, ShardUnavailable to UNAVAILABLE, DeadlineExceeded
+to DEADLINE_EXCEEDED, and anything else to INTERNAL with a generic message.
 """
 
 from __future__ import annotations
 
 __all__ = [
     "Amp4ecError",
+    "DeadlineExceeded",
     "InvalidSpec",
     "ModelNotFound",
     "PlanInfeasible",
@@ -52,3 +54,7 @@ class StageNotLoaded(Amp4ecError):
 
 class ShardUnavailable(Amp4ecError):
     """A peer shard could not be reached."""
+
+
+class DeadlineExceeded(Amp4ecError):
+    """A request's deadline passed before it was answered (queued, computing or forwarding)."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from amp4ec.allocator import release_memory
-from amp4ec.errors import InvalidSpec
+from amp4ec.errors import DeadlineExceeded, InvalidSpec
 from amp4ec.slicing import ModelSource, Shard, load_model, split_model
 from amp4ec.slicing.materialise import materialise
 from amp4ec.wire import codec
@@ -34,6 +34,13 @@ class StageConfig:
     weights: str | None = None
     seed: int = 0
     input_shape: tuple[int, ...] | None = None
+    next_node: str = ""
+    """The next hop's node name, for errors; "" = name it by address."""
+
+    @property
+    def next_peer(self) -> str:
+        """How errors name the next hop: ``stage 2 on node2``."""
+        return f"stage {self.stage + 1} on {self.next_node or self.next_hop}"
 
     @classmethod
     def from_message(cls, m: agent_pb2.StageSpec) -> StageConfig:
@@ -46,6 +53,7 @@ class StageConfig:
             weights=m.weights or None,
             seed=m.seed,
             input_shape=tuple(m.input_shape) or None,
+            next_node=m.next_node,
         )
 
     def to_message(self) -> agent_pb2.StageSpec:
@@ -58,6 +66,7 @@ class StageConfig:
             weights=self.weights or "",
             seed=self.seed,
             input_shape=list(self.input_shape or ()),
+            next_node=self.next_node,
         )
 
 
@@ -142,6 +151,11 @@ class StageExecutor:
         self, stage: LoadedStage, frame: shard_pb2.Frame, arrived: float
     ) -> tuple[list[shard_pb2.Tensor], shard_pb2.StageTiming]:
         t0 = time.perf_counter()
+        if frame.deadline_unix_ms and time.time() * 1000 > frame.deadline_unix_ms:
+            # Queued past its deadline: its caller has given up, so spend no CPU on it.
+            raise DeadlineExceeded(
+                f"request {frame.request_id!r} passed its deadline queued at stage {stage.config.stage}"
+            )
         tensors = codec.decode_all(frame.tensors)
         stage.shard.check_inputs(tensors)
         t1 = time.perf_counter()

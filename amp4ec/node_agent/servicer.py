@@ -25,6 +25,7 @@ from amp4ec.node_agent.executor import LoadedStage, StageConfig, StageExecutor, 
 from amp4ec.node_agent.limits import check_echo, check_frame, check_stage_spec
 from amp4ec.node_agent.settings import AgentSettings
 from amp4ec.node_agent.status import DeadlineExceeded, error_frame, status_of
+from amp4ec.wire.liveness import remaining_s
 from amp4ec.wire.stream import ShardStream
 from amp4ec.wire.v1 import agent_pb2, agent_pb2_grpc, shard_pb2, shard_pb2_grpc
 
@@ -77,9 +78,9 @@ class StageRepository:
         self._stage = None
         await self._health.set("amp4ec.wire.v1.Shard", health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    def forwarder(self, target: str) -> ShardStream:
+    def forwarder(self, target: str, peer: str | None = None) -> ShardStream:
         if target not in self._forwarders:
-            self._forwarders[target] = ShardStream(target, self._settings.grpc_options())
+            self._forwarders[target] = ShardStream(target, self._settings.grpc_options(), peer)
         return self._forwarders[target]
 
     async def close(self) -> None:
@@ -121,18 +122,21 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         try:
             check_frame(frame, self._settings)
             if frame.deadline_unix_ms and time.time() * 1000 > frame.deadline_unix_ms:
-                raise DeadlineExceeded(f"request {frame.request_id!r} passed its deadline before stage ran")
+                raise DeadlineExceeded(
+                    f"request {frame.request_id!r} passed its deadline before {node} got it"
+                )
             stage = self._repository.current
             entry = stage.config.stage == 0
-            async with turn or contextlib.nullcontext():
-                tensors, timing = await self._executor.run(stage, frame, arrived)
+            tensors, timing = await self._computed(stage, frame, arrived, turn)
             for phase in ("queue", "decode", "forward", "encode") if self._observe else ():
                 metrics.PHASE_SECONDS.labels(node, phase).observe(getattr(timing, f"{phase}_us") / 1e6)
             if stage.config.next_hop:
                 out = shard_pb2.Frame(
                     request_id=frame.request_id, tensors=tensors, deadline_unix_ms=frame.deadline_unix_ms
                 )
-                answer = await self._repository.forwarder(stage.config.next_hop).call(out)
+                # The forward waits no longer than the frame's deadline (ShardStream.call).
+                forwarder = self._repository.forwarder(stage.config.next_hop, stage.config.next_peer)
+                answer = await forwarder.call(out)
             else:
                 answer = shard_pb2.Frame(request_id=frame.request_id, tensors=tensors)
             answer.timings.insert(0, timing)
@@ -170,6 +174,31 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             self._calls -= 1
             async with self._slots:
                 self._slots.notify_all()
+
+    async def _computed(
+        self,
+        stage: LoadedStage,
+        frame: shard_pb2.Frame,
+        arrived: float,
+        turn: asyncio.Semaphore | None,
+    ) -> tuple[list[shard_pb2.Tensor], shard_pb2.StageTiming]:
+        """The stage's forward, waited for no longer than the frame's deadline (queued for its
+        turn or a forward thread, or computing)."""
+
+        async def run() -> tuple[list[shard_pb2.Tensor], shard_pb2.StageTiming]:
+            async with turn or contextlib.nullcontext():
+                return await self._executor.run(stage, frame, arrived)
+
+        timeout = remaining_s(frame.deadline_unix_ms)
+        if timeout is None:
+            return await run()
+        try:
+            return await asyncio.wait_for(run(), timeout)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(
+                f"request {frame.request_id!r} passed its deadline at stage {stage.config.stage} "
+                f"on {self._settings.node}"
+            ) from None
 
     async def Stream(
         self, request_iterator: AsyncIterator[Request], context: grpc.aio.ServicerContext

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from amp4ec.wire.liveness import KEEPALIVE_OPTIONS
+
 __all__ = ["AgentSettings"]
 
 MiB = 1024 * 1024
@@ -72,9 +74,12 @@ class AgentSettings:
     limit or the machine's available memory)."""
 
     def grpc_options(self) -> list[tuple[str, int]]:
+        """Server and next-hop channel options: message limits and keepalive (see
+        [Note: keepalive] in amp4ec.wire.liveness)."""
         return [
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.max_receive_message_length", self.max_message_bytes),
+            *KEEPALIVE_OPTIONS,
         ]
 
     def server_options(self) -> list[tuple[str, int]]:

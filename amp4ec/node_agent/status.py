@@ -10,17 +10,13 @@ import logging
 
 import grpc
 
-from amp4ec.errors import InvalidSpec, ShardUnavailable, StageNotLoaded
+from amp4ec.errors import DeadlineExceeded, InvalidSpec, ShardUnavailable, StageNotLoaded
 from amp4ec.node_agent.budget import OverBudget
 from amp4ec.wire.v1 import shard_pb2
 
-__all__ = ["error_frame", "status_of"]
+__all__ = ["DeadlineExceeded", "error_frame", "status_of"]
 
 log = logging.getLogger(__name__)
-
-
-class DeadlineExceeded(Exception):
-    """A request's own deadline passed before a stage could run it."""
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:

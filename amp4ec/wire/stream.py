@@ -3,6 +3,8 @@
 Requests are renamed to stream-local ids on the way out (so two upstream clients may
 reuse the same request id) and matched back by id on the way in. When the stream breaks,
 every pending request is answered UNAVAILABLE and the next request opens a new stream.
+A request waits for its answer no longer than its frame's deadline, and every message
+names the peer (``stage 1 on node1``), not its address.
 """
 
 from __future__ import annotations
@@ -12,18 +14,24 @@ import itertools
 import logging
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from amp4ec.errors import ShardUnavailable
+from amp4ec.wire.liveness import remaining_s
 from amp4ec.wire.v1 import shard_pb2, shard_pb2_grpc
 
-__all__ = ["ShardStream"]
+__all__ = ["SHARD_SERVICE", "ShardStream"]
 
 log = logging.getLogger(__name__)
+SHARD_SERVICE = "amp4ec.wire.v1.Shard"
+"""The health-checked service name: SERVING once the agent has a layer range loaded."""
 
 
 class ShardStream:
-    def __init__(self, target: str, options: list[tuple[str, int]]) -> None:
+    def __init__(self, target: str, options: list[tuple[str, int]], peer: str | None = None) -> None:
         self.target = target
+        self.peer = peer or f"shard at {target}"
+        """How errors name the other end, e.g. ``stage 1 on node1``."""
         self._channel = grpc.aio.insecure_channel(target, options=options)
         self._stub = shard_pb2_grpc.ShardStub(self._channel)
         self._call: grpc.aio.StreamStreamCall | None = None
@@ -31,6 +39,7 @@ class ShardStream:
         self._pending: dict[str, asyncio.Future[shard_pb2.Frame]] = {}
         self._ids = itertools.count()
         self._write_lock = asyncio.Lock()  # grpc.aio allows one write at a time per call
+        self._closed = False
 
     @property
     def in_flight(self) -> int:
@@ -38,7 +47,10 @@ class ShardStream:
         return len(self._pending)
 
     async def call(self, frame: shard_pb2.Frame) -> shard_pb2.Frame:
-        """Send one frame downstream and wait for its answer (an error frame on failure)."""
+        """Send one frame downstream and wait for its answer (an error frame on failure or
+        when the frame's deadline passes first)."""
+        if self._closed:
+            return self._error(frame.request_id, "UNAVAILABLE", f"{self.peer} was retired")
         original_id = frame.request_id
         local_id = str(next(self._ids))
         future: asyncio.Future[shard_pb2.Frame] = asyncio.get_running_loop().create_future()
@@ -47,18 +59,26 @@ class ShardStream:
         out.CopyFrom(frame)
         out.request_id = local_id
         try:
-            async with self._write_lock:
-                call = self._ensure_stream()
-                await call.write(out)
-            answer = await future
+            answer = await asyncio.wait_for(self._send(out, future), remaining_s(frame.deadline_unix_ms))
+        except asyncio.TimeoutError:
+            self._pending.pop(local_id, None)
+            return self._error(
+                original_id, "DEADLINE_EXCEEDED", f"no answer from {self.peer} before the request's deadline"
+            )
         except grpc.aio.AioRpcError as e:
             self._fail_all(e)
-            raise ShardUnavailable(f"next shard {self.target} unavailable: {e.details()}") from None
+            raise ShardUnavailable(f"{self.peer} unavailable: {e.details()}") from None
         except asyncio.CancelledError:
             self._pending.pop(local_id, None)
             raise
         answer.request_id = original_id
         return answer
+
+    async def _send(self, out: shard_pb2.Frame, future: asyncio.Future[shard_pb2.Frame]) -> shard_pb2.Frame:
+        async with self._write_lock:
+            call = self._ensure_stream()
+            await call.write(out)
+        return await future
 
     def _ensure_stream(self) -> grpc.aio.StreamStreamCall:
         if self._call is None or self._call.done():
@@ -81,22 +101,30 @@ class ShardStream:
         # The stream ended without answering some requests: they will never be answered.
         self._fail_all(None)
 
-    def _fail_all(self, error: grpc.aio.AioRpcError | None) -> None:
-        detail = error.details() if error is not None else "stream closed"
+    def _error(self, request_id: str, code: str, message: str) -> shard_pb2.Frame:
+        return shard_pb2.Frame(request_id=request_id, error=shard_pb2.Error(code=code, message=message))
+
+    def _fail_all(self, error: grpc.aio.AioRpcError | None, why: str = "stream closed") -> None:
+        detail = error.details() if error is not None else why
         pending, self._pending = self._pending, {}
         for local_id, future in pending.items():
             if not future.done():
-                future.set_result(
-                    shard_pb2.Frame(
-                        request_id=local_id,
-                        error=shard_pb2.Error(
-                            code="UNAVAILABLE", message=f"next shard {self.target} unavailable: {detail}"
-                        ),
-                    )
-                )
+                future.set_result(self._error(local_id, "UNAVAILABLE", f"{self.peer} unavailable: {detail}"))
         self._call = None
 
+    async def serving(self, timeout_s: float) -> bool:
+        """Whether the peer answers its health check SERVING for the Shard service in time."""
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        try:
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=SHARD_SERVICE), timeout=timeout_s)
+        except grpc.aio.AioRpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
     async def close(self) -> None:
+        """Close the stream; requests still waiting are answered UNAVAILABLE (retriable)."""
+        self._closed = True
+        self._fail_all(None, "retired (its pipeline was replaced)")
         if self._call is not None:
             self._call.cancel()
         if self._reader is not None:

@@ -38,7 +38,7 @@ class Probe(_message.Message):
     def __init__(self, payload: _Optional[bytes] = ..., reply_bytes: _Optional[int] = ...) -> None: ...
 
 class StageSpec(_message.Message):
-    __slots__ = ("model", "weights", "seed", "input_shape", "first_block", "last_block", "next_hop", "stage")
+    __slots__ = ("model", "weights", "seed", "input_shape", "first_block", "last_block", "next_hop", "stage", "next_node")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,7 @@ class StageSpec(_message.Message):
     LAST_BLOCK_FIELD_NUMBER: _ClassVar[int]
     NEXT_HOP_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
+    NEXT_NODE_FIELD_NUMBER: _ClassVar[int]
     model: str
     weights: str
     seed: int
@@ -55,7 +56,8 @@ class StageSpec(_message.Message):
     last_block: int
     next_hop: str
     stage: int
-    def __init__(self, model: _Optional[str] = ..., weights: _Optional[str] = ..., seed: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., first_block: _Optional[int] = ..., last_block: _Optional[int] = ..., next_hop: _Optional[str] = ..., stage: _Optional[int] = ...) -> None: ...
+    next_node: str
+    def __init__(self, model: _Optional[str] = ..., weights: _Optional[str] = ..., seed: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., first_block: _Optional[int] = ..., last_block: _Optional[int] = ..., next_hop: _Optional[str] = ..., stage: _Optional[int] = ..., next_node: _Optional[str] = ...) -> None: ...
 
 class UnloadRequest(_message.Message):
     __slots__ = ()

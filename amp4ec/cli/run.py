@@ -32,6 +32,14 @@ __all__ = ["run"]
 @planning_options
 @cpu_limits_option
 @click.option(
+    "--fault",
+    "faults",
+    multiple=True,
+    metavar="NODE:kill|hang@SECONDS",
+    help="inject a fault: SIGKILL (kill) or SIGSTOP (hang) NODE's agent this long after the measured "
+    "requests start, e.g. node1:kill@5s (repeatable)",
+)
+@click.option(
     "--json",
     "json_path",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -48,11 +56,16 @@ def run(
     strategy: str,
     objective: str,
     cpu_limits: str,
+    faults: tuple[str, ...],
     json_path: Path | None,
 ) -> None:
-    """Split a model over local node agents, serve requests through them and report."""
+    """Split a model over local node agents, serve requests through them and report.
+
+    A dead or hung agent is noticed, the model re-planned on the survivors and the run goes
+    on; the report lists every failover. Ctrl-C prints what was measured so far."""
     from amp4ec.local import RunConfig, parse_nodes
     from amp4ec.local import run as run_local
+    from amp4ec.local.supervisor import parse_fault
 
     config = RunConfig(
         source=source_from(model, weights, seed, input_shape),
@@ -62,6 +75,7 @@ def run(
         strategy=strategy,
         objective=objective,
         limit_mode=cpu_limits,
+        faults=tuple(parse_fault(f) for f in faults),
     )
     console = Console()
     with progress_bar(console) as bar:
@@ -75,6 +89,8 @@ def run(
     if json_path is not None:
         json_path.write_text(json.dumps(report.to_json(), indent=2))
         console.print(f"results written to {json_path}")
+    if report.interrupted:
+        raise SystemExit(130)
 
 
 def print_report(console: Console, report) -> None:
@@ -98,6 +114,7 @@ def print_report(console: Console, report) -> None:
     results.add_column("metric")
     results.add_column("value", justify="right")
     results.add_row("requests (in flight)", f"{report.requests} ({report.concurrency})")
+    results.add_row("answered / retried / failed", f"{report.answered} / {report.retried} / {report.failed}")
     results.add_row(
         "latency p50 / p95", f"{data['latency_ms']['p50']:.1f} / {data['latency_ms']['p95']:.1f} ms"
     )
@@ -110,6 +127,11 @@ def print_report(console: Console, report) -> None:
     results.add_row("bytes on the wire / request", f"{data['bytes_per_request'] / 1e6:.2f} MB")
     results.add_row("CPU limits", report.limits)
     console.print(results)
+    print_failovers(console, report)
+    if report.interrupted:
+        console.print("[yellow]interrupted:[/] the figures cover the requests answered before Ctrl-C")
+    for error in report.errors:
+        console.print(f"[red]failed request:[/] {error}", highlight=False)
     skipped = [n.name for n in report.nodes if n.name not in {s.node for s in report.plan.stages}]
     for warning in report.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
@@ -117,6 +139,40 @@ def print_report(console: Console, report) -> None:
         console.print(f"note: {note}")
     if skipped and not report.plan.notes:
         console.print(f"note: nodes left out by the planner: {', '.join(skipped)}")
+
+
+def print_failovers(console: Console, report) -> None:
+    if not report.failovers:
+        return
+    table = Table(title="failovers (seconds since the measured requests started)")
+    for col in ("node", "fault", "injected", "detected", "serving again", "recovery", "plan after"):
+        table.add_column(col, justify="right" if col not in ("node", "fault", "plan after") else "left")
+    for f in report.failovers:
+        after = _pipelines(f.plan_after)
+        table.add_row(
+            f.node,
+            f.kind,
+            _secs(f.fault_s),
+            _secs(f.detected_s),
+            _secs(f.recovered_s),
+            _secs(f.recovery_s),
+            (after + (" (re-planned)" if f.replanned else " (survivors kept)")) if not f.error else f.error,
+        )
+    console.print(table)
+    for f in report.failovers:
+        console.print(f"{f.node} {f.kind}: {f.detail}", highlight=False)
+
+
+def _pipelines(rows: list[dict]) -> str:
+    """``node0 0–10 → node1 11–20 | node2 0–20``: stages in order, pipelines apart."""
+    pipes: dict[int, list[str]] = {}
+    for r in rows:
+        pipes.setdefault(r["pipeline"], []).append(f"{r['node']} {r['first_block']}–{r['last_block']}")
+    return " | ".join(" → ".join(stages) for stages in pipes.values()) or "none"
+
+
+def _secs(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f} s"
 
 
 def _fmt(value: float) -> str:

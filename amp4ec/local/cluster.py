@@ -237,12 +237,22 @@ class LocalCluster:
         if reply.status != health_pb2.HealthCheckResponse.SERVING:
             raise Amp4ecError(f"node agent {agent.node.name} is not serving")
 
-    async def capacities(self) -> dict[str, agent_pb2.Capacity]:
-        """Each agent's capacity, measured under its own limit, all at once."""
+    async def capacities(self, nodes: Sequence[str] | None = None) -> dict[str, agent_pb2.Capacity]:
+        """Each agent's capacity (of ``nodes``, default all), measured under its own limit, all at once."""
+        names = list(self.agents if nodes is None else nodes)
         replies = await asyncio.gather(
-            *(self.agent_stub(n).GetCapacity(agent_pb2.CapacityRequest(), timeout=60) for n in self.agents)
+            *(self.agent_stub(n).GetCapacity(agent_pb2.CapacityRequest(), timeout=60) for n in names)
         )
-        return dict(zip(self.agents, replies, strict=True))
+        return dict(zip(names, replies, strict=True))
+
+    async def serving(self, node: str, timeout_s: float) -> bool:
+        """Whether ``node``'s agent answers its health check SERVING within ``timeout_s``."""
+        stub = health_pb2_grpc.HealthStub(self._channel(node))
+        try:
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
+        except grpc.aio.AioRpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
 
     async def probe_link(self, node: str, payload_bytes: int = 2 * 1024 * 1024) -> tuple[float, float]:
         """(round-trip ms, bytes/s) from this process to ``node``'s agent, measured with Echo.

@@ -10,7 +10,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,8 +18,9 @@ import torch
 
 from amp4ec import planner
 from amp4ec.client import Client, Result
-from amp4ec.errors import InvalidSpec
+from amp4ec.errors import Amp4ecError, InvalidSpec
 from amp4ec.local.cluster import LocalCluster, NodeSpec
+from amp4ec.local.supervisor import Failover, FaultSpec, Supervisor, endpoints, inject_faults, plan_rows
 from amp4ec.node_agent.capacity import reference_workload_ms
 from amp4ec.planner.types import Link, NodeCapacity, Plan, reference_overhead_ms
 from amp4ec.scheduling import timed_plan
@@ -55,6 +56,10 @@ class RunConfig:
     limit_mode: str = "auto"
     warmup: int | None = None
     """Unmeasured requests first; None = two per stage."""
+    faults: tuple[FaultSpec, ...] = ()
+    """Faults to inject during the measured requests (``--fault node1:kill@5s``)."""
+    deadline_s: float | None = 30.0
+    """Each request's deadline, retries included."""
 
 
 @dataclass
@@ -90,10 +95,24 @@ class RunReport:
     bytes_per_request: float
     capacities: dict[str, dict[str, float]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    retried: int = 0
+    """Answered requests that needed more than one attempt."""
+    failed: int = 0
+    errors: list[str] = field(default_factory=list)
+    """The distinct errors of failed requests (at most 10)."""
+    failovers: list[Failover] = field(default_factory=list)
+    final_plan: Plan | None = None
+    """The plan serving at the end, when a failover changed it."""
+    interrupted: bool = False
+    """Ctrl-C ended the run early: the figures cover what was answered by then."""
+
+    @property
+    def answered(self) -> int:
+        return len(self.latencies_ms)
 
     @property
     def throughput_rps(self) -> float:
-        return self.requests / self.wall_s if self.wall_s > 0 else 0.0
+        return self.answered / self.wall_s if self.wall_s > 0 else 0.0
 
     def latency_ms(self, q: float) -> float:
         return quantile(self.latencies_ms, q)
@@ -119,6 +138,13 @@ class RunReport:
             "throughput_rps": self.throughput_rps,
             "max_abs_diff": self.max_abs_diff,
             "requests": self.requests,
+            "answered": self.answered,
+            "retried": self.retried,
+            "failed": self.failed,
+            "errors": self.errors,
+            "interrupted": self.interrupted,
+            "failovers": [f.to_json() for f in self.failovers],
+            "final_plan": plan_rows(self.final_plan or self.plan),
             "concurrency": self.concurrency,
             "planning_ms": self.planning_ms,
             "bytes_per_request": self.bytes_per_request,
@@ -208,6 +234,7 @@ async def deploy(
                 first_block=stage.first_block,
                 last_block=stage.last_block,
                 next_hop=address(nxt) if nxt else "",
+                next_node=nxt or "",
                 stage=i,
             )
             loads.append(cluster.load(stage.node, spec))
@@ -221,14 +248,25 @@ async def drive(
     requests: int,
     concurrency: int,
     on_done: Callable[[Result], None],
+    on_error: Callable[[Amp4ecError], None] | None = None,
+    deadline_s: float | None = None,
 ) -> float:
-    """A closed loop keeping ``concurrency`` requests in flight until ``requests`` are done."""
+    """A closed loop keeping ``concurrency`` requests in flight until ``requests`` are done.
+
+    With ``on_error`` a failed request is reported and the loop goes on; without, it raises."""
     remaining = iter(range(requests))
     start = time.perf_counter()
 
     async def worker() -> None:
         for _ in remaining:
-            on_done(await client.infer(inputs))
+            try:
+                result = await client.infer(inputs, deadline_s=deadline_s)
+            except Amp4ecError as e:
+                if on_error is None:
+                    raise
+                on_error(e)
+                continue
+            on_done(result)
 
     await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
     return time.perf_counter() - start
@@ -264,9 +302,27 @@ async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
         report("loading stages", 0, len(plan.stages))
         param_bytes = await deploy(cluster, plan, config.source)
         entries = [cluster.address(p.stages[0].node) for p in plan.pipelines]
-        async with Client(entries) as client:
+
+        def replan(alive: Sequence[str]) -> Plan:
+            survivors = [n for n in nodes if n.name in alive]
+            kept = [link for link in links if {link.src, link.dst} <= {"client", *alive}]
+            return timed_plan(
+                prepared.profiles,
+                survivors,
+                objective=config.objective,
+                strategy=config.strategy,
+                input_bytes=prepared.chain.input_bytes,
+                links=kept,
+            )[0]
+
+        async with (
+            Client(endpoints(plan, cluster.address)) as client,
+            Supervisor(
+                cluster, client, plan, replan, lambda p: deploy(cluster, p, config.source)
+            ) as supervisor,
+        ):
             inputs = prepared.loaded.example_inputs
-            first = await client.infer(inputs)
+            first = await client.infer(inputs, deadline_s=config.deadline_s)
             diff = max(
                 float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
                 for a, b in zip(first.outputs, prepared.expected, strict=True)
@@ -275,16 +331,42 @@ async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
                 plan.pipelines
             )
             warmup = config.warmup if config.warmup is not None else 2 * len(plan.stages)
-            await drive(client, inputs, warmup, concurrency, lambda r: None)
+            await drive(client, inputs, warmup, concurrency, lambda r: None, deadline_s=config.deadline_s)
             before = await cluster.capacities()
             results: list[Result] = []
+            done_at: list[float] = []
+            errors: list[str] = []
 
             def done(result: Result) -> None:
                 results.append(result)
-                report("requests", len(results), config.requests)
+                done_at.append(supervisor.now())
+                report("requests", len(results) + len(errors), config.requests)
 
-            wall = await drive(client, inputs, config.requests, concurrency, done)
-            after = await cluster.capacities()
+            def failed(error: Amp4ecError) -> None:
+                errors.append(str(error))
+                report("requests", len(results) + len(errors), config.requests)
+
+            supervisor.start = time.monotonic()
+            interrupted = False
+            wall_start = time.perf_counter()
+            try:
+                async with inject_faults(cluster, config.faults, supervisor):
+                    await drive(client, inputs, config.requests, concurrency, done, failed, config.deadline_s)
+            except asyncio.CancelledError:  # Ctrl-C: report what was answered so far
+                interrupted = True
+            wall = time.perf_counter() - wall_start
+            failovers = list(supervisor.failovers)
+            final_plan = supervisor.plan
+            alive = [n for n in cluster.agents if n not in supervisor.dead]
+            after = None if interrupted or supervisor.dead else await cluster.capacities(alive)
+    warnings += [
+        f"--fault {f} was not injected: the run ended at {wall:.1f} s (ask for more --requests)"
+        for f in config.faults
+        if f.node not in supervisor.injected and not interrupted
+    ]
+    # Per-stage figures of the first plan: from the answers before any fault, CPU only without one.
+    first_fault = min((f.fault_s or f.detected_s for f in failovers), default=float("inf"))
+    steady = [r for r, t in zip(results, done_at, strict=True) if t < first_fault and r.entry in entries]
     return RunReport(
         model=config.source.spec,
         plan=plan,
@@ -293,13 +375,25 @@ async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
         concurrency=concurrency,
         requests=config.requests,
         latencies_ms=[r.latency_s * 1000 for r in results],
+        retried=sum(r.attempts > 1 for r in results),
+        failed=len(errors),
+        errors=sorted(set(errors))[:10],
+        failovers=failovers,
+        final_plan=final_plan if failovers else None,
+        interrupted=interrupted,
         wall_s=wall,
         max_abs_diff=diff,
         planning_ms=planning_ms,
-        measured_stage_ms=measured_stage_ms(plan, results, entries, before, after),
-        forward_ms=forward_ms_per_stage(plan, results, entries),
+        measured_stage_ms=(
+            measured_stage_ms(plan, results, entries, before, after)
+            if after is not None
+            else [float("nan")] * len(plan.stages)
+        ),
+        forward_ms=forward_ms_per_stage(plan, steady, entries),
         stage_param_bytes=param_bytes,
-        bytes_per_request=statistics.fmean(r.request_bytes + r.response_bytes for r in results),
+        bytes_per_request=statistics.fmean(r.request_bytes + r.response_bytes for r in results)
+        if results
+        else float("nan"),
         warnings=warnings,
         capacities={
             n: {

@@ -1,0 +1,299 @@
+"""Local mode recovers: notice a dead or hung agent, re-plan on the survivors, switch traffic.
+
+[Note: local failover] The supervisor watches every agent two ways: its process exit (a
+pidfd, noticed at once) and its health check (every ``interval_s``; ``misses`` answers
+missing ``timeout_s`` in a row = hung). On a fault it
+1. stops sending into the pipelines that crossed the failed node: the client retires them,
+   and the requests waiting on them are retried on the pipelines left (or wait for one);
+2. re-plans on the surviving nodes with the same planner and inputs;
+3. keeps the intact pipelines when the new plan is not clearly better (10%): replicas lose
+   nothing and reload nothing; otherwise it loads the new plan's changed stages while the
+   pipelines it keeps unchanged serve on, and only then points the client at the new plan.
+An agent serves one layer range, so a survivor whose range changes is taken out of service
+before it is reloaded: no request ever meets a half-switched pipeline. The failover's
+record says what failed, when, and when the new plan served (``recovery_s``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import signal
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from amp4ec.client import Client, Endpoint
+from amp4ec.errors import Amp4ecError, InvalidSpec
+from amp4ec.local.cluster import LocalCluster
+from amp4ec.planner.types import Pipeline, Plan, Prediction
+
+__all__ = ["Failover", "FaultSpec", "Supervisor", "inject_faults", "parse_fault", "plan_rows"]
+
+log = logging.getLogger(__name__)
+KEEP_UNLESS_GAIN = 0.10
+"""A new plan replaces the intact pipelines only if it predicts this much more throughput."""
+
+Replan = Callable[[Sequence[str]], Plan]
+"""A plan over these surviving nodes (raises PlanInfeasible when they cannot hold the model)."""
+Deploy = Callable[[Plan], Awaitable[Any]]
+"""Load every stage of these pipelines on its node."""
+
+
+def plan_rows(plan: Plan) -> list[dict[str, Any]]:
+    return [
+        {"pipeline": p, "stage": i, "node": s.node, "first_block": s.first_block, "last_block": s.last_block}
+        for p, pipe in enumerate(plan.pipelines)
+        for i, s in enumerate(pipe.stages)
+    ]
+
+
+def endpoints(plan: Plan, address: Callable[[str], str]) -> list[Endpoint]:
+    """Each pipeline's entry, named for errors: ``stage 0 on node0``."""
+    return [Endpoint(address(p.stages[0].node), f"stage 0 on {p.stages[0].node}") for p in plan.pipelines]
+
+
+@dataclass(frozen=True)
+class FaultSpec:
+    node: str
+    kind: str
+    """``kill`` (SIGKILL) or ``hang`` (SIGSTOP)."""
+    at_s: float
+    """Seconds after the measured requests start."""
+
+    def __str__(self) -> str:
+        return f"{self.node}:{self.kind}@{self.at_s:g}s"
+
+
+_FAULT = re.compile(r"^(?P<node>[\w.-]+):(?P<kind>kill|hang)@(?P<at>\d+(\.\d*)?)s?$")
+
+
+def parse_fault(text: str) -> FaultSpec:
+    """``node1:kill@5s`` or ``node2:hang@2.5`` → FaultSpec."""
+    m = _FAULT.match(text.strip())
+    if not m:
+        raise InvalidSpec(
+            f"--fault: expected NODE:kill@SECONDS or NODE:hang@SECONDS, e.g. node1:kill@5s, got {text!r}"
+        )
+    return FaultSpec(m["node"], m["kind"], float(m["at"]))
+
+
+@dataclass
+class Failover:
+    node: str
+    kind: str
+    """``exited`` (process gone) or ``hung`` (health checks unanswered)."""
+    detail: str
+    detected_s: float
+    """Seconds since the run's clock started (the measured requests)."""
+    plan_before: list[dict[str, Any]]
+    fault_s: float | None = None
+    """When the fault was injected (``--fault``), if it was."""
+    recovered_s: float | None = None
+    """When the plan on the survivors took traffic."""
+    plan_after: list[dict[str, Any]] = field(default_factory=list)
+    replanned: bool = False
+    """True: new stages were loaded; False: the intact pipelines were kept."""
+    error: str = ""
+    """Why no plan serves on the survivors, if none does."""
+
+    @property
+    def recovery_s(self) -> float | None:
+        """From the fault (or its detection, when not injected) to the new plan serving."""
+        if self.recovered_s is None:
+            return None
+        return self.recovered_s - (self.fault_s if self.fault_s is not None else self.detected_s)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "kind": self.kind,
+            "detail": self.detail,
+            "fault_s": self.fault_s,
+            "detected_s": self.detected_s,
+            "recovered_s": self.recovered_s,
+            "recovery_s": self.recovery_s,
+            "replanned": self.replanned,
+            "plan_before": self.plan_before,
+            "plan_after": self.plan_after,
+            "error": self.error,
+        }
+
+
+def _key(pipeline: Pipeline) -> tuple[tuple[str, int, int], ...]:
+    return tuple((s.node, s.first_block, s.last_block) for s in pipeline.stages)
+
+
+def _subset(plan: Plan, pipelines: Sequence[Pipeline]) -> Plan:
+    """The plan cut down to some of its pipelines, its prediction recomputed from their stages."""
+    stage_ms = tuple(s.stage_ms for p in pipelines for s in p.stages)
+    rps = sum(1000 / max(max(s.stage_ms for s in p.stages), 1e-9) for p in pipelines)
+    latency = min((sum(s.stage_ms for s in p.stages) for p in pipelines), default=float("inf"))
+    predicted = Prediction(stage_ms, max(stage_ms, default=0.0), latency, rps)
+    return replace(plan, pipelines=tuple(pipelines), predicted=predicted)
+
+
+class Supervisor:
+    """Watches a LocalCluster's agents serving ``plan`` and fails over (see [Note: local failover])."""
+
+    def __init__(
+        self,
+        cluster: LocalCluster,
+        client: Client,
+        plan: Plan,
+        replan: Replan,
+        deploy: Deploy,
+        *,
+        address: Callable[[str], str] | None = None,
+        interval_s: float = 0.5,
+        timeout_s: float = 1.0,
+        misses: int = 2,
+        clock_start: float | None = None,
+    ) -> None:
+        self.cluster, self.client, self.plan = cluster, client, plan
+        self._replan, self._deploy = replan, deploy
+        self._address = address or cluster.address
+        self.interval_s, self.timeout_s, self.misses = interval_s, timeout_s, misses
+        self.start = time.monotonic() if clock_start is None else clock_start
+        self.failovers: list[Failover] = []
+        self.dead: set[str] = set()
+        self.injected: dict[str, float] = {}
+        """node → when a fault was injected into it (run clock)."""
+        self.ignored: set[str] = set()
+        """Nodes being shut down on purpose: their exit is no fault."""
+        self._lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._fds: list[int] = []
+        self.changed = asyncio.Event()
+        """Set after every failover (tests wait on it)."""
+
+    def now(self) -> float:
+        return time.monotonic() - self.start
+
+    async def __aenter__(self) -> Supervisor:
+        loop = asyncio.get_running_loop()
+        for name, agent in self.cluster.agents.items():
+            self._tasks.append(loop.create_task(self._watch_health(name)))
+            try:
+                fd = os.pidfd_open(agent.process.pid)
+            except (AttributeError, OSError):  # no pidfd: the health check notices the exit too
+                continue
+            self._fds.append(fd)
+            loop.add_reader(fd, self._exited, name, fd)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        loop = asyncio.get_running_loop()
+        for fd in self._fds:
+            loop.remove_reader(fd)
+            os.close(fd)
+        self._fds.clear()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _exited(self, node: str, fd: int) -> None:
+        asyncio.get_running_loop().remove_reader(fd)
+        agent = self.cluster.agents.get(node)
+        detail = agent.exit_reason() if agent is not None and agent.process.poll() is not None else "exited"
+        self._tasks.append(
+            asyncio.get_running_loop().create_task(self.fail(node, "exited", f"agent {detail}"))
+        )
+
+    async def _watch_health(self, node: str) -> None:
+        missed = 0
+        while node not in self.dead:
+            started = time.monotonic()
+            if await self.cluster.serving(node, self.timeout_s):
+                missed = 0
+            else:
+                missed += 1
+                if missed >= self.misses:
+                    detail = f"no health answer within {self.timeout_s:g} s, {missed} times in a row"
+                    await self.fail(node, "hung", detail)
+                    return
+            await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - started)))
+
+    async def fail(self, node: str, kind: str, detail: str) -> None:
+        """Take ``node`` out of service and serve on the survivors (idempotent per node)."""
+        async with self._lock:
+            if node in self.dead or node in self.ignored:
+                return
+            self.dead.add(node)
+            record = Failover(
+                node, kind, detail, self.now(), plan_rows(self.plan), fault_s=self.injected.get(node)
+            )
+            self.failovers.append(record)
+            log.warning("%s %s: %s; re-planning on the survivors", node, kind, detail)
+            try:
+                await self._recover(record)
+            except Amp4ecError as e:
+                record.error = str(e)
+                log.error("no plan serves on the survivors of %s: %s", node, e)
+            self.changed.set()
+            self.changed = asyncio.Event()
+
+    async def _recover(self, record: Failover) -> None:
+        intact = [p for p in self.plan.pipelines if not {s.node for s in p.stages} & self.dead]
+        # 1. Nothing more goes into the broken pipelines; what waits on them is retried.
+        self.client.set_entries(endpoints(_subset(self.plan, intact), self._address))
+        alive = [n for n in self.cluster.agents if n not in self.dead]
+        new = self._replan(alive)
+        kept = _subset(self.plan, intact)
+        if intact and new.predicted.throughput_rps <= kept.predicted.throughput_rps * (1 + KEEP_UNLESS_GAIN):
+            self.plan = kept
+        else:
+            # 2. Pipelines the new plan keeps as they are serve on; the rest are reloaded.
+            same = {_key(p) for p in new.pipelines}
+            serving = [p for p in intact if _key(p) in same]
+            self.client.set_entries(endpoints(_subset(self.plan, serving), self._address))
+            unchanged = {_key(p) for p in serving}
+            await self._deploy(_subset(new, [p for p in new.pipelines if _key(p) not in unchanged]))
+            record.replanned = True
+            self.plan = new
+        # 3. Traffic moves to the plan on the survivors.
+        self.client.set_entries(endpoints(self.plan, self._address))
+        record.recovered_s = self.now()
+        record.plan_after = plan_rows(self.plan)
+
+
+@contextlib.asynccontextmanager
+async def inject_faults(cluster: LocalCluster, faults: Sequence[FaultSpec], supervisor: Supervisor):
+    """Signal each fault's agent at its time (SIGKILL or SIGSTOP); at exit, a stopped agent is
+    killed and continued, so nothing is left behind stopped."""
+    for fault in faults:
+        if fault.node not in cluster.agents:
+            raise InvalidSpec(
+                f"--fault {fault}: no node {fault.node!r}; nodes are {', '.join(cluster.agents)}"
+            )
+    stopped: list[tuple[str, int]] = []
+
+    async def inject(fault: FaultSpec) -> None:
+        await asyncio.sleep(max(0.0, fault.at_s - supervisor.now()))  # a schedule, not a synchronisation
+        process = cluster.agents[fault.node].process
+        if process.poll() is not None:
+            return
+        supervisor.injected[fault.node] = supervisor.now()
+        if fault.kind == "kill":
+            process.send_signal(signal.SIGKILL)
+        else:
+            stopped.append((fault.node, process.pid))
+            process.send_signal(signal.SIGSTOP)
+        log.warning("injected %s", fault)
+
+    tasks = [asyncio.get_running_loop().create_task(inject(f)) for f in faults]
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for node, pid in stopped:
+            supervisor.ignored.add(node)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGCONT)

@@ -15,6 +15,7 @@ import contextlib
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -72,6 +73,8 @@ class ClientStats:
     ejections: list[tuple[float, str, str]] = field(default_factory=list)
     """(monotonic time, pipeline, last error) of every ejection."""
     readmissions: list[tuple[float, str]] = field(default_factory=list)
+    recent_errors: deque[str] = field(default_factory=lambda: deque(maxlen=20))
+    """The last failed attempts' errors (retried or not)."""
 
 
 def error_from_status(code: str, message: str) -> Amp4ecError:
@@ -194,6 +197,7 @@ class Client:
                 self.stats.failed += 1
                 raise error_from_status(code, answer.error.message)
             failures.append(f"{code}: {answer.error.message}")
+            self.stats.recent_errors.append(failures[-1])
             self._failed(pipeline, failures[-1])
             if deadline is not None and time.monotonic() >= deadline:
                 self.stats.failed += 1

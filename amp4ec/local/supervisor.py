@@ -171,6 +171,12 @@ class Supervisor:
         self.changed = asyncio.Event()
         """Set after every failover (tests wait on it)."""
 
+    async def recovered(self, failovers: int = 1) -> list[Failover]:
+        """Wait until ``failovers`` failovers happened and each has finished (recovered or not)."""
+        while len(self.failovers) < failovers or self._lock.locked():
+            await self.changed.wait()
+        return self.failovers
+
     def now(self) -> float:
         return time.monotonic() - self.start
 

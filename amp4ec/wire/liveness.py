@@ -21,6 +21,8 @@ KEEPALIVE_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_timeout_ms", 2000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    # an unanswered ping otherwise counts as lost only after grpc's 60 s ping timeout
+    ("grpc.http2.ping_timeout_ms", 2000),
     # server side: accept those pings without counting strikes
     ("grpc.http2.min_ping_interval_without_data_ms", 500),
     ("grpc.http2.max_ping_strikes", 0),

@@ -34,7 +34,7 @@ STRATEGIES = ("optimal", "paper", "equal", "memory", "replicate", "monolith", MA
 node with the configuration's total CPU (and memory), which the others are compared with."""
 UNAWARE = "optimal_unaware"
 """The optimal plan made as if every link were loopback, deployed on the slow links."""
-ALL_CONFIGURATIONS = ("standard", "scale-down", "scale-up", "big-model", "slow-links")
+ALL_CONFIGURATIONS = ("standard", "scale-down", "scale-up", "big-model", "slow-links", "failover")
 CLIENT_HEADROOM = 0.2
 """Fraction of the machine's cores kept for the load generator (the client is a process too)."""
 
@@ -67,6 +67,12 @@ FULL = Sizes(sequential=20, saturation=120, open_loop=120, ideal=40, concurrency
 BIG = Sizes(sequential=3, saturation=15, open_loop=15, ideal=6, concurrency_factors=(1, 2))
 """For the big and slow-links models: a forward takes 100–700 ms."""
 QUICK = Sizes(sequential=4, saturation=16, open_loop=16, ideal=8, concurrency_factors=(1,))
+FAILOVER = Sizes(sequential=0, saturation=1000, open_loop=0, ideal=0, concurrency_factors=(1,))
+"""The failover configuration sends ``saturation`` requests per scenario, closed loop."""
+FAILOVER_QUICK = replace(FAILOVER, saturation=400)
+EVERY_FAULT = (("optimal", "kill"), ("optimal", "hang"), ("equal", "kill"), ("equal", "hang"))
+QUICK_FAULTS = (("optimal", "kill"), ("equal", "hang"))
+"""--quick: the fastest recovery (a replica killed) and the slowest (a hung split stage)."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,9 @@ class Configuration:
     """Memory each node offers to shards beyond its agent's own (its cgroup limit is set to
     that plus the agent's resident memory and a margin once the agent is up)."""
     note: str = ""
+    faults: tuple[tuple[str, str], ...] = ()
+    """Failover scenarios: (strategy, ``kill`` or ``hang``): the strategy's plan with one node
+    killed (SIGKILL) or hung (SIGSTOP) mid-run."""
 
     @property
     def total_cpu(self) -> float:
@@ -163,6 +172,19 @@ def configurations(
             note=(
                 "each node offers 64 MB to shards, so no node holds the model and a split is needed; "
                 "client links are not shaped: the client stands beside the nodes, as a gateway"
+            ),
+        ),
+        Configuration(
+            "failover",
+            "3 nodes (1.0/0.6/0.4 CPU), node1 killed or hung a third of the way through",
+            source,
+            _nodes(standard),
+            ("optimal", "equal"),
+            FAILOVER_QUICK if quick else FAILOVER,
+            faults=QUICK_FAULTS if quick else EVERY_FAULT,
+            note=(
+                "optimal = whole-model replicas (survivors keep serving); equal = one 3-stage split, "
+                "re-planned on the two survivors (new stages loaded)"
             ),
         ),
     ]

@@ -70,6 +70,8 @@ def _config(config: dict[str, Any]) -> list[str]:
     title = f"#### {config['name']}" + (f": {config['title']}" if config.get("title") else "")
     if config.get("status") != "ok":
         return [title, "", f"{config.get('status', 'failed')}: {config.get('reason', '')}", ""]
+    if config.get("kind") == "failover":
+        return [title, "", *_failover(config)]
     nodes = ", ".join(
         f"{n['name']} {n['cpu']:g} CPU" + (f"/{n['memory_mb']:.0f} MB" if n.get("memory_mb") else "")
         for n in config["nodes"]
@@ -128,6 +130,42 @@ def _config(config: dict[str, Any]) -> list[str]:
         lines += ["", f"Resource-matched monolith tunings (saturation req/s; the best is shown): {tried}."]
     lines += ["", *_summary(config), *_stages(config), ""]
     return lines
+
+
+def _failover(config: dict[str, Any]) -> list[str]:
+    nodes = ", ".join(f"{n['name']} {n['cpu']:g} CPU" for n in config["nodes"])
+    lines = [
+        f"Model {config['model']}, nodes {nodes} (shares scaled by {config['scale_factor']:.2f}); "
+        f"{config['requests']} requests per scenario in a closed loop, the fault injected once a third "
+        f"are answered. *Lost* = requests that failed; *to full* = from the fault to the first 1 s "
+        f"window answering ≥ 90% of the survivors' steady rate; *window p99* = latency of the requests "
+        f"in flight between the fault and full throughput. CPU limits: {config.get('cpu_limits', '')}."
+        + (f" Note: {config['note']}." if config.get("note") else ""),
+        "",
+        "| plan | fault | lost | retried | detected s | serving s | to full s (target) "
+        "| p99 ms before / window (max) | req/s before → after | plan after | met |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|---|---|",
+    ]
+    for r in config["scenarios"]:
+        label = (
+            f"{r['strategy']} ({_plan({'plan': r['plan_before']})})"
+            if r.get("plan_before")
+            else r["strategy"]
+        )
+        if r.get("status") != "ok":
+            lines.append(
+                f"| {label} | {r['fault']} | {r.get('status')}: {r.get('reason', '')[:160]} ||||||||"
+            )
+            continue
+        after = _plan({"plan": r["plan_after"]}) + (" (re-planned)" if r["replanned"] else " (kept)")
+        lines.append(
+            f"| {label} | {r['node']} {r['fault']} | {r['lost']} of {r['requests']} | {r['retried']} "
+            f"| {_f(r['detected_after_s'], 2)} | {_f(r['serving_after_s'], 2)} "
+            f"| {_f(r['to_full_s'], 2)} (< {r['target_s']:g}) "
+            f"| {_f(r['p99_before_ms'])} / {_f(r['p99_window_ms'])} ({_f(r['max_window_ms'])}) "
+            f"| {_f(r['rps_before'])} → {_f(r['rps_after'])} | {after} | {'yes' if r['met'] else '**no**'} |"
+        )
+    return [*lines, ""]
 
 
 def predicted_cpu_ms(stage: dict[str, Any]) -> float:

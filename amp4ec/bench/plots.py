@@ -19,7 +19,9 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    configs = [c for c in results["configurations"] if c.get("status") == "ok"]
+    configs = [
+        c for c in results["configurations"] if c.get("status") == "ok" and c.get("kind") != "failover"
+    ]
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, draw, ylabel in (

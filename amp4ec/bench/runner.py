@@ -37,7 +37,10 @@ MATCHED_NODE = "matched"
 
 
 def steps(config: Configuration) -> int:
-    """Measurements in a configuration, for the overall progress bar: each strategy and the ideal."""
+    """Measurements in a configuration, for the overall progress bar: each strategy and the ideal
+    (a failover configuration: each of its scenarios)."""
+    if config.faults:
+        return len(config.faults)
     return len(config.strategies) + 1
 
 

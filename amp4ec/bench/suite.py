@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from amp4ec.bench.configs import Configuration, configurations, cpu_budget
+from amp4ec.bench.failover import run_failover
 from amp4ec.bench.links import links_available
 from amp4ec.bench.progress import ProgressSink
 from amp4ec.bench.report import machine, summarise
@@ -60,9 +61,8 @@ async def run_bench(options: BenchOptions, progress: ProgressSink | None = None)
             sink.phase(f"profiling {config.source.spec}")
             prepared[config.source] = await asyncio.to_thread(prepare, config.source)
         try:
-            result = await run_configuration(
-                config, prepared[config.source], budget, sink, limit_mode=options.limit_mode
-            )
+            run = run_failover if config.faults else run_configuration
+            result = await run(config, prepared[config.source], budget, sink, limit_mode=options.limit_mode)
         except Amp4ecError as e:
             sink.note(f"{config.name} failed: {e}")
             results["configurations"].append({"name": config.name, "status": "failed", "reason": str(e)})

@@ -17,7 +17,7 @@ from amp4ec.cli.options import cpu_limits_option, model_options, progress_bar, s
 
 __all__ = ["bench"]
 
-CONFIG_NAMES = ("standard", "scale-down", "scale-up", "big-model", "slow-links")
+CONFIG_NAMES = ("standard", "scale-down", "scale-up", "big-model", "slow-links", "failover")
 
 
 class _RichSink(ProgressSink):

@@ -69,14 +69,20 @@ class RetryBudget:
     _retries: deque[float] = field(default_factory=deque)
 
     def record_request(self) -> None:
-        self._requests.append(self.clock())
+        now = self.clock()
+        self._forget(now)
+        self._requests.append(now)
+
+    def _forget(self, now: float) -> None:
+        """Drop what left the window (so memory stays bounded by the window's traffic)."""
+        for times in (self._requests, self._retries):
+            while times and times[0] <= now - self.policy.budget_window_s:
+                times.popleft()
 
     def try_retry(self) -> bool:
         """Withdraw one retry if the budget allows it; False (and nothing withdrawn) if not."""
         now = self.clock()
-        for times in (self._requests, self._retries):
-            while times and times[0] <= now - self.policy.budget_window_s:
-                times.popleft()
+        self._forget(now)
         allowed = (
             self.policy.budget_ratio * len(self._requests)
             + self.policy.budget_min_per_s * self.policy.budget_window_s

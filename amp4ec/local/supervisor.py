@@ -205,7 +205,12 @@ class Supervisor:
     def _exited(self, node: str, fd: int) -> None:
         asyncio.get_running_loop().remove_reader(fd)
         agent = self.cluster.agents.get(node)
-        detail = agent.exit_reason() if agent is not None and agent.process.poll() is not None else "exited"
+        if node in self.injected:
+            detail = "was killed (SIGKILL) by the injected fault"
+        elif agent is not None and agent.process.poll() is not None:
+            detail = agent.exit_reason()
+        else:
+            detail = "exited"
         self._tasks.append(
             asyncio.get_running_loop().create_task(self.fail(node, "exited", f"agent {detail}"))
         )

@@ -58,8 +58,12 @@ class ShardStream:
         out = shard_pb2.Frame()
         out.CopyFrom(frame)
         out.request_id = local_id
+        timeout = remaining_s(frame.deadline_unix_ms)
         try:
-            answer = await asyncio.wait_for(self._send(out, future), remaining_s(frame.deadline_unix_ms))
+            if timeout is None:  # no task wrapped around the wait: this is every request's path
+                answer = await self._send(out, future)
+            else:
+                answer = await asyncio.wait_for(self._send(out, future), timeout)
         except asyncio.TimeoutError:
             self._pending.pop(local_id, None)
             return self._error(

@@ -71,7 +71,7 @@ class ShardStream:
             )
         except grpc.aio.AioRpcError as e:
             self._fail_all(e)
-            raise ShardUnavailable(f"{self.peer} unavailable: {e.details()}") from None
+            raise ShardUnavailable(f"{self.peer} unavailable: {_reason(e)}") from None
         except asyncio.CancelledError:
             self._pending.pop(local_id, None)
             raise
@@ -109,7 +109,7 @@ class ShardStream:
         return shard_pb2.Frame(request_id=request_id, error=shard_pb2.Error(code=code, message=message))
 
     def _fail_all(self, error: grpc.aio.AioRpcError | None, why: str = "stream closed") -> None:
-        detail = error.details() if error is not None else why
+        detail = _reason(error) if error is not None else why
         pending, self._pending = self._pending, {}
         for local_id, future in pending.items():
             if not future.done():
@@ -134,3 +134,10 @@ class ShardStream:
         if self._reader is not None:
             self._reader.cancel()
         await self._channel.close()
+
+
+def _reason(error: grpc.aio.AioRpcError) -> str:
+    """gRPC's detail without the addresses it prefixes ("failed to connect to all addresses; last
+    error: UNKNOWN: ipv4:127.0.0.1:PORT: Connection refused" → "Connection refused"): the
+    message already names the peer by node and stage."""
+    return (error.details() or error.code().name).rsplit(": ", 1)[-1]

@@ -119,6 +119,8 @@ class Client:
         self._changed = asyncio.Event()
         """Set whenever a pipeline is admitted or added: requests waiting for one look again."""
         self._retired: set[asyncio.Task[None]] = set()
+        self._gone: str | None = None
+        """Why no pipeline will come back (see ``give_up``); requests then fail at once."""
         self._ids = itertools.count()
         self.set_entries(entries)
 
@@ -133,10 +135,19 @@ class Client:
         """Serve from these pipelines from now on. New ones are admitted at once; removed ones
         are retired: requests still waiting on them are answered UNAVAILABLE and retried."""
         wanted = [e if isinstance(e, Endpoint) else Endpoint(e) for e in entries]
+        if wanted:
+            self._gone = None
         keep = {p.endpoint: p for p in self._pipelines}
         self._pipelines = [keep.pop(e, None) or _Pipeline(e, self._options, self.policy) for e in wanted]
         for gone in keep.values():
             self._retire(gone)
+        self._wake()
+
+    def give_up(self, reason: str) -> None:
+        """No pipeline will be added (nothing can serve): requests waiting for one, and new ones,
+        fail at once with ``reason`` instead of waiting out their deadline."""
+        self.set_entries([])
+        self._gone = reason
         self._wake()
 
     def _retire(self, pipeline: _Pipeline) -> None:
@@ -214,6 +225,9 @@ class Client:
             fresh = [p for p in admitted if id(p) not in tried] or admitted
             if fresh:
                 return min(fresh, key=lambda p: p.stream.in_flight)
+            if self._gone is not None and not self._pipelines:
+                self.stats.failed += 1
+                raise ShardUnavailable(f"UNAVAILABLE: {self._gone}")
             left = limit - time.monotonic()
             if left <= 0:
                 self.stats.failed += 1

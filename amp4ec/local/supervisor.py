@@ -245,6 +245,8 @@ class Supervisor:
             except Amp4ecError as e:
                 record.error = str(e)
                 log.error("no plan serves on the survivors of %s: %s", node, e)
+                if not self.client.entries:
+                    self.client.give_up(f"{node} {kind} and the survivors cannot serve the model: {e}")
             self.changed.set()
             self.changed = asyncio.Event()
 

@@ -91,6 +91,9 @@ def parse_args(
     stage.add_argument("--first-block", type=int, default=0)
     stage.add_argument("--last-block", type=int, default=-1, help="inclusive; -1 = the last block")
     stage.add_argument("--next-hop", default="", help="host:port of the next shard")
+    stage.add_argument(
+        "--next-node", default="", help="the next shard's node, for errors (default: --next-hop)"
+    )
     stage.add_argument("--stage", type=int, default=0, help="index of the stage in its pipeline")
     mon = p.add_argument_group("monitor role (one per node: capacity metrics, link probes, profiling)")
     mon.add_argument(
@@ -139,6 +142,7 @@ def parse_args(
             first_block=a.first_block,
             last_block=a.last_block,
             next_hop=a.next_hop,
+            next_node=a.next_node,
             stage=a.stage,
             weights=a.weights,
             seed=a.seed,

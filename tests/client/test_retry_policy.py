@@ -1,12 +1,17 @@
-"""The retry budget, outlier ejection and back-off on plain data (a fake clock, no I/O)."""
+"""The retry budget, outlier ejection and back-off on plain data (a fake clock, no I/O);
+the fault flag; a client told nothing will serve."""
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
 
 import pytest
+import torch
 
-from amp4ec.errors import InvalidSpec
+from amp4ec.client import Client, Endpoint
+from amp4ec.errors import InvalidSpec, ShardUnavailable
 from amp4ec.local.supervisor import parse_fault
 from amp4ec.retry import Outlier, RetryBudget, RetryPolicy, backoff_s
 
@@ -83,3 +88,17 @@ def test_fault_flag() -> None:
     assert parse_fault("node2:hang@2.5").at_s == 2.5
     with pytest.raises(InvalidSpec, match=r"--fault: expected NODE:kill@SECONDS .* got 'node1:reboot@5s'"):
         parse_fault("node1:reboot@5s")
+
+
+def test_a_client_with_nothing_left_to_serve_fails_at_once() -> None:
+    async def main() -> None:
+        async with Client([Endpoint("127.0.0.1:1", "stage 0 on node0")]) as client:
+            client.give_up("node0 exited and the survivors cannot serve the model")
+            assert client.entries == []
+            started = time.monotonic()
+            with pytest.raises(ShardUnavailable, match="UNAVAILABLE: node0 exited and the survivors"):
+                await client.infer([torch.zeros(1)], deadline_s=30)
+            assert time.monotonic() - started < 1
+            assert (client.stats.requests, client.stats.failed) == (1, 1)
+
+    asyncio.run(main())

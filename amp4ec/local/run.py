@@ -358,7 +358,8 @@ async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
             failovers = list(supervisor.failovers)
             final_plan = supervisor.plan
             alive = [n for n in cluster.agents if n not in supervisor.dead]
-            after = None if interrupted or supervisor.dead else await cluster.capacities(alive)
+            faulted = supervisor.dead or supervisor.injected
+            after = None if interrupted or faulted else await cluster.capacities(alive)
     warnings += [
         f"--fault {f} was not injected: the run ended at {wall:.1f} s (ask for more --requests)"
         for f in config.faults

@@ -19,9 +19,9 @@ import torch
 from amp4ec import planner
 from amp4ec.client import Client, Result, RetryPolicy
 from amp4ec.errors import Amp4ecError, DeadlineExceeded, ShardUnavailable
-from amp4ec.local import LocalCluster, NodeSpec
+from amp4ec.local import LocalCluster, NodeSpec, RunConfig, parse_nodes, run
 from amp4ec.local.run import deploy, drive
-from amp4ec.local.supervisor import Supervisor, endpoints
+from amp4ec.local.supervisor import Supervisor, endpoints, parse_fault
 from amp4ec.planner.types import NodeCapacity, Plan, Prediction
 from amp4ec.slicing import ModelSource, load_model, profile_chain, split_model
 
@@ -197,3 +197,22 @@ def test_client_alone_routes_around_dead_and_hung_pipelines_and_fails_fast(model
                     os.kill(process.pid, signal.SIGCONT)
 
     asyncio.run(main())
+
+
+def test_local_run_with_an_injected_fault_reports_the_failover_and_loses_nothing() -> None:
+    config = RunConfig(
+        source=ModelSource("mobilenet_v2", input_shape=(1, 3, 64, 64)),
+        nodes=tuple(parse_nodes("1.0,0.6,0.4")),
+        requests=300,
+        strategy="equal",
+        faults=(parse_fault("node2:kill@0.3s"),),
+    )
+    data = asyncio.run(run(config)).to_json()
+    assert (data["answered"], data["failed"], data["errors"]) == (300, 0, [])
+    (failover,) = data["failovers"]
+    assert failover["node"] == "node2" and failover["kind"] == "exited" and failover["replanned"]
+    assert 0.3 <= failover["fault_s"] < 3 and failover["recovery_s"] > 0
+    assert [r["node"] for r in failover["plan_before"]] == ["node0", "node1", "node2"]
+    assert {r["node"] for r in failover["plan_after"]} <= {"node0", "node1"}
+    assert data["final_plan"] == failover["plan_after"]
+    assert data["retried"] >= 1

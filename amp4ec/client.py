@@ -177,8 +177,8 @@ class Client:
         for attempt in range(1, self.policy.max_attempts + 1):
             if attempt > 1:
                 if not self.budget.try_retry():
-                    failures.append("retry budget exhausted")
-                    break
+                    self.stats.failed += 1
+                    raise ShardUnavailable(f"{failures[-1]} (not retried: the retry budget is spent)")
                 self.stats.retries += 1
                 await asyncio.sleep(backoff_s(attempt - 1, self.policy))
             pipeline = await self._pick(tried, deadline, failures)

@@ -102,3 +102,16 @@ def test_a_client_with_nothing_left_to_serve_fails_at_once() -> None:
             assert (client.stats.requests, client.stats.failed) == (1, 1)
 
     asyncio.run(main())
+
+
+def test_a_spent_budget_stops_retries_and_says_so() -> None:
+    async def main() -> None:
+        policy = RetryPolicy(budget_ratio=0.0, budget_min_per_s=0.0)
+        async with Client([Endpoint("127.0.0.1:1", "stage 0 on node0")], policy=policy) as client:
+            with pytest.raises(
+                ShardUnavailable, match=r"stage 0 on node0 unavailable: .*retry budget is spent"
+            ):
+                await client.infer([torch.zeros(1)], deadline_s=10)
+            assert (client.stats.retries, client.stats.failed) == (0, 1)
+
+    asyncio.run(main())

@@ -23,7 +23,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -275,7 +275,9 @@ class Supervisor:
 
 
 @contextlib.asynccontextmanager
-async def inject_faults(cluster: LocalCluster, faults: Sequence[FaultSpec], supervisor: Supervisor):
+async def inject_faults(
+    cluster: LocalCluster, faults: Sequence[FaultSpec], supervisor: Supervisor
+) -> AsyncIterator[None]:
     """Signal each fault's agent at its time (SIGKILL or SIGSTOP); at exit, a stopped agent is
     killed and continued, so nothing is left behind stopped."""
     for fault in faults:

@@ -72,6 +72,9 @@ class ShardStream:
         except grpc.aio.AioRpcError as e:
             self._fail_all(e)
             raise ShardUnavailable(f"{self.peer} unavailable: {_reason(e)}") from None
+        except ShardUnavailable:
+            self._pending.pop(local_id, None)
+            raise
         except asyncio.CancelledError:
             self._pending.pop(local_id, None)
             raise
@@ -81,7 +84,21 @@ class ShardStream:
     async def _send(self, out: shard_pb2.Frame, future: asyncio.Future[shard_pb2.Frame]) -> shard_pb2.Frame:
         async with self._write_lock:
             call = self._ensure_stream()
-            await call.write(out)
+            # A write on a stream whose peer died before it started can wait forever (grpc.aio
+            # waits for initial metadata that never goes out); the stream failing answers the
+            # future, so whichever comes first ends the wait.
+            write = asyncio.ensure_future(call.write(out))
+            try:
+                await asyncio.wait((write, future), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not write.done():
+                    write.cancel()
+            error = write.exception() if write.done() and not write.cancelled() else None
+            if isinstance(error, asyncio.InvalidStateError):
+                self._call = None  # written after the stream ended: the next request opens a new one
+                raise ShardUnavailable(f"{self.peer} unavailable: stream ended")
+            if error is not None:
+                raise error
         return await future
 
     def _ensure_stream(self) -> grpc.aio.StreamStreamCall:

@@ -25,6 +25,7 @@ from amp4ec.local.run import Prepared, deploy, drive, measure_links, node_capaci
 from amp4ec.local.supervisor import Supervisor, endpoints, plan_rows
 from amp4ec.planner.types import Plan
 from amp4ec.scheduling import timed_plan
+from amp4ec.slicing.sources import factory_module
 
 __all__ = ["TARGET_S", "VICTIM", "recovery", "run_failover"]
 
@@ -125,7 +126,8 @@ async def _scenario(
     requests = config.sizes.saturation  # the failover's request count (see configs.FAILOVER)
     inputs = prepared.loaded.example_inputs
     progress.phase(f"failover ({strategy}, {VICTIM} {fault}): starting agents")
-    async with LocalCluster(nodes, limit_mode) as cluster:
+    named = [m for m in (factory_module(config.source.spec),) if m]  # a factory the user named
+    async with LocalCluster(nodes, limit_mode, allow_factories=named) as cluster:
         capacity = node_capacities(await cluster.capacities(), prepared.reference_ms)
         links = await measure_links(cluster)
 

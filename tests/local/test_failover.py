@@ -81,7 +81,7 @@ def test_no_request_fails_when_an_agent_dies_or_hangs(model, layout: str, kind: 
 
     async def main() -> tuple[list[Result], list[str], Supervisor]:
         nodes = [NodeSpec(n, 0.5) for n in names]
-        async with LocalCluster(nodes, limit_mode="none") as cluster:
+        async with LocalCluster(nodes, limit_mode="none", allow_factories=["tests.model_zoo"]) as cluster:
             await deploy(cluster, plan, source)
             results: list[Result] = []
             errors: list[str] = []
@@ -153,7 +153,9 @@ def test_client_alone_routes_around_dead_and_hung_pipelines_and_fails_fast(model
 
     async def main() -> None:
         names = ("node0", "node1", "node2", "node3")
-        async with LocalCluster([NodeSpec(n, 0.5) for n in names], "none") as cluster:
+        async with LocalCluster(
+            [NodeSpec(n, 0.5) for n in names], "none", allow_factories=["tests"]
+        ) as cluster:
             await deploy(cluster, plan, source)
             stopped = []
             try:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -19,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.operator.cluster import CRD, NODES, ROOT, FakeCluster, Kubectl, environ
+from tests.operator.cluster import CRD, NODES, PODS, ROOT, SERVICES, FakeCluster, Kubectl, environ
 
 NODE_NAMES = ("edge-a", "edge-b", "edge-c")
 WAIT_S = 90.0
@@ -318,3 +320,87 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                 operator.stop()
             for proc in started:
                 _stop(proc)
+
+
+def _workload_ms(env: Env, node: str) -> float | None:
+    result = env.prometheus.query(f'amp4ec_node_workload_ms{{node="{node}"}}')
+    return float(result[0]["value"][1]) if result else None
+
+
+def restore_capacity(env: Env, node: str) -> None:
+    """Drop a monitor's capacity override and wait until Prometheus no longer serves the
+    overridden reference-workload time, so that no later plan sees it."""
+    monitor = env.monitors[node]
+    overridden = json.loads(monitor.override.read_text() or "{}") if monitor.override.exists() else {}
+    monitor.set_capacity()
+    if "workload_ms" in overridden:
+        wait_for(
+            lambda: (ms := _workload_ms(env, node)) is not None and ms != overridden["workload_ms"],
+            30,
+            f"{node}'s measured capacity back in Prometheus",
+        )
+
+
+@pytest.fixture
+def e2e(env: Env) -> Iterator[Env]:
+    """The shared environment, checked sound before a test (operator running, Prometheus
+    answering, no capacity override) and restored after it if the test left it otherwise."""
+
+    def sound() -> None:
+        if env.operator.proc is None or env.operator.proc.poll() is not None:
+            env.operator.start()
+        wait_for(lambda: env.prometheus.query("up") is not None, 30, "Prometheus to answer")
+        for node, monitor in env.monitors.items():
+            if monitor.override.exists() and monitor.override.read_text() not in ("", "{}"):
+                restore_capacity(env, node)
+
+    sound()
+    yield env
+    sound()
+
+
+_namespaces = itertools.count()
+
+
+@dataclass
+class Namespace:
+    """A namespace of one test: what it creates there is deleted, and waited for, after it."""
+
+    env: Env
+    name: str
+
+    def create(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        return self.env.kubectl.create(CRD, deployment_resource(self.name, name, spec))
+
+    def clean(self) -> None:
+        kubectl, cluster = self.env.kubectl, self.env.cluster
+        for obj in kubectl.list(CRD, self.name):
+            kubectl.delete(CRD, self.name, obj["metadata"]["name"])
+        wait_for(
+            lambda: (
+                not any(kubectl.list(r, self.name) for r in (CRD, PODS, SERVICES))
+                and not cluster.pod_processes(self.name)
+            ),
+            60,
+            f"namespace {self.name} to empty",
+        )
+
+
+@pytest.fixture
+def ns(e2e: Env, request: pytest.FixtureRequest) -> Iterator[Namespace]:
+    """A fresh namespace named after the test; emptied after it (Pods, Services, processes)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.removeprefix("test_").lower())[:40].strip("-")
+    namespace = Namespace(e2e, f"{slug}-{next(_namespaces)}")
+    try:
+        yield namespace
+    finally:
+        namespace.clean()
+
+
+def deployment_resource(namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "amp4ec.io/v1alpha1",
+        "kind": "InferenceDeployment",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }

@@ -1,7 +1,10 @@
 """The operator end to end: real kopf, KMock API, kubelet stand-in, real Prometheus and node agents.
 
-One module-scoped environment (see conftest.py); tests run in file order and each uses its
-own namespace, so a failure in one leaves the others meaningful.
+The expensive, stateless processes (fake cluster, monitors, Prometheus, kopf) are shared by the
+module (conftest.py's ``env``); every test creates the deployments it needs in a namespace of its
+own (``ns``), which is emptied after it, so any test passes alone and in any order. A test that
+disturbs a shared process (stops Prometheus, overrides a node's capacity, restarts the operator)
+puts it back, and ``e2e`` checks that before and after each test.
 """
 
 from __future__ import annotations
@@ -21,20 +24,21 @@ import pytest
 import torch
 
 from tests.operator.cluster import CRD, PODS, ROOT, SERVICES, environ
-from tests.operator.conftest import MEASURE_WINDOW, NODE_NAMES, Env, wait_for
+from tests.operator.conftest import MEASURE_WINDOW, NODE_NAMES, Env, Namespace, restore_capacity, wait_for
 
 pytestmark = pytest.mark.slow
 
 MODEL = {"name": "tests.model_zoo:residual_net", "seed": 3}
-
-
-def resource(namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": "amp4ec.io/v1alpha1",
-        "kind": "InferenceDeployment",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": spec,
-    }
+PINNED = {
+    "model": MODEL,
+    "objective": "throughput",
+    "nodeSelector": {"amp4ec.io/edge": "true"},
+    "placement": [{"firstBlock": 0, "lastBlock": 1, "node": "edge-a"}],
+    "replan": {"intervalSeconds": 5, "gainThreshold": 0.05},
+}
+"""A deployment of at least two stages (the pin makes a pipeline: activations cross a hop)."""
+LATENCY = {"model": MODEL, "objective": "latency", "replan": {"intervalSeconds": 5, "gainThreshold": 0.05}}
+"""A deployment of one stage (latency on equal nodes: no hops)."""
 
 
 def wait_serving(env: Env, namespace: str, name: str, timeout: float = 120) -> dict[str, Any]:
@@ -57,9 +61,16 @@ def wait_serving(env: Env, namespace: str, name: str, timeout: float = 120) -> d
         raise
 
 
+def entry_port(env: Env, namespace: str, name: str) -> int:
+    """The entry Service's loopback port once kube-proxy's stand-in routes it to a ready shard
+    (status says Serving a moment before the proxy follows the Service's selector)."""
+    return wait_for(
+        lambda: env.cluster.routed_port(namespace, name), 30, f"the Service {namespace}/{name} to route"
+    )
+
+
 def infer(env: Env, namespace: str, name: str, x: torch.Tensor, tmp_path: Path) -> torch.Tensor:
-    port = env.cluster.service_port(namespace, name)
-    assert port is not None, "the entry Service has no loopback port"
+    port = entry_port(env, namespace, name)
     (tmp_path / "x.pt").unlink(missing_ok=True)
     torch.save(x, tmp_path / "x.pt")
     out = tmp_path / "y.pt"
@@ -92,22 +103,16 @@ def owned(env: Env, namespace: str, resource_: str, name: str) -> list[dict[str,
     return env.kubectl.list(resource_, namespace, f"amp4ec.io/deployment={name}")
 
 
-def test_create_plans_places_shards_and_answers_like_the_monolith(env: Env, tmp_path: Path) -> None:
-    spec = {
-        "model": MODEL,
-        "objective": "throughput",
-        "nodeSelector": {"amp4ec.io/edge": "true"},
-        "placement": [{"firstBlock": 0, "lastBlock": 1, "node": "edge-a"}],
-        "replan": {"intervalSeconds": 5, "gainThreshold": 0.05},
-    }
-    env.kubectl.create(CRD, resource("e2e", "resnet", spec))
-    obj = wait_serving(env, "e2e", "resnet")
+def test_create_plans_places_shards_and_answers_like_the_monolith(ns: Namespace, tmp_path: Path) -> None:
+    env, n = ns.env, ns.name
+    ns.create("resnet", PINNED)
+    obj = wait_serving(env, n, "resnet")
     status = obj["status"]
     stages = status["plan"]["stages"]
     assert status["observedGeneration"] == obj["metadata"]["generation"] == 1
     assert status["stages"] == len(stages) >= 1
     assert {c["type"] for c in status["conditions"]} == {"Planned", "ShardsReady", "Ready", "Degraded"}
-    assert status["endpoint"] == "resnet.e2e.svc:50051"
+    assert status["endpoint"] == f"resnet.{n}.svc:50051"
     assert status["predicted"]["throughputRps"] > 0
     for p in {s["pipeline"] for s in stages}:
         chain = [s for s in stages if s["pipeline"] == p]
@@ -118,7 +123,7 @@ def test_create_plans_places_shards_and_answers_like_the_monolith(env: Env, tmp_
     assert any((s["node"], s["firstBlock"], s["lastBlock"]) == ("edge-a", 0, 1) for s in stages)
     assert len(stages) >= 2  # the pin makes a pipeline: activations cross a hop
 
-    pods = owned(env, "e2e", PODS, "resnet")
+    pods = owned(env, n, PODS, "resnet")
     assert len(pods) == len(stages)
     uid = obj["metadata"]["uid"]
     for pod in pods:
@@ -130,11 +135,11 @@ def test_create_plans_places_shards_and_answers_like_the_monolith(env: Env, tmp_
         args = pod["spec"]["containers"][0]["args"]
         assert args[args.index("--first-block") + 1] == str(stage["firstBlock"])
         assert pod["spec"]["containers"][0]["resources"]["requests"]["cpu"].endswith("m")
-    services = {s["metadata"]["name"] for s in owned(env, "e2e", SERVICES, "resnet")}
+    services = {s["metadata"]["name"] for s in owned(env, n, SERVICES, "resnet")}
     assert "resnet" in services and len(services) == len(stages) + 1
 
     x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(7))
-    torch.testing.assert_close(infer(env, "e2e", "resnet", x, tmp_path), monolith(x))
+    torch.testing.assert_close(infer(env, n, "resnet", x, tmp_path), monolith(x))
 
 
 async def _traffic(port: int, x: torch.Tensor, at_least: int, for_s: float) -> list[float]:
@@ -146,7 +151,7 @@ async def _traffic(port: int, x: torch.Tensor, at_least: int, for_s: float) -> l
     async with Client([f"127.0.0.1:{port}"]) as client:
         while len(latencies) < at_least or time.monotonic() < deadline:
             latencies.append((await client.infer([x])).latency_s)
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # pacing (spread over scrapes), not synchronisation
     return latencies
 
 
@@ -155,11 +160,12 @@ def measured_numbers(env: Env, namespace: str, name: str) -> dict[str, Any] | No
     return measured if "throughputRps" in measured else None
 
 
-def test_measured_throughput_and_latency_come_from_real_requests(env: Env) -> None:
-    obj = wait_serving(env, "e2e", "resnet")
+def test_measured_throughput_and_latency_come_from_real_requests(ns: Namespace) -> None:
+    env, n = ns.env, ns.name
+    ns.create("resnet", PINNED)
+    obj = wait_serving(env, n, "resnet")
     assert len(obj["status"]["plan"]["stages"]) >= 2  # the latency spans a hop
-    port = env.cluster.service_port("e2e", "resnet")
-    assert port is not None
+    port = entry_port(env, n, "resnet")
     x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(9))
     # Spread over several scrapes (1 s): a rate needs two samples of the counter.
     latencies = asyncio.run(_traffic(port, x, at_least=30, for_s=4.0))
@@ -167,7 +173,7 @@ def test_measured_throughput_and_latency_come_from_real_requests(env: Env) -> No
     try:
         measured = wait_for(
             lambda: (
-                (m := measured_numbers(env, "e2e", "resnet"))
+                (m := measured_numbers(env, n, "resnet"))
                 and m["observedAt"] >= time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(sent_after))
                 and m
             ),
@@ -184,7 +190,7 @@ def test_measured_throughput_and_latency_come_from_real_requests(env: Env) -> No
     # and neighbouring bucket bounds are at most 2.5x apart.
     assert measured["latencyP95Ms"] <= 2.5 * 1000 * max(latencies), (measured, max(latencies))
     # Only the entry stage observes the end-to-end histogram, under the Pod's target labels.
-    series = env.prometheus.query('amp4ec_request_seconds_count{namespace="e2e",deployment="resnet"}')
+    series = env.prometheus.query(f'amp4ec_request_seconds_count{{namespace="{n}",deployment="resnet"}}')
     assert series and {s["metric"]["stage"] for s in series} == {"0"}, series
 
 
@@ -228,48 +234,68 @@ def reason_is(env: Env, namespace: str, name: str, kind: str, reason: str) -> di
     return c if c is not None and c["reason"] == reason else None
 
 
-def test_malformed_resources_each_get_a_clear_condition_and_the_operator_serves_others(env: Env) -> None:
+def test_malformed_resources_each_get_a_clear_condition_and_the_operator_serves_others(ns: Namespace) -> None:
+    env, n = ns.env, ns.name
     assert len(MALFORMED) >= 20
     for name, spec, _ in MALFORMED:
-        env.kubectl.create(CRD, resource("malformed", name, spec))
-    env.kubectl.create(CRD, resource("malformed", "good", {"model": MODEL, "objective": "latency"}))
+        ns.create(name, spec)
+    ns.create("good", {"model": MODEL, "objective": "latency"})
     for name, _, reason in MALFORMED:
         ready = wait_for(
-            lambda name=name, reason=reason: reason_is(env, "malformed", name, "Ready", reason),
+            lambda name=name, reason=reason: reason_is(env, n, name, "Ready", reason),
             60,
             f"{name} to report {reason}",
         )
         assert ready["status"] == "False"
-        planned = env.condition("malformed", name, "Planned")
+        planned = env.condition(n, name, "Planned")
         assert planned is not None and planned["status"] == "False" and planned["message"], planned
-        assert not owned(env, "malformed", PODS, name), f"{name} got shard Pods"
-    bad_type = env.condition("malformed", "max-stages-string", "Planned")
+        assert not owned(env, n, PODS, name), f"{name} got shard Pods"
+    bad_type = env.condition(n, "max-stages-string", "Planned")
     assert bad_type is not None and "spec.maxStages" in bad_type["message"]
-    wait_serving(env, "malformed", "good")
+    wait_serving(env, n, "good")
     # Nobody calls it: the operator measures, and says so with no numbers rather than zeros.
     idle = wait_for(
-        lambda: ((env.deployment("malformed", "good") or {}).get("status") or {}).get("measured"),
+        lambda: ((env.deployment(n, "good") or {}).get("status") or {}).get("measured"),
         30,
         "status.measured of an idle deployment",
     )
     assert idle["window"] == MEASURE_WINDOW and idle["observedAt"]
     assert not {"throughputRps", "latencyP50Ms", "latencyP95Ms"} & set(idle), idle
-    failed = env.deployment("malformed", "model-unknown")
+    failed = env.deployment(n, "model-unknown")
     assert failed is not None and failed["status"]["phase"] == "Failed"
+    errors = (
+        f'amp4ec_reconcile_errors_total{{deployment="model-unknown",namespace="{n}",reason="InvalidModel"}}'
+    )
+    assert errors in env.operator.metrics()
 
 
-def test_capacity_change_replans_make_before_break(env: Env, tmp_path: Path) -> None:
-    spec = {"model": MODEL, "objective": "latency", "replan": {"intervalSeconds": 5, "gainThreshold": 0.05}}
-    env.kubectl.create(CRD, resource("capacity", "lat", spec))
-    before = wait_serving(env, "capacity", "lat")["status"]["plan"]
-    old_pods = {p["metadata"]["name"] for p in owned(env, "capacity", PODS, "lat")}
+def scheduler_count(text: str, namespace: str, name: str) -> float:
+    """``amp4ec_scheduler_overhead_seconds_count`` of one deployment in the operator's /metrics."""
+    labels = rf'deployment="{name}",namespace="{namespace}",strategy="\w+"'
+    found = re.search(rf"amp4ec_scheduler_overhead_seconds_count\{{{labels}\}} (\S+)", text)
+    return float(found[1]) if found else 0.0
+
+
+def replans(text: str, namespace: str, name: str, trigger: str) -> float:
+    found = re.search(
+        rf'amp4ec_replans_total\{{deployment="{name}",namespace="{namespace}",trigger="{trigger}"\}} (\S+)',
+        text,
+    )
+    return float(found[1]) if found else 0.0
+
+
+def test_capacity_change_replans_make_before_break(ns: Namespace, tmp_path: Path) -> None:
+    env, n = ns.env, ns.name
+    ns.create("lat", LATENCY)
+    before = wait_serving(env, n, "lat")["status"]["plan"]
+    old_pods = {p["metadata"]["name"] for p in owned(env, n, PODS, "lat")}
     assert len(before["stages"]) == 1  # latency on equal nodes: one stage, no hops
     slowed = before["stages"][0]["node"]
     env.monitors[slowed].set_capacity(workload_ms=1000.0)  # 100-1000x slower than the others
     try:
         after = wait_for(
             lambda: (
-                (s := (env.deployment("capacity", "lat") or {}).get("status") or {}).get("phase") == "Serving"
+                (s := (env.deployment(n, "lat") or {}).get("status") or {}).get("phase") == "Serving"
                 and s["plan"]["id"] != before["id"]
                 and s["plan"]
             ),
@@ -277,8 +303,12 @@ def test_capacity_change_replans_make_before_break(env: Env, tmp_path: Path) -> 
             "a new plan after the capacity change",
         )
     finally:
-        env.monitors[slowed].set_capacity()
+        restore_capacity(env, slowed)
     assert all(s["node"] != slowed for s in after["stages"])
+    # The operator's metrics say so: every plan timed, the re-plan triggered by the timer.
+    text = env.operator.metrics()
+    assert scheduler_count(text, n, "lat") >= 2, text[-3000:]
+    assert replans(text, n, "lat", "timer") >= 1, text[-3000:]
     emulator = env.cluster.emulator
     assert emulator is not None
 
@@ -286,90 +316,92 @@ def test_capacity_change_replans_make_before_break(env: Env, tmp_path: Path) -> 
         return int(version["metadata"]["resourceVersion"]) if version else 0
 
     new_ready = []
-    for name in {p["metadata"]["name"] for p in owned(env, "capacity", PODS, "lat")} - old_pods:
-        history = emulator.history(PODS, "capacity", name)
+    for name in {p["metadata"]["name"] for p in owned(env, n, PODS, "lat")} - old_pods:
+        history = emulator.history(PODS, n, name)
         ready_at = [rv(v) for v in history if v and _ready(v)]
         new_ready.append(min(ready_at))
     assert new_ready
     for name in old_pods:
-        history = emulator.history(PODS, "capacity", name)
+        history = emulator.history(PODS, n, name)
         assert history[-1] is None, f"old shard {name} was not deleted"
         deleted_at = rv(history[-2])
         assert deleted_at > max(new_ready), "an old shard went before every new shard was ready"
     x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(8))
-    torch.testing.assert_close(infer(env, "capacity", "lat", x, tmp_path), monolith(x))
+    torch.testing.assert_close(infer(env, n, "lat", x, tmp_path), monolith(x))
 
 
-def test_prometheus_unreachable_keeps_the_plan_and_says_so(env: Env) -> None:
-    before = wait_serving(env, "capacity", "lat")["status"]["plan"]["id"]
+def test_prometheus_unreachable_keeps_the_plan_and_says_so(ns: Namespace) -> None:
+    env, n = ns.env, ns.name
+    ns.create("lat", LATENCY)
+    before = wait_serving(env, n, "lat")["status"]["plan"]["id"]
     env.prometheus.proc.send_signal(signal.SIGSTOP)  # queries hang until the operator's timeout
     try:
         degraded = wait_for(
-            lambda: (
-                (c := env.condition("capacity", "lat", "Degraded"))
-                and c["reason"] == "CapacityUnavailable"
-                and c
-            ),
+            lambda: (c := env.condition(n, "lat", "Degraded")) and c["reason"] == "CapacityUnavailable" and c,
             60,
             "Degraded=CapacityUnavailable",
         )
         assert degraded["status"] == "True"
-        ready = env.condition("capacity", "lat", "Ready")
+        ready = env.condition(n, "lat", "Ready")
         assert ready is not None and ready["status"] == "True"
-        assert (env.deployment("capacity", "lat") or {})["status"]["plan"]["id"] == before
+        assert (env.deployment(n, "lat") or {})["status"]["plan"]["id"] == before
     finally:
         env.prometheus.proc.send_signal(signal.SIGCONT)
     wait_for(
-        lambda: (c := env.condition("capacity", "lat", "Degraded")) and c["status"] == "False",
+        lambda: (c := env.condition(n, "lat", "Degraded")) and c["status"] == "False",
         60,
         "Degraded=False",
     )
 
 
-def test_operator_metrics(env: Env) -> None:
+def test_operator_metrics_per_deployment_and_forgotten_with_it(ns: Namespace) -> None:
+    env, n = ns.env, ns.name
+    ns.create("lat", LATENCY)
+    ns.create("unknown", {"model": {"name": "mobilenet_v9"}})
+    wait_serving(env, n, "lat")
+    wait_for(lambda: reason_is(env, n, "unknown", "Ready", "InvalidModel"), 60, "unknown to fail")
     text = env.operator.metrics()
-    overhead = re.search(
-        r"amp4ec_scheduler_overhead_seconds_count"
-        r'\{deployment="lat",namespace="capacity",strategy="\w+"\} (\S+)',
-        text,
-    )
-    assert overhead is not None and float(overhead[1]) >= 1, text[-3000:]
-    replans = re.search(
-        r'amp4ec_replans_total\{deployment="lat",namespace="capacity",trigger="timer"\} (\S+)', text
-    )
-    assert replans is not None and float(replans[1]) >= 1, text[-3000:]
-    assert (
-        'amp4ec_reconcile_errors_total{deployment="model-unknown",namespace="malformed",reason="InvalidModel"}'
-        in text
+    assert scheduler_count(text, n, "lat") >= 1, text[-3000:]
+    assert replans(text, n, "lat", "create") >= 1, text[-3000:]  # the first plan counts
+    errors = f'amp4ec_reconcile_errors_total{{deployment="unknown",namespace="{n}",reason="InvalidModel"}}'
+    assert errors in text
+    phase = f'amp4ec_deployment_phase{{deployment="lat",namespace="{n}",phase="Serving"}} 1.0'
+    assert phase in text
+    env.kubectl.delete(CRD, n, "lat")
+    wait_for(
+        lambda: f'deployment="lat",namespace="{n}"' not in env.operator.metrics(),
+        30,
+        "the deleted deployment's series to go",
     )
 
 
-def test_operator_restart_mid_reconcile_converges_without_duplicates(env: Env) -> None:
-    spec = {"model": MODEL, "placement": [{"firstBlock": 0, "lastBlock": 1, "node": "edge-b"}]}
-    env.kubectl.create(CRD, resource("restart", "pinned", spec))
-    wait_for(lambda: owned(env, "restart", PODS, "pinned"), 60, "the first shard Pods", every=0.05)
+def test_operator_restart_mid_reconcile_converges_without_duplicates(ns: Namespace) -> None:
+    env, n = ns.env, ns.name
+    ns.create("pinned", {"model": MODEL, "placement": [{"firstBlock": 0, "lastBlock": 1, "node": "edge-b"}]})
+    wait_for(lambda: owned(env, n, PODS, "pinned"), 60, "the first shard Pods", every=0.05)
     env.operator.kill()
     env.operator.start()
-    obj = wait_serving(env, "restart", "pinned")
+    obj = wait_serving(env, n, "pinned")
     stages = obj["status"]["plan"]["stages"]
     assert len(stages) >= 2
     assert any(s["node"] == "edge-b" and (s["firstBlock"], s["lastBlock"]) == (0, 1) for s in stages)
-    pods = owned(env, "restart", PODS, "pinned")
+    pods = owned(env, n, PODS, "pinned")
     assert len(pods) == len(stages)
     assert env.cluster.emulator is not None
-    assert len(env.cluster.emulator.names(PODS, "restart")) == len(stages), "a Pod was created twice"
+    assert len(env.cluster.emulator.names(PODS, n)) == len(stages), "a Pod was created twice"
 
 
-def test_delete_removes_everything_owned(env: Env) -> None:
-    assert owned(env, "e2e", PODS, "resnet")
-    env.kubectl.delete(CRD, "e2e", "resnet")
-    wait_for(lambda: env.deployment("e2e", "resnet") is None, 60, "the resource to go")
+def test_delete_removes_everything_owned(ns: Namespace) -> None:
+    env, n = ns.env, ns.name
+    ns.create("resnet", LATENCY)
+    wait_serving(env, n, "resnet")
+    assert owned(env, n, PODS, "resnet") and owned(env, n, SERVICES, "resnet")
+    assert env.cluster.pod_processes(n)
+    env.kubectl.delete(CRD, n, "resnet")
+    wait_for(lambda: env.deployment(n, "resnet") is None, 60, "the resource to go")
     wait_for(
-        lambda: not owned(env, "e2e", PODS, "resnet") and not owned(env, "e2e", SERVICES, "resnet"),
+        lambda: not owned(env, n, PODS, "resnet") and not owned(env, n, SERVICES, "resnet"),
         60,
         "owned Pods and Services to go",
     )
-    assert env.cluster.kubelet is not None
-    wait_for(
-        lambda: not [k for k in env.cluster.kubelet.procs if k[0] == "e2e"], 30, "shard processes to stop"
-    )
+    wait_for(lambda: not env.cluster.pod_processes(n), 30, "shard processes to stop")

@@ -72,7 +72,7 @@ def test_open_loop_counts_from_the_schedule_and_drops_what_is_too_slow() -> None
     assert len(results) == 10 and wall >= 0.1
 
 
-def test_the_proxy_adds_its_delay_each_way() -> None:
+def test_the_proxy_adds_its_delay_each_way(tmp_path: Path) -> None:
     async def main() -> float:
         async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             while data := await reader.read(1024):
@@ -82,12 +82,18 @@ def test_the_proxy_adds_its_delay_each_way() -> None:
 
         target = await asyncio.start_server(echo, "127.0.0.1", 0)
         target_port = target.sockets[0].getsockname()[1]
-        port_file = Path(f"/tmp/amp4ec-proxy-test-{id(target)}.port")
+        port_file = tmp_path / "proxy.port"
         proxy = asyncio.create_task(serve("127.0.0.1:0", f"127.0.0.1:{target_port}", 30.0, port_file))
-        while not port_file.exists():
-            await asyncio.sleep(0.01)
+
+        async def listening() -> None:  # the port file appears once the proxy listens
+            while not port_file.exists():
+                if proxy.done():
+                    proxy.result()  # its exception, if it failed
+                    raise AssertionError("the proxy stopped before it listened")
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(listening(), 10)
         reader, writer = await asyncio.open_connection("127.0.0.1", int(port_file.read_text()))
-        port_file.unlink()
         start = time.perf_counter()
         writer.write(b"ping")
         assert await reader.readexactly(4) == b"ping"

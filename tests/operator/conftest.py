@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -22,6 +21,7 @@ from typing import Any
 import pytest
 
 from tests.operator.cluster import CRD, NODES, PODS, ROOT, SERVICES, FakeCluster, Kubectl, environ
+from tests.waiting import wait_for as _wait_for
 
 NODE_NAMES = ("edge-a", "edge-b", "edge-c")
 WAIT_S = 90.0
@@ -33,19 +33,8 @@ test requests stays in it for the next timer tick (every 5 s)."""
 def wait_for(
     check: Callable[[], Any], timeout: float = WAIT_S, what: str = "condition", every: float = 0.3
 ) -> Any:
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except Exception as exc:  # keep polling; report the last failure
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
+    """``tests.waiting.wait_for`` with the operator tests' default timeout."""
+    return _wait_for(check, timeout, what, every)
 
 
 def free_port() -> int:

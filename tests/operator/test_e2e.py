@@ -289,6 +289,7 @@ def test_capacity_change_replans_make_before_break(ns: Namespace, tmp_path: Path
     ns.create("lat", LATENCY)
     before = wait_serving(env, n, "lat")["status"]["plan"]
     old_pods = {p["metadata"]["name"] for p in owned(env, n, PODS, "lat")}
+    assert old_pods
     assert len(before["stages"]) == 1  # latency on equal nodes: one stage, no hops
     slowed = before["stages"][0]["node"]
     env.monitors[slowed].set_capacity(workload_ms=1000.0)  # 100-1000x slower than the others

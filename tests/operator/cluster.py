@@ -727,6 +727,24 @@ class FakeCluster:
         assert self.kubelet is not None
         return self.call(self.kubelet.routed_port, namespace, name)
 
+    def history(self, resource: str, namespace: str | None, name: str) -> list[dict[str, Any] | None]:
+        """See ``Emulator.history`` (read on the cluster's loop, between writes)."""
+        assert self.emulator is not None
+
+        async def read() -> list[dict[str, Any] | None]:
+            return self.emulator.history(resource, namespace, name)  # type: ignore[union-attr]
+
+        return self.call(read)
+
+    def names(self, resource: str, namespace: str) -> set[str]:
+        """See ``Emulator.names`` (read on the cluster's loop)."""
+        assert self.emulator is not None
+
+        async def read() -> set[str]:
+            return self.emulator.names(resource, namespace)  # type: ignore[union-attr]
+
+        return self.call(read)
+
     def pod_processes(self, namespace: str) -> list[tuple[str, str]]:
         """Pods of the namespace the kubelet still runs (or restarts)."""
         assert self.kubelet is not None

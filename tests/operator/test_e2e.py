@@ -310,20 +310,18 @@ def test_capacity_change_replans_make_before_break(ns: Namespace, tmp_path: Path
     text = env.operator.metrics()
     assert scheduler_count(text, n, "lat") >= 2, text[-3000:]
     assert replans(text, n, "lat", "timer") >= 1, text[-3000:]
-    emulator = env.cluster.emulator
-    assert emulator is not None
 
     def rv(version: dict[str, Any] | None) -> int:
         return int(version["metadata"]["resourceVersion"]) if version else 0
 
     new_ready = []
     for name in {p["metadata"]["name"] for p in owned(env, n, PODS, "lat")} - old_pods:
-        history = emulator.history(PODS, n, name)
+        history = env.cluster.history(PODS, n, name)
         ready_at = [rv(v) for v in history if v and _ready(v)]
         new_ready.append(min(ready_at))
     assert new_ready
     for name in old_pods:
-        history = emulator.history(PODS, n, name)
+        history = env.cluster.history(PODS, n, name)
         assert history[-1] is None, f"old shard {name} was not deleted"
         deleted_at = rv(history[-2])
         assert deleted_at > max(new_ready), "an old shard went before every new shard was ready"
@@ -388,8 +386,7 @@ def test_operator_restart_mid_reconcile_converges_without_duplicates(ns: Namespa
     assert any(s["node"] == "edge-b" and (s["firstBlock"], s["lastBlock"]) == (0, 1) for s in stages)
     pods = owned(env, n, PODS, "pinned")
     assert len(pods) == len(stages)
-    assert env.cluster.emulator is not None
-    assert len(env.cluster.emulator.names(PODS, n)) == len(stages), "a Pod was created twice"
+    assert len(env.cluster.names(PODS, n)) == len(stages), "a Pod was created twice"
 
 
 def test_delete_removes_everything_owned(ns: Namespace) -> None:

@@ -26,6 +26,7 @@ from amp4ec.retry import RETRIABLE, Outlier, RetryBudget, RetryPolicy, backoff_s
 from amp4ec.wire import codec
 from amp4ec.wire.liveness import KEEPALIVE_OPTIONS, deadline_unix_ms
 from amp4ec.wire.stream import ShardStream
+from amp4ec.wire.transport import TransportSecurity
 from amp4ec.wire.v1 import shard_pb2
 
 __all__ = ["Client", "ClientStats", "Endpoint", "Result", "RetryPolicy", "error_from_status"]
@@ -41,6 +42,8 @@ class Endpoint:
     address: str
     name: str = ""
     """e.g. ``stage 0 on node0``; default: the address."""
+    identity: str = ""
+    """Under mutual TLS, the identity the entry must present (see amp4ec/pki.py)."""
 
     @property
     def label(self) -> str:
@@ -89,9 +92,15 @@ def error_from_status(code: str, message: str) -> Amp4ecError:
 
 
 class _Pipeline:
-    def __init__(self, endpoint: Endpoint, options: list[tuple[str, int]], policy: RetryPolicy) -> None:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        options: list[tuple[str, int]],
+        policy: RetryPolicy,
+        security: TransportSecurity,
+    ) -> None:
         self.endpoint = endpoint
-        self.stream = ShardStream(endpoint.address, options, endpoint.label)
+        self.stream = ShardStream(endpoint.address, options, security, endpoint.identity, endpoint.label)
         self.outlier = Outlier(policy)
         self.probe: asyncio.Task[None] | None = None
 
@@ -102,11 +111,15 @@ class Client:
     def __init__(
         self,
         entries: Sequence[str | Endpoint],
+        security: TransportSecurity,
         max_message_bytes: int = 256 * MiB,
         policy: RetryPolicy | None = None,
     ) -> None:
+        """``security``: this client's identity; under mutual TLS every entry is an ``Endpoint``
+        naming the identity its server must present."""
         if not entries:
             raise InvalidSpec("entries: expected at least one host:port")
+        self._security = security
         self._options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -135,10 +148,17 @@ class Client:
         """Serve from these pipelines from now on. New ones are admitted at once; removed ones
         are retired: requests still waiting on them are answered UNAVAILABLE and retried."""
         wanted = [e if isinstance(e, Endpoint) else Endpoint(e) for e in entries]
+        unnamed = [e.address for e in wanted if not e.identity]
+        if unnamed and not self._security.insecure:
+            raise InvalidSpec(
+                f"entries: {unnamed[0]} needs the identity its server must present (mutual TLS)"
+            )
         if wanted:
             self._gone = None
         keep = {p.endpoint: p for p in self._pipelines}
-        self._pipelines = [keep.pop(e, None) or _Pipeline(e, self._options, self.policy) for e in wanted]
+        self._pipelines = [
+            keep.pop(e, None) or _Pipeline(e, self._options, self.policy, self._security) for e in wanted
+        ]
         for gone in keep.values():
             self._retire(gone)
         self._wake()

@@ -76,6 +76,13 @@ pf=$!
 sleep 3
 input=$(mktemp --suffix .pt)
 python -c "import sys, torch; torch.save(torch.rand(1, 3, 224, 224), sys.argv[1])" "$input"
-amp4ec infer --endpoint localhost:50051 --input "$input"
-rm -f "$input"
+# Mutual TLS: the client certificate the operator wrote for this deployment (docs/security.md).
+tls=$(mktemp -d)
+for key in ca.crt tls.crt tls.key; do
+  (umask 077; kubectl --context "$ctx" get secret mobilenet-v2-client-tls \
+    -o "jsonpath={.data.${key//./\\.}}" | base64 -d >"$tls/$key")
+done
+amp4ec infer --endpoint localhost:50051 --input "$input" \
+  --ca "$tls/ca.crt" --cert "$tls/tls.crt" --key "$tls/tls.key"
+rm -rf "$input" "$tls"
 echo "e2e-kind: OK"

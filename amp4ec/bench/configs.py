@@ -100,6 +100,8 @@ class Configuration:
     faults: tuple[tuple[str, str], ...] = ()
     """Failover scenarios: (strategy, ``kill`` or ``hang``): the strategy's plan with one node
     killed (SIGKILL) or hung (SIGSTOP) mid-run."""
+    compare_transport: bool = False
+    """Also measure the optimal and equal plans without TLS (``amp4ec.bench.transport``)."""
 
     @property
     def total_cpu(self) -> float:
@@ -134,6 +136,7 @@ def configurations(
             _nodes(standard),
             STRATEGIES,
             sizes,
+            compare_transport=True,
         ),
         Configuration(
             "scale-down",

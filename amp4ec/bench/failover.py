@@ -89,6 +89,7 @@ async def run_failover(
     progress: ProgressSink,
     *,
     limit_mode: str = "auto",
+    secure: bool = True,
 ) -> dict[str, Any]:
     nodes, factor = scale_nodes(config, budget)
     out: dict[str, Any] = {
@@ -104,7 +105,7 @@ async def run_failover(
     for strategy, fault in config.faults:
         label = f"{strategy}, {VICTIM} {fault}"
         try:
-            result = await _scenario(config, prepared, nodes, strategy, fault, progress, limit_mode)
+            result = await _scenario(config, prepared, nodes, strategy, fault, progress, limit_mode, secure)
         except Amp4ecError as e:
             progress.note(f"failover {label} failed: {e}")
             result = {"strategy": strategy, "fault": fault, "status": "failed", "reason": str(e)}
@@ -122,12 +123,13 @@ async def _scenario(
     fault: str,
     progress: ProgressSink,
     limit_mode: str,
+    secure: bool,
 ) -> dict[str, Any]:
     requests = config.sizes.saturation  # the failover's request count (see configs.FAILOVER)
     inputs = prepared.loaded.example_inputs
     progress.phase(f"failover ({strategy}, {VICTIM} {fault}): starting agents")
     named = [m for m in (factory_module(config.source.spec),) if m]  # a factory the user named
-    async with LocalCluster(nodes, limit_mode, allow_factories=named) as cluster:
+    async with LocalCluster(nodes, limit_mode, allow_factories=named, secure=secure) as cluster:
         capacity = node_capacities(await cluster.capacities(), prepared.reference_ms)
         links = await measure_links(cluster)
 
@@ -149,7 +151,7 @@ async def _scenario(
         lost: list[str] = []
         third = asyncio.Event()
         async with (
-            Client(endpoints(plan, cluster.address)) as client,
+            Client(endpoints(plan, cluster.address), cluster.client_security) as client,
             Supervisor(cluster, client, plan, replan, lambda p: deploy(cluster, p, config.source)) as sup,
         ):
             await drive(client, inputs, 2 * len(plan.stages), concurrency, lambda r: None, deadline_s=30)

@@ -20,15 +20,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-
-import grpc
 
 from amp4ec.bench.configs import LinkShape
 from amp4ec.children import child_env
 from amp4ec.errors import Amp4ecError
 from amp4ec.planner.types import Link
+from amp4ec.wire import transport
 from amp4ec.wire.v1 import agent_pb2, agent_pb2_grpc
 
 __all__ = ["ShapedLinks", "links_available"]
@@ -66,15 +65,20 @@ def remove_stale() -> None:
 
 class ShapedLinks:
     """``async with ShapedLinks(shape, {node: agent address}, pid) as links``: hop(node) is the
-    address upstream stages send to; links() measures every node-to-node link through it."""
+    address upstream stages send to; links() measures every node-to-node link through the same
+    shaped path to the agent's control port (``probes``: Echo is served there, not on the data port)."""
 
-    def __init__(self, shape: LinkShape, targets: dict[str, str], pid: int) -> None:
+    def __init__(
+        self, shape: LinkShape, targets: dict[str, str], pid: int, probes: dict[str, str] | None = None
+    ) -> None:
         self.shape = shape
         self.targets = targets
         self.pid = pid
+        self.probes = probes or {}
         self.namespaces: list[str] = []
         self.processes: list[subprocess.Popen[bytes]] = []
         self._hops: dict[str, str] = {}
+        self._probe_hops: dict[str, str] = {}
         self._workdir: Path | None = None
 
     async def __aenter__(self) -> ShapedLinks:
@@ -85,7 +89,7 @@ class ShapedLinks:
         self._workdir = Path(tempfile.mkdtemp(prefix="amp4ec-links-"))
         try:
             for k, (node, target) in enumerate(self.targets.items()):
-                self._hops[node] = await self._make(k, target)
+                self._hops[node], self._probe_hops[node] = await self._make(k, target, self.probes.get(node))
         except BaseException:
             self.close()
             raise
@@ -97,7 +101,7 @@ class ShapedLinks:
     def hop(self, node: str) -> str:
         return self._hops[node]
 
-    async def _make(self, k: int, target: str) -> str:
+    async def _make(self, k: int, target: str, probe_target: str | None) -> tuple[str, str]:
         ns, host_if, ns_if = (
             f"{_PREFIX}{self.pid}-{k}",
             f"a4h{self.pid % 100000}x{k}",
@@ -116,9 +120,17 @@ class ShapedLinks:
         tbf = ["root", "tbf", "rate", f"{self.shape.rate_mbit}mbit", "burst", "32kb", "latency", "400ms"]
         _ip("tc", "qdisc", "add", "dev", host_if, *tbf)
         _ip("tc", "qdisc", "add", "dev", ns_if, *tbf, namespace=ns)
-        relay = await self._proxy(f"relay{k}", f"{outer}:0", target, 0.0, None)
-        port = await self._proxy(f"delay{k}", f"{inner}:0", f"{outer}:{relay}", self.shape.delay_ms, ns)
-        return f"{inner}:{port}"
+        hops = []
+        for kind, to in (("", target), ("probe", probe_target)):
+            if to is None:
+                hops.append("")
+                continue
+            relay = await self._proxy(f"relay{kind}{k}", f"{outer}:0", to, 0.0, None)
+            port = await self._proxy(
+                f"delay{kind}{k}", f"{inner}:0", f"{outer}:{relay}", self.shape.delay_ms, ns
+            )
+            hops.append(f"{inner}:{port}")
+        return hops[0], hops[1]
 
     async def _proxy(self, name: str, listen: str, target: str, delay_ms: float, ns: str | None) -> int:
         assert self._workdir is not None
@@ -145,11 +157,17 @@ class ShapedLinks:
             await asyncio.sleep(0.02)
         return int(port_file.read_text())
 
-    async def links(self, names: Sequence[str], loopback: Sequence[Link]) -> list[Link]:
+    async def links(
+        self,
+        names: Sequence[str],
+        loopback: Sequence[Link],
+        security: transport.TransportSecurity,
+        identity: Callable[[str], str],
+    ) -> list[Link]:
         """Node-to-node links measured through the shaped path; client links as on loopback."""
         out = [link for link in loopback if link.src == "client"]
         for node in names:
-            rtt, bandwidth = await probe(self.hop(node))
+            rtt, bandwidth = await probe(self._probe_hops[node], security, identity(node))
             out += [Link(src, node, rtt, bandwidth) for src in names if src != node]
         return out
 
@@ -172,9 +190,11 @@ class ShapedLinks:
             self._workdir = None
 
 
-async def probe(address: str, payload_bytes: int = 512 * 1024) -> tuple[float, float]:
+async def probe(
+    address: str, security: transport.TransportSecurity, identity: str, payload_bytes: int = 512 * 1024
+) -> tuple[float, float]:
     """(round-trip ms, bytes/s) of a gRPC Echo to ``address``, as LocalCluster.probe_link does."""
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with transport.channel(address, security, expect_identity=identity) as channel:
         stub = agent_pb2_grpc.NodeAgentStub(channel)
 
         async def timed(payload: bytes) -> float:

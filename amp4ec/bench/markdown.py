@@ -50,7 +50,7 @@ def render(results: dict[str, Any]) -> str:
         f"{m['cpu']}, {m['cores']} cores, {m['memory_gb']} GiB, Linux {m['kernel']}, "
         f"Python {m['python']}, torch {m['torch']}, amp4ec {m['amp4ec']}"
         + (" (quick run: few requests, figures are rough)" if results.get("quick") else "")
-        + ".",
+        + f". gRPC: {results.get('transport', 'insecure')} on every hop.",
         "",
         "Columns: *single* = median latency of sequential requests; *open loop* = p50/p95 latency under "
         "Poisson arrivals at 90% of the resource-matched monolith's saturation throughput (counted "
@@ -128,7 +128,7 @@ def _config(config: dict[str, Any]) -> list[str]:
     if tunings:
         tried = ", ".join(f"{name}: {_f(rps)}" for name, rps in tunings.items())
         lines += ["", f"Resource-matched monolith tunings (saturation req/s; the best is shown): {tried}."]
-    lines += ["", *_summary(config), *_stages(config), ""]
+    lines += ["", *_summary(config), *_transport(config), *_stages(config), ""]
     return lines
 
 
@@ -166,6 +166,18 @@ def _failover(config: dict[str, Any]) -> list[str]:
             f"| {_f(r['rps_before'])} → {_f(r['rps_after'])} | {after} | {'yes' if r['met'] else '**no**'} |"
         )
     return [*lines, ""]
+
+
+def _transport(config: dict[str, Any]) -> list[str]:
+    """Mutual TLS (every figure above) against the same plans run --insecure."""
+    rows = config.get("transport") or {}
+    parts = [
+        f"{_LABELS.get(name, name)} {_f(t['mtls']['rps'])} vs {_f(t['insecure']['rps'])} req/s "
+        f"({_f(t['throughput_loss_pct'], 1, '%')} loss), {_f(t['added_ms_per_hop'], 2)} ms per hop "
+        f"({t['hops']} hop(s))"
+        for name, t in rows.items()
+    ]
+    return [f"Mutual TLS against --insecure (same plans): {'; '.join(parts)}.", ""] if parts else []
 
 
 def predicted_cpu_ms(stage: dict[str, Any]) -> float:

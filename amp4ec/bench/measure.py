@@ -14,9 +14,9 @@ import torch
 from amp4ec.bench.configs import Sizes
 from amp4ec.bench.loadgen import closed_loop, open_loop, sequential
 from amp4ec.bench.progress import ProgressSink
-from amp4ec.client import Client, Result
+from amp4ec.client import Result
 from amp4ec.local.cluster import LocalCluster
-from amp4ec.local.run import Prepared, forward_ms_per_stage, measured_stage_ms, quantile
+from amp4ec.local.run import Prepared, client_of, forward_ms_per_stage, measured_stage_ms, quantile
 from amp4ec.local.run import deploy as deploy_stages
 from amp4ec.planner.types import Plan
 from amp4ec.slicing import ModelSource
@@ -102,7 +102,7 @@ async def measure_plan(bench: Bench, plan: Plan, label: str, rate_rps: float | N
     entries, param_bytes = await deploy(bench, plan)
     inputs = prepared.loaded.example_inputs
     stages = len(plan.stages)
-    async with Client(entries) as client:
+    async with client_of(bench.cluster, plan) as client:
         first = await client.infer(inputs)
         diff = max(
             float((a.float() - b.float()).abs().max()) if a.numel() else 0.0

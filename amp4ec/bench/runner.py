@@ -18,9 +18,9 @@ from amp4ec.bench.links import ShapedLinks
 from amp4ec.bench.loadgen import closed_loop
 from amp4ec.bench.measure import Bench, deploy, measure_plan, plan_rows
 from amp4ec.bench.progress import ProgressSink
-from amp4ec.client import Client
+from amp4ec.bench.transport import compare as compare_transport
 from amp4ec.errors import Amp4ecError, PlanInfeasible
-from amp4ec.local.cluster import LocalCluster, NodeSpec
+from amp4ec.local.cluster import CLIENT_IDENTITY, LocalCluster, NodeSpec
 from amp4ec.local.run import Prepared, measure_links, node_capacities
 from amp4ec.planner.types import Link, NodeCapacity, Plan
 from amp4ec.scheduling import timed_plan
@@ -38,10 +38,10 @@ MATCHED_NODE = "matched"
 
 def steps(config: Configuration) -> int:
     """Measurements in a configuration, for the overall progress bar: each strategy and the ideal
-    (a failover configuration: each of its scenarios)."""
+    (a failover configuration: each of its scenarios; and the insecure comparison)."""
     if config.faults:
         return len(config.faults)
-    return len(config.strategies) + 1
+    return len(config.strategies) + 1 + config.compare_transport
 
 
 async def run_configuration(
@@ -52,6 +52,7 @@ async def run_configuration(
     *,
     limit_mode: str = "auto",
     drop_after_s: float = 10.0,
+    secure: bool = True,
 ) -> dict[str, Any]:
     nodes, factor = scale_nodes(config, budget)
     if factor < 1:
@@ -81,7 +82,9 @@ async def run_configuration(
         out["links"] = {"rate_mbit": config.links.rate_mbit, "delay_ms": config.links.delay_ms}
     names = [n.name for n in nodes]
     async with (
-        LocalCluster([*nodes, *variants], limit_mode, allow_factories=_named(config.source)) as cluster,
+        LocalCluster(
+            [*nodes, *variants], limit_mode, allow_factories=_named(config.source), secure=secure
+        ) as cluster,
         _links(config, cluster, names) as shaped,
     ):
         out["cpu_limits"] = cluster.limit_description
@@ -93,7 +96,9 @@ async def run_configuration(
             row["offered_to_shards_mb"] = _mb(offered.memory_bytes)
         tunings = {v.name for v in variants}
         loopback = [link for link in await measure_links(cluster) if not tunings & {link.src, link.dst}]
-        links = await shaped.links(names, loopback) if shaped else loopback
+        links = (
+            await shaped.links(names, loopback, cluster.security, cluster.identity) if shaped else loopback
+        )
         out["links_measured"] = [_link_json(link) for link in links]
         bench = Bench(
             cluster,
@@ -115,6 +120,7 @@ async def run_configuration(
         if out["ideal"] is not None:
             progress.step()
 
+        plans: dict[str, Plan] = {}
         for strategy in config.strategies:
             if strategy == MATCHED:
                 continue
@@ -130,12 +136,16 @@ async def run_configuration(
             except PlanInfeasible as e:
                 out["strategies"][strategy] = {"status": "infeasible", "reason": str(e)}
             else:
+                plans[strategy] = plan
                 result = await _measure_once(bench, plan, strategy, rate, out["strategies"])
                 result["planning_ms"] = ms
                 out["strategies"][strategy] = result
             progress.step()
     if out["ideal"] is None:
-        out["ideal"] = await _ideal_without_memory_limits(bench, nodes, limit_mode)
+        out["ideal"] = await _ideal_without_memory_limits(bench, nodes, limit_mode, secure)
+        progress.step()
+    if config.compare_transport:
+        out["transport"] = await compare_transport(bench, nodes, plans, out["strategies"], rate, limit_mode)
         progress.step()
     return out
 
@@ -257,13 +267,15 @@ async def _ideal(bench: Bench, planner_nodes: Sequence[NodeCapacity], links: Seq
     return {"rps": sum(per_node.values()), "per_node_rps": per_node, "measured": where}
 
 
-async def _ideal_without_memory_limits(bench: Bench, nodes: Sequence[NodeSpec], limit_mode: str) -> dict:
+async def _ideal_without_memory_limits(
+    bench: Bench, nodes: Sequence[NodeSpec], limit_mode: str, secure: bool
+) -> dict:
     """The ideal where no node holds the model: the same CPU shares, memory limits lifted.
 
     Runs on a cluster of its own once the configuration's cluster is gone (two clusters of
     one process at once would share cgroup names)."""
     free = [replace(n, memory_bytes=None) for n in nodes]
-    async with LocalCluster(free, limit_mode, allow_factories=_named(bench.source)) as cluster:
+    async with LocalCluster(free, limit_mode, allow_factories=_named(bench.source), secure=secure) as cluster:
         caps = node_capacities(await _capacities(cluster), bench.prepared.reference_ms)
         plan, _ = _plan(bench.prepared, caps, "replicate", [], repeats=1)
         per_node = await _standalone(replace(bench, cluster=cluster, hop=cluster.address), plan)
@@ -278,7 +290,7 @@ async def _standalone(bench: Bench, plan: Plan) -> dict[str, float]:
     for pipeline in plan.pipelines:
         node = pipeline.stages[0].node
         bench.progress.phase(f"ideal: {node} alone", bench.sizes.ideal)
-        async with Client([bench.cluster.address(node)]) as client:
+        async with bench.cluster.client([node]) as client:
             await closed_loop(client, inputs, 2, 2)
             results, wall = await closed_loop(client, inputs, bench.sizes.ideal, 2, bench.progress.advance)
         out[node] = len(results) / wall
@@ -295,6 +307,7 @@ async def _prime(cluster: LocalCluster, source: ModelSource) -> None:
         input_shape=list(source.input_shape or ()),
         first_block=0,
         last_block=0,
+        accept_from=[CLIENT_IDENTITY],
     )
     await asyncio.gather(*(cluster.load(node, spec) for node in cluster.agents))
 
@@ -347,7 +360,9 @@ async def _links(
     if config.links is None:
         yield None
         return
-    async with ShapedLinks(config.links, {n: cluster.address(n) for n in names}, os.getpid()) as shaped:
+    targets = {n: cluster.address(n) for n in names}
+    probes = {n: cluster.agents[n].control_address for n in names}  # Echo lives on the control port
+    async with ShapedLinks(config.links, targets, os.getpid(), probes) as shaped:
         yield shaped
 
 

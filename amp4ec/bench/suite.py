@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -30,11 +30,17 @@ class BenchOptions:
     limit_mode: str = "auto"
     cores: int | None = None
     """Cores the benchmark may use (default: this process's affinity)."""
+    secure: bool = True
+    """Mutual TLS on every hop (as ``amp4ec run``); False = everything plaintext (``--insecure``),
+    which also leaves out the mTLS-against-insecure comparison."""
     command: str = "amp4ec bench"
 
 
 def plan_configurations(options: BenchOptions) -> list[Configuration]:
-    return configurations(options.source, quick=options.quick, only=options.only, big_model=options.big_model)
+    configs = configurations(
+        options.source, quick=options.quick, only=options.only, big_model=options.big_model
+    )
+    return configs if options.secure else [replace(c, compare_transport=False) for c in configs]
 
 
 async def run_bench(options: BenchOptions, progress: ProgressSink | None = None) -> dict[str, Any]:
@@ -47,6 +53,7 @@ async def run_bench(options: BenchOptions, progress: ProgressSink | None = None)
         "command": options.command,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "quick": options.quick,
+        "transport": "mutual TLS" if options.secure else "insecure",
         "machine": machine(),
         "cpu_budget": budget,
         "configurations": [],
@@ -62,7 +69,14 @@ async def run_bench(options: BenchOptions, progress: ProgressSink | None = None)
             prepared[config.source] = await asyncio.to_thread(prepare, config.source)
         try:
             run = run_failover if config.faults else run_configuration
-            result = await run(config, prepared[config.source], budget, sink, limit_mode=options.limit_mode)
+            result = await run(
+                config,
+                prepared[config.source],
+                budget,
+                sink,
+                limit_mode=options.limit_mode,
+                secure=options.secure,
+            )
         except Amp4ecError as e:
             sink.note(f"{config.name} failed: {e}")
             results["configurations"].append({"name": config.name, "status": "failed", "reason": str(e)})

@@ -68,6 +68,11 @@ class _RichSink(ProgressSink):
     "--big-model", default="vit_b_16", show_default=True, help="zoo model of the big-model configuration"
 )
 @cpu_limits_option
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="plaintext gRPC throughout (default: mutual TLS, compared with plaintext)",
+)
 def bench(
     model: str,
     weights: str | None,
@@ -80,6 +85,7 @@ def bench(
     no_docs: bool,
     big_model: str,
     cpu_limits: str,
+    insecure: bool,
 ) -> None:
     """Benchmark amp4ec against both monoliths and the baselines, as in the paper, on this machine."""
     # gRPC's fork notices (agents are forked while channels are open) would interleave the bar.
@@ -95,6 +101,7 @@ def bench(
         only=only,
         big_model=big_model,
         limit_mode=cpu_limits,
+        secure=not insecure,
         command=shlex.join(["amp4ec", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else "amp4ec bench",
     )
     console = Console()

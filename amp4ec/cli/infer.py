@@ -67,20 +67,53 @@ def load_input(path: Path) -> tuple[Any, ...]:
     help="also save the outputs here with torch.save",
 )
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+@click.option(
+    "--ca",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="CA certificate (ca.crt of the client Secret)",
+)
+@click.option("--cert", type=click.Path(dir_okay=False, path_type=Path), help="client certificate (tls.crt)")
+@click.option("--key", type=click.Path(dir_okay=False, path_type=Path), help="client private key (tls.key)")
+@click.option(
+    "--server-identity",
+    help="identity the entry must present (default: stage 0 of the deployment the client certificate names)",
+)
+@click.option("--insecure", is_flag=True, help="plaintext, for a deployment served without TLS")
 def infer(
-    endpoint: str, input_path: Path, top_k: int, timeout: float, output_path: Path | None, as_json: bool
+    endpoint: str,
+    input_path: Path,
+    top_k: int,
+    timeout: float,
+    output_path: Path | None,
+    as_json: bool,
+    ca: Path | None,
+    cert: Path | None,
+    key: Path | None,
+    server_identity: str | None,
+    insecure: bool,
 ) -> None:
-    """Send one request to an InferenceDeployment (or any entry shard) and print the result."""
+    """Send one request to an InferenceDeployment (or any entry shard) and print the result.
+
+    Mutual TLS by default: the client Secret ``<deployment>-amp4ec-client`` holds ca.crt,
+    tls.crt and tls.key (see docs/security.md).
+    """
     import torch
 
-    from amp4ec.client import Client
+    from amp4ec import pki
+    from amp4ec.client import Client, Endpoint
+    from amp4ec.wire.transport import TransportSecurity
 
     if ":" not in endpoint:
         raise InvalidSpec(f"--endpoint: expected HOST:PORT, got {endpoint!r}")
+    if insecure:
+        security, identity = TransportSecurity.plaintext(), ""
+    else:
+        security = TransportSecurity.from_files(ca, cert, key, flags="--")
+        identity = server_identity or pki.entry_identity_for_client(security.identity)
     tensors = load_input(input_path)
 
     async def call() -> Any:
-        async with Client([endpoint]) as client:
+        async with Client([Endpoint(endpoint, identity=identity)], security) as client:
             return await client.infer(tensors, deadline_s=timeout)
 
     result = asyncio.run(asyncio.wait_for(call(), timeout))

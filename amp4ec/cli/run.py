@@ -31,6 +31,7 @@ __all__ = ["run"]
 )
 @planning_options
 @cpu_limits_option
+@click.option("--insecure", is_flag=True, help="plaintext gRPC (default: mutual TLS), for comparison")
 @click.option(
     "--fault",
     "faults",
@@ -57,6 +58,7 @@ def run(
     objective: str,
     cpu_limits: str,
     faults: tuple[str, ...],
+    insecure: bool,
     json_path: Path | None,
 ) -> None:
     """Split a model over local node agents, serve requests through them and report.
@@ -76,6 +78,7 @@ def run(
         objective=objective,
         limit_mode=cpu_limits,
         faults=tuple(parse_fault(f) for f in faults),
+        secure=not insecure,
     )
     console = Console()
     with progress_bar(console) as bar:
@@ -126,6 +129,7 @@ def print_report(console: Console, report) -> None:
     results.add_row("planning time", f"{data['planning_ms']:.2f} ms")
     results.add_row("bytes on the wire / request", f"{data['bytes_per_request'] / 1e6:.2f} MB")
     results.add_row("CPU limits", report.limits)
+    results.add_row("transport", data["transport"])
     console.print(results)
     print_failovers(console, report)
     if report.interrupted:

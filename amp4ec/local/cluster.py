@@ -25,17 +25,22 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from amp4ec import pki
 from amp4ec.children import child_env
+from amp4ec.client import Client, Endpoint
 from amp4ec.errors import Amp4ecError, InvalidSpec
 from amp4ec.local.cgroups import NodeCgroup, cgroups_available, remove_stale
+from amp4ec.wire import transport
 from amp4ec.wire.v1 import agent_pb2, agent_pb2_grpc, shard_pb2
 
-__all__ = ["LIMIT_MODES", "LocalCluster", "NodeSpec", "parse_bytes", "parse_nodes"]
+__all__ = ["CLIENT_IDENTITY", "LIMIT_MODES", "LocalCluster", "NodeSpec", "parse_bytes", "parse_nodes"]
 
 log = logging.getLogger(__name__)
 LIMIT_MODES = ("auto", "cgroup", "emulate", "none")
 _CGROUP_PREFIX = "amp4ec-"
 _SERIALS = itertools.count()
+CLIENT_IDENTITY = pki.client_identity("local", "run")
+"""The identity of local mode's clients: the only one an entry stage accepts frames from."""
 
 
 @dataclass(frozen=True)
@@ -91,10 +96,13 @@ class _Agent:
     node: NodeSpec
     process: subprocess.Popen[bytes]
     port_file: Path
+    control_port_file: Path
     log_path: Path
     cgroup: NodeCgroup | None = None
     address: str = ""
-    """host:port, known once the agent has written its port file."""
+    """host:port of the data plane, known once the agent has written its port file."""
+    control_address: str = ""
+    """host:port of the control plane (NodeAgent), which only the supervisor may call."""
 
     def exit_reason(self) -> str:
         code = self.process.returncode
@@ -112,7 +120,14 @@ class _Agent:
 
 
 class LocalCluster:
-    """Node agents as local processes. Use as ``async with LocalCluster(nodes) as cluster``."""
+    """Node agents as local processes. Use as ``async with LocalCluster(nodes) as cluster``.
+
+    With ``secure`` (the default) every hop is mutual TLS under a CA made for this cluster
+    alone: its key never leaves this process, each agent gets a leaf for ``agent.<node>``
+    (key 0600 in a 0700 temporary directory, removed on stop), this process acts as the
+    operator (the only identity the agents' control plane accepts) and its clients as
+    ``CLIENT_IDENTITY``.
+    """
 
     def __init__(
         self,
@@ -120,6 +135,7 @@ class LocalCluster:
         limit_mode: str = "auto",
         start_timeout_s: float = 180,
         allow_factories: Sequence[str] = (),
+        secure: bool = True,
     ) -> None:
         if limit_mode not in LIMIT_MODES:
             raise InvalidSpec(f"--cpu-limits: expected one of {', '.join(LIMIT_MODES)}, got {limit_mode!r}")
@@ -136,6 +152,12 @@ class LocalCluster:
         self._workdir: Path | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._serial = next(_SERIALS)
+        self.secure = secure
+        self.security = transport.TransportSecurity.plaintext()
+        """This process as the operator (the control plane's only caller)."""
+        self.client_security = transport.TransportSecurity.plaintext()
+        """This process as a client of the pipelines' entry stages."""
+        self._ca: pki.CertificateAuthority | None = None
 
     @property
     def limit_description(self) -> str:
@@ -162,13 +184,37 @@ class LocalCluster:
     def address(self, node: str) -> str:
         return self.agents[node].address
 
+    @staticmethod
+    def identity(node: str) -> str:
+        """The identity ``node``'s agent presents (under mutual TLS)."""
+        return pki.agent_identity(node)
+
+    def client(self, nodes: Sequence[str]) -> Client:
+        """A client of the stages served on ``nodes`` (entry stages), as ``CLIENT_IDENTITY``."""
+        entries = [Endpoint(self.address(n), f"stage 0 on {n}", self.identity(n)) for n in nodes]
+        return Client(entries, self.client_security)
+
+    def issue(self, identity: str) -> transport.TransportSecurity:
+        """Mutual TLS material for another party of this cluster (tests: a forged next hop)."""
+        if self._ca is None:
+            raise InvalidSpec("issue: this cluster runs insecure (no CA)")
+        pair = self._ca.issue(identity)
+        return transport.TransportSecurity(self._ca.cert_pem, pair.cert_pem, pair.key_pem)
+
     def _channel(self, node: str) -> grpc.aio.Channel:
         if node not in self._channels:
-            self._channels[node] = grpc.aio.insecure_channel(self.agents[node].address)
+            self._channels[node] = transport.channel(
+                self.agents[node].control_address, self.security, expect_identity=self.identity(node)
+            )
         return self._channels[node]
 
     async def start(self) -> None:
-        self._workdir = Path(tempfile.mkdtemp(prefix="amp4ec-local-"))
+        self._workdir = Path(tempfile.mkdtemp(prefix="amp4ec-local-"))  # 0700: it holds private keys
+        if self.secure:
+            self._ca = pki.CertificateAuthority.create(f"amp4ec local CA {os.getpid()}-{self._serial}")
+            (self._workdir / "ca.crt").write_bytes(self._ca.cert_pem)
+            self.security = self.issue(pki.OPERATOR)
+            self.client_security = self.issue(CLIENT_IDENTITY)
         if self.limit_mode == "cgroup":
             remove_stale(_CGROUP_PREFIX)
         for i, node in enumerate(self.nodes):
@@ -182,6 +228,7 @@ class LocalCluster:
             name = f"{_CGROUP_PREFIX}{os.getpid()}-{self._serial}-{index}"  # unique per cluster
             cgroup = NodeCgroup(name, node.cpu, node.memory_bytes)
         port_file = self._workdir / f"{node.name}.port"
+        control_port_file = self._workdir / f"{node.name}.control-port"
         log_path = self._workdir / f"{node.name}.log"
         cmd = [
             sys.executable,
@@ -193,9 +240,18 @@ class LocalCluster:
             "0",
             "--port-file",
             str(port_file),
+            "--control-port",
+            "0",
+            "--control-port-file",
+            str(control_port_file),
             "--cpu-limit",
             repr(node.cpu),
         ]
+        if self._ca is not None:
+            cert, key = self._ca.issue(self.identity(node.name)).write(self._workdir, node.name)
+            cmd += ["--tls-ca", str(self._workdir / "ca.crt"), "--tls-cert", str(cert), "--tls-key", str(key)]
+        else:
+            cmd.append("--insecure")
         if self.limit_mode == "emulate":
             cmd.append("--emulate-cpu")
         if node.memory_bytes:
@@ -218,7 +274,7 @@ class LocalCluster:
                 process.wait()
                 cgroup.remove()
                 raise
-        return _Agent(node, process, port_file, log_path, cgroup)
+        return _Agent(node, process, port_file, control_port_file, log_path, cgroup)
 
     async def _wait_ready(self, agent: _Agent) -> None:
         port_file = agent.port_file
@@ -232,6 +288,8 @@ class LocalCluster:
                 )
             await asyncio.sleep(0.05)
         agent.address = f"127.0.0.1:{int(port_file.read_text())}"
+        # The agent writes its control port file before its data port file.
+        agent.control_address = f"127.0.0.1:{int(agent.control_port_file.read_text())}"
         stub = health_pb2_grpc.HealthStub(self._channel(agent.node.name))
         reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=30, wait_for_ready=True)
         if reply.status != health_pb2.HealthCheckResponse.SERVING:

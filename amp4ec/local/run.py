@@ -19,7 +19,7 @@ import torch
 from amp4ec import planner
 from amp4ec.client import Client, Result
 from amp4ec.errors import Amp4ecError, InvalidSpec
-from amp4ec.local.cluster import LocalCluster, NodeSpec
+from amp4ec.local.cluster import CLIENT_IDENTITY, LocalCluster, NodeSpec
 from amp4ec.local.supervisor import Failover, FaultSpec, Supervisor, endpoints, inject_faults, plan_rows
 from amp4ec.node_agent.capacity import reference_workload_ms
 from amp4ec.planner.types import Link, NodeCapacity, Plan, reference_overhead_ms
@@ -31,6 +31,7 @@ from amp4ec.wire.v1 import agent_pb2
 __all__ = [
     "RunConfig",
     "RunReport",
+    "client_of",
     "deploy",
     "forward_ms_per_stage",
     "measured_stage_ms",
@@ -60,6 +61,8 @@ class RunConfig:
     """Faults to inject during the measured requests (``--fault node1:kill@5s``)."""
     deadline_s: float | None = 30.0
     """Each request's deadline, retries included."""
+    secure: bool = True
+    """Mutual TLS on every hop (an ephemeral CA per run); False = plaintext, for comparison."""
 
 
 @dataclass
@@ -93,6 +96,8 @@ class RunReport:
     """Per stage: median wall time of decode + forward + encode, from the answers' timings."""
     stage_param_bytes: list[int]
     bytes_per_request: float
+    transport: str = "mutual TLS"
+    """"mutual TLS" (an ephemeral CA for the run) or "insecure" (plaintext, --insecure)."""
     capacities: dict[str, dict[str, float]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     retried: int = 0
@@ -124,6 +129,7 @@ class RunReport:
             "strategy": self.plan.strategy,
             "objective": self.plan.objective,
             "cpu_limits": self.limits,
+            "transport": self.transport,
             "plan": [
                 {
                     "pipeline": p,
@@ -236,10 +242,18 @@ async def deploy(
                 next_hop=address(nxt) if nxt else "",
                 next_node=nxt or "",
                 stage=i,
+                # Who may send this stage frames, and whom it may forward to (mutual TLS).
+                next_hop_identity=cluster.identity(nxt) if nxt else "",
+                accept_from=[cluster.identity(pipeline.stages[i - 1].node) if i else CLIENT_IDENTITY],
             )
             loads.append(cluster.load(stage.node, spec))
     infos = await asyncio.gather(*loads)
     return [info.param_bytes for info in infos]
+
+
+def client_of(cluster: LocalCluster, plan: Plan) -> Client:
+    """A client of the plan's entry stages, as the cluster's authorised client identity."""
+    return cluster.client([p.stages[0].node for p in plan.pipelines])
 
 
 async def drive(
@@ -286,7 +300,9 @@ async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
     warnings = oversubscription_warnings(config.nodes)
     report("starting node agents", 0, len(config.nodes))
     allowed = [m for m in (factory_module(config.source.spec),) if m]  # what the user named
-    async with LocalCluster(config.nodes, config.limit_mode, allow_factories=allowed) as cluster:
+    async with LocalCluster(
+        config.nodes, config.limit_mode, allow_factories=allowed, secure=config.secure
+    ) as cluster:
         report("measuring node capacity", 0, len(config.nodes))
         capacities = await cluster.capacities()
         nodes = node_capacities(capacities, prepared.reference_ms)
@@ -316,7 +332,7 @@ async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
             )[0]
 
         async with (
-            Client(endpoints(plan, cluster.address)) as client,
+            Client(endpoints(plan, cluster.address), cluster.client_security) as client,
             Supervisor(
                 cluster, client, plan, replan, lambda p: deploy(cluster, p, config.source)
             ) as supervisor,
@@ -373,6 +389,7 @@ async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
         plan=plan,
         nodes=config.nodes,
         limits=cluster.limit_description,
+        transport="mutual TLS" if config.secure else "insecure",
         concurrency=concurrency,
         requests=config.requests,
         latencies_ms=[r.latency_s * 1000 for r in results],

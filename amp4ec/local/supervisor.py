@@ -53,8 +53,12 @@ def plan_rows(plan: Plan) -> list[dict[str, Any]]:
 
 
 def endpoints(plan: Plan, address: Callable[[str], str]) -> list[Endpoint]:
-    """Each pipeline's entry, named for errors: ``stage 0 on node0``."""
-    return [Endpoint(address(p.stages[0].node), f"stage 0 on {p.stages[0].node}") for p in plan.pipelines]
+    """Each pipeline's entry, named for errors (``stage 0 on node0``), with the identity its
+    agent presents under mutual TLS."""
+    return [
+        Endpoint(address(n), f"stage 0 on {n}", LocalCluster.identity(n))
+        for n in (p.stages[0].node for p in plan.pipelines)
+    ]
 
 
 @dataclass(frozen=True)

@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import time
 
-import grpc
 import torch
 from grpc_health.v1 import health
 from torch import fx, nn
 
+from amp4ec.node_agent.authz import data_policy
 from amp4ec.node_agent.executor import LoadedStage, StageConfig, StageExecutor
 from amp4ec.node_agent.servicer import ShardServicer, StageRepository
 from amp4ec.node_agent.settings import AgentSettings
 from amp4ec.slicing.blocks import Block, Shard, TensorSpec
-from amp4ec.wire import codec
+from amp4ec.wire import codec, transport
 from amp4ec.wire.stream import ShardStream
 from amp4ec.wire.v1 import shard_pb2, shard_pb2_grpc
 
@@ -43,25 +43,27 @@ class _Relay(nn.Module):
         return (x,)
 
 
-def _relay_stage() -> LoadedStage:
+def _relay_stage(identity: str) -> LoadedStage:
     spec = TensorSpec(PAYLOAD, torch.float32)
     block = Block(0, "relay", fx.symbolic_trace(_Relay()))
-    config = StageConfig(model="calibration", first_block=0, last_block=0)
+    # Under mutual TLS the agent calls itself with its own certificate: TLS is part of the cost.
+    config = StageConfig(model="calibration", first_block=0, last_block=0, accept_from=(identity,))
     return LoadedStage(config, Shard([block], (spec,), (spec,)), num_blocks=1)
 
 
 async def request_overhead_ms(settings: AgentSettings, requests: int = 60, warmup: int = 10) -> float:
     """CPU milliseconds one request costs a stage on this node beyond its blocks (median of 3 runs)."""
     repository = StageRepository(settings, health.aio.HealthServicer())
-    repository.serve(_relay_stage())
+    security = settings.security
+    repository.serve(_relay_stage(security.identity))
     executor = StageExecutor(cpu_limit=1.0)
-    server = grpc.aio.server(options=settings.grpc_options())
+    server = transport.server(security, data_policy(repository), settings.grpc_options())
     shard_pb2_grpc.add_ShardServicer_to_server(
         ShardServicer(settings, repository, executor, observe=False), server
     )
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = transport.add_port(server, "127.0.0.1:0", security)
     await server.start()
-    stream = ShardStream(f"127.0.0.1:{port}", settings.grpc_options())
+    stream = ShardStream(f"127.0.0.1:{port}", settings.grpc_options(), security, security.identity)
     frame = shard_pb2.Frame(tensors=codec.encode_all([torch.zeros(PAYLOAD)]))
     try:
         for _ in range(warmup):

@@ -8,15 +8,17 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from amp4ec.children import die_with_parent
-from amp4ec.errors import Amp4ecError
+from amp4ec.errors import Amp4ecError, InvalidSpec
 from amp4ec.node_agent.capacity import cgroup_cpu_limit
 from amp4ec.node_agent.executor import StageConfig
 from amp4ec.node_agent.monitor import Monitor
 from amp4ec.node_agent.server import create_server
 from amp4ec.node_agent.settings import AgentSettings
+from amp4ec.wire.transport import TransportSecurity
 
 __all__ = ["main", "parse_args"]
 
@@ -54,8 +56,21 @@ def parse_args(
     p = argparse.ArgumentParser(prog="python -m amp4ec.node_agent", description=__doc__)
     p.add_argument("--node", default="node", help="node name the planner knows this agent by")
     p.add_argument("--host", default="127.0.0.1", help="address to bind ([::] in a Pod)")
-    p.add_argument("--port", type=int, default=0, help="gRPC port (0 = any free port)")
-    p.add_argument("--port-file", type=Path, help="write the bound port here once serving")
+    p.add_argument("--port", type=int, default=0, help="data-plane gRPC port, Shard (0 = any free port)")
+    p.add_argument("--port-file", type=Path, help="write the bound data port here once serving")
+    p.add_argument(
+        "--control-port",
+        type=int,
+        help="control-plane gRPC port, NodeAgent/Monitor, operator only (default: none, 0 = any free port)",
+    )
+    p.add_argument("--control-port-file", type=Path, help="write the bound control port here once serving")
+    p.add_argument("--health-port", type=int, help="plaintext gRPC health-only port (kubelet probes)")
+    p.add_argument("--health-port-file", type=Path, help="write the bound health port here once serving")
+    tls = p.add_argument_group("mutual TLS (required unless --insecure)")
+    tls.add_argument("--tls-ca", type=Path, help="PEM CA certificate that peers must be signed by")
+    tls.add_argument("--tls-cert", type=Path, help="PEM certificate of this agent (its identity)")
+    tls.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    tls.add_argument("--insecure", action="store_true", help="plaintext, unauthenticated gRPC")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     p.add_argument("--cpu-limit", type=float, help="CPU cores (default: read the cgroup quota)")
     p.add_argument("--emulate-cpu", action="store_true", help="emulate --cpu-limit by idling (no cgroup)")
@@ -95,6 +110,13 @@ def parse_args(
         "--next-node", default="", help="the next shard's node, for errors (default: --next-hop)"
     )
     stage.add_argument("--stage", type=int, default=0, help="index of the stage in its pipeline")
+    stage.add_argument("--next-hop-identity", default="", help="identity the next shard must present (mTLS)")
+    stage.add_argument(
+        "--accept-from",
+        action="append",
+        default=[],
+        help="identity allowed to send this stage frames (repeatable; mTLS)",
+    )
     mon = p.add_argument_group("monitor role (one per node: capacity metrics, link probes, profiling)")
     mon.add_argument(
         "--monitor-interval",
@@ -114,10 +136,20 @@ def parse_args(
         help="JSON file whose keys replace measured capacity (re-read every refresh)",
     )
     a = p.parse_args(argv)
+    try:
+        if a.insecure:
+            security = TransportSecurity.plaintext()
+        else:
+            security = TransportSecurity.from_files(a.tls_ca, a.tls_cert, a.tls_key)
+    except InvalidSpec as exc:
+        p.error(str(exc))
     settings = AgentSettings(
         node=a.node,
         host=a.host,
         port=a.port,
+        control_port=a.control_port,
+        health_port=a.health_port,
+        security=security,
         metrics_port=a.metrics_port,
         cpu_limit=a.cpu_limit,
         emulate_cpu=a.emulate_cpu,
@@ -147,9 +179,13 @@ def parse_args(
             weights=a.weights,
             seed=a.seed,
             input_shape=a.input_shape,
+            next_hop_identity=a.next_hop_identity,
+            accept_from=tuple(a.accept_from),
         )
     monitor = None
     if a.monitor_interval is not None:
+        if a.control_port is None:
+            p.error("--control-port: the monitor role serves Monitor.Profile on the control port")
         if a.monitor_interval <= 0:
             p.error(f"--monitor-interval: expected a positive number of seconds, got {a.monitor_interval}")
         monitor = Monitor(
@@ -159,13 +195,29 @@ def parse_args(
             peers=dict(a.peer),
             override=a.capacity_override,
         )
-    return settings, config, a.port_file, monitor
+    return settings, config, PortFiles(a.port_file, a.control_port_file, a.health_port_file), monitor
+
+
+@dataclass(frozen=True)
+class PortFiles:
+    """Where to write the bound ports once serving (None: do not)."""
+
+    data: Path | None = None
+    control: Path | None = None
+    health: Path | None = None
+
+
+def _write_port(path: Path | None, port: int | None) -> None:
+    if path is not None and port is not None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(str(port))
+        tmp.replace(path)  # atomic: a reader never sees a half-written port
 
 
 async def serve(
     settings: AgentSettings,
     config: StageConfig | None,
-    port_file: Path | None,
+    port_files: PortFiles,
     monitor: Monitor | None = None,
 ) -> None:
     agent = await create_server(settings)
@@ -177,11 +229,11 @@ async def serve(
         from prometheus_client import start_http_server
 
         start_http_server(settings.metrics_port, addr=settings.host.strip("[]") or "0.0.0.0")
-    await agent.server.start()
-    if port_file is not None:
-        tmp = port_file.with_suffix(".tmp")
-        tmp.write_text(str(agent.port))
-        tmp.replace(port_file)  # atomic: a reader never sees a half-written port
+    await agent.start()
+    # The data port last: a reader of the data port file may then read them all.
+    _write_port(port_files.control, agent.control_port)
+    _write_port(port_files.health, agent.health_port)
+    _write_port(port_files.data, agent.port)
     logging.getLogger("amp4ec.node_agent").info("node agent %s serving on port %d", settings.node, agent.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -196,9 +248,9 @@ async def serve(
 def main(argv: list[str] | None = None) -> None:
     die_with_parent()  # a no-op unless a local cluster started this agent
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    settings, config, port_file, monitor = parse_args(argv)
+    settings, config, port_files, monitor = parse_args(argv)
     try:
-        asyncio.run(serve(settings, config, port_file, monitor))
+        asyncio.run(serve(settings, config, port_files, monitor))
     except Amp4ecError as exc:
         print(f"amp4ec node agent: {exc}", file=sys.stderr)
         sys.exit(2)

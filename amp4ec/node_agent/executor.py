@@ -36,6 +36,10 @@ class StageConfig:
     input_shape: tuple[int, ...] | None = None
     next_node: str = ""
     """The next hop's node name, for errors; "" = name it by address."""
+    next_hop_identity: str = ""
+    """Under mutual TLS, the identity the next hop must present (see amp4ec/pki.py)."""
+    accept_from: tuple[str, ...] = ()
+    """Under mutual TLS, the identities that may send this stage frames."""
 
     @property
     def next_peer(self) -> str:
@@ -54,6 +58,8 @@ class StageConfig:
             seed=m.seed,
             input_shape=tuple(m.input_shape) or None,
             next_node=m.next_node,
+            next_hop_identity=m.next_hop_identity,
+            accept_from=tuple(m.accept_from),
         )
 
     def to_message(self) -> agent_pb2.StageSpec:
@@ -67,6 +73,8 @@ class StageConfig:
             seed=self.seed,
             input_shape=list(self.input_shape or ()),
             next_node=self.next_node,
+            next_hop_identity=self.next_hop_identity,
+            accept_from=list(self.accept_from),
         )
 
 

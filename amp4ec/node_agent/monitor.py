@@ -25,6 +25,7 @@ from pathlib import Path
 import grpc
 from prometheus_client import Gauge
 
+from amp4ec import pki
 from amp4ec.errors import InvalidSpec
 from amp4ec.node_agent.calibrate import request_overhead_ms
 from amp4ec.node_agent.capacity import node_memory_available_bytes, reference_workload_ms
@@ -33,7 +34,7 @@ from amp4ec.node_agent.limits import check_profile
 from amp4ec.node_agent.server import AgentServer
 from amp4ec.node_agent.settings import AgentSettings
 from amp4ec.node_agent.status import status_of
-from amp4ec.wire import codec
+from amp4ec.wire import codec, transport
 from amp4ec.wire.v1 import agent_pb2, agent_pb2_grpc
 
 __all__ = [
@@ -168,7 +169,13 @@ class Monitor:
 
     async def probe(self, peer: str, target: str) -> None:
         """RTT from the median of small echoes, bandwidth from one large echo each way."""
-        async with grpc.aio.insecure_channel(target, options=self.settings.grpc_options()) as channel:
+        # A peer's control port; monitors may call only Echo there (node_agent/authz.py).
+        async with transport.channel(
+            target,
+            self.settings.security.refreshed(),  # a renewed leaf on disk (transport.py's Note)
+            expect_identity=pki.MONITOR,
+            options=self.settings.grpc_options(),
+        ) as channel:
             stub = agent_pb2_grpc.NodeAgentStub(channel)
             rtts = []
             for _ in range(3):
@@ -202,9 +209,11 @@ class Monitor:
             await asyncio.sleep(self.interval)
 
     def start(self, agent: AgentServer) -> None:
-        """Register ``Monitor`` on the (not yet started) agent server and start refreshing."""
+        """Register ``Monitor`` on the (not yet started) control server and start refreshing."""
+        if agent.control is None:
+            raise InvalidSpec("--control-port: the monitor role serves Monitor.Profile on the control port")
         servicer = MonitorServicer(self.settings)
-        add_servicer(agent_pb2_grpc.add_MonitorServicer_to_server, servicer, agent.server)
+        add_servicer(agent_pb2_grpc.add_MonitorServicer_to_server, servicer, agent.control)
         self._task = asyncio.create_task(self.run())
 
     async def stop(self) -> None:

@@ -29,9 +29,11 @@ from amp4ec.wire.liveness import remaining_s
 from amp4ec.wire.stream import ShardStream
 from amp4ec.wire.v1 import agent_pb2, agent_pb2_grpc, shard_pb2, shard_pb2_grpc
 
-__all__ = ["AgentServicer", "ShardServicer", "StageRepository"]
+__all__ = ["RENEWAL_CHECK_S", "AgentServicer", "ShardServicer", "StageRepository"]
 
 log = logging.getLogger(__name__)
+RENEWAL_CHECK_S = 60.0
+"""How often a stage looks for a renewed certificate on disk (three stat calls)."""
 
 Request = shard_pb2.Frame | Undecodable
 
@@ -47,7 +49,10 @@ class StageRepository:
         self._settings = settings
         self._health = health_servicer
         self._stage: LoadedStage | None = None
-        self._forwarders: dict[str, ShardStream] = {}
+        self._forwarders: dict[tuple[str, str], ShardStream] = {}
+        self._security = settings.security
+        self._checked = time.monotonic()
+        self._retiring: set[asyncio.Task[None]] = set()
         self._load_lock = asyncio.Lock()
 
     @property
@@ -56,7 +61,22 @@ class StageRepository:
             raise StageNotLoaded(f"node agent {self._settings.node} serves no layer range yet")
         return self._stage
 
+    @property
+    def accept_from(self) -> frozenset[str]:
+        """Identities that may send frames to the stage served now (none while none is)."""
+        return frozenset(self._stage.config.accept_from) if self._stage is not None else frozenset()
+
+    def _check_identities(self, config: StageConfig) -> None:
+        """Under mutual TLS a stage names who may call it and whom it calls (never "anyone")."""
+        if self._settings.security.insecure:
+            return
+        if config.next_hop and not config.next_hop_identity:
+            raise InvalidSpec("next_hop_identity: required with next_hop under mutual TLS")
+        if not config.accept_from:
+            raise InvalidSpec("accept_from: at least one identity required under mutual TLS")
+
     async def load(self, config: StageConfig) -> LoadedStage:
+        self._check_identities(config)
         async with self._load_lock:
             stage = await asyncio.to_thread(build_stage, config)
             self._stage = stage
@@ -72,18 +92,45 @@ class StageRepository:
 
     def serve(self, stage: LoadedStage) -> None:
         """Serve an already built stage (the overhead calibration's relay); no health change."""
+        self._check_identities(stage.config)
         self._stage = stage
 
     async def unload(self) -> None:
         self._stage = None
         await self._health.set("amp4ec.wire.v1.Shard", health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    def forwarder(self, target: str, peer: str | None = None) -> ShardStream:
-        if target not in self._forwarders:
-            self._forwarders[target] = ShardStream(target, self._settings.grpc_options(), peer)
-        return self._forwarders[target]
+    def forwarder(self, target: str, identity: str, peer: str | None = None) -> ShardStream:
+        """The stream to the next hop at ``target``, which must present ``identity`` (mutual TLS);
+        ``peer`` names it in errors."""
+        self._refresh_security()
+        key = (target, identity)
+        if key not in self._forwarders:
+            self._forwarders[key] = ShardStream(
+                target, self._settings.grpc_options(), self._security, identity, peer
+            )
+        return self._forwarders[key]
+
+    def _refresh_security(self) -> None:
+        """At most every ``RENEWAL_CHECK_S``: a renewed leaf on disk replaces the forwarders, whose
+        channels would otherwise present the old one until it expires (transport.py's Note)."""
+        now = time.monotonic()
+        if now - self._checked < RENEWAL_CHECK_S:
+            return
+        self._checked = now
+        fresh = self._security.refreshed()
+        if fresh is self._security:
+            return
+        log.info("certificate renewed on disk: new connections to next hops use it")
+        self._security = fresh
+        old, self._forwarders = self._forwarders, {}
+        for stream in old.values():
+            task = asyncio.create_task(stream.close_when_idle())
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
 
     async def close(self) -> None:
+        for task in list(self._retiring):
+            task.cancel()
         for forwarder in self._forwarders.values():
             await forwarder.close()
 
@@ -135,7 +182,10 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
                     request_id=frame.request_id, tensors=tensors, deadline_unix_ms=frame.deadline_unix_ms
                 )
                 # The forward waits no longer than the frame's deadline (ShardStream.call).
-                forwarder = self._repository.forwarder(stage.config.next_hop, stage.config.next_peer)
+                config = stage.config
+                forwarder = self._repository.forwarder(
+                    config.next_hop, config.next_hop_identity, config.next_peer
+                )
                 answer = await forwarder.call(out)
             else:
                 answer = shard_pb2.Frame(request_id=frame.request_id, tensors=tensors)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from amp4ec.wire.liveness import KEEPALIVE_OPTIONS
+from amp4ec.wire.transport import TransportSecurity
 
 __all__ = ["AgentSettings"]
 
@@ -20,7 +21,17 @@ class AgentSettings:
     host: str = "127.0.0.1"
     """Address to bind. 127.0.0.1 in local mode; ``[::]`` in a Pod so peers can reach it."""
     port: int = 0
-    """gRPC port; 0 picks a free one (tests and local mode read it back)."""
+    """Data-plane gRPC port (the Shard service); 0 picks a free one (tests and local mode read it back)."""
+    control_port: int | None = None
+    """Control-plane gRPC port (NodeAgent, Monitor), authorised separately: only the operator
+    (or the local supervisor) may use it. None serves no control plane: a shard Pod takes its
+    stage from its arguments and nothing on the network can re-target it."""
+    health_port: int | None = None
+    """Plaintext port serving only gRPC health (for the kubelet, which cannot present a
+    certificate); None serves none. Health on the data and control ports needs mutual TLS."""
+    security: TransportSecurity = field(default_factory=TransportSecurity.plaintext)
+    """Mutual TLS material, or insecure. The agent's command line has no default: it needs
+    certificates or an explicit --insecure; this default serves in-process tests."""
     metrics_port: int | None = None
     """Port of the Prometheus /metrics endpoint; None serves none."""
     cpu_limit: float | None = None

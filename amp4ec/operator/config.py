@@ -31,9 +31,17 @@ class OperatorConfig:
 
     prometheus_url: str = "http://prometheus-operated.monitoring.svc:9090"
     """Base URL of the Prometheus HTTP API that scrapes the monitor DaemonSet."""
-    profiler: str = "amp4ec-monitor.amp4ec-system.svc:50051"
-    """host:port of a monitor agent's gRPC server (``Monitor.Profile``); a Service in front
+    profiler: str = "amp4ec-monitor.amp4ec-system.svc:50052"
+    """host:port of a monitor agent's control port (``Monitor.Profile``); a Service in front
     of the monitor DaemonSet in a cluster."""
+    tls: bool = True
+    """Mutual TLS on every hop, under the CA this operator runs (``operator/certs.py``);
+    false = plaintext everywhere (``--insecure``), for comparison only."""
+    namespace: str = "amp4ec-system"
+    """The operator's own namespace: where the CA Secret and the monitors' Secret live."""
+    health_port: int = 50053
+    """Container port of a shard's plaintext health-only server: the kubelet's probes cannot
+    present a certificate (mutual TLS only; insecure shards are probed on ``shard_port``)."""
     agent_image: str = "ghcr.io/amp4ec/node-agent:0.1.0"
     """Image of shard Pods (the node agent, torch side)."""
     initializer_image: str = "ghcr.io/amp4ec/operator:0.1.0"
@@ -122,6 +130,10 @@ class OperatorConfig:
                 values[f.name] = int(raw)
             elif f.type in ("float",):
                 values[f.name] = float(raw)
+            elif f.type in ("bool",):
+                if raw.lower() not in ("true", "false"):
+                    raise ValueError(f"AMP4EC_{f.name.upper()}: expected true or false, got {raw!r}")
+                values[f.name] = raw.lower() == "true"
             else:
                 values[f.name] = raw
         return cls(**values)  # type: ignore[arg-type]

@@ -22,6 +22,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from amp4ec import pki
+from amp4ec.operator.certs import shard_secret_name
 from amp4ec.operator.config import OperatorConfig
 from amp4ec.operator.names import child_base, label_value
 from amp4ec.operator.netpol import network_policy
@@ -49,6 +51,7 @@ LABEL_STAGE = "amp4ec.io/stage"
 LABEL_ROLE = "amp4ec.io/role"
 _COMMON = {"app.kubernetes.io/name": "amp4ec-shard", "app.kubernetes.io/managed-by": "amp4ec-operator"}
 MiB = 1024 * 1024
+TLS_DIR = "/var/run/amp4ec/tls"
 
 
 @dataclass(frozen=True)
@@ -240,6 +243,17 @@ def _shard_pod(
         args += ["--next-hop", next_hop]
     volumes: list[dict[str, Any]] = []
     mounts: list[dict[str, Any]] = []
+    probe_port = config.shard_port
+    if config.tls:
+        # This stage's own leaf only; who may call it and whom it calls are fixed here, by
+        # the operator: nothing on the network can re-target a shard (no control port).
+        args += _tls_args(name, namespace, s, nxt)
+        args += ["--health-port", str(config.health_port)]
+        probe_port = config.health_port
+        volumes.append(_tls_volume(name, s.stage))
+        mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
+    else:
+        args.append("--insecure")
     init: list[dict[str, Any]] = []
     uri = spec.model.storage_uri
     if uri:
@@ -283,14 +297,16 @@ def _shard_pod(
             "limits": {"cpu": _quantity_cpu(s.cpu), "memory": _quantity_mem(2 * memory)},
         },
         "readinessProbe": {
-            "grpc": {"port": config.shard_port, "service": "amp4ec.wire.v1.Shard"},
+            "grpc": {"port": probe_port, "service": "amp4ec.wire.v1.Shard"},
             "periodSeconds": 2,
         },
-        "livenessProbe": {"grpc": {"port": config.shard_port}, "periodSeconds": 10, "failureThreshold": 6},
+        "livenessProbe": {"grpc": {"port": probe_port}, "periodSeconds": 10, "failureThreshold": 6},
         "env": [
             {"name": k, "value": v} for k, v in sorted({**config.shard_env, **_factory_env(config)}.items())
         ],
     }
+    if config.tls:
+        container["ports"].append({"name": "health", "containerPort": config.health_port})
     if mounts:
         container["volumeMounts"] = mounts
     pod_spec: dict[str, Any] = {
@@ -329,6 +345,33 @@ def _shard_pod(
         },
         "spec": pod_spec,
     }
+
+
+def _tls_args(name: str, namespace: str, s: PlacedStage, nxt: PlacedStage | None) -> list[str]:
+    upstream = (
+        pki.stage_identity(namespace, name, s.stage - 1) if s.stage else pki.client_identity(namespace, name)
+    )
+    args = [
+        "--tls-ca", f"{TLS_DIR}/ca.crt",
+        "--tls-cert", f"{TLS_DIR}/tls.crt",
+        "--tls-key", f"{TLS_DIR}/tls.key",
+        "--accept-from", upstream,
+    ]  # fmt: skip
+    if nxt is not None:
+        args += ["--next-hop-identity", pki.stage_identity(namespace, name, nxt.stage)]
+    return args
+
+
+def _tls_volume(name: str, stage: int) -> dict[str, Any]:
+    """The shard Secret, projected down to this stage's pair: 0440, group the Pod's fsGroup
+    (``podsecurity.SHARD_GID``), so only the agent reads its key."""
+    items = [
+        {"key": "ca.crt", "path": "ca.crt"},
+        {"key": f"stage-{stage}.crt", "path": "tls.crt"},
+        {"key": f"stage-{stage}.key", "path": "tls.key"},
+    ]
+    secret = {"secretName": shard_secret_name(name), "items": items, "defaultMode": 0o440}
+    return {"name": "tls", "secret": secret}
 
 
 def _stage_service(

@@ -80,4 +80,5 @@ async def deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     metrics.forget(meta.namespace or "default", meta.name or "")
     memo.deps.last_check.pop(meta.uid, None)
     memo.deps.last_measure.pop(meta.uid, None)
+    memo.deps.issued.pop(meta.uid, None)
     memo.locks.pop(meta.uid, None)

@@ -1,4 +1,5 @@
-"""The one Kubernetes adapter: a small async REST client for Pods, Services, Nodes and NetworkPolicies.
+"""The one Kubernetes adapter: a small async REST client for Pods, Services, Nodes, NetworkPolicies
+and Secrets.
 
 It logs in the way kopf does (service account in a Pod, else the kubeconfig), speaks JSON
 merge patches, and maps HTTP failures once: 404 → None/ignored, 409 → ``Conflict``,
@@ -21,6 +22,7 @@ _KINDS = {
     "Pod": ("/api/v1", "pods"),
     "Service": ("/api/v1", "services"),
     "Node": ("/api/v1", "nodes"),
+    "Secret": ("/api/v1", "secrets"),
     "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies"),
 }
 

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 
 import grpc
 
+from amp4ec import pki
 from amp4ec.errors import InvalidSpec
 from amp4ec.operator.spec import DeploymentSpec
 from amp4ec.planner.types import LayerProfile
+from amp4ec.wire import transport
 from amp4ec.wire.v1 import agent_pb2, agent_pb2_grpc
 
 __all__ = ["ModelCosts", "Profiler", "ProfilerUnavailable"]
@@ -50,8 +52,10 @@ def _key(spec: DeploymentSpec) -> tuple[str, int, tuple[int, ...]]:
 class Profiler:
     """Client of one monitor agent's ``Monitor.Profile``, with a per-model cache."""
 
-    def __init__(self, target: str, timeout_s: float = 120.0) -> None:
+    def __init__(self, target: str, security: transport.TransportSecurity, timeout_s: float = 120.0) -> None:
+        """``security``: the operator's identity; the monitor must present ``monitor.amp4ec``."""
         self.target = target
+        self._security = security
         self._timeout = timeout_s
         self._cache: dict[tuple[str, int, tuple[int, ...]], ModelCosts] = {}
         self._failures: dict[tuple[str, int, tuple[int, ...]], InvalidSpec] = {}
@@ -78,8 +82,11 @@ class Profiler:
 
     async def _fetch(self, spec: DeploymentSpec, key: tuple[str, int, tuple[int, ...]]) -> ModelCosts:
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(
-                self.target, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+            self._channel = transport.channel(
+                self.target,
+                self._security,
+                expect_identity=pki.MONITOR,
+                options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
             )
         stub = agent_pb2_grpc.MonitorStub(self._channel)
         request = agent_pb2.ProfileRequest(

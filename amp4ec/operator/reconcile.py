@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from amp4ec import planner
+from amp4ec import pki, planner
 from amp4ec.errors import InvalidSpec, PlanInfeasible
-from amp4ec.operator import metrics
+from amp4ec.operator import certs, metrics
 from amp4ec.operator.capacity import CapacityUnavailable, Prometheus
 from amp4ec.operator.config import OperatorConfig
 from amp4ec.operator.desired import (
@@ -63,6 +63,10 @@ class Deps:
     """Deployment uid → monotonic time of its last capacity check (re-plan interval)."""
     last_measure: dict[str, float] = field(default_factory=dict)
     """Deployment uid → monotonic time of its last ``status.measured`` query."""
+    ca: pki.CertificateAuthority | None = None
+    """The cluster CA (``config.tls``): shard and client leaves are issued from it."""
+    issued: dict[str, certs.Issued] = field(default_factory=dict)
+    """Deployment uid → what its Secrets hold (certs.py, [Note: write-only Secrets])."""
 
 
 @dataclass(frozen=True)
@@ -356,6 +360,24 @@ async def _owned(deps: Deps, t: Target, kind: str, labels: Mapping[str, str]) ->
     return [o for o in await deps.kube.list(kind, t.namespace, labels) if owned_by(o, t.uid)]
 
 
+async def _certificates(
+    deps: Deps, t: Target, record: PlanRecord, adopt: Callable[[dict[str, Any]], None]
+) -> None:
+    """A leaf per stage index of ``record`` and the client leaf, issued or renewed (mutual TLS)."""
+    if deps.ca is None:
+        return
+    stages = max(s.stage for s in record.stages) + 1
+    labels = {LABEL_DEPLOYMENT: t.name, "app.kubernetes.io/managed-by": "amp4ec-operator"}
+    await certs.ensure_monitors(deps.kube, deps.ca, deps.config.namespace)  # renewed here too
+    try:
+        deps.issued[t.uid] = await certs.ensure_deployment(
+            deps.kube, deps.ca, t.name, t.namespace, stages, labels, adopt, deps.issued.get(t.uid)
+        )
+    except InvalidSpec as exc:  # a name too long for an identity
+        status = _finish(t, Phase.FAILED, [condition("Planned", False, "InvalidSpec", str(exc))])
+        raise _Stop(Outcome(status, permanent=str(exc), reason="InvalidSpec")) from None
+
+
 async def _shards_ready(deps: Deps, t: Target, record: PlanRecord) -> tuple[int, int]:
     pods = await _owned(deps, t, "Pod", {LABEL_DEPLOYMENT: label_value(t.name), LABEL_PLAN: record.id})
     return sum(_pod_ready(p) for p in pods), len(record.stages)
@@ -385,6 +407,7 @@ async def _roll_out(
     """Make before break: the new plan's objects, its shards ready, then the entry switches."""
     cfg = deps.config
     await _apply_policy(deps, t, spec, adopt)
+    await _certificates(deps, t, target, adopt)
     await _apply(deps, t, desired_objects(t.name, t.namespace, spec, target, cfg), adopt)
     ready, total = await _shards_ready(deps, t, target)
     if ready < total:
@@ -438,6 +461,7 @@ async def _settle(
     """The active plan's objects exist, older plans' are gone; status says how ready it is."""
     cfg = deps.config
     await _apply_policy(deps, t, spec, adopt)
+    await _certificates(deps, t, current, adopt)  # renewed here, before they expire
     await _apply(deps, t, desired_objects(t.name, t.namespace, spec, current, cfg), adopt)
     entry = entry_service(t.name, t.namespace, current.id, cfg)
     await _apply(deps, t, [entry], adopt)

@@ -13,11 +13,14 @@ from typing import Any
 
 import kopf
 
+from amp4ec import pki
+from amp4ec.operator import certs
 from amp4ec.operator.capacity import Prometheus
 from amp4ec.operator.config import OperatorConfig
 from amp4ec.operator.k8s import Kube
 from amp4ec.operator.profiles import Profiler
 from amp4ec.operator.reconcile import Deps
+from amp4ec.wire.transport import TransportSecurity
 
 __all__ = ["configure", "shutdown"]
 
@@ -41,11 +44,22 @@ async def configure(
     info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
     if info is None:
         raise kopf.PermanentError("no Kubernetes credentials: neither a service account nor a kubeconfig")
+    kube = Kube(info)
+    ca, security = None, TransportSecurity.plaintext()
+    if config.tls:
+        # The CA (created when missing), the monitors' leaf, and this process's own leaf,
+        # which never leaves memory: the operator is the only "operator.amp4ec".
+        ca = await certs.ensure_ca(kube, config.namespace)
+        await certs.ensure_monitors(kube, ca, config.namespace)
+        # As long as the CA: whoever reads this process's memory has the CA key anyway.
+        own = ca.issue(pki.OPERATOR, ca.cert.not_valid_after_utc - ca.cert.not_valid_before_utc)
+        security = TransportSecurity(ca.cert_pem, own.cert_pem, own.key_pem)
     memo.deps = Deps(
-        kube=Kube(info),
+        kube=kube,
         prometheus=Prometheus(config.prometheus_url, timeout_s=config.prometheus_timeout_s),
-        profiler=Profiler(config.profiler, timeout_s=config.profile_timeout_s),
+        profiler=Profiler(config.profiler, security, timeout_s=config.profile_timeout_s),
         config=config,
+        ca=ca,
     )
     memo.locks = {}  # deployment uid → asyncio.Lock: the handlers and the timer take turns
 

@@ -17,6 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from amp4ec.errors import ShardUnavailable
+from amp4ec.wire import transport
 from amp4ec.wire.liveness import remaining_s
 from amp4ec.wire.v1 import shard_pb2, shard_pb2_grpc
 
@@ -28,11 +29,19 @@ SHARD_SERVICE = "amp4ec.wire.v1.Shard"
 
 
 class ShardStream:
-    def __init__(self, target: str, options: list[tuple[str, int]], peer: str | None = None) -> None:
+    def __init__(
+        self,
+        target: str,
+        options: list[tuple[str, int]],
+        security: transport.TransportSecurity,
+        expect_identity: str = "",
+        peer: str | None = None,
+    ) -> None:
+        """``expect_identity``: what the shard at ``target`` must present under mutual TLS."""
         self.target = target
         self.peer = peer or f"shard at {target}"
         """How errors name the other end, e.g. ``stage 1 on node1``."""
-        self._channel = grpc.aio.insecure_channel(target, options=options)
+        self._channel = transport.channel(target, security, expect_identity=expect_identity, options=options)
         self._stub = shard_pb2_grpc.ShardStub(self._channel)
         self._call: grpc.aio.StreamStreamCall | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -141,6 +150,12 @@ class ShardStream:
         except grpc.aio.AioRpcError:
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def close_when_idle(self) -> None:
+        """Close once every request sent has its answer (a replaced stream finishes what it carries)."""
+        while self._pending:
+            await asyncio.wait(list(self._pending.values()))
+        await self.close()
 
     async def close(self) -> None:
         """Close the stream; requests still waiting are answered UNAVAILABLE (retriable)."""

@@ -163,6 +163,28 @@ def test_shaped_links_delay_and_limit_then_leave_nothing_behind() -> None:
     assert f"a4h{os.getpid() % 100000}x" not in links
 
 
+@pytest.mark.skipif(links_available() is not None, reason=f"slow links: {links_available()}")
+def test_shaped_links_are_measured_over_mutual_tls_to_the_control_port() -> None:
+    """Echo is on the agent's control port, operator identity only: the probe goes there, through
+    the same shaped path (delay and rate) the stages' traffic takes."""
+    from amp4ec.local.cluster import LocalCluster, NodeSpec
+
+    async def main() -> list:
+        async with LocalCluster([NodeSpec("node0", 1.0), NodeSpec("node1", 1.0)], "none") as cluster:
+            names = list(cluster.agents)
+            targets = {n: cluster.address(n) for n in names}
+            probes = {n: cluster.agents[n].control_address for n in names}
+            async with ShapedLinks(
+                LinkShape(rate_mbit=20, delay_ms=10), targets, os.getpid(), probes
+            ) as links:
+                return await links.links(names, [], cluster.security, cluster.identity)
+
+    measured = asyncio.run(main())
+    assert {(link.src, link.dst) for link in measured} == {("node0", "node1"), ("node1", "node0")}
+    for link in measured:
+        assert link.rtt_ms >= 20 and link.bandwidth_bytes_per_s < 20e6 / 8 * 1.2
+
+
 def test_the_matched_monolith_is_tuned_only_where_it_has_several_cores() -> None:
     from amp4ec.bench.runner import matched_variants
     from amp4ec.local.cluster import NodeSpec

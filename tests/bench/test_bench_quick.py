@@ -92,6 +92,17 @@ def test_quick_bench_writes_complete_results_plots_and_docs(tmp_path: Path) -> N
     assert len(matched["tunings_rps"]) == tunings and all(r > 0 for r in matched["tunings_rps"].values())
     assert matched["saturation"]["rps"] == max(matched["tunings_rps"].values())
 
+    # Mutual TLS (every figure above) against the same plans run --insecure (issue 10, item 9).
+    assert set(config["transport"]) == {"optimal", "equal"}
+    for name, t in config["transport"].items():
+        assert t["hops"] >= 1
+        for side in ("mtls", "insecure"):
+            _positive(t[side]["rps"], f"{name} {side} rps")
+            _positive(t[side]["single_p50_ms"], f"{name} {side} p50")
+        _finite(t["throughput_loss_pct"], f"{name} loss")
+        _finite(t["added_ms_per_hop"], f"{name} per hop")
+    assert config["transport"]["equal"]["hops"] == 3
+
     for plot in PLOTS:
         assert (out / plot).read_bytes()[:8] == PNG, plot
     text = docs.read_text()
@@ -101,3 +112,5 @@ def test_quick_bench_writes_complete_results_plots_and_docs(tmp_path: Path) -> N
         assert f"| {label} |" in table or f"| {label} (= " in table
     assert "Default strategy (optimal):" in table and "Stage-time prediction error:" in table
     assert "Resource-matched monolith tunings" in table
+    assert "Mutual TLS against --insecure (same plans): optimal (ours) " in table
+    assert results["transport"] == "mutual TLS" and "gRPC: mutual TLS on every hop." in table

@@ -14,6 +14,9 @@ from amp4ec.client import Client, Endpoint
 from amp4ec.errors import InvalidSpec, ShardUnavailable
 from amp4ec.local.supervisor import parse_fault
 from amp4ec.retry import Outlier, RetryBudget, RetryPolicy, backoff_s
+from amp4ec.wire.transport import TransportSecurity
+
+PLAINTEXT = TransportSecurity.plaintext()  # nothing listens on these addresses: no handshake to test
 
 
 class Clock:
@@ -92,7 +95,7 @@ def test_fault_flag() -> None:
 
 def test_a_client_with_nothing_left_to_serve_fails_at_once() -> None:
     async def main() -> None:
-        async with Client([Endpoint("127.0.0.1:1", "stage 0 on node0")]) as client:
+        async with Client([Endpoint("127.0.0.1:1", "stage 0 on node0")], PLAINTEXT) as client:
             client.give_up("node0 exited and the survivors cannot serve the model")
             assert client.entries == []
             started = time.monotonic()
@@ -107,7 +110,7 @@ def test_a_client_with_nothing_left_to_serve_fails_at_once() -> None:
 def test_a_spent_budget_stops_retries_and_says_so() -> None:
     async def main() -> None:
         policy = RetryPolicy(budget_ratio=0.0, budget_min_per_s=0.0)
-        async with Client([Endpoint("127.0.0.1:1", "stage 0 on node0")], policy=policy) as client:
+        async with Client([Endpoint("127.0.0.1:1", "stage 0 on node0")], PLAINTEXT, policy=policy) as client:
             with pytest.raises(
                 ShardUnavailable, match=r"stage 0 on node0 unavailable: .*retry budget is spent"
             ):

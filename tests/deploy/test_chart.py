@@ -154,7 +154,8 @@ def test_selectors_match_pod_labels_and_services_name_real_ports(name: str) -> N
 
 def _operator_env(objs: list[dict[str, Any]]) -> dict[str, str]:
     (c,) = one(objs, "Deployment", "-operator")["spec"]["template"]["spec"]["containers"]
-    return {e["name"]: e["value"] for e in c["env"]}
+    # AMP4EC_NAMESPACE comes from the downward API: the release namespace of these renders.
+    return {e["name"]: e.get("value", "amp4ec-system") for e in c["env"]}
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
@@ -170,8 +171,9 @@ def test_operator_env_is_operator_config(name: str) -> None:
         monitor = one(objs, "Service", "-monitor")
         host, port = config.profiler.rsplit(":", 1)
         assert host == f"{monitor['metadata']['name']}.amp4ec-system.svc"
-        assert int(port) == next(p["port"] for p in monitor["spec"]["ports"] if p["name"] == "grpc")
+        assert int(port) == next(p["port"] for p in monitor["spec"]["ports"] if p["name"] == "control")
         assert config.agent_image == "ghcr.io/amp4ec/node-agent:0.1.0"
+        assert config.tls and config.namespace == "amp4ec-system"
     if name == "full":
         assert config.capacity_max_age_s == 60 and config.ready_poll_s == 1.5
         assert dict(config.shard_env) == {"LOG_LEVEL": "debug", "OMP_NUM_THREADS": "1"}
@@ -203,8 +205,18 @@ def test_monitor_args_parse_with_the_node_agent_cli(name: str, tmp_path: Any) ->
     (c,) = ds["spec"]["template"]["spec"]["containers"]
     assert c["command"] == ["python", "-m", "amp4ec.node_agent"]
     assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in c["env"]
-    args = [a.replace("$(NODE_NAME)", "edge-a") for a in c["args"]]
+    # The monitors' leaf, mounted from the Secret the operator issues: here, files made for the test.
+    from amp4ec import pki
+
+    ca = pki.CertificateAuthority.create()
+    (tmp_path / "ca.crt").write_bytes(ca.cert_pem)
+    ca.issue(pki.MONITOR).write(tmp_path, "tls")
+    tls = next(m for m in c["volumeMounts"] if m["name"] == "tls")
+    volume = next(v for v in ds["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls")
+    assert volume["secret"]["secretName"] == "amp4ec-monitor-tls" and volume["secret"]["defaultMode"] == 0o440
+    args = [a.replace("$(NODE_NAME)", "edge-a").replace(tls["mountPath"], str(tmp_path)) for a in c["args"]]
     settings, stage, _, monitor = parse_args(args)
+    assert settings.security.identity == pki.MONITOR
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert stage is None and monitor is not None
     assert (
@@ -212,7 +224,9 @@ def test_monitor_args_parse_with_the_node_agent_cli(name: str, tmp_path: Any) ->
         and settings.port == ports["grpc"]
         and settings.metrics_port == ports["metrics"]
     )
-    assert c["readinessProbe"]["grpc"]["port"] == ports["grpc"]
+    assert settings.control_port == ports["control"]
+    # The kubelet cannot present a certificate: it probes the plaintext health-only port.
+    assert c["readinessProbe"]["grpc"]["port"] == settings.health_port == c["livenessProbe"]["grpc"]["port"]
     # The capacity override is the node's key of the (optional) ConfigMap mounted there.
     mount = next(m for m in c["volumeMounts"] if m["name"] == "capacity-override")
     assert str(monitor.override) == f"{mount['mountPath']}/edge-a.json"

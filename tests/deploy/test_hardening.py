@@ -109,7 +109,7 @@ def test_the_crd_schema_rejects_escapes_and_bad_pass_through_fields(change: Any,
 def _config(values: dict[str, Any]) -> tuple[list[dict[str, Any]], OperatorConfig]:
     objs = render(values)
     (c,) = one(objs, "Deployment", "-operator")["spec"]["template"]["spec"]["containers"]
-    return objs, OperatorConfig.from_env({e["name"]: e["value"] for e in c["env"]})
+    return objs, OperatorConfig.from_env({e["name"]: e.get("value", "amp4ec-system") for e in c["env"]})
 
 
 def _shard_objects(config: OperatorConfig) -> list[dict[str, Any]]:
@@ -176,7 +176,7 @@ def test_chart_policies_select_the_chart_pods_and_open_only_their_ports(values: 
         assert policy["spec"]["policyTypes"] == ["Ingress"]
         ports = {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
         opened = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
-        assert opened == {ports["metrics"]} | ({ports["grpc"]} if component == "monitor" else set())
+        assert opened == {ports["metrics"]} | ({ports["control"]} if component == "monitor" else set())
     grpc_from = policies["monitor"]["spec"]["ingress"][0]["from"]
     selected = [
         w for w in workloads.values()

@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from amp4ec import pki
+from amp4ec.operator import certs
 from amp4ec.operator.capacity import Capacity
 from amp4ec.operator.config import GROUP, PLURAL, OperatorConfig
 from amp4ec.operator.k8s import Kube
@@ -75,6 +77,7 @@ class RecordingKube(Kube):
         self.objects: dict[tuple[str, str | None, str], dict[str, Any]] = {}
         self.used: set[Permission] = set()
         self.methods: set[tuple[str, str]] = set()  # (Kube method, kind) reached
+        self.secrets_read: set[tuple[str | None, str]] = set()  # (namespace, name) of every Secret GET
 
     async def _request(self, method: str, path: str, body: Any = None, content_type: str = "") -> Any:
         m = _PATH.match(path)
@@ -82,6 +85,8 @@ class RecordingKube(Kube):
         plural, name, namespace = m.group("plural"), m.group("name"), m.group("ns")
         verb = ("get" if name else "list") if method == "GET" else _VERBS[method]
         self.used.add((m.group("group") or "", plural, verb))
+        if plural == "secrets" and method == "GET":
+            self.secrets_read.add((namespace, name or "*"))
         key = (plural, namespace, name or "")
         if method == "GET" and name:
             return self.objects.get(key)
@@ -134,10 +139,15 @@ class Capacities:
 
 
 def _operator_calls() -> set[Permission]:
+    return _scenario().used
+
+
+def _scenario() -> RecordingKube:
     kube = RecordingKube()
     for node in ("edge-a", "edge-b"):
         kube.add_node(node)
-    deps = Deps(kube=kube, prometheus=Capacities(), profiler=Profiles(), config=OperatorConfig())  # type: ignore[arg-type]
+    config = OperatorConfig()
+    deps = Deps(kube=kube, prometheus=Capacities(), profiler=Profiles(), config=config)  # type: ignore[arg-type]
     spec = {
         "model": {"name": "mobilenet_v2"},
         "strategy": "equal",
@@ -157,6 +167,9 @@ def _operator_calls() -> set[Permission]:
         return outcome.reason
 
     async def scenario() -> None:
+        # Start-up (settings.py): the CA Secret, created when missing, and the monitors' leaf.
+        deps.ca = await certs.ensure_ca(kube, config.namespace)
+        await certs.ensure_monitors(kube, deps.ca, config.namespace)
         assert await step("create") == "ShardsStarting"
         kube.start_pods()
         assert await step("create") == "Serving"
@@ -165,6 +178,7 @@ def _operator_calls() -> set[Permission]:
         del kube.objects[("nodes", None, "edge-a")]
         kube.add_node("edge-c")
         deps.last_check.clear()
+        deps.ca = pki.CertificateAuthority.create("replaced")  # every leaf is re-issued: a patch
         assert await step("timer") == "ShardsStarting"
         kube.start_pods()
         deps.last_check.clear()
@@ -184,7 +198,7 @@ def _operator_calls() -> set[Permission]:
         o["metadata"]["labels"].get("amp4ec.io/plan") for (p, _, _), o in kube.objects.items() if p == "pods"
     }
     assert plans == {status["plan"]["id"]}, "the old plan's Pods are gone"
-    return kube.used
+    return kube
 
 
 def _kube_call_sites() -> set[str]:
@@ -205,8 +219,8 @@ def _kube_call_sites() -> set[str]:
     return methods
 
 
-def _granted(objs: list[dict[str, Any]]) -> set[Permission]:
-    role = one(objs, "ClusterRole")
+def _granted(objs: list[dict[str, Any]], kind: str = "ClusterRole") -> set[Permission]:
+    role = one(objs, kind)
     return {
         (group, resource, verb)
         for rule in role["rules"]
@@ -234,7 +248,10 @@ def test_cluster_role_is_exactly_what_the_operator_and_kopf_use() -> None:
         ("", "services", "patch"), ("", "services", "delete"),
         ("networking.k8s.io", "networkpolicies", "get"), ("networking.k8s.io", "networkpolicies", "create"),
         ("networking.k8s.io", "networkpolicies", "patch"),
+        ("", "secrets", "get"), ("", "secrets", "create"), ("", "secrets", "patch"),
     }  # fmt: skip
+    # Secrets are read only in the operator's namespace, by name (the Role), never clusterwide.
+    used -= {("", "secrets", "get")}
     needed = used | set(KOPF_NEEDS)
     granted = _granted(render())
     assert granted - needed == set(), f"granted but never used: {sorted(granted - needed)}"
@@ -255,4 +272,29 @@ def test_kopf_needs_hold_for_how_the_chart_runs_it() -> None:
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": "amp4ec-system"}
     ]
-    assert not [o for o in objs if o["kind"] in {"Role", "RoleBinding"}]
+    # The one Role: reading the CA and the monitors' Secret in the operator's own namespace.
+    (role,) = [o for o in objs if o["kind"] == "Role"]
+    (role_binding,) = [o for o in objs if o["kind"] == "RoleBinding"]
+    assert (
+        role_binding["subjects"] == binding["subjects"]
+        and role_binding["roleRef"]["name"] == role["metadata"]["name"]
+    )
+
+
+def test_the_operator_reads_only_its_own_two_secrets() -> None:
+    """Reading every Secret of the cluster is a privilege the operator does not need (certs.py,
+    [Note: write-only Secrets]): it writes deployments' Secrets and reads back none of them."""
+    kube = _scenario()
+    assert kube.secrets_read == {("amp4ec-system", "amp4ec-ca"), ("amp4ec-system", "amp4ec-monitor-tls")}
+    objs = render()
+    role = one(objs, "Role")
+    assert role["metadata"]["namespace"] == "amp4ec-system"
+    assert role["rules"] == [
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "resourceNames": ["amp4ec-ca", "amp4ec-monitor-tls"],
+            "verbs": ["get"],
+        }
+    ]
+    assert ("", "secrets", "get") not in _granted(objs)

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from amp4ec.client import Client
 from amp4ec.errors import InvalidSpec
 from amp4ec.local import LocalCluster, NodeSpec, RunConfig, parse_nodes, run
 from amp4ec.local.cgroups import cgroups_available
+from amp4ec.local.cluster import CLIENT_IDENTITY
 from amp4ec.slicing import ModelSource, load_model, split_model
 from amp4ec.wire.v1 import agent_pb2
 
@@ -44,11 +44,17 @@ def test_three_agent_pipeline_equals_monolith_and_cleans_up() -> None:
             for i, (first, last) in enumerate(cuts):
                 nxt = cluster.address(f"node{i + 1}") if i < 2 else ""
                 spec = agent_pb2.StageSpec(
-                    model=MODEL, first_block=first, last_block=last, next_hop=nxt, stage=i
+                    model=MODEL,
+                    first_block=first,
+                    last_block=last,
+                    next_hop=nxt,
+                    stage=i,
+                    next_hop_identity=cluster.identity(f"node{i + 1}") if i < 2 else "",
+                    accept_from=[cluster.identity(f"node{i - 1}") if i else CLIENT_IDENTITY],
                 )
                 info = await cluster.load(f"node{i}", spec)
                 assert (info.first_block, info.last_block) == (first, last)
-            async with Client([cluster.address("node0")]) as client:
+            async with cluster.client(["node0"]) as client:
                 results = await asyncio.gather(*(client.infer(loaded.example_inputs) for _ in range(8)))
             for r in results:
                 torch.testing.assert_close(r.outputs[0], expected, rtol=1e-4, atol=1e-5)
@@ -76,6 +82,7 @@ def test_local_run_end_to_end_reports_a_correct_result(strategy: str) -> None:
     report = asyncio.run(run(config, lambda phase, done, total: phases.append(phase)))
     data = report.to_json()
     assert data["max_abs_diff"] < 1e-4
+    assert data["transport"] == "mutual TLS"  # the default: an ephemeral CA for the run
     assert data["plan"][0]["first_block"] == 0
     blocks = [
         b

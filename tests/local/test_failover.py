@@ -96,7 +96,7 @@ def test_no_request_fails_when_an_agent_dies_or_hangs(model, layout: str, kind: 
                 errors.append(str(error))
 
             async with (
-                Client(endpoints(plan, cluster.address)) as client,
+                Client(endpoints(plan, cluster.address), cluster.client_security) as client,
                 Supervisor(cluster, client, plan, replan, lambda p: deploy(cluster, p, source)) as supervisor,
             ):
                 loop = asyncio.create_task(drive(client, inputs, REQUESTS, 4, done, failed, deadline_s=20))
@@ -159,7 +159,7 @@ def test_client_alone_routes_around_dead_and_hung_pipelines_and_fails_fast(model
             await deploy(cluster, plan, source)
             stopped = []
             try:
-                async with Client(endpoints(plan, cluster.address)) as client:
+                async with Client(endpoints(plan, cluster.address), cluster.client_security) as client:
                     await drive(client, inputs, 20, 4, lambda r: None)
                     cluster.agents["node3"].process.kill()
                     await asyncio.to_thread(cluster.agents["node3"].process.wait)  # gone, not dying
@@ -178,7 +178,9 @@ def test_client_alone_routes_around_dead_and_hung_pipelines_and_fails_fast(model
                     assert any("stage 1 on node1 unavailable" in e for e in client.stats.recent_errors)
 
                 entry = endpoints(plan, cluster.address)[:1]
-                async with Client(entry, policy=RetryPolicy(max_attempts=1)) as alone:
+                async with Client(
+                    entry, cluster.client_security, policy=RetryPolicy(max_attempts=1)
+                ) as alone:
                     started = time.monotonic()
                     with pytest.raises(
                         ShardUnavailable, match=r"UNAVAILABLE: .*stage 1 on node1 unavailable"
@@ -188,7 +190,7 @@ def test_client_alone_routes_around_dead_and_hung_pipelines_and_fails_fast(model
 
                 stopped.append(cluster.agents["node2"].process)
                 os.kill(stopped[-1].pid, signal.SIGSTOP)
-                async with Client([cluster.address("node2")]) as hung:
+                async with cluster.client(["node2"]) as hung:
                     started = time.monotonic()
                     with pytest.raises(DeadlineExceeded):
                         await hung.infer(inputs, deadline_s=1.0)

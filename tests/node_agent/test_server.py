@@ -27,10 +27,11 @@ def monolith():
 
 
 async def _agent(config: StageConfig | None = None):
-    agent = await create_server(AgentSettings(port=0, cpu_limit=1.0, allowed_factories=("tests.model_zoo",)))
+    settings = AgentSettings(port=0, control_port=0, cpu_limit=1.0, allowed_factories=("tests.model_zoo",))
+    agent = await create_server(settings)
     if config is not None:
         await agent.load(config)
-    await agent.server.start()
+    await agent.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{agent.port}")
     return agent, channel
 
@@ -136,7 +137,8 @@ def test_no_stage_deadline_and_unreachable_next_hop(monolith) -> None:
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await stub.Infer(_frame("x", inputs))
             assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-            control = agent_pb2_grpc.NodeAgentStub(channel)
+            control_channel = grpc.aio.insecure_channel(f"127.0.0.1:{agent.control_port}")
+            control = agent_pb2_grpc.NodeAgentStub(control_channel)
             # A next hop nobody listens on: the request fails UNAVAILABLE, the agent lives on.
             with socket_port() as dead_port:
                 info_reply = await control.LoadStage(
@@ -166,6 +168,7 @@ def test_no_stage_deadline_and_unreachable_next_hop(monolith) -> None:
             )
             # Measured on the agent's own gRPC path: some CPU, far less than a forward.
             assert 0 < capacity.request_overhead_ms < 50
+            await control_channel.close()
         finally:
             await _close(agent, channel)
 

@@ -9,8 +9,10 @@ create-if-exists and on stale ``resourceVersion``, ``labelSelector`` on lists, a
 garbage collector (children whose owner is gone are deleted, cascading).
 
 ``Kubelet`` starts each Pod's container command as a local process (args and env, with the
-pod's own port and next hops rewritten to loopback), marks it Ready when its gRPC readiness
-probe answers SERVING, and maps every Service to a loopback TCP proxy (kube-proxy's job)
+pod's own port and next hops rewritten to loopback, its Secret volumes written to a private
+directory and their mount paths rewritten to it), marks it Ready when its gRPC readiness
+probe answers SERVING (on its plaintext health-only port when it has one, as a kubelet cannot
+present a certificate), and maps every Service to a loopback TCP proxy (kube-proxy's job)
 in front of the ready Pods its selector matches. A container whose process exits is restarted
 per ``restartPolicy`` with the kubelet's CrashLoopBackOff (the first restart at once, then
 10 s doubling to 5 min), each run with a fresh port file, and the Pod status carries what a
@@ -27,6 +29,7 @@ annotations), so the test Prometheus applies the same relabelling a cluster's do
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import copy
 import datetime
@@ -59,6 +62,7 @@ __all__ = ["Emulator", "FakeCluster", "Kubectl", "Kubelet"]
 ROOT = Path(__file__).resolve().parents[2]
 CRD = "amp4ec.io/v1alpha1/inferencedeployments"
 PODS = "v1/pods"
+SECRETS = "v1/secrets"
 SERVICES = "v1/services"
 NODES = "v1/nodes"
 
@@ -293,6 +297,8 @@ class _Container:
     restart_policy: str
     popen: subprocess.Popen[bytes] | None = None
     port_file: Path | None = None
+    health_file: Path | None = None
+    """Where the run writes its health-only port (``--health-port``), if it serves one."""
     log: Path | None = None
     port: int | None = None
     """The running process's gRPC port, read from its own port file (None until it is written)."""
@@ -341,14 +347,25 @@ class Kubelet:
         return entry[1] if entry else None
 
     def _rewrite(
-        self, args: list[str], namespace: str, port_file: Path, metrics_port: int | None
+        self,
+        args: list[str],
+        namespace: str,
+        port_file: Path,
+        metrics_port: int | None,
+        mounts: dict[str, Path] | None = None,
     ) -> list[str] | None:
         out: list[str] = []
         it = iter(args)
         for a in it:
+            for mount_path, local in (mounts or {}).items():
+                if a.startswith(mount_path + "/"):
+                    a = str(local) + a[len(mount_path) :]
             if a == "--port":
                 next(it)
                 out += ["--port", "0", "--port-file", str(port_file)]
+            elif a == "--health-port":
+                next(it)
+                out += ["--health-port", "0", "--health-port-file", str(port_file.with_suffix(".health"))]
             elif a == "--host":
                 next(it)
                 out += ["--host", "127.0.0.1"]
@@ -387,7 +404,13 @@ class Kubelet:
         stem = f"{meta['namespace']}-{meta['name']}-{meta['uid'][:8]}-{c.runs}"
         port_file = self.workdir / f"{stem}.port"
         port_file.unlink(missing_ok=True)
-        args = self._rewrite(list(container.get("args", [])), meta["namespace"], port_file, c.metrics_port)
+        port_file.with_suffix(".health").unlink(missing_ok=True)
+        mounts = self._secret_volumes(c.pod, self.workdir / f"{stem}.volumes")
+        if mounts is None:
+            return False  # a Secret it mounts is not there yet: the kubelet waits too
+        args = self._rewrite(
+            list(container.get("args", [])), meta["namespace"], port_file, c.metrics_port, mounts
+        )
         if args is None:
             return False
         command = [sys.executable if x == "python" else x for x in container.get("command", [])]
@@ -399,11 +422,45 @@ class Kubelet:
             )
         c.runs += 1
         c.port_file, c.port, c.exit_recorded = port_file, None, False
+        health = "--health-port" in container.get("args", [])
+        c.health_file = port_file.with_suffix(".health") if health else None
         c.started_at, c.started_iso, c.restart_at = time.monotonic(), _now(), None
         if c.metrics_port is not None and self.sd_dir is not None:
             c.sd_file = self.sd_dir / f"{meta['namespace']}-{meta['name']}-{meta['uid'][:8]}.json"
             _write_atomic(c.sd_file, json.dumps([_sd_target(c.pod, f"127.0.0.1:{c.metrics_port}")]))
         return True
+
+    def _secret_volumes(self, pod: dict[str, Any], root: Path) -> dict[str, Path] | None:
+        """Write each Secret volume's items (0700 directory, the volume's mode) → mountPath: local dir."""
+        ns = pod["metadata"]["namespace"]
+        secrets = {
+            o["metadata"]["name"]: o
+            for o in self.emulator.live_objects(SECRETS)
+            if o["metadata"]["namespace"] == ns
+        }
+        volumes = {v["name"]: v["secret"] for v in pod["spec"].get("volumes", []) if "secret" in v}
+        mounts: dict[str, Path] = {}
+        for m in pod["spec"]["containers"][0].get("volumeMounts", []):
+            source = volumes.get(m["name"])
+            if source is None:
+                continue
+            secret = secrets.get(source["secretName"])
+            if secret is None:
+                return None
+            data = secret.get("data") or {}
+            items = source.get("items") or [{"key": k, "path": k} for k in data]
+            if any(i["key"] not in data for i in items):
+                return None
+            local = root / m["name"]
+            local.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for item in items:
+                path = local / item["path"]
+                path.unlink(missing_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT, source.get("defaultMode", 0o644))
+                with os.fdopen(fd, "wb") as f:
+                    f.write(base64.b64decode(data[item["key"]]))
+            mounts[m["mountPath"]] = local
+        return mounts
 
     def _exited(self, c: _Container, code: int) -> None:
         """Record a run's end and, per restartPolicy, when the next run may start."""
@@ -432,8 +489,15 @@ class Kubelet:
                 c.port = int(c.port_file.read_text())
             except (OSError, ValueError):  # not written yet, or half written
                 return False
+        # Under mutual TLS the kubelet probes the plaintext health-only port, as a real one does.
+        probe_port = c.port
+        if c.health_file is not None:
+            try:
+                probe_port = int(c.health_file.read_text())
+            except (OSError, ValueError):
+                return False
         try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{c.port}") as channel:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{probe_port}") as channel:
                 answer = await health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(service=c.probe_service), timeout=1.0
                 )

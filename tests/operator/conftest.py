@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import os
@@ -20,7 +21,9 @@ from typing import Any
 
 import pytest
 
-from tests.operator.cluster import CRD, NODES, PODS, ROOT, SERVICES, FakeCluster, Kubectl, environ
+from amp4ec import pki
+from amp4ec.operator.certs import CA_SECRET, client_secret_name
+from tests.operator.cluster import CRD, NODES, PODS, ROOT, SECRETS, SERVICES, FakeCluster, Kubectl, environ
 from tests.waiting import wait_for as _wait_for
 
 NODE_NAMES = ("edge-a", "edge-b", "edge-c")
@@ -67,6 +70,7 @@ class Monitor:
     node: str
     proc: subprocess.Popen[bytes]
     port: int
+    """The control port (Monitor.Profile; mutual TLS, the operator's identity only)."""
     metrics_port: int
     override: Path
     log: Path
@@ -81,8 +85,10 @@ class Monitor:
         tmp.replace(self.override)
 
 
-def start_monitor(node: str, workdir: Path) -> Monitor:
+def start_monitor(node: str, workdir: Path, tls: Path) -> Monitor:
+    """A monitor agent with the monitors' leaf in ``tls`` (ca.crt, tls.crt, tls.key)."""
     port_file = workdir / f"monitor-{node}.port"
+    control_file = workdir / f"monitor-{node}.control-port"
     override = workdir / f"monitor-{node}.json"
     log = workdir / f"monitor-{node}.log"
     metrics_port = free_port()
@@ -90,13 +96,16 @@ def start_monitor(node: str, workdir: Path) -> Monitor:
         proc = subprocess.Popen(
             [
                 sys.executable, "-m", "amp4ec.node_agent", "--node", node, "--port-file", str(port_file),
+                "--control-port", "0", "--control-port-file", str(control_file),
+                "--tls-ca", str(tls / "ca.crt"), "--tls-cert", str(tls / "tls.crt"),
+                "--tls-key", str(tls / "tls.key"),
                 "--metrics-port", str(metrics_port), "--cpu-limit", "1", "--memory-bytes", str(2 << 30),
                 "--monitor-interval", "1", "--capacity-override", str(override),
             ],
             env=environ(), stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
         )  # fmt: skip
-    port = wait_for(lambda: port_file.exists() and int(port_file.read_text()), 60, f"monitor {node} to serve")
-    return Monitor(node, proc, port, metrics_port, override, log)
+    wait_for(lambda: port_file.exists() and int(port_file.read_text()), 60, f"monitor {node} to serve")
+    return Monitor(node, proc, int(control_file.read_text()), metrics_port, override, log)
 
 
 @dataclass
@@ -234,6 +243,27 @@ class Env:
                 return c
         return None
 
+    def client_tls(self, namespace: str, name: str) -> list[str]:
+        """``--ca/--cert/--key`` of the client Secret the operator wrote for a deployment, as a user
+        gets them (docs/security.md): the Secret's keys written to files, the key 0600."""
+        secret = wait_for(
+            lambda: self.kubectl.get(SECRETS, namespace, client_secret_name(name)), 30, "the client Secret"
+        )
+        folder = self.workdir / f"client-{namespace}-{name}"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        data = {k: base64.b64decode(v) for k, v in secret["data"].items()}
+        (folder / "ca.crt").write_bytes(data["ca.crt"])
+        pki.write_private(folder / "tls.key", data["tls.key"])
+        (folder / "tls.crt").write_bytes(data["tls.crt"])
+        return [
+            "--ca",
+            str(folder / "ca.crt"),
+            "--cert",
+            str(folder / "tls.crt"),
+            "--key",
+            str(folder / "tls.key"),
+        ]
+
     def logs(self) -> str:
         parts = [f"--- operator ---\n{self.operator.log.read_text(errors='replace')[-6000:]}"]
         for log in sorted(self.workdir.glob("*.log")):
@@ -258,6 +288,16 @@ def _node(name: str) -> dict[str, Any]:
     }
 
 
+def _ca_secret(ca: pki.CertificateAuthority) -> dict[str, Any]:
+    data = {"ca.crt": ca.cert_pem, "ca.key": ca.key_pem}
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": CA_SECRET, "namespace": "amp4ec-system"},
+        "data": {k: base64.b64encode(v).decode() for k, v in data.items()},
+    }
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     binary = require_prometheus()
@@ -268,9 +308,17 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         try:
             for name in NODE_NAMES:
                 kubectl.create(NODES, _node(name))
+            # The cluster admin brings the CA (the operator would create it when missing) and
+            # the monitors' leaf the operator would issue into amp4ec-monitor-tls.
+            ca = pki.CertificateAuthority.create("e2e CA")
+            kubectl.create(SECRETS, _ca_secret(ca))
+            tls = workdir / "monitor-tls"
+            tls.mkdir(mode=0o700)
+            (tls / "ca.crt").write_bytes(ca.cert_pem)
+            ca.issue(pki.MONITOR).write(tls, "tls")
             monitors = {}
             for name in NODE_NAMES:
-                monitors[name] = start_monitor(name, workdir)
+                monitors[name] = start_monitor(name, workdir, tls)
                 started.append(monitors[name].proc)
             prometheus = start_prometheus(
                 binary, workdir, [f"127.0.0.1:{m.metrics_port}" for m in monitors.values()], cluster.sd_dir

@@ -76,7 +76,7 @@ def infer(env: Env, namespace: str, name: str, x: torch.Tensor, tmp_path: Path) 
     out = tmp_path / "y.pt"
     proc = subprocess.run(
         [sys.executable, "-m", "amp4ec", "infer", "--endpoint", f"127.0.0.1:{port}",
-         "--input", str(tmp_path / "x.pt"), "--output", str(out), "--json"],
+         "--input", str(tmp_path / "x.pt"), "--output", str(out), "--json", *env.client_tls(namespace, name)],
         env=environ(), cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr + proc.stdout
@@ -142,13 +142,17 @@ def test_create_plans_places_shards_and_answers_like_the_monolith(ns: Namespace,
     torch.testing.assert_close(infer(env, n, "resnet", x, tmp_path), monolith(x))
 
 
-async def _traffic(port: int, x: torch.Tensor, at_least: int, for_s: float) -> list[float]:
+async def _traffic(port: int, x: torch.Tensor, at_least: int, for_s: float, tls: list[str]) -> list[float]:
     """Closed-loop requests through the entry Service; the client-side latency of each, in s."""
-    from amp4ec.client import Client
+    from amp4ec import pki
+    from amp4ec.client import Client, Endpoint
+    from amp4ec.wire.transport import TransportSecurity
 
     latencies: list[float] = []
     deadline = time.monotonic() + for_s
-    async with Client([f"127.0.0.1:{port}"]) as client:
+    security = TransportSecurity.from_files(tls[1], tls[3], tls[5])  # --ca X --cert Y --key Z
+    entry = pki.entry_identity_for_client(security.identity)
+    async with Client([Endpoint(f"127.0.0.1:{port}", identity=entry)], security) as client:
         while len(latencies) < at_least or time.monotonic() < deadline:
             latencies.append((await client.infer([x])).latency_s)
             await asyncio.sleep(0.05)  # pacing (spread over scrapes), not synchronisation
@@ -168,7 +172,7 @@ def test_measured_throughput_and_latency_come_from_real_requests(ns: Namespace) 
     port = entry_port(env, n, "resnet")
     x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(9))
     # Spread over several scrapes (1 s): a rate needs two samples of the counter.
-    latencies = asyncio.run(_traffic(port, x, at_least=30, for_s=4.0))
+    latencies = asyncio.run(_traffic(port, x, at_least=30, for_s=4.0, tls=env.client_tls(n, "resnet")))
     sent_after = time.time()
     try:
         measured = wait_for(

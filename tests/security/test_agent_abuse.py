@@ -19,7 +19,7 @@ import torch
 
 from amp4ec.wire import codec
 from amp4ec.wire.v1 import agent_pb2, agent_pb2_grpc, shard_pb2, shard_pb2_grpc
-from tests.security.agent import AgentProcess, wait_for
+from tests.security.agent import AgentProcess, connect, wait_for
 
 MiB = 1 << 20
 HELD = 32 * MiB
@@ -53,8 +53,8 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
 
 @pytest.fixture(scope="module")
 def channel(agent: AgentProcess) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(agent.address) as ch:
-        yield ch
+    with connect(agent) as ch:
+        yield ch  # type: ignore[misc]
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def warm_rss(agent: AgentProcess, channel: grpc.Channel) -> int:
 def _connection(agent: AgentProcess) -> grpc.Channel:
     """A channel with its own TCP connection, as another client process would have (channels in
     one process otherwise share connections, and an attacker's streams would queue ours)."""
-    return grpc.insecure_channel(agent.address, options=[("grpc.use_local_subchannel_pool", 1)])
+    return connect(agent, **{"grpc.use_local_subchannel_pool": 1})  # type: ignore[return-value]
 
 
 def _valid(channel: grpc.Channel) -> float:
@@ -290,7 +290,7 @@ def test_calls_over_max_streams_are_refused_while_all_are_served(tmp_path: Path)
 def test_agent_loads_factories_only_from_allowed_modules(tmp_path: Path) -> None:
     agent = AgentProcess(tmp_path, "--allow-factory", "tests.model_zoo")
     try:
-        with grpc.insecure_channel(agent.address) as channel:
+        with connect(agent) as channel:
             control = agent_pb2_grpc.NodeAgentStub(channel)
             info = control.LoadStage(agent_pb2.StageSpec(model="tests.model_zoo:residual_net", last_block=-1))
             assert info.num_blocks > 0

@@ -38,7 +38,7 @@ class Probe(_message.Message):
     def __init__(self, payload: _Optional[bytes] = ..., reply_bytes: _Optional[int] = ...) -> None: ...
 
 class StageSpec(_message.Message):
-    __slots__ = ("model", "weights", "seed", "input_shape", "first_block", "last_block", "next_hop", "stage", "next_node")
+    __slots__ = ("model", "weights", "seed", "input_shape", "first_block", "last_block", "next_hop", "stage", "next_node", "next_hop_identity", "accept_from")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,8 @@ class StageSpec(_message.Message):
     NEXT_HOP_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     NEXT_NODE_FIELD_NUMBER: _ClassVar[int]
+    NEXT_HOP_IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    ACCEPT_FROM_FIELD_NUMBER: _ClassVar[int]
     model: str
     weights: str
     seed: int
@@ -57,7 +59,9 @@ class StageSpec(_message.Message):
     next_hop: str
     stage: int
     next_node: str
-    def __init__(self, model: _Optional[str] = ..., weights: _Optional[str] = ..., seed: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., first_block: _Optional[int] = ..., last_block: _Optional[int] = ..., next_hop: _Optional[str] = ..., stage: _Optional[int] = ..., next_node: _Optional[str] = ...) -> None: ...
+    next_hop_identity: str
+    accept_from: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., weights: _Optional[str] = ..., seed: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., first_block: _Optional[int] = ..., last_block: _Optional[int] = ..., next_hop: _Optional[str] = ..., stage: _Optional[int] = ..., next_node: _Optional[str] = ..., next_hop_identity: _Optional[str] = ..., accept_from: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class UnloadRequest(_message.Message):
     __slots__ = ()

@@ -65,12 +65,12 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s:%s" .Values.agent.image.repository (default .Chart.AppVersion .Values.agent.image.tag) }}
 {{- end }}
 
-{{/* host:port the operator asks for block profiles (Monitor.Profile). */}}
+{{/* host:port the operator asks for block profiles (Monitor.Profile, on the monitors' control port). */}}
 {{- define "amp4ec.profiler" -}}
 {{- if .Values.operator.profiler }}
 {{- .Values.operator.profiler }}
 {{- else if .Values.monitor.enabled }}
-{{- printf "%s.%s.svc:%d" (include "amp4ec.monitorName" .) .Release.Namespace (int .Values.monitor.grpcPort) }}
+{{- printf "%s.%s.svc:%d" (include "amp4ec.monitorName" .) .Release.Namespace (int .Values.monitor.controlPort) }}
 {{- else }}
 {{- fail "operator.profiler is required when monitor.enabled is false (the operator profiles models through a monitor)" }}
 {{- end }}

@@ -1,0 +1,32 @@
+"""Who may call what on an agent's servers, under mutual TLS (see docs/security.md).
+
+The peer identities are what the TLS handshake verified against the CA
+(``transport.peer_identities``); these functions only decide.
+"""
+
+from __future__ import annotations
+
+from amp4ec import pki
+from amp4ec.node_agent.servicer import StageRepository
+from amp4ec.wire import transport
+
+__all__ = ["control_policy", "data_policy"]
+
+_HEALTH = "/grpc.health.v1.Health/"
+_ECHO = "/amp4ec.wire.v1.NodeAgent/Echo"
+
+
+def data_policy(repository: StageRepository) -> transport.Policy:
+    """Health for any verified peer; Shard calls only from the identities the stage accepts."""
+
+    def allowed(method: str, peers: frozenset[str]) -> bool:
+        return method.startswith(_HEALTH) or bool(peers & repository.accept_from)
+
+    return allowed
+
+
+def control_policy(method: str, peers: frozenset[str]) -> bool:
+    """The operator (or local supervisor) may steer; monitors may only probe links."""
+    if method.startswith(_HEALTH) or pki.OPERATOR in peers:
+        return True
+    return method == _ECHO and pki.MONITOR in peers

@@ -204,13 +204,17 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
 
     @contextlib.asynccontextmanager
     async def _call_slot(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        """One of ``max_streams`` data-plane calls: a stalled stream's (see [Note: held bytes]),
-        or RESOURCE_EXHAUSTED at once when every call is being served."""
+        """One of ``max_streams`` data-plane calls: a free one, or a stalled stream's (see
+        [Note: held bytes]); RESOURCE_EXHAUSTED when every call is still being read after
+        ``4 * stall_s`` (streams opened together stall only after ``stall_s``, and refusing
+        before then would let merely slow readers lock out a valid caller)."""
         limit = self._settings.max_streams
-        if self._calls >= limit and self._budget.end_most_stalled():
+        give_up = time.monotonic() + 4 * self._budget.stall_s
+        while self._calls >= limit and time.monotonic() < give_up:
+            wait = 5.0 if self._budget.end_most_stalled() else self._budget.stall_s / 4
             async with self._slots:
                 with contextlib.suppress(asyncio.TimeoutError):  # 3.10: not the builtin yet
-                    await asyncio.wait_for(self._slots.wait_for(lambda: self._calls < limit), 5.0)
+                    await asyncio.wait_for(self._slots.wait_for(lambda: self._calls < limit), wait)
         if self._calls >= limit:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,

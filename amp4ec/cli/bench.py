@@ -13,9 +13,14 @@ from rich.console import Console
 from rich.progress import Progress, TaskID
 
 from amp4ec.bench.progress import ProgressSink
+from amp4ec.cli.checks import missing_extra
 from amp4ec.cli.options import cpu_limits_option, model_options, progress_bar, source_from
+from amp4ec.errors import InvalidSpec
 
 __all__ = ["bench"]
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
+"""The repository's benchmark page (``--update-docs``), found from the package, not the current folder."""
 
 CONFIG_NAMES = ("standard", "scale-down", "scale-up", "big-model", "slow-links", "failover")
 
@@ -39,7 +44,11 @@ class _RichSink(ProgressSink):
         self.console.print(f"[yellow]note:[/] {text}", highlight=False)
 
 
-@click.command()
+@click.command(
+    epilog="Examples:\n\n"
+    "  amp4ec bench --quick --out /tmp/bench        # one configuration, a few minutes\n\n"
+    "  amp4ec bench --update-docs                   # everything; rewrites docs/benchmarks.md"
+)
 @model_options
 @click.option("--quick", is_flag=True, help="the reduced CI run: one configuration, few requests")
 @click.option(
@@ -53,17 +62,21 @@ class _RichSink(ProgressSink):
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("out/bench"),
     show_default=True,
-    help="folder for results.json and the PNG plots",
+    help="folder for results.json, benchmarks.md and the PNG plots (the only place written by default)",
+)
+@click.option(
+    "--update-docs",
+    is_flag=True,
+    help=f"also rewrite the generated section of the repository's {DOCS.parent.name}/{DOCS.name}",
 )
 @click.option(
     "--docs",
     "docs_path",
     type=click.Path(dir_okay=False, path_type=Path),
-    default=Path("docs/benchmarks.md"),
-    show_default=True,
-    help="Markdown file whose generated section is rewritten",
+    help="rewrite the generated section of this Markdown file instead (implies --update-docs)",
 )
-@click.option("--no-docs", is_flag=True, help="do not touch the Markdown file")
+@click.option("--no-docs", is_flag=True, hidden=True, help="the default now; kept for old scripts")
+@click.option("--no-plots", is_flag=True, help="skip the PNG plots (needed without matplotlib)")
 @click.option(
     "--big-model", default="vit_b_16", show_default=True, help="zoo model of the big-model configuration"
 )
@@ -81,13 +94,17 @@ def bench(
     quick: bool,
     only: tuple[str, ...],
     out: Path,
-    docs_path: Path,
+    update_docs: bool,
+    docs_path: Path | None,
     no_docs: bool,
+    no_plots: bool,
     big_model: str,
     cpu_limits: str,
     insecure: bool,
 ) -> None:
     """Benchmark amp4ec against both monoliths and the baselines, as in the paper, on this machine."""
+    docs = docs_path or (DOCS if update_docs and not no_docs else None)
+    check_bench_args(out, docs, no_plots)
     # gRPC's fork notices (agents are forked while channels are open) would interleave the bar.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from amp4ec.bench.markdown import render, write_docs
@@ -108,12 +125,28 @@ def bench(
     with progress_bar(console) as bar:
         results = asyncio.run(run_bench(options, _RichSink(bar, console, total_steps(options))))
     write_json(results, out / "results.json")
-    plots = write_plots(results, out)
+    plots = [] if no_plots else write_plots(results, out)
     markdown = render(results)
     (out / "benchmarks.md").write_text(markdown)
     console.print(markdown, markup=False, highlight=False)
-    if not no_docs:
-        write_docs(docs_path, markdown)
-        console.print(f"table written into {docs_path}")
-    console.print(f"results: {out / 'results.json'}; plots: {', '.join(str(p) for p in plots)}")
+    if docs is not None:
+        write_docs(docs, markdown)
+        console.print(f"table written into {docs}")
+    shown = ", ".join(str(p) for p in plots) or "none (--no-plots)"
+    console.print(f"results: {out / 'results.json'}; plots: {shown}")
     console.print(f"took {results['wall_s'] / 60:.1f} min")
+
+
+def check_bench_args(out: Path, docs: Path | None, no_plots: bool) -> None:
+    """What a bench run needs at its end, checked before its minutes of work."""
+    if not no_plots and missing_extra("matplotlib"):
+        raise InvalidSpec(
+            "amp4ec bench draws its plots with matplotlib, which is not installed: "
+            "pip install 'amp4ec[bench]' (or pass --no-plots)"
+        )
+    if out.exists() and not out.is_dir():
+        raise InvalidSpec(f"--out: {out} is a file; expected a folder")
+    if docs is not None and not docs.parent.is_dir():
+        raise InvalidSpec(
+            f"--docs: folder {docs.parent} does not exist (amp4ec bench --update-docs runs from a clone)"
+        )

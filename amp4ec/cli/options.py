@@ -4,6 +4,7 @@ plan), the CPU-limit option and the progress bar (run, bench)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -16,6 +17,8 @@ from amp4ec.planner import OBJECTIVES, STRATEGIES
 __all__ = [
     "OBJECTIVES",
     "STRATEGIES",
+    "ZOO_NAMES",
+    "check_model_args",
     "cpu_limits_option",
     "model_options",
     "parse_shape",
@@ -60,10 +63,31 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def source_from(model: str, weights: str | None, seed: int, input_shape: str | None):
+ZOO_NAMES = ("mobilenet_v2", "resnet18", "resnet50", "vit_tiny", "vit_b_16")
+"""``amp4ec.models.ZOO``'s names, repeated: the zoo imports torch (tests/cli checks the two agree)."""
+
+
+def check_model_args(model: str, weights: str | None, input_shape: str | None) -> tuple[int, ...] | None:
+    """What can be checked of the model flags without torch; returns the parsed input shape."""
+    spec = model.strip()
+    if spec.endswith(".pt2") and not Path(spec).is_file():
+        raise InvalidSpec(f"--model: file {spec} does not exist; expected a torch.export .pt2 archive")
+    if not spec.endswith(".pt2") and ":" not in spec and spec not in ZOO_NAMES:
+        raise InvalidSpec(
+            f"--model: unknown zoo name {spec!r}; expected one of {', '.join(ZOO_NAMES)} "
+            "(amp4ec models), a .pt2 path or package.module:factory"
+        )
+    if weights is not None and not Path(weights).is_file():
+        raise InvalidSpec(f"--weights: file {weights} does not exist; expected a local state_dict file")
+    return parse_shape(input_shape)
+
+
+def source_from(model: str, weights: str | None, seed: int, input_shape: str | None) -> Any:
+    """The ``ModelSource`` of the model flags, checked first (torch loads only after the checks)."""
+    shape = check_model_args(model, weights, input_shape)
     from amp4ec.slicing import ModelSource
 
-    return ModelSource(model, weights=weights, seed=seed, input_shape=parse_shape(input_shape))
+    return ModelSource(model, weights=weights, seed=seed, input_shape=shape)
 
 
 def planning_options(f: Callable[..., Any]) -> Callable[..., Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,19 +10,26 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from amp4ec.cli.checks import check_writable_file, write_json
 from amp4ec.cli.options import model_options, planning_options, source_from
+from amp4ec.errors import InvalidSpec
+from amp4ec.nodes import check_node_count, parse_nodes, usable_memory
 
 __all__ = ["plan"]
 
 
-@click.command()
+@click.command(
+    epilog="Examples:\n\n"
+    "  amp4ec plan --model mobilenet_v2 --nodes 1.0:1G,0.6:512M,0.4:512M --json plan.json\n\n"
+    "  amp4ec plan --model vit_b_16 --nodes 0.5:512M,0.5:512M,0.5:512M  # no node holds it: a split"
+)
 @model_options
 @click.option(
     "--nodes",
     "-n",
     default="1.0,0.6,0.4",
     show_default=True,
-    help="nodes as CPU share[:memory], comma-separated, e.g. 1.0:1G,0.6:512M,0.4:512M",
+    help="nodes as CPU share[:memory limit in MiB/GiB], comma-separated, e.g. 1.0:1G,0.6:512M,0.4:512M",
 )
 @planning_options
 @click.option(
@@ -53,19 +59,22 @@ def plan(
     json_path: Path | None,
 ) -> None:
     """Plan a model over nodes without running it (block times measured on this machine)."""
-    from amp4ec.errors import InvalidSpec
-    from amp4ec.local import parse_nodes
+    if not bandwidth_mbps > 0 or not rtt_ms >= 0:
+        raise InvalidSpec("--bandwidth-mbps must be > 0 and --rtt-ms ≥ 0")
+    specs = parse_nodes(nodes)
+    check_writable_file(json_path, "--json")
+    source = source_from(model, weights, seed, input_shape)
+
     from amp4ec.local.run import prepare
     from amp4ec.planner.types import Link, NodeCapacity
     from amp4ec.scheduling import timed_plan
 
-    if not bandwidth_mbps > 0 or not rtt_ms >= 0:
-        raise InvalidSpec("--bandwidth-mbps must be > 0 and --rtt-ms ≥ 0")
-    specs = parse_nodes(nodes)
     console = Console()
     with console.status("profiling the model"):
-        prepared = prepare(source_from(model, weights, seed, input_shape))
-    capacities = [NodeCapacity(name=n.name, cpu=n.cpu, memory_bytes=n.memory_bytes or 2**62) for n in specs]
+        prepared = prepare(source)
+    check_node_count(len(specs), len(prepared.chain), model)
+    # The memory a shard may use: the limit less the agent's own (see [Note: agent baseline]).
+    capacities = [NodeCapacity(name=n.name, cpu=n.cpu, memory_bytes=usable_memory(n) or 2**62) for n in specs]
     link = Link("*", "*", rtt_ms=rtt_ms, bandwidth_bytes_per_s=bandwidth_mbps * 1e6 / 8)
     result, planning_ms = timed_plan(
         prepared.profiles,
@@ -79,7 +88,7 @@ def plan(
     data["blocks"] = [dataclasses.asdict(b) for b in prepared.profiles]  # what the plan was made from
     print_plan(console, data, {n.name: n.cpu for n in specs}, model)
     if json_path is not None:
-        json_path.write_text(json.dumps(data, indent=2))
+        write_json(json_path, data, "--json")
         console.print(f"plan written to {json_path}")
 
 
@@ -96,7 +105,7 @@ def plan_json(result: Any, planning_ms: float, block_names: list[str]) -> dict[s
                 "blocks": f"{block_names[s.first_block]}..{block_names[s.last_block]}",
                 "compute_ms": s.compute_ms,
                 "transfer_ms": s.transfer_ms,
-                "memory_mb": s.memory_bytes / 1e6,
+                "memory_mib": s.memory_bytes / 2**20,
             }
             for p, pipeline in enumerate(result.pipelines)
             for s in pipeline.stages
@@ -114,7 +123,7 @@ def plan_json(result: Any, planning_ms: float, block_names: list[str]) -> dict[s
 
 def print_plan(console: Console, data: dict[str, Any], cpu: dict[str, float], model: str) -> None:
     table = Table(title=f"{model}: {data['strategy']} plan, objective {data['objective']}")
-    for col in ("pipeline", "node", "cpu", "blocks", "compute ms", "transfer ms", "stage ms", "memory MB"):
+    for col in ("pipeline", "node", "cpu", "blocks", "compute ms", "transfer ms", "stage ms", "memory MiB"):
         table.add_column(col, justify="left" if col in ("node", "blocks") else "right")
     bottleneck = data["predicted"]["bottleneck_ms"]
     for row, stage_ms in zip(data["plan"], data["predicted"]["stage_ms"], strict=True):
@@ -127,7 +136,7 @@ def print_plan(console: Console, data: dict[str, Any], cpu: dict[str, float], mo
             f"{row['compute_ms']:.2f}",
             f"{row['transfer_ms']:.2f}",
             f"{stage_ms:.2f}{mark}",
-            f"{row['memory_mb']:.1f}",
+            f"{row['memory_mib']:.1f}",
         )
     console.print(table)
     p = data["predicted"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 from pathlib import Path
 
@@ -11,12 +10,18 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from amp4ec.cli.checks import check_at_least, check_writable_file, write_json
 from amp4ec.cli.options import cpu_limits_option, model_options, planning_options, progress_bar, source_from
+from amp4ec.nodes import check_faults, parse_fault, parse_nodes
 
 __all__ = ["run"]
 
 
-@click.command()
+@click.command(
+    epilog="Examples:\n\n"
+    "  amp4ec run --model mobilenet_v2 --nodes 0.5:400M,0.3:300M,0.2:300M --requests 100\n\n"
+    "  amp4ec run --nodes 0.8,0.6 --strategy equal --fault node1:kill@3s --json result.json"
+)
 @model_options
 @click.option(
     "--nodes",
@@ -65,19 +70,27 @@ def run(
 
     A dead or hung agent is noticed, the model re-planned on the survivors and the run goes
     on; the report lists every failover. Ctrl-C prints what was measured so far."""
-    from amp4ec.local import RunConfig, parse_nodes
+    # Every flag is checked before torch is imported: a typo costs well under a second.
+    check_at_least(requests, "--requests")
+    check_at_least(concurrency, "--concurrency")
+    check_writable_file(json_path, "--json")
+    specs = tuple(parse_nodes(nodes))
+    fault_specs = tuple(parse_fault(f) for f in faults)
+    check_faults(fault_specs, specs)
+    source = source_from(model, weights, seed, input_shape)
+
+    from amp4ec.local import RunConfig
     from amp4ec.local import run as run_local
-    from amp4ec.local.supervisor import parse_fault
 
     config = RunConfig(
-        source=source_from(model, weights, seed, input_shape),
-        nodes=tuple(parse_nodes(nodes)),
+        source=source,
+        nodes=specs,
         requests=requests,
         concurrency=concurrency,
         strategy=strategy,
         objective=objective,
         limit_mode=cpu_limits,
-        faults=tuple(parse_fault(f) for f in faults),
+        faults=fault_specs,
         secure=not insecure,
     )
     console = Console()
@@ -90,7 +103,7 @@ def run(
         report = asyncio.run(run_local(config, progress))
     print_report(console, report)
     if json_path is not None:
-        json_path.write_text(json.dumps(report.to_json(), indent=2))
+        write_json(json_path, report.to_json(), "--json")
         console.print(f"results written to {json_path}")
     if report.interrupted:
         raise SystemExit(130)

@@ -57,6 +57,16 @@ class NodeCgroup:
         for d in self.dirs:
             (d / "cgroup.procs").write_text(str(pid))
 
+    def oom_kills(self) -> int:
+        """Processes the kernel's OOM killer killed in this node's memory cgroup (0: none or unknown)."""
+        for d in self.dirs:
+            with contextlib.suppress(OSError, ValueError):
+                for line in (d / "memory.oom_control").read_text().splitlines():
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+        return 0
+
     def remove(self) -> None:
         """Remove the cgroups; their processes must have exited."""
         for d in self.dirs:

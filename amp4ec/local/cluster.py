@@ -30,9 +30,11 @@ from amp4ec.children import child_env
 from amp4ec.client import Client, Endpoint
 from amp4ec.errors import Amp4ecError, InvalidSpec
 from amp4ec.local.cgroups import NodeCgroup, cgroups_available, remove_stale
+from amp4ec.nodes import AGENT_BASELINE_BYTES, NodeSpec, mib, parse_bytes, parse_nodes, usable_memory
 from amp4ec.wire import transport
 from amp4ec.wire.v1 import agent_pb2, agent_pb2_grpc, shard_pb2
 
+# NodeSpec, parse_bytes and parse_nodes live in amp4ec.nodes (torch-free); re-exported here.
 __all__ = ["CLIENT_IDENTITY", "LIMIT_MODES", "LocalCluster", "NodeSpec", "parse_bytes", "parse_nodes"]
 
 log = logging.getLogger(__name__)
@@ -41,54 +43,6 @@ _CGROUP_PREFIX = "amp4ec-"
 _SERIALS = itertools.count()
 CLIENT_IDENTITY = pki.client_identity("local", "run")
 """The identity of local mode's clients: the only one an entry stage accepts frames from."""
-
-
-@dataclass(frozen=True)
-class NodeSpec:
-    name: str
-    cpu: float
-    """CPU limit in cores."""
-    memory_bytes: int | None = None
-    """Memory limit (enforced by cgroup where possible); None = unlimited."""
-    threads: int | None = None
-    """torch intra-op threads of its agent; None = the agent's default (floor of the share)."""
-    workers: int = 1
-    """Forward threads of its agent (requests served side by side)."""
-
-
-_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "KI": 1024, "MI": 1024**2, "GI": 1024**3}
-
-
-def parse_bytes(text: str, field: str) -> int:
-    """``512M``, ``1G``, ``1.5Gi`` or plain bytes → bytes."""
-    t = text.strip().upper().removesuffix("B")
-    number = t.rstrip("KMGI")
-    unit = t[len(number) :]
-    try:
-        value = float(number) * _UNITS[unit]
-    except (ValueError, KeyError):
-        raise InvalidSpec(f"{field}: expected a size such as 512M or 1G, got {text!r}") from None
-    if not value > 0:
-        raise InvalidSpec(f"{field}: expected a size > 0, got {text!r}")
-    return int(value)
-
-
-def parse_nodes(text: str) -> list[NodeSpec]:
-    """``"1.0,0.6:512M,0.4:512M"`` → nodes node0..node2 with those CPU shares (and memory limits)."""
-    nodes = []
-    for i, part in enumerate(p.strip() for p in text.split(",")):
-        share, _, memory = part.partition(":")
-        try:
-            cpu = float(share)
-        except ValueError:
-            raise InvalidSpec(f"--nodes[{i}]: expected a CPU share such as 0.4, got {part!r}") from None
-        if not 0 < cpu < float("inf"):
-            raise InvalidSpec(f"--nodes[{i}]: expected a CPU share > 0, got {part!r}")
-        mem = parse_bytes(memory, f"--nodes[{i}] memory") if memory else None
-        nodes.append(NodeSpec(f"node{i}", cpu, mem))
-    if not nodes:
-        raise InvalidSpec("--nodes: expected at least one CPU share, e.g. 1.0,0.6,0.4")
-    return nodes
 
 
 @dataclass
@@ -106,11 +60,14 @@ class _Agent:
 
     def exit_reason(self) -> str:
         code = self.process.returncode
-        if code == -signal.SIGKILL and self.node.memory_bytes:
+        limit = self.node.memory_bytes
+        if limit and self.cgroup is not None and self.cgroup.oom_kills():
             return (
-                f"was killed (SIGKILL): most likely out of memory under its "
-                f"{self.node.memory_bytes / 2**20:.0f} MiB limit"
+                f"ran out of memory: the kernel killed it at its {mib(limit)} limit (the agent itself "
+                f"needs about {mib(AGENT_BASELINE_BYTES)} before its shard; give the node more memory)"
             )
+        if code == -signal.SIGKILL and limit:
+            return f"was killed (SIGKILL): most likely out of memory under its {mib(limit)} limit"
         return f"exited with code {code}"
 
     def log_tail(self, lines: int = 15) -> str:
@@ -141,6 +98,8 @@ class LocalCluster:
             raise InvalidSpec(f"--cpu-limits: expected one of {', '.join(LIMIT_MODES)}, got {limit_mode!r}")
         if limit_mode == "cgroup" and not cgroups_available():
             raise InvalidSpec("--cpu-limits cgroup: this process may not create cgroup v1 CPU quotas (root?)")
+        self.chosen_mode = limit_mode
+        """The ``--cpu-limits`` asked for (``auto`` resolves to ``limit_mode``)."""
         if limit_mode == "auto":
             limit_mode = "cgroup" if cgroups_available() else "emulate"
         self.nodes = list(nodes)
@@ -163,7 +122,8 @@ class LocalCluster:
     def limit_description(self) -> str:
         return {
             "cgroup": "cgroup v1 CFS quota per node (100 ms period, as Docker --cpus)",
-            "emulate": "emulated: each agent idles after a forward to match its share (no cgroup permission)",
+            "emulate": "emulated: each agent idles after a forward to match its share "
+            + ("(--cpu-limits emulate)" if self.chosen_mode == "emulate" else "(no cgroup permission)"),
             "none": "none: agents share the machine unlimited",
         }[self.limit_mode]
 
@@ -254,8 +214,8 @@ class LocalCluster:
             cmd.append("--insecure")
         if self.limit_mode == "emulate":
             cmd.append("--emulate-cpu")
-        if node.memory_bytes:
-            cmd += ["--memory-bytes", str(node.memory_bytes)]
+        if node.memory_bytes:  # the planner is offered what is left after the agent itself
+            cmd += ["--memory-bytes", str(usable_memory(node))]
         if node.threads:
             cmd += ["--threads", str(node.threads)]
         cmd += ["--workers", str(node.workers)]
@@ -336,9 +296,12 @@ class LocalCluster:
         try:
             return await self.agent_stub(node).LoadStage(spec, timeout=timeout_s)
         except grpc.aio.AioRpcError as e:
-            raise Amp4ecError(
-                f"node {node} could not load blocks {spec.first_block}..{spec.last_block}: {e.details()}"
-            ) from None
+            what = f"node {node} could not load blocks {spec.first_block}..{spec.last_block}"
+            agent = self.agents[node]
+            connection_lost = e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN)
+            if connection_lost and await asyncio.to_thread(_exited, agent.process, 5.0):
+                raise Amp4ecError(f"{what}: its agent {agent.exit_reason()}") from None
+            raise Amp4ecError(f"{what}: {e.details()}") from None
 
     async def stop(self) -> None:
         for channel in self._channels.values():
@@ -361,3 +324,13 @@ class LocalCluster:
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
+
+
+def _exited(process: subprocess.Popen[bytes], timeout_s: float) -> bool:
+    """Whether ``process`` has exited or exits within ``timeout_s`` (a dying agent closes its
+    sockets a moment before the kernel reaps it)."""
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return False
+    return True

@@ -22,6 +22,7 @@ from amp4ec.errors import Amp4ecError, InvalidSpec
 from amp4ec.local.cluster import CLIENT_IDENTITY, LocalCluster, NodeSpec
 from amp4ec.local.supervisor import Failover, FaultSpec, Supervisor, endpoints, inject_faults, plan_rows
 from amp4ec.node_agent.capacity import reference_workload_ms
+from amp4ec.nodes import check_node_count
 from amp4ec.planner.types import Link, NodeCapacity, Plan, reference_overhead_ms
 from amp4ec.scheduling import timed_plan
 from amp4ec.slicing import BlockChain, LoadedModel, ModelSource, load_model, profile_chain, split_model
@@ -180,6 +181,14 @@ def quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def check_run_config(config: RunConfig) -> None:
+    """The counts a run needs, refused before the model is loaded (the CLI checks them earlier still)."""
+    if config.requests < 1:
+        raise InvalidSpec(f"--requests: expected at least 1, got {config.requests}")
+    if config.concurrency is not None and config.concurrency < 1:
+        raise InvalidSpec(f"--concurrency: expected at least 1, got {config.concurrency}")
+
+
 def oversubscription_warnings(nodes: tuple[NodeSpec, ...]) -> list[str]:
     """Say so when the emulated nodes claim the whole machine: the client then competes with them."""
     cores = len(os.sched_getaffinity(0))
@@ -288,15 +297,10 @@ async def drive(
 
 async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
     report = progress or (lambda phase, done, total: None)
-    if config.requests < 1:
-        raise InvalidSpec(f"--requests: expected at least 1, got {config.requests}")
+    check_run_config(config)
     report("profiling the model", 0, 1)
     prepared = await asyncio.to_thread(prepare, config.source)
-    if len(config.nodes) > len(prepared.chain):
-        raise InvalidSpec(
-            f"--nodes: {len(config.nodes)} nodes but {config.source.spec} has only "
-            f"{len(prepared.chain)} blocks; give at most {len(prepared.chain)}"
-        )
+    check_node_count(len(config.nodes), len(prepared.chain), config.source.spec)
     warnings = oversubscription_warnings(config.nodes)
     report("starting node agents", 0, len(config.nodes))
     allowed = [m for m in (factory_module(config.source.spec),) if m]  # what the user named

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -30,6 +29,7 @@ from typing import Any
 from amp4ec.client import Client, Endpoint
 from amp4ec.errors import Amp4ecError, InvalidSpec
 from amp4ec.local.cluster import LocalCluster
+from amp4ec.nodes import FaultSpec, parse_fault  # re-exported: where faults are injected
 from amp4ec.planner.types import Pipeline, Plan, Prediction
 
 __all__ = ["Failover", "FaultSpec", "Supervisor", "inject_faults", "parse_fault", "plan_rows"]
@@ -59,31 +59,6 @@ def endpoints(plan: Plan, address: Callable[[str], str]) -> list[Endpoint]:
         Endpoint(address(n), f"stage 0 on {n}", LocalCluster.identity(n))
         for n in (p.stages[0].node for p in plan.pipelines)
     ]
-
-
-@dataclass(frozen=True)
-class FaultSpec:
-    node: str
-    kind: str
-    """``kill`` (SIGKILL) or ``hang`` (SIGSTOP)."""
-    at_s: float
-    """Seconds after the measured requests start."""
-
-    def __str__(self) -> str:
-        return f"{self.node}:{self.kind}@{self.at_s:g}s"
-
-
-_FAULT = re.compile(r"^(?P<node>[\w.-]+):(?P<kind>kill|hang)@(?P<at>\d+(\.\d*)?)s?$")
-
-
-def parse_fault(text: str) -> FaultSpec:
-    """``node1:kill@5s`` or ``node2:hang@2.5`` → FaultSpec."""
-    m = _FAULT.match(text.strip())
-    if not m:
-        raise InvalidSpec(
-            f"--fault: expected NODE:kill@SECONDS or NODE:hang@SECONDS, e.g. node1:kill@5s, got {text!r}"
-        )
-    return FaultSpec(m["node"], m["kind"], float(m["at"]))
 
 
 @dataclass

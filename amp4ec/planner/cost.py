@@ -32,8 +32,8 @@ Raw = list[list[tuple[int, int, int]]]
 
 
 def mb(nbytes: float) -> str:
-    """Bytes as a short MB string for messages."""
-    return f"{nbytes / 1e6:.1f} MB"
+    """Bytes as a short MiB string for messages (the unit memory flags are given in)."""
+    return f"{nbytes / 2**20:.1f} MiB"
 
 
 class CostModel:

@@ -1,0 +1,143 @@
+"""Nodes as the command line gives them (``1.0,0.6:512M``) for local mode and the bench: parsed
+without torch or gRPC, so a bad ``--nodes`` is refused before anything heavy runs.
+
+[Note: agent baseline] A node's memory limit covers its agent process, not only the shard:
+Python, torch, gRPC and the traced model take ``AGENT_BASELINE_BYTES`` before any parameter
+(measured under a cgroup v1 memory limit, torch 2.13 CPU: 220 MiB charged to the agent's
+cgroup with a MobileNetV2, ResNet-50 or ViT-B/16 stage of one block loaded, 232 MiB with the
+whole of MobileNetV2; its VmRSS, shared libraries included, reads 335-350 MB). The planner is
+offered the limit less this baseline, so ``amp4ec plan`` refuses what ``amp4ec run`` would
+run out of memory on (MobileNetV2 whole: 256 MiB killed, 288 MiB served).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from amp4ec.errors import InvalidSpec
+
+__all__ = [
+    "AGENT_BASELINE_BYTES",
+    "FaultSpec",
+    "NodeSpec",
+    "check_faults",
+    "check_node_count",
+    "mib",
+    "parse_bytes",
+    "parse_fault",
+    "parse_nodes",
+    "usable_memory",
+]
+
+AGENT_BASELINE_BYTES = 256 * 2**20
+"""Memory a node agent needs before its shard: see [Note: agent baseline]."""
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    name: str
+    cpu: float
+    """CPU limit in cores."""
+    memory_bytes: int | None = None
+    """Memory limit (enforced by cgroup where possible); None = unlimited."""
+    threads: int | None = None
+    """torch intra-op threads of its agent; None = the agent's default (floor of the share)."""
+    workers: int = 1
+    """Forward threads of its agent (requests served side by side)."""
+
+
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "KI": 1024, "MI": 1024**2, "GI": 1024**3}
+
+
+def mib(nbytes: float) -> str:
+    """Bytes as MiB, the unit ``--nodes`` memory is given in (``M`` = MiB)."""
+    return f"{nbytes / 2**20:.0f} MiB"
+
+
+def parse_bytes(text: str, field: str) -> int:
+    """``512M``, ``1G``, ``1.5Gi`` or plain bytes → bytes (K, M, G are binary: M = MiB)."""
+    t = text.strip().upper().removesuffix("B")
+    number = t.rstrip("KMGI")
+    unit = t[len(number) :]
+    try:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise InvalidSpec(f"{field}: expected a size such as 512M or 1G, got {text!r}") from None
+    if not value > 0:
+        raise InvalidSpec(f"{field}: expected a size > 0, got {text!r}")
+    return int(value)
+
+
+def usable_memory(node: NodeSpec) -> int | None:
+    """What a shard on ``node`` may use: its limit less its agent's baseline (None: unlimited)."""
+    return None if node.memory_bytes is None else node.memory_bytes - AGENT_BASELINE_BYTES
+
+
+def parse_nodes(text: str) -> list[NodeSpec]:
+    """``"1.0,0.6:512M,0.4:512M"`` → nodes node0..node2 with those CPU shares (and memory limits)."""
+    nodes = []
+    for i, part in enumerate(p.strip() for p in text.split(",")):
+        share, _, memory = part.partition(":")
+        try:
+            cpu = float(share)
+        except ValueError:
+            raise InvalidSpec(f"--nodes[{i}]: expected a CPU share such as 0.4, got {part!r}") from None
+        if not 0 < cpu < float("inf"):
+            raise InvalidSpec(f"--nodes[{i}]: expected a CPU share > 0, got {part!r}")
+        mem = parse_bytes(memory, f"--nodes[{i}] memory") if memory else None
+        if mem is not None and mem <= AGENT_BASELINE_BYTES:
+            raise InvalidSpec(
+                f"--nodes[{i}] memory: {mib(mem)} leaves nothing for a shard: the node agent itself "
+                f"needs about {mib(AGENT_BASELINE_BYTES)} (Python, torch, gRPC); give more, e.g. "
+                f"{share}:512M"
+            )
+        nodes.append(NodeSpec(f"node{i}", cpu, mem))
+    if not nodes:
+        raise InvalidSpec("--nodes: expected at least one CPU share, e.g. 1.0,0.6,0.4")
+    return nodes
+
+
+def check_node_count(nodes: int, blocks: int, model: str) -> None:
+    """At most one node per block, in ``plan`` and ``run`` alike: a stage holds at least one
+    block, so a split can use no more nodes than there are blocks; the rest could only hold
+    whole replicas, which local mode would pay for with one agent process each."""
+    if nodes > blocks:
+        raise InvalidSpec(
+            f"--nodes: {nodes} nodes but {model} has only {blocks} blocks; give at most {blocks} "
+            "(a stage holds at least one block, so a split uses at most one node per block)"
+        )
+
+
+@dataclass(frozen=True)
+class FaultSpec:
+    node: str
+    kind: str
+    """``kill`` (SIGKILL) or ``hang`` (SIGSTOP)."""
+    at_s: float
+    """Seconds after the measured requests start."""
+
+    def __str__(self) -> str:
+        return f"{self.node}:{self.kind}@{self.at_s:g}s"
+
+
+_FAULT = re.compile(r"^(?P<node>[\w.-]+):(?P<kind>kill|hang)@(?P<at>\d+(\.\d*)?)s?$")
+
+
+def parse_fault(text: str) -> FaultSpec:
+    """``node1:kill@5s`` or ``node2:hang@2.5`` → FaultSpec."""
+    m = _FAULT.match(text.strip())
+    if not m:
+        raise InvalidSpec(
+            f"--fault: expected NODE:kill@SECONDS or NODE:hang@SECONDS, e.g. node1:kill@5s, got {text!r}"
+        )
+    return FaultSpec(m["node"], m["kind"], float(m["at"]))
+
+
+def check_faults(faults: Sequence[FaultSpec], nodes: Sequence[NodeSpec]) -> None:
+    """Every ``--fault`` names one of the nodes."""
+    names = [n.name for n in nodes]
+    for f in faults:
+        if f.node not in names:
+            raise InvalidSpec(f"--fault {f}: no node {f.node!r}; the nodes are {', '.join(names)}")

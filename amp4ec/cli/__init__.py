@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import signal
 import sys
+from typing import NoReturn
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from amp4ec import __version__
 from amp4ec.allocator import keep_activation_memory
+from amp4ec.cli.options import examples
 from amp4ec.errors import Amp4ecError
 
 __all__ = ["cli", "main"]
@@ -21,19 +24,38 @@ __all__ = ["cli", "main"]
 err_console = Console(stderr=True)
 
 
+def _error(message: str) -> NoReturn:
+    """One red line on stderr (the message is text, not markup: ``amp4ec[bench]`` stays) and exit 2."""
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
+    sys.exit(2)
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
         except Amp4ecError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            err_console.print(
+                f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True
+            )
             sys.exit(2)
+        except click.UsageError as exc:  # a subcommand's flag click refused: one line too
+            where = exc.ctx.command_path if exc.ctx else "amp4ec"
+            _error(f"{exc.format_message()} (see {where} --help)")
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted; everything started was stopped[/]")
             sys.exit(130)
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=_Group,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog=examples(
+        "amp4ec models                                  # the zoo",
+        "amp4ec plan --model vit_b_16 --nodes 0.5:512M,0.5:512M,0.5:512M",
+        "amp4ec run --model mobilenet_v2 --nodes 0.8,0.6 --requests 100",
+    ),
+)
 @click.version_option(__version__, prog_name="amp4ec")
 def cli() -> None:
     """Adaptive model partitioning for deep-learning inference on edge clusters."""

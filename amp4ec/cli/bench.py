@@ -14,7 +14,7 @@ from rich.progress import Progress, TaskID
 
 from amp4ec.bench.progress import ProgressSink
 from amp4ec.cli.checks import missing_extra
-from amp4ec.cli.options import cpu_limits_option, model_options, progress_bar, source_from
+from amp4ec.cli.options import cpu_limits_option, examples, model_options, progress_bar, source_from
 from amp4ec.errors import InvalidSpec
 
 __all__ = ["bench"]
@@ -45,9 +45,10 @@ class _RichSink(ProgressSink):
 
 
 @click.command(
-    epilog="Examples:\n\n"
-    "  amp4ec bench --quick --out /tmp/bench        # one configuration, a few minutes\n\n"
-    "  amp4ec bench --update-docs                   # everything; rewrites docs/benchmarks.md"
+    epilog=examples(
+        "amp4ec bench --quick --out /tmp/bench   # one configuration, a few minutes",
+        "amp4ec bench --update-docs             # everything; rewrites docs/benchmarks.md",
+    )
 )
 @model_options
 @click.option("--quick", is_flag=True, help="the reduced CI run: one configuration, few requests")
@@ -148,5 +149,5 @@ def check_bench_args(out: Path, docs: Path | None, no_plots: bool) -> None:
         raise InvalidSpec(f"--out: {out} is a file; expected a folder")
     if docs is not None and not docs.parent.is_dir():
         raise InvalidSpec(
-            f"--docs: folder {docs.parent} does not exist (amp4ec bench --update-docs runs from a clone)"
+            f"--docs: folder {docs.parent} does not exist (--update-docs needs a clone of amp4ec)"
         )

@@ -16,6 +16,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from amp4ec.cli.options import examples
 from amp4ec.errors import InvalidSpec
 
 __all__ = ["infer", "load_input"]
@@ -47,7 +48,12 @@ def load_input(path: Path) -> tuple[Any, ...]:
     return tensors
 
 
-@click.command()
+@click.command(
+    epilog=examples(
+        "kubectl port-forward svc/mobilenet-v2 50051:50051 &",
+        "amp4ec infer --endpoint localhost:50051 --input x.pt --top-k 3",
+    )
+)
 @click.option("--endpoint", "-e", required=True, help="HOST:PORT of the entry Service (status.endpoint)")
 @click.option(
     "--input",

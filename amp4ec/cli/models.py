@@ -6,11 +6,16 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from amp4ec.cli.options import examples
+
 __all__ = ["models"]
 
 
 @click.command(
-    epilog="Example: amp4ec models  (then: amp4ec run --model resnet18 --nodes 1.0,0.5)",
+    epilog=examples(
+        "amp4ec models",
+        "amp4ec run --model resnet18 --nodes 1.0,0.5",
+    )
 )
 def models() -> None:
     """List the models of the zoo (any of them is a valid --model)."""

@@ -20,12 +20,18 @@ __all__ = [
     "ZOO_NAMES",
     "check_model_args",
     "cpu_limits_option",
+    "examples",
     "model_options",
     "parse_shape",
     "planning_options",
     "progress_bar",
     "source_from",
 ]
+
+
+def examples(*lines: str) -> str:
+    """A ``--help`` epilog of example commands, shown as written (``\\b``: click does not rewrap)."""
+    return "Examples:\n\n\b\n" + "\n".join(f"  {line}" for line in lines)
 
 
 def parse_shape(text: str | None) -> tuple[int, ...] | None:

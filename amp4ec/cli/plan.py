@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from amp4ec.cli.checks import check_writable_file, write_json
-from amp4ec.cli.options import model_options, planning_options, source_from
+from amp4ec.cli.options import examples, model_options, planning_options, source_from
 from amp4ec.errors import InvalidSpec
 from amp4ec.nodes import check_node_count, parse_nodes, usable_memory
 
@@ -19,9 +19,10 @@ __all__ = ["plan"]
 
 
 @click.command(
-    epilog="Examples:\n\n"
-    "  amp4ec plan --model mobilenet_v2 --nodes 1.0:1G,0.6:512M,0.4:512M --json plan.json\n\n"
-    "  amp4ec plan --model vit_b_16 --nodes 0.5:512M,0.5:512M,0.5:512M  # no node holds it: a split"
+    epilog=examples(
+        "amp4ec plan --model mobilenet_v2 --nodes 1.0:1G,0.6:512M,0.4:512M --json plan.json",
+        "amp4ec plan --model vit_b_16 --nodes 0.5:512M,0.5:512M,0.5:512M   # no node holds it",
+    )
 )
 @model_options
 @click.option(

@@ -11,16 +11,24 @@ from rich.console import Console
 from rich.table import Table
 
 from amp4ec.cli.checks import check_at_least, check_writable_file, write_json
-from amp4ec.cli.options import cpu_limits_option, model_options, planning_options, progress_bar, source_from
+from amp4ec.cli.options import (
+    cpu_limits_option,
+    examples,
+    model_options,
+    planning_options,
+    progress_bar,
+    source_from,
+)
 from amp4ec.nodes import check_faults, parse_fault, parse_nodes
 
 __all__ = ["run"]
 
 
 @click.command(
-    epilog="Examples:\n\n"
-    "  amp4ec run --model mobilenet_v2 --nodes 0.5:400M,0.3:300M,0.2:300M --requests 100\n\n"
-    "  amp4ec run --nodes 0.8,0.6 --strategy equal --fault node1:kill@3s --json result.json"
+    epilog=examples(
+        "amp4ec run --model mobilenet_v2 --nodes 0.5:400M,0.3:300M,0.2:300M --requests 100",
+        "amp4ec run --nodes 0.8,0.6 --strategy equal --fault node1:kill@3s --json result.json",
+    )
 )
 @model_options
 @click.option(

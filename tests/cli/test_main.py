@@ -111,7 +111,7 @@ def test_plan_that_fits_nowhere_is_a_clear_error() -> None:
         cli, ["plan", "--model", "resnet18", "--input-shape", "1,3,32,32", "--nodes", "1.0:1M,0.5:1M"]
     )
     assert result.exit_code == 2
-    assert "MB" in result.output and "Traceback" not in result.output
+    assert "MiB" in result.output and "Traceback" not in result.output
 
 
 def _children(pid: int) -> list[int]:

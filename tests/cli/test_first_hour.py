@@ -1,0 +1,171 @@
+"""What a new user meets first: bad flags refused at once (before torch loads), one-line errors,
+results never lost, memory in MiB with the agent's own baseline counted, examples in --help."""
+
+from __future__ import annotations
+
+import errno
+import pathlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from amp4ec.cli import cli
+from amp4ec.errors import InvalidSpec
+from amp4ec.nodes import AGENT_BASELINE_BYTES, parse_nodes, usable_memory
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Runs the CLI in a fresh interpreter and says whether torch was imported by the time it exited.
+# argv[1]: comma-separated modules to make unimportable (e.g. matplotlib), or "-".
+PROBE = """
+import sys
+for name in filter(None, sys.argv[1].strip("-").split(",")):
+    sys.modules[name] = None
+from amp4ec.cli import cli
+try:
+    cli.main(sys.argv[2:], prog_name="amp4ec")
+finally:
+    print("torch imported:", "torch" in sys.modules, file=sys.stderr)
+"""
+
+
+def probe(args: list[str], blocked: str = "-") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", PROBE, blocked, *args], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "--requests", "0"], "--requests: expected at least 1"),
+        (["run", "--concurrency", "0"], "--concurrency: expected at least 1"),
+        (["run", "--json", "no/such/folder/result.json"], "--json: folder no/such/folder does not exist"),
+        (["run", "--nodes", "1.0:200M"], "--nodes[0] memory: 200 MiB leaves nothing for a shard"),
+        (["run", "--nodes", "1.0,x"], "--nodes[1]: expected a CPU share"),
+        (["run", "--fault", "node7:kill@1s"], "--fault node7:kill@1s: no node 'node7'"),
+        (["run", "--model", "no_such_model"], "--model: unknown zoo name 'no_such_model'"),
+        (["run", "--weights", "no/such.pth"], "--weights: file no/such.pth does not exist"),
+        (["run", "--input-shape", "1,3,a"], "--input-shape"),
+        (["plan", "--json", "no/such/folder/plan.json"], "--json: folder no/such/folder does not exist"),
+        (["plan", "--nodes", "0.5:100M"], "--nodes[0] memory"),
+        (["bench", "--out", "pyproject.toml"], "Invalid value for '--out'"),  # click's own check
+        (["run", "--strategy", "fastest"], "Invalid value for '--strategy'"),
+    ],
+)
+def test_bad_flags_are_refused_before_torch_loads(args: list[str], message: str) -> None:
+    done = probe(args)
+    assert done.returncode == 2, done.stderr
+    lines = [ln for ln in done.stderr.splitlines() if not ln.startswith("torch imported:")]
+    assert len(lines) == 1 and message in lines[0], done.stderr
+    assert "torch imported: False" in done.stderr
+
+
+def test_bench_without_matplotlib_refuses_at_once_with_the_install_hint() -> None:
+    done = probe(["bench", "--quick"], blocked="matplotlib")
+    assert done.returncode == 2, done.stderr
+    assert "pip install 'amp4ec[bench]'" in done.stderr and "--no-plots" in done.stderr
+    assert "torch imported: False" in done.stderr
+
+
+def test_bench_writes_docs_only_when_told(tmp_path: Path) -> None:
+    from amp4ec.cli.bench import DOCS
+
+    assert DOCS == ROOT / "docs" / "benchmarks.md"  # the clone's page, whatever the current folder
+    help_text = CliRunner().invoke(cli, ["bench", "--help"], terminal_width=200).output
+    assert "--update-docs" in help_text and "default: docs/benchmarks.md" not in help_text
+
+
+def test_json_that_cannot_be_written_at_the_end_is_one_line_after_the_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "plan.json"
+    write_text = pathlib.Path.write_text
+
+    def full_disk(self: Path, *args: object, **kwargs: object) -> int:
+        if self == target:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_text(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full_disk)
+    args = ["plan", "--model", "resnet18", "--input-shape", "1,3,32,32", "--nodes", "1.0,0.5"]
+    result = CliRunner().invoke(cli, [*args, "--json", str(target)], terminal_width=200)
+    assert result.exit_code == 2, result.output
+    assert "bottleneck" in result.output  # the plan was printed first
+    errors = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert errors == [
+        f"error: --json: could not write {target} (No space left on device); the results are printed above"
+    ]
+    assert "Traceback" not in result.output
+
+
+def test_node_memory_is_mib_less_the_agents_baseline() -> None:
+    (node,) = parse_nodes("1.0:512M")
+    assert node.memory_bytes == 512 * 2**20
+    assert usable_memory(node) == 512 * 2**20 - AGENT_BASELINE_BYTES
+    with pytest.raises(InvalidSpec, match=r"--nodes\[0\] memory: 256 MiB leaves nothing"):
+        parse_nodes("1.0:256M")
+
+
+def test_plan_counts_the_agent_baseline_and_says_mib() -> None:
+    # resnet18's parameters are 44.7 MiB: 288 MiB less the 256 MiB baseline cannot hold them.
+    args = ["plan", "--model", "resnet18", "--input-shape", "1,3,32,32"]
+    refused = CliRunner().invoke(cli, [*args, "--nodes", "1.0:288M"], terminal_width=200)
+    assert refused.exit_code == 2, refused.output
+    assert "MiB" in refused.output and " MB" not in refused.output and "Traceback" not in refused.output
+    fits = CliRunner().invoke(cli, [*args, "--nodes", "1.0:384M"], terminal_width=200)
+    assert fits.exit_code == 0, fits.output
+    assert "MiB" in fits.output and "MB" not in fits.output.replace("MiB", "")
+
+
+def test_plan_and_run_refuse_more_nodes_than_blocks_alike() -> None:
+    nodes = ",".join(["0.1"] * 15)  # resnet18 has 14 blocks
+    args = ["--model", "resnet18", "--input-shape", "1,3,32,32", "--nodes", nodes]
+    planned = CliRunner().invoke(cli, ["plan", *args], terminal_width=300)
+    ran = CliRunner().invoke(cli, ["run", *args], terminal_width=300)
+    assert planned.exit_code == ran.exit_code == 2
+    expected = "--nodes: 15 nodes but resnet18 has only 14 blocks; give at most 14"
+    assert expected in planned.output and expected in ran.output
+
+
+def test_emulated_limits_say_why() -> None:
+    from amp4ec.local import LocalCluster
+
+    chosen = LocalCluster([], "emulate").limit_description
+    assert "(--cpu-limits emulate)" in chosen and "permission" not in chosen
+
+
+def test_every_help_has_an_example() -> None:
+    for name in [None, *cli.commands]:
+        args = [name, "--help"] if name else ["--help"]
+        result = CliRunner().invoke(cli, args, terminal_width=200)
+        assert result.exit_code == 0, result.output
+        assert "Example" in result.output and "amp4ec " in result.output.partition("Example")[2], name
+
+
+def test_zoo_names_the_cli_checks_are_the_zoos() -> None:
+    from amp4ec.cli.options import ZOO_NAMES
+    from amp4ec.models import ZOO
+
+    assert set(ZOO_NAMES) == set(ZOO)
+
+
+def test_an_agent_killed_for_memory_is_said_to_have_run_out_of_memory(tmp_path: Path) -> None:
+    from amp4ec.local.cgroups import NodeCgroup
+    from amp4ec.local.cluster import _Agent
+    from amp4ec.nodes import NodeSpec
+
+    group = object.__new__(NodeCgroup)  # the files a cgroup v1 memory controller shows, no cgroup made
+    group.dirs = [tmp_path]
+    (tmp_path / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 1\n")
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
+    )
+    process.wait()
+    agent = _Agent(NodeSpec("node0", 1.0, 300 * 2**20), process, tmp_path / "port", tmp_path / "log", group)
+    assert agent.exit_reason().startswith("ran out of memory: the kernel killed it at its 300 MiB limit")
+    (tmp_path / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 0\n")
+    assert agent.exit_reason().startswith("was killed (SIGKILL): most likely out of memory")

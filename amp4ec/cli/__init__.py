@@ -2,22 +2,33 @@
 
 Every amp4ec error becomes one red line on stderr and exit code 2; Ctrl-C exits 130
 after the subcommand has cleaned up what it started.
+
+[Note: a clone's root on PYTHONPATH] With the folder above a clone on PYTHONPATH, the clone's
+root (``amp4ec/``, no ``__init__.py``) is found as a namespace package ``amp4ec`` before an
+editable install's finder is asked; its submodules still resolve through that finder, but
+the package's own attributes (``__version__``) do not exist. The version then comes from the
+installed distribution's metadata instead of an ImportError traceback.
 """
 
 from __future__ import annotations
 
 import signal
 import sys
+from importlib.metadata import version
 from typing import NoReturn
 
 import click
 from rich.console import Console
 from rich.markup import escape
 
-from amp4ec import __version__
 from amp4ec.allocator import keep_activation_memory
 from amp4ec.cli.options import examples
 from amp4ec.errors import Amp4ecError
+
+try:
+    from amp4ec import __version__
+except ImportError:  # see [Note: a clone's root on PYTHONPATH]
+    __version__ = version("amp4ec")
 
 __all__ = ["cli", "main"]
 

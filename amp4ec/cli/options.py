@@ -3,6 +3,8 @@ plan), the CPU-limit option and the progress bar (run, bench)."""
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ __all__ = [
     "check_model_args",
     "cpu_limits_option",
     "examples",
+    "factories_from_cwd",
     "model_options",
     "parse_shape",
     "planning_options",
@@ -83,9 +86,21 @@ def check_model_args(model: str, weights: str | None, input_shape: str | None) -
             f"--model: unknown zoo name {spec!r}; expected one of {', '.join(ZOO_NAMES)} "
             "(amp4ec models), a .pt2 path or package.module:factory"
         )
+    if ":" in spec and not spec.endswith(".pt2"):
+        factories_from_cwd()
     if weights is not None and not Path(weights).is_file():
         raise InvalidSpec(f"--weights: file {weights} does not exist; expected a local state_dict file")
     return parse_shape(input_shape)
+
+
+def factories_from_cwd() -> None:
+    """Make ``--model mymodels:build`` work from the folder holding mymodels.py, as with
+    ``python -m``: the console script's path starts at its own bin folder, not here. Appended,
+    so a file here never shadows an installed package; the agents, started with ``python -m``
+    in this folder, find it too."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
 
 
 def source_from(model: str, weights: str | None, seed: int, input_shape: str | None) -> Any:

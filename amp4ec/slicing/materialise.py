@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -31,7 +32,15 @@ from torch import nn
 
 from amp4ec.errors import InvalidSpec, ModelNotFound
 
-__all__ = ["CONV_GAIN", "KNOWN_BUFFERS", "init_tensor", "load_state", "materialise", "supports_meta"]
+__all__ = [
+    "CONV_GAIN",
+    "KNOWN_BUFFERS",
+    "init_tensor",
+    "load_state",
+    "materialise",
+    "supports_meta",
+    "weights_load_error",
+]
 
 CONV_GAIN = 1.15
 
@@ -72,8 +81,7 @@ def load_state(path: str, expected: Iterable[str], model: str) -> Mapping[str, t
     try:
         state = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise InvalidSpec(f"weights: cannot load {path} as a state_dict ({type(e).__name__}: {first})") from e
+        raise weights_load_error(path, e) from e
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -88,6 +96,26 @@ def load_state(path: str, expected: Iterable[str], model: str) -> Mapping[str, t
         ]
         raise InvalidSpec(f"weights: {path} does not match model {model}: " + ", ".join(parts))
     return state
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_PICKLED = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def weights_load_error(path: str, error: BaseException) -> InvalidSpec:
+    """torch.load's refusal as one clean line: no terminal escapes, whole sentences, and for a
+    pickled object (a whole model saved with ``torch.save(model)``) what to save instead."""
+    text = " ".join(_ANSI.sub("", str(error)).split())
+    pickled = _PICKLED.search(text)
+    if pickled:
+        return InvalidSpec(
+            f"weights: {path} holds a pickled object ({pickled[1]}), not a state_dict; --weights loads "
+            "tensors only (weights_only=True, no pickled code runs): save `model.state_dict()` instead"
+        )
+    if len(text) > 300:  # torch's advice runs to paragraphs: keep whole sentences
+        cut = text.rfind(". ", 0, 300)
+        text = text[: cut + 1] + " …" if cut > 0 else text[:300] + " …"
+    return InvalidSpec(f"weights: cannot load {path} as a state_dict ({type(error).__name__}: {text or '?'})")
 
 
 def materialise(

@@ -18,7 +18,7 @@ from torch import nn
 
 from amp4ec.errors import InvalidSpec, ModelNotFound, ShapeMismatch
 from amp4ec.slicing.archive import ensure_safe_archive
-from amp4ec.slicing.materialise import load_state, supports_meta
+from amp4ec.slicing.materialise import load_state, supports_meta, weights_load_error
 from amp4ec.slicing.materialise import materialise as materialise_tensors
 
 __all__ = ["LoadedModel", "ModelSource", "ensure_factory_allowed", "factory_module", "load_model"]
@@ -77,8 +77,8 @@ def load_model(source: ModelSource, *, materialise: bool = True) -> LoadedModel:
         shape = override or _declared_shape(module, factory, default_shape)
         if shape is None:
             raise InvalidSpec(
-                f"input_shape: factory {name} declares no default input shape; "
-                "expected input_shape, e.g. (1, 3, 224, 224)"
+                f"input_shape: factory {name} declares no input shape; give --input-shape, e.g. "
+                "1,3,224,224, or set input_shape on the factory or the module it returns"
             )
         shapes, dtypes = [shape], [torch.float32]
 
@@ -250,7 +250,7 @@ def _fit_override(exported: tuple[int | None, ...], wanted: tuple[int, ...], pat
 def _materialise(shape: tuple[int | None, ...]) -> tuple[int, ...]:
     # A dynamic dim without an override: 1 for the batch (dim 0), else unknown → refuse.
     if any(d is None for d in shape[1:]):
-        raise InvalidSpec("input_shape: the archive has dynamic non-batch dims; expected input_shape")
+        raise InvalidSpec("input_shape: the archive has dynamic non-batch dims; give --input-shape")
     return tuple(1 if d is None else d for d in shape)
 
 
@@ -268,9 +268,7 @@ def _apply_weights(module: nn.Module, path: str, name: str) -> None:
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:
-        raise InvalidSpec(
-            f"weights: cannot load {path} as a state_dict ({type(e).__name__}: {_first_line(e)})"
-        ) from e
+        raise weights_load_error(path, e) from e
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]  # a common checkpoint wrapper
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):

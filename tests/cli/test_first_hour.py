@@ -4,6 +4,7 @@ results never lost, memory in MiB with the agent's own baseline counted, example
 from __future__ import annotations
 
 import errno
+import os
 import pathlib
 import subprocess
 import sys
@@ -169,3 +170,71 @@ def test_an_agent_killed_for_memory_is_said_to_have_run_out_of_memory(tmp_path: 
     assert agent.exit_reason().startswith("ran out of memory: the kernel killed it at its 300 MiB limit")
     (tmp_path / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 0\n")
     assert agent.exit_reason().startswith("was killed (SIGKILL): most likely out of memory")
+
+
+def test_a_whole_pickled_model_as_weights_gets_one_clean_line_and_the_fix(tmp_path: Path) -> None:
+    import torch
+
+    from tests.model_zoo import residual_net
+
+    path = tmp_path / "whole.pth"
+    torch.save(residual_net(), path)  # the model object, not its state_dict
+    args = ["plan", "--model", "tests.model_zoo:residual_net", "--weights", str(path), "--nodes", "1.0"]
+    result = CliRunner().invoke(cli, args, terminal_width=400)
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert "holds a pickled object (tests.model_zoo.ResidualNet)" in line
+    assert line.endswith("save `model.state_dict()` instead") and "\x1b" not in line
+
+
+def test_torch_error_text_is_cleaned_not_cut_mid_sentence() -> None:
+    from amp4ec.slicing.materialise import weights_load_error
+
+    torch_like = RuntimeError(
+        "Load failed. \x1b[1mOnly if you trust it\x1b[0m.\n\t" + "More advice here. " * 30
+    )
+    message = str(weights_load_error("w.pth", torch_like))
+    assert "\x1b" not in message and "\n" not in message and "\t" not in message
+    assert "Load failed. Only if you trust it." in message
+    assert message.endswith("here. …)")
+
+
+def test_a_factory_in_the_current_folder_loads_with_its_flag_named(tmp_path: Path) -> None:
+    (tmp_path / "mymodels.py").write_text(
+        "from torch import nn\n\n"
+        "def build():\n    return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))\n\n"
+        "def shaped():\n    return build()\n\nshaped.input_shape = (1, 8)\n"
+    )
+    # A script outside the folder, as the console script is: its own folder starts sys.path.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "amp4ec").write_text("from amp4ec.cli import main\nmain()\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def amp4ec(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, str(bin_dir / "amp4ec"), "plan", "--nodes", "1.0", *args]
+        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+
+    ok = amp4ec("--model", "mymodels:shaped")
+    assert ok.returncode == 0, ok.stderr
+    assert "bottleneck" in ok.stdout
+    unshaped = amp4ec("--model", "mymodels:build")
+    assert unshaped.returncode == 2
+    assert "give --input-shape" in unshaped.stderr and len(unshaped.stderr.strip().splitlines()) == 1
+
+
+def test_a_clone_root_shadowing_the_package_still_runs() -> None:
+    # What a clone's parent on PYTHONPATH makes of ``amp4ec`` next to an editable install:
+    # a namespace package without the package's attributes (see amp4ec.cli's note).
+    script = (
+        "import sys, types\n"
+        f"ns = types.ModuleType('amp4ec'); ns.__path__ = [{str(ROOT / 'amp4ec')!r}]\n"
+        "sys.modules['amp4ec'] = ns\n"
+        "from amp4ec.cli import cli\n"
+        "cli.main(['--version'], prog_name='amp4ec')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("amp4ec, version ")

@@ -1,13 +1,16 @@
 """Nodes as the command line gives them (``1.0,0.6:512M``) for local mode and the bench: parsed
 without torch or gRPC, so a bad ``--nodes`` is refused before anything heavy runs.
 
-[Note: agent baseline] A node's memory limit covers its agent process, not only the shard:
-Python, torch, gRPC and the traced model take ``AGENT_BASELINE_BYTES`` before any parameter
-(measured under a cgroup v1 memory limit, torch 2.13 CPU: 220 MiB charged to the agent's
-cgroup with a MobileNetV2, ResNet-50 or ViT-B/16 stage of one block loaded, 232 MiB with the
-whole of MobileNetV2; its VmRSS, shared libraries included, reads 335-350 MB). The planner is
-offered the limit less this baseline, so ``amp4ec plan`` refuses what ``amp4ec run`` would
-run out of memory on (MobileNetV2 whole: 256 MiB killed, 288 MiB served).
+[Note: agent baseline] A node's memory limit covers its agent process, not only the shard.
+Measured under a cgroup v1 memory limit (torch 2.13 CPU, 10 requests through one stage): an
+agent holds 220 MiB before its stage's parameters (Python, torch, gRPC, the model traced on
+the meta device), and its forwards add 26-36 MiB more that stays (oneDNN workspace, the
+activation heap kept between requests: ``amp4ec.allocator``) — MobileNetV2 whole 266 MiB,
+ResNet-50 blocks 11..17 (50 MiB of parameters) 307 MiB, ViT-B/16 blocks 0..4 (84 MiB) 337
+MiB; its VmRSS, shared libraries included, reads 335-350 MB. ``AGENT_BASELINE_BYTES`` covers
+those 250 MiB plus in-flight frames; the planner is offered the limit less it, so
+``amp4ec plan`` refuses what ``amp4ec run`` would run out of memory on (MobileNetV2 whole:
+killed at a 256 MiB limit, served at 288 MiB; the plan now asks it for 303 MiB).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ __all__ = [
     "usable_memory",
 ]
 
-AGENT_BASELINE_BYTES = 256 * 2**20
+AGENT_BASELINE_BYTES = 288 * 2**20
 """Memory a node agent needs before its shard: see [Note: agent baseline]."""
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -19,7 +20,7 @@ from amp4ec.cli.options import (
     progress_bar,
     source_from,
 )
-from amp4ec.nodes import check_faults, parse_fault, parse_nodes
+from amp4ec.nodes import AGENT_BASELINE_BYTES, check_faults, mib, parse_fault, parse_nodes, usable_memory
 
 __all__ = ["run"]
 
@@ -121,19 +122,20 @@ def print_report(console: Console, report) -> None:
     data = report.to_json()
     cpu = {n.name: n.cpu for n in report.nodes}
     table = Table(title=f"{report.model}: plan ({data['strategy']}, objective {data['objective']})")
-    for col in ("pipeline", "node", "cpu", "blocks", "params MB", "predicted ms", "measured ms"):
+    for col in ("pipeline", "node", "cpu", "blocks", "params MiB", "predicted ms", "measured ms"):
         table.add_column(col, justify="right" if col not in ("node",) else "left")
-    for row, stage in zip(data["plan"], data["stages"], strict=True):
+    for row, stage, param_bytes in zip(data["plan"], data["stages"], report.stage_param_bytes, strict=True):
         table.add_row(
             str(row["pipeline"]),
             row["node"],
             f"{cpu[row['node']]:g}",
             f"{row['first_block']}–{row['last_block']}",
-            f"{row['param_mb']:.2f}",
+            f"{param_bytes / 2**20:.2f}",
             f"{stage['predicted_ms']:.1f}",
             _fmt(stage["measured_ms"]),
         )
     console.print(table)
+    print_memory(console, report)
     results = Table(title="measured", show_header=False)
     results.add_column("metric")
     results.add_column("value", justify="right")
@@ -164,6 +166,21 @@ def print_report(console: Console, report) -> None:
         console.print(f"note: {note}")
     if skipped and not report.plan.notes:
         console.print(f"note: nodes left out by the planner: {', '.join(skipped)}")
+
+
+def print_memory(console: Console, report: Any) -> None:
+    """What memory limits left each shard (see [Note: agent baseline]): why a model was split."""
+    limited = [n for n in report.nodes if n.memory_bytes]
+    if not limited:
+        return
+    first = report.plan.pipelines[0].stages
+    model = sum(report.stage_param_bytes[: len(first)])  # the first pipeline holds the whole model
+    offered = ", ".join(f"{n.name} {mib(usable_memory(n) or 0)}" for n in limited)
+    console.print(
+        f"memory: each node's limit less {mib(AGENT_BASELINE_BYTES)} for its agent is left to its shard "
+        f"({offered}); {report.model}'s parameters take {model / 2**20:.1f} MiB",
+        highlight=False,
+    )
 
 
 def print_failovers(console: Console, report) -> None:

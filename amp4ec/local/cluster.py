@@ -215,7 +215,7 @@ class LocalCluster:
         if self.limit_mode == "emulate":
             cmd.append("--emulate-cpu")
         if node.memory_bytes:  # the planner is offered what is left after the agent itself
-            cmd += ["--memory-bytes", str(usable_memory(node))]
+            cmd += ["--memory-bytes", str(max(1, usable_memory(node) or 0))]
         if node.threads:
             cmd += ["--threads", str(node.threads)]
         cmd += ["--workers", str(node.workers)]

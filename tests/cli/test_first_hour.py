@@ -107,14 +107,14 @@ def test_node_memory_is_mib_less_the_agents_baseline() -> None:
     (node,) = parse_nodes("1.0:512M")
     assert node.memory_bytes == 512 * 2**20
     assert usable_memory(node) == 512 * 2**20 - AGENT_BASELINE_BYTES
-    with pytest.raises(InvalidSpec, match=r"--nodes\[0\] memory: 256 MiB leaves nothing"):
-        parse_nodes("1.0:256M")
+    with pytest.raises(InvalidSpec, match=r"--nodes\[0\] memory: 288 MiB leaves nothing"):
+        parse_nodes("1.0:288M")
 
 
 def test_plan_counts_the_agent_baseline_and_says_mib() -> None:
-    # resnet18's parameters are 44.7 MiB: 288 MiB less the 256 MiB baseline cannot hold them.
+    # resnet18's parameters are 44.7 MiB: 320 MiB less the 288 MiB baseline cannot hold them.
     args = ["plan", "--model", "resnet18", "--input-shape", "1,3,32,32"]
-    refused = CliRunner().invoke(cli, [*args, "--nodes", "1.0:288M"], terminal_width=200)
+    refused = CliRunner().invoke(cli, [*args, "--nodes", "1.0:320M"], terminal_width=200)
     assert refused.exit_code == 2, refused.output
     assert "MiB" in refused.output and " MB" not in refused.output and "Traceback" not in refused.output
     fits = CliRunner().invoke(cli, [*args, "--nodes", "1.0:384M"], terminal_width=200)

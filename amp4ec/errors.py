@@ -9,9 +9,11 @@
     ├── ShardUnavailable             a peer agent cannot be reached (transient)
     └── DeadlineExceeded             a request's deadline passed before it was answered
 
-The node agent's interceptor maps InvalidSpec/ShapeMismatch to INVALID_ARGUMENT,
+The node agent maps them in one place, ``amp4ec.node_agent.status.status_of`` (for unary
+calls and per-request Error frames alike): InvalidSpec/ShapeMismatch to INVALID_ARGUMENT,
 StageNotLoaded to FAILED_PRECONDITION, ShardUnavailable to UNAVAILABLE, DeadlineExceeded
-to DEADLINE_EXCEEDED, and anything else to INTERNAL with a generic message.
+to DEADLINE_EXCEEDED, and anything else to INTERNAL with a generic message. The client
+(``amp4ec.client.error_from_status``) maps the codes back; the CLI prints any of them as one line.
 """
 
 from __future__ import annotations

@@ -166,7 +166,8 @@ def test_an_agent_killed_for_memory_is_said_to_have_run_out_of_memory(tmp_path: 
         [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
     )
     process.wait()
-    agent = _Agent(NodeSpec("node0", 1.0, 300 * 2**20), process, tmp_path / "port", tmp_path / "log", group)
+    node = NodeSpec("node0", 1.0, 300 * 2**20)
+    agent = _Agent(node, process, tmp_path / "port", tmp_path / "control", tmp_path / "log", group)
     assert agent.exit_reason().startswith("ran out of memory: the kernel killed it at its 300 MiB limit")
     (tmp_path / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 0\n")
     assert agent.exit_reason().startswith("was killed (SIGKILL): most likely out of memory")

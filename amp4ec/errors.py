@@ -18,6 +18,8 @@ to DEADLINE_EXCEEDED, and anything else to INTERNAL with a generic message. The 
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "Amp4ecError",
     "DeadlineExceeded",
@@ -27,7 +29,20 @@ __all__ = [
     "ShapeMismatch",
     "ShardUnavailable",
     "StageNotLoaded",
+    "one_line",
 ]
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """Another library's error text as one line: terminal escapes dropped, whitespace collapsed,
+    and past ``limit`` characters cut after a whole sentence (torch's advice runs to paragraphs)."""
+    flat = " ".join(_ANSI.sub("", text).split())
+    if len(flat) <= limit:
+        return flat
+    cut = flat.rfind(". ", 0, limit)
+    return (flat[: cut + 1] if cut > 0 else flat[:limit]) + " …"
 
 
 class Amp4ecError(Exception):

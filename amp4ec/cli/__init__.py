@@ -12,6 +12,7 @@ installed distribution's metadata instead of an ImportError traceback.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from importlib.metadata import version
@@ -23,7 +24,7 @@ from rich.markup import escape
 
 from amp4ec.allocator import keep_activation_memory
 from amp4ec.cli.options import examples
-from amp4ec.errors import Amp4ecError
+from amp4ec.errors import Amp4ecError, one_line
 
 try:
     from amp4ec import __version__
@@ -46,13 +47,16 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except Amp4ecError as exc:
-            err_console.print(
-                f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True
-            )
-            sys.exit(2)
+            _error(str(exc))
         except click.UsageError as exc:  # a subcommand's flag click refused: one line too
             where = exc.ctx.command_path if exc.ctx else "amp4ec"
             _error(f"{exc.format_message()} (see {where} --help)")
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise  # click reports these itself
+        except Exception as exc:  # a bug or an unforeseen failure: one line, the traceback on request
+            if os.environ.get("AMP4EC_DEBUG"):
+                raise
+            _error(f"unexpected {type(exc).__name__}: {one_line(str(exc))} (AMP4EC_DEBUG=1 shows where)")
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted; everything started was stopped[/]")
             sys.exit(130)

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from amp4ec.errors import InvalidSpec, ModelNotFound
+from amp4ec.errors import InvalidSpec, ModelNotFound, one_line
 
 __all__ = [
     "CONV_GAIN",
@@ -98,23 +98,19 @@ def load_state(path: str, expected: Iterable[str], model: str) -> Mapping[str, t
     return state
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _PICKLED = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
 
 def weights_load_error(path: str, error: BaseException) -> InvalidSpec:
     """torch.load's refusal as one clean line: no terminal escapes, whole sentences, and for a
     pickled object (a whole model saved with ``torch.save(model)``) what to save instead."""
-    text = " ".join(_ANSI.sub("", str(error)).split())
-    pickled = _PICKLED.search(text)
+    text = one_line(str(error))
+    pickled = _PICKLED.search(" ".join(str(error).split()))
     if pickled:
         return InvalidSpec(
             f"weights: {path} holds a pickled object ({pickled[1]}), not a state_dict; --weights loads "
             "tensors only (weights_only=True, no pickled code runs): save `model.state_dict()` instead"
         )
-    if len(text) > 300:  # torch's advice runs to paragraphs: keep whole sentences
-        cut = text.rfind(". ", 0, 300)
-        text = text[: cut + 1] + " …" if cut > 0 else text[:300] + " …"
     return InvalidSpec(f"weights: cannot load {path} as a state_dict ({type(error).__name__}: {text or '?'})")
 
 

@@ -239,3 +239,23 @@ def test_a_clone_root_shadowing_the_package_still_runs() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("amp4ec, version ")
+
+
+def test_an_unforeseen_error_is_one_line_and_the_traceback_is_on_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from rich.table import Table
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("\x1b[1mboom\x1b[0m,\n\tsecond line")
+
+    monkeypatch.setattr(Table, "add_row", broken)
+    result = CliRunner().invoke(cli, ["models"], terminal_width=200)
+    assert result.exit_code == 2
+    assert (
+        result.output.strip()
+        == "error: unexpected RuntimeError: boom, second line (AMP4EC_DEBUG=1 shows where)"
+    )
+    monkeypatch.setenv("AMP4EC_DEBUG", "1")
+    debug = CliRunner().invoke(cli, ["models"], terminal_width=200)
+    assert isinstance(debug.exception, RuntimeError)  # raised as is, traceback and all

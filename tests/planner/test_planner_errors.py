@@ -9,7 +9,7 @@ import pytest
 from amp4ec.errors import InvalidSpec, PlanInfeasible
 from amp4ec.planner import LayerProfile, Link, NodeCapacity, Pin, evaluate, plan
 
-MB = 1_000_000
+MB = 2**20  # MiB, the unit of the planner's messages
 BLOCKS = [LayerProfile(f"b{i}", 100, 10 * MB, MB, 2.0, MB) for i in range(4)]
 NODES = [NodeCapacity("a", 1.0, 100 * MB), NodeCapacity("b", 0.5, 100 * MB)]
 
@@ -88,7 +88,7 @@ def test_bad_blocks_name_field_and_index(block, match):
 def test_block_too_big_for_any_node_says_which_and_by_how_much():
     blocks = [*BLOCKS, LayerProfile("huge", 1, 250 * MB, MB, 1.0)]
     with pytest.raises(
-        PlanInfeasible, match=r"block 4 \('huge'\).*250.0 MB.*'a' has 100.0 MB \(lacks 150.0 MB\)"
+        PlanInfeasible, match=r"block 4 \('huge'\).*250.0 MiB.*'a' has 100.0 MiB \(lacks 150.0 MiB\)"
     ):
         plan(blocks, NODES)
 
@@ -96,7 +96,7 @@ def test_block_too_big_for_any_node_says_which_and_by_how_much():
 def test_model_bigger_than_all_nodes_together():
     blocks = [LayerProfile(f"b{i}", 1, 60 * MB, MB, 1.0) for i in range(5)]
     with pytest.raises(
-        PlanInfeasible, match=r"parameters need 300.0 MB.*together have 200.0 MB \(lack 100.0 MB\)"
+        PlanInfeasible, match=r"parameters need 300.0 MiB.*together have 200.0 MiB \(lack 100.0 MiB\)"
     ):
         plan(blocks, NODES)
 
@@ -104,7 +104,7 @@ def test_model_bigger_than_all_nodes_together():
 @pytest.mark.parametrize("strategy", ["replicate", "monolith"])
 def test_whole_model_strategies_say_which_node_lacks_how_much(strategy):
     nodes = [NodeCapacity("a", 1.0, 30 * MB), NodeCapacity("b", 1.0, 35 * MB)]
-    with pytest.raises(PlanInfeasible, match=r"41.0 MB\): a lacks 11.0 MB, b lacks 6.0 MB"):
+    with pytest.raises(PlanInfeasible, match=r"41.0 MiB\): a lacks 11.0 MiB, b lacks 6.0 MiB"):
         plan(BLOCKS, nodes, strategy=strategy)
 
 
@@ -116,7 +116,7 @@ def test_equal_split_that_fits_nowhere():
 
 def test_pin_on_a_node_too_small():
     nodes = [NodeCapacity("a", 1.0, 100 * MB), NodeCapacity("b", 1.0, 15 * MB)]
-    with pytest.raises(PlanInfeasible, match=r"pinned\[0\]: blocks 0..1 need 21.0 MB.*'b' has 15.0 MB"):
+    with pytest.raises(PlanInfeasible, match=r"pinned\[0\]: blocks 0..1 need 21.0 MiB.*'b' has 15.0 MiB"):
         plan(BLOCKS, nodes, pinned=[Pin(0, 1, "b")])
 
 

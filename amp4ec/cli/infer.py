@@ -16,6 +16,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from amp4ec.cli.checks import check_at_least, check_writable_file
 from amp4ec.cli.options import examples
 from amp4ec.errors import InvalidSpec
 
@@ -103,14 +104,20 @@ def infer(
     Mutual TLS by default: the client Secret ``<deployment>-amp4ec-client`` holds ca.crt,
     tls.crt and tls.key (see docs/security.md).
     """
+    # Checked before torch loads: a typo answers at once.
+    if ":" not in endpoint:
+        raise InvalidSpec(f"--endpoint: expected HOST:PORT, got {endpoint!r}")
+    if not input_path.is_file():
+        raise InvalidSpec(f"--input: no such file {str(input_path)!r}")
+    check_at_least(top_k, "--top-k")
+    check_writable_file(output_path, "--output")
+
     import torch
 
     from amp4ec import pki
     from amp4ec.client import Client, Endpoint
     from amp4ec.wire.transport import TransportSecurity
 
-    if ":" not in endpoint:
-        raise InvalidSpec(f"--endpoint: expected HOST:PORT, got {endpoint!r}")
     if insecure:
         security, identity = TransportSecurity.plaintext(), ""
     else:

@@ -54,6 +54,8 @@ def probe(args: list[str], blocked: str = "-") -> subprocess.CompletedProcess[st
         (["plan", "--json", "no/such/folder/plan.json"], "--json: folder no/such/folder does not exist"),
         (["plan", "--nodes", "0.5:100M"], "--nodes[0] memory"),
         (["bench", "--out", "pyproject.toml"], "Invalid value for '--out'"),  # click's own check
+        (["infer", "--endpoint", "localhost", "--input", "x.pt"], "--endpoint: expected HOST:PORT"),
+        (["infer", "--endpoint", "localhost:1", "--input", "no/such.pt"], "--input: no such file"),
         (["run", "--strategy", "fastest"], "Invalid value for '--strategy'"),
     ],
 )

@@ -111,6 +111,8 @@ class LocalCluster:
         self._workdir: Path | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._serial = next(_SERIALS)
+        self._spawned = itertools.count()
+        """Index of the next agent started (cgroup names stay unique as nodes come and go)."""
         self.secure = secure
         self.security = transport.TransportSecurity.plaintext()
         """This process as the operator (the control plane's only caller)."""
@@ -177,9 +179,36 @@ class LocalCluster:
             self.client_security = self.issue(CLIENT_IDENTITY)
         if self.limit_mode == "cgroup":
             remove_stale(_CGROUP_PREFIX)
-        for i, node in enumerate(self.nodes):
-            self.agents[node.name] = self._spawn(i, node)
+        for node in self.nodes:
+            self.agents[node.name] = self._spawn(next(self._spawned), node)
         await asyncio.gather(*(self._wait_ready(a) for a in self.agents.values()))
+
+    async def add(self, nodes: Sequence[NodeSpec]) -> None:
+        """Start agents for more nodes (``amp4ec serve`` when its nodes file grows); they
+        answer their health check when this returns, or are stopped again."""
+        if self._workdir is None:
+            raise InvalidSpec("add: the cluster is not started")
+        taken = [n.name for n in nodes if n.name in self.agents]
+        if taken:
+            raise InvalidSpec(f"nodes: {taken[0]} already runs an agent")
+        for node in nodes:
+            self.agents[node.name] = self._spawn(next(self._spawned), node)
+            self.nodes.append(node)
+        try:
+            await asyncio.gather(*(self._wait_ready(self.agents[n.name]) for n in nodes))
+        except BaseException:
+            await self.remove([n.name for n in nodes])
+            raise
+
+    async def remove(self, names: Sequence[str]) -> None:
+        """Stop these nodes' agents and remove their cgroups (nothing they served is moved)."""
+        for name in names:
+            channel = self._channels.pop(name, None)
+            if channel is not None:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+        self._stop_agents([self.agents.pop(n) for n in names if n in self.agents])
+        self.nodes = [n for n in self.nodes if n.name not in names]
 
     def _spawn(self, index: int, node: NodeSpec) -> _Agent:
         assert self._workdir is not None
@@ -303,16 +332,13 @@ class LocalCluster:
                 raise Amp4ecError(f"{what}: its agent {agent.exit_reason()}") from None
             raise Amp4ecError(f"{what}: {e.details()}") from None
 
-    async def stop(self) -> None:
-        for channel in self._channels.values():
-            with contextlib.suppress(Exception):
-                await channel.close()
-        self._channels.clear()
-        for agent in self.agents.values():
+    @staticmethod
+    def _stop_agents(agents: Sequence[_Agent]) -> None:
+        for agent in agents:
             if agent.process.poll() is None:
                 agent.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 10
-        for agent in self.agents.values():
+        for agent in agents:
             try:
                 agent.process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -320,6 +346,13 @@ class LocalCluster:
                 agent.process.wait()
             if agent.cgroup is not None:
                 agent.cgroup.remove()
+
+    async def stop(self) -> None:
+        for channel in self._channels.values():
+            with contextlib.suppress(Exception):
+                await channel.close()
+        self._channels.clear()
+        self._stop_agents(list(self.agents.values()))
         self.agents.clear()
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)

@@ -145,8 +145,11 @@ class Supervisor:
         self.ignored: set[str] = set()
         """Nodes being shut down on purpose: their exit is no fault."""
         self._lock = asyncio.Lock()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._fds: list[int] = []
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        """node → its health watch."""
+        self._fds: dict[str, int] = {}
+        """node → the pidfd its exit is noticed on."""
+        self._failing: set[asyncio.Task[None]] = set()
         self.changed = asyncio.Event()
         """Set after every failover (tests wait on it)."""
 
@@ -160,29 +163,61 @@ class Supervisor:
         return time.monotonic() - self.start
 
     async def __aenter__(self) -> Supervisor:
-        loop = asyncio.get_running_loop()
-        for name, agent in self.cluster.agents.items():
-            self._tasks.append(loop.create_task(self._watch_health(name)))
-            try:
-                fd = os.pidfd_open(agent.process.pid)
-            except (AttributeError, OSError):  # no pidfd: the health check notices the exit too
-                continue
-            self._fds.append(fd)
-            loop.add_reader(fd, self._exited, name, fd)
+        for name in self.cluster.agents:
+            self.watch(name)
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    def watch(self, node: str) -> None:
+        """Watch ``node``'s agent (its exit and its health); every agent at entry is watched."""
         loop = asyncio.get_running_loop()
-        for fd in self._fds:
-            loop.remove_reader(fd)
+        self.dead.discard(node)
+        self.ignored.discard(node)
+        self._tasks[node] = loop.create_task(self._watch_health(node))
+        try:
+            fd = os.pidfd_open(self.cluster.agents[node].process.pid)
+        except (AttributeError, OSError):  # no pidfd: the health check notices the exit too
+            return
+        self._fds[node] = fd
+        loop.add_reader(fd, self._exited, node, fd)
+
+    async def unwatch(self, node: str) -> None:
+        """Stop watching ``node`` (about to be stopped on purpose: its exit is no fault)."""
+        self.ignored.add(node)
+        fd = self._fds.pop(node, None)
+        if fd is not None:
+            asyncio.get_running_loop().remove_reader(fd)
             os.close(fd)
-        self._fds.clear()
-        for task in self._tasks:
+        task = self._tasks.pop(node, None)
+        if task is not None and task is not asyncio.current_task():
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def __aexit__(self, *exc: object) -> None:
+        for node in list(self._fds):
+            await self.unwatch(node)
+        tasks = [*self._tasks.values(), *self._failing]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def switch(self, new: Plan) -> None:
+        """Move traffic to ``new`` make-before-break: pipelines it keeps as they are serve on,
+        the others are taken out of service, reloaded, and then serve."""
+        same = {_key(p) for p in new.pipelines}
+        serving = [
+            p for p in self.plan.pipelines if _key(p) in same and not {s.node for s in p.stages} & self.dead
+        ]
+        self.client.set_entries(endpoints(_subset(self.plan, serving), self._address))
+        unchanged = {_key(p) for p in serving}
+        await self._deploy(_subset(new, [p for p in new.pipelines if _key(p) not in unchanged]))
+        self.plan = new
+        self.client.set_entries(endpoints(self.plan, self._address))
 
     def _exited(self, node: str, fd: int) -> None:
         asyncio.get_running_loop().remove_reader(fd)
+        if self._fds.get(node) == fd:
+            del self._fds[node]
+            os.close(fd)
         agent = self.cluster.agents.get(node)
         if node in self.injected:
             detail = "was killed (SIGKILL) by the injected fault"
@@ -190,13 +225,13 @@ class Supervisor:
             detail = agent.exit_reason()
         else:
             detail = "exited"
-        self._tasks.append(
-            asyncio.get_running_loop().create_task(self.fail(node, "exited", f"agent {detail}"))
-        )
+        task = asyncio.get_running_loop().create_task(self.fail(node, "exited", f"agent {detail}"))
+        self._failing.add(task)
+        task.add_done_callback(self._failing.discard)
 
     async def _watch_health(self, node: str) -> None:
         missed = 0
-        while node not in self.dead:
+        while node not in self.dead and node not in self.ignored:
             started = time.monotonic()
             if await self.cluster.serving(node, self.timeout_s):
                 missed = 0
@@ -238,17 +273,13 @@ class Supervisor:
         kept = _subset(self.plan, intact)
         if intact and new.predicted.throughput_rps <= kept.predicted.throughput_rps * (1 + KEEP_UNLESS_GAIN):
             self.plan = kept
+            self.client.set_entries(endpoints(self.plan, self._address))
         else:
-            # 2. Pipelines the new plan keeps as they are serve on; the rest are reloaded.
-            same = {_key(p) for p in new.pipelines}
-            serving = [p for p in intact if _key(p) in same]
-            self.client.set_entries(endpoints(_subset(self.plan, serving), self._address))
-            unchanged = {_key(p) for p in serving}
-            await self._deploy(_subset(new, [p for p in new.pipelines if _key(p) not in unchanged]))
+            # 2. Pipelines the new plan keeps as they are serve on; the rest are reloaded;
+            # 3. then traffic moves to the plan on the survivors.
+            self.plan = _subset(self.plan, intact)
+            await self.switch(new)
             record.replanned = True
-            self.plan = new
-        # 3. Traffic moves to the plan on the survivors.
-        self.client.set_entries(endpoints(self.plan, self._address))
         record.recovered_s = self.now()
         record.plan_after = plan_rows(self.plan)
 

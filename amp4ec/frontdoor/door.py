@@ -1,0 +1,56 @@
+"""The protocol-independent part of the front door: a model's metadata, its readiness, and
+inference through the data-plane client with amp4ec's errors turned into v2 errors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from amp4ec import __version__
+from amp4ec.client import Client
+from amp4ec.errors import Amp4ecError, DeadlineExceeded, InvalidSpec, ShardUnavailable, StageNotLoaded
+from amp4ec.frontdoor.model import ModelMeta, V2Error
+
+__all__ = ["SERVER_NAME", "FrontDoor", "MiB"]
+
+MiB = 1024 * 1024
+SERVER_NAME = "amp4ec"
+EXTENSIONS = ("binary_tensor_data",)
+"""Protocol extensions served (REST); ServerMetadata lists them."""
+
+
+class FrontDoor:
+    """One served model behind a Client (which dispatches, retries and fails over)."""
+
+    def __init__(
+        self,
+        meta: ModelMeta,
+        client: Client,
+        deadline_s: float | None = 30.0,
+        max_request_bytes: int = 64 * MiB,
+    ) -> None:
+        self.meta = meta
+        self.client = client
+        self.deadline_s = deadline_s
+        self.max_request_bytes = max_request_bytes
+        """Bound on a request body (REST) or message (gRPC): refused 413 / RESOURCE_EXHAUSTED."""
+        self.version = __version__
+
+    def ready(self) -> bool:
+        """Ready while the client has a pipeline to send to (none during a re-plan that
+        retired every pipeline, or after the survivors could not hold the model)."""
+        return bool(self.client.entries)
+
+    async def infer(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        try:
+            result = await self.client.infer(inputs, deadline_s=self.deadline_s)
+        except DeadlineExceeded as e:
+            raise V2Error("deadline", str(e)) from None
+        except (ShardUnavailable, StageNotLoaded) as e:
+            raise V2Error("unavailable", str(e)) from None
+        except InvalidSpec as e:
+            raise V2Error("invalid", str(e)) from None
+        except Amp4ecError as e:
+            raise V2Error("internal", str(e)) from None
+        return result.outputs

@@ -77,13 +77,14 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from amp4ec.cli import bench, infer, models, plan, run
+    from amp4ec.cli import bench, infer, models, plan, run, serve
 
     cli.add_command(run.run)
     cli.add_command(plan.plan)
     cli.add_command(infer.infer)
     cli.add_command(bench.bench)
     cli.add_command(models.models)
+    cli.add_command(serve.serve)
 
 
 _register()

@@ -22,7 +22,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -199,6 +199,18 @@ class Supervisor:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        """Held while the plan changes (a failover, or ``amp4ec serve`` applying a nodes file)."""
+        return self._lock
+
+    def retire(self, nodes: Collection[str]) -> None:
+        """Stop sending into the pipelines that cross ``nodes`` (about to be stopped)."""
+        self.plan = _subset(
+            self.plan, [p for p in self.plan.pipelines if not {s.node for s in p.stages} & set(nodes)]
+        )
+        self.client.set_entries(endpoints(self.plan, self._address))
 
     async def switch(self, new: Plan) -> None:
         """Move traffic to ``new`` make-before-break: pipelines it keeps as they are serve on,

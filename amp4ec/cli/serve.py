@@ -1,0 +1,89 @@
+"""``amp4ec serve``: local mode that stays up behind the Open Inference Protocol (v2)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from amp4ec.cli.options import cpu_limits_option, model_options, planning_options, source_from
+
+__all__ = ["serve"]
+
+
+@click.command()
+@model_options
+@click.option(
+    "--nodes",
+    "-n",
+    default="1.0,0.6,0.4",
+    show_default=True,
+    help="fixed nodes as CPU share[:memory limit], comma-separated (ignored with --nodes-file)",
+)
+@click.option(
+    "--nodes-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="nodes as 'NAME CPU[:MEMORY]' lines, re-read on change: add, remove or change a node and "
+    "the model is re-planned while serving",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="address the v2 front doors listen on")
+@click.option("--http-port", type=int, default=8000, show_default=True, help="v2 REST port (0: any free)")
+@click.option("--grpc-port", type=int, default=8001, show_default=True, help="v2 gRPC port (0: any free)")
+@click.option("--model-name", default="", help="the v2 model name (default: from --model, e.g. mobilenet_v2)")
+@planning_options
+@cpu_limits_option
+@click.option("--insecure", is_flag=True, help="plaintext gRPC to the agents (default: mutual TLS)")
+def serve(
+    model: str,
+    weights: str | None,
+    seed: int,
+    input_shape: str | None,
+    nodes: str,
+    nodes_file: Path | None,
+    host: str,
+    http_port: int,
+    grpc_port: int,
+    model_name: str,
+    strategy: str,
+    objective: str,
+    cpu_limits: str,
+    insecure: bool,
+) -> None:
+    """Serve a model split over local node agents until Ctrl-C, behind the Open Inference
+    Protocol (KServe/Triton v2: REST with binary tensors, and gRPC).
+
+    The front doors are plaintext and unauthenticated: they listen on loopback unless --host
+    says otherwise."""
+    from amp4ec.local import parse_nodes
+    from amp4ec.local.serve import ServeConfig
+    from amp4ec.local.serve import serve as serve_local
+
+    for name, port in (("--http-port", http_port), ("--grpc-port", grpc_port)):
+        if not 0 <= port <= 65535:
+            raise click.BadParameter(f"expected 0..65535, got {port}", param_hint=name)
+    config = ServeConfig(
+        source=source_from(model, weights, seed, input_shape),
+        nodes=() if nodes_file else tuple(parse_nodes(nodes)),
+        nodes_file=nodes_file,
+        host=host,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        model_name=model_name,
+        strategy=strategy,
+        objective=objective,
+        limit_mode=cpu_limits,
+        secure=not insecure,
+    )
+    console = Console(highlight=False, soft_wrap=True)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    def say(text: str) -> None:
+        console.print(text, markup=False)
+
+    def step(text: str) -> None:
+        Console(stderr=True).print(f"[dim]{text}…[/]")
+
+    asyncio.run(serve_local(config, say, step))

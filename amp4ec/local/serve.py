@@ -1,0 +1,282 @@
+"""``amp4ec serve``: local mode that stays up behind the Open Inference Protocol.
+
+Plan over local node agents (mutual TLS by default, as ``amp4ec run``), serve the v2 REST and
+gRPC front doors, fail over as ``amp4ec run`` does, and re-plan when the nodes file changes.
+
+[Note: nodes file] ``--nodes-file`` names one node a line, ``NAME CPU[:MEMORY]`` (``#``
+comments). It is re-read when its content changes (checked every ``poll_s``; polling needs no
+platform watcher and survives editors that replace the file). On a change, nodes gone or with
+a different spec are taken out of service and stopped, new or changed ones started and
+measured, and the model re-planned over all of them; pipelines the new plan keeps serve on
+while the rest load (Supervisor.switch). A file that does not parse is reported and ignored:
+the last good plan keeps serving. A node that failed is restarted by the next change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from amp4ec.client import Client
+from amp4ec.errors import Amp4ecError, InvalidSpec
+from amp4ec.frontdoor import grpc as v2_grpc
+from amp4ec.frontdoor import rest
+from amp4ec.frontdoor.door import FrontDoor
+from amp4ec.frontdoor.model import ModelMeta, model_meta
+from amp4ec.local.cluster import LocalCluster, NodeSpec, parse_bytes
+from amp4ec.local.run import Prepared, deploy, node_capacities, prepare
+from amp4ec.local.supervisor import Supervisor, endpoints
+from amp4ec.planner.types import Link, NodeCapacity, Plan
+from amp4ec.scheduling import timed_plan
+from amp4ec.slicing import ModelSource
+from amp4ec.slicing.sources import factory_module
+
+__all__ = ["ServeConfig", "curl_example", "parse_nodes_file", "serve"]
+
+log = logging.getLogger(__name__)
+Say = Callable[[str], None]
+_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,40}[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    source: ModelSource
+    nodes: tuple[NodeSpec, ...] = ()
+    """Fixed nodes (``--nodes``); ignored when ``nodes_file`` is given."""
+    nodes_file: Path | None = None
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    """0 = any free port (the printed endpoints say which)."""
+    model_name: str = ""
+    """The v2 model name; default: the model spec's last part (``mobilenet_v2``)."""
+    strategy: str = "optimal"
+    objective: str = "throughput"
+    limit_mode: str = "auto"
+    secure: bool = True
+    deadline_s: float = 30.0
+    poll_s: float = 0.5
+
+
+def parse_nodes_file(text: str, where: str = "nodes file") -> list[NodeSpec]:
+    """``NAME CPU[:MEMORY]`` per line → nodes (see [Note: nodes file])."""
+    nodes: list[NodeSpec] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        field = f"{where}:{number}"
+        if len(words) != 2:
+            raise InvalidSpec(
+                f"{field}: expected NAME CPU[:MEMORY], e.g. edge-a 1.0:1G, got {line.strip()!r}"
+            )
+        name, spec = words
+        if not _NAME.match(name):
+            raise InvalidSpec(f"{field}: node name {name!r}: expected lower-case letters, digits and '-'")
+        if any(n.name == name for n in nodes):
+            raise InvalidSpec(f"{field}: node {name!r} is listed twice")
+        share, _, memory = spec.partition(":")
+        try:
+            cpu = float(share)
+        except ValueError:
+            cpu = math.nan
+        if not 0 < cpu < math.inf:
+            raise InvalidSpec(f"{field}: CPU share of {name}: expected a number > 0, got {share!r}")
+        nodes.append(NodeSpec(name, cpu, parse_bytes(memory, f"{field} memory") if memory else None))
+    if not nodes:
+        raise InvalidSpec(f"{where}: no nodes listed (one a line: NAME CPU[:MEMORY])")
+    return nodes
+
+
+def curl_example(meta: ModelMeta, base_url: str, example_shapes: Sequence[Sequence[int]]) -> str:
+    """A shell command that sends zeros of the model's input shape with the binary tensor
+    extension (any input size fits on one line) and prints the JSON answer."""
+    if len(meta.inputs) != 1:
+        return f"curl -s {base_url}/v2/models/{meta.name}"
+    t, shape = meta.inputs[0], list(example_shapes[0])
+    size = math.prod(shape) * {"FP16": 2, "BF16": 2, "FP64": 8, "INT64": 8, "INT32": 4, "FP32": 4}.get(
+        t.datatype, 1
+    )
+    header = (
+        f'{{"inputs":[{{"name":"{t.name}","datatype":"{t.datatype}","shape":{shape},'
+        f'"parameters":{{"binary_data_size":{size}}}}}]}}'
+    ).replace(" ", "")
+    return (
+        f"H='{header}'; {{ printf %s \"$H\"; head -c {size} /dev/zero; }} | "
+        f'curl -s --data-binary @- -H "Inference-Header-Content-Length: ${{#H}}" '
+        f"{base_url}/v2/models/{meta.name}/infer"
+    )
+
+
+class _Serving:
+    """The nodes, their measurements and the plan, kept current as nodes come and go."""
+
+    def __init__(self, config: ServeConfig, prepared: Prepared, cluster: LocalCluster, say: Say) -> None:
+        self.config, self.prepared, self.cluster, self.say = config, prepared, cluster, say
+        self.capacity: dict[str, NodeCapacity] = {}
+        self.links: list[Link] = []
+        self.supervisor: Supervisor | None = None
+
+    async def measure(self, names: Sequence[str]) -> None:
+        capacities = await self.cluster.capacities(names)
+        for node in node_capacities(capacities, self.prepared.reference_ms):
+            self.capacity[node.name] = node
+        for name in names:
+            rtt_ms, bandwidth = await self.cluster.probe_link(name)
+            self.links += [
+                Link(src, name, rtt_ms, bandwidth) for src in ["client", *self.cluster.agents] if src != name
+            ]
+
+    def plan(self, alive: Sequence[str]) -> Plan:
+        nodes = [self.capacity[n] for n in alive]
+        links = [link for link in self.links if {link.src, link.dst} <= {"client", *alive}]
+        return timed_plan(
+            self.prepared.profiles,
+            nodes,
+            objective=self.config.objective,
+            strategy=self.config.strategy,
+            input_bytes=self.prepared.chain.input_bytes,
+            links=links,
+        )[0]
+
+    async def deploy(self, plan: Plan) -> None:
+        await deploy(self.cluster, plan, self.config.source)
+
+    async def reconfigure(self, wanted: Sequence[NodeSpec]) -> None:
+        """Serve on exactly ``wanted`` (see [Note: nodes file])."""
+        supervisor = self.supervisor
+        assert supervisor is not None
+        current = {n.name: n for n in self.cluster.nodes}
+        by_name = {n.name: n for n in wanted}
+        gone = [n for n in current if by_name.get(n) != current[n] or n in supervisor.dead]
+        new = [n for n in wanted if n.name not in current or n.name in gone]
+        if not gone and not new:
+            return
+        async with supervisor.lock:
+            for name in gone:
+                await supervisor.unwatch(name)
+            supervisor.retire(gone)
+            await self.cluster.remove(gone)
+            self.links = [link for link in self.links if link.src not in gone and link.dst not in gone]
+            for name in gone:
+                supervisor.dead.discard(name)
+                self.capacity.pop(name, None)
+            await self.cluster.add(new)
+            for node in new:
+                supervisor.watch(node.name)
+            await self.measure([n.name for n in new])
+            alive = [n for n in self.cluster.agents if n not in supervisor.dead]
+            plan = self.plan(alive)
+            await supervisor.switch(plan)
+        self.say(f"re-planned on {', '.join(alive)}: {describe(plan)}")
+
+
+def describe(plan: Plan) -> str:
+    """``node0[0-9] → node1[10-19] | node2[0-19]``: each pipeline's stages and blocks."""
+    return " | ".join(
+        " → ".join(f"{s.node}[{s.first_block}-{s.last_block}]" for s in p.stages) for p in plan.pipelines
+    )
+
+
+def _model_name(config: ServeConfig) -> str:
+    if config.model_name:
+        return config.model_name
+    spec = config.source.spec
+    base = spec.rsplit(":", 1)[-1] if ":" in spec else Path(spec).name.removesuffix(".pt2")
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", base) or "model"
+
+
+def _read_nodes(config: ServeConfig) -> tuple[list[NodeSpec], str]:
+    if config.nodes_file is None:
+        if not config.nodes:
+            raise InvalidSpec("--nodes or --nodes-file: expected the nodes to serve on")
+        return list(config.nodes), ""
+    try:
+        text = config.nodes_file.read_text()
+    except OSError as e:
+        raise InvalidSpec(f"--nodes-file {config.nodes_file}: {e.strerror}") from None
+    return parse_nodes_file(text, str(config.nodes_file)), text
+
+
+async def _watch(config: ServeConfig, serving: _Serving, text: str) -> None:
+    """Re-read the nodes file whenever its content changes (see [Note: nodes file])."""
+    assert config.nodes_file is not None
+    while True:
+        await asyncio.sleep(config.poll_s)  # a polling period, not a synchronisation
+        try:
+            fresh = config.nodes_file.read_text()
+        except OSError as e:
+            fresh = text
+            log.warning("--nodes-file %s: %s; serving on", config.nodes_file, e.strerror)
+        if fresh == text:
+            continue
+        text = fresh
+        try:
+            await serving.reconfigure(parse_nodes_file(fresh, str(config.nodes_file)))
+        except Amp4ecError as e:
+            serving.say(f"nodes file not applied, the last plan serves on: {e}")
+
+
+async def serve(config: ServeConfig, say: Say, progress: Say | None = None) -> None:
+    """Serve until cancelled (Ctrl-C, SIGTERM); everything started is stopped on the way out."""
+    step = progress or (lambda text: None)
+    nodes, text = _read_nodes(config)
+    step("profiling the model")
+    prepared = await asyncio.to_thread(prepare, config.source)
+    example = prepared.loaded.example_inputs
+    meta = model_meta(
+        _model_name(config), prepared.loaded.module, example, prepared.expected, prepared.chain.batch_flexible
+    )
+    allowed = [m for m in (factory_module(config.source.spec),) if m]
+    step("starting node agents")
+    async with LocalCluster(
+        nodes, config.limit_mode, allow_factories=allowed, secure=config.secure
+    ) as cluster:
+        serving = _Serving(config, prepared, cluster, say)
+        step("measuring node capacity")
+        await serving.measure(list(cluster.agents))
+        plan = serving.plan(list(cluster.agents))
+        step("loading stages")
+        await serving.deploy(plan)
+        async with (
+            Client(endpoints(plan, cluster.address), cluster.client_security) as client,
+            Supervisor(cluster, client, plan, serving.plan, serving.deploy) as supervisor,
+        ):
+            serving.supervisor = supervisor
+            door = FrontDoor(meta, client, deadline_s=config.deadline_s)
+            runner = web.AppRunner(rest.app(door), access_log=None)
+            await runner.setup()
+            grpc_server = None
+            try:
+                site = web.TCPSite(runner, config.host, config.http_port)
+                await site.start()
+                http_port = runner.addresses[0][1]
+                grpc_server, grpc_port = await v2_grpc.start(door, f"{config.host}:{config.grpc_port}")
+                host = f"[{config.host}]" if ":" in config.host else config.host
+                base = f"http://{host}:{http_port}"
+                say(f"serving {meta.name} on {', '.join(cluster.agents)}: {describe(plan)}")
+                say(
+                    f"  transport to the agents: {'mutual TLS' if config.secure else 'insecure'}; "
+                    f"CPU limits: {cluster.limit_description}"
+                )
+                say(f"  v2 REST  {base}/v2/models/{meta.name}")
+                say(f"  v2 gRPC  {host}:{grpc_port} (inference.GRPCInferenceService)")
+                say("  try:     " + curl_example(meta, base, [tuple(t.shape) for t in example]))
+                if config.nodes_file is not None:
+                    say(f"  nodes:   edit {config.nodes_file} to add, remove or change nodes")
+                say("ready; Ctrl-C stops everything")
+                if config.nodes_file is None:
+                    await asyncio.Event().wait()
+                else:
+                    await _watch(config, serving, text)
+            finally:
+                if grpc_server is not None:
+                    await grpc_server.stop(grace=1)
+                await runner.cleanup()

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from aiohttp import web
 
 from amp4ec.client import Client
@@ -29,7 +30,7 @@ from amp4ec.errors import Amp4ecError, InvalidSpec
 from amp4ec.frontdoor import grpc as v2_grpc
 from amp4ec.frontdoor import rest
 from amp4ec.frontdoor.door import FrontDoor
-from amp4ec.frontdoor.model import ModelMeta, model_meta
+from amp4ec.frontdoor.model import DATATYPES, ModelMeta, model_meta
 from amp4ec.local.cluster import LocalCluster, NodeSpec, parse_bytes
 from amp4ec.local.run import Prepared, deploy, node_capacities, prepare
 from amp4ec.local.supervisor import Supervisor, endpoints
@@ -96,20 +97,21 @@ def parse_nodes_file(text: str, where: str = "nodes file") -> list[NodeSpec]:
 
 
 def curl_example(meta: ModelMeta, base_url: str, example_shapes: Sequence[Sequence[int]]) -> str:
-    """A shell command that sends zeros of the model's input shape with the binary tensor
-    extension (any input size fits on one line) and prints the JSON answer."""
+    """A shell command that sends one input of the model's example shape with the binary tensor
+    extension (any input size fits on one line) and prints the JSON answer. FP32 inputs are
+    bytes 0x3f repeated (every element 0.747), other datatypes zeros."""
     if len(meta.inputs) != 1:
         return f"curl -s {base_url}/v2/models/{meta.name}"
     t, shape = meta.inputs[0], list(example_shapes[0])
-    size = math.prod(shape) * {"FP16": 2, "BF16": 2, "FP64": 8, "INT64": 8, "INT32": 4, "FP32": 4}.get(
-        t.datatype, 1
-    )
+    itemsize = torch.empty((), dtype=DATATYPES[t.datatype]).element_size()
+    size = math.prod(shape) * itemsize
+    fill = " | tr '\\000' '\\077'" if t.datatype == "FP32" else ""
     header = (
         f'{{"inputs":[{{"name":"{t.name}","datatype":"{t.datatype}","shape":{shape},'
         f'"parameters":{{"binary_data_size":{size}}}}}]}}'
     ).replace(" ", "")
     return (
-        f"H='{header}'; {{ printf %s \"$H\"; head -c {size} /dev/zero; }} | "
+        f"H='{header}'; {{ printf %s \"$H\"; head -c {size} /dev/zero{fill}; }} | "
         f'curl -s --data-binary @- -H "Inference-Header-Content-Length: ${{#H}}" '
         f"{base_url}/v2/models/{meta.name}/infer"
     )

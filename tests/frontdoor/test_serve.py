@@ -294,12 +294,13 @@ def test_grpc_refusals_are_status_codes_naming_the_field(server: Server) -> None
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-def test_the_printed_curl_example_runs(server: Server) -> None:
+def test_the_printed_curl_example_runs(server: Server, monolith: torch.nn.Module) -> None:
     command = next(line for line in server.lines if "try:" in line).split("try:", 1)[1].strip()
-    reply = json.loads(
-        subprocess.run(["bash", "-c", command], capture_output=True, text=True, check=True, timeout=60).stdout
-    )
-    assert reply["outputs"][0]["shape"] == [1, 10] and len(reply["outputs"][0]["data"]) == 10
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, check=True, timeout=60)
+    out = json.loads(done.stdout)["outputs"][0]
+    assert out["shape"] == [1, 10]
+    x = torch.full((1, 3, 16, 16), float(np.frombuffer(b"\x3f" * 4, dtype=np.float32)[0]))  # what it sends
+    np.testing.assert_allclose(np.array(out["data"]).reshape(1, 10), _expected(monolith, x), atol=1e-5)
 
 
 def test_a_nodes_file_change_replans_and_serves_on(server: Server, monolith: torch.nn.Module) -> None:

@@ -29,12 +29,16 @@ class FrontDoor:
         client: Client,
         deadline_s: float | None = 30.0,
         max_request_bytes: int = 64 * MiB,
+        max_json_bytes: int = 16 * MiB,
     ) -> None:
         self.meta = meta
         self.client = client
         self.deadline_s = deadline_s
         self.max_request_bytes = max_request_bytes
         """Bound on a request body (REST) or message (gRPC): refused 413 / RESOURCE_EXHAUSTED."""
+        self.max_json_bytes = max_json_bytes
+        """Bound on a REST request's JSON part: parsed JSON numbers take ~10× their text in
+        memory, so large tensors go as binary data (refused 413 naming the extension)."""
         self.version = __version__
 
     def ready(self) -> bool:

@@ -116,6 +116,13 @@ def _split(request: web.Request, body: bytes) -> tuple[dict[str, Any], memoryvie
                 "invalid",
                 f"{HEADER_LENGTH}: expected 0..{len(body)} (the body's size), actual {raw_length!r}",
             )
+    limit = request.app[_DOOR].max_json_bytes
+    if length > limit:
+        raise V2Error(
+            "too_large",
+            f"request body: its JSON part ({length} bytes) is larger than this server's limit of {limit} "
+            f"bytes; send large tensors as binary data ({HEADER_LENGTH}, parameters.binary_data_size)",
+        )
     try:
         header = json.loads(body[:length])
     except (ValueError, UnicodeDecodeError) as e:

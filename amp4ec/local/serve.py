@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import torch
 from aiohttp import web
 
@@ -222,8 +223,10 @@ async def _watch(config: ServeConfig, serving: _Serving, text: str) -> None:
         text = fresh
         try:
             await serving.reconfigure(parse_nodes_file(fresh, str(config.nodes_file)))
-        except Amp4ecError as e:
-            serving.say(f"nodes file not applied, the last plan serves on: {e}")
+        except (Amp4ecError, grpc.aio.AioRpcError, OSError) as e:
+            # A long-running server reports a change it could not apply and serves on.
+            detail = f"{e.code().name}: {e.details()}" if isinstance(e, grpc.aio.AioRpcError) else str(e)
+            serving.say(f"nodes file not applied, serving on what is left: {detail}")
 
 
 async def serve(config: ServeConfig, say: Say, progress: Say | None = None) -> None:

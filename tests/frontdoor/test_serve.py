@@ -256,7 +256,9 @@ def test_rest_unknown_model_bad_json_and_too_big_a_body(server: Server) -> None:
     )
     assert code == 400 and "binary_data_size: expected 0..3000" in json.loads(raw)["error"]
     code, _, raw = _post(f"{server.rest}/v2/models/{NAME}/infer", bytes(65 * 1024 * 1024))
-    assert code == 413 and "limit" in json.loads(raw)["error"]
+    assert code == 413 and "limit of 67108864 bytes" in json.loads(raw)["error"]
+    code, _, raw = _post(f"{server.rest}/v2/models/{NAME}/infer", b" " * (17 * 1024 * 1024))
+    assert code == 413 and "send large tensors as binary data" in json.loads(raw)["error"]
 
 
 def test_grpc_refusals_are_status_codes_naming_the_field(server: Server) -> None:

@@ -219,6 +219,8 @@ class LocalCluster:
         port_file = self._workdir / f"{node.name}.port"
         control_port_file = self._workdir / f"{node.name}.control-port"
         log_path = self._workdir / f"{node.name}.log"
+        for stale in (port_file, control_port_file):  # a node restarted under its name (amp4ec serve)
+            stale.unlink(missing_ok=True)
         cmd = [
             sys.executable,
             "-m",

@@ -321,6 +321,25 @@ def test_a_nodes_file_change_replans_and_serves_on(server: Server, monolith: tor
     wait_for(lambda: "nodes file not applied" in server.output(), 30, "the refusal of a bad nodes file")
     assert "CPU share of edge-c: expected a number > 0, got 'oops'" in server.output()
     assert _json_infer(server, x)[0] == 200
+    server.nodes_file.write_text("edge-a 1.0\nedge-c 0.7\nedge-d 0.5\n")  # edge-c changes: restarted
+    wait_for(
+        lambda: _replans(server) == 2 or server.output().count("not applied") == 2, 180, "the second re-plan"
+    )
+    assert _replans(server) == 2, server.output()
+    limits = {}
+    for pid in _children(server.process.pid):
+        argv = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+        limits[argv[argv.index("--node") + 1]] = argv[argv.index("--cpu-limit") + 1]
+    assert limits == {"edge-a": "1.0", "edge-c": "0.7", "edge-d": "0.5"}
+    status, reply = _json_infer(server, x)
+    assert status == 200, reply
+    np.testing.assert_allclose(
+        np.array(reply["outputs"][0]["data"]).reshape(1, 10), _expected(monolith, x), atol=1e-5
+    )
+
+
+def _replans(server: Server) -> int:
+    return sum(x.startswith("re-planned on ") for x in server.lines)
 
 
 def _children(pid: int) -> list[int]:

@@ -9,12 +9,17 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from amp4ec.cli.options import cpu_limits_option, model_options, planning_options, source_from
+from amp4ec.cli.options import cpu_limits_option, examples, model_options, planning_options, source_from
 
 __all__ = ["serve"]
 
 
-@click.command()
+@click.command(
+    epilog=examples(
+        "amp4ec serve --model mobilenet_v2 --nodes 1.0,0.6,0.4",
+        "amp4ec serve --nodes-file nodes.txt --http-port 8000 --grpc-port 8001   # lines: NAME CPU[:MEMORY]",
+    )
+)
 @model_options
 @click.option(
     "--nodes",

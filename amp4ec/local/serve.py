@@ -32,9 +32,10 @@ from amp4ec.frontdoor import grpc as v2_grpc
 from amp4ec.frontdoor import rest
 from amp4ec.frontdoor.door import FrontDoor
 from amp4ec.frontdoor.model import DATATYPES, ModelMeta, model_meta
-from amp4ec.local.cluster import LocalCluster, NodeSpec, parse_bytes
+from amp4ec.local.cluster import LocalCluster
 from amp4ec.local.run import Prepared, deploy, node_capacities, prepare
 from amp4ec.local.supervisor import Supervisor, endpoints
+from amp4ec.nodes import NodeSpec, parse_bytes
 from amp4ec.planner.types import Link, NodeCapacity, Plan
 from amp4ec.scheduling import timed_plan
 from amp4ec.slicing import ModelSource

@@ -330,6 +330,8 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             reader.cancel()
             for task in list(in_flight):
                 task.cancel()
+            while not answers.empty():  # freed now, not when the suspended handler ends
+                answers.get_nowait()
             self._budget.close(holder)
             release_slot()
 
@@ -381,9 +383,11 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         )
         log.warning("ending a stream that does not read its answers: %s", why)
         # The status waits behind the unsent answer in the caller's HTTP/2 stream (abort returns
-        # only once the caller reads or cancels), so this call's answers, budget and slot are
-        # freed now: else ended streams keep them, and being ended none of them can be evicted.
+        # only once the caller reads or cancels), so this call's queued answers, budget and slot
+        # are freed now: else ended streams keep them, and being ended none can be evicted. What
+        # lingers is gRPC's copy of one answer per ended stream, bounded by maximum_concurrent_rpcs.
         drop()
+        self._trim_soon()  # what it dropped, handed back once evictions stop (not at the caller's cancel)
         await context.abort(
             grpc.StatusCode.RESOURCE_EXHAUSTED, f"stream ended: its answers were not read and {why}"
         )

@@ -151,8 +151,8 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         """False for the overhead calibration, whose requests are not the node's traffic."""
         self._calls = 0
         """Data-plane calls (streams and Infer) being served, against ``max_streams``."""
-        self._slots = asyncio.Condition()
-        """Notified whenever a call ends (a new call waits for the stalled one it ended)."""
+        self._freed = asyncio.Event()
+        """Set whenever a call gives back its slot (a new call waits for the stalled one it ended)."""
         self._budget = Budget(settings.max_held_bytes)
         self._trim: asyncio.TimerHandle | None = None
 
@@ -203,18 +203,19 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         return answer
 
     @contextlib.asynccontextmanager
-    async def _call_slot(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    async def _call_slot(self, context: grpc.aio.ServicerContext) -> AsyncIterator[Callable[[], None]]:
         """One of ``max_streams`` data-plane calls: a free one, or a stalled stream's (see
         [Note: held bytes]); RESOURCE_EXHAUSTED when every call is still being read after
         ``4 * stall_s`` (streams opened together stall only after ``stall_s``, and refusing
-        before then would let merely slow readers lock out a valid caller)."""
+        before then would let merely slow readers lock out a valid caller). Yields the slot's
+        release, which a stream ended for not reading calls before its status is sent."""
         limit = self._settings.max_streams
         give_up = time.monotonic() + 4 * self._budget.stall_s
         while self._calls >= limit and time.monotonic() < give_up:
             wait = 5.0 if self._budget.end_most_stalled() else self._budget.stall_s / 4
-            async with self._slots:
-                with contextlib.suppress(asyncio.TimeoutError):  # 3.10: not the builtin yet
-                    await asyncio.wait_for(self._slots.wait_for(lambda: self._calls < limit), wait)
+            self._freed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):  # 3.10: not the builtin yet
+                await asyncio.wait_for(self._freed.wait(), wait)
         if self._calls >= limit:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -222,12 +223,19 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
                 "(--max-streams); retry later",
             )
         self._calls += 1
+        held = True
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self._calls -= 1
+                self._freed.set()
+
         try:
-            yield
+            yield release
         finally:
-            self._calls -= 1
-            async with self._slots:
-                self._slots.notify_all()
+            release()
 
     async def _computed(
         self,
@@ -271,11 +279,14 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         forward threads, so a request on a new stream waits for at most one forward per other
         busy stream, not for every request those streams have sent.
         """
-        async with self._call_slot(context):
-            await self._stream(request_iterator, context)
+        async with self._call_slot(context) as release:
+            await self._stream(request_iterator, context, release)
 
     async def _stream(
-        self, request_iterator: AsyncIterator[Request], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[Request],
+        context: grpc.aio.ServicerContext,
+        release_slot: Callable[[], None],
     ) -> None:
         answers: asyncio.Queue[tuple[shard_pb2.Frame, int] | None] = asyncio.Queue()
         window = asyncio.Semaphore(self._settings.window)
@@ -314,22 +325,28 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
                 await asyncio.gather(*in_flight, return_exceptions=True)
             await answers.put(None)
 
+        def drop() -> None:
+            """The caller went away (cancelled, deadline, never read): drop what it had in flight."""
+            reader.cancel()
+            for task in list(in_flight):
+                task.cancel()
+            while not answers.empty():  # freed now, not when the suspended handler ends
+                answers.get_nowait()
+            self._budget.close(holder)
+            release_slot()
+
         reader = asyncio.create_task(read())
         ended = False
         try:
             while (item := await answers.get()) is not None:
                 answer, size = item
-                await self._write(context, answer, evicted)
+                await self._write(context, answer, evicted, drop)
                 self._budget.taken(holder, size)
                 window.release()
             await reader  # surfaces a broken inbound stream as this call's status
             ended = True
         finally:
-            # The caller went away (cancelled, deadline, never read): drop what it had in flight.
-            reader.cancel()
-            for task in list(in_flight):
-                task.cancel()
-            self._budget.close(holder)
+            drop()
             if not ended:
                 self._trim_soon()
 
@@ -343,9 +360,14 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         self._trim = loop.call_later(0.5, lambda: loop.run_in_executor(None, release_memory))
 
     async def _write(
-        self, context: grpc.aio.ServicerContext, answer: shard_pb2.Frame, evicted: asyncio.Future[None]
+        self,
+        context: grpc.aio.ServicerContext,
+        answer: shard_pb2.Frame,
+        evicted: asyncio.Future[None],
+        drop: Callable[[], None],
     ) -> None:
-        """Send one answer, or end the call RESOURCE_EXHAUSTED when the caller does not take it."""
+        """Send one answer, or end the call RESOURCE_EXHAUSTED when the caller does not take it
+        (``drop`` frees what the call holds)."""
         write = asyncio.ensure_future(context.write(answer))
         await asyncio.wait(
             {write, evicted}, timeout=self._settings.unread_timeout_s, return_when=asyncio.FIRST_COMPLETED
@@ -360,8 +382,12 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             else (f"none was taken for {self._settings.unread_timeout_s:.0f} s (--unread-timeout)")
         )
         log.warning("ending a stream that does not read its answers: %s", why)
-        # The status waits behind the unsent answer in the caller's HTTP/2 stream, but this
-        # call's answers, window and slot are freed now.
+        # The status waits behind the unsent answer in the caller's HTTP/2 stream (abort returns
+        # only once the caller reads or cancels), so this call's queued answers, budget and slot
+        # are freed now: else ended streams keep them, and being ended none can be evicted. What
+        # lingers is gRPC's copy of one answer per ended stream, bounded by maximum_concurrent_rpcs.
+        drop()
+        self._trim_soon()  # what it dropped, handed back once evictions stop (not at the caller's cancel)
         await context.abort(
             grpc.StatusCode.RESOURCE_EXHAUSTED, f"stream ended: its answers were not read and {why}"
         )

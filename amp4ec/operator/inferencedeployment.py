@@ -1,7 +1,8 @@
 """Handlers of the InferenceDeployment kind: thin adapters from kopf to ``reconcile``.
 
 create / update (spec) / resume run a reconciliation and retry it (TemporaryError) until
-the plan serves; a timer re-plans at each deployment's interval with the planner's
+the plan serves; so does a reconcile request (``watch.py``: a shard Pod or a Node changed);
+a timer re-plans at each deployment's interval with the planner's
 hysteresis and refreshes ``status.measured`` (throughput, latency) from Prometheus;
 delete only forgets metrics (owner references let Kubernetes collect the children).
 ``Outcome`` maps to kopf's errors here and nowhere else.
@@ -18,8 +19,9 @@ import kopf
 from amp4ec.operator import metrics
 from amp4ec.operator.config import GROUP, PLURAL, VERSION
 from amp4ec.operator.reconcile import Deps, Outcome, Target, measure, reconcile
+from amp4ec.operator.watch import REQUEST_ANNOTATION
 
-__all__ = ["deleted", "reconcile_deployment", "replan"]
+__all__ = ["deleted", "reconcile_deployment", "replan", "requested"]
 
 TIMER_INTERVAL_S = 5.0
 """How often the re-plan timer wakes; each deployment re-plans at its own spec.replan interval."""
@@ -61,6 +63,14 @@ async def reconcile_deployment(
     if outcome.permanent is not None:
         raise kopf.PermanentError(f"{outcome.reason}: {outcome.permanent}")
     if outcome.retry_s is not None:
+        raise kopf.TemporaryError(outcome.reason, delay=outcome.retry_s)
+
+
+@kopf.on.update(GROUP, VERSION, PLURAL, field=("metadata", "annotations", REQUEST_ANNOTATION), id="requested")
+async def requested(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    """A shard Pod or a Node changed (``watch.py``): reconcile now, retried until settled."""
+    outcome = await _run(body, patch, memo, trigger="event")
+    if outcome is not None and outcome.retry_s is not None and outcome.permanent is None:
         raise kopf.TemporaryError(outcome.reason, delay=outcome.retry_s)
 
 

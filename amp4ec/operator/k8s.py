@@ -136,6 +136,17 @@ class Kube:
             "PATCH", object_path(kind, namespace, name), dict(patch), "application/merge-patch+json"
         )
 
+    async def patch_status(
+        self, kind: str, namespace: str | None, name: str, status: Mapping[str, Any]
+    ) -> Any:
+        """Merge-patch the status subresource (``None`` values remove keys)."""
+        return await self._request(
+            "PATCH",
+            object_path(kind, namespace, name) + "/status",
+            {"status": dict(status)},
+            "application/merge-patch+json",
+        )
+
     async def delete(self, kind: str, namespace: str | None, name: str) -> None:
         await self._request("DELETE", object_path(kind, namespace, name))
 

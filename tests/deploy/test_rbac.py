@@ -45,6 +45,7 @@ KOPF_NEEDS: dict[Permission, str] = {
         "customresourcedefinitions",
         "watch",
     ): "resource_observer (scanning not disabled)",
+    (GROUP, PLURAL, "get"): "inferencedeployment._run: the latest status, re-read under the lock",
     ("", "pods", "list"): "kopf: the initial listing of the shard Pod watch (watch.py)",
     ("", "pods", "watch"): "kopf: @kopf.on.event on shard Pods (watch.py)",
     ("", "nodes", "list"): "kopf: the initial listing of the Node watch (watch.py)",
@@ -66,6 +67,7 @@ _METHOD_VERBS = {
     "patch": "patch",
     "delete": "delete",
     "delete_all": "delete",
+    "patch_status": "patch",
 }
 """Kube method → the RBAC verb of the request it sends (amp4ec/operator/k8s.py)."""
 

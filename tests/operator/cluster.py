@@ -477,7 +477,7 @@ class Kubelet:
             mounts[m["mountPath"]] = local
         return mounts
 
-    def _exited(self, c: _Container, code: int) -> None:
+    def _exited(self, c: _Container, code: int, now: float) -> None:
         """Record a run's end and, per restartPolicy, when the next run may start."""
         _forget_target(c)
         c.port, c.exit_recorded = None, True
@@ -489,7 +489,8 @@ class Kubelet:
         }
         if c.restart_policy == "Never" or (c.restart_policy == "OnFailure" and code == 0):
             return
-        now = time.monotonic()
+        # ``now`` is the sync's: the first restart (no back-off) is due in this very sync, and its
+        # status never says CrashLoopBackOff (a kubelet backs off only from the second crash).
         if now - c.started_at > 2 * self.backoff_max_s:
             c.backoff_s = 0.0  # ran long enough: the kubelet forgets the back-off
         c.restart_at = now + c.backoff_s
@@ -614,7 +615,7 @@ class Kubelet:
                 self._start(c)
             elif c.popen.poll() is not None:
                 if not c.exit_recorded:
-                    self._exited(c, c.popen.returncode)
+                    self._exited(c, c.popen.returncode, now)
                 if c.restart_at is not None and now >= c.restart_at:
                     self._start(c)
             ready = await self._probe(c)

@@ -78,6 +78,10 @@ def client_loop(env: Env, namespace: str, name: str) -> Iterator[Loop]:
         thread.join(DEADLINE_S + 10)
 
 
+def lost(loop: Loop) -> str:
+    return f"{lost(loop)}"
+
+
 def shard_of(env: Env, namespace: str, name: str) -> dict[str, Any]:
     (pod,) = owned(env, namespace, PODS, name)
     return pod
@@ -121,7 +125,8 @@ def test_a_killed_shard_process_is_restarted_and_no_request_is_lost(ns: Namespac
             lambda: loop.answers_after(time.monotonic()) or loop.answers_after(killed_at) > 20, 60, "answers"
         )
     print(
-        f"\nkill -9 of the shard: {seen['reason']}: {seen['message']}; answers resumed after {loop.gap_around(killed_at):.2f} s; lost {len(loop.failed)} of {len(loop.answered) + len(loop.failed)}"
+        f"\nkill -9 of the shard: {seen['reason']}: {seen['message']}; answers resumed after "
+        f"{loop.gap_around(killed_at):.2f} s; {lost(loop)}"
     )
     assert not loop.failed, loop.failed[:3]
     (again,) = owned(env, n, PODS, "lat")
@@ -150,8 +155,9 @@ def test_a_lost_node_is_replanned_around_at_once_and_no_request_is_lost(ns: Name
             serving_s = time.monotonic() - gone_at
             wait_for(lambda: loop.answers_after(gone_at) > 20, 60, "answers on the survivors")
         print(
-            f"\nnode {node} lost: {seen['message']}; Serving again after {serving_s:.2f} s, answers resumed after "
-            f"{loop.gap_around(gone_at):.2f} s; lost {len(loop.failed)} of {len(loop.answered) + len(loop.failed)}"
+            f"\nnode {node} lost: {seen['message']}; Serving again after {serving_s:.2f} s, "
+            "answers resumed after "
+            f"{loop.gap_around(gone_at):.2f} s; {lost(loop)}"
         )
         assert not loop.failed, loop.failed[:3]
         assert serving_s < 10, serving_s
@@ -188,8 +194,9 @@ def test_a_crash_looping_shard_moves_to_another_node_and_no_request_is_lost(ns: 
         serving_s = time.monotonic() - first
         wait_for(lambda: loop.answers_after(first) > 20, 60, "answers on another node")
     print(
-        f"\ncrash loop on {node}: {seen['message']}; Serving elsewhere {serving_s:.2f} s after the first crash; "
-        f"lost {len(loop.failed)} of {len(loop.answered) + len(loop.failed)}"
+        f"\ncrash loop on {node}: {seen['message']}; "
+        f"Serving elsewhere {serving_s:.2f} s after the first crash; "
+        f"{lost(loop)}"
     )
     assert not loop.failed, loop.failed[:3]
 
@@ -221,5 +228,5 @@ def test_a_capacity_replan_drains_the_old_shards_and_loses_no_request(ns: Namesp
             )
     finally:
         restore_capacity(env, slowed)
-    print(f"\ncapacity re-plan: lost {len(loop.failed)} of {len(loop.answered) + len(loop.failed)}")
+    print(f"\ncapacity re-plan: {lost(loop)}")
     assert not loop.failed, loop.failed[:3]

@@ -79,7 +79,7 @@ def client_loop(env: Env, namespace: str, name: str) -> Iterator[Loop]:
 
 
 def lost(loop: Loop) -> str:
-    return f"{lost(loop)}"
+    return f"lost {len(loop.failed)} of {len(loop.answered) + len(loop.failed)}"
 
 
 def shard_of(env: Env, namespace: str, name: str) -> dict[str, Any]:

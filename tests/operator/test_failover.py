@@ -122,7 +122,7 @@ def test_a_killed_shard_process_is_restarted_and_no_request_is_lost(ns: Namespac
         wait_for(lambda: env.condition(n, "lat", "Degraded")["status"] == "False", 60, "Degraded=False")
         wait_serving(env, n, "lat")
         wait_for(
-            lambda: loop.answers_after(time.monotonic()) or loop.answers_after(killed_at) > 20, 60, "answers"
+            lambda: loop.answers_after(time.monotonic()) or loop.answers_after(killed_at) > 100, 60, "answers"
         )
     print(
         f"\nkill -9 of the shard: {seen['reason']}: {seen['message']}; answers resumed after "
@@ -153,7 +153,7 @@ def test_a_lost_node_is_replanned_around_at_once_and_no_request_is_lost(ns: Name
             )
             wait_for(lambda: serving_without(env, n, "lat", node), 60, f"serving without {node}", every=0.1)
             serving_s = time.monotonic() - gone_at
-            wait_for(lambda: loop.answers_after(gone_at) > 20, 60, "answers on the survivors")
+            wait_for(lambda: loop.answers_after(gone_at) > 100, 60, "answers on the survivors")
         print(
             f"\nnode {node} lost: {seen['message']}; Serving again after {serving_s:.2f} s, "
             "answers resumed after "
@@ -192,7 +192,7 @@ def test_a_crash_looping_shard_moves_to_another_node_and_no_request_is_lost(ns: 
         )
         wait_for(lambda: serving_without(env, n, "lat", node), 60, f"serving without {node}", every=0.1)
         serving_s = time.monotonic() - first
-        wait_for(lambda: loop.answers_after(first) > 20, 60, "answers on another node")
+        wait_for(lambda: loop.answers_after(first) > 100, 60, "answers on another node")
     print(
         f"\ncrash loop on {node}: {seen['message']}; "
         f"Serving elsewhere {serving_s:.2f} s after the first crash; "

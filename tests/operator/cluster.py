@@ -17,7 +17,12 @@ in front of the ready Pods its selector matches. A container whose process exits
 per ``restartPolicy`` with the kubelet's CrashLoopBackOff (the first restart at once, then
 10 s doubling to 5 min), each run with a fresh port file, and the Pod status carries what a
 kubelet reports: phase, the Ready and ContainersReady conditions, and ``containerStatuses``
-(ready, restartCount, state, lastState). It also stands in for Prometheus'
+(ready, restartCount, state, lastState). A deleted Pod is ended as a kubelet ends it: the
+API server only marks it (``deletionTimestamp``), the kubelet sends SIGTERM, waits up to
+``terminationGracePeriodSeconds`` (then SIGKILL), and only then is the object removed.
+``power_off(node)`` kills a node's containers and leaves nothing there running, restarting or
+reporting (a dead kubelet says nothing); Pods on a deleted Node are removed (the Pod GC's job).
+It also stands in for Prometheus'
 ``kubernetes_sd``: a Pod annotated ``prometheus.io/scrape: "true"`` gets a free loopback
 metrics port, and while its process runs, a file_sd target file in ``sd_dir`` carries the
 ``__meta_kubernetes_*`` labels kubernetes_sd would (namespace, pod name, labels,

@@ -13,6 +13,7 @@ _settle (make-before-break, then keep the active plan's objects present).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -515,6 +516,21 @@ async def _roll_out(
     return target
 
 
+def _past_grace(pod: Mapping[str, Any], margin_s: float = 5.0) -> bool:
+    """Whether a deleted Pod's grace period (and a margin) is over."""
+    meta = pod.get("metadata") or {}
+    stamp = meta.get("deletionTimestamp")
+    if not stamp:
+        return False
+    try:
+        since = datetime.datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+    except ValueError:
+        return True
+    grace = float(meta.get("deletionGracePeriodSeconds") or 30)
+    now = datetime.datetime.now(tz=datetime.timezone.utc)
+    return (now - since).total_seconds() > grace + margin_s
+
+
 def _serving(pods: list[dict[str, Any]], record: PlanRecord) -> int:
     """Pipelines of ``record`` whose every shard is ready: what can answer requests now."""
     ready = {
@@ -605,8 +621,9 @@ async def _retire_old(
     old = [p for p in old if not matches(p, {LABEL_PLAN: current.id})]
     entries = [p for p in old if matches(p, {LABEL_STAGE: "0"})]
     await deps.kube.delete_all("Pod", [p for p in entries if not p["metadata"].get("deletionTimestamp")])
-    # An entry on a lost node has nothing to drain (and may never report its end).
-    if any(pod_node(p) not in lost for p in entries):
+    # An entry on a lost node has nothing to drain, and one past its grace period has been
+    # killed by its kubelet, or its node is dead and will never report its end.
+    if any(pod_node(p) not in lost and not _past_grace(p) for p in entries):
         return True
     await deps.kube.delete_all("Pod", [p for p in old if p not in entries])
     services = await _owned(deps, t, "Service", {LABEL_DEPLOYMENT: label_value(t.name)})

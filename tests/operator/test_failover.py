@@ -2,7 +2,8 @@
 
 Each test runs a closed loop of requests through the entry Service (``amp4ec.client``, which
 retries and ejects) while something dies: a shard process (SIGKILL), a whole node (its shards
-killed, then its Node deleted), a shard that crash-loops, and a capacity-driven re-plan. The
+killed, then its Node deleted), a dead node whose Node still says Ready (its metrics go stale),
+a shard that crash-loops, and a capacity-driven re-plan. The
 deployment must serve again, the status must name the node meanwhile, and no request may be
 lost. Times are printed (``-s``) for docs/operator.md.
 """
@@ -10,6 +11,7 @@ lost. Times are printed (``-s``) for docs/operator.md.
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -230,3 +232,33 @@ def test_a_capacity_replan_drains_the_old_shards_and_loses_no_request(ns: Namesp
         restore_capacity(env, slowed)
     print(f"\ncapacity re-plan: {lost(loop)}")
     assert not loop.failed, loop.failed[:3]
+
+
+def test_a_dead_node_that_still_says_ready_is_lost_once_its_metrics_go_stale(ns: Namespace) -> None:
+    env, n = ns.env, ns.name
+    ns.create("lat", LATENCY)
+    wait_serving(env, n, "lat")
+    node = shard_of(env, n, "lat")["spec"]["nodeSelector"]["kubernetes.io/hostname"]
+    monitor = env.monitors[node].proc
+    try:
+        with client_loop(env, n, "lat") as loop:
+            gone_at = time.monotonic()
+            env.cluster.power_off(node)  # its shard dies; its Node object stays Ready
+            monitor.send_signal(signal.SIGSTOP)  # and its metrics stop (stale after 10 s here)
+            early = wait_for(lambda: degraded_naming(env, n, "lat", node), 30, f"Degraded naming {node}")
+            seen = wait_for(lambda: degraded_naming(env, n, "lat", node, "NodeLost"), 60, "Degraded=NodeLost")
+            wait_for(lambda: serving_without(env, n, "lat", node), 60, f"serving without {node}", every=0.1)
+            serving_s = time.monotonic() - gone_at
+            wait_for(lambda: loop.answers_after(gone_at) > 100, 60, "answers on the survivors")
+        print(
+            f"\nnode {node} dead, Node Ready: first {early['reason']}: {early['message']}; "
+            f"then {seen['message']}; "
+            f"Serving again after {serving_s:.2f} s (metrics stale after 10 s); {lost(loop)}"
+        )
+        assert (env.kubectl.get(NODES, None, node) or {}).get("status", {}).get("conditions")[0][
+            "status"
+        ] == "True"
+        assert not loop.failed, loop.failed[:3]
+    finally:
+        monitor.send_signal(signal.SIGCONT)
+        env.cluster.power_on(node)

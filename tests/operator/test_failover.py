@@ -37,6 +37,8 @@ class Loop:
     """A closed loop of requests through one entry, in a thread of its own."""
 
     port: int
+    tls: list[str]
+    """The deployment's client credentials (``--ca X --cert Y --key Z``, ``Env.client_tls``)."""
     answered: list[float] = field(default_factory=list)
     """Monotonic time of each answer."""
     failed: list[str] = field(default_factory=list)
@@ -44,10 +46,14 @@ class Loop:
     started: threading.Event = field(default_factory=threading.Event)
 
     async def _run(self) -> None:
-        from amp4ec.client import Client
+        from amp4ec import pki
+        from amp4ec.client import Client, Endpoint
+        from amp4ec.wire.transport import TransportSecurity
 
         x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(5))
-        async with Client([f"127.0.0.1:{self.port}"]) as client:
+        security = TransportSecurity.from_files(self.tls[1], self.tls[3], self.tls[5])  # --ca, --cert, --key
+        entry = Endpoint(f"127.0.0.1:{self.port}", identity=pki.entry_identity_for_client(security.identity))
+        async with Client([entry], security) as client:
             while not self.stop.is_set():
                 try:
                     await client.infer([x], deadline_s=DEADLINE_S)
@@ -69,7 +75,7 @@ class Loop:
 
 @contextmanager
 def client_loop(env: Env, namespace: str, name: str) -> Iterator[Loop]:
-    loop = Loop(entry_port(env, namespace, name))
+    loop = Loop(entry_port(env, namespace, name), env.client_tls(namespace, name))
     thread = threading.Thread(target=lambda: asyncio.run(loop._run()), daemon=True)
     thread.start()
     try:

@@ -360,6 +360,9 @@ class Kubelet:
     """Containers of deleted Pods between SIGTERM and their end (terminationGracePeriodSeconds)."""
     dead: set[str] = field(default_factory=set)
     """Nodes powered off (``power_off``)."""
+    stalled: set[str] = field(default_factory=set)
+    """Nodes whose containers died and cannot start again, their kubelet still reporting
+    (``power_off(node, kubelet_alive=True)``)."""
     _rr: itertools.count[int] = field(default_factory=itertools.count)
 
     def service_port(self, namespace: str, name: str) -> int | None:
@@ -549,10 +552,12 @@ class Kubelet:
     def _node(self, pod: dict[str, Any]) -> str:
         return (pod["spec"].get("nodeSelector") or {}).get("kubernetes.io/hostname", "")
 
-    def power_off(self, node: str) -> list[tuple[str, str]]:
+    def power_off(self, node: str, kubelet_alive: bool = False) -> list[tuple[str, str]]:
         """The node dies: its containers are killed (SIGKILL) and nothing on it runs, restarts or
-        reports again; Pods stay as last reported (a dead kubelet says nothing). Returns the Pods hit."""
-        self.dead.add(node)
+        reports again; Pods stay as last reported (a dead kubelet says nothing). With
+        ``kubelet_alive`` only the containers die and cannot start again (the runtime is gone),
+        while the kubelet reports them down and the Node stays Ready. Returns the Pods hit."""
+        (self.stalled if kubelet_alive else self.dead).add(node)
         hit = []
         for key, c in self.procs.items():
             if self._node(c.pod) == node:
@@ -616,12 +621,14 @@ class Kubelet:
         for key, c in list(self.procs.items()):
             if self._node(c.pod) in self.dead:
                 continue  # nothing runs, restarts or reports there
+            stalled = self._node(c.pod) in self.stalled
             if c.popen is None:
-                self._start(c)
+                if not stalled:
+                    self._start(c)
             elif c.popen.poll() is not None:
                 if not c.exit_recorded:
                     self._exited(c, c.popen.returncode, now)
-                if c.restart_at is not None and now >= c.restart_at:
+                if c.restart_at is not None and now >= c.restart_at and not stalled:
                     self._start(c)
             ready = await self._probe(c)
             if ready != c.ready or not c.ready_since:
@@ -876,12 +883,12 @@ class FakeCluster:
 
         return self.call(read)
 
-    def power_off(self, node: str) -> list[tuple[str, str]]:
+    def power_off(self, node: str, kubelet_alive: bool = False) -> list[tuple[str, str]]:
         """See ``Kubelet.power_off`` (on the cluster's loop)."""
         assert self.kubelet is not None
 
         async def run() -> list[tuple[str, str]]:
-            return self.kubelet.power_off(node)  # type: ignore[union-attr]
+            return self.kubelet.power_off(node, kubelet_alive)  # type: ignore[union-attr]
 
         return self.call(run)
 
@@ -891,6 +898,7 @@ class FakeCluster:
 
         async def run() -> None:
             self.kubelet.dead.discard(node)  # type: ignore[union-attr]
+            self.kubelet.stalled.discard(node)  # type: ignore[union-attr]
 
         self.call(run)
 

@@ -631,6 +631,8 @@ class Kubelet:
                 if c.restart_at is not None and now >= c.restart_at and not stalled:
                     self._start(c)
             ready = await self._probe(c)
+            if c.popen is not None and c.popen.poll() is not None and not c.exit_recorded:
+                self._exited(c, c.popen.returncode, now)  # it ended during the probe
             if ready != c.ready or not c.ready_since:
                 c.ready, c.ready_since = ready, _now()
             state, status = _pod_status(c, now)

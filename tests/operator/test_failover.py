@@ -3,7 +3,8 @@
 Each test runs a closed loop of requests through the entry Service (``amp4ec.client``, which
 retries and ejects) while something dies: a shard process (SIGKILL), a whole node (its shards
 killed, then its Node deleted), a dead node whose Node still says Ready (its metrics go stale),
-a shard that crash-loops, and a capacity-driven re-plan. The
+a shard that crash-loops, a replica's node (the survivors serve, Ready stays True), and a
+capacity-driven re-plan. The
 deployment must serve again, the status must name the node meanwhile, and no request may be
 lost. Times are printed (``-s``) for docs/operator.md.
 """
@@ -267,4 +268,35 @@ def test_a_dead_node_that_still_says_ready_is_lost_once_its_metrics_go_stale(ns:
         assert not loop.failed, loop.failed[:3]
     finally:
         monitor.send_signal(signal.SIGCONT)
+        env.cluster.power_on(node)
+
+
+def test_with_replicas_the_survivors_serve_and_ready_stays_true_while_a_node_is_replaced(
+    ns: Namespace,
+) -> None:
+    env, n = ns.env, ns.name
+    ns.create("rep", {"model": LATENCY["model"], "strategy": "replicate", "replan": LATENCY["replan"]})
+    stages = wait_serving(env, n, "rep")["status"]["plan"]["stages"]
+    assert len({s["pipeline"] for s in stages}) >= 2, stages
+    node = stages[0]["node"]
+    saved = env.kubectl.get(NODES, None, node)
+    readiness: list[str] = []
+    try:
+        with client_loop(env, n, "rep") as loop:
+            gone_at = time.monotonic()
+            env.cluster.power_off(node)
+            env.kubectl.delete(NODES, None, node)
+
+            def replaced() -> dict[str, Any] | None:
+                readiness.append((env.condition(n, "rep", "Ready") or {}).get("status", "?"))
+                return serving_without(env, n, "rep", node)
+
+            wait_for(replaced, 60, f"serving without {node}", every=0.1)
+            wait_for(lambda: loop.answers_after(gone_at) > 100, 60, "answers on the survivors")
+        print(f"\nreplicas, node {node} lost: Ready {sorted(set(readiness))} meanwhile; {lost(loop)}")
+        assert set(readiness) == {"True"}, "Ready turned False although survivors served"
+        assert not loop.failed, loop.failed[:3]
+    finally:
+        if env.kubectl.get(NODES, None, node) is None:
+            env.kubectl.create(NODES, _node(saved["metadata"]["name"]))
         env.cluster.power_on(node)

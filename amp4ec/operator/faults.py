@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ExclusionBackoff", "Fault", "node_faults", "pod_node", "pod_ready", "shard_state"]
+__all__ = ["ExclusionBackoff", "Fault", "node_faults", "node_ready", "pod_node", "pod_ready", "shard_state"]
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def shard_state(pod: Mapping[str, Any]) -> tuple[str, str] | None:
     return None
 
 
-def _node_ready(node: Mapping[str, Any]) -> bool:
+def node_ready(node: Mapping[str, Any]) -> bool:
     for c in (node.get("status") or {}).get("conditions") or ():
         if c.get("type") == "Ready":
             return c.get("status") == "True"
@@ -93,7 +93,7 @@ def node_faults(
         if obj is None:
             faults[node] = Fault(node, "NodeDeleted", f"node {node} was deleted", lost=True)
             continue
-        if not _node_ready(obj):
+        if not node_ready(obj):
             faults[node] = Fault(node, "NodeNotReady", f"node {node} is not Ready", lost=True)
             continue
         states = [s for s in (shard_state(p) for p in by_node.get(node, ())) if s is not None]

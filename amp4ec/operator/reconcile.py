@@ -39,7 +39,7 @@ from amp4ec.operator.desired import (
     entry_service,
     plan_record,
 )
-from amp4ec.operator.faults import ExclusionBackoff, Fault, node_faults, pod_node, pod_ready
+from amp4ec.operator.faults import ExclusionBackoff, Fault, node_faults, node_ready, pod_node, pod_ready
 from amp4ec.operator.k8s import Conflict, Kube, KubeUnavailable, matches
 from amp4ec.operator.measured import measured_queries, measured_status, scalar
 from amp4ec.operator.names import label_value, owned_by, owner_names
@@ -277,7 +277,7 @@ async def _decide(
     nodes = [
         n["metadata"]["name"]
         for n in node_objs
-        if matches(n, wanted) and _node_ready(n) and n["metadata"]["name"] not in left_out
+        if matches(n, wanted) and node_ready(n) and n["metadata"]["name"] not in left_out
     ]
     if not nodes:
         selector = ",".join(f"{k}={v}" for k, v in wanted.items()) or "(any)"
@@ -354,13 +354,6 @@ async def _check_storage_host(spec: DeploymentSpec, cfg: OperatorConfig) -> None
         )
     except HostUnresolved as exc:
         log.info("storageUri host not resolved by the operator (the initializer checks it): %s", exc)
-
-
-def _node_ready(node: Mapping[str, Any]) -> bool:
-    for c in (node.get("status") or {}).get("conditions") or ():
-        if c.get("type") == "Ready":
-            return c.get("status") == "True"
-    return True  # no conditions reported (yet): do not exclude
 
 
 def _foreign(deps: Deps, t: Target, obj: Mapping[str, Any]) -> _Stop:

@@ -20,7 +20,7 @@ from typing import Any
 
 import kopf
 
-from amp4ec.operator.faults import pod_ready, shard_state
+from amp4ec.operator.faults import node_ready, pod_ready, shard_state
 from amp4ec.operator.k8s import KubeError
 from amp4ec.operator.reconcile import Deps
 from amp4ec.operator.status import now_iso
@@ -81,13 +81,6 @@ async def shard_changed(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, 
     await request(memo.deps, key[0], owner, f"Pod {key[1]} ready={ready} {phase} {trouble or ''} {restarts}")
 
 
-def _node_ok(body: Mapping[str, Any]) -> bool:
-    for c in (body.get("status") or {}).get("conditions") or ():
-        if c.get("type") == "Ready":
-            return c.get("status") == "True"
-    return True
-
-
 def _uses(obj: Mapping[str, Any], node: str) -> bool:
     status = obj.get("status") or {}
     stages = [
@@ -103,7 +96,7 @@ async def node_changed(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, *
         return
     name = body.metadata.name or ""
     seen: dict[str, bool] = memo.node_ready
-    ok = event.get("type") != "DELETED" and _node_ok(body)
+    ok = event.get("type") != "DELETED" and node_ready(body)
     before = seen.get(name)
     if event.get("type") == "DELETED":
         seen.pop(name, None)

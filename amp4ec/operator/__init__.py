@@ -6,7 +6,7 @@ never torch.
 
 from __future__ import annotations
 
-from amp4ec.operator import inferencedeployment, settings
+from amp4ec.operator import inferencedeployment, settings, watch
 from amp4ec.operator.config import GROUP, PLURAL, VERSION, OperatorConfig
 
-__all__ = ["GROUP", "PLURAL", "VERSION", "OperatorConfig", "inferencedeployment", "settings"]
+__all__ = ["GROUP", "PLURAL", "VERSION", "OperatorConfig", "inferencedeployment", "settings", "watch"]

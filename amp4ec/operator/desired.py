@@ -33,8 +33,10 @@ from amp4ec.planner.types import Plan
 
 __all__ = [
     "LABEL_DEPLOYMENT",
+    "LABEL_PIPELINE",
     "LABEL_PLAN",
     "LABEL_ROLE",
+    "LABEL_STAGE",
     "PlacedStage",
     "PlanRecord",
     "deployment_policy",

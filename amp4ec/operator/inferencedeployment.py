@@ -1,7 +1,8 @@
 """Handlers of the InferenceDeployment kind: thin adapters from kopf to ``reconcile``.
 
 create / update (spec) / resume run a reconciliation and retry it (TemporaryError) until
-the plan serves; a timer re-plans at each deployment's interval with the planner's
+the plan serves; so does a reconcile request (``watch.py``: a shard Pod or a Node changed);
+a timer re-plans at each deployment's interval with the planner's
 hysteresis and refreshes ``status.measured`` (throughput, latency) from Prometheus;
 delete only forgets metrics (owner references let Kubernetes collect the children).
 ``Outcome`` maps to kopf's errors here and nowhere else.
@@ -11,29 +12,34 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
 
 from amp4ec.operator import metrics
 from amp4ec.operator.config import GROUP, PLURAL, VERSION
+from amp4ec.operator.k8s import KubeError
 from amp4ec.operator.reconcile import Deps, Outcome, Target, measure, reconcile
+from amp4ec.operator.watch import REQUEST_ANNOTATION
 
-__all__ = ["deleted", "reconcile_deployment", "replan"]
+__all__ = ["deleted", "reconcile_deployment", "replan", "requested"]
+
+log = logging.getLogger(__name__)
 
 TIMER_INTERVAL_S = 5.0
 """How often the re-plan timer wakes; each deployment re-plans at its own spec.replan interval."""
 
 
-def _target(body: kopf.Body) -> Target:
-    meta = body.metadata
+def _target(body: kopf.Body | Mapping[str, Any]) -> Target:
+    meta = body["metadata"]
     return Target(
-        name=meta.name or "",
-        namespace=meta.namespace or "default",
-        uid=meta.uid or "",
+        name=meta.get("name") or "",
+        namespace=meta.get("namespace") or "default",
+        uid=meta.get("uid") or "",
         generation=int(meta.get("generation") or 1),
-        spec=dict(body.spec),
-        status=dict(body.status),
+        spec=dict(body.get("spec") or {}),
+        status=dict(body.get("status") or {}),
     )
 
 
@@ -42,10 +48,24 @@ async def _run(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, trigger: str
     t = _target(body)
     lock = memo.locks.setdefault(t.uid, asyncio.Lock())
     async with lock:
+        # The status as last written, not as this event carried it: the timer, the handlers and
+        # reconcile requests interleave, and a stale status (a rollout not seen) must not decide.
+        # So status is read and written here, under the lock, not through kopf's patch.
+        try:
+            fresh = await deps.kube.get("InferenceDeployment", t.namespace, t.name)
+        except KubeError as exc:
+            log.warning("%s/%s: not re-read (%s); using the event's body", t.namespace, t.name, exc)
+            fresh = None
+        if fresh is not None and (fresh.get("metadata") or {}).get("uid") == t.uid:
+            t = _target(fresh)
         outcome = await reconcile(deps, t, trigger=trigger, adopt=lambda obj: kopf.adopt(obj, owner=body))
-    if outcome is not None:
-        for key, value in outcome.status.items():
-            patch.status[key] = value
+        if outcome is not None:
+            try:
+                await deps.kube.patch_status("InferenceDeployment", t.namespace, t.name, outcome.status)
+            except KubeError as exc:  # kopf's patch writes it after the handler instead
+                log.warning("%s/%s: status not written under the lock: %s", t.namespace, t.name, exc)
+                for key, value in outcome.status.items():
+                    patch.status[key] = value
     return outcome
 
 
@@ -61,6 +81,14 @@ async def reconcile_deployment(
     if outcome.permanent is not None:
         raise kopf.PermanentError(f"{outcome.reason}: {outcome.permanent}")
     if outcome.retry_s is not None:
+        raise kopf.TemporaryError(outcome.reason, delay=outcome.retry_s)
+
+
+@kopf.on.update(GROUP, VERSION, PLURAL, field=("metadata", "annotations", REQUEST_ANNOTATION), id="requested")
+async def requested(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    """A shard Pod or a Node changed (``watch.py``): reconcile now, retried until settled."""
+    outcome = await _run(body, patch, memo, trigger="event")
+    if outcome is not None and outcome.retry_s is not None and outcome.permanent is None:
         raise kopf.TemporaryError(outcome.reason, delay=outcome.retry_s)
 
 

@@ -1,5 +1,5 @@
-"""The one Kubernetes adapter: a small async REST client for Pods, Services, Nodes, NetworkPolicies
-and Secrets.
+"""The one Kubernetes adapter: a small async REST client for Pods, Services, Nodes, NetworkPolicies,
+Secrets and (to request a reconciliation) InferenceDeployments.
 
 It logs in the way kopf does (service account in a Pod, else the kubeconfig), speaks JSON
 merge patches, and maps HTTP failures once: 404 → None/ignored, 409 → ``Conflict``,
@@ -24,6 +24,7 @@ _KINDS = {
     "Node": ("/api/v1", "nodes"),
     "Secret": ("/api/v1", "secrets"),
     "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies"),
+    "InferenceDeployment": ("/apis/amp4ec.io/v1alpha1", "inferencedeployments"),
 }
 
 
@@ -133,6 +134,17 @@ class Kube:
     async def patch(self, kind: str, namespace: str | None, name: str, patch: Mapping[str, Any]) -> Any:
         return await self._request(
             "PATCH", object_path(kind, namespace, name), dict(patch), "application/merge-patch+json"
+        )
+
+    async def patch_status(
+        self, kind: str, namespace: str | None, name: str, status: Mapping[str, Any]
+    ) -> Any:
+        """Merge-patch the status subresource (``None`` values remove keys)."""
+        return await self._request(
+            "PATCH",
+            object_path(kind, namespace, name) + "/status",
+            {"status": dict(status)},
+            "application/merge-patch+json",
         )
 
     async def delete(self, kind: str, namespace: str | None, name: str) -> None:

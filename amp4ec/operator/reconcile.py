@@ -13,6 +13,7 @@ _settle (make-before-break, then keep the active plan's objects present).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -20,21 +21,25 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from amp4ec import pki, planner
+from amp4ec import pki
 from amp4ec.errors import InvalidSpec, PlanInfeasible
 from amp4ec.operator import certs, metrics
 from amp4ec.operator.capacity import CapacityUnavailable, Prometheus
 from amp4ec.operator.config import OperatorConfig
+from amp4ec.operator.decide import Blocked, Keep, Rollout, choose
 from amp4ec.operator.desired import (
     LABEL_DEPLOYMENT,
+    LABEL_PIPELINE,
     LABEL_PLAN,
     LABEL_ROLE,
+    LABEL_STAGE,
     PlanRecord,
     deployment_policy,
     desired_objects,
     entry_service,
     plan_record,
 )
+from amp4ec.operator.faults import ExclusionBackoff, Fault, node_faults, node_ready, pod_node, pod_ready
 from amp4ec.operator.k8s import Conflict, Kube, KubeUnavailable, matches
 from amp4ec.operator.measured import measured_queries, measured_status, scalar
 from amp4ec.operator.names import label_value, owned_by, owner_names
@@ -43,7 +48,7 @@ from amp4ec.operator.profiles import Profiler, ProfilerUnavailable
 from amp4ec.operator.spec import DeploymentSpec, parse_spec
 from amp4ec.operator.status import Phase, condition, merge_conditions, now_iso, with_ready
 from amp4ec.operator.storage_hosts import HostRefused, HostUnresolved, resolve_checked_async
-from amp4ec.planner.types import Pin, Pipeline, Plan, Stage
+from amp4ec.planner.types import Pin
 from amp4ec.scheduling import timed_plan
 
 __all__ = ["Deps", "Outcome", "Target", "measure", "reconcile"]
@@ -67,6 +72,8 @@ class Deps:
     """The cluster CA (``config.tls``): shard and client leaves are issued from it."""
     issued: dict[str, certs.Issued] = field(default_factory=dict)
     """Deployment uid → what its Secrets hold (certs.py, [Note: write-only Secrets])."""
+    excluded: ExclusionBackoff = field(default_factory=ExclusionBackoff)
+    """Nodes whose shards keep failing, left out of planning for a while (back-off)."""
 
 
 @dataclass(frozen=True)
@@ -101,8 +108,10 @@ class _Stop(Exception):
         self.outcome = outcome
 
 
-def _finish(t: Target, phase: Phase, conds: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
-    merged = with_ready(merge_conditions(t.status.get("conditions"), conds))
+def _finish(
+    t: Target, phase: Phase, conds: list[dict[str, Any]], serving: int | None = None, **fields: Any
+) -> dict[str, Any]:
+    merged = with_ready(merge_conditions(t.status.get("conditions"), conds), serving=serving)
     ready = next(c for c in merged if c["type"] == "Ready")
     failure = ready["reason"] if ready["status"] != "True" else None
     return {"phase": phase.value, "conditions": merged, "failureReason": failure, **fields}
@@ -141,97 +150,172 @@ async def _reconcile(
     spec_changed = t.status.get("observedGeneration") != t.generation
     now = time.monotonic()
     due = now - deps.last_check.get(t.uid, -1e18) >= spec.replan.interval_seconds
-    if trigger == "timer" and not spec_changed and rollout is None and not due:
-        return None  # between re-plan checks: nothing to do
+    # Faults of the nodes in use, from the Node objects and the shard Pods (cheap: two lists).
+    in_use = [*(current.nodes if current else ()), *(rollout.nodes if rollout else ())]
+    nodes = await deps.kube.list("Node", None)
+    pods = await _owned(deps, t, "Pod", {LABEL_DEPLOYMENT: label_value(t.name)}) if in_use else []
+    faults = node_faults(in_use, nodes, _of_plans(pods, current, rollout))
+    trouble = current is not None and (bool(faults) or not _all_ready(pods, current))
+    if trigger == "timer" and not spec_changed and rollout is None and not due and not trouble:
+        return None  # between re-plan checks, nothing wrong: nothing to do
     if trigger == "timer" and current is None and rollout is None:
         return None  # first deployments belong to the create/resume handlers (they retry)
 
     degraded: dict[str, Any] = condition("Degraded", False, "AsPlanned", "capacity is fresh for every node")
     new_plan = False
-    if (current is None and rollout is None) or spec_changed or (due and rollout is None):
+    lost_rollout = rollout is not None and any(faults[n].lost for n in rollout.nodes if n in faults)
+    if (
+        (current is None and rollout is None)
+        or spec_changed
+        or (due and rollout is None)
+        or lost_rollout
+        or (rollout is None and any(f.lost for f in faults.values()))
+        or (rollout is None and trouble)
+    ):
         deps.last_check[t.uid] = now
-        proposal = await _propose(deps, t, spec, current, keep_current=not spec_changed)
-        if isinstance(proposal, dict):  # capacity unknown for the active plan: keep it
-            degraded = proposal
-        elif current is None or spec_changed or proposal.id != current.id:
-            if current is not None and proposal.id == current.id:
-                rollout = None
-            else:
-                rollout = proposal
-                new_plan = True
-        else:
+        decision = await _propose(deps, t, spec, current, nodes, pods, faults, hysteresis=not spec_changed)
+        if isinstance(decision, Keep):
             rollout = None
+            if decision.degraded is not None:
+                degraded = decision.degraded
+        else:
+            assert isinstance(decision, Rollout)
+            if current is None or decision.plan.id != current.id:
+                rollout, new_plan = decision.plan, True
+                log.info("%s/%s: re-plan: %s", t.namespace, t.name, decision.reason)
+            else:
+                rollout = None
+    fault = _worst(faults)
+    if fault is not None:  # a fault named from the moment it is seen, over any capacity note
+        degraded = condition("Degraded", True, fault.reason, fault.message)
 
     if rollout is not None and (current is None or rollout.id != current.id):
         if new_plan:
             metrics.REPLANS.labels(t.namespace, t.name, trigger).inc()
-        current = await _roll_out(deps, t, spec, current, rollout, adopt, degraded)
+        current = await _roll_out(deps, t, spec, current, rollout, adopt, degraded, pods)
         rollout = None
     assert current is not None
-    return await _settle(deps, t, spec, current, adopt, degraded)
+    lost = {n for n, f in faults.items() if f.lost}
+    return await _settle(deps, t, spec, current, adopt, degraded, lost)
+
+
+def _worst(faults: Mapping[str, Fault]) -> Fault | None:
+    """The fault to name in Degraded: a lost node before a restarting shard, then by name."""
+    ranked = sorted(faults.values(), key=lambda f: (not f.lost, f.node))
+    return ranked[0] if ranked else None
+
+
+def _of_plans(pods: list[dict[str, Any]], *records: PlanRecord | None) -> list[dict[str, Any]]:
+    ids = {r.id for r in records if r is not None}
+    return [p for p in pods if (p["metadata"].get("labels") or {}).get(LABEL_PLAN) in ids]
+
+
+def _all_ready(pods: list[dict[str, Any]], record: PlanRecord) -> bool:
+    mine = _of_plans(pods, record)
+    return len(mine) == len(record.stages) and all(pod_ready(p) for p in mine)
 
 
 async def _propose(
-    deps: Deps, t: Target, spec: DeploymentSpec, current: PlanRecord | None, keep_current: bool
-) -> PlanRecord | dict[str, Any]:
-    """A new plan, or (with an active plan whose capacity is unknown) a Degraded condition."""
-    cfg = deps.config
+    deps: Deps,
+    t: Target,
+    spec: DeploymentSpec,
+    current: PlanRecord | None,
+    node_objs: list[dict[str, Any]],
+    pods: list[dict[str, Any]],
+    faults: dict[str, Fault],
+    *,
+    hysteresis: bool,
+) -> Keep | Rollout:
+    """Plan on the healthy nodes and decide (``decide.choose``); a ``Blocked`` decision ends the
+    reconciliation here with its condition."""
+    decision = await _decide(deps, t, spec, current, node_objs, pods, faults, hysteresis=hysteresis)
+    if not isinstance(decision, Blocked):
+        return decision
+    metrics.RECONCILE_ERRORS.labels(t.namespace, t.name, decision.reason).inc()
     waiting = Phase.PLANNING if current is None else Phase(t.status.get("phase") or "Serving")
-
-    def stop(reason: str, message: str, *, retry: float | None = None, permanent: bool = False) -> _Stop:
-        metrics.RECONCILE_ERRORS.labels(t.namespace, t.name, reason).inc()
-        conds = [condition("Planned", False, reason, message)]
-        phase = Phase.FAILED if permanent else waiting
-        extra = {"observedGeneration": t.generation} if permanent else {}
-        return _Stop(
-            Outcome(
-                _finish(t, phase, conds, **extra),
-                retry_s=None if permanent else retry,
-                permanent=message if permanent else None,
-                reason=reason,
-            )
+    conds = [condition("Planned", False, decision.reason, decision.message)]
+    phase = Phase.FAILED if decision.permanent else waiting
+    extra = {"observedGeneration": t.generation} if decision.permanent else {}
+    raise _Stop(
+        Outcome(
+            _finish(t, phase, conds, **extra),
+            retry_s=None if decision.permanent else decision.retry_s,
+            permanent=decision.message if decision.permanent else None,
+            reason=decision.reason,
         )
+    )
 
+
+async def _decide(
+    deps: Deps,
+    t: Target,
+    spec: DeploymentSpec,
+    current: PlanRecord | None,
+    node_objs: list[dict[str, Any]],
+    pods: list[dict[str, Any]],
+    faults: dict[str, Fault],
+    *,
+    hysteresis: bool,
+) -> Keep | Rollout | Blocked:
+    cfg = deps.config
     try:
         await _check_storage_host(spec, cfg)
     except HostRefused as exc:
-        raise stop("InvalidSpec", f"spec.model.storageUri: refused: {exc}", permanent=True) from None
+        return Blocked("InvalidSpec", f"spec.model.storageUri: refused: {exc}", permanent=True)
     try:
         costs = await deps.profiler.costs(spec)
     except InvalidSpec as exc:
-        raise stop("InvalidModel", str(exc), permanent=True) from None
+        return Blocked("InvalidModel", str(exc), permanent=True)
     except ProfilerUnavailable as exc:
-        raise stop("ProfilerUnavailable", str(exc), retry=cfg.ready_poll_s * 5) from None
+        return Blocked("ProfilerUnavailable", str(exc), retry_s=cfg.ready_poll_s * 5)
+    now = time.monotonic()
+    for f in faults.values():
+        if f.reason in ("ShardCrashLooping", "ShardFailed"):
+            deps.excluded.fail(f.node, now)  # its shards keep failing: out for a while
+    left_out = deps.excluded.excluded(now) | {n for n, f in faults.items() if f.lost}
     wanted = node_selector(spec, cfg)
-    nodes = [n["metadata"]["name"] for n in await deps.kube.list("Node", None, wanted) if _node_ready(n)]
+    nodes = [
+        n["metadata"]["name"]
+        for n in node_objs
+        if matches(n, wanted) and node_ready(n) and n["metadata"]["name"] not in left_out
+    ]
     if not nodes:
         selector = ",".join(f"{k}={v}" for k, v in wanted.items()) or "(any)"
-        raise stop("NoNodes", f"no ready node matches nodeSelector {selector}", retry=cfg.infeasible_retry_s)
+        out = f" (left out while failing: {', '.join(sorted(left_out))})" if left_out else ""
+        return Blocked(
+            "NoNodes", f"no ready node matches nodeSelector {selector}{out}", cfg.infeasible_retry_s
+        )
+    keep_ok = current is not None and hysteresis and not any(f.lost for f in faults.values())
     try:
         cap = await deps.prometheus.capacity(nodes, costs.reference_ms, cfg.capacity_max_age_s)
     except CapacityUnavailable as exc:
-        if current is not None and keep_current:
+        if keep_ok:
             metrics.RECONCILE_ERRORS.labels(t.namespace, t.name, "CapacityUnavailable").inc()
-            return condition("Degraded", True, "CapacityUnavailable", f"keeping the current plan: {exc}")
-        raise stop("CapacityUnavailable", str(exc), retry=cfg.ready_poll_s * 5) from None
-    stale = {n: why for n, why in cap.missing.items() if current is not None and n in current.nodes}
-    if stale and keep_current:
-        metrics.RECONCILE_ERRORS.labels(t.namespace, t.name, "CapacityStale").inc()
-        detail = "; ".join(f"{n}: {why}" for n, why in sorted(stale.items()))
-        return condition("Degraded", True, "CapacityStale", f"keeping the current plan: {detail}")
-    if not cap.nodes:
-        detail = "; ".join(f"{n}: {why}" for n, why in sorted(cap.missing.items()))
-        raise stop(
-            "NoCapacity", f"no node has fresh capacity metrics ({detail})", retry=cfg.infeasible_retry_s
-        )
+            return Keep(
+                condition("Degraded", True, "CapacityUnavailable", f"keeping the current plan: {exc}")
+            )
+        return Blocked("CapacityUnavailable", str(exc), retry_s=cfg.ready_poll_s * 5)
+    if current is not None:
+        stale = {n: why for n, why in cap.missing.items() if n in current.nodes}
+        # A node whose shards died and whose metrics went stale is lost, Ready or not.
+        lost = node_faults(current.nodes, node_objs, _of_plans(pods, current), stale)
+        faults.update({n: f for n, f in lost.items() if f.lost})
+        if stale and keep_ok and not any(f.lost for f in faults.values()):
+            metrics.RECONCILE_ERRORS.labels(t.namespace, t.name, "CapacityStale").inc()
+            detail = "; ".join(f"{n}: {why}" for n, why in sorted(stale.items()))
+            return Keep(condition("Degraded", True, "CapacityStale", f"keeping the current plan: {detail}"))
+    usable = {n: c for n, c in cap.nodes.items() if not (n in faults and faults[n].lost)}
+    if not usable:
+        detail = "; ".join(f"{n}: {why}" for n, why in sorted(cap.missing.items())) or "all lost"
+        return Blocked("NoCapacity", f"no node has fresh capacity metrics ({detail})", cfg.infeasible_retry_s)
     pins = [Pin(p.first_block, p.last_block, p.node) for p in spec.placement]
     try:
         plan, _ = timed_plan(
             costs.blocks,
-            list(cap.nodes.values()),
+            list(usable.values()),
             namespace=t.namespace,
             deployment=t.name,
-            links=cap.links,
+            links=[link for link in cap.links if link.src in usable and link.dst in usable],
             objective=spec.objective,
             strategy=spec.strategy,
             input_bytes=costs.input_bytes,
@@ -239,18 +323,22 @@ async def _propose(
             pinned=pins,
         )
     except PlanInfeasible as exc:
-        raise stop("PlanInfeasible", str(exc), retry=cfg.infeasible_retry_s) from None
-    except (InvalidSpec, ValueError) as exc:
-        raise stop("InvalidPlacement", str(exc), permanent=True) from None
-    proposal = plan_record(spec, plan, {n: c.cpu for n, c in cap.nodes.items()})
-    if (
-        current is not None
-        and keep_current
-        and proposal.id != current.id
-        and not _worth_it(current, plan, costs, cap, spec.replan.gain_threshold)
-    ):
-        return current
-    return proposal
+        return Blocked("PlanInfeasible", str(exc), retry_s=cfg.infeasible_retry_s)
+    except InvalidSpec as exc:  # a pin the model or the nodes cannot honour: the user's to fix
+        return Blocked("InvalidPlacement", str(exc), permanent=True)
+    proposal = plan_record(spec, plan, {n: c.cpu for n, c in usable.items()})
+    return choose(
+        current,
+        proposal,
+        plan,
+        threshold=spec.replan.gain_threshold,
+        hysteresis=hysteresis,
+        faults=faults,
+        blocks=costs.blocks,
+        nodes=list(usable.values()),
+        links=list(cap.links),
+        input_bytes=costs.input_bytes,
+    )
 
 
 async def _check_storage_host(spec: DeploymentSpec, cfg: OperatorConfig) -> None:
@@ -266,38 +354,6 @@ async def _check_storage_host(spec: DeploymentSpec, cfg: OperatorConfig) -> None
         )
     except HostUnresolved as exc:
         log.info("storageUri host not resolved by the operator (the initializer checks it): %s", exc)
-
-
-def _worth_it(current: PlanRecord, proposed: Plan, costs: Any, cap: Any, threshold: float) -> bool:
-    """The planner's hysteresis, with the current plan re-priced under today's capacity."""
-    pipelines: dict[int, list[Stage]] = {}
-    for s in current.stages:
-        pipelines.setdefault(s.pipeline, []).append(Stage(s.node, s.first_block, s.last_block))
-    placement = tuple(Pipeline(tuple(stages)) for _, stages in sorted(pipelines.items()))
-    try:
-        predicted = planner.evaluate(
-            placement, costs.blocks, list(cap.nodes.values()), cap.links, input_bytes=costs.input_bytes
-        )
-    except (PlanInfeasible, InvalidSpec, ValueError, KeyError):
-        return True  # the current plan no longer fits: any feasible plan is better
-    now = Plan(current.objective, current.strategy, placement, predicted)
-    return bool(planner.should_replan(now, proposed, threshold))
-
-
-def _node_ready(node: Mapping[str, Any]) -> bool:
-    for c in (node.get("status") or {}).get("conditions") or ():
-        if c.get("type") == "Ready":
-            return c.get("status") == "True"
-    return True  # no conditions reported (yet): do not exclude
-
-
-def _pod_ready(pod: Mapping[str, Any]) -> bool:
-    if (pod.get("metadata") or {}).get("deletionTimestamp"):
-        return False
-    for c in (pod.get("status") or {}).get("conditions") or ():
-        if c.get("type") == "Ready":
-            return c.get("status") == "True"
-    return False
 
 
 def _foreign(deps: Deps, t: Target, obj: Mapping[str, Any]) -> _Stop:
@@ -380,7 +436,7 @@ async def _certificates(
 
 async def _shards_ready(deps: Deps, t: Target, record: PlanRecord) -> tuple[int, int]:
     pods = await _owned(deps, t, "Pod", {LABEL_DEPLOYMENT: label_value(t.name), LABEL_PLAN: record.id})
-    return sum(_pod_ready(p) for p in pods), len(record.stages)
+    return sum(pod_ready(p) for p in pods), len(record.stages)
 
 
 def _plan_fields(t: Target, record: PlanRecord, cfg: OperatorConfig) -> dict[str, Any]:
@@ -403,6 +459,7 @@ async def _roll_out(
     target: PlanRecord,
     adopt: Callable[[dict[str, Any]], None],
     degraded: dict[str, Any],
+    pods: list[dict[str, Any]],
 ) -> PlanRecord:
     """Make before break: the new plan's objects, its shards ready, then the entry switches."""
     cfg = deps.config
@@ -426,11 +483,13 @@ async def _roll_out(
             fields = {**_plan_fields(t, target, cfg), "plan": None, "rollout": target.to_status()}
             phase = Phase.DEPLOYING
         else:
+            # What serves meanwhile is the current plan: say how much of it does.
+            conds.append(_shards_condition(_of_plans(pods, current), current))
             fields = {"rollout": target.to_status(), "observedGeneration": t.generation}
             phase = Phase.REPLANNING
-        raise _Stop(
-            Outcome(_finish(t, phase, conds, **fields), retry_s=cfg.ready_poll_s, reason="ShardsStarting")
-        )
+        serving = _serving(_of_plans(pods, current), current) if current is not None else 0
+        status = _finish(t, phase, conds, serving=serving, **fields)
+        raise _Stop(Outcome(status, retry_s=cfg.ready_poll_s, reason="ShardsStarting"))
     entry = entry_service(t.name, t.namespace, target.id, cfg)
     adopt(entry)
     meta = entry["metadata"]
@@ -450,6 +509,48 @@ async def _roll_out(
     return target
 
 
+def _past_grace(pod: Mapping[str, Any], margin_s: float = 5.0) -> bool:
+    """Whether a deleted Pod's grace period (and a margin) is over."""
+    meta = pod.get("metadata") or {}
+    stamp = meta.get("deletionTimestamp")
+    if not stamp:
+        return False
+    try:
+        since = datetime.datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+    except ValueError:
+        return True
+    grace = float(meta.get("deletionGracePeriodSeconds") or 30)
+    now = datetime.datetime.now(tz=datetime.timezone.utc)
+    return (now - since).total_seconds() > grace + margin_s
+
+
+def _serving(pods: list[dict[str, Any]], record: PlanRecord) -> int:
+    """Pipelines of ``record`` whose every shard is ready: what can answer requests now."""
+    ready = {
+        (labels.get(LABEL_PIPELINE), labels.get(LABEL_STAGE))
+        for p in pods
+        if pod_ready(p) and (labels := p["metadata"].get("labels") or {}).get(LABEL_PLAN) == record.id
+    }
+    pipelines = {s.pipeline for s in record.stages}
+    return sum(
+        all((str(s.pipeline), str(s.stage)) in ready for s in record.stages if s.pipeline == p)
+        for p in pipelines
+    )
+
+
+def _shards_condition(pods: list[dict[str, Any]], record: PlanRecord) -> dict[str, Any]:
+    total = len(record.stages)
+    ready = [p for p in pods if pod_ready(p) and matches(p, {LABEL_PLAN: record.id})]
+    if len(ready) == total:
+        return condition("ShardsReady", True, "ShardsReady", f"{total}/{total} shards ready")
+    down = sorted(
+        {s.node for s in record.stages} - {pod_node(p) for p in ready}
+        or {pod_node(p) for p in pods if not pod_ready(p)}
+    )
+    where = f" (not ready on {', '.join(down)})" if down else ""
+    return condition("ShardsReady", False, "ShardsNotReady", f"{len(ready)}/{total} shards ready{where}")
+
+
 async def _settle(
     deps: Deps,
     t: Target,
@@ -457,6 +558,7 @@ async def _settle(
     current: PlanRecord,
     adopt: Callable[[dict[str, Any]], None],
     degraded: dict[str, Any],
+    lost: set[str],
 ) -> Outcome:
     """The active plan's objects exist, older plans' are gone; status says how ready it is."""
     cfg = deps.config
@@ -465,19 +567,13 @@ async def _settle(
     await _apply(deps, t, desired_objects(t.name, t.namespace, spec, current, cfg), adopt)
     entry = entry_service(t.name, t.namespace, current.id, cfg)
     await _apply(deps, t, [entry], adopt)
-    for kind in ("Pod", "Service"):
-        owned = await _owned(deps, t, kind, {LABEL_DEPLOYMENT: label_value(t.name)})
-        stale = [
-            o for o in owned
-            if LABEL_PLAN in (o["metadata"].get("labels") or {}) and not matches(o, {LABEL_PLAN: current.id})
-        ]  # fmt: skip
-        # An entry Service of an older name (before names.py: a long name cut at 40) is ours and dead.
-        stale += [
-            o for o in owned
-            if matches(o, {LABEL_ROLE: "entry"}) and o["metadata"]["name"] != entry["metadata"]["name"]
-        ]  # fmt: skip
-        await deps.kube.delete_all(kind, stale)
-    ready, total = await _shards_ready(deps, t, current)
+    pods = await _owned(deps, t, "Pod", {LABEL_DEPLOYMENT: label_value(t.name)})
+    draining = await _retire_old(deps, t, current, entry["metadata"]["name"], pods, lost)
+    # A Pod that failed for good (evicted) is not restarted by its kubelet: replace it.
+    failed = [p for p in _of_plans(pods, current) if (p.get("status") or {}).get("phase") == "Failed"]
+    await deps.kube.delete_all("Pod", failed)
+    mine = [p for p in _of_plans(pods, current) if p not in failed]
+    ready, total = sum(pod_ready(p) for p in mine), len(current.stages)
     planned = condition(
         "Planned",
         True,
@@ -488,16 +584,52 @@ async def _settle(
     previous = (t.status.get("plan") or {}).get("id")
     if previous != current.id:
         fields["lastPlanTime"] = now_iso()
+    retry = cfg.ready_poll_s if draining else None
+    shards = _shards_condition(mine, current)
     if ready == total:
-        shards = condition("ShardsReady", True, "ShardsReady", f"{total}/{total} shards ready")
         status = _finish(t, Phase.SERVING, [planned, shards, degraded], **fields)
         _phase_metric(t, Phase.SERVING)
-        return Outcome(status, reason="Serving")
-    shards = condition("ShardsReady", False, "ShardsNotReady", f"{ready}/{total} shards ready")
-    degraded_now = condition("Degraded", True, "ShardsNotReady", f"{total - ready} shard(s) not ready")
-    status = _finish(t, Phase.DEPLOYING, [planned, shards, degraded_now], **fields)
-    _phase_metric(t, Phase.DEPLOYING)
+        return Outcome(status, retry_s=retry, reason="Serving")
+    if degraded["status"] != "True":  # a named fault or a capacity note stays; else say which shards
+        degraded = condition("Degraded", True, "ShardsNotReady", shards["message"])
+    serving = _serving(mine, current)
+    phase = Phase.SERVING if serving else Phase.DEPLOYING
+    status = _finish(t, phase, [planned, shards, degraded], serving=serving, **fields)
+    _phase_metric(t, phase)
     return Outcome(status, retry_s=cfg.ready_poll_s, reason="ShardsNotReady")
+
+
+async def _retire_old(
+    deps: Deps,
+    t: Target,
+    current: PlanRecord,
+    entry_name: str,
+    pods: list[dict[str, Any]],
+    lost: set[str],
+) -> bool:
+    """Delete older plans' objects, draining: their entry Pods first (SIGTERM: the agent stops
+    taking streams and finishes what it holds within its grace period, its downstream stages
+    still up), the rest once those entry Pods are gone. True while something still drains."""
+    old = [p for p in pods if LABEL_PLAN in (p["metadata"].get("labels") or {})]
+    old = [p for p in old if not matches(p, {LABEL_PLAN: current.id})]
+    entries = [p for p in old if matches(p, {LABEL_STAGE: "0"})]
+    await deps.kube.delete_all("Pod", [p for p in entries if not p["metadata"].get("deletionTimestamp")])
+    # An entry on a lost node has nothing to drain, and one past its grace period has been
+    # killed by its kubelet, or its node is dead and will never report its end.
+    if any(pod_node(p) not in lost and not _past_grace(p) for p in entries):
+        return True
+    await deps.kube.delete_all("Pod", [p for p in old if p not in entries])
+    services = await _owned(deps, t, "Service", {LABEL_DEPLOYMENT: label_value(t.name)})
+    stale = [
+        o for o in services
+        if LABEL_PLAN in (o["metadata"].get("labels") or {}) and not matches(o, {LABEL_PLAN: current.id})
+    ]  # fmt: skip
+    # An entry Service of an older name (before names.py: a long name cut at 40) is ours and dead.
+    stale += [
+        o for o in services if matches(o, {LABEL_ROLE: "entry"}) and o["metadata"]["name"] != entry_name
+    ]
+    await deps.kube.delete_all("Service", stale)
+    return False
 
 
 def _phase_metric(t: Target, phase: Phase) -> None:

@@ -62,6 +62,8 @@ async def configure(
         ca=ca,
     )
     memo.locks = {}  # deployment uid → asyncio.Lock: the handlers and the timer take turns
+    memo.shard_health = {}  # (namespace, Pod) → what watch.py last saw of a shard's health
+    memo.node_ready = {}  # Node → Ready as watch.py last saw it
 
     from prometheus_client import start_http_server
 

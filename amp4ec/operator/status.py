@@ -79,12 +79,19 @@ def merge_conditions(
     return [merged[t] for t in CONDITION_TYPES if t in merged]
 
 
-def with_ready(conditions: list[dict[str, Any]], now: str | None = None) -> list[dict[str, Any]]:
-    """Recompute the aggregate Ready from Planned and ShardsReady (KServe's rule)."""
+def with_ready(
+    conditions: list[dict[str, Any]], now: str | None = None, serving: int | None = None
+) -> list[dict[str, Any]]:
+    """Recompute the aggregate Ready from Planned and ShardsReady (KServe's rule); with
+    ``serving`` (pipelines whose every shard is ready), Ready is True while one of them serves,
+    even when another pipeline's shards are not ready: requests are answered."""
     planned = get_condition(conditions, "Planned")
     shards = get_condition(conditions, "ShardsReady")
     if planned and planned["status"] == "True" and shards and shards["status"] == "True":
         ready = condition("Ready", True, "Serving", "every stage of the active plan is ready")
+    elif planned and planned["status"] == "True" and serving:
+        message = f"{serving} pipeline(s) of the active plan serve; {shards['message'] if shards else ''}"
+        ready = condition("Ready", True, "PartiallyServing", message)
     else:
         blocker = next(
             (c for c in (planned, shards) if c is not None and c["status"] != "True"),

@@ -45,6 +45,11 @@ KOPF_NEEDS: dict[Permission, str] = {
         "customresourcedefinitions",
         "watch",
     ): "resource_observer (scanning not disabled)",
+    (GROUP, PLURAL, "get"): "inferencedeployment._run: the latest status, re-read under the lock",
+    ("", "pods", "list"): "kopf: the initial listing of the shard Pod watch (watch.py)",
+    ("", "pods", "watch"): "kopf: @kopf.on.event on shard Pods (watch.py)",
+    ("", "nodes", "list"): "kopf: the initial listing of the Node watch (watch.py)",
+    ("", "nodes", "watch"): "kopf: @kopf.on.event on Nodes (watch.py)",
 }
 """Not needed: namespaces (namespace_observer lists them only when not clusterwide) and
 kopf.dev peering objects (standalone). Discovery (/api, /apis, /version) is allowed to every
@@ -62,6 +67,7 @@ _METHOD_VERBS = {
     "patch": "patch",
     "delete": "delete",
     "delete_all": "delete",
+    "patch_status": "patch",
 }
 """Kube method → the RBAC verb of the request it sends (amp4ec/operator/k8s.py)."""
 
@@ -190,6 +196,8 @@ def _scenario() -> RecordingKube:
         generation[0] = 2
         assert await step("update") == "ShardsStarting"
         kube.start_pods()
+        assert await step("update") == "Serving"
+        # Old entry Pods went first (draining); the handler's retry deletes the rest.
         assert await step("update") == "Serving"
         await kube.close()
 

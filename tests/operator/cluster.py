@@ -17,7 +17,12 @@ in front of the ready Pods its selector matches. A container whose process exits
 per ``restartPolicy`` with the kubelet's CrashLoopBackOff (the first restart at once, then
 10 s doubling to 5 min), each run with a fresh port file, and the Pod status carries what a
 kubelet reports: phase, the Ready and ContainersReady conditions, and ``containerStatuses``
-(ready, restartCount, state, lastState). It also stands in for Prometheus'
+(ready, restartCount, state, lastState). A deleted Pod is ended as a kubelet ends it: the
+API server only marks it (``deletionTimestamp``), the kubelet sends SIGTERM, waits up to
+``terminationGracePeriodSeconds`` (then SIGKILL), and only then is the object removed.
+``power_off(node)`` kills a node's containers and leaves nothing there running, restarting or
+reporting (a dead kubelet says nothing); Pods on a deleted Node are removed (the Pod GC's job).
+It also stands in for Prometheus'
 ``kubernetes_sd``: a Pod annotated ``prometheus.io/scrape: "true"`` gets a free loopback
 metrics port, and while its process runs, a file_sd target file in ``sd_dir`` carries the
 ``__meta_kubernetes_*`` labels kubernetes_sd would (namespace, pod name, labels,
@@ -139,9 +144,13 @@ class Emulator(kmock.KubernetesEmulator):
         meta = obj.last.raw.get("metadata", {})
         if meta.get("deletionTimestamp"):
             return
-        if meta.get("finalizers"):
+        graceful = key[0] == kmock.resource(PODS)  # the kubelet ends the Pod, then removes it
+        if meta.get("finalizers") or graceful:
             raw = copy.deepcopy(obj.last.raw)
             raw["metadata"]["deletionTimestamp"] = _now()
+            if graceful:
+                grace = (raw.get("spec") or {}).get("terminationGracePeriodSeconds", 30)
+                raw["metadata"]["deletionGracePeriodSeconds"] = grace
             self._bump(raw["metadata"])
             obj.create(raw)
             await self._emit(key[0], "MODIFIED", raw)
@@ -267,6 +276,13 @@ class Emulator(kmock.KubernetesEmulator):
             if self._live(key):
                 await self._write(key, {"status": status}, "status")
 
+    async def finish_delete(self, resource: str, namespace: str | None, name: str) -> None:
+        """The kubelet's last word on a deleted Pod: its containers ended, the object goes."""
+        key = (kmock.resource(resource), namespace, name)
+        async with self._lock:
+            if self._live(key):
+                await self._remove(key)
+
     def history(self, resource: str, namespace: str | None, name: str) -> list[dict[str, Any] | None]:
         """Every version of an object, oldest first; None marks a deletion."""
         key = (kmock.resource(resource), namespace, name)
@@ -340,6 +356,13 @@ class Kubelet:
     proxies: dict[tuple[str, str], tuple[asyncio.base_events.Server, int, dict[str, str]]] = field(
         default_factory=dict
     )
+    ending: dict[tuple[str, str], asyncio.Task[None]] = field(default_factory=dict)
+    """Containers of deleted Pods between SIGTERM and their end (terminationGracePeriodSeconds)."""
+    dead: set[str] = field(default_factory=set)
+    """Nodes powered off (``power_off``)."""
+    stalled: set[str] = field(default_factory=set)
+    """Nodes whose containers died and cannot start again, their kubelet still reporting
+    (``power_off(node, kubelet_alive=True)``)."""
     _rr: itertools.count[int] = field(default_factory=itertools.count)
 
     def service_port(self, namespace: str, name: str) -> int | None:
@@ -462,7 +485,7 @@ class Kubelet:
             mounts[m["mountPath"]] = local
         return mounts
 
-    def _exited(self, c: _Container, code: int) -> None:
+    def _exited(self, c: _Container, code: int, now: float) -> None:
         """Record a run's end and, per restartPolicy, when the next run may start."""
         _forget_target(c)
         c.port, c.exit_recorded = None, True
@@ -474,7 +497,8 @@ class Kubelet:
         }
         if c.restart_policy == "Never" or (c.restart_policy == "OnFailure" and code == 0):
             return
-        now = time.monotonic()
+        # ``now`` is the sync's: the first restart (no back-off) is due in this very sync, and its
+        # status never says CrashLoopBackOff (a kubelet backs off only from the second crash).
         if now - c.started_at > 2 * self.backoff_max_s:
             c.backoff_s = 0.0  # ran long enough: the kubelet forgets the back-off
         c.restart_at = now + c.backoff_s
@@ -505,16 +529,52 @@ class Kubelet:
         except grpc.aio.AioRpcError:
             return False
 
-    def _stop(self, key: tuple[str, str]) -> None:
-        c = self.procs.pop(key)
+    @staticmethod
+    def _terminate(c: _Container, grace_s: float) -> None:
+        """SIGTERM, then SIGKILL once the grace period is over, as a kubelet (in a thread)."""
         _forget_target(c)
         if c.popen is not None and c.popen.poll() is None:
             c.popen.send_signal(signal.SIGTERM)
             try:
-                c.popen.wait(timeout=5)
+                c.popen.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
                 c.popen.kill()
                 c.popen.wait()
+
+    async def _end(self, key: tuple[str, str], c: _Container, grace_s: float, remove: bool) -> None:
+        try:
+            await asyncio.to_thread(self._terminate, c, grace_s)
+            if remove:
+                await self.emulator.finish_delete(PODS, key[0], key[1])
+        finally:
+            self.ending.pop(key, None)
+
+    def _node(self, pod: dict[str, Any]) -> str:
+        return (pod["spec"].get("nodeSelector") or {}).get("kubernetes.io/hostname", "")
+
+    def power_off(self, node: str, kubelet_alive: bool = False) -> list[tuple[str, str]]:
+        """The node dies: its containers are killed (SIGKILL) and nothing on it runs, restarts or
+        reports again; Pods stay as last reported (a dead kubelet says nothing). With
+        ``kubelet_alive`` only the containers die and cannot start again (the runtime is gone),
+        while the kubelet reports them down and the Node stays Ready. Returns the Pods hit."""
+        (self.stalled if kubelet_alive else self.dead).add(node)
+        hit = []
+        for key, c in self.procs.items():
+            if self._node(c.pod) == node:
+                hit.append(key)
+                if c.running:
+                    assert c.popen is not None
+                    c.popen.kill()
+                    c.popen.wait()
+                _forget_target(c)
+        return hit
+
+    def kill(self, namespace: str, name: str, sig: int = signal.SIGKILL) -> int:
+        """Signal a Pod's running container process (a crash); returns its pid."""
+        c = self.procs[(namespace, name)]
+        assert c.popen is not None and c.running, f"{namespace}/{name} runs no process"
+        c.popen.send_signal(sig)
+        return c.popen.pid
 
     async def sync(self) -> None:
         services = {
@@ -538,27 +598,41 @@ class Kubelet:
         pods = {
             (p["metadata"]["namespace"], p["metadata"]["name"]): p for p in self.emulator.live_objects(PODS)
         }
+        nodes = {n["metadata"]["name"] for n in self.emulator.live_objects(NODES)}
         for key in list(self.procs):
             pod = pods.get(key)
-            if (
-                pod is None
-                or pod["metadata"]["uid"] != self.procs[key].uid
-                or pod["metadata"].get("deletionTimestamp")
-            ):
-                await asyncio.to_thread(self._stop, key)
+            same = pod is not None and pod["metadata"]["uid"] == self.procs[key].uid
+            if same and self._node(pod) in self.dead and self._node(pod) in nodes:
+                continue  # a dead node's kubelet ends nothing (the Pod stays Terminating)
+            if not same or pod["metadata"].get("deletionTimestamp"):
+                c = self.procs.pop(key)
+                grace = float(pod["metadata"].get("deletionGracePeriodSeconds", 30)) if same else 0.0
+                self.ending[key] = asyncio.create_task(self._end(key, c, grace, remove=same))
         for key, pod in pods.items():
-            if key not in self.procs and not pod["metadata"].get("deletionTimestamp"):
+            meta = pod["metadata"]
+            if meta.get("deletionTimestamp"):
+                dead_here = self._node(pod) in self.dead and self._node(pod) in nodes
+                if key not in self.procs and key not in self.ending and not dead_here:
+                    # Nothing runs it (never started, or its node object is gone: the Pod GC's job).
+                    await self.emulator.finish_delete(PODS, key[0], key[1])
+            elif key not in self.procs and key not in self.ending:
                 self.procs[key] = self._admit(pod)
         now = time.monotonic()
         for key, c in list(self.procs.items()):
+            if self._node(c.pod) in self.dead:
+                continue  # nothing runs, restarts or reports there
+            stalled = self._node(c.pod) in self.stalled
             if c.popen is None:
-                self._start(c)
+                if not stalled:
+                    self._start(c)
             elif c.popen.poll() is not None:
                 if not c.exit_recorded:
-                    self._exited(c, c.popen.returncode)
-                if c.restart_at is not None and now >= c.restart_at:
+                    self._exited(c, c.popen.returncode, now)
+                if c.restart_at is not None and now >= c.restart_at and not stalled:
                     self._start(c)
             ready = await self._probe(c)
+            if c.popen is not None and c.popen.poll() is not None and not c.exit_recorded:
+                self._exited(c, c.popen.returncode, now)  # it ended during the probe
             if ready != c.ready or not c.ready_since:
                 c.ready, c.ready_since = ready, _now()
             state, status = _pod_status(c, now)
@@ -579,7 +653,7 @@ class Kubelet:
         return sorted(
             c.port
             for k, c in self.procs.items()
-            if c.ready and c.port is not None and k in pods and _has_labels(pods[k], selector)
+            if c.ready and c.running and c.port is not None and k in pods and _has_labels(pods[k], selector)
         )
 
     async def routed_port(self, namespace: str, name: str) -> int | None:
@@ -636,8 +710,10 @@ class Kubelet:
                 print(f"kubelet: {type(exc).__name__}: {exc}", file=sys.stderr)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.3)
-        for key in list(self.procs):
-            await asyncio.to_thread(self._stop, key)
+        for c in self.procs.values():
+            await asyncio.to_thread(self._terminate, c, 5.0)
+        if self.ending:
+            await asyncio.gather(*self.ending.values(), return_exceptions=True)
         for server, _, _ in self.proxies.values():
             server.close()
 
@@ -809,12 +885,42 @@ class FakeCluster:
 
         return self.call(read)
 
+    def power_off(self, node: str, kubelet_alive: bool = False) -> list[tuple[str, str]]:
+        """See ``Kubelet.power_off`` (on the cluster's loop)."""
+        assert self.kubelet is not None
+
+        async def run() -> list[tuple[str, str]]:
+            return self.kubelet.power_off(node, kubelet_alive)  # type: ignore[union-attr]
+
+        return self.call(run)
+
+    def power_on(self, node: str) -> None:
+        """The node's kubelet is back (what it ran is gone; Pods still on it start again)."""
+        assert self.kubelet is not None
+
+        async def run() -> None:
+            self.kubelet.dead.discard(node)  # type: ignore[union-attr]
+            self.kubelet.stalled.discard(node)  # type: ignore[union-attr]
+
+        self.call(run)
+
+    def kill(self, namespace: str, name: str, sig: int = signal.SIGKILL) -> int:
+        """See ``Kubelet.kill`` (on the cluster's loop)."""
+        assert self.kubelet is not None
+
+        async def run() -> int:
+            return self.kubelet.kill(namespace, name, sig)  # type: ignore[union-attr]
+
+        return self.call(run)
+
     def pod_processes(self, namespace: str) -> list[tuple[str, str]]:
         """Pods of the namespace the kubelet still runs (or restarts)."""
         assert self.kubelet is not None
 
         async def keys() -> list[tuple[str, str]]:
-            return [k for k in self.kubelet.procs if k[0] == namespace]  # type: ignore[union-attr]
+            kubelet = self.kubelet
+            assert kubelet is not None
+            return [k for k in (*kubelet.procs, *kubelet.ending) if k[0] == namespace]
 
         return self.call(keys)
 

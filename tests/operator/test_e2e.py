@@ -324,9 +324,14 @@ def test_capacity_change_replans_make_before_break(ns: Namespace, tmp_path: Path
         new_ready.append(min(ready_at))
     assert new_ready
     for name in old_pods:
-        history = env.cluster.history(PODS, n, name)
-        assert history[-1] is None, f"old shard {name} was not deleted"
-        deleted_at = rv(history[-2])
+        # Old shards drain: marked deleted (SIGTERM), gone once their process ended.
+        history = wait_for(
+            lambda name=name: (h := env.cluster.history(PODS, n, name)) and h[-1] is None and h,
+            30,
+            f"old shard {name} to be deleted",
+        )
+        marked = [rv(v) for v in history if v and v["metadata"].get("deletionTimestamp")]
+        deleted_at = min(marked) if marked else rv(history[-2])
         assert deleted_at > max(new_ready), "an old shard went before every new shard was ready"
     x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(8))
     torch.testing.assert_close(infer(env, n, "lat", x, tmp_path), monolith(x))

@@ -76,6 +76,7 @@ class ShapedLinks:
         self.pid = pid
         self.probes = probes or {}
         self.namespaces: list[str] = []
+        self.host_links: list[str] = []
         self.processes: list[subprocess.Popen[bytes]] = []
         self._hops: dict[str, str] = {}
         self._probe_hops: dict[str, str] = {}
@@ -111,6 +112,7 @@ class ShapedLinks:
         _ip("ip", "netns", "add", ns)
         self.namespaces.append(ns)
         _ip("ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if)
+        self.host_links.append(host_if)
         _ip("ip", "link", "set", ns_if, "netns", ns)
         _ip("ip", "addr", "add", f"{outer}/30", "dev", host_if)
         _ip("ip", "link", "set", host_if, "up")
@@ -182,6 +184,11 @@ class ShapedLinks:
                 process.kill()
                 process.wait()
         self.processes.clear()
+        # Deleting a veth end removes the pair at once; deleting only its namespace leaves the
+        # host end to the kernel's deferred namespace cleanup, which outlives this call.
+        for link in self.host_links:
+            subprocess.run(["ip", "link", "del", link], capture_output=True, check=False)
+        self.host_links.clear()
         for ns in self.namespaces:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
         self.namespaces.clear()

@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 from importlib.metadata import version
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import click
 from rich.console import Console
@@ -90,13 +90,20 @@ def _register() -> None:
 _register()
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM is Ctrl-C: handed to whatever handles SIGINT now. Inside ``asyncio.run`` that
+    cancels the main task, so cleanup runs as tasks; a KeyboardInterrupt raised here instead
+    could land inside a gRPC callback on the loop and leave the cleanup waiting forever."""
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    else:  # SIGINT ignored (a background job): SIGTERM still stops us
+        raise KeyboardInterrupt
 
 
 def main() -> None:
     # SIGTERM (kill, systemd, a CI timeout) cleans up like Ctrl-C: agents stopped, cgroups removed.
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, _terminate)
     # Profiles and in-process forwards must time what the agents do: see [Note: activation page faults].
     keep_activation_memory()
     cli()

@@ -14,7 +14,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ExclusionBackoff", "Fault", "node_faults", "node_ready", "pod_node", "pod_ready", "shard_state"]
+__all__ = [
+    "ExclusionBackoff",
+    "Fault",
+    "LostNodes",
+    "node_faults",
+    "node_ready",
+    "pod_node",
+    "pod_ready",
+    "shard_state",
+]
 
 
 @dataclass(frozen=True)
@@ -137,3 +146,35 @@ class ExclusionBackoff:
 
     def excluded(self, now: float) -> set[str]:
         return {n for n, until in self._until.items() if now < until}
+
+
+class LostNodes:
+    """Per deployment, the nodes found lost by their stale metrics (``NodeLost``), named until
+    its plans no longer use them or they are back. Only a re-plan check queries Prometheus;
+    the reconciliations in between would see just a restarting shard there and name that."""
+
+    def __init__(self) -> None:
+        self._lost: dict[str, dict[str, Fault]] = {}
+
+    def remember(self, deployment: str, faults: Iterable[Fault]) -> None:
+        found = {f.node: f for f in faults if f.reason == "NodeLost"}
+        if found:
+            self._lost.setdefault(deployment, {}).update(found)
+
+    def recall(
+        self, deployment: str, faults: dict[str, Fault], in_use: Iterable[str], down: Iterable[str]
+    ) -> None:
+        """Put the remembered faults of nodes still ``in_use`` and ``down`` into ``faults`` (a
+        lost fault seen now wins); forget the others."""
+        remembered = self._lost.get(deployment, {})
+        keep = set(in_use) & set(down)
+        for node in list(remembered):
+            if node not in keep:
+                del remembered[node]
+            elif not (node in faults and faults[node].lost):
+                faults[node] = remembered[node]
+        if not remembered:
+            self._lost.pop(deployment, None)
+
+    def forget(self, deployment: str) -> None:
+        self._lost.pop(deployment, None)

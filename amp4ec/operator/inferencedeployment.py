@@ -5,6 +5,7 @@ the plan serves; so does a reconcile request (``watch.py``: a shard Pod or a Nod
 a timer re-plans at each deployment's interval with the planner's
 hysteresis and refreshes ``status.measured`` (throughput, latency) from Prometheus;
 delete only forgets metrics (owner references let Kubernetes collect the children).
+Each change of a condition is also posted as an Event (``events.py``).
 ``Outcome`` maps to kopf's errors here and nowhere else.
 """
 
@@ -19,6 +20,7 @@ import kopf
 
 from amp4ec.operator import metrics
 from amp4ec.operator.config import GROUP, PLURAL, VERSION
+from amp4ec.operator.events import record_changes
 from amp4ec.operator.k8s import KubeError
 from amp4ec.operator.reconcile import Deps, Outcome, Target, measure, reconcile
 from amp4ec.operator.watch import REQUEST_ANNOTATION
@@ -66,6 +68,10 @@ async def _run(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, trigger: str
                 log.warning("%s/%s: status not written under the lock: %s", t.namespace, t.name, exc)
                 for key, value in outcome.status.items():
                     patch.status[key] = value
+            conditions = outcome.status.get("conditions") or []
+            await record_changes(
+                deps.kube, t.namespace, t.name, t.uid, t.status.get("conditions"), conditions
+            )
     return outcome
 
 
@@ -109,4 +115,5 @@ async def deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     memo.deps.last_check.pop(meta.uid, None)
     memo.deps.last_measure.pop(meta.uid, None)
     memo.deps.issued.pop(meta.uid, None)
+    memo.deps.lost.forget(meta.uid)
     memo.locks.pop(meta.uid, None)

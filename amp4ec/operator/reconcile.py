@@ -39,7 +39,15 @@ from amp4ec.operator.desired import (
     entry_service,
     plan_record,
 )
-from amp4ec.operator.faults import ExclusionBackoff, Fault, node_faults, node_ready, pod_node, pod_ready
+from amp4ec.operator.faults import (
+    ExclusionBackoff,
+    Fault,
+    LostNodes,
+    node_faults,
+    node_ready,
+    pod_node,
+    pod_ready,
+)
 from amp4ec.operator.k8s import Conflict, Kube, KubeUnavailable, matches
 from amp4ec.operator.measured import measured_queries, measured_status, scalar
 from amp4ec.operator.names import label_value, owned_by, owner_names
@@ -74,6 +82,8 @@ class Deps:
     """Deployment uid → what its Secrets hold (certs.py, [Note: write-only Secrets])."""
     excluded: ExclusionBackoff = field(default_factory=ExclusionBackoff)
     """Nodes whose shards keep failing, left out of planning for a while (back-off)."""
+    lost: LostNodes = field(default_factory=LostNodes)
+    """Nodes found lost by stale metrics, named in Degraded until the plans leave them."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +165,8 @@ async def _reconcile(
     nodes = await deps.kube.list("Node", None)
     pods = await _owned(deps, t, "Pod", {LABEL_DEPLOYMENT: label_value(t.name)}) if in_use else []
     faults = node_faults(in_use, nodes, _of_plans(pods, current, rollout))
+    down = {pod_node(p) for p in _of_plans(pods, current) if not pod_ready(p)} | set(faults)
+    deps.lost.recall(t.uid, faults, in_use, down)
     trouble = current is not None and (bool(faults) or not _all_ready(pods, current))
     if trigger == "timer" and not spec_changed and rollout is None and not due and not trouble:
         return None  # between re-plan checks, nothing wrong: nothing to do
@@ -298,8 +310,13 @@ async def _decide(
     if current is not None:
         stale = {n: why for n, why in cap.missing.items() if n in current.nodes}
         # A node whose shards died and whose metrics went stale is lost, Ready or not.
-        lost = node_faults(current.nodes, node_objs, _of_plans(pods, current), stale)
-        faults.update({n: f for n, f in lost.items() if f.lost})
+        lost = {
+            n: f
+            for n, f in node_faults(current.nodes, node_objs, _of_plans(pods, current), stale).items()
+            if f.lost
+        }
+        faults.update(lost)
+        deps.lost.remember(t.uid, lost.values())
         if stale and keep_ok and not any(f.lost for f in faults.values()):
             metrics.RECONCILE_ERRORS.labels(t.namespace, t.name, "CapacityStale").inc()
             detail = "; ".join(f"{n}: {why}" for n, why in sorted(stale.items()))

@@ -70,6 +70,7 @@ PODS = "v1/pods"
 SECRETS = "v1/secrets"
 SERVICES = "v1/services"
 NODES = "v1/nodes"
+EVENTS = "v1/events"
 
 
 def _now() -> str:
@@ -99,7 +100,7 @@ class Emulator(kmock.KubernetesEmulator):
             (PODS, "Pod", True),
             (SERVICES, "Service", True),
             (NODES, "Node", False),
-            ("v1/events", "Event", True),
+            (EVENTS, "Event", True),
             ("v1/namespaces", "Namespace", False),
         ):
             self.resources[res] = kmock.ResourceInfo(

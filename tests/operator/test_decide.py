@@ -8,7 +8,7 @@ import pytest
 
 from amp4ec.operator.decide import Keep, Rollout, as_plan, choose
 from amp4ec.operator.desired import PlacedStage, PlanRecord
-from amp4ec.operator.faults import ExclusionBackoff, Fault, node_faults, shard_state
+from amp4ec.operator.faults import ExclusionBackoff, Fault, LostNodes, node_faults, shard_state
 from amp4ec.planner import evaluate
 from amp4ec.planner.types import LayerProfile, NodeCapacity
 
@@ -161,3 +161,28 @@ def test_exclusion_backs_off_and_is_forgiven() -> None:
     assert b.excluded(31) == set()
     assert b.fail("a", 40) == 100, "failing again soon after: twice as long, capped"
     assert b.fail("a", 1000) == 1030, "after staying out of trouble: from the start again"
+
+
+def test_a_node_lost_by_stale_metrics_stays_named_while_the_plan_uses_it_and_it_is_down() -> None:
+    lost = LostNodes()
+    fault = Fault("a", "NodeLost", "node a: 1 shard(s) not ready and capacity metrics 30 s old", lost=True)
+    lost.remember("uid", [fault, Fault("b", "ShardRestarting", "node b: exited", lost=False)])
+    # A later reconciliation (no Prometheus query) sees only a restarting shard on a.
+    faults = {"a": Fault("a", "ShardRestarting", "node a: exited", lost=False)}
+    lost.recall("uid", faults, in_use=["a", "c"], down=["a"])
+    assert faults == {"a": fault}
+    lost.recall("other", faults := {}, in_use=["a"], down=["a"])
+    assert faults == {}, "remembered per deployment"
+    lost.recall("uid", faults := {}, in_use=["c"], down=["a"])  # the new plan left a
+    assert faults == {}
+    lost.recall("uid", faults := {}, in_use=["a"], down=["a"])
+    assert faults == {}, "forgotten once the plan left it"
+
+
+def test_a_lost_node_that_came_back_is_forgotten() -> None:
+    lost = LostNodes()
+    lost.remember("uid", [Fault("a", "NodeLost", "node a: stale", lost=True)])
+    lost.recall("uid", faults := {}, in_use=["a"], down=[])
+    assert faults == {}
+    lost.recall("uid", faults := {}, in_use=["a"], down=["a"])
+    assert faults == {}

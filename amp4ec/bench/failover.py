@@ -21,10 +21,11 @@ from amp4ec.bench.progress import ProgressSink
 from amp4ec.client import Client, Result
 from amp4ec.errors import Amp4ecError
 from amp4ec.local.cluster import LocalCluster
-from amp4ec.local.run import Prepared, deploy, drive, measure_links, node_capacities, quantile
+from amp4ec.local.run import deploy, drive, measure_links, node_capacities, quantile
 from amp4ec.local.supervisor import Supervisor, endpoints, plan_rows
 from amp4ec.planner.types import Plan
 from amp4ec.scheduling import timed_plan
+from amp4ec.slicing.prepare import Prepared
 from amp4ec.slicing.sources import factory_module
 
 __all__ = ["TARGET_S", "VICTIM", "recovery", "run_failover"]

@@ -16,10 +16,11 @@ from amp4ec.bench.loadgen import closed_loop, open_loop, sequential
 from amp4ec.bench.progress import ProgressSink
 from amp4ec.client import Result
 from amp4ec.local.cluster import LocalCluster
-from amp4ec.local.run import Prepared, client_of, forward_ms_per_stage, measured_stage_ms, quantile
+from amp4ec.local.run import client_of, forward_ms_per_stage, measured_stage_ms, quantile
 from amp4ec.local.run import deploy as deploy_stages
 from amp4ec.planner.types import Plan
 from amp4ec.slicing import ModelSource
+from amp4ec.slicing.prepare import Prepared
 from amp4ec.wire.v1 import agent_pb2
 
 __all__ = ["Bench", "deploy", "measure_plan", "plan_rows", "quantiles"]

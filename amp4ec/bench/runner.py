@@ -21,10 +21,11 @@ from amp4ec.bench.progress import ProgressSink
 from amp4ec.bench.transport import compare as compare_transport
 from amp4ec.errors import Amp4ecError, PlanInfeasible
 from amp4ec.local.cluster import CLIENT_IDENTITY, LocalCluster, NodeSpec
-from amp4ec.local.run import Prepared, measure_links, node_capacities
+from amp4ec.local.run import measure_links, node_capacities
 from amp4ec.planner.types import Link, NodeCapacity, Plan
 from amp4ec.scheduling import timed_plan
 from amp4ec.slicing import ModelSource
+from amp4ec.slicing.prepare import Prepared
 from amp4ec.slicing.sources import factory_module
 from amp4ec.wire.v1 import agent_pb2
 

@@ -15,8 +15,8 @@ from amp4ec.bench.progress import ProgressSink
 from amp4ec.bench.report import machine, summarise
 from amp4ec.bench.runner import run_configuration, steps
 from amp4ec.errors import Amp4ecError
-from amp4ec.local.run import Prepared, prepare
 from amp4ec.slicing import ModelSource
+from amp4ec.slicing.prepare import Prepared, prepare
 
 __all__ = ["BenchOptions", "plan_configurations", "run_bench"]
 

@@ -66,9 +66,9 @@ def plan(
     check_writable_file(json_path, "--json")
     source = source_from(model, weights, seed, input_shape)
 
-    from amp4ec.local.run import prepare
     from amp4ec.planner.types import Link, NodeCapacity
     from amp4ec.scheduling import timed_plan
+    from amp4ec.slicing.prepare import prepare
 
     console = Console()
     with console.status("profiling the model"):

@@ -21,11 +21,11 @@ from amp4ec.client import Client, Result
 from amp4ec.errors import Amp4ecError, InvalidSpec
 from amp4ec.local.cluster import CLIENT_IDENTITY, LocalCluster, NodeSpec
 from amp4ec.local.supervisor import Failover, FaultSpec, Supervisor, endpoints, inject_faults, plan_rows
-from amp4ec.node_agent.capacity import reference_workload_ms
 from amp4ec.nodes import check_node_count
-from amp4ec.planner.types import Link, NodeCapacity, Plan, reference_overhead_ms
+from amp4ec.planner.types import Link, NodeCapacity, Plan, measured_node
 from amp4ec.scheduling import timed_plan
-from amp4ec.slicing import BlockChain, LoadedModel, ModelSource, load_model, profile_chain, split_model
+from amp4ec.slicing import ModelSource
+from amp4ec.slicing.prepare import prepare
 from amp4ec.slicing.sources import factory_module
 from amp4ec.wire.v1 import agent_pb2
 
@@ -37,7 +37,6 @@ __all__ = [
     "forward_ms_per_stage",
     "measured_stage_ms",
     "node_capacities",
-    "prepare",
     "quantile",
     "run",
 ]
@@ -64,17 +63,6 @@ class RunConfig:
     """Each request's deadline, retries included."""
     secure: bool = True
     """Mutual TLS on every hop (an ephemeral CA per run); False = plaintext, for comparison."""
-
-
-@dataclass
-class Prepared:
-    """The model, cut and profiled once in this process (unconstrained, one thread)."""
-
-    loaded: LoadedModel
-    chain: BlockChain
-    profiles: list[planner.LayerProfile]
-    reference_ms: float
-    expected: tuple[torch.Tensor, ...]
 
 
 @dataclass
@@ -201,32 +189,20 @@ def oversubscription_warnings(nodes: tuple[NodeSpec, ...]) -> list[str]:
     ]
 
 
-def prepare(source: ModelSource) -> Prepared:
-    loaded = load_model(source)
-    chain = split_model(loaded)
-    profiles = profile_chain(chain, loaded.example_inputs)
-    with torch.inference_mode():
-        out = loaded.module(*loaded.example_inputs)
-    expected = tuple(out) if isinstance(out, (tuple, list)) else (out,)
-    return Prepared(loaded, chain, profiles, reference_workload_ms(), expected)
-
-
 def node_capacities(capacities: dict[str, agent_pb2.Capacity], reference_ms: float) -> list[NodeCapacity]:
     """Agents' measurements → planner input; speed is relative to the profiling process."""
-    nodes = []
-    for name, c in capacities.items():
-        speed = reference_ms / c.workload_ms if c.workload_ms > 0 else 0.0
-        nodes.append(
-            NodeCapacity(
-                name=name,
-                cpu=c.cpu_limit,
-                memory_bytes=c.memory_available_bytes,
-                speed=speed,
-                load=c.load,
-                overhead_ms=reference_overhead_ms(c.request_overhead_ms, c.cpu_limit, speed),
-            )
+    return [
+        measured_node(
+            name,
+            cpu=c.cpu_limit,
+            memory_bytes=c.memory_available_bytes,
+            workload_ms=c.workload_ms,
+            reference_ms=reference_ms,
+            overhead_cpu_ms=c.request_overhead_ms,
+            load=c.load,
         )
-    return nodes
+        for name, c in capacities.items()
+    ]
 
 
 async def deploy(

@@ -33,12 +33,13 @@ from amp4ec.frontdoor import rest
 from amp4ec.frontdoor.door import FrontDoor
 from amp4ec.frontdoor.model import DATATYPES, ModelMeta, model_meta
 from amp4ec.local.cluster import LocalCluster
-from amp4ec.local.run import Prepared, deploy, node_capacities, prepare
+from amp4ec.local.run import deploy, node_capacities
 from amp4ec.local.supervisor import Supervisor, endpoints
 from amp4ec.nodes import NodeSpec, parse_bytes
 from amp4ec.planner.types import Link, NodeCapacity, Plan
 from amp4ec.scheduling import timed_plan
 from amp4ec.slicing import ModelSource
+from amp4ec.slicing.prepare import Prepared, prepare
 from amp4ec.slicing.sources import factory_module
 
 __all__ = ["ServeConfig", "curl_example", "parse_nodes_file", "serve"]

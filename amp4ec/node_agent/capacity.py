@@ -6,14 +6,11 @@ import os
 import time
 from pathlib import Path
 
-import torch
-
 __all__ = [
     "LoadMeter",
     "cgroup_cpu_limit",
     "memory_available_bytes",
     "node_memory_available_bytes",
-    "reference_workload_ms",
 ]
 
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -84,37 +81,6 @@ def memory_available_bytes() -> int:
         except (OSError, ValueError):
             pass
     return max(available, 0)
-
-
-def reference_workload_ms(cpu_limit: float | None = None, window_s: float = 0.5, windows: int = 2) -> float:
-    """Milliseconds per unit of a fixed conv workload at the rate this process can sustain.
-
-    [Note: CPU time, the fastest window] Each window measures the thread's CPU time per
-    unit; the sustained wall time is that over ``min(cpu_limit, 1)``, the share of a core a
-    CFS quota grants (one thread never uses more than one core). Wall time would be
-    biased: a window gets whole quota bursts or misses them depending on where it falls in
-    the 100 ms periods, and the fastest of several windows read ~10% high on a 0.3-CPU
-    node. The fastest window still discards one that something else on the machine slowed
-    down: capacity is what the node can do. ``cpu_limit`` None: an unconstrained process.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    best = float("inf")
-    try:
-        conv = torch.nn.Conv2d(32, 32, 3, padding=1)
-        x = torch.randn(1, 32, 28, 28)
-        with torch.inference_mode():
-            conv(x)
-            for _ in range(windows):
-                units, start, cpu = 0, time.perf_counter(), time.thread_time()
-                while time.perf_counter() - start < window_s or units < 5:
-                    conv(x)
-                    units += 1
-                best = min(best, 1000.0 * (time.thread_time() - cpu) / units)
-    finally:
-        torch.set_num_threads(previous)
-    share = min(cpu_limit, 1.0) if cpu_limit is not None and cpu_limit > 0 else 1.0
-    return best / share
 
 
 class LoadMeter:

@@ -28,12 +28,13 @@ from prometheus_client import Gauge
 from amp4ec import pki
 from amp4ec.errors import InvalidSpec
 from amp4ec.node_agent.calibrate import request_overhead_ms
-from amp4ec.node_agent.capacity import node_memory_available_bytes, reference_workload_ms
+from amp4ec.node_agent.capacity import node_memory_available_bytes
 from amp4ec.node_agent.decoding import add_servicer
 from amp4ec.node_agent.limits import check_profile
 from amp4ec.node_agent.server import AgentServer
 from amp4ec.node_agent.settings import AgentSettings
 from amp4ec.node_agent.status import status_of
+from amp4ec.slicing.profile import reference_workload_ms
 from amp4ec.wire import codec, transport
 from amp4ec.wire.v1 import agent_pb2, agent_pb2_grpc
 

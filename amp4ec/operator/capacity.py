@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from amp4ec.planner.types import Link, NodeCapacity, reference_overhead_ms
+from amp4ec.planner.types import Link, NodeCapacity, measured_node
 
 __all__ = ["QUERIES", "Capacity", "CapacityUnavailable", "Prometheus"]
 
@@ -112,14 +112,13 @@ class Prometheus:
             if key in age and age[key] > max_age_s:
                 missing[node] = f"capacity metrics {age[key]:.0f} s old (max {max_age_s:g} s)"
                 continue
-            w = workload.get(key, 0.0)
-            speed = reference_ms / w if w > 0 and reference_ms > 0 else 0.0
-            found[node] = NodeCapacity(
-                name=node,
+            found[node] = measured_node(
+                node,
                 cpu=cpu[key],
-                memory_bytes=int(memory[key]),
-                speed=speed,
-                overhead_ms=reference_overhead_ms(overhead.get(key, 0.0), cpu[key], speed),
+                memory_bytes=memory[key],
+                workload_ms=workload.get(key, 0.0),
+                reference_ms=reference_ms,
+                overhead_cpu_ms=overhead.get(key, 0.0),
             )
         links = tuple(
             Link(src, dst, rtt_ms=1000.0 * value, bandwidth_bytes_per_s=bandwidth[(src, dst)])

@@ -28,6 +28,7 @@ __all__ = [
     "Prediction",
     "SchedulerHistory",
     "Stage",
+    "measured_node",
     "reference_overhead_ms",
 ]
 
@@ -85,6 +86,30 @@ def reference_overhead_ms(cpu_ms: float, cpu: float, speed: float) -> float:
     """
     share = min(cpu, 1.0)
     return cpu_ms * speed / share if share > 0 and speed > 0 else cpu_ms
+
+
+def measured_node(
+    name: str,
+    *,
+    cpu: float,
+    memory_bytes: float,
+    workload_ms: float,
+    reference_ms: float,
+    overhead_cpu_ms: float = 0.0,
+    load: float = 0.0,
+) -> NodeCapacity:
+    """A node as its agent measured it → planner input. ``workload_ms`` is the node's time for
+    the reference workload and ``reference_ms`` the profiling process's, so speed is relative to
+    where the blocks were profiled; an unmeasured side gives speed 0 (unknown)."""
+    speed = reference_ms / workload_ms if workload_ms > 0 and reference_ms > 0 else 0.0
+    return NodeCapacity(
+        name=name,
+        cpu=cpu,
+        memory_bytes=int(memory_bytes),
+        speed=speed,
+        load=load,
+        overhead_ms=reference_overhead_ms(overhead_cpu_ms, cpu, speed),
+    )
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Block profiling: what each block of a chain costs (FLOPs, bytes, measured time on one thread)."""
+"""Block profiling: what each block of a chain costs (FLOPs, bytes, measured time on one thread),
+and the reference workload whose time on a node defines that node's speed."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from amp4ec.planner.types import LayerProfile
 from amp4ec.slicing.blocks import BlockChain, TensorSpec, _param_bytes
 
-__all__ = ["chain_input_bytes", "profile_chain"]
+__all__ = ["chain_input_bytes", "profile_chain", "reference_workload_ms"]
 
 
 def _sdpa_flops(
@@ -91,3 +92,34 @@ def chain_input_bytes(chain: BlockChain) -> int:
 def _bytes(tensors: Sequence[torch.Tensor]) -> int:
     # Bytes as they cross the wire: numel × itemsize (a strided view is sent compacted).
     return sum(TensorSpec.of(t).nbytes for t in tensors)
+
+
+def reference_workload_ms(cpu_limit: float | None = None, window_s: float = 0.5, windows: int = 2) -> float:
+    """Milliseconds per unit of a fixed conv workload at the rate this process can sustain.
+
+    [Note: CPU time, the fastest window] Each window measures the thread's CPU time per
+    unit; the sustained wall time is that over ``min(cpu_limit, 1)``, the share of a core a
+    CFS quota grants (one thread never uses more than one core). Wall time would be
+    biased: a window gets whole quota bursts or misses them depending on where it falls in
+    the 100 ms periods, and the fastest of several windows read ~10% high on a 0.3-CPU
+    node. The fastest window still discards one that something else on the machine slowed
+    down: capacity is what the node can do. ``cpu_limit`` None: an unconstrained process.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    best = float("inf")
+    try:
+        conv = torch.nn.Conv2d(32, 32, 3, padding=1)
+        x = torch.randn(1, 32, 28, 28)
+        with torch.inference_mode():
+            conv(x)
+            for _ in range(windows):
+                units, start, cpu = 0, time.perf_counter(), time.thread_time()
+                while time.perf_counter() - start < window_s or units < 5:
+                    conv(x)
+                    units += 1
+                best = min(best, 1000.0 * (time.thread_time() - cpu) / units)
+    finally:
+        torch.set_num_threads(previous)
+    share = min(cpu_limit, 1.0) if cpu_limit is not None and cpu_limit > 0 else 1.0
+    return best / share

@@ -111,7 +111,7 @@ def test_overhead_calibration_measures_cpu_and_leaves_the_metrics_alone() -> Non
 
 
 def test_reference_workload_reports_the_rate_a_cpu_share_sustains() -> None:
-    from amp4ec.node_agent.capacity import reference_workload_ms
+    from amp4ec.slicing.profile import reference_workload_ms
 
     # CPU time per unit, over the share: a quarter of a core is four times slower, wherever
     # the measurement falls in the quota's periods (here there is no quota at all).

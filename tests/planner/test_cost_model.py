@@ -43,3 +43,18 @@ def test_the_overhead_decides_whether_splitting_onto_a_slow_node_pays():
     assert stages(0.0) == [("a", 3), ("b", 1)]
     # 6 ms per stage: b's block costs (5 + 6) / 0.4 = 27.5 ms, a alone 26 ms.
     assert stages(6.0) == [("a", 4)]
+
+
+def test_a_measured_node_is_as_fast_as_its_reference_workload_says() -> None:
+    from amp4ec.planner.types import measured_node
+
+    half = measured_node(
+        "n", cpu=0.5, memory_bytes=1e9, workload_ms=20.0, reference_ms=10.0, overhead_cpu_ms=1.0
+    )
+    assert (half.speed, half.memory_bytes, half.cpu) == (0.5, 10**9, 0.5)
+    assert half.overhead_ms / half.effective_speed == pytest.approx(1.0 / 0.5), "back to the node's wall ms"
+    for workload, reference in ((0.0, 10.0), (10.0, 0.0)):  # either side unmeasured: speed unknown
+        assert (
+            measured_node("n", cpu=0.5, memory_bytes=0, workload_ms=workload, reference_ms=reference).speed
+            == 0
+        )

@@ -301,15 +301,7 @@ async def _standalone(bench: Bench, plan: Plan) -> dict[str, float]:
 async def _prime(cluster: LocalCluster, source: ModelSource) -> None:
     """Load the model's first block on every agent: what building any stage imports and keeps
     (fx, tracing caches) is then resident, so the memory left over is what stages can use."""
-    spec = agent_pb2.StageSpec(
-        model=source.spec,
-        weights=source.weights or "",
-        seed=source.seed,
-        input_shape=list(source.input_shape or ()),
-        first_block=0,
-        last_block=0,
-        accept_from=[CLIENT_IDENTITY],
-    )
+    spec = source.stage(0, 0, accept_from=(CLIENT_IDENTITY,)).to_message()
     await asyncio.gather(*(cluster.load(node, spec) for node in cluster.agents))
 
 

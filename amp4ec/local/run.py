@@ -217,20 +217,16 @@ async def deploy(
     for pipeline in plan.pipelines:
         for i, stage in enumerate(pipeline.stages):
             nxt = pipeline.stages[i + 1].node if i + 1 < len(pipeline.stages) else None
-            spec = agent_pb2.StageSpec(
-                model=source.spec,
-                weights=source.weights or "",
-                seed=source.seed,
-                input_shape=list(source.input_shape or ()),
-                first_block=stage.first_block,
-                last_block=stage.last_block,
+            spec = source.stage(
+                stage.first_block,
+                stage.last_block,
                 next_hop=address(nxt) if nxt else "",
                 next_node=nxt or "",
                 stage=i,
                 # Who may send this stage frames, and whom it may forward to (mutual TLS).
                 next_hop_identity=cluster.identity(nxt) if nxt else "",
-                accept_from=[cluster.identity(pipeline.stages[i - 1].node) if i else CLIENT_IDENTITY],
-            )
+                accept_from=(cluster.identity(pipeline.stages[i - 1].node) if i else CLIENT_IDENTITY,),
+            ).to_message()
             loads.append(cluster.load(stage.node, spec))
     infos = await asyncio.gather(*loads)
     return [info.param_bytes for info in infos]

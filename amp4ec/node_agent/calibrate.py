@@ -23,11 +23,12 @@ from grpc_health.v1 import health
 from torch import fx, nn
 
 from amp4ec.node_agent.authz import data_policy
-from amp4ec.node_agent.executor import LoadedStage, StageConfig, StageExecutor
+from amp4ec.node_agent.executor import LoadedStage, StageExecutor
 from amp4ec.node_agent.servicer import ShardServicer, StageRepository
 from amp4ec.node_agent.settings import AgentSettings
 from amp4ec.slicing.blocks import Block, Shard, TensorSpec
 from amp4ec.wire import codec, transport
+from amp4ec.wire.stage import StageConfig
 from amp4ec.wire.stream import ShardStream
 from amp4ec.wire.v1 import shard_pb2, shard_pb2_grpc
 

@@ -14,10 +14,10 @@ from pathlib import Path
 from amp4ec.children import die_with_parent
 from amp4ec.errors import Amp4ecError, InvalidSpec
 from amp4ec.node_agent.capacity import cgroup_cpu_limit
-from amp4ec.node_agent.executor import StageConfig
 from amp4ec.node_agent.monitor import Monitor
 from amp4ec.node_agent.server import create_server
 from amp4ec.node_agent.settings import AgentSettings
+from amp4ec.wire.stage import StageConfig
 from amp4ec.wire.transport import TransportSecurity
 
 __all__ = ["main", "parse_args"]

@@ -17,65 +17,10 @@ from amp4ec.errors import DeadlineExceeded, InvalidSpec
 from amp4ec.slicing import ModelSource, Shard, load_model, split_model
 from amp4ec.slicing.materialise import materialise
 from amp4ec.wire import codec
-from amp4ec.wire.v1 import agent_pb2, shard_pb2
+from amp4ec.wire.stage import StageConfig
+from amp4ec.wire.v1 import shard_pb2
 
-__all__ = ["LoadedStage", "StageConfig", "StageExecutor", "build_stage"]
-
-
-@dataclass(frozen=True)
-class StageConfig:
-    """Which layer range to serve and where its output goes."""
-
-    model: str
-    first_block: int
-    last_block: int
-    next_hop: str = ""
-    stage: int = 0
-    weights: str | None = None
-    seed: int = 0
-    input_shape: tuple[int, ...] | None = None
-    next_node: str = ""
-    """The next hop's node name, for errors; "" = name it by address."""
-    next_hop_identity: str = ""
-    """Under mutual TLS, the identity the next hop must present (see amp4ec/pki.py)."""
-    accept_from: tuple[str, ...] = ()
-    """Under mutual TLS, the identities that may send this stage frames."""
-
-    @property
-    def next_peer(self) -> str:
-        """How errors name the next hop: ``stage 2 on node2``."""
-        return f"stage {self.stage + 1} on {self.next_node or self.next_hop}"
-
-    @classmethod
-    def from_message(cls, m: agent_pb2.StageSpec) -> StageConfig:
-        return cls(
-            model=m.model,
-            first_block=m.first_block,
-            last_block=m.last_block,
-            next_hop=m.next_hop,
-            stage=m.stage,
-            weights=m.weights or None,
-            seed=m.seed,
-            input_shape=tuple(m.input_shape) or None,
-            next_node=m.next_node,
-            next_hop_identity=m.next_hop_identity,
-            accept_from=tuple(m.accept_from),
-        )
-
-    def to_message(self) -> agent_pb2.StageSpec:
-        return agent_pb2.StageSpec(
-            model=self.model,
-            first_block=self.first_block,
-            last_block=self.last_block,
-            next_hop=self.next_hop,
-            stage=self.stage,
-            weights=self.weights or "",
-            seed=self.seed,
-            input_shape=list(self.input_shape or ()),
-            next_node=self.next_node,
-            next_hop_identity=self.next_hop_identity,
-            accept_from=list(self.accept_from),
-        )
+__all__ = ["LoadedStage", "StageExecutor", "build_stage"]
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,11 @@ from amp4ec.node_agent.authz import control_policy, data_policy
 from amp4ec.node_agent.calibrate import request_overhead_ms
 from amp4ec.node_agent.capacity import cgroup_cpu_limit
 from amp4ec.node_agent.decoding import add_servicer
-from amp4ec.node_agent.executor import StageConfig, StageExecutor
+from amp4ec.node_agent.executor import StageExecutor
 from amp4ec.node_agent.servicer import AgentServicer, ShardServicer, StageRepository
 from amp4ec.node_agent.settings import AgentSettings
 from amp4ec.wire import transport
+from amp4ec.wire.stage import StageConfig
 from amp4ec.wire.v1 import agent_pb2_grpc, shard_pb2_grpc
 
 __all__ = ["AgentServer", "create_server"]

@@ -21,12 +21,13 @@ from amp4ec.node_agent import metrics
 from amp4ec.node_agent.budget import Budget, OverBudget
 from amp4ec.node_agent.capacity import LoadMeter, memory_available_bytes
 from amp4ec.node_agent.decoding import Undecodable
-from amp4ec.node_agent.executor import LoadedStage, StageConfig, StageExecutor, build_stage
+from amp4ec.node_agent.executor import LoadedStage, StageExecutor, build_stage
 from amp4ec.node_agent.limits import check_echo, check_frame, check_stage_spec
 from amp4ec.node_agent.settings import AgentSettings
 from amp4ec.node_agent.status import DeadlineExceeded, error_frame, status_of
 from amp4ec.slicing.profile import reference_workload_ms
 from amp4ec.wire.liveness import remaining_s
+from amp4ec.wire.stage import StageConfig
 from amp4ec.wire.stream import ShardStream
 from amp4ec.wire.v1 import agent_pb2, agent_pb2_grpc, shard_pb2, shard_pb2_grpc
 

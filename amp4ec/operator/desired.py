@@ -30,6 +30,7 @@ from amp4ec.operator.netpol import network_policy
 from amp4ec.operator.podsecurity import harden, scheduling
 from amp4ec.operator.spec import DeploymentSpec
 from amp4ec.planner.types import Plan
+from amp4ec.wire.stage import StageConfig
 
 __all__ = [
     "LABEL_DEPLOYMENT",
@@ -54,6 +55,9 @@ LABEL_ROLE = "amp4ec.io/role"
 _COMMON = {"app.kubernetes.io/name": "amp4ec-shard", "app.kubernetes.io/managed-by": "amp4ec-operator"}
 MiB = 1024 * 1024
 TLS_DIR = "/var/run/amp4ec/tls"
+_TLS_FILES = (("ca", "ca.crt"), ("cert", "tls.crt"), ("key", "tls.key"))
+WEIGHTS_PATH = "/mnt/models/weights.pt"
+"""Where the storage initializer puts a ``storageUri``'s weights for the shard."""
 
 
 @dataclass(frozen=True)
@@ -227,29 +231,38 @@ def _shard_pod(
         if nxt
         else ""
     )
+    upstream = (
+        pki.stage_identity(namespace, name, s.stage - 1) if s.stage else pki.client_identity(namespace, name)
+    )
+    stage = StageConfig(
+        model=spec.model.name or "",
+        first_block=s.first_block,
+        last_block=s.last_block,
+        stage=s.stage,
+        seed=spec.model.seed,
+        input_shape=tuple(spec.input_shape) if spec.input_shape else None,
+        weights=WEIGHTS_PATH if spec.model.storage_uri else None,
+        next_hop=next_hop,
+        # Who may call this stage and whom it calls are fixed here, by the operator (mutual
+        # TLS): nothing on the network can re-target a shard (no control port).
+        accept_from=(upstream,) if config.tls else (),
+        next_hop_identity=pki.stage_identity(namespace, name, nxt.stage) if config.tls and nxt else "",
+    )
     args = [
         "--node", s.node,
         "--host", "[::]",
         "--port", str(config.shard_port),
         "--metrics-port", str(config.metrics_port),
         "--cpu-limit", f"{s.cpu:g}",
-        "--model", spec.model.name or "",
-        "--seed", str(spec.model.seed),
-        "--first-block", str(s.first_block),
-        "--last-block", str(s.last_block),
-        "--stage", str(s.stage),
+        *stage.to_args(),
     ]  # fmt: skip
-    if spec.input_shape:
-        args += ["--input-shape", ",".join(str(d) for d in spec.input_shape)]
-    if next_hop:
-        args += ["--next-hop", next_hop]
     volumes: list[dict[str, Any]] = []
     mounts: list[dict[str, Any]] = []
     probe_port = config.shard_port
     if config.tls:
-        # This stage's own leaf only; who may call it and whom it calls are fixed here, by
-        # the operator: nothing on the network can re-target a shard (no control port).
-        args += _tls_args(name, namespace, s, nxt)
+        args += [
+            arg for part, file in _TLS_FILES for arg in (f"--tls-{part}", f"{TLS_DIR}/{file}")
+        ]  # its leaf
         args += ["--health-port", str(config.health_port)]
         probe_port = config.health_port
         volumes.append(_tls_volume(name, s.stage))
@@ -259,10 +272,9 @@ def _shard_pod(
     init: list[dict[str, Any]] = []
     uri = spec.model.storage_uri
     if uri:
-        weights = "/mnt/models/weights.pt"
         volumes.append({"name": "model-store", "emptyDir": {}})
         mounts.append({"name": "model-store", "mountPath": "/mnt/models", "readOnly": True})
-        fetch_args = ["--uri", uri, "--out", weights]
+        fetch_args = ["--uri", uri, "--out", WEIGHTS_PATH]
         if spec.model.sha256:
             fetch_args += ["--sha256", spec.model.sha256]
         for cidr in config.storage_allowed_networks:  # the chart's exemptions (tests)
@@ -283,7 +295,6 @@ def _shard_pod(
                 "volumeMounts": init_mounts,
             }
         )
-        args += ["--weights", weights]
     memory = s.memory_bytes + config.memory_overhead_bytes
     container: dict[str, Any] = {
         "name": "shard",
@@ -347,21 +358,6 @@ def _shard_pod(
         },
         "spec": pod_spec,
     }
-
-
-def _tls_args(name: str, namespace: str, s: PlacedStage, nxt: PlacedStage | None) -> list[str]:
-    upstream = (
-        pki.stage_identity(namespace, name, s.stage - 1) if s.stage else pki.client_identity(namespace, name)
-    )
-    args = [
-        "--tls-ca", f"{TLS_DIR}/ca.crt",
-        "--tls-cert", f"{TLS_DIR}/tls.crt",
-        "--tls-key", f"{TLS_DIR}/tls.key",
-        "--accept-from", upstream,
-    ]  # fmt: skip
-    if nxt is not None:
-        args += ["--next-hop-identity", pki.stage_identity(namespace, name, nxt.stage)]
-    return args
 
 
 def _tls_volume(name: str, stage: int) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from amp4ec.errors import InvalidSpec, ModelNotFound, ShapeMismatch
 from amp4ec.slicing.archive import ensure_safe_archive
 from amp4ec.slicing.materialise import load_state, supports_meta, weights_load_error
 from amp4ec.slicing.materialise import materialise as materialise_tensors
+from amp4ec.wire.stage import StageConfig
 
 __all__ = ["LoadedModel", "ModelSource", "ensure_factory_allowed", "factory_module", "load_model"]
 
@@ -38,6 +39,19 @@ class ModelSource:
     """Seeds the random init and the example input, so every process builds identical weights."""
     input_shape: tuple[int, ...] | None = None
     """Overrides the default input shape; required for factories that declare none."""
+
+    def stage(self, first_block: int, last_block: int, **routing: Any) -> StageConfig:
+        """The stage serving blocks ``first_block..last_block`` of this model; ``routing``: the
+        other ``StageConfig`` fields (stage index, next hop, identities)."""
+        return StageConfig(
+            model=self.spec,
+            weights=self.weights,
+            seed=self.seed,
+            input_shape=self.input_shape,
+            first_block=first_block,
+            last_block=last_block,
+            **routing,
+        )
 
 
 @dataclass

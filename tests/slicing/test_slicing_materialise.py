@@ -6,9 +6,10 @@ from pathlib import Path
 
 import torch
 
-from amp4ec.node_agent.executor import StageConfig, build_stage
+from amp4ec.node_agent.executor import build_stage
 from amp4ec.slicing import ModelSource, load_model, split_model
 from amp4ec.slicing.materialise import init_tensor, materialise
+from amp4ec.wire.stage import StageConfig
 
 SHAPE = (1, 3, 64, 64)
 

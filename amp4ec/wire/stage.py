@@ -1,0 +1,93 @@
+"""A stage's spec, once: which blocks of which model a node serves and where its output goes.
+
+Torch-free, so local mode, the bench, the operator and the agent's command line share it: it
+converts to and from the ``StageSpec`` protobuf (``LoadStage``) and to the agent's flags (a
+shard Pod's arguments).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from amp4ec.wire.v1 import agent_pb2
+
+__all__ = ["StageConfig"]
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """Which layer range to serve and where its output goes."""
+
+    model: str
+    first_block: int = 0
+    last_block: int = -1
+    """Inclusive; -1 = the last block."""
+    next_hop: str = ""
+    stage: int = 0
+    weights: str | None = None
+    seed: int = 0
+    input_shape: tuple[int, ...] | None = None
+    next_node: str = ""
+    """The next hop's node name, for errors; "" = name it by address."""
+    next_hop_identity: str = ""
+    """Under mutual TLS, the identity the next hop must present (see amp4ec/pki.py)."""
+    accept_from: tuple[str, ...] = ()
+    """Under mutual TLS, the identities that may send this stage frames."""
+
+    @property
+    def next_peer(self) -> str:
+        """How errors name the next hop: ``stage 2 on node2``."""
+        return f"stage {self.stage + 1} on {self.next_node or self.next_hop}"
+
+    @classmethod
+    def from_message(cls, m: agent_pb2.StageSpec) -> StageConfig:
+        return cls(
+            model=m.model,
+            first_block=m.first_block,
+            last_block=m.last_block,
+            next_hop=m.next_hop,
+            stage=m.stage,
+            weights=m.weights or None,
+            seed=m.seed,
+            input_shape=tuple(m.input_shape) or None,
+            next_node=m.next_node,
+            next_hop_identity=m.next_hop_identity,
+            accept_from=tuple(m.accept_from),
+        )
+
+    def to_message(self) -> agent_pb2.StageSpec:
+        return agent_pb2.StageSpec(
+            model=self.model,
+            first_block=self.first_block,
+            last_block=self.last_block,
+            next_hop=self.next_hop,
+            stage=self.stage,
+            weights=self.weights or "",
+            seed=self.seed,
+            input_shape=list(self.input_shape or ()),
+            next_node=self.next_node,
+            next_hop_identity=self.next_hop_identity,
+            accept_from=list(self.accept_from),
+        )
+
+    def to_args(self) -> list[str]:
+        """The agent's command-line flags for this stage (``python -m amp4ec.node_agent``); empty
+        fields are left out, so the agent's defaults apply."""
+        args = [
+            "--model",
+            self.model,
+            "--first-block",
+            str(self.first_block),
+            "--last-block",
+            str(self.last_block),
+        ]
+        args += ["--stage", str(self.stage), "--seed", str(self.seed)]
+        optional = {
+            "--weights": self.weights or "",
+            "--input-shape": ",".join(str(d) for d in self.input_shape or ()),
+            "--next-hop": self.next_hop,
+            "--next-node": self.next_node,
+            "--next-hop-identity": self.next_hop_identity,
+        }
+        args += [item for flag, value in optional.items() if value for item in (flag, value)]
+        return args + [item for identity in self.accept_from for item in ("--accept-from", identity)]

@@ -1,0 +1,44 @@
+"""The one stage spec: protobuf and command-line forms say the same thing."""
+
+from __future__ import annotations
+
+import pytest
+
+from amp4ec.node_agent.cli import parse_args
+from amp4ec.slicing import ModelSource
+from amp4ec.wire.stage import StageConfig
+
+FULL = StageConfig(
+    model="resnet18",
+    first_block=2,
+    last_block=5,
+    next_hop="stage-2.ns.svc:50051",
+    stage=1,
+    weights="/models/w.pt",
+    seed=7,
+    input_shape=(1, 3, 32, 32),
+    next_node="edge-b",
+    next_hop_identity="stage-2.d.ns.amp4ec",
+    accept_from=("stage-0.d.ns.amp4ec", "client.d.ns.amp4ec"),
+)
+
+
+@pytest.mark.parametrize("config", [FULL, StageConfig("mobilenet_v2")], ids=["every field", "defaults"])
+def test_message_and_flags_round_trip(config: StageConfig) -> None:
+    assert StageConfig.from_message(config.to_message()) == config
+    _, parsed, _, _ = parse_args(["--insecure", *config.to_args()])
+    assert parsed == config
+
+
+def test_a_model_source_names_its_stage() -> None:
+    source = ModelSource("resnet18", weights="/models/w.pt", seed=7, input_shape=(1, 3, 32, 32))
+    stage = source.stage(
+        2,
+        5,
+        next_hop=FULL.next_hop,
+        stage=1,
+        next_node="edge-b",
+        next_hop_identity=FULL.next_hop_identity,
+        accept_from=FULL.accept_from,
+    )
+    assert stage == FULL

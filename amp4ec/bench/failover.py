@@ -22,7 +22,7 @@ from amp4ec.client import Client, Result
 from amp4ec.errors import Amp4ecError
 from amp4ec.local.cluster import LocalCluster
 from amp4ec.local.run import deploy, drive, measure_links, node_capacities, quantile
-from amp4ec.local.supervisor import Supervisor, endpoints, plan_rows
+from amp4ec.local.supervisor import Supervisor, endpoints
 from amp4ec.planner.types import Plan
 from amp4ec.scheduling import timed_plan
 from amp4ec.slicing.prepare import Prepared
@@ -204,7 +204,7 @@ async def _scenario(
             "replanned": record.replanned,
             "target_s": TARGET_S.get(strategy),
             "met": len(lost) == 0 and to_full is not None and to_full < TARGET_S.get(strategy, float("inf")),
-            "plan_before": plan_rows(plan),
+            "plan_before": plan.rows(),
             "plan_after": record.plan_after,
             **figures,
         }

@@ -23,7 +23,7 @@ from amp4ec.slicing import ModelSource
 from amp4ec.slicing.prepare import Prepared
 from amp4ec.wire.v1 import agent_pb2
 
-__all__ = ["Bench", "deploy", "measure_plan", "plan_rows", "quantiles"]
+__all__ = ["Bench", "deploy", "measure_plan", "quantiles"]
 
 
 @dataclass
@@ -76,14 +76,6 @@ def quantiles(values: list[float]) -> dict[str, float]:
         "mean": statistics.fmean(values) if values else float("nan"),
         "max": max(values) if values else float("nan"),
     }
-
-
-def plan_rows(plan: Plan) -> list[dict[str, Any]]:
-    return [
-        {"pipeline": p, "node": s.node, "first_block": s.first_block, "last_block": s.last_block}
-        for p, pipe in enumerate(plan.pipelines)
-        for s in pipe.stages
-    ]
 
 
 async def deploy(bench: Bench, plan: Plan) -> tuple[list[str], list[int]]:
@@ -139,7 +131,7 @@ async def measure_plan(bench: Bench, plan: Plan, label: str, rate_rps: float | N
     share = _pipeline_shares(plan, results, entries)
     return {
         "status": "ok",
-        "plan": plan_rows(plan),
+        "plan": plan.rows(),
         "notes": list(plan.notes),
         "max_abs_diff": diff,
         "param_mb": [round(b / 1e6, 3) for b in param_bytes],
@@ -227,9 +219,7 @@ def _stages(
     forward = forward_ms_per_stage(plan, results, entries)
     return [
         {
-            "node": s.node,
-            "first_block": s.first_block,
-            "last_block": s.last_block,
+            **row,
             "predicted_ms": s.stage_ms,
             "predicted_compute_ms": s.compute_ms,
             "predicted_transfer_ms": s.transfer_ms,
@@ -237,5 +227,5 @@ def _stages(
             "measured_ms": m,
             "forward_ms": f,
         }
-        for s, m, f in zip(plan.stages, measured, forward, strict=True)
+        for row, s, m, f in zip(plan.rows(), plan.stages, measured, forward, strict=True)
     ]

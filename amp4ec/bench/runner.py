@@ -16,7 +16,7 @@ from typing import Any
 from amp4ec.bench.configs import CLIENT_HEADROOM, MATCHED, UNAWARE, Configuration, scale_nodes
 from amp4ec.bench.links import ShapedLinks
 from amp4ec.bench.loadgen import closed_loop
-from amp4ec.bench.measure import Bench, deploy, measure_plan, plan_rows
+from amp4ec.bench.measure import Bench, deploy, measure_plan
 from amp4ec.bench.progress import ProgressSink
 from amp4ec.bench.transport import compare as compare_transport
 from amp4ec.errors import Amp4ecError, PlanInfeasible
@@ -228,7 +228,7 @@ async def _measure_once(
     """Measure ``plan``, unless a strategy before made the very same plan: the same deployment
     measured twice differs only by run-to-run noise (a few percent), which would rank two
     identical plans. Its figures are then shared, marked ``same_plan_as``."""
-    rows = plan_rows(plan)
+    rows = plan.rows()
     for name, result in done.items():
         if name != MATCHED and result.get("status") == "ok" and result["plan"] == rows:
             shared = copy.deepcopy(result)

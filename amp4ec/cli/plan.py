@@ -99,17 +99,13 @@ def plan_json(result: Any, planning_ms: float, block_names: list[str]) -> dict[s
         "objective": result.objective,
         "plan": [
             {
-                "pipeline": p,
-                "node": s.node,
-                "first_block": s.first_block,
-                "last_block": s.last_block,
+                **row,
                 "blocks": f"{block_names[s.first_block]}..{block_names[s.last_block]}",
                 "compute_ms": s.compute_ms,
                 "transfer_ms": s.transfer_ms,
                 "memory_mib": s.memory_bytes / 2**20,
             }
-            for p, pipeline in enumerate(result.pipelines)
-            for s in pipeline.stages
+            for row, s in zip(result.rows(), result.stages, strict=True)
         ],
         "predicted": {
             "stage_ms": list(result.predicted.stage_ms),

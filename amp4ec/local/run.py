@@ -16,11 +16,10 @@ from typing import Any
 
 import torch
 
-from amp4ec import planner
 from amp4ec.client import Client, Result
 from amp4ec.errors import Amp4ecError, InvalidSpec
 from amp4ec.local.cluster import CLIENT_IDENTITY, LocalCluster, NodeSpec
-from amp4ec.local.supervisor import Failover, FaultSpec, Supervisor, endpoints, inject_faults, plan_rows
+from amp4ec.local.supervisor import Failover, FaultSpec, Supervisor, endpoints, inject_faults
 from amp4ec.nodes import check_node_count
 from amp4ec.planner.types import Link, NodeCapacity, Plan, measured_node
 from amp4ec.scheduling import timed_plan
@@ -120,14 +119,8 @@ class RunReport:
             "cpu_limits": self.limits,
             "transport": self.transport,
             "plan": [
-                {
-                    "pipeline": p,
-                    "node": s.node,
-                    "first_block": s.first_block,
-                    "last_block": s.last_block,
-                    "param_mb": round(b / 1e6, 3),
-                }
-                for (p, s), b in zip(_indexed(self.plan), self.stage_param_bytes, strict=True)
+                {**row, "param_mb": round(b / 1e6, 3)}
+                for row, b in zip(self.plan.rows(), self.stage_param_bytes, strict=True)
             ],
             "latency_ms": {"p50": self.latency_ms(0.5), "p95": self.latency_ms(0.95)},
             "throughput_rps": self.throughput_rps,
@@ -139,7 +132,7 @@ class RunReport:
             "errors": self.errors,
             "interrupted": self.interrupted,
             "failovers": [f.to_json() for f in self.failovers],
-            "final_plan": plan_rows(self.final_plan or self.plan),
+            "final_plan": (self.final_plan or self.plan).rows(),
             "concurrency": self.concurrency,
             "planning_ms": self.planning_ms,
             "bytes_per_request": self.bytes_per_request,
@@ -156,10 +149,6 @@ class RunReport:
             "capacities": self.capacities,
             "warnings": self.warnings,
         }
-
-
-def _indexed(plan: Plan) -> list[tuple[int, planner.Stage]]:
-    return [(p, s) for p, pipe in enumerate(plan.pipelines) for s in pipe.stages]
 
 
 def quantile(values: list[float], q: float) -> float:

@@ -32,7 +32,7 @@ from amp4ec.local.cluster import LocalCluster
 from amp4ec.nodes import FaultSpec, parse_fault  # re-exported: where faults are injected
 from amp4ec.planner.types import Pipeline, Plan, Prediction
 
-__all__ = ["Failover", "FaultSpec", "Supervisor", "inject_faults", "parse_fault", "plan_rows"]
+__all__ = ["Failover", "FaultSpec", "Supervisor", "inject_faults", "parse_fault"]
 
 log = logging.getLogger(__name__)
 KEEP_UNLESS_GAIN = 0.10
@@ -42,14 +42,6 @@ Replan = Callable[[Sequence[str]], Plan]
 """A plan over these surviving nodes (raises PlanInfeasible when they cannot hold the model)."""
 Deploy = Callable[[Plan], Awaitable[Any]]
 """Load every stage of these pipelines on its node."""
-
-
-def plan_rows(plan: Plan) -> list[dict[str, Any]]:
-    return [
-        {"pipeline": p, "stage": i, "node": s.node, "first_block": s.first_block, "last_block": s.last_block}
-        for p, pipe in enumerate(plan.pipelines)
-        for i, s in enumerate(pipe.stages)
-    ]
 
 
 def endpoints(plan: Plan, address: Callable[[str], str]) -> list[Endpoint]:
@@ -262,7 +254,7 @@ class Supervisor:
                 return
             self.dead.add(node)
             record = Failover(
-                node, kind, detail, self.now(), plan_rows(self.plan), fault_s=self.injected.get(node)
+                node, kind, detail, self.now(), self.plan.rows(), fault_s=self.injected.get(node)
             )
             self.failovers.append(record)
             log.warning("%s %s: %s; re-planning on the survivors", node, kind, detail)
@@ -293,7 +285,7 @@ class Supervisor:
             await self.switch(new)
             record.replanned = True
         record.recovered_s = self.now()
-        record.plan_after = plan_rows(self.plan)
+        record.plan_after = self.plan.rows()
 
 
 @contextlib.asynccontextmanager

@@ -16,6 +16,7 @@ the sum over pipelines of ``1000 / bottleneck``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = [
     "OBJECTIVES",
@@ -232,3 +233,18 @@ class Plan:
     @property
     def stages(self) -> tuple[Stage, ...]:
         return tuple(s for p in self.pipelines for s in p.stages)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per stage, in ``stages`` order: where it runs and which blocks (the form
+        every report, JSON file and failover record uses; callers add their own columns)."""
+        return [
+            {
+                "pipeline": p,
+                "stage": i,
+                "node": s.node,
+                "first_block": s.first_block,
+                "last_block": s.last_block,
+            }
+            for p, pipe in enumerate(self.pipelines)
+            for i, s in enumerate(pipe.stages)
+        ]

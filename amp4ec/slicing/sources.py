@@ -18,7 +18,7 @@ from torch import nn
 
 from amp4ec.errors import InvalidSpec, ModelNotFound, ShapeMismatch
 from amp4ec.slicing.archive import ensure_safe_archive
-from amp4ec.slicing.materialise import load_state, supports_meta, weights_load_error
+from amp4ec.slicing.materialise import load_state, supports_meta
 from amp4ec.slicing.materialise import materialise as materialise_tensors
 from amp4ec.wire.stage import StageConfig
 
@@ -277,35 +277,12 @@ def _example(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -
 
 
 def _apply_weights(module: nn.Module, path: str, name: str) -> None:
-    if not Path(path).is_file():
-        raise ModelNotFound(f"weights: file {path} does not exist; expected a local state_dict file")
-    try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as e:
-        raise weights_load_error(path, e) from e
-    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
-        state = state["state_dict"]  # a common checkpoint wrapper
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InvalidSpec(f"weights: {path} is not a state_dict; expected a mapping of names to tensors")
-    expected = set(module.state_dict())
-    missing = sorted(expected - set(state))
-    unexpected = sorted(set(state) - expected)
-    if missing or unexpected:
-        parts = [
-            f"{label} {len(keys)} keys ({_few(keys)})"
-            for label, keys in (("missing", missing), ("unexpected", unexpected))
-            if keys
-        ]
-        raise InvalidSpec(f"weights: {path} does not match model {name}: " + ", ".join(parts))
+    state = load_state(path, module.state_dict(), name)
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as e:  # same keys, different shapes
         first = str(e).strip().splitlines()[-1].strip()
         raise InvalidSpec(f"weights: {path} does not fit model {name}: {first}") from e
-
-
-def _few(keys: Sequence[str], n: int = 3) -> str:
-    return ", ".join(keys[:n]) + (", …" if len(keys) > n else "")
 
 
 def _first_line(e: BaseException) -> str:

@@ -20,8 +20,9 @@ from amp4ec.bench.configs import Configuration, scale_nodes
 from amp4ec.bench.progress import ProgressSink
 from amp4ec.client import Client, Result
 from amp4ec.errors import Amp4ecError
+from amp4ec.loadgen import closed_loop
 from amp4ec.local.cluster import LocalCluster
-from amp4ec.local.run import deploy, drive, measure_links, node_capacities, quantile
+from amp4ec.local.run import deploy, measure_links, node_capacities, quantile
 from amp4ec.local.supervisor import Supervisor, endpoints
 from amp4ec.planner.types import Plan
 from amp4ec.scheduling import timed_plan
@@ -155,7 +156,7 @@ async def _scenario(
             Client(endpoints(plan, cluster.address), cluster.client_security) as client,
             Supervisor(cluster, client, plan, replan, lambda p: deploy(cluster, p, config.source)) as sup,
         ):
-            await drive(client, inputs, 2 * len(plan.stages), concurrency, lambda r: None, deadline_s=30)
+            await closed_loop(client, inputs, 2 * len(plan.stages), concurrency, deadline_s=30)
 
             def done(result: Result) -> None:
                 end = sup.now()
@@ -171,7 +172,7 @@ async def _scenario(
             progress.phase(f"failover ({strategy}, {VICTIM} {fault}): {requests} requests", requests)
             process = cluster.agents[VICTIM].process
             sup.start = time.monotonic()  # the run's clock starts now
-            loop = asyncio.create_task(drive(client, inputs, requests, concurrency, done, failed, 30))
+            loop = asyncio.create_task(closed_loop(client, inputs, requests, concurrency, done, failed, 30))
             try:
                 await asyncio.wait_for(third.wait(), 300)
                 fault_s = sup.injected[VICTIM] = sup.now()

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 
 from amp4ec.bench.configs import Sizes
-from amp4ec.bench.loadgen import closed_loop, open_loop, sequential
 from amp4ec.bench.progress import ProgressSink
 from amp4ec.client import Result
+from amp4ec.loadgen import closed_loop, open_loop, sequential
 from amp4ec.local.cluster import LocalCluster
 from amp4ec.local.run import client_of, forward_ms_per_stage, measured_stage_ms, quantile
 from amp4ec.local.run import deploy as deploy_stages
@@ -114,7 +114,9 @@ async def measure_plan(bench: Bench, plan: Plan, label: str, rate_rps: float | N
                 continue
             progress.phase(f"{label}: saturation, {level} in flight", sizes.saturation)
             before = await bench.cluster.capacities()
-            results, wall = await closed_loop(client, inputs, sizes.saturation, level, progress.advance)
+            results, wall = await closed_loop(
+                client, inputs, sizes.saturation, level, lambda _: progress.advance()
+            )
             after = await bench.cluster.capacities()
             by_level[level] = len(results) / wall
             if best is None or by_level[level] > best[0]:

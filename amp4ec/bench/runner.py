@@ -15,11 +15,11 @@ from typing import Any
 
 from amp4ec.bench.configs import CLIENT_HEADROOM, MATCHED, UNAWARE, Configuration, scale_nodes
 from amp4ec.bench.links import ShapedLinks
-from amp4ec.bench.loadgen import closed_loop
 from amp4ec.bench.measure import Bench, deploy, measure_plan
 from amp4ec.bench.progress import ProgressSink
 from amp4ec.bench.transport import compare as compare_transport
 from amp4ec.errors import Amp4ecError, PlanInfeasible
+from amp4ec.loadgen import closed_loop
 from amp4ec.local.cluster import CLIENT_IDENTITY, LocalCluster, NodeSpec
 from amp4ec.local.run import measure_links, node_capacities
 from amp4ec.planner.types import Link, NodeCapacity, Plan
@@ -293,7 +293,9 @@ async def _standalone(bench: Bench, plan: Plan) -> dict[str, float]:
         bench.progress.phase(f"ideal: {node} alone", bench.sizes.ideal)
         async with bench.cluster.client([node]) as client:
             await closed_loop(client, inputs, 2, 2)
-            results, wall = await closed_loop(client, inputs, bench.sizes.ideal, 2, bench.progress.advance)
+            results, wall = await closed_loop(
+                client, inputs, bench.sizes.ideal, 2, lambda _: bench.progress.advance()
+            )
         out[node] = len(results) / wall
     return out
 

@@ -14,10 +14,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from amp4ec.client import Client, Result
 from amp4ec.errors import Amp4ecError, InvalidSpec
+from amp4ec.loadgen import closed_loop
 from amp4ec.local.cluster import CLIENT_IDENTITY, LocalCluster, NodeSpec
 from amp4ec.local.supervisor import Failover, FaultSpec, Supervisor, endpoints, inject_faults
 from amp4ec.nodes import check_node_count
@@ -226,36 +225,6 @@ def client_of(cluster: LocalCluster, plan: Plan) -> Client:
     return cluster.client([p.stages[0].node for p in plan.pipelines])
 
 
-async def drive(
-    client: Client,
-    inputs: tuple[torch.Tensor, ...],
-    requests: int,
-    concurrency: int,
-    on_done: Callable[[Result], None],
-    on_error: Callable[[Amp4ecError], None] | None = None,
-    deadline_s: float | None = None,
-) -> float:
-    """A closed loop keeping ``concurrency`` requests in flight until ``requests`` are done.
-
-    With ``on_error`` a failed request is reported and the loop goes on; without, it raises."""
-    remaining = iter(range(requests))
-    start = time.perf_counter()
-
-    async def worker() -> None:
-        for _ in remaining:
-            try:
-                result = await client.infer(inputs, deadline_s=deadline_s)
-            except Amp4ecError as e:
-                if on_error is None:
-                    raise
-                on_error(e)
-                continue
-            on_done(result)
-
-    await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
-    return time.perf_counter() - start
-
-
 async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
     report = progress or (lambda phase, done, total: None)
     check_run_config(config)
@@ -312,7 +281,7 @@ async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
                 plan.pipelines
             )
             warmup = config.warmup if config.warmup is not None else 2 * len(plan.stages)
-            await drive(client, inputs, warmup, concurrency, lambda r: None, deadline_s=config.deadline_s)
+            await closed_loop(client, inputs, warmup, concurrency, deadline_s=config.deadline_s)
             before = await cluster.capacities()
             results: list[Result] = []
             done_at: list[float] = []
@@ -332,7 +301,9 @@ async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
             wall_start = time.perf_counter()
             try:
                 async with inject_faults(cluster, config.faults, supervisor):
-                    await drive(client, inputs, config.requests, concurrency, done, failed, config.deadline_s)
+                    await closed_loop(
+                        client, inputs, config.requests, concurrency, done, failed, config.deadline_s
+                    )
             except asyncio.CancelledError:  # Ctrl-C: report what was answered so far
                 interrupted = True
             wall = time.perf_counter() - wall_start

@@ -92,6 +92,8 @@ class ShardStream:
 
     async def _send(self, out: shard_pb2.Frame, future: asyncio.Future[shard_pb2.Frame]) -> shard_pb2.Frame:
         async with self._write_lock:
+            if self._closed:  # retired while this request waited for the lock: its channel is closed
+                raise ShardUnavailable(f"{self.peer} unavailable: retired (its pipeline was replaced)")
             call = self._ensure_stream()
             # A write on a stream whose peer died before it started can wait forever (grpc.aio
             # waits for initial metadata that never goes out); the stream failing answers the
@@ -144,10 +146,12 @@ class ShardStream:
 
     async def serving(self, timeout_s: float) -> bool:
         """Whether the peer answers its health check SERVING for the Shard service in time."""
+        if self._closed:
+            return False
         stub = health_pb2_grpc.HealthStub(self._channel)
         try:
             reply = await stub.Check(health_pb2.HealthCheckRequest(service=SHARD_SERVICE), timeout=timeout_s)
-        except grpc.aio.AioRpcError:
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError):  # UsageError: closed meanwhile
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 

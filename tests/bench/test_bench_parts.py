@@ -20,10 +20,10 @@ from amp4ec.bench.configs import (
     scale_nodes,
 )
 from amp4ec.bench.links import ShapedLinks, links_available
-from amp4ec.bench.loadgen import closed_loop, open_loop
 from amp4ec.bench.markdown import BEGIN, END, write_docs
 from amp4ec.bench.proxy import serve
 from amp4ec.errors import InvalidSpec
+from amp4ec.loadgen import closed_loop, open_loop
 from amp4ec.slicing import ModelSource
 
 
@@ -49,7 +49,7 @@ class _FakeClient:
         self.service_s = service_s
         self.lock = asyncio.Lock()
 
-    async def infer(self, inputs: object) -> SimpleNamespace:
+    async def infer(self, inputs: object, deadline_s: float | None = None) -> SimpleNamespace:
         async with self.lock:
             await asyncio.sleep(self.service_s)
         return SimpleNamespace(latency_s=self.service_s)

@@ -19,8 +19,9 @@ import torch
 from amp4ec import planner
 from amp4ec.client import Client, Result, RetryPolicy
 from amp4ec.errors import Amp4ecError, DeadlineExceeded, ShardUnavailable
+from amp4ec.loadgen import closed_loop
 from amp4ec.local import LocalCluster, NodeSpec, RunConfig, parse_nodes, run
-from amp4ec.local.run import deploy, drive
+from amp4ec.local.run import deploy
 from amp4ec.local.supervisor import Supervisor, endpoints, parse_fault
 from amp4ec.planner.types import NodeCapacity, Plan, Prediction
 from amp4ec.slicing import ModelSource, load_model, profile_chain, split_model
@@ -99,7 +100,9 @@ def test_no_request_fails_when_an_agent_dies_or_hangs(model, layout: str, kind: 
                 Client(endpoints(plan, cluster.address), cluster.client_security) as client,
                 Supervisor(cluster, client, plan, replan, lambda p: deploy(cluster, p, source)) as supervisor,
             ):
-                loop = asyncio.create_task(drive(client, inputs, REQUESTS, 4, done, failed, deadline_s=20))
+                loop = asyncio.create_task(
+                    closed_loop(client, inputs, REQUESTS, 4, done, failed, deadline_s=20)
+                )
                 process = cluster.agents[victim].process
                 try:
                     await asyncio.wait_for(third.wait(), 60)
@@ -160,18 +163,18 @@ def test_client_alone_routes_around_dead_and_hung_pipelines_and_fails_fast(model
             stopped = []
             try:
                 async with Client(endpoints(plan, cluster.address), cluster.client_security) as client:
-                    await drive(client, inputs, 20, 4, lambda r: None)
+                    await closed_loop(client, inputs, 20, 4)
                     cluster.agents["node3"].process.kill()
                     await asyncio.to_thread(cluster.agents["node3"].process.wait)  # gone, not dying
                     results: list[Result] = []
-                    await asyncio.wait_for(drive(client, inputs, 60, 4, results.append), 60)
+                    await asyncio.wait_for(closed_loop(client, inputs, 60, 4, results.append), 60)
                     assert len(results) == 60 and client.stats.failed == 0
                     assert [e[1] for e in client.stats.ejections] == ["stage 0 on node3"], client.stats
                     assert client.stats.retries <= 2 * client.policy.eject_after
                     results.clear()
                     stopped.append(cluster.agents["node1"].process)
                     os.kill(stopped[-1].pid, signal.SIGSTOP)
-                    await asyncio.wait_for(drive(client, inputs, 60, 4, results.append), 60)
+                    await asyncio.wait_for(closed_loop(client, inputs, 60, 4, results.append), 60)
                     # Least-in-flight alone would keep feeding the stuck pipeline; what went in
                     # was answered UNAVAILABLE once keepalive gave up on node1, and retried.
                     assert len(results) == 60 and any(r.attempts > 1 for r in results)

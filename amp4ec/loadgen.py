@@ -1,4 +1,5 @@
-"""Load generators: one request at a time, a closed loop at a fixed concurrency, open-loop Poisson."""
+"""Load generators over a ``Client``: one request at a time, a closed loop at a fixed concurrency
+(``amp4ec run``, the bench), open-loop Poisson arrivals (the bench)."""
 
 from __future__ import annotations
 
@@ -34,16 +35,33 @@ async def sequential(
 
 
 async def closed_loop(
-    client: Client, inputs: Sequence[torch.Tensor], count: int, concurrency: int, tick: Tick = _noop
+    client: Client,
+    inputs: Sequence[torch.Tensor],
+    count: int,
+    concurrency: int,
+    on_done: Callable[[Result], None] | None = None,
+    on_error: Callable[[Amp4ecError], None] | None = None,
+    deadline_s: float | None = None,
 ) -> tuple[list[Result], float]:
-    """Keep ``concurrency`` requests in flight until ``count`` have answered; (results, wall seconds)."""
+    """Keep ``concurrency`` requests in flight until ``count`` are done; (answers, wall seconds).
+
+    ``on_done`` sees each answer as it comes. With ``on_error`` a failed request is reported and
+    the loop goes on; without, the first failure ends the loop and is raised."""
     remaining = iter(range(count))
     results: list[Result] = []
 
     async def worker() -> None:
         for _ in remaining:
-            results.append(await client.infer(inputs))
-            tick()
+            try:
+                result = await client.infer(inputs, deadline_s=deadline_s)
+            except Amp4ecError as e:
+                if on_error is None:
+                    raise
+                on_error(e)
+                continue
+            results.append(result)
+            if on_done is not None:
+                on_done(result)
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))

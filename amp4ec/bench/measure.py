@@ -97,10 +97,7 @@ async def measure_plan(bench: Bench, plan: Plan, label: str, rate_rps: float | N
     stages = len(plan.stages)
     async with client_of(bench.cluster, plan) as client:
         first = await client.infer(inputs)
-        diff = max(
-            float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
-            for a, b in zip(first.outputs, prepared.expected, strict=True)
-        )
+        diff = prepared.max_abs_diff(first.outputs)
         await closed_loop(client, inputs, 2 * stages, stages)  # warm-up: every stage, every stream
 
         progress.phase(f"{label}: single requests", sizes.sequential)

@@ -10,7 +10,6 @@ import os
 import statistics
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from amp4ec.bench.configs import CLIENT_HEADROOM, MATCHED, UNAWARE, Configuration, scale_nodes
@@ -311,21 +310,16 @@ def _memory_headroom(cluster: LocalCluster, node: NodeCapacity, shard_mb: int | 
     """A memory-limited node offers its limit less its primed agent's resident memory (anonymous
     and mapped files, as its cgroup counts them) and a margin. With ``shard_mb`` the node offers
     exactly that, and its cgroup limit is lowered to resident + margin + ``shard_mb``."""
-    agent = cluster.agents[node.name]
-    if not agent.node.memory_bytes or agent.cgroup is None:
+    limit = cluster.agents[node.name].node.memory_bytes
+    resident = cluster.resident_bytes(node.name)
+    if not limit or resident is None:
         return node
-    for d in agent.cgroup.dirs:
-        stat = Path(d, "memory.stat")
-        if stat.exists():
-            fields = dict(line.split() for line in stat.read_text().splitlines())
-            resident = sum(int(fields.get(f"total_{k}", fields.get(k, "0"))) for k in ("rss", "mapped_file"))
-            if shard_mb is not None:
-                offer = shard_mb * 2**20
-                Path(d, "memory.limit_in_bytes").write_text(str(resident + MEMORY_MARGIN + offer))
-                return replace(node, memory_bytes=offer)
-            free = agent.node.memory_bytes - resident - MEMORY_MARGIN
-            return replace(node, memory_bytes=max(0, min(node.memory_bytes, free)))
-    return node
+    if shard_mb is not None:
+        offer = shard_mb * 2**20
+        cluster.set_memory_limit(node.name, resident + MEMORY_MARGIN + offer)
+        return replace(node, memory_bytes=offer)
+    free = limit - resident - MEMORY_MARGIN
+    return replace(node, memory_bytes=max(0, min(node.memory_bytes, free)))
 
 
 def _node_json(node: NodeSpec, paper: NodeSpec | None) -> dict[str, Any]:

@@ -57,6 +57,25 @@ class NodeCgroup:
         for d in self.dirs:
             (d / "cgroup.procs").write_text(str(pid))
 
+    @property
+    def _memory_dir(self) -> Path | None:
+        return next((d for d in self.dirs if (d / "memory.stat").exists()), None)
+
+    def resident_bytes(self) -> int | None:
+        """What the node's processes hold as its memory cgroup counts it (anonymous memory and
+        mapped files); None without a memory limit."""
+        d = self._memory_dir
+        if d is None:
+            return None
+        fields = dict(line.split() for line in (d / "memory.stat").read_text().splitlines())
+        return sum(int(fields.get(f"total_{k}", fields.get(k, "0"))) for k in ("rss", "mapped_file"))
+
+    def set_memory_limit(self, limit_bytes: int) -> None:
+        d = self._memory_dir
+        if d is None:
+            raise ValueError(f"cgroup {self.name} has no memory limit to change")
+        (d / "memory.limit_in_bytes").write_text(str(limit_bytes))
+
     def oom_kills(self) -> int:
         """Processes the kernel's OOM killer killed in this node's memory cgroup (0: none or unknown)."""
         for d in self.dirs:

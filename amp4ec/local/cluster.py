@@ -286,6 +286,19 @@ class LocalCluster:
         if reply.status != health_pb2.HealthCheckResponse.SERVING:
             raise Amp4ecError(f"node agent {agent.node.name} is not serving")
 
+    def resident_bytes(self, node: str) -> int | None:
+        """The node agent's resident memory as its memory cgroup counts it; None when the node
+        has no memory cgroup (no limit, or limits emulated)."""
+        cgroup = self.agents[node].cgroup
+        return cgroup.resident_bytes() if cgroup is not None else None
+
+    def set_memory_limit(self, node: str, limit_bytes: int) -> None:
+        """Change the node's memory limit (its cgroup's); the node must have one."""
+        cgroup = self.agents[node].cgroup
+        if cgroup is None or cgroup.resident_bytes() is None:
+            raise ValueError(f"node {node} has no memory cgroup (started without a memory limit)")
+        cgroup.set_memory_limit(limit_bytes)
+
     async def capacities(self, nodes: Sequence[str] | None = None) -> dict[str, agent_pb2.Capacity]:
         """Each agent's capacity (of ``nodes``, default all), measured under its own limit, all at once."""
         names = list(self.agents if nodes is None else nodes)

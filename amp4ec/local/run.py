@@ -273,10 +273,7 @@ async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
         ):
             inputs = prepared.loaded.example_inputs
             first = await client.infer(inputs, deadline_s=config.deadline_s)
-            diff = max(
-                float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
-                for a, b in zip(first.outputs, prepared.expected, strict=True)
-            )
+            diff = prepared.max_abs_diff(first.outputs)
             concurrency = config.concurrency or max(len(p.stages) for p in plan.pipelines) * len(
                 plan.pipelines
             )

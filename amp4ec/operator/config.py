@@ -58,8 +58,6 @@ class OperatorConfig:
     """Added to a stage's predicted memory for its Pod's request: the Python and torch runtime."""
     capacity_max_age_s: float = 120.0
     """Node metrics older than this are stale: the node is left out (or the plan kept)."""
-    timer_interval_s: float = 5.0
-    """How often the re-plan timer wakes; each deployment re-plans at its own interval."""
     ready_poll_s: float = 2.0
     """Delay between checks while shard Pods start (the handler's TemporaryError delay)."""
     infeasible_retry_s: float = 30.0

@@ -5,6 +5,7 @@ none of it needs node agents.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,13 @@ class Prepared:
     profiles: list[planner.LayerProfile]
     reference_ms: float
     expected: tuple[torch.Tensor, ...]
+
+    def max_abs_diff(self, outputs: Sequence[torch.Tensor]) -> float:
+        """How far distributed ``outputs`` are from the monolith's (the largest element-wise gap)."""
+        return max(
+            (float((a.float() - b.float()).abs().max()) if a.numel() else 0.0)
+            for a, b in zip(outputs, self.expected, strict=True)
+        )
 
 
 def prepare(source: ModelSource) -> Prepared:

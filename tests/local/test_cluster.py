@@ -112,3 +112,29 @@ def test_bad_run_arguments() -> None:
     )
     with pytest.raises(InvalidSpec, match=r"40 nodes but .* has only"):
         asyncio.run(run(config))
+
+
+@pytest.mark.skipif(not cgroups_available(), reason="needs cgroup v1 permission (root)")
+def test_a_nodes_memory_is_read_and_limited_through_the_cluster() -> None:
+    async def main() -> tuple[int | None, int | None, int | None]:
+        nodes = [NodeSpec("limited", 0.5, memory_bytes=1 << 30), NodeSpec("free", 0.5)]
+        async with LocalCluster(nodes, limit_mode="cgroup") as cluster:
+            resident = cluster.resident_bytes("limited")
+            assert resident is not None
+            cluster.set_memory_limit("limited", resident + (256 << 20))
+            free = cluster.resident_bytes("free")
+            with pytest.raises(ValueError, match="node free has no memory cgroup"):
+                cluster.set_memory_limit("free", 1 << 30)
+            pid = cluster.agents["limited"].process.pid
+            (path,) = [
+                line.split(":", 2)[2]
+                for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+                if "memory" in line.split(":")[1].split(",")
+            ]
+            limit = int(Path("/sys/fs/cgroup/memory", path.lstrip("/"), "memory.limit_in_bytes").read_text())
+            return resident, free, limit
+
+    resident, free, limit = asyncio.run(main())
+    assert resident is not None and resident > 64 << 20, "an agent holds Python, torch and gRPC"
+    assert free is None
+    assert limit == resident + (256 << 20)

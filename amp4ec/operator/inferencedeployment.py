@@ -33,15 +33,32 @@ TIMER_INTERVAL_S = 5.0
 """How often the re-plan timer wakes; each deployment re-plans at its own spec.replan interval."""
 
 
+RETRY_CAP_S = 300.0
+"""The longest wait between retries of a blocked deployment (events reconcile at once anyway)."""
+_PROGRESS = {"ShardsStarting", "ShardsNotReady", "Serving"}
+"""Outcomes that wait on progress (Pods starting, old shards draining): polled at their pace."""
+
+
+def retry_delay(outcome: Outcome, retry: int) -> float:
+    """When to try again: progress is polled at its own pace; anything blocked (no nodes, no
+    capacity, an infeasible plan, a refused object) backs off exponentially from its own delay,
+    capped, so a hundred stuck resources do not keep the API server busy."""
+    base = outcome.retry_s or 0.0
+    if outcome.reason in _PROGRESS:
+        return base
+    return min(RETRY_CAP_S, base * 2 ** min(retry, 16))
+
+
 def _target(body: kopf.Body | Mapping[str, Any]) -> Target:
     meta = body["metadata"]
+    spec, status = body.get("spec"), body.get("status")
     return Target(
         name=meta.get("name") or "",
         namespace=meta.get("namespace") or "default",
         uid=meta.get("uid") or "",
         generation=int(meta.get("generation") or 1),
-        spec=dict(body.get("spec") or {}),
-        status=dict(body.get("status") or {}),
+        spec=dict(spec) if isinstance(spec, Mapping) else spec,  # anything else: parse_spec says so
+        status=dict(status) if isinstance(status, Mapping) else {},
     )
 
 
@@ -79,7 +96,13 @@ async def _run(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, trigger: str
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
 async def reconcile_deployment(
-    body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, reason: str, logger: logging.Logger, **_: Any
+    body: kopf.Body,
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+    reason: str,
+    retry: int,
+    logger: logging.Logger,
+    **_: Any,
 ) -> None:
     outcome = await _run(body, patch, memo, trigger=str(reason))
     if outcome is None:
@@ -87,15 +110,15 @@ async def reconcile_deployment(
     if outcome.permanent is not None:
         raise kopf.PermanentError(f"{outcome.reason}: {outcome.permanent}")
     if outcome.retry_s is not None:
-        raise kopf.TemporaryError(outcome.reason, delay=outcome.retry_s)
+        raise kopf.TemporaryError(outcome.reason, delay=retry_delay(outcome, retry))
 
 
 @kopf.on.update(GROUP, VERSION, PLURAL, field=("metadata", "annotations", REQUEST_ANNOTATION), id="requested")
-async def requested(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+async def requested(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, retry: int, **_: Any) -> None:
     """A shard Pod or a Node changed (``watch.py``): reconcile now, retried until settled."""
     outcome = await _run(body, patch, memo, trigger="event")
     if outcome is not None and outcome.retry_s is not None and outcome.permanent is None:
-        raise kopf.TemporaryError(outcome.reason, delay=outcome.retry_s)
+        raise kopf.TemporaryError(outcome.reason, delay=retry_delay(outcome, retry))
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=TIMER_INTERVAL_S, initial_delay=TIMER_INTERVAL_S)

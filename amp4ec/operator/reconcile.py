@@ -48,7 +48,7 @@ from amp4ec.operator.faults import (
     pod_node,
     pod_ready,
 )
-from amp4ec.operator.k8s import Conflict, Kube, KubeUnavailable, matches
+from amp4ec.operator.k8s import Conflict, Kube, KubeError, KubeUnavailable, matches
 from amp4ec.operator.measured import measured_queries, measured_status, scalar
 from amp4ec.operator.names import label_value, owned_by, owner_names
 from amp4ec.operator.podsecurity import node_selector
@@ -140,6 +140,17 @@ async def reconcile(
         metrics.RECONCILE_ERRORS.labels(t.namespace, t.name, "KubernetesUnavailable").inc()
         status = _finish(t, Phase(t.status.get("phase") or "Pending"), [])
         return Outcome(status, retry_s=deps.config.ready_poll_s * 5, reason="KubernetesUnavailable")
+    except Conflict as exc:  # an object changed under us (another writer): read again soon
+        log.info("%s/%s: conflict, retrying: %s", t.namespace, t.name, exc)
+        status = _finish(t, Phase(t.status.get("phase") or "Pending"), [])
+        return Outcome(status, retry_s=deps.config.ready_poll_s, reason="Conflict")
+    except KubeError as exc:  # a 4xx on an object derived from the resource (a name, a label)
+        log.warning("%s/%s: Kubernetes API refused a request: %s", t.namespace, t.name, exc)
+        metrics.RECONCILE_ERRORS.labels(t.namespace, t.name, "KubernetesRefused").inc()
+        message = f"the Kubernetes API refused an object this deployment needs: {exc}"
+        conds = [condition("ShardsReady", False, "KubernetesRefused", message)]
+        status = _finish(t, Phase(t.status.get("phase") or "Pending"), conds)
+        return Outcome(status, retry_s=deps.config.infeasible_retry_s, reason="KubernetesRefused")
 
 
 async def _reconcile(

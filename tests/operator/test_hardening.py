@@ -25,7 +25,8 @@ from amp4ec.errors import InvalidSpec
 from amp4ec.operator.capacity import Capacity
 from amp4ec.operator.config import OperatorConfig
 from amp4ec.operator.desired import deployment_policy, desired_objects, entry_service, plan_record
-from amp4ec.operator.k8s import matches
+from amp4ec.operator.inferencedeployment import RETRY_CAP_S, _target, retry_delay
+from amp4ec.operator.k8s import KubeError, matches
 from amp4ec.operator.names import child_base, label_value
 from amp4ec.operator.profiles import ModelCosts
 from amp4ec.operator.reconcile import Deps, Outcome, Target, reconcile
@@ -581,3 +582,45 @@ def test_a_storage_name_that_resolves_to_loopback_is_refused_before_planning() -
     assert outcome.reason == "InvalidSpec" and outcome.permanent is not None
     assert "spec.model.storageUri: refused: localhost resolves to" in outcome.permanent
     assert not [k for k in kube.objects if k[0] != "Node"]  # nothing created
+
+
+# --- API errors and retries -------------------------------------------------------------------
+
+
+class RefusingKube(FakeKube):
+    """An API server that refuses every Pod (as a 422 for an invalid derived field would)."""
+
+    async def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        if obj["kind"] == "Pod":
+            name = obj["metadata"]["name"]
+            raise KubeError(f'POST /api/v1/namespaces/ml/pods: 422 Pod "{name}" is invalid: metadata.labels')
+        return await super().create(obj)
+
+
+def test_an_api_refusal_of_a_derived_object_becomes_a_condition_not_a_traceback() -> None:
+    kube = RefusingKube()
+    kube.add_node("edge-a")
+    status: dict[str, Any] = {}
+    outcome = asyncio.run(_step(_deps(kube), "refused", "uid-r", SPEC, status))
+    assert outcome.reason == "KubernetesRefused" and outcome.retry_s and outcome.permanent is None
+    (shards,) = [c for c in status["conditions"] if c["type"] == "ShardsReady"]
+    assert shards["status"] == "False" and shards["reason"] == "KubernetesRefused"
+    assert "422" in shards["message"] and "metadata.labels" in shards["message"]
+
+
+@pytest.mark.parametrize("spec", [["model"], "mobilenet_v2", 7])
+def test_a_spec_that_is_not_an_object_is_refused_naming_spec(spec: Any) -> None:
+    body = {"metadata": {"name": "odd", "namespace": "ml", "uid": "uid-o"}, "spec": spec, "status": "x"}
+    target = _target(body)
+    assert target.status == {}
+    outcome = asyncio.run(reconcile(_deps(FakeKube()), target, trigger="create", adopt=lambda o: None))
+    assert outcome is not None and outcome.reason == "InvalidSpec"
+    assert outcome.permanent == f"spec: expected an object, got {type(spec).__name__}"
+
+
+def test_blocked_deployments_back_off_exponentially_up_to_a_cap_while_progress_is_polled() -> None:
+    blocked = Outcome({}, retry_s=30.0, reason="PlanInfeasible")
+    assert [retry_delay(blocked, r) for r in range(5)] == [30, 60, 120, 240, RETRY_CAP_S]
+    assert retry_delay(blocked, 10**6) == RETRY_CAP_S
+    starting = Outcome({}, retry_s=2.0, reason="ShardsStarting")
+    assert {retry_delay(starting, r) for r in range(20)} == {2.0}

@@ -11,25 +11,16 @@ import itertools
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.waiting import wait_for
+
 ROOT = Path(__file__).resolve().parents[2]
 _SERIAL = itertools.count()
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.02)
 
 
 class AgentProcess:
@@ -52,7 +43,7 @@ class AgentProcess:
             self.process = subprocess.Popen(
                 [*cmd, "--cpu-limit", "1", *flags], stdout=log, stderr=log, env=env
             )
-        wait_for(lambda: port_file.exists() or self.process.poll() is not None, 120, "the agent's port")
+        wait_for(lambda: port_file.exists() or self.process.poll() is not None, 120, "the agent's port", 0.02)
         assert self.process.poll() is None, self.log_tail()
         self.address = f"127.0.0.1:{int(port_file.read_text())}"
         self.control_address = f"127.0.0.1:{int(control_file.read_text())}"  # written before the data port

@@ -19,7 +19,8 @@ import torch
 
 from amp4ec.wire import codec
 from amp4ec.wire.v1 import agent_pb2, agent_pb2_grpc, shard_pb2, shard_pb2_grpc
-from tests.security.agent import AgentProcess, connect, wait_for
+from tests.security.agent import AgentProcess, connect
+from tests.waiting import wait_for
 
 MiB = 1 << 20
 HELD = 32 * MiB

@@ -10,6 +10,9 @@
 - ``<deployment>-client-tls``: the deployment's client leaf (``ca.crt``, ``tls.crt``,
   ``tls.key``), what ``amp4ec infer --ca --cert --key`` takes (docs/security.md).
 
+With ``tls.issuer.kind: cert-manager`` none of this runs: cert-manager issues the leaves
+(``certmanager.py``) into ``<deployment>-stage-<i>-tls`` and the same client Secret.
+
 Leaves live ``LEAF_VALIDITY`` and are re-issued once less than a third of that is left
 (every reconciliation checks; kubelet refreshes the mounted files). Deployment Secrets are
 owned by their InferenceDeployment (deleted with it).
@@ -46,6 +49,7 @@ __all__ = [
     "ensure_leaves",
     "ensure_monitors",
     "shard_secret_name",
+    "stage_secret_name",
 ]
 
 CA_SECRET = "amp4ec-ca"
@@ -69,6 +73,11 @@ def shard_secret_name(deployment: str) -> str:
 
 def client_secret_name(deployment: str) -> str:
     return _name(deployment, "client-tls")
+
+
+def stage_secret_name(deployment: str, stage: int) -> str:
+    """Stage ``stage``'s own Secret when cert-manager issues the leaves (one leaf per Secret)."""
+    return _name(deployment, f"stage-{stage}-tls")
 
 
 def _b64(data: bytes) -> str:

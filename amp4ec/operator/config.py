@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from amp4ec.operator.certmanager import Issuer
 from amp4ec.operator.measured import valid_window
 from amp4ec.operator.spec import SpecPolicy
 from amp4ec.operator.storage_hosts import parse_networks
@@ -39,6 +40,18 @@ class OperatorConfig:
     false = plaintext everywhere (``--insecure``), for comparison only."""
     namespace: str = "amp4ec-system"
     """The operator's own namespace: where the CA Secret and the monitors' Secret live."""
+    cert_issuer: str = ""
+    """cert-manager signs the leaves instead of this operator's CA (``certmanager.py``): the
+    issuer as ``<Kind>/<name>`` (``ClusterIssuer/amp4ec-ca``) or ``<Kind>.<group>/<name>``;
+    "" = the built-in CA (Secret ``amp4ec-ca``)."""
+    cert_duration: str = "720h"
+    """Lifetime cert-manager is asked for (a Go duration; with ``cert_issuer`` only)."""
+    cert_renew_before: str = "240h"
+    """cert-manager renews a leaf this long before it expires (with ``cert_issuer`` only)."""
+    tls_dir: str = ""
+    """With ``cert_issuer``: the folder of this operator's own leaf (``ca.crt``, ``tls.crt``,
+    ``tls.key`` of ``operator.amp4ec``; the chart mounts its Certificate's Secret there),
+    re-read when renewed. The built-in CA issues that leaf in memory instead."""
     health_port: int = 50053
     """Container port of a shard's plaintext health-only server: the kubelet's probes cannot
     present a certificate (mutual TLS only; insecure shards are probed on ``shard_port``)."""
@@ -142,10 +155,20 @@ class OperatorConfig:
                 "AMP4EC_MEASURE_WINDOW: expected a PromQL duration like 2m or 30s,"
                 f" got {self.measure_window!r}"
             )
+        if self.tls and self.cert_issuer:
+            self.issuer()  # a malformed issuer or duration fails at start-up, naming its variable
+            if not self.tls_dir:
+                raise ValueError("AMP4EC_TLS_DIR: required with AMP4EC_CERT_ISSUER (the operator's own leaf)")
         try:
             parse_networks(self.storage_allowed_networks)
         except ValueError as exc:
             raise ValueError(f"AMP4EC_STORAGE_ALLOWED_NETWORKS: expected CIDRs, {exc}") from None
+
+    def issuer(self) -> Issuer | None:
+        """cert-manager's issuer of deployment leaves; None = the built-in CA (or no TLS)."""
+        if not (self.tls and self.cert_issuer):
+            return None
+        return Issuer.parse(self.cert_issuer, self.cert_duration, self.cert_renew_before)
 
     def spec_policy(self) -> SpecPolicy:
         """What the cluster admin allows in a resource's spec beyond the CRD schema."""

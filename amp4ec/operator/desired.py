@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from amp4ec import pki
-from amp4ec.operator.certs import shard_secret_name
+from amp4ec.operator.certs import shard_secret_name, stage_secret_name
 from amp4ec.operator.config import OperatorConfig
 from amp4ec.operator.names import child_base, label_value
 from amp4ec.operator.netpol import network_policy
@@ -265,7 +265,7 @@ def _shard_pod(
         ]  # its leaf
         args += ["--health-port", str(config.health_port)]
         probe_port = config.health_port
-        volumes.append(_tls_volume(name, s.stage))
+        volumes.append(_tls_volume(name, s.stage, cert_manager=bool(config.cert_issuer)))
         mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
     else:
         args.append("--insecure")
@@ -360,15 +360,18 @@ def _shard_pod(
     }
 
 
-def _tls_volume(name: str, stage: int) -> dict[str, Any]:
+def _tls_volume(name: str, stage: int, *, cert_manager: bool = False) -> dict[str, Any]:
     """The shard Secret, projected down to this stage's pair: 0440, group the Pod's fsGroup
-    (``podsecurity.SHARD_GID``), so only the agent reads its key."""
+    (``podsecurity.SHARD_GID``), so only the agent reads its key. Under cert-manager, the
+    stage's own Secret (``certmanager.py``), mounted at the same paths."""
+    stem = "tls" if cert_manager else f"stage-{stage}"
     items = [
         {"key": "ca.crt", "path": "ca.crt"},
-        {"key": f"stage-{stage}.crt", "path": "tls.crt"},
-        {"key": f"stage-{stage}.key", "path": "tls.key"},
+        {"key": f"{stem}.crt", "path": "tls.crt"},
+        {"key": f"{stem}.key", "path": "tls.key"},
     ]
-    secret = {"secretName": shard_secret_name(name), "items": items, "defaultMode": 0o440}
+    secret_name = stage_secret_name(name, stage) if cert_manager else shard_secret_name(name)
+    secret = {"secretName": secret_name, "items": items, "defaultMode": 0o440}
     return {"name": "tls", "secret": secret}
 
 

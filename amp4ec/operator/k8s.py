@@ -1,5 +1,5 @@
 """The one Kubernetes adapter: a small async REST client for Pods, Services, Nodes, NetworkPolicies,
-Secrets, Events and (to request a reconciliation) InferenceDeployments.
+Secrets, Events, cert-manager Certificates and (to request a reconciliation) InferenceDeployments.
 
 It logs in the way kopf does (service account in a Pod, else the kubeconfig), speaks JSON
 merge patches, and maps HTTP failures once: 404 → None/ignored, 409 → ``Conflict``,
@@ -25,6 +25,7 @@ _KINDS = {
     "Secret": ("/api/v1", "secrets"),
     "Event": ("/api/v1", "events"),
     "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies"),
+    "Certificate": ("/apis/cert-manager.io/v1", "certificates"),
     "InferenceDeployment": ("/apis/amp4ec.io/v1alpha1", "inferencedeployments"),
 }
 

@@ -81,6 +81,12 @@ class Profiler:
             return self._cache[key]
 
     async def _fetch(self, spec: DeploymentSpec, key: tuple[str, int, tuple[int, ...]]) -> ModelCosts:
+        fresh = self._security.refreshed()  # a leaf renewed on disk (cert-manager): a new channel
+        if fresh is not self._security:
+            self._security = fresh
+            if self._channel is not None:
+                await self._channel.close()
+                self._channel = None
         if self._channel is None:
             self._channel = transport.channel(
                 self.target,

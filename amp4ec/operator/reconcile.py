@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 from amp4ec import pki
 from amp4ec.errors import InvalidSpec, PlanInfeasible
-from amp4ec.operator import certs, metrics
+from amp4ec.operator import certmanager, certs, metrics
 from amp4ec.operator.capacity import CapacityUnavailable, Prometheus
 from amp4ec.operator.config import OperatorConfig
 from amp4ec.operator.decide import Blocked, Keep, Rollout, choose
@@ -446,11 +446,15 @@ async def _owned(deps: Deps, t: Target, kind: str, labels: Mapping[str, str]) ->
 
 async def _certificates(
     deps: Deps, t: Target, record: PlanRecord, adopt: Callable[[dict[str, Any]], None]
-) -> None:
-    """A leaf per stage index of ``record`` and the client leaf, issued or renewed (mutual TLS)."""
-    if deps.ca is None:
-        return
+) -> str | None:
+    """A leaf per stage index of ``record`` and the client leaf, issued or renewed (mutual TLS).
+    None when they are there; else what the shards wait for (cert-manager has not issued yet)."""
     stages = max(s.stage for s in record.stages) + 1
+    issuer = deps.config.issuer()
+    if issuer is not None:
+        return await _cert_manager(deps, t, stages, issuer, adopt)
+    if deps.ca is None:
+        return None
     labels = {LABEL_DEPLOYMENT: t.name, "app.kubernetes.io/managed-by": "amp4ec-operator"}
     await certs.ensure_monitors(deps.kube, deps.ca, deps.config.namespace)  # renewed here too
     try:
@@ -460,6 +464,61 @@ async def _certificates(
     except InvalidSpec as exc:  # a name too long for an identity
         status = _finish(t, Phase.FAILED, [condition("Planned", False, "InvalidSpec", str(exc))])
         raise _Stop(Outcome(status, permanent=str(exc), reason="InvalidSpec")) from None
+    return None
+
+
+async def _cert_manager(
+    deps: Deps, t: Target, stages: int, issuer: certmanager.Issuer, adopt: Callable[[dict[str, Any]], None]
+) -> str | None:
+    """The deployment's Certificates exist and ask for what they should (a changed one is
+    replaced); the names of those cert-manager has not issued yet (certmanager.py)."""
+    labels = {LABEL_DEPLOYMENT: label_value(t.name), "app.kubernetes.io/managed-by": "amp4ec-operator"}
+    try:
+        wanted = certmanager.certificates(t.name, t.namespace, stages, issuer, labels, LABEL_STAGE)
+    except InvalidSpec as exc:  # a name too long for an identity
+        status = _finish(t, Phase.FAILED, [condition("Planned", False, "InvalidSpec", str(exc))])
+        raise _Stop(Outcome(status, permanent=str(exc), reason="InvalidSpec")) from None
+    waiting = []
+    for obj in wanted:
+        adopt(obj)
+        name = obj["metadata"]["name"]
+        live = await _existing(deps, t, obj)
+        if live is not None and not certmanager.same_request(live, obj):
+            await deps.kube.delete("Certificate", t.namespace, name)  # e.g. another issuer: ask again
+            live = None
+        if live is None:
+            try:
+                live = await deps.kube.create(obj)
+            except Conflict:
+                live = await deps.kube.get("Certificate", t.namespace, name)
+            if live is None:  # 404 on create: the API server does not know the kind
+                message = (
+                    f"the Certificate kind ({certmanager.API_VERSION}) is not installed: install"
+                    " cert-manager, or set the chart's tls.issuer.kind to builtin"
+                )
+                metrics.RECONCILE_ERRORS.labels(t.namespace, t.name, "CertManagerMissing").inc()
+                conds = [condition("ShardsReady", False, "CertManagerMissing", message)]
+                phase = Phase(t.status.get("phase") or "Pending")
+                retry = deps.config.infeasible_retry_s
+                raise _Stop(Outcome(_finish(t, phase, conds), retry_s=retry, reason="CertManagerMissing"))
+        why = certmanager.not_ready(live)
+        if why is not None:
+            waiting.append(f"{name} ({why})")
+    if not waiting:
+        return None
+    ref = f"{issuer.kind} {issuer.name}"
+    return f"waiting for cert-manager ({ref}) to issue Certificate {', '.join(waiting)} in {t.namespace}"
+
+
+async def _retire_certificates(deps: Deps, t: Target, record: PlanRecord) -> None:
+    """Under cert-manager, delete the Certificates of stage indices the active plan no longer has
+    (once older plans' shards are gone); the rest go with the deployment."""
+    if deps.config.issuer() is None:
+        return
+    stages = max(s.stage for s in record.stages) + 1
+    live = await _owned(deps, t, "Certificate", {LABEL_DEPLOYMENT: label_value(t.name)})
+    stale = [c for c in live if int((c["metadata"].get("labels") or {}).get(LABEL_STAGE, -1)) >= stages]
+    await deps.kube.delete_all("Certificate", stale)
 
 
 async def _shards_ready(deps: Deps, t: Target, record: PlanRecord) -> tuple[int, int]:
@@ -492,22 +551,20 @@ async def _roll_out(
     """Make before break: the new plan's objects, its shards ready, then the entry switches."""
     cfg = deps.config
     await _apply_policy(deps, t, spec, adopt)
-    await _certificates(deps, t, target, adopt)
-    await _apply(deps, t, desired_objects(t.name, t.namespace, spec, target, cfg), adopt)
-    ready, total = await _shards_ready(deps, t, target)
+    waiting = await _certificates(deps, t, target, adopt)
+    ready, total = 0, len(target.stages)
+    if waiting is None:  # a shard Pod without its Secret would not start: create none yet
+        await _apply(deps, t, desired_objects(t.name, t.namespace, spec, target, cfg), adopt)
+        ready, total = await _shards_ready(deps, t, target)
     if ready < total:
-        message = f"{ready}/{total} shards of plan {target.id} ready"
-        conds = [
-            condition(
-                "Planned",
-                True,
-                "Planned",
-                f"plan {target.id}: {len(target.stages)} stages on {','.join(target.nodes)}",
-            ),
-            degraded,
-        ]
+        message = waiting or f"{ready}/{total} shards of plan {target.id} ready"
+        reason = "CertificatesPending" if waiting else "ShardsStarting"
+        planned = f"plan {target.id}: {len(target.stages)} stages on {','.join(target.nodes)}"
+        if waiting and current is not None:
+            planned += f"; its rollout is {message}"
+        conds = [condition("Planned", True, "Planned", planned), degraded]
         if current is None:
-            conds.append(condition("ShardsReady", False, "ShardsStarting", message))
+            conds.append(condition("ShardsReady", False, reason, message))
             fields = {**_plan_fields(t, target, cfg), "plan": None, "rollout": target.to_status()}
             phase = Phase.DEPLOYING
         else:
@@ -517,7 +574,7 @@ async def _roll_out(
             phase = Phase.REPLANNING
         serving = _serving(_of_plans(pods, current), current) if current is not None else 0
         status = _finish(t, phase, conds, serving=serving, **fields)
-        raise _Stop(Outcome(status, retry_s=cfg.ready_poll_s, reason="ShardsStarting"))
+        raise _Stop(Outcome(status, retry_s=cfg.ready_poll_s, reason=reason))
     entry = entry_service(t.name, t.namespace, target.id, cfg)
     adopt(entry)
     meta = entry["metadata"]
@@ -591,12 +648,14 @@ async def _settle(
     """The active plan's objects exist, older plans' are gone; status says how ready it is."""
     cfg = deps.config
     await _apply_policy(deps, t, spec, adopt)
-    await _certificates(deps, t, current, adopt)  # renewed here, before they expire
+    waiting = await _certificates(deps, t, current, adopt)  # renewed here, before they expire
     await _apply(deps, t, desired_objects(t.name, t.namespace, spec, current, cfg), adopt)
     entry = entry_service(t.name, t.namespace, current.id, cfg)
     await _apply(deps, t, [entry], adopt)
     pods = await _owned(deps, t, "Pod", {LABEL_DEPLOYMENT: label_value(t.name)})
     draining = await _retire_old(deps, t, current, entry["metadata"]["name"], pods, lost)
+    if not draining:
+        await _retire_certificates(deps, t, current)
     # A Pod that failed for good (evicted) is not restarted by its kubelet: replace it.
     failed = [p for p in _of_plans(pods, current) if (p.get("status") or {}).get("phase") == "Failed"]
     await deps.kube.delete_all("Pod", failed)
@@ -614,6 +673,8 @@ async def _settle(
         fields["lastPlanTime"] = now_iso()
     retry = cfg.ready_poll_s if draining else None
     shards = _shards_condition(mine, current)
+    if waiting is not None and ready < total:  # e.g. a shard re-created while cert-manager re-issues
+        shards = condition("ShardsReady", False, "CertificatesPending", f"{shards['message']}; {waiting}")
     if ready == total:
         status = _finish(t, Phase.SERVING, [planned, shards, degraded], **fields)
         _phase_metric(t, Phase.SERVING)

@@ -14,6 +14,7 @@ from typing import Any
 import kopf
 
 from amp4ec import pki
+from amp4ec.errors import InvalidSpec
 from amp4ec.operator import certs
 from amp4ec.operator.capacity import Prometheus
 from amp4ec.operator.config import OperatorConfig
@@ -46,7 +47,20 @@ async def configure(
         raise kopf.PermanentError("no Kubernetes credentials: neither a service account nor a kubeconfig")
     kube = Kube(info)
     ca, security = None, TransportSecurity.plaintext()
-    if config.tls:
+    if config.issuer() is not None:
+        # cert-manager issues every leaf: this process's own (operator.amp4ec) is the Secret of
+        # the chart's Certificate, mounted at tls_dir and re-read when renewed (profiles.py).
+        folder = Path(config.tls_dir)
+        try:
+            security = TransportSecurity.from_files(
+                folder / "ca.crt", folder / "tls.crt", folder / "tls.key", flags="AMP4EC_TLS_DIR: "
+            )
+        except InvalidSpec as exc:
+            raise kopf.PermanentError(str(exc)) from None
+        if security.identity != pki.OPERATOR:
+            found = f"{folder / 'tls.crt'} is for {security.identity!r}"
+            raise kopf.PermanentError(f"AMP4EC_TLS_DIR: {found}, expected {pki.OPERATOR!r}")
+    elif config.tls:
         # The CA (created when missing), the monitors' leaf, and this process's own leaf,
         # which never leaves memory: the operator is the only "operator.amp4ec".
         ca = await certs.ensure_ca(kube, config.namespace)

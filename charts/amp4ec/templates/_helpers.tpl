@@ -126,3 +126,19 @@ app.kubernetes.io/component: {{ .component }}
       {{- toYaml . | nindent 6 }}
   {{- end }}
 {{- end }}
+
+{{/* "true" when cert-manager signs the leaves (tls.issuer.kind: cert-manager), else "". */}}
+{{- define "amp4ec.certManager" -}}
+{{- if and .Values.tls.enabled (eq .Values.tls.issuer.kind "cert-manager") }}true{{ end }}
+{{- end }}
+
+{{/* The issuer as AMP4EC_CERT_ISSUER reads it: <Kind>/<name>, or <Kind>.<group>/<name> outside cert-manager.io. */}}
+{{- define "amp4ec.certIssuer" -}}
+{{- $ref := .Values.tls.issuer.ref }}
+{{- $name := required "tls.issuer.ref.name is required when tls.issuer.kind is cert-manager" $ref.name }}
+{{- if eq $ref.group "cert-manager.io" }}
+{{- printf "%s/%s" $ref.kind $name }}
+{{- else }}
+{{- printf "%s.%s/%s" $ref.kind $ref.group $name }}
+{{- end }}
+{{- end }}

@@ -144,3 +144,8 @@ MINIMAL_VALUES: dict[str, Any] = {
     "grafana": {"dashboard": {"enabled": False}},
     "networkPolicy": {"enabled": False, "shards": False},
 }
+
+# cert-manager signs the leaves (tls.issuer.kind: cert-manager) with a ClusterIssuer.
+CERT_MANAGER_VALUES: dict[str, Any] = {
+    "tls": {"issuer": {"kind": "cert-manager", "ref": {"name": "amp4ec-ca"}}},
+}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import dataclasses
 import re
 from collections.abc import Mapping
 from types import SimpleNamespace
@@ -56,7 +57,7 @@ kopf.dev peering objects (standalone). Discovery (/api, /apis, /version) is allo
 authenticated user by the default ``system:discovery`` role."""
 
 _PATH = re.compile(
-    r"^/(?:api/v1|apis/(?P<group>[a-z0-9.]+)/v1)/(?:namespaces/(?P<ns>[^/]+)/)?"
+    r"^/(?:api/v1|apis/(?P<group>[a-z0-9.-]+)/v1)/(?:namespaces/(?P<ns>[^/]+)/)?"
     r"(?P<plural>[a-z]+)(?:/(?P<name>[^/?]+))?(?:\?.*)?$"
 )
 _VERBS = {"POST": "create", "PATCH": "patch", "DELETE": "delete"}
@@ -144,15 +145,30 @@ class Capacities:
         return Capacity(nodes={n: NodeCapacity(n, 1.0, 4 << 30, speed=1.0) for n in nodes})
 
 
-def _operator_calls() -> set[Permission]:
-    return _scenario().used
+def _operator_calls(config: OperatorConfig | None = None) -> set[Permission]:
+    return _scenario(config).used
 
 
-def _scenario() -> RecordingKube:
+CERT_MANAGER = OperatorConfig(cert_issuer="ClusterIssuer/amp4ec-ca", tls_dir="/var/run/amp4ec/tls")
+"""The operator as the chart runs it with tls.issuer.kind: cert-manager."""
+
+
+def issue_certificates(kube: RecordingKube) -> int:
+    """cert-manager's part: every Certificate not Ready yet becomes Ready (its Secret written)."""
+    n = 0
+    for (plural, _, _), obj in kube.objects.items():
+        if plural == "certificates" and not (obj.get("status") or {}).get("conditions"):
+            obj["status"] = {"conditions": [{"type": "Ready", "status": "True", "reason": "Ready"}]}
+            n += 1
+    return n
+
+
+def _scenario(config: OperatorConfig | None = None) -> RecordingKube:
     kube = RecordingKube()
     for node in ("edge-a", "edge-b"):
         kube.add_node(node)
-    config = OperatorConfig()
+    config = config or OperatorConfig()
+    cert_manager = config.issuer() is not None
     deps = Deps(kube=kube, prometheus=Capacities(), profiler=Profiles(), config=config)  # type: ignore[arg-type]
     spec = {
         "model": {"name": "mobilenet_v2"},
@@ -172,11 +188,19 @@ def _scenario() -> RecordingKube:
         status.update(outcome.status)
         return outcome.reason
 
+    async def starting(trigger: str) -> None:
+        """The first step of a new plan: its shards start (under cert-manager, once issued)."""
+        if cert_manager:
+            assert await step(trigger) == "CertificatesPending"
+            assert issue_certificates(kube) > 0
+        assert await step(trigger) == "ShardsStarting"
+
     async def scenario() -> None:
-        # Start-up (settings.py): the CA Secret, created when missing, and the monitors' leaf.
-        deps.ca = await certs.ensure_ca(kube, config.namespace)
-        await certs.ensure_monitors(kube, deps.ca, config.namespace)
-        assert await step("create") == "ShardsStarting"
+        if not cert_manager:
+            # Start-up (settings.py): the CA Secret, created when missing, and the monitors' leaf.
+            deps.ca = await certs.ensure_ca(kube, config.namespace)
+            await certs.ensure_monitors(kube, deps.ca, config.namespace)
+        await starting("create")
         kube.start_pods()
         assert await step("create") == "Serving"
         first = status["plan"]["id"]
@@ -184,8 +208,11 @@ def _scenario() -> RecordingKube:
         del kube.objects[("nodes", None, "edge-a")]
         kube.add_node("edge-c")
         deps.last_check.clear()
-        deps.ca = pki.CertificateAuthority.create("replaced")  # every leaf is re-issued: a patch
-        assert await step("timer") == "ShardsStarting"
+        if cert_manager:  # another issuer: every Certificate is asked for again (delete, create)
+            deps.config = dataclasses.replace(config, cert_issuer="Issuer/other")
+        else:
+            deps.ca = pki.CertificateAuthority.create("replaced")  # every leaf is re-issued: a patch
+        await starting("timer")
         kube.start_pods()
         deps.last_check.clear()
         assert await step("timer") == "Serving"
@@ -306,3 +333,59 @@ def test_the_operator_reads_only_its_own_two_secrets() -> None:
         }
     ]
     assert ("", "secrets", "get") not in _granted(objs)
+
+
+CERT_MANAGER_VALUES = {"tls": {"issuer": {"kind": "cert-manager", "ref": {"name": "amp4ec-ca"}}}}
+
+
+def test_under_cert_manager_the_role_is_certificates_instead_of_secrets() -> None:
+    """tls.issuer.kind: cert-manager: the operator writes no Secret and reads none (it waits on
+    each Certificate's Ready condition and mounts its own leaf): Certificates replace Secrets."""
+    kube = _scenario(CERT_MANAGER)
+    assert kube.secrets_read == set()
+    used = kube.used
+    assert {p for p in used if p[1] in ("secrets", "certificates")} == {
+        ("cert-manager.io", "certificates", "get"),
+        ("cert-manager.io", "certificates", "list"),
+        ("cert-manager.io", "certificates", "create"),
+        ("cert-manager.io", "certificates", "delete"),
+    }
+    needed = used | set(KOPF_NEEDS)
+    objs = render(CERT_MANAGER_VALUES)
+    granted = _granted(objs)
+    assert granted - needed == set(), f"granted but never used: {sorted(granted - needed)}"
+    assert needed - granted == set(), f"used but not granted: {sorted(needed - granted)}"
+    assert not [o for o in objs if o["kind"] in ("Role", "RoleBinding")]
+    # And the built-in CA's grant has no Certificate permission.
+    assert not [p for p in _granted(render()) if p[0] == "cert-manager.io"]
+
+
+def test_a_cluster_without_cert_manager_is_named_in_the_condition() -> None:
+    """A 404 on creating a Certificate (the kind is not installed) ends in a condition saying so."""
+
+    class NoCertManager(RecordingKube):
+        async def _request(self, method: str, path: str, body: Any = None, content_type: str = "") -> Any:
+            if "/cert-manager.io/" in path:
+                return None  # what Kube makes of the API server's 404 for an unknown resource
+            return await super()._request(method, path, body, content_type)
+
+    kube = NoCertManager()
+    kube.add_node("edge-a")
+    deps = Deps(kube=kube, prometheus=Capacities(), profiler=Profiles(), config=CERT_MANAGER)  # type: ignore[arg-type]
+    t = Target("demo", "default", "uid-1", 1, {"model": {"name": "mobilenet_v2"}, "strategy": "equal"}, {})
+
+    def adopt(obj: dict[str, Any]) -> None:
+        obj["metadata"]["ownerReferences"] = [{"kind": "InferenceDeployment", "name": "demo", "uid": "uid-1"}]
+
+    async def run() -> Any:
+        try:
+            return await reconcile(deps, t, trigger="create", adopt=adopt)
+        finally:
+            await kube.close()
+
+    outcome = asyncio.run(run())
+    assert outcome.reason == "CertManagerMissing" and outcome.retry_s and not outcome.permanent
+    (shards,) = [c for c in outcome.status["conditions"] if c["type"] == "ShardsReady"]
+    assert shards["status"] == "False" and "cert-manager" in shards["message"]
+    assert "tls.issuer.kind" in shards["message"]
+    assert not [k for k in kube.objects if k[0] == "pods"], "no shard Pod without its certificate"

@@ -111,6 +111,16 @@ class Emulator(kmock.KubernetesEmulator):
                 verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
             )
 
+    def register(self, resource: str, kind: str, *, namespaced: bool = True, status: bool = True) -> None:
+        """Serve another kind, as installing its CRD would (e.g. cert-manager's Certificate)."""
+        self.resources[resource] = kmock.ResourceInfo(
+            kind=kind,
+            singular=kind.lower(),
+            namespaced=namespaced,
+            subresources={"status"} if status else set(),
+            verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
+        )
+
     def _has_status(self, resource: Any) -> bool:
         return any(r == resource and "status" in self.resources[r].subresources for r in self.resources)
 

@@ -444,9 +444,17 @@ async def _owned(deps: Deps, t: Target, kind: str, labels: Mapping[str, str]) ->
     return [o for o in await deps.kube.list(kind, t.namespace, labels) if owned_by(o, t.uid)]
 
 
+@dataclass(frozen=True)
+class Waiting:
+    """Shards cannot start yet for want of their certificates: a ShardsReady reason and message."""
+
+    reason: str
+    message: str
+
+
 async def _certificates(
     deps: Deps, t: Target, record: PlanRecord, adopt: Callable[[dict[str, Any]], None]
-) -> str | None:
+) -> Waiting | None:
     """A leaf per stage index of ``record`` and the client leaf, issued or renewed (mutual TLS).
     None when they are there; else what the shards wait for (cert-manager has not issued yet)."""
     stages = max(s.stage for s in record.stages) + 1
@@ -469,7 +477,7 @@ async def _certificates(
 
 async def _cert_manager(
     deps: Deps, t: Target, stages: int, issuer: certmanager.Issuer, adopt: Callable[[dict[str, Any]], None]
-) -> str | None:
+) -> Waiting | None:
     """The deployment's Certificates exist and ask for what they should (a changed one is
     replaced); the names of those cert-manager has not issued yet (certmanager.py)."""
     labels = {LABEL_DEPLOYMENT: label_value(t.name), "app.kubernetes.io/managed-by": "amp4ec-operator"}
@@ -492,22 +500,22 @@ async def _cert_manager(
             except Conflict:
                 live = await deps.kube.get("Certificate", t.namespace, name)
             if live is None:  # 404 on create: the API server does not know the kind
-                message = (
-                    f"the Certificate kind ({certmanager.API_VERSION}) is not installed: install"
-                    " cert-manager, or set the chart's tls.issuer.kind to builtin"
-                )
                 metrics.RECONCILE_ERRORS.labels(t.namespace, t.name, "CertManagerMissing").inc()
-                conds = [condition("ShardsReady", False, "CertManagerMissing", message)]
-                phase = Phase(t.status.get("phase") or "Pending")
-                retry = deps.config.infeasible_retry_s
-                raise _Stop(Outcome(_finish(t, phase, conds), retry_s=retry, reason="CertManagerMissing"))
+                return Waiting(
+                    "CertManagerMissing",
+                    f"the Certificate kind ({certmanager.API_VERSION}) is not installed: install"
+                    " cert-manager, or set the chart's tls.issuer.kind to builtin",
+                )
         why = certmanager.not_ready(live)
         if why is not None:
             waiting.append(f"{name} ({why})")
     if not waiting:
         return None
     ref = f"{issuer.kind} {issuer.name}"
-    return f"waiting for cert-manager ({ref}) to issue Certificate {', '.join(waiting)} in {t.namespace}"
+    return Waiting(
+        "CertificatesPending",
+        f"waiting for cert-manager ({ref}) to issue Certificate {', '.join(waiting)} in {t.namespace}",
+    )
 
 
 async def _retire_certificates(deps: Deps, t: Target, record: PlanRecord) -> None:
@@ -557,11 +565,11 @@ async def _roll_out(
         await _apply(deps, t, desired_objects(t.name, t.namespace, spec, target, cfg), adopt)
         ready, total = await _shards_ready(deps, t, target)
     if ready < total:
-        message = waiting or f"{ready}/{total} shards of plan {target.id} ready"
-        reason = "CertificatesPending" if waiting else "ShardsStarting"
+        message = waiting.message if waiting else f"{ready}/{total} shards of plan {target.id} ready"
+        reason = waiting.reason if waiting else "ShardsStarting"
         planned = f"plan {target.id}: {len(target.stages)} stages on {','.join(target.nodes)}"
         if waiting and current is not None:
-            planned += f"; its rollout is {message}"
+            planned += f"; rollout waits: {message}"
         conds = [condition("Planned", True, "Planned", planned), degraded]
         if current is None:
             conds.append(condition("ShardsReady", False, reason, message))
@@ -674,7 +682,7 @@ async def _settle(
     retry = cfg.ready_poll_s if draining else None
     shards = _shards_condition(mine, current)
     if waiting is not None and ready < total:  # e.g. a shard re-created while cert-manager re-issues
-        shards = condition("ShardsReady", False, "CertificatesPending", f"{shards['message']}; {waiting}")
+        shards = condition("ShardsReady", False, waiting.reason, f"{shards['message']}; {waiting.message}")
     if ready == total:
         status = _finish(t, Phase.SERVING, [planned, shards, degraded], **fields)
         _phase_metric(t, Phase.SERVING)

@@ -385,6 +385,7 @@ def test_a_cluster_without_cert_manager_is_named_in_the_condition() -> None:
 
     outcome = asyncio.run(run())
     assert outcome.reason == "CertManagerMissing" and outcome.retry_s and not outcome.permanent
+    assert (outcome.status["phase"], outcome.status["failureReason"]) == ("Deploying", "CertManagerMissing")
     (shards,) = [c for c in outcome.status["conditions"] if c["type"] == "ShardsReady"]
     assert shards["status"] == "False" and "cert-manager" in shards["message"]
     assert "tls.issuer.kind" in shards["message"]

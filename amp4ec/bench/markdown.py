@@ -175,6 +175,12 @@ def _transport(config: dict[str, Any]) -> list[str]:
         f"{_LABELS.get(name, name)} {_f(t['mtls']['rps'])} vs {_f(t['insecure']['rps'])} req/s "
         f"({_f(t['throughput_loss_pct'], 1, '%')} loss), {_f(t['added_ms_per_hop'], 2)} ms per hop "
         f"({t['hops']} hop(s))"
+        + (
+            f", agents' CPU {_f(t['mtls']['agent_cpu_ms'], 2)} vs {_f(t['insecure']['agent_cpu_ms'], 2)} "
+            f"ms/request ({_f(t['cpu_loss_pct'], 1, '%')} of CPU-bound throughput)"
+            if "cpu_loss_pct" in t
+            else ""
+        )
         for name, t in rows.items()
     ]
     return [f"Mutual TLS against --insecure (same plans): {'; '.join(parts)}.", ""] if parts else []

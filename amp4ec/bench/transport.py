@@ -6,10 +6,15 @@ deployed once more on a plaintext cluster (``--insecure``) and measured the same
 
 - throughput loss = 1 − mTLS saturation / insecure saturation;
 - added latency per hop = (mTLS − insecure median single-request latency) / hops, where a
-  request crosses one hop per stage of its pipeline (client → entry, then stage → stage).
+  request crosses one hop per stage of its pipeline (client → entry, then stage → stage);
+- the agents' CPU per request, both ways (their cgroups' CPU time over the saturation run ÷
+  requests): what the stages' CPU limits divide, so 1 − insecure / mTLS is the throughput a
+  CPU-bound plan loses, read from CPU time rather than wall time.
 
-Measured one after the other, so run-to-run noise (a few percent) is in the figures; the
-target (under 5% and 0.5 ms per hop) is read from a full run, not ``--quick``.
+Measured one after the other, so run-to-run noise is in the wall-time figures: a few percent
+on an idle machine, far more on a loaded one, where the CPU figures hold better (CPU time is
+what each agent itself used, whatever else runs). The target (under 5% and 0.5 ms per hop) is
+read from a full run, not ``--quick``.
 """
 
 from __future__ import annotations
@@ -59,7 +64,11 @@ async def compare(
 
 def summarise(mtls: dict[str, Any], insecure: dict[str, Any], hops: int) -> dict[str, Any]:
     def figures(result: dict[str, Any]) -> dict[str, float]:
-        return {"rps": result["saturation"]["rps"], "single_p50_ms": result["single_ms"]["p50"]}
+        return {
+            "rps": result["saturation"]["rps"],
+            "single_p50_ms": result["single_ms"]["p50"],
+            "agent_cpu_ms": result["overhead"]["agent_cpu_ms"],
+        }
 
     a, b = figures(mtls), figures(insecure)
     return {
@@ -68,4 +77,6 @@ def summarise(mtls: dict[str, Any], insecure: dict[str, Any], hops: int) -> dict
         "insecure": b,
         "throughput_loss_pct": 100 * (1 - a["rps"] / b["rps"]),
         "added_ms_per_hop": (a["single_p50_ms"] - b["single_p50_ms"]) / hops,
+        "cpu_loss_pct": 100 * (1 - b["agent_cpu_ms"] / a["agent_cpu_ms"]),
+        "added_cpu_ms": a["agent_cpu_ms"] - b["agent_cpu_ms"],
     }

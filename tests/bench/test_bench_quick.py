@@ -101,6 +101,10 @@ def test_quick_bench_writes_complete_results_plots_and_docs(tmp_path: Path) -> N
             _positive(t[side]["single_p50_ms"], f"{name} {side} p50")
         _finite(t["throughput_loss_pct"], f"{name} loss")
         _finite(t["added_ms_per_hop"], f"{name} per hop")
+        for side in ("mtls", "insecure"):
+            _positive(t[side]["agent_cpu_ms"], f"{name} {side} agents' CPU")
+        _finite(t["cpu_loss_pct"], f"{name} CPU loss")
+        assert abs(t["added_cpu_ms"] - (t["mtls"]["agent_cpu_ms"] - t["insecure"]["agent_cpu_ms"])) < 1e-9
     assert config["transport"]["equal"]["hops"] == 3
 
     for plot in PLOTS:

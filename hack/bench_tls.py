@@ -11,8 +11,8 @@ end-to-end effect on the standard configuration; this isolates the per-byte cost
     .venv/bin/python hack/bench_tls.py [--requests 200] [--rounds 3] [--sizes 4096,602112,1204224]
 
 Sizes are activation bytes (float32): 602112 = 1x3x224x224 (MobileNetV2's input), 1204224 =
-1x96x56x56 (its largest cut). The two modes alternate, round by round, and each figure is the
-median over the rounds, so a machine whose load changes during the run skews both alike. The
+1x96x56x56 (its largest cut). The two modes alternate, round by round, in turns (ABBA), and each
+figure is the median over the rounds, so a machine whose load changes during the run skews both alike. The
 last column is what the cipher alone costs (AES-128-GCM, the suite BoringSSL picks on a CPU with
 AES instructions: encrypting and decrypting the bytes once, through OpenSSL's implementation in
 ``cryptography``), to tell the cipher from the rest of TLS in gRPC (records, copies).
@@ -116,8 +116,8 @@ async def main() -> None:
     print(f"{'bytes':>10} {'mode':>9} {'CPU ms/req':>11} {'wall ms/req':>12}")
     for size in (int(s) for s in a.sizes.split(",")):
         runs: dict[str, list[tuple[float, float]]] = {mode: [] for mode in modes}
-        for _ in range(a.rounds):
-            for mode, security in modes.items():
+        for i in range(a.rounds):  # ABBA: neither mode always goes first
+            for mode, security in list(modes.items())[:: 1 if i % 2 == 0 else -1]:
                 runs[mode].append(await one_hop(security, size // 4, a.requests))
         figures = {
             mode: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))

@@ -18,7 +18,7 @@ __all__ = ["serve"]
     epilog=examples(
         "amp4ec serve --model mobilenet_v2 --nodes 1.0,0.6,0.4",
         "amp4ec serve --nodes-file nodes.txt --http-port 8000 --grpc-port 8001   # lines: NAME CPU[:MEMORY]",
-        "amp4ec serve --tls-dir ./tls   # curl --cacert tls/ca.crt --cert tls/client.crt --key tls/client.key …",
+        "amp4ec serve --tls-dir tls   # curl --cacert tls/ca.crt --cert tls/client.crt --key tls/client.key",
     )
 )
 @model_options

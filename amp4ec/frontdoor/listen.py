@@ -99,10 +99,11 @@ async def start(
     runner = web.AppRunner(rest.app(door, authorise if tls else None), access_log=None)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host.strip("[]"), http_port, ssl_context=context)
+        bare = host.strip("[]")
+        # asyncio binds "::" IPv6-only: every address, both families, is host None.
+        site = web.TCPSite(runner, None if bare == "::" else bare, http_port, ssl_context=context)
         await site.start()
         bound_http = runner.addresses[0][1]
-        bare = host.strip("[]")
         address = f"[{bare}]:{grpc_port}" if ":" in bare else f"{bare}:{grpc_port}"
         server, bound_grpc = await v2_grpc.start(door, address, security, authorise if tls else None)
     except BaseException:

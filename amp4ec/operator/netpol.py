@@ -54,9 +54,9 @@ def _ingress(name: str, config: OperatorConfig) -> list[dict[str, Any]]:
     v2 = [_tcp(config.v2_rest_port), _tcp(config.v2_grpc_port)] if config.v2_rest_port else []
     return [
         {"from": [own, clients], "ports": [_tcp(config.shard_port)]},
-        *([{"from": [clients], "ports": v2}] if v2 else []),  # the entry's v2 front door
         {"from": [operator]},  # the operator's control calls, whatever port they use
         {"from": [prometheus], "ports": [_tcp(config.metrics_port)]},
+        *([{"from": [clients], "ports": v2}] if v2 else []),  # the entry's v2 front door
     ]
 
 

@@ -89,6 +89,12 @@ def serve(
 
     if insecure and tls_dir is not None:
         raise click.BadParameter("no TLS files with --insecure", param_hint="--tls-dir")
+    if tls_dir is not None:  # made now: a folder that cannot be made fails before the agents start
+        try:
+            tls_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            message = f"cannot create {tls_dir}: {e.strerror}"
+            raise click.BadParameter(message, param_hint="--tls-dir") from None
     for name, port in (("--http-port", http_port), ("--grpc-port", grpc_port)):
         if not 0 <= port <= 65535:
             raise click.BadParameter(f"expected 0..65535, got {port}", param_hint=name)

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import ipaddress
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +47,7 @@ __all__ = [
     "identity_uri",
     "not_after",
     "private_dir",
+    "san_for_host",
     "stage_identity",
     "validate_identity",
     "write_private",
@@ -186,9 +189,18 @@ class CertificateAuthority:
     def key_pem(self) -> bytes:
         return _key_pem(self._key)
 
-    def issue(self, identity: str, validity: datetime.timedelta = LEAF_VALIDITY) -> KeyPair:
-        """A leaf for ``identity``, valid for both ends of a connection (server and client auth)."""
+    def issue(
+        self, identity: str, validity: datetime.timedelta = LEAF_VALIDITY, *, hosts: Sequence[str] = ()
+    ) -> KeyPair:
+        """A leaf for ``identity``, valid for both ends of a connection (server and client auth).
+
+        ``hosts``: DNS names or IP addresses a server is also reached by (curl and other TLS
+        clients check the address they dialled), written after the identity; never an identity.
+        """
         validate_identity(identity)
+        names: list[x509.GeneralName] = [x509.DNSName(identity)]
+        for host in hosts:
+            names.append(san_for_host(host))
         key = _new_key()
         now = _now()
         cert = (
@@ -202,9 +214,7 @@ class CertificateAuthority:
             .not_valid_after(min(now + validity, self.cert.not_valid_after_utc))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.DNSName(identity), x509.UniformResourceIdentifier(identity_uri(identity))]
-                ),
+                x509.SubjectAlternativeName([*names, x509.UniformResourceIdentifier(identity_uri(identity))]),
                 critical=False,
             )
             .add_extension(
@@ -217,6 +227,20 @@ class CertificateAuthority:
             .sign(self._key, hashes.SHA256())
         )
         return KeyPair(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+
+def san_for_host(host: str) -> x509.GeneralName:
+    """An IP address or a DNS name for a subjectAltName; a name under ``.amp4ec`` is refused:
+    identities are only ever issued as identities."""
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host.strip("[]")))
+    except ValueError:
+        pass
+    name = host.lower().rstrip(".")
+    labels = name.split(".")
+    if name.endswith(_SUFFIX) or len(name) > 253 or not all(_LABEL.match(p) for p in labels):
+        raise InvalidSpec(f"hosts: expected an IP address or a DNS name not under {_SUFFIX}, got {host!r}")
+    return x509.DNSName(name)
 
 
 def not_after(cert_pem: bytes) -> datetime.datetime:

@@ -1,8 +1,9 @@
 """``amp4ec infer``: send one tensor to a deployment's entry point and print the answer.
 
 The input is a tensor file saved with ``torch.save`` (loaded with ``weights_only=True``: a
-tensor, or a tuple/list of tensors) or a NumPy ``.npy`` array. Classification outputs
-(one row of scores) print their top-k classes; every output prints its shape and dtype.
+tensor, or a tuple/list of tensors), a NumPy ``.npy`` array, JSON (a v2 request body or a
+nested list) or a PNG/JPEG image (``cli/inputs.py``). Classification outputs (one row of
+scores) print their top-k classes; every output prints its shape and dtype.
 """
 
 from __future__ import annotations
@@ -17,42 +18,18 @@ from rich.console import Console
 from rich.table import Table
 
 from amp4ec.cli.checks import check_at_least, check_writable_file
+from amp4ec.cli.inputs import load_input
 from amp4ec.cli.options import examples
 from amp4ec.errors import InvalidSpec
 
 __all__ = ["infer", "load_input"]
 
 
-def load_input(path: Path) -> tuple[Any, ...]:
-    """Tensors from a ``torch.save`` file or a ``.npy`` array; errors name the file and the problem."""
-    import torch
-
-    if not path.is_file():
-        raise InvalidSpec(f"--input: no such file {str(path)!r}")
-    if path.suffix == ".npy":
-        import numpy as np
-
-        try:
-            array = np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            raise InvalidSpec(f"--input: {path.name} is not a plain .npy array ({exc})") from None
-        return (torch.from_numpy(np.ascontiguousarray(array)),)
-    try:
-        data = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as exc:  # unpickling refused or not a torch file: one clear line
-        raise InvalidSpec(
-            f"--input: {path.name} is not a tensor file saved with torch.save ({exc})"
-        ) from None
-    tensors = tuple(data) if isinstance(data, (tuple, list)) else (data,)
-    if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
-        raise InvalidSpec(f"--input: {path.name} must hold a tensor or a tuple/list of tensors")
-    return tensors
-
-
 @click.command(
     epilog=examples(
         "kubectl port-forward svc/mobilenet-v2 50051:50051 &",
         "amp4ec infer --endpoint localhost:50051 --input x.pt --top-k 3",
+        "amp4ec infer -e localhost:50051 -i cat.png --ca ca.crt --cert tls.crt --key tls.key",
     )
 )
 @click.option("--endpoint", "-e", required=True, help="HOST:PORT of the entry Service (status.endpoint)")
@@ -62,7 +39,8 @@ def load_input(path: Path) -> tuple[Any, ...]:
     "input_path",
     required=True,
     type=click.Path(path_type=Path),
-    help="tensor file (torch.save, loaded with weights_only=True) or .npy array",
+    help="tensor file (torch.save, loaded with weights_only=True), .npy array, .json (v2 request body or "
+    "nested list) or .png/.jpg image (1x3xHxW, scaled to [0, 1]; needs Pillow)",
 )
 @click.option("--top-k", "-k", type=int, default=5, show_default=True, help="classes shown for score outputs")
 @click.option("--timeout", type=float, default=60.0, show_default=True, help="seconds to wait for the answer")

@@ -18,6 +18,7 @@ __all__ = ["serve"]
     epilog=examples(
         "amp4ec serve --model mobilenet_v2 --nodes 1.0,0.6,0.4",
         "amp4ec serve --nodes-file nodes.txt --http-port 8000 --grpc-port 8001   # lines: NAME CPU[:MEMORY]",
+        "amp4ec serve --tls-dir tls   # curl --cacert tls/ca.crt --cert tls/client.crt --key tls/client.key",
     )
 )
 @model_options
@@ -40,7 +41,24 @@ __all__ = ["serve"]
 @click.option("--model-name", default="", help="the v2 model name (default: from --model, e.g. mobilenet_v2)")
 @planning_options
 @cpu_limits_option
-@click.option("--insecure", is_flag=True, help="plaintext gRPC to the agents (default: mutual TLS)")
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="plaintext everywhere: to the agents and on the v2 front doors (default: TLS, mutual to the agents)",
+)
+@click.option(
+    "--client-auth",
+    type=click.Choice(["required", "none"]),
+    default="required",
+    show_default=True,
+    help="whether v2 callers must present the client certificate written to --tls-dir",
+)
+@click.option(
+    "--tls-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="write the run's CA and a client certificate here (default: a private temporary directory; "
+    "the files are removed on exit)",
+)
 def serve(
     model: str,
     weights: str | None,
@@ -56,16 +74,27 @@ def serve(
     objective: str,
     cpu_limits: str,
     insecure: bool,
+    client_auth: str,
+    tls_dir: Path | None,
 ) -> None:
     """Serve a model split over local node agents until Ctrl-C, behind the Open Inference
     Protocol (KServe/Triton v2: REST with binary tensors, and gRPC).
 
-    The front doors are plaintext and unauthenticated: they listen on loopback unless --host
-    says otherwise."""
+    The front doors speak TLS with a certificate of the run's own CA and, by default, require
+    the client certificate written next to it (the printed curl line uses them); --insecure
+    serves plaintext. They listen on loopback unless --host says otherwise."""
     from amp4ec.local import parse_nodes
     from amp4ec.local.serve import ServeConfig
     from amp4ec.local.serve import serve as serve_local
 
+    if insecure and tls_dir is not None:
+        raise click.BadParameter("no TLS files with --insecure", param_hint="--tls-dir")
+    if tls_dir is not None:  # made now: a folder that cannot be made fails before the agents start
+        try:
+            tls_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            message = f"cannot create {tls_dir}: {e.strerror}"
+            raise click.BadParameter(message, param_hint="--tls-dir") from None
     for name, port in (("--http-port", http_port), ("--grpc-port", grpc_port)):
         if not 0 <= port <= 65535:
             raise click.BadParameter(f"expected 0..65535, got {port}", param_hint=name)
@@ -81,6 +110,8 @@ def serve(
         objective=objective,
         limit_mode=cpu_limits,
         secure=not insecure,
+        client_auth=client_auth == "required",
+        tls_dir=tls_dir,
     )
     console = Console(highlight=False, soft_wrap=True)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -7,6 +7,8 @@ back in ``raw_output_contents``, as Triton answers; inputs may be raw or typed `
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import grpc
 
 from amp4ec.frontdoor import tensors
@@ -22,6 +24,7 @@ _CODES = {
     "invalid": grpc.StatusCode.INVALID_ARGUMENT,
     "not_found": grpc.StatusCode.NOT_FOUND,
     "too_large": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "busy": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "unavailable": grpc.StatusCode.UNAVAILABLE,
     "deadline": grpc.StatusCode.DEADLINE_EXCEEDED,
 }
@@ -116,16 +119,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return reply
 
 
-async def start(door: FrontDoor, address: str) -> tuple[grpc.aio.Server, int]:
-    """Serve ``door`` on ``address`` (plaintext: the front door is the public side); returns
-    the started server and its port."""
+async def start(
+    door: FrontDoor,
+    address: str,
+    security: transport.TransportSecurity,
+    authorise: Callable[[frozenset[str]], bool] | None = None,
+) -> tuple[grpc.aio.Server, int]:
+    """Serve ``door`` on ``address``; returns the started server and its port. Under TLS
+    (``security`` not insecure) a client certificate is required when ``authorise`` is
+    given, and its identities must pass it (PERMISSION_DENIED otherwise)."""
     limit = door.max_request_bytes
+    policy = None if authorise is None else (lambda method, peers: authorise(peers))
     server = transport.server(
-        transport.TransportSecurity.plaintext(),
-        None,
+        security,
+        policy,
         [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(door), server)
-    port = transport.add_port(server, address, transport.TransportSecurity.plaintext())
+    port = transport.add_port(server, address, security, require_client_auth=authorise is not None)
     await server.start()
     return server, port

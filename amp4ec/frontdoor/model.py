@@ -7,14 +7,15 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DATATYPES", "ModelMeta", "TensorMeta", "V2Error", "datatype_of", "model_meta"]
+from amp4ec.slicing.signature import input_names
+
+__all__ = ["DATATYPES", "ModelMeta", "TensorMeta", "V2Error", "datatype_of", "meta_of_specs", "model_meta"]
 
 DATATYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
@@ -31,7 +32,14 @@ DATATYPES: dict[str, torch.dtype] = {
 """The protocol's datatypes that amp4ec's wire carries (UINT16..UINT64 and BYTES it does not)."""
 _NAMES = {v: k for k, v in DATATYPES.items()}
 
-_HTTP = {"invalid": 400, "not_found": 404, "too_large": 413, "unavailable": 503, "deadline": 504}
+_HTTP = {
+    "invalid": 400,
+    "not_found": 404,
+    "too_large": 413,
+    "busy": 429,
+    "unavailable": 503,
+    "deadline": 504,
+}
 
 
 class V2Error(Exception):
@@ -122,21 +130,6 @@ class ModelMeta:
         raise V2Error("invalid", f"{field}: no output {name!r}; outputs: {names}")
 
 
-def _input_names(module: torch.nn.Module, count: int) -> list[str]:
-    """The forward's parameter names when they can be read and match, else input_<i>."""
-    try:
-        params = [
-            p.name
-            for p in inspect.signature(module.forward).parameters.values()
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        ]
-    except (TypeError, ValueError):
-        params = []
-    return (
-        params if len(params) == count and len(set(params)) == count else [f"input_{i}" for i in range(count)]
-    )
-
-
 def model_meta(
     name: str,
     module: torch.nn.Module,
@@ -147,19 +140,43 @@ def model_meta(
 ) -> ModelMeta:
     """A model's v2 metadata from its example inputs and the outputs they give (the plan's
     model inputs and final outputs); dim 0 is -1 where the model accepts any batch."""
+    return meta_of_specs(
+        name,
+        input_names(module, len(inputs)),
+        [(tuple(t.shape), t.dtype) for t in inputs],
+        [(tuple(t.shape), t.dtype) for t in outputs],
+        batch_flexible,
+        max_batch,
+    )
 
-    def shape(t: torch.Tensor) -> tuple[int, ...]:
-        dims = tuple(int(d) for d in t.shape)
+
+Spec = tuple[Sequence[int], torch.dtype]
+
+
+def meta_of_specs(
+    name: str,
+    names: Sequence[str],
+    inputs: Sequence[Spec],
+    outputs: Sequence[Spec],
+    batch_flexible: bool,
+    max_batch: int = 64,
+) -> ModelMeta:
+    """``model_meta`` from (shape, dtype) pairs: what an agent knows of a model it cut on the
+    meta device (its chain's first and last cut)."""
+
+    def shape(dims: Sequence[int]) -> tuple[int, ...]:
+        dims = tuple(int(d) for d in dims)
         return (-1, *dims[1:]) if batch_flexible and dims else dims
 
-    names = _input_names(module, len(inputs))
     return ModelMeta(
         name=name,
         inputs=tuple(
-            TensorMeta(n, datatype_of(t.dtype), shape(t)) for n, t in zip(names, inputs, strict=True)
+            TensorMeta(n, datatype_of(dtype), shape(dims))
+            for n, (dims, dtype) in zip(names, inputs, strict=True)
         ),
         outputs=tuple(
-            TensorMeta(f"output_{i}", datatype_of(t.dtype), shape(t)) for i, t in enumerate(outputs)
+            TensorMeta(f"output_{i}", datatype_of(dtype), shape(dims))
+            for i, (dims, dtype) in enumerate(outputs)
         ),
         max_batch=max_batch,
     )

@@ -26,14 +26,25 @@ from amp4ec.frontdoor import tensors
 from amp4ec.frontdoor.door import EXTENSIONS, SERVER_NAME, FrontDoor
 from amp4ec.frontdoor.model import V2Error
 
-__all__ = ["HEADER_LENGTH", "app"]
+__all__ = ["HEADER_LENGTH", "Authorise", "app", "peer_identities"]
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+Authorise = Callable[[frozenset[str]], bool]
+"""authorise(the client certificate's verified identities) → allowed."""
 _DOOR = web.AppKey("door", FrontDoor)
+_AUTHORISE = web.AppKey("authorise", object)
+"""An ``Authorise`` or None (no client certificate required)."""
 
 
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
+
+
+def peer_identities(request: web.Request) -> frozenset[str]:
+    """The identities (DNS SANs under ``.amp4ec``) of the client certificate TLS verified."""
+    cert = request.transport.get_extra_info("peercert") if request.transport else None
+    names = (cert or {}).get("subjectAltName", ())
+    return frozenset(v for k, v in names if k == "DNS" and v.endswith(".amp4ec"))
 
 
 @web.middleware
@@ -41,6 +52,12 @@ async def _errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     try:
+        authorise = request.app[_AUTHORISE]
+        if authorise is not None:
+            peers = peer_identities(request)
+            if not authorise(peers):
+                who = ", ".join(sorted(peers)) or "a client without an amp4ec identity"
+                return _error(403, f"{who} may not call {request.method} {request.path}")
         return await handler(request)
     except V2Error as e:
         return _error(e.http_status, str(e))
@@ -53,9 +70,12 @@ async def _errors(
         return _error(e.status, f"{request.method} {request.path}: {e.reason}")
 
 
-def app(door: FrontDoor) -> web.Application:
+def app(door: FrontDoor, authorise: Authorise | None = None) -> web.Application:
+    """The v2 REST routes over ``door``; with ``authorise``, every request's client certificate
+    identities must pass it (403 otherwise; TLS has verified the certificate itself)."""
     application = web.Application(client_max_size=door.max_request_bytes, middlewares=[_errors])
     application[_DOOR] = door
+    application[_AUTHORISE] = authorise
     model = "/v2/models/{name}"
     versioned = "/v2/models/{name}/versions/{version}"
     application.add_routes(

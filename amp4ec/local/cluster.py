@@ -156,11 +156,12 @@ class LocalCluster:
         entries = [Endpoint(self.address(n), f"stage 0 on {n}", self.identity(n)) for n in nodes]
         return Client(entries, self.client_security)
 
-    def issue(self, identity: str) -> transport.TransportSecurity:
-        """Mutual TLS material for another party of this cluster (tests: a forged next hop)."""
+    def issue(self, identity: str, hosts: Sequence[str] = ()) -> transport.TransportSecurity:
+        """Mutual TLS material for another party of this cluster (``amp4ec serve``'s front door
+        and its users; tests: a forged next hop). ``hosts``: see ``pki.CertificateAuthority.issue``."""
         if self._ca is None:
             raise InvalidSpec("issue: this cluster runs insecure (no CA)")
-        pair = self._ca.issue(identity)
+        pair = self._ca.issue(identity, hosts=hosts)
         return transport.TransportSecurity(self._ca.cert_pem, pair.cert_pem, pair.key_pem)
 
     def _channel(self, node: str) -> grpc.aio.Channel:

@@ -3,6 +3,14 @@
 Plan over local node agents (mutual TLS by default, as ``amp4ec run``), serve the v2 REST and
 gRPC front doors, fail over as ``amp4ec run`` does, and re-plan when the nodes file changes.
 
+[Note: front door TLS] Unless ``--insecure``, the front doors speak TLS with a certificate from
+the run's CA (identity ``frontdoor.local.amp4ec``, plus ``localhost``, the loopback addresses
+and the listening host, which curl checks). The CA certificate and a client certificate
+(``client.serve.local.amp4ec``: it may call the front doors, not the agents) are written to
+``--tls-dir`` (default: a fresh 0700 temporary directory), keys 0600, and removed on exit;
+the printed ``try:`` line uses them. With ``--client-auth required`` (the default) a caller
+must present that client certificate; ``none`` asks for none (TLS still proves the server).
+
 [Note: nodes file] ``--nodes-file`` names one node a line, ``NAME CPU[:MEMORY]`` (``#``
 comments). It is re-read when its content changes (checked every ``poll_s``; polling needs no
 platform watcher and survives editors that replace the file). On a change, nodes gone or with
@@ -15,22 +23,24 @@ the last good plan keeps serving. A node that failed is restarted by the next ch
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import re
+import shutil
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import torch
-from aiohttp import web
 
+from amp4ec import pki
 from amp4ec.client import Client
 from amp4ec.errors import Amp4ecError, InvalidSpec
-from amp4ec.frontdoor import grpc as v2_grpc
-from amp4ec.frontdoor import rest
-from amp4ec.frontdoor.door import FrontDoor
+from amp4ec.frontdoor import listen
+from amp4ec.frontdoor.door import ClientBackend, FrontDoor
 from amp4ec.frontdoor.model import DATATYPES, ModelMeta, model_meta
 from amp4ec.local.cluster import LocalCluster
 from amp4ec.local.run import deploy, node_capacities
@@ -41,12 +51,16 @@ from amp4ec.scheduling import timed_plan
 from amp4ec.slicing import ModelSource
 from amp4ec.slicing.prepare import Prepared, prepare
 from amp4ec.slicing.sources import factory_module
+from amp4ec.wire.transport import TransportSecurity
 
-__all__ = ["ServeConfig", "curl_example", "parse_nodes_file", "serve"]
+__all__ = ["FRONT_DOOR_IDENTITY", "USER_IDENTITY", "ServeConfig", "curl_example", "parse_nodes_file", "serve"]
 
 log = logging.getLogger(__name__)
 Say = Callable[[str], None]
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,40}[a-z0-9])?$")
+FRONT_DOOR_IDENTITY = "frontdoor.local.amp4ec"
+USER_IDENTITY = pki.client_identity("local", "serve")
+"""The client certificate written for the user: the front doors accept it, the agents do not."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +79,11 @@ class ServeConfig:
     objective: str = "throughput"
     limit_mode: str = "auto"
     secure: bool = True
+    """Mutual TLS to the agents and TLS on the front doors; False: plaintext everywhere."""
+    client_auth: bool = True
+    """The front doors require the user's client certificate (see [Note: front door TLS])."""
+    tls_dir: Path | None = None
+    """Where the CA and client certificate go; None: a fresh temporary directory."""
     deadline_s: float = 30.0
     poll_s: float = 0.5
 
@@ -99,12 +118,16 @@ def parse_nodes_file(text: str, where: str = "nodes file") -> list[NodeSpec]:
     return nodes
 
 
-def curl_example(meta: ModelMeta, base_url: str, example_shapes: Sequence[Sequence[int]]) -> str:
+def curl_example(
+    meta: ModelMeta, base_url: str, example_shapes: Sequence[Sequence[int]], curl_tls: str = ""
+) -> str:
     """A shell command that sends one input of the model's example shape with the binary tensor
     extension (any input size fits on one line) and prints the JSON answer. FP32 inputs are
-    bytes 0x3f repeated (every element 0.747), other datatypes zeros."""
+    bytes 0x3f repeated (every element 0.747), other datatypes zeros. ``curl_tls``: curl's
+    certificate flags."""
+    curl = f"curl -s {curl_tls} " if curl_tls else "curl -s "
     if len(meta.inputs) != 1:
-        return f"curl -s {base_url}/v2/models/{meta.name}"
+        return f"{curl}{base_url}/v2/models/{meta.name}"
     t, shape = meta.inputs[0], list(example_shapes[0])
     itemsize = torch.empty((), dtype=DATATYPES[t.datatype]).element_size()
     size = math.prod(shape) * itemsize
@@ -115,7 +138,7 @@ def curl_example(meta: ModelMeta, base_url: str, example_shapes: Sequence[Sequen
     ).replace(" ", "")
     return (
         f"H='{header}'; {{ printf %s \"$H\"; head -c {size} /dev/zero{fill}; }} | "
-        f'curl -s --data-binary @- -H "Inference-Header-Content-Length: ${{#H}}" '
+        f'{curl}--data-binary @- -H "Inference-Header-Content-Length: ${{#H}}" '
         f"{base_url}/v2/models/{meta.name}/infer"
     )
 
@@ -210,6 +233,68 @@ def _read_nodes(config: ServeConfig) -> tuple[list[NodeSpec], str]:
     return parse_nodes_file(text, str(config.nodes_file)), text
 
 
+def _server_hosts(host: str) -> list[str]:
+    """The names curl may dial the front doors by: loopback, and the listening host (this
+    machine's names when it listens on every address)."""
+    bare = host.strip("[]")
+    wanted = ["localhost", "127.0.0.1", "::1"]
+    wanted += [socket.gethostname(), socket.getfqdn()] if bare in ("", "0.0.0.0", "::") else [bare]
+    hosts: list[str] = []
+    for name in wanted:
+        with contextlib.suppress(InvalidSpec):  # a machine name no certificate can carry
+            pki.san_for_host(name)
+            if name.lower() not in hosts:
+                hosts.append(name.lower())
+    return hosts
+
+
+class _TlsFiles:
+    """The front doors' TLS files (see [Note: front door TLS]); removed by ``remove``."""
+
+    def __init__(self, cluster: LocalCluster, config: ServeConfig) -> None:
+        self.made_dir = config.tls_dir is None
+        self.dir = pki.private_dir("amp4ec-serve-") if config.tls_dir is None else config.tls_dir
+        if not self.made_dir:
+            try:
+                self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            except OSError as e:
+                raise InvalidSpec(f"--tls-dir {self.dir}: {e.strerror}") from None
+        self.ca, self.cert, self.key = self.dir / "ca.crt", self.dir / "client.crt", self.dir / "client.key"
+        self.written: list[Path] = []
+        server = cluster.issue(FRONT_DOOR_IDENTITY, _server_hosts(config.host))
+        user = cluster.issue(USER_IDENTITY)
+        try:
+            self._write(self.ca, server.ca_pem)
+            self._write(self.dir / "server.crt", server.cert_pem)
+            self._write(self.dir / "server.key", server.key_pem, private=True)
+            self._write(self.cert, user.cert_pem)
+            self._write(self.key, user.key_pem, private=True)
+        except OSError as e:
+            self.remove()
+            raise InvalidSpec(f"--tls-dir {self.dir}: {e.strerror}") from None
+        self.security = TransportSecurity.from_files(
+            self.ca, self.dir / "server.crt", self.dir / "server.key"
+        )
+
+    def _write(self, path: Path, data: bytes, private: bool = False) -> None:
+        self.written.append(path)
+        if private:
+            pki.write_private(path, data)
+        else:
+            path.write_bytes(data)
+
+    def curl_flags(self, client_auth: bool) -> str:
+        flags = f"--cacert {self.ca}"
+        return f"{flags} --cert {self.cert} --key {self.key}" if client_auth else flags
+
+    def remove(self) -> None:
+        if self.made_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            return
+        for path in self.written:
+            path.unlink(missing_ok=True)
+
+
 async def _watch(config: ServeConfig, serving: _Serving, text: str) -> None:
     """Re-read the nodes file whenever its content changes (see [Note: nodes file])."""
     assert config.nodes_file is not None
@@ -257,33 +342,44 @@ async def serve(config: ServeConfig, say: Say, progress: Say | None = None) -> N
             Supervisor(cluster, client, plan, serving.plan, serving.deploy) as supervisor,
         ):
             serving.supervisor = supervisor
-            door = FrontDoor(meta, client, deadline_s=config.deadline_s)
-            runner = web.AppRunner(rest.app(door), access_log=None)
-            await runner.setup()
-            grpc_server = None
+            door = FrontDoor(meta, ClientBackend(client), deadline_s=config.deadline_s)
+            tls = _TlsFiles(cluster, config) if config.secure else None
             try:
-                site = web.TCPSite(runner, config.host, config.http_port)
-                await site.start()
-                http_port = runner.addresses[0][1]
-                grpc_server, grpc_port = await v2_grpc.start(door, f"{config.host}:{config.grpc_port}")
-                host = f"[{config.host}]" if ":" in config.host else config.host
-                base = f"http://{host}:{http_port}"
-                say(f"serving {meta.name} on {', '.join(cluster.agents)}: {describe(plan)}")
-                say(
-                    f"  transport to the agents: {'mutual TLS' if config.secure else 'insecure'}; "
-                    f"CPU limits: {cluster.limit_description}"
+                security = tls.security if tls else TransportSecurity.plaintext()
+                authorise = (lambda peers: USER_IDENTITY in peers) if config.client_auth else None
+                listeners = await listen.start(
+                    door, config.host, config.http_port, config.grpc_port, security, authorise
                 )
-                say(f"  v2 REST  {base}/v2/models/{meta.name}")
-                say(f"  v2 gRPC  {host}:{grpc_port} (inference.GRPCInferenceService)")
-                say("  try:     " + curl_example(meta, base, [tuple(t.shape) for t in example]))
-                if config.nodes_file is not None:
-                    say(f"  nodes:   edit {config.nodes_file} to add, remove or change nodes")
-                say("ready; Ctrl-C stops everything")
-                if config.nodes_file is None:
-                    await asyncio.Event().wait()
-                else:
-                    await _watch(config, serving, text)
+                try:
+                    host = f"[{config.host}]" if ":" in config.host else config.host
+                    base = f"{'https' if tls else 'http'}://{host}:{listeners.http_port}"
+                    say(f"serving {meta.name} on {', '.join(cluster.agents)}: {describe(plan)}")
+                    say(
+                        f"  transport to the agents: {'mutual TLS' if config.secure else 'insecure'}; "
+                        f"CPU limits: {cluster.limit_description}"
+                    )
+                    say(f"  v2 REST  {base}/v2/models/{meta.name}")
+                    say(f"  v2 gRPC  {host}:{listeners.grpc_port} (inference.GRPCInferenceService)")
+                    if tls:
+                        need = "required" if config.client_auth else "not required"
+                        say(
+                            f"  TLS:     CA {tls.ca}; client certificate {tls.cert}, key {tls.key} "
+                            f"({need}); this run's, removed on exit"
+                        )
+                    else:
+                        say("  TLS:     none (--insecure): plaintext, anyone who reaches the ports may call")
+                    curl_tls = tls.curl_flags(config.client_auth) if tls else ""
+                    shapes = [tuple(t.shape) for t in example]
+                    say("  try:     " + curl_example(meta, base, shapes, curl_tls))
+                    if config.nodes_file is not None:
+                        say(f"  nodes:   edit {config.nodes_file} to add, remove or change nodes")
+                    say("ready; Ctrl-C stops everything")
+                    if config.nodes_file is None:
+                        await asyncio.Event().wait()
+                    else:
+                        await _watch(config, serving, text)
+                finally:
+                    await listeners.stop()
             finally:
-                if grpc_server is not None:
-                    await grpc_server.stop(grace=1)
-                await runner.cleanup()
+                if tls is not None:
+                    tls.remove()

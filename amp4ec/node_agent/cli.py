@@ -66,6 +66,12 @@ def parse_args(
     p.add_argument("--control-port-file", type=Path, help="write the bound control port here once serving")
     p.add_argument("--health-port", type=int, help="plaintext gRPC health-only port (kubelet probes)")
     p.add_argument("--health-port-file", type=Path, help="write the bound health port here once serving")
+    v2 = p.add_argument_group("Open Inference Protocol (v2) at the entry stage (see node_agent/entry.py)")
+    v2.add_argument("--v2-http-port", type=int, help="v2 REST port (stage 0 only; 0 = any free port)")
+    v2.add_argument("--v2-grpc-port", type=int, help="v2 gRPC port, inference.GRPCInferenceService")
+    v2.add_argument("--v2-model-name", default="", help="the model's v2 name (default: from --model)")
+    v2.add_argument("--v2-http-port-file", type=Path, help="write the bound v2 REST port here once serving")
+    v2.add_argument("--v2-grpc-port-file", type=Path, help="write the bound v2 gRPC port here once serving")
     tls = p.add_argument_group("mutual TLS (required unless --insecure)")
     tls.add_argument("--tls-ca", type=Path, help="PEM CA certificate that peers must be signed by")
     tls.add_argument("--tls-cert", type=Path, help="PEM certificate of this agent (its identity)")
@@ -149,6 +155,9 @@ def parse_args(
         port=a.port,
         control_port=a.control_port,
         health_port=a.health_port,
+        v2_http_port=a.v2_http_port,
+        v2_grpc_port=a.v2_grpc_port,
+        v2_model_name=a.v2_model_name,
         security=security,
         metrics_port=a.metrics_port,
         cpu_limit=a.cpu_limit,
@@ -167,6 +176,10 @@ def parse_args(
         max_message_bytes=a.max_message_bytes,
         allowed_factories=tuple(a.allow_factory),
     )
+    if (a.v2_http_port is None) != (a.v2_grpc_port is None):
+        p.error("--v2-http-port and --v2-grpc-port: the v2 front door needs both")
+    if a.v2_http_port is not None and (not a.model or a.stage != 0):
+        p.error("--v2-http-port: only an entry stage (--model, --stage 0) serves v2")
     config = None
     if a.model:
         config = StageConfig(
@@ -195,7 +208,10 @@ def parse_args(
             peers=dict(a.peer),
             override=a.capacity_override,
         )
-    return settings, config, PortFiles(a.port_file, a.control_port_file, a.health_port_file), monitor
+    files = PortFiles(
+        a.port_file, a.control_port_file, a.health_port_file, a.v2_http_port_file, a.v2_grpc_port_file
+    )
+    return settings, config, files, monitor
 
 
 @dataclass(frozen=True)
@@ -205,6 +221,8 @@ class PortFiles:
     data: Path | None = None
     control: Path | None = None
     health: Path | None = None
+    v2_http: Path | None = None
+    v2_grpc: Path | None = None
 
 
 def _write_port(path: Path | None, port: int | None) -> None:
@@ -229,8 +247,16 @@ async def serve(
         from prometheus_client import start_http_server
 
         start_http_server(settings.metrics_port, addr=settings.host.strip("[]") or "0.0.0.0")
+    v2 = None
+    if settings.v2_http_port is not None:
+        from amp4ec.node_agent.entry import serve_v2  # aiohttp: only where v2 is served
+
+        v2 = await serve_v2(agent, settings)
     await agent.start()
     # The data port last: a reader of the data port file may then read them all.
+    if v2 is not None:
+        _write_port(port_files.v2_http, v2.http_port)
+        _write_port(port_files.v2_grpc, v2.grpc_port)
     _write_port(port_files.control, agent.control_port)
     _write_port(port_files.health, agent.health_port)
     _write_port(port_files.data, agent.port)
@@ -242,6 +268,8 @@ async def serve(
     await stop.wait()
     if monitor is not None:
         await monitor.stop()
+    if v2 is not None:
+        await v2.stop(settings.grace_s)
     await agent.stop(settings.grace_s)
 
 

@@ -14,8 +14,9 @@ import torch
 
 from amp4ec.allocator import release_memory
 from amp4ec.errors import DeadlineExceeded, InvalidSpec
-from amp4ec.slicing import ModelSource, Shard, load_model, split_model
+from amp4ec.slicing import ModelSource, Shard, TensorSpec, load_model, split_model
 from amp4ec.slicing.materialise import materialise
+from amp4ec.slicing.signature import input_names
 from amp4ec.wire import codec
 from amp4ec.wire.stage import StageConfig
 from amp4ec.wire.v1 import shard_pb2
@@ -28,6 +29,11 @@ class LoadedStage:
     config: StageConfig
     shard: Shard
     num_blocks: int
+    model_inputs: tuple[TensorSpec, ...] = ()
+    """The whole model's inputs and outputs (its chain's first and last cut) and the names of
+    its inputs: what the entry stage's v2 front door describes (``node_agent/entry.py``)."""
+    model_outputs: tuple[TensorSpec, ...] = ()
+    input_names: tuple[str, ...] = ()
 
     def info(self) -> shard_pb2.ShardInfo:
         return shard_pb2.ShardInfo(
@@ -76,7 +82,14 @@ def _build(config: StageConfig) -> LoadedStage:
     if loaded.lazy:
         materialise(shard.blocks, config.seed, loaded.state)
     shard.eval()
-    return LoadedStage(config=config, shard=shard, num_blocks=len(chain))
+    return LoadedStage(
+        config=config,
+        shard=shard,
+        num_blocks=len(chain),
+        model_inputs=chain.boundaries[0],
+        model_outputs=chain.boundaries[-1],
+        input_names=input_names(loaded.module, len(chain.boundaries[0])),
+    )
 
 
 class StageExecutor:

@@ -41,6 +41,8 @@ class AgentServer:
     repository: StageRepository
     executor: StageExecutor
     health: health.aio.HealthServicer
+    shard: ShardServicer
+    """The data plane's servicer (the entry's v2 front door submits requests to it)."""
     control: grpc.aio.Server | None = None
     """The control-plane server (NodeAgent, Monitor); None when ``control_port`` is None."""
     control_port: int | None = None
@@ -86,15 +88,14 @@ async def create_server(settings: AgentSettings) -> AgentServer:
         maximum_concurrent_rpcs=4 * settings.max_streams,
     )
     # add_servicer: undecodable requests are answered INVALID_ARGUMENT (see [Note: undecodable requests]).
-    add_servicer(
-        shard_pb2_grpc.add_ShardServicer_to_server, ShardServicer(settings, repository, executor), server
-    )
+    shard = ShardServicer(settings, repository, executor)
+    add_servicer(shard_pb2_grpc.add_ShardServicer_to_server, shard, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     # The agent process is healthy as soon as it serves; the Shard service only once a range is loaded.
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("amp4ec.wire.v1.Shard", health_pb2.HealthCheckResponse.NOT_SERVING)
     port = transport.add_port(server, f"{settings.host}:{settings.port}", security)
-    agent = AgentServer(server, port, repository, executor, health_servicer)
+    agent = AgentServer(server, port, repository, executor, health_servicer, shard)
 
     if settings.control_port is not None:
         agent.control = transport.server(

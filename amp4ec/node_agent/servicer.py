@@ -408,6 +408,19 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             await context.abort(grpc.StatusCode[answer.error.code], answer.error.message)
         return answer
 
+    async def submit(self, frame: shard_pb2.Frame) -> shard_pb2.Frame:
+        """One request from inside this process (the entry's v2 front door, ``entry.py``): the
+        path of ``Infer`` (bounds, held bytes, this stage and every one after it), answered as
+        a frame, an Error frame on failure."""
+        holder = self._budget.open(lambda: None)  # answered at once: never the stalled one
+        try:
+            await self._budget.charge_request(holder, frame.ByteSize())
+            return await self._process(frame)
+        except OverBudget as exc:
+            return error_frame(frame.request_id, exc)
+        finally:
+            self._budget.close(holder)
+
     async def Describe(
         self, request: shard_pb2.DescribeRequest, context: grpc.aio.ServicerContext
     ) -> shard_pb2.ShardInfo:

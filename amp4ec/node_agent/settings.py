@@ -29,6 +29,13 @@ class AgentSettings:
     health_port: int | None = None
     """Plaintext port serving only gRPC health (for the kubelet, which cannot present a
     certificate); None serves none. Health on the data and control ports needs mutual TLS."""
+    v2_http_port: int | None = None
+    """The entry stage's Open Inference Protocol (v2) REST port; None serves none (see
+    ``node_agent/entry.py``). Served with ``v2_grpc_port``, under this agent's TLS."""
+    v2_grpc_port: int | None = None
+    """The entry stage's v2 gRPC port (``inference.GRPCInferenceService``)."""
+    v2_model_name: str = ""
+    """The model's name in v2 paths (``/v2/models/<name>``): the deployment's name in a cluster."""
     security: TransportSecurity = field(default_factory=TransportSecurity.plaintext)
     """Mutual TLS material, or insecure. The agent's command line has no default: it needs
     certificates or an explicit --insecure; this default serves in-process tests."""

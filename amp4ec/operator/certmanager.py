@@ -22,12 +22,12 @@ operator mounts its Secret, ``config.tls_dir``), so this module only covers depl
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from amp4ec import pki
-from amp4ec.operator.certs import client_secret_name, stage_secret_name
+from amp4ec.operator.certs import client_secret_name, entry_hosts, stage_secret_name
 
 __all__ = [
     "API_VERSION",
@@ -86,8 +86,14 @@ class Issuer:
 
 
 def _certificate(
-    secret: str, namespace: str, identity: str, issuer: Issuer, labels: Mapping[str, str]
+    secret: str,
+    namespace: str,
+    identity: str,
+    issuer: Issuer,
+    labels: Mapping[str, str],
+    hosts: Sequence[str] = (),
 ) -> dict[str, Any]:
+    """``hosts``: DNS names beside the identity (the entry Service's, for stage 0's v2 front door)."""
     return {
         "apiVersion": API_VERSION,
         "kind": "Certificate",
@@ -96,7 +102,7 @@ def _certificate(
             "secretName": secret,
             # The CN is for humans (at most 64 characters), as the built-in CA writes it.
             "commonName": identity[:64],
-            "dnsNames": [identity],
+            "dnsNames": [identity, *hosts],
             "uris": [pki.identity_uri(identity)],
             "duration": issuer.duration,
             "renewBefore": issuer.renew_before,
@@ -125,6 +131,7 @@ def certificates(
             pki.stage_identity(namespace, deployment, i),
             issuer,
             {**labels, stage_label: str(i)},
+            entry_hosts(deployment, namespace) if i == 0 else (),
         )
         for i in range(stages)
     ]

@@ -37,6 +37,7 @@ from typing import Any
 
 from amp4ec import pki
 from amp4ec.operator.k8s import Conflict, Kube
+from amp4ec.operator.names import child_base
 
 __all__ = [
     "CA_SECRET",
@@ -48,6 +49,7 @@ __all__ = [
     "ensure_deployment",
     "ensure_leaves",
     "ensure_monitors",
+    "entry_hosts",
     "shard_secret_name",
     "stage_secret_name",
 ]
@@ -78,6 +80,13 @@ def client_secret_name(deployment: str) -> str:
 def stage_secret_name(deployment: str, stage: int) -> str:
     """Stage ``stage``'s own Secret when cert-manager issues the leaves (one leaf per Secret)."""
     return _name(deployment, f"stage-{stage}-tls")
+
+
+def entry_hosts(deployment: str, namespace: str) -> list[str]:
+    """The entry Service's DNS names, written into the stage-0 leaf beside its identity: the
+    v2 front door serves with it, and curl checks the name it dialled."""
+    svc = child_base(deployment)
+    return [svc, f"{svc}.{namespace}", f"{svc}.{namespace}.svc", f"{svc}.{namespace}.svc.cluster.local"]
 
 
 def _b64(data: bytes) -> str:
@@ -204,7 +213,8 @@ async def ensure_deployment(
     for name, leaves in ((shard_secret_name(deployment), shard), (client_secret_name(deployment), client)):
         data = {"ca.crt": ca.cert_pem}
         for stem, identity in leaves:
-            pair = ca.issue(identity, LEAF_VALIDITY)
+            hosts = entry_hosts(deployment, namespace) if stem == "stage-0" else ()
+            pair = ca.issue(identity, LEAF_VALIDITY, hosts=hosts)
             data[f"{stem}.crt"], data[f"{stem}.key"] = pair.cert_pem, pair.key_pem
             not_after = min(not_after, pki.not_after(pair.cert_pem))
         obj = _secret(name, namespace, data, labels)

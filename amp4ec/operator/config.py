@@ -63,6 +63,11 @@ class OperatorConfig:
     """Container port of a shard's gRPC server, also the port of every Service the operator makes."""
     metrics_port: int = 9090
     """Container port of a shard's Prometheus /metrics."""
+    v2_rest_port: int = 8000
+    """Port of the Open Inference Protocol's REST front door at each deployment's entry (the
+    entry Service's and the stage-0 containers'); 0 serves no v2 (then ``v2_grpc_port`` is unused)."""
+    v2_grpc_port: int = 8001
+    """Port of the v2 gRPC front door (``inference.GRPCInferenceService``) at each entry."""
     operator_metrics_port: int = 8080
     """Port of the operator's own /metrics (0 = any free port, written to ``metrics_port_file``)."""
     metrics_port_file: str = ""

@@ -256,6 +256,10 @@ def _shard_pod(
         "--cpu-limit", f"{s.cpu:g}",
         *stage.to_args(),
     ]  # fmt: skip
+    entry_v2 = s.stage == 0 and bool(config.v2_rest_port)
+    if entry_v2:  # the v2 front door lives in the entry stage's agent (node_agent/entry.py)
+        args += ["--v2-http-port", str(config.v2_rest_port), "--v2-grpc-port", str(config.v2_grpc_port)]
+        args += ["--v2-model-name", name]
     volumes: list[dict[str, Any]] = []
     mounts: list[dict[str, Any]] = []
     probe_port = config.shard_port
@@ -320,6 +324,11 @@ def _shard_pod(
     }
     if config.tls:
         container["ports"].append({"name": "health", "containerPort": config.health_port})
+    if entry_v2:
+        container["ports"] += [
+            {"name": "v2-rest", "containerPort": config.v2_rest_port},
+            {"name": "v2-grpc", "containerPort": config.v2_grpc_port},
+        ]
     if mounts:
         container["volumeMounts"] = mounts
     pod_spec: dict[str, Any] = {
@@ -409,7 +418,14 @@ def desired_objects(
 
 
 def entry_service(name: str, namespace: str, plan: str, config: OperatorConfig) -> dict[str, Any]:
-    """The one Service clients use; it selects the first stage of every pipeline of ``plan``."""
+    """The one Service clients use; it selects the first stage of every pipeline of ``plan``:
+    amp4ec's own protocol on ``grpc``, the Open Inference Protocol on ``v2-rest`` and ``v2-grpc``."""
+    ports = [{"name": "grpc", "port": config.shard_port, "targetPort": "grpc"}]
+    if config.v2_rest_port:
+        ports += [
+            {"name": "v2-rest", "port": config.v2_rest_port, "targetPort": "v2-rest"},
+            {"name": "v2-grpc", "port": config.v2_grpc_port, "targetPort": "v2-grpc"},
+        ]
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -420,7 +436,7 @@ def entry_service(name: str, namespace: str, plan: str, config: OperatorConfig) 
         },
         "spec": {
             "selector": {LABEL_DEPLOYMENT: label_value(name), LABEL_PLAN: plan, LABEL_STAGE: "0"},
-            "ports": [{"name": "grpc", "port": config.shard_port, "targetPort": "grpc"}],
+            "ports": ports,
         },
     }
 

@@ -1,7 +1,8 @@
 """Pure: the NetworkPolicy of one deployment's shard Pods (one per deployment, owned by it).
 
 Ingress to a shard: its gRPC port from the deployment's own shards (the previous stage) and
-from Pods labelled ``amp4ec.io/client-of: <deployment>`` in the same namespace (its clients);
+from Pods labelled ``amp4ec.io/client-of: <deployment>`` in the same namespace (its clients),
+who may also reach the entry's v2 ports;
 any port from the operator's Pods; the metrics port from Prometheus (namespace and Pod labels
 from the chart). Egress from a shard: DNS, the gRPC port of its own deployment's shards (the
 next stage), and, for an ``https://`` storageUri, that URI's port anywhere but link-local
@@ -50,10 +51,12 @@ def _ingress(name: str, config: OperatorConfig) -> list[dict[str, Any]]:
     clients = {"podSelector": {"matchLabels": {LABEL_CLIENT_OF: label_value(name)}}}
     operator = _peer({_NAMESPACE_NAME: config.operator_namespace}, dict(config.operator_pod_labels))
     prometheus = _peer(dict(config.prometheus_namespace_labels), dict(config.prometheus_pod_labels))
+    v2 = [_tcp(config.v2_rest_port), _tcp(config.v2_grpc_port)] if config.v2_rest_port else []
     return [
         {"from": [own, clients], "ports": [_tcp(config.shard_port)]},
         {"from": [operator]},  # the operator's control calls, whatever port they use
         {"from": [prometheus], "ports": [_tcp(config.metrics_port)]},
+        *([{"from": [clients], "ports": v2}] if v2 else []),  # the entry's v2 front door
     ]
 
 

@@ -542,6 +542,17 @@ def _plan_fields(t: Target, record: PlanRecord, cfg: OperatorConfig) -> dict[str
         "nodes": ",".join(dict.fromkeys(record.nodes)),
         "predicted": record.to_status()["predicted"],
         "endpoint": f"{entry}.{t.namespace}.svc:{cfg.shard_port}",
+        **(
+            {
+                "v2": {
+                    "rest": f"{'https' if cfg.tls else 'http'}://{entry}.{t.namespace}.svc:"
+                    f"{cfg.v2_rest_port}/v2/models/{t.name}",
+                    "grpc": f"{entry}.{t.namespace}.svc:{cfg.v2_grpc_port}",
+                }
+            }
+            if cfg.v2_rest_port
+            else {}
+        ),
         "observedGeneration": t.generation,
     }
 

@@ -128,9 +128,11 @@ class TransportSecurity:
     def channel_credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(self.ca_pem, self.key_pem, self.cert_pem)
 
-    def server_credentials(self) -> grpc.ServerCredentials:
+    def server_credentials(self, require_client_auth: bool = True) -> grpc.ServerCredentials:
         return grpc.ssl_server_credentials(
-            [(self.key_pem, self.cert_pem)], root_certificates=self.ca_pem, require_client_auth=True
+            [(self.key_pem, self.cert_pem)],
+            root_certificates=self.ca_pem,
+            require_client_auth=require_client_auth,
         )
 
 
@@ -165,20 +167,25 @@ def channel(
     )
 
 
-def add_port(server: grpc.aio.Server, address: str, security: TransportSecurity) -> int:
-    """Bind ``address`` (port 0 = any free one) with the security's credentials; returns the port."""
+def add_port(
+    server: grpc.aio.Server, address: str, security: TransportSecurity, *, require_client_auth: bool = True
+) -> int:
+    """Bind ``address`` (port 0 = any free one) with the security's credentials; returns the port.
+
+    ``require_client_auth=False`` only for a public front door whose callers may hold no
+    certificate (``amp4ec serve --client-auth none``); every amp4ec hop requires one."""
     if security.insecure:
         port = server.add_insecure_port(address)
     elif security.files is None:
-        port = server.add_secure_port(address, security.server_credentials())
+        port = server.add_secure_port(address, security.server_credentials(require_client_auth))
     else:
-        port = server.add_secure_port(address, _reloading_credentials(security))
+        port = server.add_secure_port(address, _reloading_credentials(security, require_client_auth))
     if port == 0:
         raise OSError(f"could not bind {address}")
     return port
 
 
-def _reloading_credentials(security: TransportSecurity) -> grpc.ServerCredentials:
+def _reloading_credentials(security: TransportSecurity, require_client_auth: bool) -> grpc.ServerCredentials:
     """Server credentials that pick up renewed files at the next handshake (see the Note above)."""
     current = [security]
 
@@ -195,7 +202,7 @@ def _reloading_credentials(security: TransportSecurity) -> grpc.ServerCredential
         return configuration(fresh)
 
     return grpc.dynamic_ssl_server_credentials(
-        configuration(security), fetch, require_client_authentication=True
+        configuration(security), fetch, require_client_authentication=require_client_auth
     )
 
 
@@ -214,10 +221,13 @@ def server(
 
 
 def peer_identities(context: grpc.aio.ServicerContext) -> frozenset[str]:
-    """The DNS SANs of the peer's certificate, as the TLS handshake verified them."""
+    """The identities (DNS SANs under ``.amp4ec``) of the peer's certificate, as the TLS
+    handshake verified them; a server's other names (``pki`` ``hosts``) are not identities."""
     props = context.auth_context() or {}
     return frozenset(
-        v.decode(errors="replace") for v in props.get("x509_subject_alternative_name", ()) if b"://" not in v
+        name
+        for v in props.get("x509_subject_alternative_name", ())
+        if (name := v.decode(errors="replace")).endswith(".amp4ec") and "://" not in name
     )
 
 

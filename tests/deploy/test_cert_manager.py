@@ -17,6 +17,7 @@ from cryptography import x509
 
 from amp4ec import pki
 from amp4ec.operator import certmanager
+from amp4ec.operator.certs import entry_hosts
 from amp4ec.operator.config import OperatorConfig
 from amp4ec.operator.desired import LABEL_STAGE, desired_objects, plan_record
 from amp4ec.operator.spec import parse_spec
@@ -128,10 +129,12 @@ def test_deployment_certificates_ask_for_the_builtin_identities() -> None:
     wanted = [pki.stage_identity("vision", "mnv2", i) for i in range(3)] + [
         pki.client_identity("vision", "mnv2")
     ]
-    assert [o["spec"]["dnsNames"] for o in objs] == [[w] for w in wanted]
-    for obj, identity in zip(objs, wanted, strict=True):
+    entry = entry_hosts("mnv2", "vision")  # stage 0 serves the v2 front door under these names too
+    hosts = [entry if i == 0 else [] for i in range(len(wanted))]
+    assert [o["spec"]["dnsNames"] for o in objs] == [[w, *h] for w, h in zip(wanted, hosts, strict=True)]
+    for obj, identity, extra in zip(objs, wanted, hosts, strict=True):
         validate_certificate(obj)
-        builtin = _sans(ca.issue(identity).cert_pem)
+        builtin = _sans(ca.issue(identity, hosts=extra).cert_pem)
         assert (obj["spec"]["dnsNames"], obj["spec"]["uris"]) == builtin  # the same subjectAltNames
         assert obj["spec"]["secretTemplate"]["labels"]["amp4ec.io/deployment"] == "mnv2"
     names = [o["spec"]["secretName"] for o in objs]

@@ -1,7 +1,8 @@
-"""``amp4ec serve`` end to end: a real process, its real agents (mutual TLS), real HTTP and
-gRPC clients. Answers equal the monolith's for JSON and binary tensors; the protocol's errors
-for a wrong shape, datatype or model name; a re-plan on a nodes-file change; nothing left
-after SIGINT. The tests share one server and run in file order (the last one stops it)."""
+"""``amp4ec serve`` end to end: a real process, its real agents (mutual TLS), real HTTPS and
+gRPC clients holding the client certificate it wrote. Answers equal the monolith's for JSON
+and binary tensors; the protocol's errors for a wrong shape, datatype or model name; a re-plan
+on a nodes-file change; nothing left after SIGINT (its TLS files included). The tests share one
+server and run in file order (the last one stops it)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -35,8 +37,9 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 MODEL, SEED = "tests.model_zoo:residual_net", 3
 NAME = "residual_net"
-URL_OF_REST = re.compile(r"v2 REST\s+(http://\S+?)/v2/models/")
+URL_OF_REST = re.compile(r"v2 REST\s+(https://\S+?)/v2/models/")
 GRPC_AT = re.compile(r"v2 gRPC\s+(\S+)\s")
+TLS_FILES = re.compile(r"TLS:\s+CA (\S+); client certificate (\S+), key (\S+) \(required\)")
 
 
 @dataclass
@@ -46,6 +49,8 @@ class Server:
     lines: list[str] = field(default_factory=list)
     rest: str = ""
     grpc_target: str = ""
+    tls: tuple[Path, Path, Path] = (Path(), Path(), Path())
+    """(CA, client certificate, key) as the server printed them."""
 
     def output(self) -> str:
         return "\n".join(self.lines)
@@ -75,6 +80,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         assert process.poll() is None, s.output()
         s.rest = URL_OF_REST.search(s.output())[1]  # type: ignore[index]
         s.grpc_target = GRPC_AT.search(s.output())[1]  # type: ignore[index]
+        s.tls = tuple(Path(p) for p in TLS_FILES.search(s.output()).groups())  # type: ignore[union-attr,assignment]
+        _TLS.update(_tls(s))
         yield s
     finally:
         if process.poll() is None:
@@ -92,10 +99,26 @@ def _expected(monolith: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
         return monolith(x).numpy()
 
 
+_TLS: dict[str, Any] = {}
+"""The server's TLS as clients use it: ``context`` (urllib) and ``grpc`` (channel credentials)."""
+
+
+def _tls(server: Server) -> dict[str, Any]:
+    ca, cert, key = server.tls
+    context = ssl.create_default_context(cafile=str(ca))
+    context.load_cert_chain(cert, key)
+    grpc_credentials = grpc.ssl_channel_credentials(ca.read_bytes(), key.read_bytes(), cert.read_bytes())
+    return {"context": context, "grpc": grpc_credentials}
+
+
+def _channel(server: Server) -> grpc.Channel:
+    return grpc.secure_channel(server.grpc_target, _TLS["grpc"])
+
+
 def _post(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     request = urllib.request.Request(url, data=body, headers=headers or {}, method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=60) as reply:
+        with urllib.request.urlopen(request, timeout=60, context=_TLS["context"]) as reply:
             return reply.status, dict(reply.headers), reply.read()
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), e.read()
@@ -103,7 +126,7 @@ def _post(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple
 
 def _get(url: str) -> tuple[int, bytes]:
     try:
-        with urllib.request.urlopen(url, timeout=30) as reply:
+        with urllib.request.urlopen(url, timeout=30, context=_TLS["context"]) as reply:
             return reply.status, reply.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
@@ -182,7 +205,7 @@ def test_rest_binary_tensors_both_ways_equal_the_monolith(server: Server, monoli
 
 def test_grpc_raw_and_typed_contents_equal_the_monolith(server: Server, monolith: torch.nn.Module) -> None:
     x = _x(batch=2, seed=11)
-    with grpc.insecure_channel(server.grpc_target) as channel:
+    with _channel(server) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         assert stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live
         assert stub.ServerReady(pb.ServerReadyRequest(), timeout=10).ready
@@ -284,7 +307,7 @@ def test_grpc_refusals_are_status_codes_naming_the_field(server: Server) -> None
             "raw_input_contents[0]: expected 3072 bytes",
         ),
     ]
-    with grpc.insecure_channel(server.grpc_target) as channel:
+    with _channel(server) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         for request, code, message in cases:
             with pytest.raises(grpc.RpcError) as info:
@@ -298,6 +321,7 @@ def test_grpc_refusals_are_status_codes_naming_the_field(server: Server) -> None
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_the_printed_curl_example_runs(server: Server, monolith: torch.nn.Module) -> None:
     command = next(line for line in server.lines if "try:" in line).split("try:", 1)[1].strip()
+    assert f"curl -s --cacert {server.tls[0]} --cert {server.tls[1]} --key {server.tls[2]} " in command
     done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, check=True, timeout=60)
     out = json.loads(done.stdout)["outputs"][0]
     assert out["shape"] == [1, 10]
@@ -373,10 +397,16 @@ def test_sigint_leaves_nothing_behind(server: Server) -> None:
         if a.endswith(".port")
     }
     assert workdirs and all(d.is_dir() for d in workdirs)
+    tls_dir = server.tls[0].parent
+    assert (
+        oct(tls_dir.stat().st_mode & 0o777) == "0o700"
+        and oct(server.tls[2].stat().st_mode & 0o777) == "0o600"
+    )
     server.process.send_signal(signal.SIGINT)
     assert server.process.wait(timeout=60) == 130, server.output()
     assert not [p for p in agents if _alive(p)]
     assert not [d for d in workdirs if d.exists()]
+    assert not tls_dir.exists()
     cgroups = Path("/sys/fs/cgroup/cpu")
     if cgroups.is_dir():
         assert not list(cgroups.glob(f"amp4ec-{server.process.pid}-*"))

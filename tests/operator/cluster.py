@@ -12,8 +12,10 @@ garbage collector (children whose owner is gone are deleted, cascading).
 pod's own port and next hops rewritten to loopback, its Secret volumes written to a private
 directory and their mount paths rewritten to it), marks it Ready when its gRPC readiness
 probe answers SERVING (on its plaintext health-only port when it has one, as a kubelet cannot
-present a certificate), and maps every Service to a loopback TCP proxy (kube-proxy's job)
-in front of the ready Pods its selector matches. A container whose process exits is restarted
+present a certificate), and maps every Service port to a loopback TCP proxy (kube-proxy's job)
+in front of the ready Pods its selector matches (a named ``targetPort`` resolves through the
+container's ``ports`` to the flag that sets it, e.g. ``--v2-http-port``, read back from the
+port file the rewritten flag names). A container whose process exits is restarted
 per ``restartPolicy`` with the kubelet's CrashLoopBackOff (the first restart at once, then
 10 s doubling to 5 min), each run with a fresh port file, and the Pod status carries what a
 kubelet reports: phase, the Ready and ContainersReady conditions, and ``containerStatuses``
@@ -329,6 +331,8 @@ class _Container:
     log: Path | None = None
     port: int | None = None
     """The running process's gRPC port, read from its own port file (None until it is written)."""
+    named_files: dict[str, Path] = field(default_factory=dict)
+    """Container port name → the port file of the flag that sets it (this run's)."""
     ready: bool = False
     ready_since: str = ""
     runs: int = 0
@@ -374,6 +378,10 @@ class Kubelet:
     stalled: set[str] = field(default_factory=set)
     """Nodes whose containers died and cannot start again, their kubelet still reporting
     (``power_off(node, kubelet_alive=True)``)."""
+    extra_proxies: dict[tuple[str, str, str], tuple[asyncio.base_events.Server, int]] = field(
+        default_factory=dict
+    )
+    """(namespace, Service, target port name) → proxy of a Service's ports after its first."""
     _rr: itertools.count[int] = field(default_factory=itertools.count)
 
     def service_port(self, namespace: str, name: str) -> int | None:
@@ -400,6 +408,9 @@ class Kubelet:
             elif a == "--health-port":
                 next(it)
                 out += ["--health-port", "0", "--health-port-file", str(port_file.with_suffix(".health"))]
+            elif a in _PORT_FLAGS:
+                next(it)
+                out += [a, "0", f"{a}-file", str(port_file.with_suffix(_PORT_FLAGS[a]))]
             elif a == "--host":
                 next(it)
                 out += ["--host", "127.0.0.1"]
@@ -456,6 +467,7 @@ class Kubelet:
             )
         c.runs += 1
         c.port_file, c.port, c.exit_recorded = port_file, None, False
+        c.named_files = _named_port_files(container, port_file)
         health = "--health-port" in container.get("args", [])
         c.health_file = port_file.with_suffix(".health") if health else None
         c.started_at, c.started_iso, c.restart_at = time.monotonic(), _now(), None
@@ -596,6 +608,17 @@ class Kubelet:
             if key not in services:
                 server, _, _ = self.proxies.pop(key)
                 server.close()
+        for extra in list(self.extra_proxies):
+            if extra[:2] not in services:
+                self.extra_proxies.pop(extra)[0].close()
+        for key, svc in services.items():
+            for p in ((svc.get("spec") or {}).get("ports") or [])[1:]:
+                extra = (*key, str(p.get("targetPort", p.get("name", ""))))
+                if extra not in self.extra_proxies:
+                    server = await asyncio.start_server(
+                        lambda r, w, k=key, t=extra[2]: self._forward(k, r, w, t), "127.0.0.1", 0
+                    )
+                    self.extra_proxies[extra] = (server, server.sockets[0].getsockname()[1])
         for key, svc in services.items():
             selector = (svc.get("spec") or {}).get("selector") or {}
             if key not in self.proxies:
@@ -651,8 +674,9 @@ class Kubelet:
                 c.reported = state
                 await self.emulator.patch_status(PODS, key[0], key[1], status)
 
-    def _endpoints(self, key: tuple[str, str]) -> list[int]:
-        """Ports of the ready Pods the Service's selector (as last synced) matches."""
+    def _endpoints(self, key: tuple[str, str], target: str | None = None) -> list[int]:
+        """Ports of the ready Pods the Service's selector (as last synced) matches: their gRPC
+        port, or the one of the container port named ``target``."""
         _, _, selector = self.proxies[key]
         if not selector:
             return []
@@ -661,15 +685,19 @@ class Kubelet:
             for p in self.emulator.live_objects(PODS)
             if p["metadata"]["namespace"] == key[0]
         }
-        return sorted(
-            c.port
+        matched = [
+            c
             for k, c in self.procs.items()
             if c.ready and c.running and c.port is not None and k in pods and _has_labels(pods[k], selector)
-        )
+        ]
+        if target is None:
+            return sorted(c.port for c in matched if c.port is not None)
+        return sorted(p for c in matched if (p := _read_port(c.named_files.get(target))) is not None)
 
-    async def routed_port(self, namespace: str, name: str) -> int | None:
+    async def routed_port(self, namespace: str, name: str, target: str | None = None) -> int | None:
         """The Service's loopback port once its proxy routes as the Service now says (the
-        selector synced and at least one ready Pod behind it); None until then."""
+        selector synced and at least one ready Pod behind it); None until then. ``target``: the
+        port of the Service whose targetPort has that name (not the first)."""
         key = (namespace, name)
         svc = next(
             (
@@ -682,14 +710,22 @@ class Kubelet:
         if svc is None or key not in self.proxies:
             return None
         _, port, selector = self.proxies[key]
-        if selector != ((svc.get("spec") or {}).get("selector") or {}) or not self._endpoints(key):
+        if target is not None:
+            if (*key, target) not in self.extra_proxies:
+                return None
+            port = self.extra_proxies[(*key, target)][1]
+        if selector != ((svc.get("spec") or {}).get("selector") or {}) or not self._endpoints(key, target):
             return None
         return port
 
     async def _forward(
-        self, key: tuple[str, str], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        key: tuple[str, str],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        target: str | None = None,
     ) -> None:
-        ports = self._endpoints(key) if key in self.proxies else []
+        ports = self._endpoints(key, target) if key in self.proxies else []
         if not ports:
             writer.close()
             return
@@ -727,6 +763,32 @@ class Kubelet:
             await asyncio.gather(*self.ending.values(), return_exceptions=True)
         for server, _, _ in self.proxies.values():
             server.close()
+        for server, _ in self.extra_proxies.values():
+            server.close()
+
+
+_PORT_FLAGS = {"--v2-http-port": ".v2-http", "--v2-grpc-port": ".v2-grpc"}
+"""Port flags the kubelet rewrites to a free port and a port file (``<flag>-file``), beside
+``--port`` and ``--health-port``."""
+
+
+def _named_port_files(container: dict[str, Any], port_file: Path) -> dict[str, Path]:
+    """Container port name → the port file of the flag whose value is that containerPort."""
+    args = list(container.get("args", []))
+    files = {"--port": port_file, **{f: port_file.with_suffix(x) for f, x in _PORT_FLAGS.items()}}
+    by_value = {args[i + 1]: files[a] for i, a in enumerate(args[:-1]) if a in files}
+    return {
+        p["name"]: by_value[str(p["containerPort"])]
+        for p in container.get("ports", [])
+        if "name" in p and str(p["containerPort"]) in by_value
+    }
+
+
+def _read_port(path: Path | None) -> int | None:
+    try:
+        return int(path.read_text()) if path is not None else None
+    except (OSError, ValueError):  # not written yet, or half written
+        return None
 
 
 def _scraped(pod: dict[str, Any]) -> bool:
@@ -873,10 +935,10 @@ class FakeCluster:
         assert self.kubelet is not None
         return self.kubelet.service_port(namespace, name)
 
-    def routed_port(self, namespace: str, name: str) -> int | None:
+    def routed_port(self, namespace: str, name: str, target: str | None = None) -> int | None:
         """See ``Kubelet.routed_port`` (read on the cluster's loop, between syncs)."""
         assert self.kubelet is not None
-        return self.call(self.kubelet.routed_port, namespace, name)
+        return self.call(self.kubelet.routed_port, namespace, name, target)
 
     def history(self, resource: str, namespace: str | None, name: str) -> list[dict[str, Any] | None]:
         """See ``Emulator.history`` (read on the cluster's loop, between writes)."""

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from amp4ec import pki
+from amp4ec.operator.certs import entry_hosts
 from tests.deploy.cert_manager import go_duration_s, validate_certificate
 from tests.operator.cluster import NODES, PODS, SECRETS, FakeCluster, Kubectl, environ
 from tests.operator.conftest import (
@@ -203,7 +204,8 @@ def _scenario(env: Env, ca: pki.CertificateAuthority, n: str, tmp_path: Path) ->
     ):
         c = certificates[name]
         validate_certificate(c)
-        assert c["spec"]["dnsNames"] == [identity] and c["spec"]["secretName"] == name
+        hosts = entry_hosts("resnet", n) if "stage-0" in name else []
+        assert c["spec"]["dnsNames"] == [identity, *hosts] and c["spec"]["secretName"] == name
         assert c["spec"]["issuerRef"] == {
             "name": "test-ca",
             "kind": "ClusterIssuer",

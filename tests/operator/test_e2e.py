@@ -10,16 +10,22 @@ puts it back, and ``e2e`` checks that before and after each test.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import itertools
 import json
 import re
+import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import grpc
+import numpy as np
 import pytest
 import torch
 
@@ -140,6 +146,111 @@ def test_create_plans_places_shards_and_answers_like_the_monolith(ns: Namespace,
 
     x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(infer(env, n, "resnet", x, tmp_path), monolith(x))
+
+
+def _https(
+    port: int, host: str, context: ssl.SSLContext, path: str, body: bytes | None = None
+) -> tuple[int, Any]:
+    """One HTTPS request to the loopback ``port`` as if to ``host`` (SNI and the certificate's
+    name check both use ``host``, as they would through the Service's DNS name)."""
+    conn = http.client.HTTPConnection(host, port, timeout=60)
+    conn.sock = context.wrap_socket(
+        socket.create_connection(("127.0.0.1", port), timeout=60), server_hostname=host
+    )
+    try:
+        conn.request("POST" if body is not None else "GET", path, body=body)
+        reply = conn.getresponse()
+        return reply.status, json.loads(reply.read() or b"null")
+    finally:
+        conn.close()
+
+
+def test_the_entry_serves_the_open_inference_protocol_like_the_monolith(ns: Namespace) -> None:
+    from amp4ec.wire.oip import grpc_predict_v2_pb2 as pb
+    from amp4ec.wire.oip import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    env, n = ns.env, ns.name
+    ns.create("resnet", PINNED)
+    obj = wait_serving(env, n, "resnet")
+    assert len(obj["status"]["plan"]["stages"]) >= 2  # the answer crosses a hop
+    host = f"resnet.{n}.svc"
+    assert obj["status"]["v2"] == {"rest": f"https://{host}:8000/v2/models/resnet", "grpc": f"{host}:8001"}
+    rest_port, grpc_port = (
+        wait_for(lambda t=t: env.cluster.routed_port(n, "resnet", t), 30, f"the entry's {t} port")
+        for t in ("v2-rest", "v2-grpc")
+    )
+    tls = env.client_tls(n, "resnet")  # --ca CA --cert CERT --key KEY: the client Secret
+    ca, cert, key = tls[1], tls[3], tls[5]
+    context = ssl.create_default_context(cafile=ca)
+    context.load_cert_chain(cert, key)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    expected = monolith(x).numpy()
+
+    status, meta = _https(rest_port, host, context, "/v2/models/resnet")
+    assert status == 200 and meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 3, 16, 16]}]
+    tensor = {"name": "x", "datatype": "FP32", "shape": [2, 3, 16, 16], "data": x.flatten().tolist()}
+    status, reply = _https(
+        rest_port, host, context, "/v2/models/resnet/infer", json.dumps({"inputs": [tensor]}).encode()
+    )
+    assert status == 200, reply
+    np.testing.assert_allclose(np.array(reply["outputs"][0]["data"]).reshape(2, 10), expected, atol=1e-5)
+    for change, code, message in [
+        ({"shape": [2, 3, 16]}, 400, "inputs[0].shape: expected [-1, 3, 16, 16]"),
+        ({"datatype": "INT32"}, 400, "inputs[0].datatype: expected FP32, actual 'INT32'"),
+    ]:
+        body = json.dumps({"inputs": [{**tensor, **change}]}).encode()
+        status, reply = _https(rest_port, host, context, "/v2/models/resnet/infer", body)
+        assert status == code and message in reply["error"], reply
+    status, reply = _https(rest_port, host, context, "/v2/models/mobilenet/infer", b"{}")
+    assert status == 404 and "model 'mobilenet' is not served here" in reply["error"]
+    with pytest.raises((ssl.SSLError, ConnectionError)):  # no client certificate: no handshake
+        _https(rest_port, host, ssl.create_default_context(cafile=ca), "/v2/health/ready")
+
+    credentials = grpc.ssl_channel_credentials(
+        Path(ca).read_bytes(), Path(key).read_bytes(), Path(cert).read_bytes()
+    )
+    options = [("grpc.ssl_target_name_override", host)]
+    with grpc.secure_channel(f"127.0.0.1:{grpc_port}", credentials, options) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        spec = pb.ModelInferRequest.InferInputTensor
+        request = pb.ModelInferRequest(
+            model_name="resnet",
+            inputs=[spec(name="x", datatype="FP32", shape=[2, 3, 16, 16])],
+            raw_input_contents=[x.numpy().tobytes()],
+        )
+        reply = stub.ModelInfer(request, timeout=60)
+        got = np.frombuffer(reply.raw_output_contents[0], dtype=np.float32).reshape(2, 10)
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        for wrong, code in [
+            (pb.ModelInferRequest(model_name="nope"), grpc.StatusCode.NOT_FOUND),
+            (
+                pb.ModelInferRequest(
+                    model_name="resnet",
+                    inputs=[spec(name="x", datatype="FP32", shape=[2, 3, 8, 8])],
+                    raw_input_contents=[bytes(1536)],
+                ),
+                grpc.StatusCode.INVALID_ARGUMENT,
+            ),
+            (
+                pb.ModelInferRequest(
+                    model_name="resnet",
+                    inputs=[spec(name="x", datatype="FP64", shape=[2, 3, 16, 16])],
+                    raw_input_contents=[bytes(12288)],
+                ),
+                grpc.StatusCode.INVALID_ARGUMENT,
+            ),
+        ]:
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ModelInfer(wrong, timeout=30)
+            assert info.value.code() == code, info.value.details()
+
+    if shutil.which("curl"):  # the README's recipe: the Service's name resolved to a port-forward
+        done = subprocess.run(
+            ["curl", "-sf", "--cacert", ca, "--cert", cert, "--key", key,
+             "--resolve", f"{host}:{rest_port}:127.0.0.1", f"https://{host}:{rest_port}/v2/models/resnet/ready"],
+            capture_output=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
 
 
 async def _traffic(port: int, x: torch.Tensor, at_least: int, for_s: float, tls: list[str]) -> list[float]:

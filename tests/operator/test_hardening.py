@@ -426,12 +426,12 @@ def test_the_network_policy_admits_own_stages_clients_operator_and_prometheus_on
     assert spec["policyTypes"] == ["Ingress", "Egress"]
     for pod in _pods(objs):  # it selects every shard Pod of every plan
         assert spec["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
-    grpc, operator, metrics = spec["ingress"]
+    grpc, operator, metrics, v2 = spec["ingress"]
     assert grpc["ports"] == [{"protocol": "TCP", "port": config.shard_port}]
-    assert grpc["from"] == [
-        {"podSelector": spec["podSelector"]},
-        {"podSelector": {"matchLabels": {"amp4ec.io/client-of": "mnv2"}}},
-    ]
+    clients = {"podSelector": {"matchLabels": {"amp4ec.io/client-of": "mnv2"}}}
+    assert grpc["from"] == [{"podSelector": spec["podSelector"]}, clients]
+    # The entry's v2 front door: its clients only, not the other stages.
+    assert v2 == {"from": [clients], "ports": [{"protocol": "TCP", "port": p} for p in (8000, 8001)]}
     assert operator["from"] == [
         {
             "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "amp4ec-system"}},
@@ -445,6 +445,51 @@ def test_the_network_policy_admits_own_stages_clients_operator_and_prometheus_on
     assert next_stage == {"to": [{"podSelector": spec["podSelector"]}], "ports": grpc["ports"]}
     for version in KUBE_VERSIONS:
         kubernetes_validate.validate(policy, version, strict=True)
+
+
+def test_only_the_entry_stage_serves_v2_on_the_entry_services_ports() -> None:
+    objs = _objects("mnv2")
+    entry, later = sorted(_pods(objs), key=lambda p: p["metadata"]["labels"]["amp4ec.io/stage"])
+    container = entry["spec"]["containers"][0]
+    args = container["args"]
+    assert (
+        args[args.index("--v2-http-port") + 1] == "8000" and args[args.index("--v2-grpc-port") + 1] == "8001"
+    )
+    assert args[args.index("--v2-model-name") + 1] == "mnv2"
+    assert {"name": "v2-rest", "containerPort": 8000} in container["ports"]
+    assert not [a for a in later["spec"]["containers"][0]["args"] if a.startswith("--v2")]
+    (service,) = [
+        o for o in objs if o["kind"] == "Service" and o["metadata"]["labels"]["amp4ec.io/role"] == "entry"
+    ]
+    assert [(p["name"], p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [
+        ("grpc", 50051, "grpc"),
+        ("v2-rest", 8000, "v2-rest"),
+        ("v2-grpc", 8001, "v2-grpc"),
+    ]
+    for version in KUBE_VERSIONS:
+        kubernetes_validate.validate(entry, version, strict=True)
+        kubernetes_validate.validate(service, version, strict=True)
+    off = _objects("mnv2", config=OperatorConfig(v2_rest_port=0))
+    assert not [a for p in _pods(off) for a in p["spec"]["containers"][0]["args"] if a.startswith("--v2")]
+    assert len(_policy(config=OperatorConfig(v2_rest_port=0))["spec"]["ingress"]) == 3
+
+
+def test_the_entry_certificate_names_the_entry_service() -> None:
+    from cryptography import x509
+
+    from amp4ec import pki
+    from amp4ec.operator.certs import entry_hosts
+
+    ca = pki.CertificateAuthority.create()
+    pair = ca.issue(pki.stage_identity("ml", "mnv2", 0), hosts=entry_hosts("mnv2", "ml"))
+    san = x509.load_pem_x509_certificate(pair.cert_pem).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
+    assert san.value.get_values_for_type(x509.DNSName) == [
+        "stage-0.mnv2.ml.amp4ec", "mnv2", "mnv2.ml", "mnv2.ml.svc", "mnv2.ml.svc.cluster.local",
+    ]  # fmt: skip
+    with pytest.raises(InvalidSpec, match=r"hosts: expected an IP address or a DNS name not under \.amp4ec"):
+        ca.issue("client.mnv2.ml.amp4ec", hosts=["stage-0.mnv2.ml.amp4ec"])  # an identity is never a host
 
 
 def test_https_storage_opens_its_port_but_never_link_local() -> None:

@@ -34,7 +34,15 @@ STRATEGIES = ("optimal", "paper", "equal", "memory", "replicate", "monolith", MA
 node with the configuration's total CPU (and memory), which the others are compared with."""
 UNAWARE = "optimal_unaware"
 """The optimal plan made as if every link were loopback, deployed on the slow links."""
-ALL_CONFIGURATIONS = ("standard", "scale-down", "scale-up", "big-model", "slow-links", "failover")
+ALL_CONFIGURATIONS = (
+    "standard",
+    "scale-down",
+    "scale-up",
+    "big-model",
+    "slow-links",
+    "failover",
+    "multi-tenant",
+)
 CLIENT_HEADROOM = 0.2
 """Fraction of the machine's cores kept for the load generator (the client is a process too)."""
 
@@ -102,6 +110,8 @@ class Configuration:
     killed (SIGKILL) or hung (SIGSTOP) mid-run."""
     compare_transport: bool = False
     """Also measure the optimal and equal plans without TLS (``amp4ec.bench.transport``)."""
+    tenants: int = 0
+    """Deployments of the model sharing the nodes (``amp4ec.bench.tenants``); 0: one deployment."""
 
     @property
     def total_cpu(self) -> float:
@@ -188,6 +198,20 @@ def configurations(
             note=(
                 "optimal = whole-model replicas (survivors keep serving); equal = one 3-stage split, "
                 "re-planned on the two survivors (new stages loaded)"
+            ),
+        ),
+        Configuration(
+            "multi-tenant",
+            "4 deployments of the model share 3 nodes (1.0/0.6/0.4 CPU), each planned on its fair share",
+            source,
+            _nodes(standard),
+            ("optimal",),
+            sizes,
+            tenants=4,
+            note=(
+                "each tenant planned in turn on min(its fair share, what is free) of each node, as the "
+                "operator plans a deployment; every (tenant, node) stage in an agent of its own under a "
+                "CPU quota of its share; all tenants driven at once, closed loop"
             ),
         ),
     ]

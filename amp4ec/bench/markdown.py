@@ -72,6 +72,8 @@ def _config(config: dict[str, Any]) -> list[str]:
         return [title, "", f"{config.get('status', 'failed')}: {config.get('reason', '')}", ""]
     if config.get("kind") == "failover":
         return [title, "", *_failover(config)]
+    if config.get("kind") == "multi-tenant":
+        return [title, "", *_multi_tenant(config)]
     nodes = ", ".join(
         f"{n['name']} {n['cpu']:g} CPU" + (f"/{n['memory_mb']:.0f} MB" if n.get("memory_mb") else "")
         for n in config["nodes"]
@@ -164,6 +166,32 @@ def _failover(config: dict[str, Any]) -> list[str]:
             f"| {_f(r['to_full_s'], 2)} (< {r['target_s']:g}) "
             f"| {_f(r['p99_before_ms'])} / {_f(r['p99_window_ms'])} ({_f(r['max_window_ms'])}) "
             f"| {_f(r['rps_before'])} → {_f(r['rps_after'])} | {after} | {'yes' if r['met'] else '**no**'} |"
+        )
+    return [*lines, ""]
+
+
+def _multi_tenant(config: dict[str, Any]) -> list[str]:
+    nodes = ", ".join(f"{n['name']} {n['cpu']:g} CPU" for n in config["nodes"])
+    ideal = (config.get("ideal") or {}).get("rps")
+    lines = [
+        f"Model {config['model']}, nodes {nodes} (shares scaled by {config['scale_factor']:.2f}); "
+        f"{len(config['tenants'])} tenants, {config['requests_per_tenant']} requests each, all driven at "
+        f"once. *Ideal* = each node running the whole model alone under its full share, all nodes "
+        f"driven at once (as the tenants are), summed. "
+        f"CPU limits: {config.get('cpu_limits', '')}."
+        + (f" Note: {config['note']}." if config.get("note") else ""),
+        "",
+        f"Aggregate {_f(config['aggregate_rps'])} req/s = {_x(config.get('fraction_of_ideal'))} the ideal "
+        f"{_f(ideal)} req/s.",
+        "",
+        "| tenant | plan | CPU granted (fair) | req/s (predicted) | share of aggregate (fair) |",
+        "|---|---|--:|--:|--:|",
+    ]
+    for t in config["tenants"]:
+        lines.append(
+            f"| {t['name']} | {_plan(t)} | {t['cpu']:.2f} ({t['fair_cpu']:.2f}) "
+            f"| {_f(t['rps'])} ({_f(t['predicted_rps'])}) "
+            f"| {100 * (t['share'] or 0):.0f}% ({100 * t['fair_share']:.0f}%) |"
         )
     return [*lines, ""]
 

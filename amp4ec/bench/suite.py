@@ -14,6 +14,7 @@ from amp4ec.bench.links import links_available
 from amp4ec.bench.progress import ProgressSink
 from amp4ec.bench.report import machine, summarise
 from amp4ec.bench.runner import run_configuration, steps
+from amp4ec.bench.tenants import run_multi_tenant
 from amp4ec.errors import Amp4ecError
 from amp4ec.slicing import ModelSource
 from amp4ec.slicing.prepare import Prepared, prepare
@@ -68,7 +69,7 @@ async def run_bench(options: BenchOptions, progress: ProgressSink | None = None)
             sink.phase(f"profiling {config.source.spec}")
             prepared[config.source] = await asyncio.to_thread(prepare, config.source)
         try:
-            run = run_failover if config.faults else run_configuration
+            run = run_failover if config.faults else run_multi_tenant if config.tenants else run_configuration
             result = await run(
                 config,
                 prepared[config.source],

@@ -80,6 +80,11 @@ class OperatorConfig:
     """Delay between checks while shard Pods start (the handler's TemporaryError delay)."""
     infeasible_retry_s: float = 30.0
     """Delay before planning again when no placement fits (capacity may grow)."""
+    min_shard_cpu: float = 0.1
+    """Least CPU share (cores) worth a shard: a node offering a deployment less is left out of
+    its plan (placement.py)."""
+    unschedulable_wait_s: float = 60.0
+    """How long a shard Pod may stay Unschedulable before the operator re-plans around its node."""
     prometheus_timeout_s: float = 5.0
     """Timeout of one PromQL query."""
     measure_window: str = "2m"

@@ -33,6 +33,8 @@ class Rollout:
 
     plan: PlanRecord
     reason: str
+    victims: tuple[tuple[str, str], ...] = ()
+    """Lower-priority deployments (namespace, name) asked to re-plan off what this plan takes."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ def choose(
     threshold: float,
     hysteresis: bool,
     faults: Mapping[str, Fault],
+    forced: str = "the spec changed",
     blocks: Sequence[Any],
     nodes: Sequence[NodeCapacity],
     links: Sequence[Link] = (),
@@ -82,7 +85,8 @@ def choose(
 
     A plan through a lost node is replaced whatever the gain (it cannot serve); otherwise the
     proposal must beat the current plan, re-priced on today's capacity, by ``threshold``
-    (unless ``hysteresis`` is off: a spec change rolls out whatever differs)."""
+    (unless ``hysteresis`` is off: a spec change, or room asked for by a higher priority —
+    ``forced`` says which — rolls out whatever differs)."""
     if current is None:
         return Rollout(proposal, "no current plan")
     lost = sorted(n for n in set(current.nodes) if n in faults and faults[n].lost)
@@ -91,7 +95,7 @@ def choose(
     if lost:
         return Rollout(proposal, "; ".join(faults[n].message for n in lost))
     if not hysteresis:
-        return Rollout(proposal, "the spec changed")
+        return Rollout(proposal, forced)
     try:
         reason = planner.replan_reason(
             as_plan(current),

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from amp4ec import pki
@@ -115,6 +115,21 @@ class PlanRecord:
     @property
     def nodes(self) -> tuple[str, ...]:
         return tuple(s.node for s in self.stages)
+
+    def without(self, nodes: set[str]) -> PlanRecord | None:
+        """The same plan (same id: its Pods and Services stay) less the pipelines through
+        ``nodes``; None when none is left or none goes. Predictions are those of what is left."""
+        gone = {s.pipeline for s in self.stages if s.node in nodes}
+        kept = tuple(s for s in self.stages if s.pipeline not in gone)
+        if not gone or not kept:
+            return None
+        chains: dict[int, list[float]] = {}
+        for s in kept:
+            chains.setdefault(s.pipeline, []).append(s.predicted_ms)
+        bottleneck = max(max(ms) for ms in chains.values())
+        rate = sum(1000.0 / max(ms) if max(ms) > 0 else 0.0 for ms in chains.values())
+        latency = max(self.latency_ms, min(sum(ms) for ms in chains.values()))
+        return replace(self, stages=kept, throughput_rps=rate, bottleneck_ms=bottleneck, latency_ms=latency)
 
     def to_status(self) -> dict[str, Any]:
         return {

@@ -139,4 +139,5 @@ async def deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     memo.deps.last_measure.pop(meta.uid, None)
     memo.deps.issued.pop(meta.uid, None)
     memo.deps.lost.forget(meta.uid)
+    memo.deps.assumed.pop(meta.uid, None)
     memo.locks.pop(meta.uid, None)

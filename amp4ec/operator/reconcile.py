@@ -12,18 +12,19 @@ _settle (make-before-break, then keep the active plan's objects present).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
 from amp4ec import pki
 from amp4ec.errors import InvalidSpec, PlanInfeasible
-from amp4ec.operator import certmanager, certs, metrics
+from amp4ec.operator import certmanager, certs, metrics, nudge
 from amp4ec.operator.capacity import CapacityUnavailable, Prometheus
 from amp4ec.operator.config import OperatorConfig
 from amp4ec.operator.decide import Blocked, Keep, Rollout, choose
@@ -51,12 +52,27 @@ from amp4ec.operator.faults import (
 from amp4ec.operator.k8s import Conflict, Kube, KubeError, KubeUnavailable, matches
 from amp4ec.operator.measured import measured_queries, measured_status, scalar
 from amp4ec.operator.names import label_value, owned_by, owner_names
+from amp4ec.operator.placement import (
+    Held,
+    Pending,
+    Resources,
+    Tenant,
+    budgets,
+    holdings,
+    narrow,
+    node_allocatable,
+    pressure,
+    shortage,
+    tenants_of,
+    unschedulable,
+)
 from amp4ec.operator.podsecurity import node_selector
 from amp4ec.operator.profiles import Profiler, ProfilerUnavailable
 from amp4ec.operator.spec import DeploymentSpec, parse_spec
 from amp4ec.operator.status import Phase, condition, merge_conditions, now_iso, with_ready
 from amp4ec.operator.storage_hosts import HostRefused, HostUnresolved, resolve_checked_async
-from amp4ec.planner.types import Pin
+from amp4ec.planner.shares import scaled
+from amp4ec.planner.types import NodeCapacity, Pin
 from amp4ec.scheduling import timed_plan
 
 __all__ = ["Deps", "Outcome", "Target", "measure", "reconcile"]
@@ -84,6 +100,11 @@ class Deps:
     """Nodes whose shards keep failing, left out of planning for a while (back-off)."""
     lost: LostNodes = field(default_factory=LostNodes)
     """Nodes found lost by stale metrics, named in Degraded until the plans leave them."""
+    placing: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Held while a deployment reads what the nodes hold and plans (one at a time, as the scheduler)."""
+    assumed: dict[str, tuple[float, list[tuple[str, Held]]]] = field(default_factory=dict)
+    """Deployment uid → (until, [(node, requests)]) of a plan decided but whose Pods are not
+    created yet: counted as held by the others' budgets (kube-scheduler's "assumed" Pods)."""
 
 
 @dataclass(frozen=True)
@@ -183,10 +204,17 @@ async def _reconcile(
         return None  # between re-plan checks, nothing wrong: nothing to do
     if trigger == "timer" and current is None and rollout is None:
         return None  # first deployments belong to the create/resume handlers (they retry)
+    # Shard Pods the scheduler could not place for too long: re-plan around their nodes.
+    stuck = _stuck(deps, _of_plans(pods, current, rollout))
+    # A higher-priority deployment waits for a node where this one holds more than its fair share.
+    pressed = (
+        await _pressure(deps, t, spec, nodes, current) if current and (due or trigger == "event") else {}
+    )
 
     degraded: dict[str, Any] = condition("Degraded", False, "AsPlanned", "capacity is fresh for every node")
     new_plan = False
     lost_rollout = rollout is not None and any(faults[n].lost for n in rollout.nodes if n in faults)
+    superseded = rollout
     if (
         (current is None and rollout is None)
         or spec_changed
@@ -194,23 +222,44 @@ async def _reconcile(
         or lost_rollout
         or (rollout is None and any(f.lost for f in faults.values()))
         or (rollout is None and trouble)
+        or bool(stuck)
+        or (rollout is None and bool(pressed))
     ):
         deps.last_check[t.uid] = now
-        decision = await _propose(deps, t, spec, current, nodes, pods, faults, hysteresis=not spec_changed)
+        decision = await _propose(
+            deps,
+            t,
+            spec,
+            current,
+            nodes,
+            pods,
+            faults,
+            hysteresis=not spec_changed and not pressed,
+            avoid=stuck,
+            forced=f"room is asked for on {', '.join(sorted(pressed))}" if pressed else "the spec changed",
+        )
         if isinstance(decision, Keep):
             rollout = None
             if decision.degraded is not None:
                 degraded = decision.degraded
         else:
             assert isinstance(decision, Rollout)
-            if current is None or decision.plan.id != current.id:
+            await _make_room(deps, t, decision)
+            if current is not None and decision.plan.id == current.id and decision.plan != current:
+                current, rollout = decision.plan, None  # pipelines through lost nodes dropped in place
+                log.info("%s/%s: %s", t.namespace, t.name, decision.reason)
+            elif current is None or decision.plan.id != current.id:
                 rollout, new_plan = decision.plan, True
                 log.info("%s/%s: re-plan: %s", t.namespace, t.name, decision.reason)
             else:
                 rollout = None
+        if pressed:
+            degraded = _preempted(pressed, decision)
     fault = _worst(faults)
     if fault is not None:  # a fault named from the moment it is seen, over any capacity note
         degraded = condition("Degraded", True, fault.reason, fault.message)
+    if superseded is not None and superseded.id not in {r.id for r in (rollout, current) if r is not None}:
+        await _drop_plan(deps, t, superseded)  # a rollout replaced before it served: nothing to drain
 
     if rollout is not None and (current is None or rollout.id != current.id):
         if new_plan:
@@ -248,10 +297,28 @@ async def _propose(
     faults: dict[str, Fault],
     *,
     hysteresis: bool,
+    avoid: Mapping[str, str] | None = None,
+    forced: str = "the spec changed",
 ) -> Keep | Rollout:
     """Plan on the healthy nodes and decide (``decide.choose``); a ``Blocked`` decision ends the
     reconciliation here with its condition."""
-    decision = await _decide(deps, t, spec, current, node_objs, pods, faults, hysteresis=hysteresis)
+    with contextlib.suppress(Exception):  # profiled outside the placing lock (errors: in _decide)
+        await deps.profiler.costs(spec)
+    async with deps.placing:
+        decision = await _decide(
+            deps,
+            t,
+            spec,
+            current,
+            node_objs,
+            pods,
+            faults,
+            hysteresis=hysteresis,
+            avoid=avoid or {},
+            forced=forced,
+        )
+        if isinstance(decision, Rollout) and (current is None or decision.plan.id != current.id):
+            _assume(deps, t, decision.plan)
     if not isinstance(decision, Blocked):
         return decision
     metrics.RECONCILE_ERRORS.labels(t.namespace, t.name, decision.reason).inc()
@@ -279,6 +346,8 @@ async def _decide(
     faults: dict[str, Fault],
     *,
     hysteresis: bool,
+    avoid: Mapping[str, str],
+    forced: str,
 ) -> Keep | Rollout | Blocked:
     cfg = deps.config
     try:
@@ -308,6 +377,11 @@ async def _decide(
         return Blocked(
             "NoNodes", f"no ready node matches nodeSelector {selector}{out}", cfg.infeasible_retry_s
         )
+    lost_now = {n for n, f in faults.items() if f.lost}
+    shrunk = current.without(lost_now) if current is not None and lost_now else None
+    if shrunk is not None:  # the other pipelines serve on: no new Pods, nothing to make room for
+        why = "; ".join(faults[n].message for n in sorted(lost_now) if n in current.nodes)  # type: ignore[union-attr]
+        return Rollout(shrunk, f"pipelines through lost nodes dropped, the others serve on: {why}")
     keep_ok = current is not None and hysteresis and not any(f.lost for f in faults.values())
     try:
         cap = await deps.prometheus.capacity(nodes, costs.reference_ms, cfg.capacity_max_age_s)
@@ -332,10 +406,18 @@ async def _decide(
             metrics.RECONCILE_ERRORS.labels(t.namespace, t.name, "CapacityStale").inc()
             detail = "; ".join(f"{n}: {why}" for n, why in sorted(stale.items()))
             return Keep(condition("Degraded", True, "CapacityStale", f"keeping the current plan: {detail}"))
-    usable = {n: c for n, c in cap.nodes.items() if not (n in faults and faults[n].lost)}
-    if not usable:
+    measured = {n: c for n, c in cap.nodes.items() if not (n in faults and faults[n].lost)}
+    if not measured:
         detail = "; ".join(f"{n}: {why}" for n, why in sorted(cap.missing.items())) or "all lost"
         return Blocked("NoCapacity", f"no node has fresh capacity metrics ({detail})", cfg.infeasible_retry_s)
+    usable, left, victims = await _within_budget(deps, t, spec, node_objs, measured, avoid)
+    if not usable:
+        if current is not None and not lost_now:
+            return Keep()  # nothing better fits now; the plan serves on
+        need = min(b.param_bytes + b.act_bytes for b in costs.blocks) + cfg.memory_overhead_bytes
+        return Blocked(
+            "InsufficientCapacity", shortage(left, cfg.min_shard_cpu, need), cfg.infeasible_retry_s
+        )
     pins = [Pin(p.first_block, p.last_block, p.node) for p in spec.placement]
     try:
         plan, _ = timed_plan(
@@ -351,22 +433,146 @@ async def _decide(
             pinned=pins,
         )
     except PlanInfeasible as exc:
-        return Blocked("PlanInfeasible", str(exc), retry_s=cfg.infeasible_retry_s)
+        if current is not None and not lost_now and left:
+            return Keep()  # nothing better fits beside the current plan; it serves on
+        detail = f" (left out: {'; '.join(f'{n}: {w}' for n, w in sorted(left.items()))})" if left else ""
+        return Blocked("PlanInfeasible", f"{exc}{detail}", retry_s=cfg.infeasible_retry_s)
     except InvalidSpec as exc:  # a pin the model or the nodes cannot honour: the user's to fix
         return Blocked("InvalidPlacement", str(exc), permanent=True)
     proposal = plan_record(spec, plan, {n: c.cpu for n, c in usable.items()})
-    return choose(
+    decision = choose(
         current,
         proposal,
         plan,
         threshold=spec.replan.gain_threshold,
         hysteresis=hysteresis,
+        forced=forced,
         faults=faults,
         blocks=costs.blocks,
-        nodes=list(usable.values()),
+        nodes=list({**usable, **_held_capacity(current, measured)}.values()),
         links=list(cap.links),
         input_bytes=costs.input_bytes,
     )
+    if isinstance(decision, Rollout):
+        asked = {n for n in proposal.nodes if n in victims}
+        decision = replace(decision, victims=tuple(sorted({v for n in asked for v in victims[n]})))
+    return decision
+
+
+def _held_capacity(
+    current: PlanRecord | None, measured: Mapping[str, NodeCapacity]
+) -> dict[str, NodeCapacity]:
+    """The nodes of the current plan as it holds them (its Pods' CPU share): what it is re-priced
+    on, since its own Pods count as held in the budgets a new plan gets."""
+    if current is None:
+        return {}
+    return {s.node: scaled(measured[s.node], s.cpu) for s in current.stages if s.node in measured}
+
+
+async def _within_budget(
+    deps: Deps,
+    t: Target,
+    spec: DeploymentSpec,
+    node_objs: list[dict[str, Any]],
+    measured: dict[str, NodeCapacity],
+    avoid: Mapping[str, str],
+) -> tuple[dict[str, NodeCapacity], dict[str, str], dict[str, tuple[tuple[str, str], ...]]]:
+    """Measured capacity cut to what this deployment may take on each node (placement.py): the
+    nodes kept, those left out (node → why), and per node the lower-priority deployments whose
+    excess over their fair share the budget counted on."""
+    cfg = deps.config
+    me, tenants, nodes, held = await _placed(deps, t, spec, node_objs)
+    preempt = spec.preemption_policy == "PreemptLowerPriority"
+    budget = budgets(me, tenants, nodes, held, preempt=preempt)
+    usable, left = narrow(
+        measured, budget, min_cpu=cfg.min_shard_cpu, overhead_bytes=cfg.memory_overhead_bytes
+    )
+    for node, why in avoid.items():
+        if usable.pop(node, None) is not None:
+            left[node] = why
+    victims = {n: b.victims for n, b in budget.items() if b.victims and b.cpu > b.free_cpu + 1e-9}
+    return usable, left, victims
+
+
+async def _placed(
+    deps: Deps, t: Target, spec: DeploymentSpec, node_objs: list[dict[str, Any]]
+) -> tuple[Tenant, list[Tenant], dict[str, Any], dict[str, Any]]:
+    """This deployment and its competitors, the nodes' allocatable and labels, and what every
+    Pod holds where (all namespaces: other workloads count too)."""
+    cfg = deps.config
+    others = tenants_of(await deps.kube.list("InferenceDeployment", None), cfg.shard_node_selector)
+    others = [o for o in others if (o.namespace, o.name) != (t.namespace, t.name)]
+    me = Tenant(t.namespace, t.name, spec.priority, node_selector(spec, cfg))
+    nodes = {
+        n["metadata"]["name"]: (alloc, n["metadata"].get("labels") or {})
+        for n in node_objs
+        if (alloc := node_allocatable(n)) is not None
+    }
+    held = holdings(await deps.kube.list("Pod", None))
+    now = time.monotonic()
+    for uid, (until, assumed) in list(deps.assumed.items()):
+        if until < now:
+            del deps.assumed[uid]
+        elif uid != t.uid:
+            for node, h in assumed:
+                held.setdefault(node, []).append(h)
+    return me, others, nodes, held
+
+
+async def _pressure(
+    deps: Deps, t: Target, spec: DeploymentSpec, node_objs: list[dict[str, Any]], current: PlanRecord
+) -> dict[str, str]:
+    """Nodes this deployment should move off for a higher-priority one (placement.pressure)."""
+    me, tenants, nodes, held = await _placed(deps, t, spec, node_objs)
+    return pressure(me, tenants, nodes, held, current.id)
+
+
+ASSUME_S = 60.0
+"""How long a decided plan counts as held before its Pods exist (a reconciliation that failed
+between deciding and creating them leaves nothing behind for long)."""
+
+
+def _assume(deps: Deps, t: Target, record: PlanRecord) -> None:
+    """Count ``record``'s requests as held until its Pods exist (``_roll_out`` forgets them)."""
+    owner = (t.namespace, label_value(t.name))
+    overhead = deps.config.memory_overhead_bytes
+    held = [
+        (s.node, Held(owner, record.id, Resources(s.cpu, s.memory_bytes + overhead), bound=False))
+        for s in record.stages
+    ]
+    deps.assumed[t.uid] = (time.monotonic() + ASSUME_S, held)
+
+
+async def _make_room(deps: Deps, t: Target, decision: Rollout) -> None:
+    """Ask the lower-priority deployments this plan counts on moving to re-plan now."""
+    for namespace, name in decision.victims:
+        log.info("%s/%s: asking %s/%s to make room", t.namespace, t.name, namespace, name)
+        await nudge.request(deps.kube, namespace, name, f"make room for {t.namespace}/{t.name}")
+
+
+def _preempted(pressed: Mapping[str, str], decision: Keep | Rollout) -> dict[str, Any]:
+    detail = "; ".join(pressed[n] for n in sorted(pressed))
+    if isinstance(decision, Rollout):
+        return condition("Degraded", True, "Preempted", f"re-planning off: {detail}")
+    return condition("Degraded", True, "Preempted", f"no room elsewhere yet, keeping the plan: {detail}")
+
+
+def _stuck(deps: Deps, pods: list[dict[str, Any]]) -> dict[str, str]:
+    """Nodes of shard Pods Unschedulable for longer than ``unschedulable_wait_s``: node → why."""
+    now = datetime.datetime.now(tz=datetime.timezone.utc)
+    wait = deps.config.unschedulable_wait_s
+    return {
+        p.node: f"unschedulable for {wait:g} s: {p.message}"
+        for p in unschedulable(pods)
+        if p.waited_s(now) > wait
+    }
+
+
+async def _drop_plan(deps: Deps, t: Target, record: PlanRecord) -> None:
+    """Delete a plan's Pods and Services that never served (a rollout replaced by another)."""
+    labels = {LABEL_DEPLOYMENT: label_value(t.name), LABEL_PLAN: record.id}
+    for kind in ("Pod", "Service"):
+        await deps.kube.delete_all(kind, await _owned(deps, t, kind, labels))
 
 
 async def _check_storage_host(spec: DeploymentSpec, cfg: OperatorConfig) -> None:
@@ -529,9 +735,17 @@ async def _retire_certificates(deps: Deps, t: Target, record: PlanRecord) -> Non
     await deps.kube.delete_all("Certificate", stale)
 
 
-async def _shards_ready(deps: Deps, t: Target, record: PlanRecord) -> tuple[int, int]:
+async def _shards_ready(deps: Deps, t: Target, record: PlanRecord) -> tuple[int, int, list[Pending]]:
+    """Ready shards of ``record``, its stage count, and its shards the scheduler cannot place."""
     pods = await _owned(deps, t, "Pod", {LABEL_DEPLOYMENT: label_value(t.name), LABEL_PLAN: record.id})
-    return sum(pod_ready(p) for p in pods), len(record.stages)
+    return sum(pod_ready(p) for p in pods), len(record.stages), unschedulable(pods)
+
+
+def _unschedulable_condition(ready: int, total: int, pending: list[Pending], wait_s: float) -> dict[str, Any]:
+    """ShardsReady=False naming each shard the scheduler cannot place: stage, node, its reason."""
+    detail = "; ".join(p.describe() for p in pending)
+    message = f"{ready}/{total} shards ready; unschedulable: {detail} (re-planned around after {wait_s:g} s)"
+    return condition("ShardsReady", False, "Unschedulable", message)
 
 
 def _plan_fields(t: Target, record: PlanRecord, cfg: OperatorConfig) -> dict[str, Any]:
@@ -571,10 +785,11 @@ async def _roll_out(
     cfg = deps.config
     await _apply_policy(deps, t, spec, adopt)
     waiting = await _certificates(deps, t, target, adopt)
-    ready, total = 0, len(target.stages)
+    ready, total, pending = 0, len(target.stages), []
     if waiting is None:  # a shard Pod without its Secret would not start: create none yet
         await _apply(deps, t, desired_objects(t.name, t.namespace, spec, target, cfg), adopt)
-        ready, total = await _shards_ready(deps, t, target)
+        deps.assumed.pop(t.uid, None)  # its Pods exist now: they count for themselves
+        ready, total, pending = await _shards_ready(deps, t, target)
     if ready < total:
         message = waiting.message if waiting else f"{ready}/{total} shards of plan {target.id} ready"
         reason = waiting.reason if waiting else "ShardsStarting"
@@ -583,12 +798,20 @@ async def _roll_out(
             planned += f"; rollout waits: {message}"
         conds = [condition("Planned", True, "Planned", planned), degraded]
         if current is None:
-            conds.append(condition("ShardsReady", False, reason, message))
+            conds.append(
+                _unschedulable_condition(ready, total, pending, cfg.unschedulable_wait_s)
+                if pending
+                else condition("ShardsReady", False, reason, message)
+            )
             fields = {**_plan_fields(t, target, cfg), "plan": None, "rollout": target.to_status()}
             phase = Phase.DEPLOYING
         else:
-            # What serves meanwhile is the current plan: say how much of it does.
+            # What serves meanwhile is the current plan: say how much of it does (and why the
+            # new one waits, if the scheduler cannot place it).
             conds.append(_shards_condition(_of_plans(pods, current), current))
+            if pending:
+                why = _unschedulable_condition(ready, total, pending, cfg.unschedulable_wait_s)["message"]
+                conds.append(condition("Degraded", True, "RolloutUnschedulable", f"plan {target.id}: {why}"))
             fields = {"rollout": target.to_status(), "observedGeneration": t.generation}
             phase = Phase.REPLANNING
         serving = _serving(_of_plans(pods, current), current) if current is not None else 0
@@ -642,11 +865,16 @@ def _serving(pods: list[dict[str, Any]], record: PlanRecord) -> int:
     )
 
 
-def _shards_condition(pods: list[dict[str, Any]], record: PlanRecord) -> dict[str, Any]:
+def _shards_condition(
+    pods: list[dict[str, Any]], record: PlanRecord, wait_s: float | None = None
+) -> dict[str, Any]:
     total = len(record.stages)
     ready = [p for p in pods if pod_ready(p) and matches(p, {LABEL_PLAN: record.id})]
     if len(ready) == total:
         return condition("ShardsReady", True, "ShardsReady", f"{total}/{total} shards ready")
+    pending = [p for p in unschedulable(pods) if p.plan == record.id]
+    if pending and wait_s is not None:
+        return _unschedulable_condition(len(ready), total, pending, wait_s)
     down = sorted(
         {s.node for s in record.stages} - {pod_node(p) for p in ready}
         or {pod_node(p) for p in pods if not pod_ready(p)}
@@ -678,6 +906,7 @@ async def _settle(
     # A Pod that failed for good (evicted) is not restarted by its kubelet: replace it.
     failed = [p for p in _of_plans(pods, current) if (p.get("status") or {}).get("phase") == "Failed"]
     await deps.kube.delete_all("Pod", failed)
+    failed += await _drop_dropped(deps, t, current, pods)
     mine = [p for p in _of_plans(pods, current) if p not in failed]
     ready, total = sum(pod_ready(p) for p in mine), len(current.stages)
     planned = condition(
@@ -691,7 +920,7 @@ async def _settle(
     if previous != current.id:
         fields["lastPlanTime"] = now_iso()
     retry = cfg.ready_poll_s if draining else None
-    shards = _shards_condition(mine, current)
+    shards = _shards_condition(mine, current, cfg.unschedulable_wait_s)
     if waiting is not None and ready < total:  # e.g. a shard re-created while cert-manager re-issues
         shards = condition("ShardsReady", False, waiting.reason, f"{shards['message']}; {waiting.message}")
     if ready == total:
@@ -705,6 +934,28 @@ async def _settle(
     status = _finish(t, phase, [planned, shards, degraded], serving=serving, **fields)
     _phase_metric(t, phase)
     return Outcome(status, retry_s=cfg.ready_poll_s, reason="ShardsNotReady")
+
+
+async def _drop_dropped(
+    deps: Deps, t: Target, current: PlanRecord, pods: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Pods and stage Services of pipelines dropped from the active plan (``PlanRecord.without``:
+    their nodes were lost); returns the Pods deleted."""
+    kept = {(str(s.pipeline), str(s.stage)) for s in current.stages}
+
+    def dropped(o: dict[str, Any]) -> bool:  # a Pod's labels, a stage Service's selector
+        labels = o["metadata"].get("labels") or {}
+        if LABEL_STAGE not in labels:
+            labels = (o.get("spec") or {}).get("selector") or {}
+        return LABEL_PIPELINE in labels and (labels[LABEL_PIPELINE], labels.get(LABEL_STAGE)) not in kept
+
+    stray = [p for p in _of_plans(pods, current) if dropped(p)]
+    await deps.kube.delete_all("Pod", stray)
+    services = await _owned(
+        deps, t, "Service", {LABEL_DEPLOYMENT: label_value(t.name), LABEL_PLAN: current.id}
+    )
+    await deps.kube.delete_all("Service", [o for o in services if dropped(o)])
+    return stray
 
 
 async def _retire_old(

@@ -233,6 +233,13 @@ class DeploymentSpec(_Strict):
         None, alias="priorityClassName", min_length=1, max_length=253, pattern=_SUBDOMAIN.pattern
     )
     """Priority class of shard Pods (else the chart's default)."""
+    priority: int = Field(0, ge=0, le=1000)
+    """Precedence when deployments compete for nodes (placement.py): a higher one may take back
+    what lower ones hold beyond their fair share; it does not enlarge its own fair share."""
+    preemption_policy: Literal["PreemptLowerPriority", "Never"] = Field(
+        "PreemptLowerPriority", alias="preemptionPolicy"
+    )
+    """``Never``: wait for free capacity rather than ask lower-priority deployments to re-plan."""
 
     @field_validator("input_shape")
     @classmethod

@@ -2,46 +2,34 @@
 
 kopf watches the operator's shard Pods and every Node. When a shard's health changes (ready,
 phase, a crash, CrashLoopBackOff, deleted) or a Node turns NotReady, comes back or goes, the
-owning deployments get a reconcile request: the annotation ``reconcile.amp4ec.io/requested``
-is set to a new value, which fires their update handler (``inferencedeployment.requested``)
-through kopf's own queue, with its retries and its status patching (the pattern of Flux's
-``reconcile.fluxcd.io/requestedAt``). The annotation's domain is not kopf's ``amp4ec.io``
-prefix, whose annotations kopf leaves out of the diff it reacts to.
+owning deployments get a reconcile request (``nudge.py``: the annotation
+``reconcile.amp4ec.io/requested``, which fires their update handler through kopf's queue).
 
 The re-plan timer stays as a safety net (capacity drift, a missed event).
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Mapping
 from typing import Any
 
 import kopf
 
+from amp4ec.operator import nudge
 from amp4ec.operator.faults import node_ready, pod_ready, shard_state
 from amp4ec.operator.k8s import KubeError
+from amp4ec.operator.nudge import REQUEST_ANNOTATION
 from amp4ec.operator.reconcile import Deps
-from amp4ec.operator.status import now_iso
 
 __all__ = ["REQUEST_ANNOTATION", "node_changed", "shard_changed"]
 
-REQUEST_ANNOTATION = "reconcile.amp4ec.io/requested"
 MANAGED = {"app.kubernetes.io/managed-by": "amp4ec-operator"}
-_seq = itertools.count()
 log = logging.getLogger(__name__)
 
 
 async def request(deps: Deps, namespace: str, name: str, why: str) -> None:
-    """Ask for a reconciliation of one deployment now (a no-op when it is gone)."""
-    value = f"{now_iso()} #{next(_seq)} {why}"[:250]
-    try:
-        await deps.kube.patch(
-            "InferenceDeployment", namespace, name, {"metadata": {"annotations": {REQUEST_ANNOTATION: value}}}
-        )
-    except KubeError as exc:  # the API is down: the timer reconciles later anyway
-        log.warning("%s/%s: reconcile request not written: %s", namespace, name, exc)
+    await nudge.request(deps.kube, namespace, name, why)
 
 
 def _owner(meta: Mapping[str, Any]) -> str | None:

@@ -194,3 +194,41 @@ def test_the_matched_monolith_is_tuned_only_where_it_has_several_cores() -> None
     assert [(v.threads, v.workers) for v in variants] == [(None, 1), (2, 1), (None, 2)]
     assert len({v.name for v in variants}) == 3
     assert all(v.cpu == 1.6 and v.memory_bytes == 2**30 for v in variants)
+
+
+def test_tenants_are_planned_in_turn_on_their_fair_share_of_what_is_free() -> None:
+    from amp4ec.bench.markdown import render
+    from amp4ec.bench.tenants import MIN_CPU, plan_tenants
+    from amp4ec.planner.types import LayerProfile, NodeCapacity
+
+    blocks = [LayerProfile(f"b{i}", 10**6, 10**5, 10**4, 5.0) for i in range(4)]
+    prepared = SimpleNamespace(profiles=blocks, chain=SimpleNamespace(input_bytes=10**4))
+    nodes = [NodeCapacity("a", 0.8, 2**30, speed=0.8), NodeCapacity("b", 0.32, 2**30, speed=0.32)]
+    plans = plan_tenants(prepared, nodes, 4)  # type: ignore[arg-type]
+    assert len(plans) == 4
+    for plan, granted in plans:
+        assert granted == {"a": 0.2, "b": 0.08}  # a quarter of each node, every tenant alike
+        assert {s.node for s in plan.stages} == {"a", "b"}
+    # With more tenants than a node's share is worth, it is left out of their plans.
+    assert all(set(g) == {"a"} for _, g in plan_tenants(prepared, nodes, 8))  # type: ignore[arg-type]
+    assert MIN_CPU > 0.32 / 8
+    result = {
+        "name": "multi-tenant", "title": "t", "kind": "multi-tenant", "status": "ok", "model": "m",
+        "scale_factor": 0.8, "nodes": [{"name": "a", "cpu": 0.8}], "note": "", "requests_per_tenant": 3,
+        "ideal": {"rps": 20.0}, "aggregate_rps": 15.0, "fraction_of_ideal": 0.75,
+        "tenants": [{"name": "t0", "plan": [{"pipeline": 0, "node": "a", "first_block": 0, "last_block": 3}],
+                     "cpu": 0.2, "fair_cpu": 0.2, "rps": 7.5, "predicted_rps": 8.0, "share": 0.5,
+                     "fair_share": 0.5}],
+    }  # fmt: skip
+    machine = {
+        "cpu": "x",
+        "cores": 2,
+        "memory_gb": 1,
+        "kernel": "k",
+        "python": "3",
+        "torch": "t",
+        "amp4ec": "0",
+    }
+    text = render({"command": "c", "started": "s", "machine": machine, "configurations": [result]})
+    assert "Aggregate 15.0 req/s = 0.75× the ideal 20.0 req/s" in text
+    assert "| t0 | a[0–3] | 0.20 (0.20) | 7.5 (8.0) | 50% (50%) |" in text

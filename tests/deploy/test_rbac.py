@@ -57,7 +57,7 @@ kopf.dev peering objects (standalone). Discovery (/api, /apis, /version) is allo
 authenticated user by the default ``system:discovery`` role."""
 
 _PATH = re.compile(
-    r"^/(?:api/v1|apis/(?P<group>[a-z0-9.-]+)/v1)/(?:namespaces/(?P<ns>[^/]+)/)?"
+    r"^/(?:api/v1|apis/(?P<group>[a-z0-9.-]+)/v1(?:alpha\d+|beta\d+)?)/(?:namespaces/(?P<ns>[^/]+)/)?"
     r"(?P<plural>[a-z]+)(?:/(?P<name>[^/?]+))?(?:\?.*)?$"
 )
 _VERBS = {"POST": "create", "PATCH": "patch", "DELETE": "delete"}
@@ -284,6 +284,7 @@ def test_cluster_role_is_exactly_what_the_operator_and_kopf_use() -> None:
         ("networking.k8s.io", "networkpolicies", "get"), ("networking.k8s.io", "networkpolicies", "create"),
         ("networking.k8s.io", "networkpolicies", "patch"),
         ("", "secrets", "get"), ("", "secrets", "create"), ("", "secrets", "patch"),
+        ("amp4ec.io", "inferencedeployments", "list"),  # the deployments competing for nodes
     }  # fmt: skip
     # Secrets are read only in the operator's namespace, by name (the Role), never clusterwide.
     used -= {("", "secrets", "get")}

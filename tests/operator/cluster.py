@@ -30,6 +30,14 @@ metrics port, and while its process runs, a file_sd target file in ``sd_dir`` ca
 ``__meta_kubernetes_*`` labels kubernetes_sd would (namespace, pod name, labels,
 annotations), so the test Prometheus applies the same relabelling a cluster's does.
 
+Before a kubelet runs a Pod, the scheduler binds it (``spec.nodeName``, ``PodScheduled=True``):
+oldest first, to a node that matches its ``nodeName``/``nodeSelector``, tolerates its taints
+(a NotReady node carries ``node.kubernetes.io/not-ready``) and has room for its requests
+(``status.allocatable`` less the requests of the non-terminal Pods bound there). A Pod no node
+fits stays Pending with ``PodScheduled=False``, reason ``Unschedulable`` and kube-scheduler's
+message (``0/3 nodes are available: 1 Insufficient cpu, 2 node(s) didn't match Pod's node
+affinity/selector.``), and is tried again at every sync; it never starts.
+
 ``FakeCluster`` runs both on an event loop in a thread; ``Kubectl`` is a sync REST client.
 """
 
@@ -296,6 +304,17 @@ class Emulator(kmock.KubernetesEmulator):
             if self._live(key):
                 await self._remove(key)
 
+    async def bind(self, namespace: str, name: str, node: str) -> dict[str, Any] | None:
+        """The scheduler's binding: ``spec.nodeName`` set, ``PodScheduled=True``; the bound Pod."""
+        key = (kmock.resource(PODS), namespace, name)
+        async with self._lock:
+            if not self._live(key):
+                return None
+            scheduled = {"type": "PodScheduled", "status": "True", "lastTransitionTime": _now()}
+            await self._write(key, {"spec": {"nodeName": node}}, None)
+            await self._write(key, {"status": {"conditions": [scheduled]}}, "status")
+            return copy.deepcopy(self._objects[key].last.raw)
+
     def history(self, resource: str, namespace: str | None, name: str) -> list[dict[str, Any] | None]:
         """Every version of an object, oldest first; None marks a deletion."""
         key = (kmock.resource(resource), namespace, name)
@@ -347,6 +366,7 @@ class _Container:
     restart_at: float | None = None
     """When the exited container may start again (None: it runs, or it never restarts)."""
     reported: Any = None
+    pod_scheduled_at: str = field(default_factory=_now)
     sd_file: Path | None = None
     """Its file_sd target file, written while the process runs (a scraped Pod only)."""
 
@@ -453,6 +473,10 @@ class Kubelet:
         mounts = self._secret_volumes(c.pod, self.workdir / f"{stem}.volumes")
         if mounts is None:
             return False  # a Secret it mounts is not there yet: the kubelet waits too
+        if c.metrics_port is not None:
+            # A fresh port per run: one picked free may be taken (an outgoing connection's local
+            # port) before the process binds it, and a restart must not fail the same way again.
+            c.metrics_port = _free_port()
         args = self._rewrite(
             list(container.get("args", [])), meta["namespace"], port_file, c.metrics_port, mounts
         )
@@ -573,7 +597,60 @@ class Kubelet:
             self.ending.pop(key, None)
 
     def _node(self, pod: dict[str, Any]) -> str:
-        return (pod["spec"].get("nodeSelector") or {}).get("kubernetes.io/hostname", "")
+        spec = pod["spec"]
+        return spec.get("nodeName") or (spec.get("nodeSelector") or {}).get("kubernetes.io/hostname", "")
+
+    async def _schedule(self, pods: dict[tuple[str, str], dict[str, Any]]) -> None:
+        """The scheduler's part: bind each unbound Pod, oldest first, to a node that matches its
+        nodeSelector, tolerates its taints and has room for its requests (allocatable less the
+        requests of the Pods bound there); else PodScheduled=False, Unschedulable, and why."""
+        nodes = sorted(self.emulator.live_objects(NODES), key=lambda n: n["metadata"]["name"])
+        used: dict[str, dict[str, float]] = {}
+        for p in pods.values():
+            bound = (p.get("spec") or {}).get("nodeName")
+            if bound and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
+                for k, v in pod_requests(p).items():
+                    used.setdefault(bound, {}).setdefault(k, 0.0)
+                    used[bound][k] += v
+        waiting = [
+            p for p in pods.values()
+            if not p["spec"].get("nodeName") and not p["metadata"].get("deletionTimestamp")
+        ]  # fmt: skip
+        waiting.sort(key=lambda p: int(p["metadata"]["resourceVersion"]))
+        for pod in waiting:
+            meta = pod["metadata"]
+            fits, reasons = None, []
+            for node in nodes:
+                why = _unfit(pod, node, used.get(node["metadata"]["name"], {}))
+                if why:
+                    reasons += why
+                elif fits is None:
+                    fits = node["metadata"]["name"]
+            if fits is None:
+                counts: dict[str, int] = {}
+                for r in reasons:
+                    counts[r] = counts.get(r, 0) + 1
+                detail = ", ".join(f"{n} {r}" for r, n in sorted(counts.items()))
+                message = f"0/{len(nodes)} nodes are available" + (f": {detail}." if detail else ".")
+                scheduled = {
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "reason": "Unschedulable",
+                    "message": message,
+                }
+                conditions = (pod.get("status") or {}).get("conditions") or ()
+                old = next((c for c in conditions if c["type"] == "PodScheduled"), None)
+                if old is None or old.get("message") != message:
+                    scheduled["lastTransitionTime"] = (old or {}).get("lastTransitionTime") or _now()
+                    status = {"phase": "Pending", "conditions": [scheduled]}
+                    await self.emulator.patch_status(PODS, meta["namespace"], meta["name"], status)
+                continue
+            for k, v in pod_requests(pod).items():
+                used.setdefault(fits, {}).setdefault(k, 0.0)
+                used[fits][k] += v
+            bound = await self.emulator.bind(meta["namespace"], meta["name"], fits)
+            if bound is not None:
+                pods[(meta["namespace"], meta["name"])] = bound
 
     def power_off(self, node: str, kubelet_alive: bool = False) -> list[tuple[str, str]]:
         """The node dies: its containers are killed (SIGKILL) and nothing on it runs, restarts or
@@ -642,8 +719,13 @@ class Kubelet:
                 c = self.procs.pop(key)
                 grace = float(pod["metadata"].get("deletionGracePeriodSeconds", 30)) if same else 0.0
                 self.ending[key] = asyncio.create_task(self._end(key, c, grace, remove=same))
+        await self._schedule(pods)
         for key, pod in pods.items():
             meta = pod["metadata"]
+            if not (pod.get("spec") or {}).get("nodeName"):
+                if meta.get("deletionTimestamp"):  # never bound: nothing to end, the object goes
+                    await self.emulator.finish_delete(PODS, key[0], key[1])
+                continue  # not bound (Pending, Unschedulable): no kubelet runs it
             if meta.get("deletionTimestamp"):
                 dead_here = self._node(pod) in self.dead and self._node(pod) in nodes
                 if key not in self.procs and key not in self.ending and not dead_here:
@@ -791,6 +873,75 @@ def _read_port(path: Path | None) -> int | None:
         return None
 
 
+_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def quantity(text: Any) -> float:
+    """A Kubernetes quantity as a number: ``500m`` → 0.5, ``2Gi`` → 2147483648."""
+    text = str(text)
+    if text.endswith("m"):
+        return float(text[:-1]) / 1000
+    for suffix, factor in _UNITS.items():
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * factor
+    return float(text)
+
+
+def pod_requests(pod: dict[str, Any]) -> dict[str, float]:
+    """What the scheduler counts for a Pod: the sum of its containers' requests, or its largest
+    init container's where that is more."""
+    spec = pod.get("spec") or {}
+
+    def of(container: dict[str, Any]) -> dict[str, float]:
+        asked = (container.get("resources") or {}).get("requests") or {}
+        return {k: quantity(v) for k, v in asked.items() if k in ("cpu", "memory")}
+
+    total: dict[str, float] = {}
+    for c in spec.get("containers") or ():
+        for k, v in of(c).items():
+            total[k] = total.get(k, 0.0) + v
+    for c in spec.get("initContainers") or ():
+        for k, v in of(c).items():
+            total[k] = max(total.get(k, 0.0), v)
+    return total
+
+
+def _tolerates(pod: dict[str, Any], taint: dict[str, Any]) -> bool:
+    for t in (pod.get("spec") or {}).get("tolerations") or ():
+        if t.get("effect") and t["effect"] != taint.get("effect"):
+            continue
+        if t.get("operator") == "Exists" and (not t.get("key") or t["key"] == taint.get("key")):
+            return True
+        if t.get("key") == taint.get("key") and t.get("value", "") == taint.get("value", ""):
+            return True
+    return False
+
+
+def _unfit(pod: dict[str, Any], node: dict[str, Any], used: dict[str, float]) -> list[str]:
+    """Why the scheduler would not bind ``pod`` to ``node`` (its filter plugins' reasons), or []."""
+    spec = pod.get("spec") or {}
+    labels = node["metadata"].get("labels") or {}
+    if spec.get("nodeName") and spec["nodeName"] != node["metadata"]["name"]:
+        return ["node(s) didn't match the requested node name"]
+    if any(labels.get(k) != v for k, v in (spec.get("nodeSelector") or {}).items()):
+        return ["node(s) didn't match Pod's node affinity/selector"]
+    conditions = (node.get("status") or {}).get("conditions") or ()
+    ready = next((c for c in conditions if c["type"] == "Ready"), None)
+    taints = list((node.get("spec") or {}).get("taints") or ())
+    if ready is not None and ready.get("status") != "True":  # the node lifecycle controller's taint
+        taints.append({"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"})
+    for taint in taints:
+        if taint.get("effect") in ("NoSchedule", "NoExecute") and not _tolerates(pod, taint):
+            return [f"node(s) had untolerated taint {{{taint['key']}: {taint.get('value', '')}}}"]
+    allocatable = (node.get("status") or {}).get("allocatable") or {}
+    short = []
+    for resource, asked in sorted(pod_requests(pod).items()):
+        left = quantity(allocatable[resource]) - used.get(resource, 0.0) if resource in allocatable else None
+        if left is not None and asked > left + 1e-9:
+            short.append(f"Insufficient {resource}")
+    return short
+
+
 def _scraped(pod: dict[str, Any]) -> bool:
     annotations = pod["metadata"].get("annotations") or {}
     return annotations.get("prometheus.io/scrape") == "true"
@@ -873,6 +1024,7 @@ def _pod_status(c: _Container, now: float) -> tuple[tuple[Any, ...], dict[str, A
         "phase": phase,
         "podIP": "127.0.0.1",
         "conditions": [
+            {"type": "PodScheduled", "status": "True", "lastTransitionTime": c.pod_scheduled_at},
             {"type": "Ready", "status": ready, "lastTransitionTime": c.ready_since},
             {"type": "ContainersReady", "status": ready, "lastTransitionTime": c.ready_since},
         ],
@@ -1040,7 +1192,11 @@ class Kubectl:
         return f"{path}/{name}" if name else path
 
     def create(self, resource: str, obj: dict[str, Any]) -> Any:
-        return self._call("POST", self.path(resource, obj["metadata"].get("namespace")), obj)
+        created = self._call("POST", self.path(resource, obj["metadata"].get("namespace")), obj)
+        if resource == NODES and obj.get("status"):  # a kubelet registers its Node, then reports status
+            path = self.path(resource, None, obj["metadata"]["name"]) + "/status"
+            created = self._call("PATCH", path, {"status": obj["status"]}, "application/merge-patch+json")
+        return created
 
     def get(self, resource: str, namespace: str | None, name: str) -> Any:
         return self._call("GET", self.path(resource, namespace, name))

@@ -27,6 +27,8 @@ from tests.operator.cluster import CRD, NODES, PODS, ROOT, SECRETS, SERVICES, Fa
 from tests.waiting import wait_for as _wait_for
 
 NODE_NAMES = ("edge-a", "edge-b", "edge-c")
+ALLOCATABLE = {"cpu": "1", "memory": "2Gi", "pods": "110"}
+"""Each test node's allocatable: what its monitor agent reports (one core, 2 GiB)."""
 WAIT_S = 90.0
 MEASURE_WINDOW = "30s"
 """status.measured's PromQL range here: 30 scrapes at 1 s, and long enough that a burst of
@@ -284,7 +286,13 @@ def _node(name: str) -> dict[str, Any]:
                 "kubernetes.io/arch": "amd64",
             },
         },
-        "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+        # What each node's monitor reports (--cpu-limit 1, --memory-bytes 2 GiB): the scheduler
+        # counts requests against this, the operator plans against it.
+        "status": {
+            "conditions": [{"type": "Ready", "status": "True"}],
+            "allocatable": dict(ALLOCATABLE),
+            "capacity": dict(ALLOCATABLE),
+        },
     }
 
 

@@ -39,10 +39,23 @@ server.wait_for_termination()
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[tuple[FakeCluster, Kubectl]]:
     with FakeCluster(tmp_path, environ(), backoff_initial_s=2.0, backoff_max_s=4.0) as c:
-        yield c, Kubectl(c.url)
+        kubectl = Kubectl(c.url)
+        kubectl.create(NODES, node("n0", cpu="1", memory="1Gi"))
+        yield c, kubectl
 
 
-def pod(name: str, script: str, restart_policy: str = "Always") -> dict[str, Any]:
+def node(name: str, cpu: str, memory: str) -> dict[str, Any]:
+    allocatable = {"cpu": cpu, "memory": memory}
+    return {
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}], "allocatable": allocatable},
+    }
+
+
+def pod(
+    name: str, script: str, restart_policy: str = "Always", requests: dict[str, str] | None = None
+) -> dict[str, Any]:
+    resources = {"requests": requests} if requests else {}
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -55,6 +68,7 @@ def pod(name: str, script: str, restart_policy: str = "Always") -> dict[str, Any
                     "command": ["python", "-c", script],
                     "args": ["--port", "50051"],  # the kubelet rewrites it: --port 0 --port-file F
                     "readinessProbe": {"grpc": {"port": 50051, "service": "amp4ec.wire.v1.Shard"}},
+                    "resources": resources,
                 }
             ],
         },
@@ -144,3 +158,37 @@ def test_a_container_that_must_not_restart_ends_the_pod(
     status = container(kubectl, "once")
     assert status["state"]["terminated"]["exitCode"] == code
     assert status["restartCount"] == 0 and not status["ready"]
+
+
+def scheduled(kubectl: Kubectl, name: str) -> dict[str, Any]:
+    status = (kubectl.get(PODS, "ns", name) or {}).get("status") or {}
+    return next((c for c in status.get("conditions") or () if c["type"] == "PodScheduled"), {})
+
+
+def test_a_pod_that_does_not_fit_stays_pending_with_the_schedulers_reason_until_room_is_made(
+    cluster: tuple[FakeCluster, Kubectl],
+) -> None:
+    """Requests count against the node's allocatable, as kube-scheduler counts them: a Pod asking
+    more than is left is never bound nor started, and says why, until the Pod in its way goes."""
+    c, kubectl = cluster
+    kubectl.create(NODES, node("n1", cpu="4", memory="64Mi"))  # room for cpu, none for memory
+    first = pod("first", HEALTH_SERVER, requests={"cpu": "600m", "memory": "100Mi"})
+    first["spec"]["nodeSelector"] = {"kubernetes.io/hostname": "n0"}
+    kubectl.create(PODS, first)
+    wait_for(lambda: container(kubectl, "first").get("ready"), 30, "the first Pod to serve")
+    assert (kubectl.get(PODS, "ns", "first") or {})["spec"]["nodeName"] == "n0"
+    kubectl.create(PODS, pod("second", HEALTH_SERVER, requests={"cpu": "500m", "memory": "100Mi"}))
+    why = wait_for(
+        lambda: (c := scheduled(kubectl, "second")).get("reason") == "Unschedulable" and c,
+        30,
+        "Unschedulable",
+    )
+    assert why["status"] == "False"
+    assert why["message"] == "0/2 nodes are available: 1 Insufficient cpu, 1 Insufficient memory.", why
+    second = kubectl.get(PODS, "ns", "second") or {}
+    assert second["status"]["phase"] == "Pending" and not second["spec"].get("nodeName")
+    assert c.pod_processes("ns") == [("ns", "first")]  # never started
+    kubectl.delete(PODS, "ns", "first")
+    wait_for(lambda: container(kubectl, "second").get("ready"), 30, "the second Pod to serve after the first")
+    assert (kubectl.get(PODS, "ns", "second") or {})["spec"]["nodeName"] == "n0"
+    assert scheduled(kubectl, "second")["status"] == "True"

@@ -22,16 +22,16 @@ from dataclasses import replace
 from typing import Any
 
 from amp4ec.bench.configs import Configuration, scale_nodes
-from amp4ec.bench.loadgen import closed_loop
-from amp4ec.bench.measure import plan_rows
 from amp4ec.bench.progress import ProgressSink
 from amp4ec.bench.runner import _capacities, _named, _plan
 from amp4ec.errors import PlanInfeasible
+from amp4ec.loadgen import closed_loop
 from amp4ec.local.cluster import LocalCluster
-from amp4ec.local.run import Prepared, client_of, deploy, node_capacities
+from amp4ec.local.run import client_of, deploy, node_capacities
 from amp4ec.nodes import NodeSpec
 from amp4ec.planner.shares import fair_share, millicores, scaled
 from amp4ec.planner.types import NodeCapacity, Pipeline, Plan
+from amp4ec.slicing.prepare import Prepared
 
 __all__ = ["MIN_CPU", "plan_tenants", "run_multi_tenant"]
 
@@ -87,7 +87,7 @@ async def _ideal_at_once(
     async def drive(node: str) -> tuple[str, float]:
         async with cluster.client([node]) as client:
             await closed_loop(client, inputs, 2, 2)  # warm
-            results, wall = await closed_loop(client, inputs, n, 2, progress.advance)
+            results, wall = await closed_loop(client, inputs, n, 2, lambda _: progress.advance())
         return node, len(results) / wall
 
     per_node = dict(await asyncio.gather(*(drive(p.stages[0].node) for p in plan.pipelines)))
@@ -145,7 +145,9 @@ async def run_multi_tenant(
         async def drive(plan: Plan) -> tuple[int, float]:
             async with client_of(cluster, plan) as client:
                 await closed_loop(client, inputs, 2, 2)  # warm
-                results, wall = await closed_loop(client, inputs, n, 2 * len(plan.stages), progress.advance)
+                results, wall = await closed_loop(
+                    client, inputs, n, 2 * len(plan.stages), lambda _: progress.advance()
+                )
             return len(results), wall
 
         measured = await asyncio.gather(*(drive(p) for p in deployed))
@@ -157,7 +159,7 @@ async def run_multi_tenant(
         out["tenants"].append(
             {
                 "name": f"t{i}",
-                "plan": plan_rows(plan),
+                "plan": plan.rows(),
                 "cpu": round(sum(granted.values()), 3),
                 "fair_cpu": round(total_cpu / k, 3),
                 "rps": rate,

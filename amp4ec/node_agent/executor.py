@@ -128,7 +128,7 @@ class StageExecutor:
         with torch.inference_mode():
             outputs = stage.shard(*tensors)
         t2 = time.perf_counter()
-        encoded = codec.encode_all(outputs)
+        encoded = codec.encode_all(outputs, stage.config.output_codec)
         t3 = time.perf_counter()
         if self._idle_factor:
             time.sleep((t3 - t0) * self._idle_factor)

@@ -337,6 +337,11 @@ async def _decide(
         detail = "; ".join(f"{n}: {why}" for n, why in sorted(cap.missing.items())) or "all lost"
         return Blocked("NoCapacity", f"no node has fresh capacity metrics ({detail})", cfg.infeasible_retry_s)
     pins = [Pin(p.first_block, p.last_block, p.node) for p in spec.placement]
+    squeeze: dict[str, Any] = (
+        {"codecs": costs.codecs, "max_error": spec.compression.max_output_error}
+        if spec.compression.enabled
+        else {}
+    )
     try:
         plan, _ = timed_plan(
             costs.blocks,
@@ -349,6 +354,7 @@ async def _decide(
             input_bytes=costs.input_bytes,
             max_stages=spec.max_stages,
             pinned=pins,
+            **squeeze,
         )
     except PlanInfeasible as exc:
         return Blocked("PlanInfeasible", str(exc), retry_s=cfg.infeasible_retry_s)
@@ -366,6 +372,7 @@ async def _decide(
         nodes=list(usable.values()),
         links=list(cap.links),
         input_bytes=costs.input_bytes,
+        **squeeze,
     )
 
 

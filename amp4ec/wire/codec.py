@@ -40,6 +40,7 @@ __all__ = [
     "encode",
     "encode_all",
     "saved_bytes",
+    "signatures",
     "spec_of",
 ]
 
@@ -147,8 +148,18 @@ def spec_of(dtype: torch.dtype, shape: Sequence[int]) -> shard_pb2.Tensor:
     return shard_pb2.Tensor(dtype=dtype_name(dtype), shape=list(shape))
 
 
-def decode(message: shard_pb2.Tensor, field: str = "tensor") -> torch.Tensor:
-    """A wire tensor back to torch, or ShapeMismatch naming ``field`` and what was wrong."""
+def signatures(messages: Sequence[shard_pb2.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Each wire tensor's dtype and shape as a meta tensor (nothing allocated), its header
+    checked as ``decode`` checks it: a stage compares these with its inputs before decoding,
+    so a frame's decoded size (4x an int8 frame's bytes) is bounded by what the stage takes."""
+    out = []
+    for i, m in enumerate(messages):
+        dtype, shape = _header(m, f"tensors[{i}]")
+        out.append(torch.empty(shape, dtype=dtype, device="meta"))
+    return tuple(out)
+
+
+def _header(message: shard_pb2.Tensor, field: str) -> tuple[torch.dtype, tuple[int, ...]]:
     dtype = DTYPES.get(message.dtype)
     if dtype is None:
         raise ShapeMismatch(f"{field}.dtype: expected one of {', '.join(DTYPES)}, actual {message.dtype!r}")
@@ -161,6 +172,19 @@ def decode(message: shard_pb2.Tensor, field: str = "tensor") -> torch.Tensor:
     # torch computes sizes and strides in int64, zero dims or not: [0, 2**62, 2**62] overflows there.
     if math.prod(max(d, 1) for d in shape) * itemsize >= _MAX_BYTES:
         raise ShapeMismatch(f"{field}.shape: expected a byte count below 2**62, actual {list(shape)}")
+    if message.codec != shard_pb2.CODEC_RAW:
+        name = codec_name(message.codec, f"{field}.codec")
+        if dtype != torch.float32:
+            raise ShapeMismatch(
+                f"{field}.dtype: codec {name} restores float32 only, actual {message.dtype!r}"
+            )
+    return dtype, shape
+
+
+def decode(message: shard_pb2.Tensor, field: str = "tensor") -> torch.Tensor:
+    """A wire tensor back to torch, or ShapeMismatch naming ``field`` and what was wrong."""
+    dtype, shape = _header(message, field)
+    itemsize = torch.empty((), dtype=dtype).element_size()
     numel = math.prod(shape)
     kind = message.codec
     if kind == shard_pb2.CODEC_RAW:
@@ -175,9 +199,7 @@ def decode(message: shard_pb2.Tensor, field: str = "tensor") -> torch.Tensor:
             return torch.empty(shape, dtype=dtype)
         # bytearray: torch.frombuffer needs a writable buffer; this is the one copy decode makes.
         return torch.frombuffer(bytearray(message.data), dtype=dtype).reshape(shape)
-    name = codec_name(kind, f"{field}.codec")
-    if dtype != torch.float32:
-        raise ShapeMismatch(f"{field}.dtype: codec {name} restores float32 only, actual {message.dtype!r}")
+    name = codec_name(kind)
     expected = numel * _WIRE_ITEMSIZE[kind]
     if len(message.data) != expected:
         raise ShapeMismatch(

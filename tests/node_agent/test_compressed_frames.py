@@ -92,6 +92,8 @@ def test_hostile_compressed_frames_are_refused_and_the_agent_keeps_serving(monol
     short.data = short.data[:-1]
     unknown = codec.encode(inputs[0])
     unknown.codec = 9  # type: ignore[assignment]
+    # 48 MiB of float32 once decoded, in a frame of a few bytes: refused on its shape, unallocated.
+    huge = shard_pb2.Tensor(dtype="float32", shape=[1, 3, 4096, 4096], codec=shard_pb2.CODEC_INT8)
 
     async def main() -> None:
         agent = await _agent(StageConfig(MODEL, 0, -1))
@@ -103,6 +105,7 @@ def test_hostile_compressed_frames_are_refused_and_the_agent_keeps_serving(monol
                 "tensors[0].scales: expected 3": few,
                 "tensors[0].data: expected 768 bytes": short,
                 "tensors[0].codec: expected one of raw, fp16, int8, got 9": unknown,
+                "expected float32[N, 3, 16, 16], actual float32[1, 3, 4096, 4096]": huge,
             }
             for needle, tensor in cases.items():
                 with pytest.raises(grpc.aio.AioRpcError) as info:

@@ -7,6 +7,7 @@ import pytest
 PUBLIC = {
     "amp4ec": {"__version__"},
     "amp4ec.planner": {
+        "CodecProfile",
         "LayerProfile",
         "Link",
         "NodeCapacity",

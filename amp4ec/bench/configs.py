@@ -17,6 +17,7 @@ from amp4ec.slicing import ModelSource
 
 __all__ = [
     "ALL_CONFIGURATIONS",
+    "COMPRESSED",
     "MATCHED",
     "STRATEGIES",
     "Configuration",
@@ -34,6 +35,12 @@ STRATEGIES = ("optimal", "paper", "equal", "memory", "replicate", "monolith", MA
 node with the configuration's total CPU (and memory), which the others are compared with."""
 UNAWARE = "optimal_unaware"
 """The optimal plan made as if every link were loopback, deployed on the slow links."""
+COMPRESSED: dict[str, tuple[tuple[str, ...], float]] = {
+    "optimal_fp16": (("fp16",), 1e-3),
+    "optimal_int8": (("fp16", "int8"), 2e-2),
+}
+"""The optimal plan with compression ``auto`` on the measured links: the codecs it may use and
+the output error bound, issue 15's targets (fp16 ≤ 1e-3, int8 ≤ 2e-2 relative L2)."""
 ALL_CONFIGURATIONS = (
     "standard",
     "scale-down",
@@ -178,7 +185,7 @@ def configurations(
             f"{links_model} split over 3 nodes joined by 20 Mbit/s links with 10 ms one-way delay",
             ModelSource(links_model, seed=source.seed),
             _nodes("1.0:1024M,0.6:1024M,0.4:1024M"),
-            ("optimal", UNAWARE, "paper", "equal", MATCHED),
+            ("optimal", *COMPRESSED, UNAWARE, "paper", "equal", MATCHED),
             big_sizes,
             links=LinkShape(rate_mbit=20, delay_ms=10),
             shard_memory_mb=64,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from amp4ec.bench.configs import MATCHED, UNAWARE
+from amp4ec.bench.configs import COMPRESSED, MATCHED, UNAWARE
 
 __all__ = ["BEGIN", "END", "render", "write_docs"]
 
@@ -14,6 +14,8 @@ END = "<!-- amp4ec bench: end -->"
 _LABELS = {
     "optimal": "optimal (ours)",
     UNAWARE: "optimal, network-unaware",
+    "optimal_fp16": "optimal + fp16 (bound 1e-3)",
+    "optimal_int8": "optimal + fp16/int8 (bound 2e-2)",
     "paper": "paper (RALOS)",
     "equal": "equal",
     "memory": "memory (exo-like)",
@@ -36,8 +38,9 @@ def _x(value: Any) -> str:
 def _plan(result: dict[str, Any]) -> str:
     pipes: dict[int, list[str]] = {}
     for row in result["plan"]:
+        codec = row.get("out_codec")
         pipes.setdefault(row["pipeline"], []).append(
-            f"{row['node']}[{row['first_block']}–{row['last_block']}]"
+            f"{row['node']}[{row['first_block']}–{row['last_block']}]" + (f" ({codec})" if codec else "")
         )
     return " ∥ ".join(" → ".join(p) for p in pipes.values())
 
@@ -243,7 +246,7 @@ def _summary(config: dict[str, Any]) -> list[str]:
     others = {
         k: r["saturation"]["rps"]
         for k, r in ok.items()
-        if k not in ("optimal", UNAWARE, MATCHED) and r.get("same_plan_as") != "optimal"
+        if k not in ("optimal", UNAWARE, MATCHED, *COMPRESSED) and r.get("same_plan_as") != "optimal"
     }
     lines = []
     if others:
@@ -259,6 +262,7 @@ def _summary(config: dict[str, Any]) -> list[str]:
             f"Network-aware plan {ours:.1f} req/s against the plan made as if links were loopback "
             f"{blind:.1f} req/s, on the same slow links ({ours / blind:.2f}×)."
         )
+    lines += _compression(ok)
     predicted = ok["optimal"].get("predicted", {}).get("throughput_rps")
     if predicted:
         lines.append(f"Optimal's predicted throughput {predicted:.1f} req/s, measured {ours:.1f}.")
@@ -276,6 +280,39 @@ def _summary(config: dict[str, Any]) -> list[str]:
             f"worst {100 * max(spread):.0f}%."
         )
     return [" ".join(lines), ""] if lines else []
+
+
+TARGETS = {"optimal_fp16": 1e-3, "optimal_int8": 2e-2}
+"""Issue 15's bounds on the relative L2 output error, per compressed row."""
+SPEEDUP_TARGET = 1.8
+
+
+def _compression(ok: dict[str, dict[str, Any]]) -> list[str]:
+    """Each compressed plan against the uncompressed network-aware one: throughput ratio (target
+    ≥ 1.8×), output error (targets above), single-request latency at idle (target: no worse)."""
+    base = ok["optimal"]
+    lines = []
+    for name, bound in TARGETS.items():
+        if name not in ok:
+            continue
+        r = ok[name]
+        ratio = r["saturation"]["rps"] / base["saturation"]["rps"]
+        error = r.get("output_error")
+        err = (
+            f"output error relative L2 max {error['rel_l2_max']:.1e} over {error['inputs']} fixed inputs "
+            f"(target ≤ {bound:g}: {'met' if error['rel_l2_max'] <= bound else 'missed'}), top-1 agreement "
+            f"{100 * error['top1_agreement']:.0f}%"
+            if error
+            else "no cut compressed (the planner found it did not pay)"
+        )
+        single, single_base = r["single_ms"]["p50"], base["single_ms"]["p50"]
+        lines.append(
+            f"{_LABELS[name]}: {r['saturation']['rps']:.1f} req/s against {base['saturation']['rps']:.1f} "
+            f"uncompressed ({ratio:.2f}×, target ≥ {SPEEDUP_TARGET}×: "
+            f"{'met' if ratio >= SPEEDUP_TARGET else 'missed'}); {err}; single request {single:.1f} ms "
+            f"against {single_base:.1f} ms ({'no worse' if single <= single_base else 'slower'})."
+        )
+    return lines
 
 
 def _stages(config: dict[str, Any]) -> list[str]:

@@ -16,14 +16,23 @@ from amp4ec.bench.progress import ProgressSink
 from amp4ec.client import Result
 from amp4ec.loadgen import closed_loop, open_loop, sequential
 from amp4ec.local.cluster import LocalCluster
-from amp4ec.local.run import client_of, forward_ms_per_stage, measured_stage_ms, quantile
+from amp4ec.local.run import (
+    client_of,
+    forward_ms_per_stage,
+    measure_output_error,
+    measured_stage_ms,
+    quantile,
+)
 from amp4ec.local.run import deploy as deploy_stages
 from amp4ec.planner.types import Plan
 from amp4ec.slicing import ModelSource
 from amp4ec.slicing.prepare import Prepared
 from amp4ec.wire.v1 import agent_pb2
 
-__all__ = ["Bench", "deploy", "measure_plan", "quantiles"]
+__all__ = ["OUTPUT_ERROR_INPUTS", "Bench", "deploy", "measure_plan", "quantiles"]
+
+OUTPUT_ERROR_INPUTS = 8
+"""Fixed inputs a compressed plan's answers are compared with the monolith's over."""
 
 
 @dataclass
@@ -99,6 +108,10 @@ async def measure_plan(bench: Bench, plan: Plan, label: str, rate_rps: float | N
         first = await client.infer(inputs)
         diff = prepared.max_abs_diff(first.outputs)
         await closed_loop(client, inputs, 2 * stages, stages)  # warm-up: every stage, every stream
+        squeezed = any(s.out_codec != "raw" for s in plan.stages)
+        if squeezed:
+            progress.phase(f"{label}: output error over {OUTPUT_ERROR_INPUTS} fixed inputs")
+            error = (await measure_output_error(client, prepared, OUTPUT_ERROR_INPUTS)).to_json()
 
         progress.phase(f"{label}: single requests", sizes.sequential)
         single = await sequential(client, inputs, sizes.sequential, progress.advance)
@@ -133,6 +146,7 @@ async def measure_plan(bench: Bench, plan: Plan, label: str, rate_rps: float | N
         "plan": plan.rows(),
         "notes": list(plan.notes),
         "max_abs_diff": diff,
+        **({"output_error": error} if squeezed else {}),
         "param_mb": [round(b / 1e6, 3) for b in param_bytes],
         "single_ms": quantiles([r.latency_s * 1000 for r in single]),
         "saturation": {
@@ -158,6 +172,7 @@ async def measure_plan(bench: Bench, plan: Plan, label: str, rate_rps: float | N
             "bottleneck_ms": plan.predicted.bottleneck_ms,
             "latency_ms": plan.predicted.latency_ms,
             "throughput_rps": plan.predicted.throughput_rps,
+            "output_error": plan.predicted.output_error,
         },
     }
 
@@ -197,11 +212,20 @@ def _overhead(
 
 
 def _bytes(plan: Plan, prepared: Prepared, results: list[Result], share: list[float]) -> dict[str, float]:
-    """Client bytes as measured (frames); inter-stage bytes from the cut sizes, answers relayed back."""
+    """Client bytes as measured (frames); inter-stage bytes from the cut sizes (as encoded when a
+    stage compresses), answers relayed back."""
     client = statistics.fmean(r.request_bytes + r.response_bytes for r in results)
     response = statistics.fmean(r.response_bytes for r in results)
+    wire = {c.name: c.wire_bytes for c in prepared.codecs}
+
+    def cut_bytes(stage: Any) -> int:
+        """What the stage sends on: its outputs raw, or as its codec encodes them."""
+        if stage.out_codec in wire:
+            return wire[stage.out_codec][stage.last_block + 1]
+        return prepared.profiles[stage.last_block].out_bytes
+
     inter = sum(
-        f * sum(prepared.profiles[s.last_block].out_bytes + response for s in p.stages[:-1])
+        f * sum(cut_bytes(s) + response for s in p.stages[:-1])
         for f, p in zip(share, plan.pipelines, strict=True)
     )
     return {"client": client, "inter_stage": inter, "total": client + inter}
@@ -223,6 +247,7 @@ def _stages(
             "predicted_compute_ms": s.compute_ms,
             "predicted_transfer_ms": s.transfer_ms,
             "predicted_overhead_ms": s.overhead_ms,
+            "predicted_codec_ms": s.codec_ms,
             "measured_ms": m,
             "forward_ms": f,
         }

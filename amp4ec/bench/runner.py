@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from typing import Any
 
-from amp4ec.bench.configs import CLIENT_HEADROOM, MATCHED, UNAWARE, Configuration, scale_nodes
+from amp4ec.bench.configs import CLIENT_HEADROOM, COMPRESSED, MATCHED, UNAWARE, Configuration, scale_nodes
 from amp4ec.bench.links import ShapedLinks
 from amp4ec.bench.measure import Bench, deploy, measure_plan
 from amp4ec.bench.progress import ProgressSink
@@ -129,9 +129,17 @@ async def run_configuration(
             candidates = (
                 [max(planner_nodes, key=lambda n: n.cpu)] if strategy == "monolith" else planner_nodes
             )
+            squeeze: dict[str, Any] = {}
+            if strategy in COMPRESSED:
+                allowed, bound = COMPRESSED[strategy]
+                squeeze = {"codecs": [c for c in prepared.codecs if c.name in allowed], "max_error": bound}
             try:
                 plan, ms = _plan(
-                    prepared, candidates, "optimal" if strategy == UNAWARE else strategy, with_links
+                    prepared,
+                    candidates,
+                    "optimal" if strategy == UNAWARE or strategy in COMPRESSED else strategy,
+                    with_links,
+                    **squeeze,
                 )
             except PlanInfeasible as e:
                 out["strategies"][strategy] = {"status": "infeasible", "reason": str(e)}
@@ -203,9 +211,15 @@ async def _capacities(cluster: LocalCluster) -> dict[str, agent_pb2.Capacity]:
 
 
 def _plan(
-    prepared: Prepared, nodes: Sequence[NodeCapacity], strategy: str, links: Sequence[Link], repeats: int = 5
+    prepared: Prepared,
+    nodes: Sequence[NodeCapacity],
+    strategy: str,
+    links: Sequence[Link],
+    repeats: int = 5,
+    **compression: Any,
 ) -> tuple[Plan, float]:
-    """The plan, and the median wall time of ``repeats`` planning calls (ms)."""
+    """The plan, and the median wall time of ``repeats`` planning calls (ms); ``compression``:
+    the planner's ``codecs`` and ``max_error``."""
     times, plan = [], None
     for _ in range(repeats):
         plan, ms = timed_plan(
@@ -215,6 +229,7 @@ def _plan(
             objective="throughput",
             input_bytes=prepared.chain.input_bytes,
             links=links,
+            **compression,
         )
         times.append(ms)
     assert plan is not None

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
-from amp4ec.bench.configs import Configuration, configurations, cpu_budget
+from amp4ec.bench.configs import COMPRESSED, Configuration, configurations, cpu_budget
 from amp4ec.bench.failover import run_failover
 from amp4ec.bench.links import links_available
 from amp4ec.bench.progress import ProgressSink
@@ -59,20 +59,22 @@ async def run_bench(options: BenchOptions, progress: ProgressSink | None = None)
         "cpu_budget": budget,
         "configurations": [],
     }
-    prepared: dict[ModelSource, Prepared] = {}
+    prepared: dict[tuple[ModelSource, bool], Prepared] = {}
     for config in configs:
         if config.links is not None and (why := links_available()) is not None:
             sink.note(f"{config.name}: skipped, slow links {why}")
             results["configurations"].append({"name": config.name, "status": "skipped", "reason": why})
             continue
-        if config.source not in prepared:
-            sink.phase(f"profiling {config.source.spec}")
-            prepared[config.source] = await asyncio.to_thread(prepare, config.source)
+        codecs = any(s in COMPRESSED for s in config.strategies)  # measured only where used
+        key = (config.source, codecs)
+        if key not in prepared:
+            sink.phase(f"profiling {config.source.spec}" + (" and its codecs" if codecs else ""))
+            prepared[key] = await asyncio.to_thread(prepare, config.source, codecs)
         try:
             run = run_failover if config.faults else run_multi_tenant if config.tenants else run_configuration
             result = await run(
                 config,
-                prepared[config.source],
+                prepared[key],
                 budget,
                 sink,
                 limit_mode=options.limit_mode,

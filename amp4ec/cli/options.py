@@ -1,5 +1,5 @@
-"""What the subcommands share: model options (run, plan, bench), planning options (run,
-plan), the CPU-limit option and the progress bar (run, bench)."""
+"""What the subcommands share: model options (run, plan, bench), planning and compression
+options (run, plan), the CPU-limit option and the progress bar (run, bench)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from amp4ec.compression import COMPRESSION_MODES, DEFAULT_MAX_ERROR, Compression
 from amp4ec.errors import InvalidSpec
 from amp4ec.planner import OBJECTIVES, STRATEGIES
 
@@ -21,6 +22,8 @@ __all__ = [
     "STRATEGIES",
     "ZOO_NAMES",
     "check_model_args",
+    "compression_from",
+    "compression_options",
     "cpu_limits_option",
     "examples",
     "factories_from_cwd",
@@ -117,6 +120,34 @@ def planning_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--strategy", "-s", type=click.Choice(STRATEGIES), default="optimal", show_default=True
     )(f)
+
+
+def compression_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--compression`` and ``--max-output-error`` (see ``amp4ec.compression``)."""
+    f = click.option(
+        "--max-output-error",
+        type=float,
+        default=DEFAULT_MAX_ERROR,
+        show_default=True,
+        help="with --compression auto: bound on the relative L2 error of the final outputs "
+        "(0 allows nothing lossy)",
+    )(f)
+    return click.option(
+        "--compression",
+        type=click.Choice(COMPRESSION_MODES),
+        default="off",
+        show_default=True,
+        help="auto: compress activations per cut (fp16 or int8) where a link is slow enough to pay "
+        "for it; off: every cut raw, outputs bit-exact",
+    )(f)
+
+
+def compression_from(mode: str, max_output_error: float) -> Compression:
+    """The policy of the flags, refused naming the flag before torch loads."""
+    try:
+        return Compression(mode, max_output_error)
+    except InvalidSpec as exc:
+        raise InvalidSpec(f"--{exc}".replace("--max_output_error", "--max-output-error")) from None
 
 
 LIMIT_MODES = ("auto", "cgroup", "emulate", "none")

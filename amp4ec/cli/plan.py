@@ -11,7 +11,14 @@ from rich.console import Console
 from rich.table import Table
 
 from amp4ec.cli.checks import check_writable_file, write_json
-from amp4ec.cli.options import examples, model_options, planning_options, source_from
+from amp4ec.cli.options import (
+    compression_from,
+    compression_options,
+    examples,
+    model_options,
+    planning_options,
+    source_from,
+)
 from amp4ec.errors import InvalidSpec
 from amp4ec.nodes import check_node_count, parse_nodes, usable_memory
 
@@ -22,6 +29,8 @@ __all__ = ["plan"]
     epilog=examples(
         "amp4ec plan --model mobilenet_v2 --nodes 1.0:1G,0.6:512M,0.4:512M --json plan.json",
         "amp4ec plan --model vit_b_16 --nodes 0.5:512M,0.5:512M,0.5:512M   # no node holds it",
+        "amp4ec plan --model resnet50 --nodes 1.0:350M,0.6:350M,0.4:350M --bandwidth-mbps 20 "
+        "--compression auto",
     )
 )
 @model_options
@@ -33,6 +42,7 @@ __all__ = ["plan"]
     help="nodes as CPU share[:memory limit in MiB/GiB], comma-separated, e.g. 1.0:1G,0.6:512M,0.4:512M",
 )
 @planning_options
+@compression_options
 @click.option(
     "--bandwidth-mbps",
     type=float,
@@ -55,6 +65,8 @@ def plan(
     nodes: str,
     objective: str,
     strategy: str,
+    compression: str,
+    max_output_error: float,
     bandwidth_mbps: float,
     rtt_ms: float,
     json_path: Path | None,
@@ -65,14 +77,16 @@ def plan(
     specs = parse_nodes(nodes)
     check_writable_file(json_path, "--json")
     source = source_from(model, weights, seed, input_shape)
+    policy = compression_from(compression, max_output_error)
 
     from amp4ec.planner.types import Link, NodeCapacity
     from amp4ec.scheduling import timed_plan
+    from amp4ec.slicing.prepare import compression_options as plan_compression
     from amp4ec.slicing.prepare import prepare
 
     console = Console()
-    with console.status("profiling the model"):
-        prepared = prepare(source)
+    with console.status("profiling the model" + (" and its codecs" if policy.enabled else "")):
+        prepared = prepare(source, codecs=policy.enabled)
     check_node_count(len(specs), len(prepared.chain), model)
     # The memory a shard may use: the limit less the agent's own (see [Note: agent baseline]).
     capacities = [NodeCapacity(name=n.name, cpu=n.cpu, memory_bytes=usable_memory(n) or 2**62) for n in specs]
@@ -84,8 +98,10 @@ def plan(
         strategy=strategy,
         input_bytes=prepared.chain.input_bytes,
         default_link=link,
+        **plan_compression(policy, prepared),
     )
     data = plan_json(result, planning_ms, prepared.chain.names)
+    data["compression"] = {"mode": policy.mode, "max_output_error": policy.max_error}
     data["blocks"] = [dataclasses.asdict(b) for b in prepared.profiles]  # what the plan was made from
     print_plan(console, data, {n.name: n.cpu for n in specs}, model)
     if json_path is not None:
@@ -103,6 +119,8 @@ def plan_json(result: Any, planning_ms: float, block_names: list[str]) -> dict[s
                 "blocks": f"{block_names[s.first_block]}..{block_names[s.last_block]}",
                 "compute_ms": s.compute_ms,
                 "transfer_ms": s.transfer_ms,
+                "codec_ms": s.codec_ms,
+                "out_codec": s.out_codec,
                 "memory_mib": s.memory_bytes / 2**20,
             }
             for row, s in zip(result.rows(), result.stages, strict=True)
@@ -112,6 +130,7 @@ def plan_json(result: Any, planning_ms: float, block_names: list[str]) -> dict[s
             "bottleneck_ms": result.predicted.bottleneck_ms,
             "latency_ms": result.predicted.latency_ms,
             "throughput_rps": result.predicted.throughput_rps,
+            "output_error": result.predicted.output_error,
         },
         "planning_ms": planning_ms,
         "notes": list(result.notes),
@@ -120,8 +139,9 @@ def plan_json(result: Any, planning_ms: float, block_names: list[str]) -> dict[s
 
 def print_plan(console: Console, data: dict[str, Any], cpu: dict[str, float], model: str) -> None:
     table = Table(title=f"{model}: {data['strategy']} plan, objective {data['objective']}")
-    for col in ("pipeline", "node", "cpu", "blocks", "compute ms", "transfer ms", "stage ms", "memory MiB"):
-        table.add_column(col, justify="left" if col in ("node", "blocks") else "right")
+    cols = ("pipeline", "node", "cpu", "blocks", "compute ms", "transfer ms", "stage ms", "memory MiB")
+    for col in (*cols, "sends"):
+        table.add_column(col, justify="left" if col in ("node", "blocks", "sends") else "right")
     bottleneck = data["predicted"]["bottleneck_ms"]
     for row, stage_ms in zip(data["plan"], data["predicted"]["stage_ms"], strict=True):
         mark = " ◀" if abs(stage_ms - bottleneck) < 1e-9 else ""
@@ -134,6 +154,7 @@ def print_plan(console: Console, data: dict[str, Any], cpu: dict[str, float], mo
             f"{row['transfer_ms']:.2f}",
             f"{stage_ms:.2f}{mark}",
             f"{row['memory_mib']:.1f}",
+            row["out_codec"],
         )
     console.print(table)
     p = data["predicted"]
@@ -141,5 +162,11 @@ def print_plan(console: Console, data: dict[str, Any], cpu: dict[str, float], mo
         f"bottleneck {p['bottleneck_ms']:.2f} ms · latency {p['latency_ms']:.2f} ms · "
         f"throughput {p['throughput_rps']:.2f} req/s · planning {data['planning_ms']:.3f} ms"
     )
+    policy = data.get("compression")
+    if policy and policy["mode"] != "off":
+        console.print(
+            f"compression {policy['mode']}: estimated output error {p['output_error']:.2e} "
+            f"(relative L2, bound {policy['max_output_error']:g}); stage ms include the codecs' CPU"
+        )
     for note in data["notes"]:
         console.print(f"note: {note}")

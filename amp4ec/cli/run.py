@@ -13,6 +13,8 @@ from rich.table import Table
 
 from amp4ec.cli.checks import check_at_least, check_writable_file, write_json
 from amp4ec.cli.options import (
+    compression_from,
+    compression_options,
     cpu_limits_option,
     examples,
     model_options,
@@ -44,6 +46,7 @@ __all__ = ["run"]
     "--concurrency", "-c", type=int, help="requests in flight (default: enough to fill the pipelines)"
 )
 @planning_options
+@compression_options
 @cpu_limits_option
 @click.option("--insecure", is_flag=True, help="plaintext gRPC (default: mutual TLS), for comparison")
 @click.option(
@@ -70,6 +73,8 @@ def run(
     concurrency: int | None,
     strategy: str,
     objective: str,
+    compression: str,
+    max_output_error: float,
     cpu_limits: str,
     faults: tuple[str, ...],
     insecure: bool,
@@ -87,6 +92,7 @@ def run(
     fault_specs = tuple(parse_fault(f) for f in faults)
     check_faults(fault_specs, specs)
     source = source_from(model, weights, seed, input_shape)
+    policy = compression_from(compression, max_output_error)
 
     from amp4ec.local import RunConfig
     from amp4ec.local import run as run_local
@@ -101,6 +107,7 @@ def run(
         limit_mode=cpu_limits,
         faults=fault_specs,
         secure=not insecure,
+        compression=policy,
     )
     console = Console()
     with progress_bar(console) as bar:
@@ -122,8 +129,8 @@ def print_report(console: Console, report) -> None:
     data = report.to_json()
     cpu = {n.name: n.cpu for n in report.nodes}
     table = Table(title=f"{report.model}: plan ({data['strategy']}, objective {data['objective']})")
-    for col in ("pipeline", "node", "cpu", "blocks", "params MiB", "predicted ms", "measured ms"):
-        table.add_column(col, justify="right" if col not in ("node",) else "left")
+    for col in ("pipeline", "node", "cpu", "blocks", "params MiB", "predicted ms", "measured ms", "sends"):
+        table.add_column(col, justify="right" if col not in ("node", "sends") else "left")
     for row, stage, param_bytes in zip(data["plan"], data["stages"], report.stage_param_bytes, strict=True):
         table.add_row(
             str(row["pipeline"]),
@@ -133,6 +140,7 @@ def print_report(console: Console, report) -> None:
             f"{param_bytes / 2**20:.2f}",
             f"{stage['predicted_ms']:.1f}",
             _fmt(stage["measured_ms"]),
+            row.get("out_codec", "raw"),
         )
     console.print(table)
     print_memory(console, report)
@@ -149,6 +157,20 @@ def print_report(console: Console, report) -> None:
         f"{data['throughput_rps']:.2f} req/s (predicted {data['predicted']['throughput_rps']:.2f})",
     )
     results.add_row("max |distributed − monolith|", f"{data['max_abs_diff']:.2e}")
+    squeeze = data["compression"]
+    if squeeze["mode"] != "off":
+        measured = squeeze["measured"]
+        results.add_row(
+            "compression",
+            f"{squeeze['mode']}, output error bound {squeeze['max_output_error']:g} "
+            f"(estimated {squeeze['estimated_output_error']:.2e})",
+        )
+        if measured:
+            results.add_row(
+                f"output error over {measured['inputs']} fixed inputs",
+                f"relative L2 max {measured['rel_l2_max']:.2e} (mean {measured['rel_l2_mean']:.2e}), "
+                f"top-1 agreement {measured['top1_agreement']:.0%}",
+            )
     results.add_row("planning time", f"{data['planning_ms']:.2f} ms")
     results.add_row("bytes on the wire / request", f"{data['bytes_per_request'] / 1e6:.2f} MB")
     results.add_row("CPU limits", report.limits)

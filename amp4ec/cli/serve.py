@@ -9,7 +9,15 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from amp4ec.cli.options import cpu_limits_option, examples, model_options, planning_options, source_from
+from amp4ec.cli.options import (
+    compression_from,
+    compression_options,
+    cpu_limits_option,
+    examples,
+    model_options,
+    planning_options,
+    source_from,
+)
 
 __all__ = ["serve"]
 
@@ -40,6 +48,7 @@ __all__ = ["serve"]
 @click.option("--grpc-port", type=int, default=8001, show_default=True, help="v2 gRPC port (0: any free)")
 @click.option("--model-name", default="", help="the v2 model name (default: from --model, e.g. mobilenet_v2)")
 @planning_options
+@compression_options
 @cpu_limits_option
 @click.option(
     "--insecure",
@@ -72,6 +81,8 @@ def serve(
     model_name: str,
     strategy: str,
     objective: str,
+    compression: str,
+    max_output_error: float,
     cpu_limits: str,
     insecure: bool,
     client_auth: str,
@@ -98,6 +109,7 @@ def serve(
     for name, port in (("--http-port", http_port), ("--grpc-port", grpc_port)):
         if not 0 <= port <= 65535:
             raise click.BadParameter(f"expected 0..65535, got {port}", param_hint=name)
+    policy = compression_from(compression, max_output_error)
     config = ServeConfig(
         source=source_from(model, weights, seed, input_shape),
         nodes=() if nodes_file else tuple(parse_nodes(nodes)),
@@ -112,6 +124,7 @@ def serve(
         secure=not insecure,
         client_auth=client_auth == "required",
         tls_dir=tls_dir,
+        compression=policy,
     )
     console = Console(highlight=False, soft_wrap=True)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

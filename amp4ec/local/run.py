@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from amp4ec.client import Client, Result
+from amp4ec.compression import Compression
 from amp4ec.errors import Amp4ecError, InvalidSpec
 from amp4ec.loadgen import closed_loop
 from amp4ec.local.cluster import CLIENT_IDENTITY, LocalCluster, NodeSpec
@@ -23,11 +24,13 @@ from amp4ec.nodes import check_node_count
 from amp4ec.planner.types import Link, NodeCapacity, Plan, measured_node
 from amp4ec.scheduling import timed_plan
 from amp4ec.slicing import ModelSource
-from amp4ec.slicing.prepare import prepare
+from amp4ec.slicing.compression import OutputError, fixed_inputs, output_error
+from amp4ec.slicing.prepare import Prepared, compression_options, monolith_outputs, prepare
 from amp4ec.slicing.sources import factory_module
 from amp4ec.wire.v1 import agent_pb2
 
 __all__ = [
+    "ERROR_INPUTS",
     "RunConfig",
     "RunReport",
     "client_of",
@@ -41,6 +44,9 @@ __all__ = [
 
 Progress = Callable[[str, int, int], None]
 """progress(phase, done, total)."""
+
+ERROR_INPUTS = 8
+"""How many fixed inputs a compressed plan's output error is measured over."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,7 @@ class RunConfig:
     """Each request's deadline, retries included."""
     secure: bool = True
     """Mutual TLS on every hop (an ephemeral CA per run); False = plaintext, for comparison."""
+    compression: Compression = field(default_factory=Compression)
 
 
 @dataclass
@@ -86,6 +93,9 @@ class RunReport:
     transport: str = "mutual TLS"
     """"mutual TLS" (an ephemeral CA for the run) or "insecure" (plaintext, --insecure)."""
     capacities: dict[str, dict[str, float]] = field(default_factory=dict)
+    output_error: OutputError | None = None
+    """With compression on: the answers' error against the monolith over fixed inputs."""
+    compression: Compression = field(default_factory=Compression)
     warnings: list[str] = field(default_factory=list)
     retried: int = 0
     """Answered requests that needed more than one attempt."""
@@ -124,6 +134,12 @@ class RunReport:
             "latency_ms": {"p50": self.latency_ms(0.5), "p95": self.latency_ms(0.95)},
             "throughput_rps": self.throughput_rps,
             "max_abs_diff": self.max_abs_diff,
+            "compression": {
+                "mode": self.compression.mode,
+                "max_output_error": self.compression.max_error,
+                "estimated_output_error": self.plan.predicted.output_error,
+                "measured": self.output_error.to_json() if self.output_error else None,
+            },
             "requests": self.requests,
             "answered": self.answered,
             "retried": self.retried,
@@ -177,6 +193,16 @@ def oversubscription_warnings(nodes: tuple[NodeSpec, ...]) -> list[str]:
     ]
 
 
+async def measure_output_error(
+    client: Client, prepared: Prepared, count: int = ERROR_INPUTS, deadline_s: float | None = 30.0
+) -> OutputError:
+    """The deployment's answers against the monolith's over ``count`` fixed inputs."""
+    sets = fixed_inputs(prepared.loaded.example_inputs, count)
+    references = [monolith_outputs(prepared.loaded, inputs) for inputs in sets]
+    answers = [(await client.infer(inputs, deadline_s=deadline_s)).outputs for inputs in sets]
+    return output_error(answers, references)
+
+
 def node_capacities(capacities: dict[str, agent_pb2.Capacity], reference_ms: float) -> list[NodeCapacity]:
     """Agents' measurements → planner input; speed is relative to the profiling process."""
     return [
@@ -208,6 +234,7 @@ async def deploy(
             spec = source.stage(
                 stage.first_block,
                 stage.last_block,
+                output_codec=stage.out_codec,
                 next_hop=address(nxt) if nxt else "",
                 next_node=nxt or "",
                 stage=i,
@@ -229,7 +256,7 @@ async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
     report = progress or (lambda phase, done, total: None)
     check_run_config(config)
     report("profiling the model", 0, 1)
-    prepared = await asyncio.to_thread(prepare, config.source)
+    prepared = await asyncio.to_thread(prepare, config.source, config.compression.enabled)
     check_node_count(len(config.nodes), len(prepared.chain), config.source.spec)
     warnings = oversubscription_warnings(config.nodes)
     report("starting node agents", 0, len(config.nodes))
@@ -248,6 +275,7 @@ async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
             strategy=config.strategy,
             input_bytes=prepared.chain.input_bytes,
             links=links,
+            **compression_options(config.compression, prepared),
         )
         report("loading stages", 0, len(plan.stages))
         param_bytes = await deploy(cluster, plan, config.source)
@@ -263,6 +291,7 @@ async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
                 strategy=config.strategy,
                 input_bytes=prepared.chain.input_bytes,
                 links=kept,
+                **compression_options(config.compression, prepared),
             )[0]
 
         async with (
@@ -274,6 +303,10 @@ async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
             inputs = prepared.loaded.example_inputs
             first = await client.infer(inputs, deadline_s=config.deadline_s)
             diff = prepared.max_abs_diff(first.outputs)
+            measured_error = None
+            if config.compression.enabled:
+                report("measuring the output error", 0, 1)
+                measured_error = await measure_output_error(client, prepared, deadline_s=config.deadline_s)
             concurrency = config.concurrency or max(len(p.stages) for p in plan.pipelines) * len(
                 plan.pipelines
             )
@@ -334,6 +367,8 @@ async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
         interrupted=interrupted,
         wall_s=wall,
         max_abs_diff=diff,
+        output_error=measured_error,
+        compression=config.compression,
         planning_ms=planning_ms,
         measured_stage_ms=(
             measured_stage_ms(plan, results, entries, before, after)

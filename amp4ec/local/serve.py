@@ -30,7 +30,7 @@ import re
 import shutil
 import socket
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -38,6 +38,7 @@ import torch
 
 from amp4ec import pki
 from amp4ec.client import Client
+from amp4ec.compression import Compression
 from amp4ec.errors import Amp4ecError, InvalidSpec
 from amp4ec.frontdoor import listen
 from amp4ec.frontdoor.door import ClientBackend, FrontDoor
@@ -49,7 +50,7 @@ from amp4ec.nodes import NodeSpec, parse_bytes
 from amp4ec.planner.types import Link, NodeCapacity, Plan
 from amp4ec.scheduling import timed_plan
 from amp4ec.slicing import ModelSource
-from amp4ec.slicing.prepare import Prepared, prepare
+from amp4ec.slicing.prepare import Prepared, compression_options, prepare
 from amp4ec.slicing.sources import factory_module
 from amp4ec.wire.transport import TransportSecurity
 
@@ -86,6 +87,7 @@ class ServeConfig:
     """Where the CA and client certificate go; None: a fresh temporary directory."""
     deadline_s: float = 30.0
     poll_s: float = 0.5
+    compression: Compression = field(default_factory=Compression)
 
 
 def parse_nodes_file(text: str, where: str = "nodes file") -> list[NodeSpec]:
@@ -172,6 +174,7 @@ class _Serving:
             strategy=self.config.strategy,
             input_bytes=self.prepared.chain.input_bytes,
             links=links,
+            **compression_options(self.config.compression, self.prepared),
         )[0]
 
     async def deploy(self, plan: Plan) -> None:
@@ -207,10 +210,16 @@ class _Serving:
 
 
 def describe(plan: Plan) -> str:
-    """``node0[0-9] → node1[10-19] | node2[0-19]``: each pipeline's stages and blocks."""
+    """``node0[0-9] (int8) → node1[10-19] | node2[0-19]``: each pipeline's stages and blocks, and
+    a stage's output codec when it compresses."""
     return " | ".join(
-        " → ".join(f"{s.node}[{s.first_block}-{s.last_block}]" for s in p.stages) for p in plan.pipelines
+        " → ".join(f"{s.node}[{s.first_block}-{s.last_block}]" + _codec(s.out_codec) for s in p.stages)
+        for p in plan.pipelines
     )
+
+
+def _codec(name: str) -> str:
+    return f" ({name})" if name != "raw" else ""
 
 
 def _model_name(config: ServeConfig) -> str:
@@ -321,7 +330,7 @@ async def serve(config: ServeConfig, say: Say, progress: Say | None = None) -> N
     step = progress or (lambda text: None)
     nodes, text = _read_nodes(config)
     step("profiling the model")
-    prepared = await asyncio.to_thread(prepare, config.source)
+    prepared = await asyncio.to_thread(prepare, config.source, config.compression.enabled)
     example = prepared.loaded.example_inputs
     meta = model_meta(
         _model_name(config), prepared.loaded.module, example, prepared.expected, prepared.chain.batch_flexible

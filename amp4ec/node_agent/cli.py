@@ -17,6 +17,7 @@ from amp4ec.node_agent.capacity import cgroup_cpu_limit
 from amp4ec.node_agent.monitor import Monitor
 from amp4ec.node_agent.server import create_server
 from amp4ec.node_agent.settings import AgentSettings
+from amp4ec.wire.codec_names import CODECS
 from amp4ec.wire.stage import StageConfig
 from amp4ec.wire.transport import TransportSecurity
 
@@ -123,6 +124,13 @@ def parse_args(
         default=[],
         help="identity allowed to send this stage frames (repeatable; mTLS)",
     )
+    stage.add_argument(
+        "--output-codec",
+        choices=list(CODECS),
+        default="raw",
+        help="how the stage encodes what it sends (its outputs, or its answer when last); "
+        "the planner chooses per cut",
+    )
     mon = p.add_argument_group("monitor role (one per node: capacity metrics, link probes, profiling)")
     mon.add_argument(
         "--monitor-interval",
@@ -194,6 +202,7 @@ def parse_args(
             input_shape=a.input_shape,
             next_hop_identity=a.next_hop_identity,
             accept_from=tuple(a.accept_from),
+            output_codec=a.output_codec,
         )
     monitor = None
     if a.monitor_interval is not None:

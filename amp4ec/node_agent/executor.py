@@ -122,13 +122,14 @@ class StageExecutor:
             raise DeadlineExceeded(
                 f"request {frame.request_id!r} passed its deadline queued at stage {stage.config.stage}"
             )
+        # Shapes first: decoding an int8 frame allocates 4x its bytes, so only what the stage takes.
+        stage.shard.check_inputs(codec.signatures(frame.tensors))
         tensors = codec.decode_all(frame.tensors)
-        stage.shard.check_inputs(tensors)
         t1 = time.perf_counter()
         with torch.inference_mode():
             outputs = stage.shard(*tensors)
         t2 = time.perf_counter()
-        encoded = codec.encode_all(outputs)
+        encoded = codec.encode_all(outputs, stage.config.output_codec)
         t3 = time.perf_counter()
         if self._idle_factor:
             time.sleep((t3 - t0) * self._idle_factor)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-__all__ = ["CAPACITY", "PHASE_SECONDS", "REQUESTS", "REQUEST_SECONDS"]
+__all__ = ["BYTES_SAVED", "CAPACITY", "PHASE_SECONDS", "REQUESTS", "REQUEST_SECONDS"]
 
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -32,4 +32,10 @@ CAPACITY = Gauge(
     "What this node offers: cpu_limit (cores), workload_ms, memory_available_bytes, load, "
     "request_overhead_ms (CPU ms a request costs a stage here beyond its blocks).",
     ["node", "resource"],
+)
+BYTES_SAVED = Counter(
+    "amp4ec_stage_bytes_saved_total",
+    "Bytes a stage's output codec kept off the wire: the raw float32 size of what it sent less"
+    " the encoded size, by codec (fp16, int8).",
+    ["node", "codec"],
 )

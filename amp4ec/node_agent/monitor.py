@@ -110,6 +110,11 @@ def profile_model(request: agent_pb2.ProfileRequest) -> agent_pb2.ModelProfile:
     loaded = load_model(source)
     chain = split_model(loaded)
     profiles = profile_chain(chain, repeats=request.repeats or 5)
+    codecs = ()
+    if request.codecs:
+        from amp4ec.slicing.compression import profile_codecs
+
+        codecs = profile_codecs(chain, loaded.example_inputs)
     return agent_pb2.ModelProfile(
         model=spec.model,
         blocks=[
@@ -126,6 +131,16 @@ def profile_model(request: agent_pb2.ProfileRequest) -> agent_pb2.ModelProfile:
         input_bytes=chain_input_bytes(chain),
         reference_workload_ms=reference_workload_ms(),
         inputs=[codec.spec_of(t.dtype, tuple(t.shape)) for t in loaded.example_inputs],
+        codecs=[
+            agent_pb2.CodecProfile(
+                name=c.name,
+                wire_bytes=c.wire_bytes,
+                encode_ms=c.encode_ms,
+                decode_ms=c.decode_ms,
+                error=c.error,
+            )
+            for c in codecs
+        ],
     )
 
 

@@ -26,6 +26,7 @@ from amp4ec.node_agent.limits import check_echo, check_frame, check_stage_spec
 from amp4ec.node_agent.settings import AgentSettings
 from amp4ec.node_agent.status import DeadlineExceeded, error_frame, status_of
 from amp4ec.slicing.profile import reference_workload_ms
+from amp4ec.wire import codec
 from amp4ec.wire.liveness import remaining_s
 from amp4ec.wire.stage import StageConfig
 from amp4ec.wire.stream import ShardStream
@@ -179,6 +180,8 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             tensors, timing = await self._computed(stage, frame, arrived, turn)
             for phase in ("queue", "decode", "forward", "encode") if self._observe else ():
                 metrics.PHASE_SECONDS.labels(node, phase).observe(getattr(timing, f"{phase}_us") / 1e6)
+            if self._observe and stage.config.output_codec != "raw":
+                metrics.BYTES_SAVED.labels(node, stage.config.output_codec).inc(codec.saved_bytes(tensors))
             if stage.config.next_hop:
                 out = shard_pb2.Frame(
                     request_id=frame.request_id, tensors=tensors, deadline_unix_ms=frame.deadline_unix_ms

@@ -56,13 +56,16 @@ def as_plan(record: PlanRecord) -> Plan:
     """The planner's view of a stored plan (its placement and stored prediction)."""
     pipelines: dict[int, list[Stage]] = {}
     for s in record.stages:
-        pipelines.setdefault(s.pipeline, []).append(Stage(s.node, s.first_block, s.last_block))
+        pipelines.setdefault(s.pipeline, []).append(
+            Stage(s.node, s.first_block, s.last_block, out_codec=s.out_codec)
+        )
     placement = tuple(Pipeline(tuple(stages)) for _, stages in sorted(pipelines.items()))
     predicted = Prediction(
         stage_ms=tuple(s.predicted_ms for s in record.stages),
         bottleneck_ms=record.bottleneck_ms,
         latency_ms=record.latency_ms,
         throughput_rps=record.throughput_rps,
+        output_error=record.output_error,
     )
     return Plan(record.objective, record.strategy, placement, predicted)
 
@@ -80,6 +83,8 @@ def choose(
     nodes: Sequence[NodeCapacity],
     links: Sequence[Link] = (),
     input_bytes: int = 0,
+    codecs: Sequence[Any] = (),
+    max_error: float | None = None,
 ) -> Keep | Rollout:
     """Keep ``current`` or roll out ``proposal``.
 
@@ -105,6 +110,8 @@ def choose(
             nodes=nodes,
             links=links,
             input_bytes=input_bytes,
+            codecs=codecs,
+            max_error=max_error,
         )
     except (KeyError, ValueError) as exc:  # a node of the current plan has no capacity now
         reason = f"the current plan cannot be priced on today's capacity: {exc}"

@@ -73,9 +73,12 @@ class PlacedStage:
     """CPU cores of the node's share the planner counted on: the Pod's request and limit."""
     memory_bytes: int
     predicted_ms: float
+    out_codec: str = "raw"
+    """How the stage sends its outputs (the planner's choice for the cut after it)."""
 
     def to_status(self) -> dict[str, Any]:
         return {
+            "outCodec": self.out_codec,
             "pipeline": self.pipeline,
             "stage": self.stage,
             "node": self.node,
@@ -97,6 +100,7 @@ class PlacedStage:
             cpu=float(d["cpu"]),
             memory_bytes=int(d["memoryBytes"]),
             predicted_ms=float(d["predictedMs"]),
+            out_codec=str(d.get("outCodec", "raw")),
         )
 
 
@@ -111,6 +115,8 @@ class PlanRecord:
     throughput_rps: float
     latency_ms: float
     bottleneck_ms: float
+    output_error: float = 0.0
+    """The planner's estimate of the relative L2 error its codecs add to the final outputs."""
 
     @property
     def nodes(self) -> tuple[str, ...]:
@@ -141,6 +147,7 @@ class PlanRecord:
                 "throughputRps": _finite(self.throughput_rps),
                 "latencyMs": round(self.latency_ms, 3),
                 "bottleneckMs": round(self.bottleneck_ms, 3),
+                "outputError": self.output_error,
             },
         }
 
@@ -157,6 +164,7 @@ class PlanRecord:
             throughput_rps=float(p.get("throughputRps", 0.0)),
             latency_ms=float(p.get("latencyMs", 0.0)),
             bottleneck_ms=float(p.get("bottleneckMs", 0.0)),
+            output_error=float(p.get("outputError", 0.0)),
         )
 
 
@@ -172,6 +180,9 @@ def plan_id(spec: DeploymentSpec, stages: Sequence[PlacedStage]) -> str:
         "inputShape": list(spec.input_shape or ()),
         "stages": [(s.pipeline, s.stage, s.node, s.first_block, s.last_block, s.cpu) for s in stages],
     }
+    codecs = [s.out_codec for s in stages]
+    if any(c != "raw" for c in codecs):  # absent when raw: the ids of existing plans do not change
+        key["codecs"] = codecs
     pod = spec.model_dump(by_alias=True, include={"tolerations", "image_pull_secrets", "priority_class_name"})
     if any(pod.values()):  # absent when unset: the ids of existing plans do not change
         key["pod"] = pod
@@ -190,6 +201,7 @@ def plan_record(spec: DeploymentSpec, plan: Plan, node_cpu: Mapping[str, float])
             cpu=float(node_cpu[s.node]),
             memory_bytes=int(s.memory_bytes),
             predicted_ms=float(s.stage_ms),
+            out_codec=s.out_codec,
         )
         for p, pipeline in enumerate(plan.pipelines)
         for i, s in enumerate(pipeline.stages)
@@ -202,6 +214,7 @@ def plan_record(spec: DeploymentSpec, plan: Plan, node_cpu: Mapping[str, float])
         throughput_rps=plan.predicted.throughput_rps,
         latency_ms=plan.predicted.latency_ms,
         bottleneck_ms=plan.predicted.bottleneck_ms,
+        output_error=plan.predicted.output_error,
     )
 
 
@@ -262,6 +275,7 @@ def _shard_pod(
         # TLS): nothing on the network can re-target a shard (no control port).
         accept_from=(upstream,) if config.tls else (),
         next_hop_identity=pki.stage_identity(namespace, name, nxt.stage) if config.tls and nxt else "",
+        output_codec=s.out_codec,
     )
     args = [
         "--node", s.node,

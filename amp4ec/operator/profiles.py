@@ -16,7 +16,7 @@ import grpc
 from amp4ec import pki
 from amp4ec.errors import InvalidSpec
 from amp4ec.operator.spec import DeploymentSpec
-from amp4ec.planner.types import LayerProfile
+from amp4ec.planner.types import CodecProfile, LayerProfile
 from amp4ec.wire import transport
 from amp4ec.wire.v1 import agent_pb2, agent_pb2_grpc
 
@@ -43,10 +43,15 @@ class ModelCosts:
     input_bytes: int
     reference_ms: float
     """The profiling node's reference workload time: speed of a node = this / its own."""
+    codecs: tuple[CodecProfile, ...] = ()
+    """Each codec measured at every cut, when the deployment compresses (``auto``)."""
 
 
-def _key(spec: DeploymentSpec) -> tuple[str, int, tuple[int, ...]]:
-    return (spec.model.name or "", spec.model.seed, tuple(spec.input_shape or ()))
+Key = tuple[str, int, tuple[int, ...], bool]
+
+
+def _key(spec: DeploymentSpec) -> Key:
+    return (spec.model.name or "", spec.model.seed, tuple(spec.input_shape or ()), spec.compression.enabled)
 
 
 class Profiler:
@@ -57,9 +62,9 @@ class Profiler:
         self.target = target
         self._security = security
         self._timeout = timeout_s
-        self._cache: dict[tuple[str, int, tuple[int, ...]], ModelCosts] = {}
-        self._failures: dict[tuple[str, int, tuple[int, ...]], InvalidSpec] = {}
-        self._locks: dict[tuple[str, int, tuple[int, ...]], asyncio.Lock] = {}
+        self._cache: dict[Key, ModelCosts] = {}
+        self._failures: dict[Key, InvalidSpec] = {}
+        self._locks: dict[Key, asyncio.Lock] = {}
         self._channel: grpc.aio.Channel | None = None
 
     async def close(self) -> None:
@@ -80,7 +85,7 @@ class Profiler:
             self._cache[key] = await self._fetch(spec, key)
             return self._cache[key]
 
-    async def _fetch(self, spec: DeploymentSpec, key: tuple[str, int, tuple[int, ...]]) -> ModelCosts:
+    async def _fetch(self, spec: DeploymentSpec, key: Key) -> ModelCosts:
         fresh = self._security.refreshed()  # a leaf renewed on disk (cert-manager): a new channel
         if fresh is not self._security:
             self._security = fresh
@@ -96,7 +101,7 @@ class Profiler:
             )
         stub = agent_pb2_grpc.MonitorStub(self._channel)
         request = agent_pb2.ProfileRequest(
-            model=agent_pb2.StageSpec(model=key[0], seed=key[1], input_shape=list(key[2]))
+            model=agent_pb2.StageSpec(model=key[0], seed=key[1], input_shape=list(key[2])), codecs=key[3]
         )
         try:
             answer = await stub.Profile(request, timeout=self._timeout)
@@ -125,6 +130,19 @@ class Profiler:
             )
             for b in answer.blocks
         )
+        codecs = tuple(
+            CodecProfile(
+                name=c.name,
+                wire_bytes=tuple(c.wire_bytes),
+                encode_ms=tuple(c.encode_ms),
+                decode_ms=tuple(c.decode_ms),
+                error=tuple(c.error),
+            )
+            for c in answer.codecs
+        )
         return ModelCosts(
-            blocks=blocks, input_bytes=answer.input_bytes, reference_ms=answer.reference_workload_ms
+            blocks=blocks,
+            input_bytes=answer.input_bytes,
+            reference_ms=answer.reference_workload_ms,
+            codecs=codecs,
         )

@@ -419,6 +419,11 @@ async def _decide(
             "InsufficientCapacity", shortage(left, cfg.min_shard_cpu, need), cfg.infeasible_retry_s
         )
     pins = [Pin(p.first_block, p.last_block, p.node) for p in spec.placement]
+    squeeze: dict[str, Any] = (
+        {"codecs": costs.codecs, "max_error": spec.compression.max_output_error}
+        if spec.compression.enabled
+        else {}
+    )
     try:
         plan, _ = timed_plan(
             costs.blocks,
@@ -431,6 +436,7 @@ async def _decide(
             input_bytes=costs.input_bytes,
             max_stages=spec.max_stages,
             pinned=pins,
+            **squeeze,
         )
     except PlanInfeasible as exc:
         if current is not None and not lost_now and left:
@@ -452,6 +458,7 @@ async def _decide(
         nodes=list({**usable, **_held_capacity(current, measured)}.values()),
         links=list(cap.links),
         input_bytes=costs.input_bytes,
+        **squeeze,
     )
     if isinstance(decision, Rollout):
         asked = {n for n in proposal.nodes if n in victims}

@@ -18,11 +18,13 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from amp4ec.compression import DEFAULT_MAX_ERROR, Compression
 from amp4ec.errors import InvalidSpec
 from amp4ec.operator.storage_hosts import Network, host_refusal
 
 __all__ = [
     "MAX_INPUT_ELEMENTS",
+    "CompressionSpec",
     "DeploymentSpec",
     "ModelRef",
     "PinSpec",
@@ -62,6 +64,7 @@ class SpecPolicy:
 
 Objective = Literal["throughput", "latency"]
 Strategy = Literal["optimal", "paper", "equal", "memory", "replicate", "monolith"]
+CompressionMode = Literal["off", "auto"]
 
 
 class _Strict(BaseModel):
@@ -164,6 +167,21 @@ class ReplanSpec(_Strict):
     """Apply a proposed plan only if it is better by more than this fraction (hysteresis)."""
 
 
+class CompressionSpec(_Strict):
+    """Activation compression per cut (see amp4ec/compression.py): off, or auto within a bound."""
+
+    mode: CompressionMode = "off"
+    max_output_error: float = Field(DEFAULT_MAX_ERROR, alias="maxOutputError", ge=0.0, le=1.0)
+    """Bound on the relative L2 error of the final outputs the codecs may introduce (0: none lossy)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode == "auto"
+
+    def policy(self) -> Compression:
+        return Compression(self.mode, self.max_output_error)
+
+
 class PinSpec(_Strict):
     """A manual placement: blocks firstBlock..lastBlock (inclusive) form one stage on node."""
 
@@ -223,6 +241,7 @@ class DeploymentSpec(_Strict):
     """Labels a node must carry to get a shard."""
     max_stages: int | None = Field(None, alias="maxStages", ge=1, le=64)
     replan: ReplanSpec = Field(default_factory=ReplanSpec)
+    compression: CompressionSpec = Field(default_factory=CompressionSpec)
     placement: tuple[PinSpec, ...] = ()
     """Manual pins the planner respects; every other block is placed freely."""
     tolerations: tuple[Toleration, ...] = Field((), max_length=32)

@@ -5,7 +5,8 @@ Reading order:
 1. ``types``      — the data contract (LayerProfile, NodeCapacity, Link, Pin,
                      SchedulerHistory → Stage, Pipeline, Prediction, Plan).
 2. ``validate``   — argument checks (InvalidSpec naming field and index).
-3. ``cost``       — the cost model: stage = compute on its node + inbound transfer;
+3. ``cost``       — the cost model: stage = compute on its node + inbound transfer
+                     (each cut raw or compressed, whichever is cheaper on its link);
                      ``evaluate`` prices any placement.
 4. ``kernel``     — the DP value modes and the vectorised row relaxation.
 5. ``dp``         — the exact single-pipeline DP over (used-node set, last node's link
@@ -29,15 +30,17 @@ throughput is the sum over its pipelines (see ``types.Prediction``).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 
 from amp4ec.errors import InvalidSpec
 from amp4ec.planner.baselines import plan_equal, plan_memory, plan_monolith, plan_replicate
-from amp4ec.planner.cost import CostModel, evaluate
+from amp4ec.planner.cost import INF, CostModel, evaluate
 from amp4ec.planner.optimal import plan_optimal
 from amp4ec.planner.paper import plan_paper
 from amp4ec.planner.replan import replan_reason, should_replan
 from amp4ec.planner.types import (
     OBJECTIVES,
+    CodecProfile,
     LayerProfile,
     Link,
     NodeCapacity,
@@ -49,11 +52,18 @@ from amp4ec.planner.types import (
     Stage,
     reference_overhead_ms,
 )
-from amp4ec.planner.validate import check_choice, check_history, check_max_stages, check_pins
+from amp4ec.planner.validate import (
+    check_choice,
+    check_history,
+    check_max_error,
+    check_max_stages,
+    check_pins,
+)
 
 __all__ = [
     "OBJECTIVES",
     "STRATEGIES",
+    "CodecProfile",
     "LayerProfile",
     "Link",
     "NodeCapacity",
@@ -85,18 +95,53 @@ def plan(
     max_stages: int | None = None,
     pinned: Sequence[Pin] = (),
     history: SchedulerHistory | None = None,
+    codecs: Sequence[CodecProfile] = (),
+    max_error: float | None = None,
 ) -> Plan:
     """Place ``blocks`` on ``nodes`` with ``strategy``, optimising ``objective``.
 
     ``max_stages`` caps the stages of each pipeline (optimal; equal/memory/paper use at
     most that many nodes). ``pinned`` (optimal only) fixes block ranges on nodes.
-    ``history`` feeds the paper's scheduler and is never mutated. Raises InvalidSpec for
-    bad arguments and PlanInfeasible when nothing fits.
+    ``history`` feeds the paper's scheduler and is never mutated. ``codecs`` may compress
+    cuts, the estimated output error within ``max_error`` (None: no bound; see the module
+    docstring). Raises InvalidSpec for bad arguments and PlanInfeasible when nothing fits.
     """
     check_choice(strategy, "strategy", STRATEGIES)
     check_choice(objective, "objective", OBJECTIVES)
-    cm = CostModel(blocks, nodes, links, input_bytes=input_bytes, default_link=default_link)
+    bound = check_max_error(max_error)
     cap = check_max_stages(max_stages)
+    links = tuple(links)
+    divisor = 1
+    while True:
+        limit = INF if bound is None else bound / divisor
+        cm = CostModel(
+            blocks,
+            nodes,
+            links,
+            input_bytes=input_bytes,
+            default_link=default_link,
+            codecs=codecs,
+            error_limit=limit,
+        )
+        result = _plan(cm, objective, strategy, cap, pinned, history)
+        # A pipeline of k stages has k cuts that may be compressed (k - 1 inner, the answer).
+        most = cm.N if cap is None else min(cm.N, cap)
+        if bound is None or result.predicted.output_error <= bound or divisor >= most:
+            if bound is not None and divisor > 1:
+                note = f"compression: cuts held to {limit:.2g} each to keep the output error within {bound:g}"
+                result = replace(result, notes=(*result.notes, note))
+            return result
+        divisor = min(2 * divisor, max(most, 1))
+
+
+def _plan(
+    cm: CostModel,
+    objective: str,
+    strategy: str,
+    cap: int | None,
+    pinned: Sequence[Pin],
+    history: SchedulerHistory | None,
+) -> Plan:
     pins = check_pins(pinned, cm.B, cm.names)
     hist = check_history(history)
     if pins and strategy != "optimal":

@@ -5,22 +5,33 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from itertools import accumulate
 from typing import Any
 
 from amp4ec.errors import InvalidSpec, PlanInfeasible
-from amp4ec.planner.types import LayerProfile, Link, NodeCapacity, Pipeline, Plan, Prediction, Stage
+from amp4ec.planner.types import (
+    CodecProfile,
+    LayerProfile,
+    Link,
+    NodeCapacity,
+    Pipeline,
+    Plan,
+    Prediction,
+    Stage,
+)
 from amp4ec.planner.validate import (
     CLIENT,
     DEFAULT_LINK,
     check_blocks,
+    check_codecs,
     check_input_bytes,
     check_link,
     check_links,
     check_nodes,
 )
 
-__all__ = ["INF", "SCALE", "CostModel", "Raw", "evaluate", "mb"]
+__all__ = ["INF", "RAW", "SCALE", "CostModel", "Cut", "Raw", "evaluate", "mb"]
 
 SCALE = 1_000_000
 """The exact searches work in integer nanoseconds (ms × SCALE) so sums and ties are exact."""
@@ -29,6 +40,23 @@ INF = math.inf
 
 Raw = list[list[tuple[int, int, int]]]
 """Pipelines as lists of (node index, first block, last block), the strategies' output."""
+
+
+RAW = "raw"
+
+
+@dataclass(frozen=True)
+class Cut:
+    """How one cut crosses one link: its codec, the wire time and the codec's CPU time (ms)."""
+
+    codec: str
+    wire_ms: float
+    codec_ms: float
+    error: float
+
+    @property
+    def total_ms(self) -> float:
+        return self.wire_ms + self.codec_ms
 
 
 def mb(nbytes: float) -> str:
@@ -47,7 +75,11 @@ class CostModel:
         *,
         input_bytes: int = 0,
         default_link: Link | None = None,
+        codecs: Iterable[CodecProfile] = (),
+        error_limit: float = INF,
     ) -> None:
+        """``codecs`` (none: every cut raw) may compress a cut whose measured error is at most
+        ``error_limit``; the cheapest way across each link is chosen (see ``cut``)."""
         self.blocks = check_blocks(blocks)
         self.nodes = check_nodes(nodes)
         self.links = check_links(links)
@@ -65,6 +97,9 @@ class CostModel:
         self.prefix_params = [0, *accumulate(b.param_bytes for b in self.blocks)]
         self.act = [b.act_bytes for b in self.blocks]
         self.in_bytes = [self.input_bytes] + [b.out_bytes for b in self.blocks[:-1]]
+        self.codecs = check_codecs(codecs, self.B)
+        self.error_limit = error_limit
+        self._cuts: dict[tuple[str, str, int], Cut] = {}
         self.model_bytes = self.memory_bytes(0, self.B - 1)
         self._cint: dict[int, list[int]] = {}
         self._kmax: dict[int, list[int]] = {}
@@ -85,12 +120,38 @@ class CostModel:
         """Parameters of blocks first..last plus their largest activation."""
         return self.prefix_params[last + 1] - self.prefix_params[first] + max(self.act[first : last + 1])
 
+    def node_speed(self, name: str) -> float:
+        """A node's effective speed; the client's is the reference core's (1)."""
+        return 1.0 if name == CLIENT else self.speed[self.index[name]]
+
+    def cut(self, src: str, dst: str, j: int) -> Cut:
+        """The cheapest way for cut ``j`` (block j's input; ``B``: the model's output) to cross
+        src→dst: raw, or a codec whose measured error is within ``error_limit`` and whose wire
+        time saved exceeds its CPU (encode at the sender's speed, decode at the receiver's).
+        Ties go to raw. The client sends the model's input raw (cut 0 is never compressed)."""
+        key = (src, dst, j)
+        if key in self._cuts:
+            return self._cuts[key]
+        link = self.link(src, dst)
+        nbytes = self.blocks[-1].out_bytes if j == self.B else self.in_bytes[j]
+        best = Cut(RAW, link.transfer_ms(nbytes), 0.0, 0.0)
+        for c in self.codecs if j > 0 else ():
+            if c.error[j] > self.error_limit or c.wire_bytes[j] >= nbytes:
+                continue
+            cpu = c.encode_ms[j] / self.node_speed(src) + c.decode_ms[j] / self.node_speed(dst)
+            option = Cut(c.name, link.transfer_ms(c.wire_bytes[j]), cpu, c.error[j])
+            if option.total_ms < best.total_ms:
+                best = option
+        self._cuts[key] = best
+        return best
+
     def transfer_ms(self, src: int, dst: int, first: int) -> float:
-        """Time for block ``first``'s input to reach node ``dst`` from ``src`` (-1: the client)."""
-        return self.link(self.name_of(src), self.names[dst]).transfer_ms(self.in_bytes[first])
+        """Time for block ``first``'s input to reach node ``dst`` from ``src`` (-1: the client),
+        encoding and decoding included when the cut is compressed."""
+        return self.cut(self.name_of(src), self.names[dst], first).total_ms
 
     def return_ms(self, n: int) -> float:
-        return self.link(self.names[n], CLIENT).transfer_ms(self.blocks[-1].out_bytes)
+        return self.cut(self.names[n], CLIENT, self.B).total_ms
 
     # ---- integer tables for the exact searches -----------------------------------------------
     def cint(self, n: int) -> list[int]:
@@ -106,9 +167,16 @@ class CostModel:
         price them together."""
         link = self.link(src, dst)
         extra = self.overhead[self.index[dst]]
-        key = (link.rtt_ms, link.bandwidth_bytes_per_s, extra)
+        key: tuple[float, ...] = (link.rtt_ms, link.bandwidth_bytes_per_s, extra)
+        if self.codecs:  # a codec's CPU depends on both ends' speeds
+            key = (*key, self.node_speed(src), self.node_speed(dst))
         if key not in self._xfer:
-            self._xfer[key] = [round((link.transfer_ms(x) + extra) * SCALE) for x in self.in_bytes]
+            if self.codecs:
+                self._xfer[key] = [
+                    round((self.cut(src, dst, j).total_ms + extra) * SCALE) for j in range(self.B)
+                ]
+            else:
+                self._xfer[key] = [round((link.transfer_ms(x) + extra) * SCALE) for x in self.in_bytes]
         return self._xfer[key]
 
     def ret_ns(self, n: int) -> int:
@@ -149,15 +217,18 @@ class CostModel:
 
     # ---- pricing -----------------------------------------------------------------------------
     def stage(self, n: int, first: int, last: int, prev: int) -> Stage:
-        """The priced stage; ``prev`` is the previous stage's node (-1: the client)."""
+        """The priced stage; ``prev`` is the previous stage's node (-1: the client). Its
+        ``out_codec`` is raw until ``price`` knows where its outputs go."""
+        cut = self.cut(self.name_of(prev), self.names[n], first)
         return Stage(
             node=self.names[n],
             first_block=first,
             last_block=last,
             compute_ms=self.compute_ms(n, first, last),
-            transfer_ms=self.transfer_ms(prev, n, first),
+            transfer_ms=cut.wire_ms,
             memory_bytes=self.memory_bytes(first, last),
             overhead_ms=self.overhead[n],
+            codec_ms=cut.codec_ms,
         )
 
     def price(self, raw: Raw) -> tuple[tuple[Pipeline, ...], Prediction]:
@@ -165,6 +236,7 @@ class CostModel:
         used: set[int] = set()
         pipelines: list[Pipeline] = []
         latencies: list[float] = []
+        errors: list[float] = []
         rate = 0.0
         for p, stages in enumerate(raw):
             expect, prev, priced = 0, -1, []
@@ -190,6 +262,8 @@ class CostModel:
                 expect, prev = last + 1, n
             if expect != self.B:
                 raise InvalidSpec(f"pipelines[{p}]: covers blocks 0..{expect - 1} of 0..{self.B - 1}")
+            priced, error = self._with_codecs(priced)
+            errors.append(error)
             pipelines.append(Pipeline(tuple(priced)))
             bottleneck = max(s.stage_ms for s in priced)
             latencies.append(sum(s.stage_ms for s in priced) + self.return_ms(prev))
@@ -198,8 +272,28 @@ class CostModel:
             raise InvalidSpec("pipelines: the placement has no pipeline")
         stage_ms = tuple(s.stage_ms for p in pipelines for s in p.stages)
         return tuple(pipelines), Prediction(
-            stage_ms=stage_ms, bottleneck_ms=max(stage_ms), latency_ms=min(latencies), throughput_rps=rate
+            stage_ms=stage_ms,
+            bottleneck_ms=max(stage_ms),
+            latency_ms=min(latencies),
+            throughput_rps=rate,
+            output_error=max(errors),
         )
+
+    def _with_codecs(self, stages: list[Stage]) -> tuple[list[Stage], float]:
+        """Each stage told how to send its outputs (the codec of the next cut, the answer's for
+        the last), and the pipeline's summed error estimate."""
+        if not self.codecs:
+            return stages, 0.0
+        out, error = [], 0.0
+        for s, stage in enumerate(stages):
+            if s + 1 < len(stages):
+                nxt = stages[s + 1]
+                cut = self.cut(stage.node, nxt.node, nxt.first_block)
+            else:
+                cut = self.cut(stage.node, CLIENT, self.B)
+            error += cut.error
+            out.append(replace(stage, out_codec=cut.codec))
+        return out, error
 
     def make_plan(self, objective: str, strategy: str, raw: Raw, notes: Sequence[str] = ()) -> Plan:
         pipelines, predicted = self.price(raw)
@@ -265,7 +359,18 @@ def evaluate(
     *,
     input_bytes: int = 0,
     default_link: Link | None = None,
+    codecs: Iterable[CodecProfile] = (),
+    max_error: float = INF,
 ) -> Prediction:
-    """Predict any placement (a Plan, Pipeline(s) or one pipeline's Stages) with the cost model."""
-    cm = CostModel(blocks, nodes, links, input_bytes=input_bytes, default_link=default_link)
+    """Predict any placement (a Plan, Pipeline(s) or one pipeline's Stages) with the cost model;
+    ``codecs`` within ``max_error`` per cut compress the cuts where they pay."""
+    cm = CostModel(
+        blocks,
+        nodes,
+        links,
+        input_bytes=input_bytes,
+        default_link=default_link,
+        codecs=codecs,
+        error_limit=max_error,
+    )
     return cm.price(cm.to_raw(placement))[1]

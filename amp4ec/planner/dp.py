@@ -29,11 +29,12 @@ __all__ = ["Search", "best_per_mask", "link_classes", "solve", "stage_bounds"]
 
 
 def link_classes(cm: CostModel, nodes: Sequence[int]) -> list[int]:
-    """Class per node: p and q share one when every link p→n equals q→n (n ∉ {p, q})."""
+    """Class per node: p and q share one when every link p→n equals q→n (n ∉ {p, q}) and, when
+    codecs may compress a cut, their speeds are equal too (the sender encodes)."""
 
-    def key(p: int, n: int) -> tuple[float, float]:
+    def key(p: int, n: int) -> tuple[float, ...]:
         link = cm.link(cm.names[p], cm.names[n])
-        return (link.rtt_ms, link.bandwidth_bytes_per_s)
+        return (link.rtt_ms, link.bandwidth_bytes_per_s, cm.speed[p] if cm.codecs else 0.0)
 
     members: list[list[int]] = []
     out = []

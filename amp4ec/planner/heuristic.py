@@ -49,11 +49,12 @@ class Ordered:
         self.hi = [b[1] for b in bounds]
         self.tin: list[list[int]] = []
         for n in order:
-            keys: dict[tuple[float, float], str] = {}
+            keys: dict[tuple[float, ...], str] = {}
             for p in order:
                 if p != n:
                     link = cm.link(cm.names[p], cm.names[n])
-                    keys.setdefault((link.rtt_ms, link.bandwidth_bytes_per_s), cm.names[p])
+                    speed = cm.speed[p] if cm.codecs else 0.0  # a codec's encode runs on the sender
+                    keys.setdefault((link.rtt_ms, link.bandwidth_bytes_per_s, speed), cm.names[p])
             rows = [cm.xfer_ns(p, cm.names[n]) for p in keys.values()] or [[0] * self.B]
             self.tin.append(rows[0] if len(rows) == 1 else [max(x) for x in zip(*rows, strict=True)])
         top = max(c[-1] for c in self.cint) + max(max(max(r) for r in self.tin), max(self.tclient))

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 
 from amp4ec.errors import Amp4ecError
 from amp4ec.planner.cost import evaluate
-from amp4ec.planner.types import LayerProfile, Link, NodeCapacity, Plan, Prediction
+from amp4ec.planner.types import CodecProfile, LayerProfile, Link, NodeCapacity, Plan, Prediction
 from amp4ec.planner.validate import check_choice, check_threshold
 
 __all__ = ["gain", "replan_reason", "should_replan"]
@@ -54,11 +54,14 @@ def replan_reason(
     links: Iterable[Link] = (),
     input_bytes: int = 0,
     default_link: Link | None = None,
+    codecs: Sequence[CodecProfile] = (),
+    max_error: float | None = None,
 ) -> str | None:
     """Why ``proposed`` should replace ``current`` (a line for logs and events), or None to keep it.
 
-    Pass ``blocks`` and ``nodes`` (and the links) of the NEW capacity to re-price
-    ``current`` on it; otherwise ``current.predicted`` is compared as it stands.
+    Pass ``blocks`` and ``nodes`` (and the links, and the codecs with their bound when the
+    deployment compresses) of the NEW capacity to re-price ``current`` on it; otherwise
+    ``current.predicted`` is compared as it stands.
     """
     limit = check_threshold(threshold)
     if current is None:
@@ -69,7 +72,14 @@ def replan_reason(
     if blocks is not None and nodes is not None:
         try:
             before = evaluate(
-                current, blocks, nodes, links, input_bytes=input_bytes, default_link=default_link
+                current,
+                blocks,
+                nodes,
+                links,
+                input_bytes=input_bytes,
+                default_link=default_link,
+                codecs=codecs,
+                max_error=math.inf if max_error is None else max_error,
             )
         except Amp4ecError as exc:
             return f"the current plan no longer fits: {exc}"
@@ -89,6 +99,8 @@ def should_replan(
     links: Iterable[Link] = (),
     input_bytes: int = 0,
     default_link: Link | None = None,
+    codecs: Sequence[CodecProfile] = (),
+    max_error: float | None = None,
 ) -> bool:
     """True when ``proposed`` should replace ``current`` (see ``replan_reason``)."""
     reason = replan_reason(
@@ -100,6 +112,8 @@ def should_replan(
         links=links,
         input_bytes=input_bytes,
         default_link=default_link,
+        codecs=codecs,
+        max_error=max_error,
     )
     return reason is not None
 

@@ -1,9 +1,9 @@
 """Plain data the planner consumes and produces: block profiles, node capacity, links, plans.
 
-Reading order: LayerProfile (what a block costs) → NodeCapacity and Link (what the
-cluster offers) → Pin and SchedulerHistory (optional planner inputs) → Stage, Pipeline,
-Plan (the answer). Everything except SchedulerHistory is frozen and pure Python so the
-operator can plan without torch.
+Reading order: LayerProfile (what a block costs) → CodecProfile (what compressing each cut
+costs and changes) → NodeCapacity and Link (what the cluster offers) → Pin and
+SchedulerHistory (optional planner inputs) → Stage, Pipeline, Plan (the answer). Everything
+except SchedulerHistory is frozen and pure Python so the operator can plan without torch.
 
 Plan-level numbers (``Prediction``): each pipeline's bottleneck is its slowest stage and
 its latency the sum of its stages plus the result's return to the client. A plan with
@@ -20,6 +20,7 @@ from typing import Any
 
 __all__ = [
     "OBJECTIVES",
+    "CodecProfile",
     "LayerProfile",
     "Link",
     "NodeCapacity",
@@ -52,6 +53,26 @@ class LayerProfile:
     """Measured forward time on the reference core, in milliseconds."""
     act_bytes: int = 0
     """Peak activation bytes while the block runs (its inputs plus outputs)."""
+
+
+@dataclass(frozen=True)
+class CodecProfile:
+    """An activation codec (``fp16``, ``int8``; raw is implicit) measured at every cut of the
+    model on the reference core (``amp4ec/slicing/compression.py``). Cut ``j`` is the input
+    of block ``j`` (cut 0: the model's input, which the client always sends raw) and cut ``B``
+    the model's output, the answer the last stage returns. Every field has ``B + 1`` entries."""
+
+    name: str
+    wire_bytes: tuple[int, ...]
+    """Bytes the cut's tensors take on the wire in this codec (tensors it cannot shrink count raw)."""
+    encode_ms: tuple[float, ...]
+    """Reference-core ms to encode the cut (paid by the sender)."""
+    decode_ms: tuple[float, ...]
+    """Reference-core ms to restore float32 (paid by the receiver)."""
+    error: tuple[float, ...]
+    """Relative L2 error of the model's final outputs when only this cut is sent in this codec,
+    measured on the profile's inputs. The errors of several compressed cuts are summed (a
+    first-order estimate; ``amp4ec run`` measures the deployed plan's actual error)."""
 
 
 @dataclass(frozen=True)
@@ -186,10 +207,15 @@ class Stage:
     """Predicted resident bytes: parameters plus peak activation."""
     overhead_ms: float = 0.0
     """Predicted per-request time of the node's agent beyond the blocks (its ``overhead_ms``)."""
+    codec_ms: float = 0.0
+    """Predicted time of encoding the stage's input at its sender and decoding it here, when its
+    inbound cut is compressed (priced with the transfer it shortens)."""
+    out_codec: str = "raw"
+    """How the stage sends its outputs: to the next stage, or (the last) its answer to the client."""
 
     @property
     def stage_ms(self) -> float:
-        return self.compute_ms + self.transfer_ms + self.overhead_ms
+        return self.compute_ms + self.transfer_ms + self.overhead_ms + self.codec_ms
 
     @property
     def blocks(self) -> range:
@@ -210,6 +236,9 @@ class Prediction:
     throughput_rps: float
     """Requests per second with every pipeline saturated: sum over pipelines of
     ``1000 / that pipeline's slowest stage`` (``inf`` if a pipeline costs nothing)."""
+    output_error: float = 0.0
+    """Estimated relative L2 error of the final outputs that the plan's codecs introduce: per
+    pipeline the sum of its compressed cuts' measured errors, the largest over pipelines."""
 
 
 @dataclass(frozen=True)
@@ -235,8 +264,9 @@ class Plan:
         return tuple(s for p in self.pipelines for s in p.stages)
 
     def rows(self) -> list[dict[str, Any]]:
-        """One row per stage, in ``stages`` order: where it runs and which blocks (the form
-        every report, JSON file and failover record uses; callers add their own columns)."""
+        """One row per stage, in ``stages`` order: where it runs, which blocks and, when it
+        compresses, how it sends its outputs (``out_codec``; absent when raw) — the form every
+        report, JSON file and failover record uses; callers add their own columns."""
         return [
             {
                 "pipeline": p,
@@ -244,6 +274,7 @@ class Plan:
                 "node": s.node,
                 "first_block": s.first_block,
                 "last_block": s.last_block,
+                **({"out_codec": s.out_codec} if s.out_codec != "raw" else {}),
             }
             for p, pipe in enumerate(self.pipelines)
             for i, s in enumerate(pipe.stages)

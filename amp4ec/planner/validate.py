@@ -8,17 +8,19 @@ from itertools import pairwise
 from typing import Any
 
 from amp4ec.errors import InvalidSpec, PlanInfeasible
-from amp4ec.planner.types import LayerProfile, Link, NodeCapacity, Pin, SchedulerHistory
+from amp4ec.planner.types import CodecProfile, LayerProfile, Link, NodeCapacity, Pin, SchedulerHistory
 
 __all__ = [
     "CLIENT",
     "DEFAULT_LINK",
     "check_blocks",
     "check_choice",
+    "check_codecs",
     "check_history",
     "check_input_bytes",
     "check_link",
     "check_links",
+    "check_max_error",
     "check_max_stages",
     "check_nodes",
     "check_pins",
@@ -80,6 +82,42 @@ def check_blocks(blocks: Any) -> tuple[LayerProfile, ...]:
             _ensure_count(getattr(b, name), f"blocks[{i}].{name}")
         _ensure_number(b.compute_ms, f"blocks[{i}].compute_ms")
     return out
+
+
+CODEC_NAMES = ("fp16", "int8")
+"""The codecs a CodecProfile may describe (raw is implicit: every cut may travel raw)."""
+
+
+def check_codecs(codecs: Any, num_blocks: int) -> tuple[CodecProfile, ...]:
+    """CodecProfiles of known, distinct codecs with ``num_blocks + 1`` sane entries per field."""
+    if isinstance(codecs, (str, bytes)) or not isinstance(codecs, Iterable):
+        raise InvalidSpec(f"codecs: expected a sequence of CodecProfile, got {type(codecs).__name__}")
+    out = tuple(codecs)
+    seen: set[str] = set()
+    for i, c in enumerate(out):
+        if not isinstance(c, CodecProfile):
+            raise InvalidSpec(f"codecs[{i}]: expected a CodecProfile, got {type(c).__name__}")
+        if c.name not in CODEC_NAMES or c.name in seen:
+            raise InvalidSpec(
+                f"codecs[{i}].name: expected one of {', '.join(CODEC_NAMES)}, each once, got {c.name!r}"
+            )
+        seen.add(c.name)
+        for name in ("wire_bytes", "encode_ms", "decode_ms", "error"):
+            values = getattr(c, name)
+            if not isinstance(values, Sequence) or len(values) != num_blocks + 1:
+                raise InvalidSpec(
+                    f"codecs[{i}].{name}: expected {num_blocks + 1} entries (one per cut, the output "
+                    f"included), got {len(values) if isinstance(values, Sequence) else type(values).__name__}"
+                )
+            for j, v in enumerate(values):
+                field = f"codecs[{i}].{name}[{j}]"
+                _ensure_count(v, field) if name == "wire_bytes" else _ensure_number(v, field)
+    return out
+
+
+def check_max_error(value: Any) -> float | None:
+    """None (no bound) or a relative error ≥ 0."""
+    return None if value is None else _ensure_number(value, "max_error")
 
 
 def check_nodes(nodes: Any) -> tuple[NodeCapacity, ...]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from amp4ec.wire.codec_names import codec_name, codec_value
 from amp4ec.wire.v1 import agent_pb2
 
 __all__ = ["StageConfig"]
@@ -33,6 +34,9 @@ class StageConfig:
     """Under mutual TLS, the identity the next hop must present (see amp4ec/pki.py)."""
     accept_from: tuple[str, ...] = ()
     """Under mutual TLS, the identities that may send this stage frames."""
+    output_codec: str = "raw"
+    """How the stage encodes what it sends (to the next hop, or its answer when last): a name
+    of ``codec_names.CODECS``, chosen per cut by the planner."""
 
     @property
     def next_peer(self) -> str:
@@ -53,6 +57,7 @@ class StageConfig:
             next_node=m.next_node,
             next_hop_identity=m.next_hop_identity,
             accept_from=tuple(m.accept_from),
+            output_codec=codec_name(m.output_codec, "output_codec"),
         )
 
     def to_message(self) -> agent_pb2.StageSpec:
@@ -68,6 +73,7 @@ class StageConfig:
             next_node=self.next_node,
             next_hop_identity=self.next_hop_identity,
             accept_from=list(self.accept_from),
+            output_codec=codec_value(self.output_codec, "output_codec"),
         )
 
     def to_args(self) -> list[str]:
@@ -88,6 +94,7 @@ class StageConfig:
             "--next-hop": self.next_hop,
             "--next-node": self.next_node,
             "--next-hop-identity": self.next_hop_identity,
+            "--output-codec": "" if self.output_codec == "raw" else self.output_codec,
         }
         args += [item for flag, value in optional.items() if value for item in (flag, value)]
         return args + [item for identity in self.accept_from for item in ("--accept-from", identity)]

@@ -97,7 +97,8 @@ def test_plan_prints_and_writes_json_for_every_strategy(tmp_path: Path) -> None:
         assert "bottleneck" in result.output and "planning" in result.output
         data = json.loads(out.read_text())
         assert set(data) >= {"plan", "predicted", "planning_ms"}
-        assert set(data["predicted"]) == {"stage_ms", "bottleneck_ms", "latency_ms", "throughput_rps"}
+        predicted = {"stage_ms", "bottleneck_ms", "latency_ms", "throughput_rps", "output_error"}
+        assert set(data["predicted"]) == predicted
         assert data["strategy"] == strategy
         for pipeline in {row["pipeline"] for row in data["plan"]}:
             rows = [r for r in data["plan"] if r["pipeline"] == pipeline]

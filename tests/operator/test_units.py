@@ -13,7 +13,7 @@ import yaml
 from amp4ec.errors import InvalidSpec
 from amp4ec.operator.config import OperatorConfig
 from amp4ec.operator.desired import PlanRecord, desired_objects, entry_service, plan_record
-from amp4ec.operator.spec import Objective, Strategy, parse_spec
+from amp4ec.operator.spec import CompressionMode, Objective, Strategy, parse_spec
 from amp4ec.operator.status import Phase, condition, merge_conditions, with_ready
 from amp4ec.planner.types import Pipeline, Plan, Prediction, Stage
 
@@ -174,3 +174,51 @@ def test_storage_initializer_verifies_the_digest(tmp_path: Path) -> None:
     assert not (tmp_path / "bad.pt").exists()
     with pytest.raises(FetchError, match="escapes"):
         fetch("pvc://models/../../etc/passwd", tmp_path / "x", pvc_mount=claim)
+
+
+def test_crd_spec_fields_match_the_pydantic_model_and_compression_bounds() -> None:
+    from amp4ec.compression import COMPRESSION_MODES, DEFAULT_MAX_ERROR
+    from amp4ec.operator.spec import CompressionSpec, DeploymentSpec
+
+    spec = crd_schema()["spec"]["properties"]
+    assert set(spec) == {f.alias or name for name, f in DeploymentSpec.model_fields.items()}
+    squeeze = spec["compression"]["properties"]
+    assert squeeze["mode"]["enum"] == list(COMPRESSION_MODES) == list(get_args(CompressionMode))
+    assert squeeze["mode"]["default"] == CompressionSpec().mode == "off"
+    bound = squeeze["maxOutputError"]
+    assert (bound["default"], bound["minimum"], bound["maximum"]) == (DEFAULT_MAX_ERROR, 0, 1)
+    assert parse_spec({"model": {"name": "m"}}).compression.policy().enabled is False
+    on = parse_spec({"model": {"name": "m"}, "compression": {"mode": "auto", "maxOutputError": 0.002}})
+    assert on.compression.policy().enabled and on.compression.max_output_error == 0.002
+    for bad, field in (
+        ({"mode": "zip"}, "spec.compression.mode"),
+        ({"mode": "auto", "maxOutputError": -0.1}, "spec.compression.maxOutputError"),
+        ({"mode": "auto", "level": 3}, "spec.compression.level"),
+    ):
+        with pytest.raises(InvalidSpec, match=field.replace(".", r"\.")):
+            parse_spec({"model": {"name": "m"}, "compression": bad})
+
+
+def test_desired_shards_send_in_their_planned_codec() -> None:
+    spec = parse_spec(
+        {"model": {"name": "mobilenet_v2"}, "inputShape": [1, 3, 64, 64], "compression": {"mode": "auto"}}
+    )
+    stages = (
+        Stage("edge-a", 0, 3, 2.0, 0.1, 10 << 20, out_codec="int8"),
+        Stage("edge-b", 4, 9, 3.0, 0.2, 20 << 20, out_codec="raw"),
+    )
+    plan = Plan("throughput", "optimal", (Pipeline(stages),), Prediction((2.1, 3.2), 3.2, 6.0, 312.5, 1e-3))
+    record = plan_record(spec, plan, {"edge-a": 1.0, "edge-b": 0.5})
+    objs = desired_objects("mnv2", "ml", spec, record, OperatorConfig())
+    first, second = (o for o in objs if o["kind"] == "Pod")
+    args = first["spec"]["containers"][0]["args"]
+    assert args[args.index("--output-codec") + 1] == "int8"
+    assert "--output-codec" not in second["spec"]["containers"][0]["args"]  # raw is the default
+    status = record.to_status()
+    assert [s["outCodec"] for s in status["stages"]] == ["int8", "raw"]
+    assert status["predicted"]["outputError"] == 1e-3
+    assert PlanRecord.from_status(status) == record
+    # The codec is part of what the Pods run: a raw twin of the plan has another id.
+    raw_stages = (Stage("edge-a", 0, 3, 2.0, 0.1, 10 << 20), stages[1])
+    raw_plan = Plan("throughput", "optimal", (Pipeline(raw_stages),), plan.predicted)
+    assert plan_record(spec, raw_plan, {"edge-a": 1.0, "edge-b": 0.5}).id != record.id

@@ -20,6 +20,7 @@ FULL = StageConfig(
     next_node="edge-b",
     next_hop_identity="stage-2.d.ns.amp4ec",
     accept_from=("stage-0.d.ns.amp4ec", "client.d.ns.amp4ec"),
+    output_codec="int8",
 )
 
 
@@ -40,5 +41,15 @@ def test_a_model_source_names_its_stage() -> None:
         next_node="edge-b",
         next_hop_identity=FULL.next_hop_identity,
         accept_from=FULL.accept_from,
+        output_codec="int8",
     )
     assert stage == FULL
+
+
+def test_an_unknown_codec_is_refused_naming_the_field() -> None:
+    from amp4ec.errors import InvalidSpec
+
+    message = FULL.to_message()
+    message.output_codec = 5
+    with pytest.raises(InvalidSpec, match=r"output_codec: expected one of raw, fp16, int8, got 5"):
+        StageConfig.from_message(message)

@@ -38,7 +38,7 @@ class Probe(_message.Message):
     def __init__(self, payload: _Optional[bytes] = ..., reply_bytes: _Optional[int] = ...) -> None: ...
 
 class StageSpec(_message.Message):
-    __slots__ = ("model", "weights", "seed", "input_shape", "first_block", "last_block", "next_hop", "stage", "next_node", "next_hop_identity", "accept_from")
+    __slots__ = ("model", "weights", "seed", "input_shape", "first_block", "last_block", "next_hop", "stage", "next_node", "next_hop_identity", "accept_from", "output_codec")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,7 @@ class StageSpec(_message.Message):
     NEXT_NODE_FIELD_NUMBER: _ClassVar[int]
     NEXT_HOP_IDENTITY_FIELD_NUMBER: _ClassVar[int]
     ACCEPT_FROM_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_CODEC_FIELD_NUMBER: _ClassVar[int]
     model: str
     weights: str
     seed: int
@@ -61,7 +62,8 @@ class StageSpec(_message.Message):
     next_node: str
     next_hop_identity: str
     accept_from: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[str] = ..., weights: _Optional[str] = ..., seed: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., first_block: _Optional[int] = ..., last_block: _Optional[int] = ..., next_hop: _Optional[str] = ..., stage: _Optional[int] = ..., next_node: _Optional[str] = ..., next_hop_identity: _Optional[str] = ..., accept_from: _Optional[_Iterable[str]] = ...) -> None: ...
+    output_codec: _shard_pb2.Codec
+    def __init__(self, model: _Optional[str] = ..., weights: _Optional[str] = ..., seed: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., first_block: _Optional[int] = ..., last_block: _Optional[int] = ..., next_hop: _Optional[str] = ..., stage: _Optional[int] = ..., next_node: _Optional[str] = ..., next_hop_identity: _Optional[str] = ..., accept_from: _Optional[_Iterable[str]] = ..., output_codec: _Optional[_Union[_shard_pb2.Codec, str]] = ...) -> None: ...
 
 class UnloadRequest(_message.Message):
     __slots__ = ()
@@ -72,12 +74,28 @@ class UnloadReply(_message.Message):
     def __init__(self) -> None: ...
 
 class ProfileRequest(_message.Message):
-    __slots__ = ("model", "repeats")
+    __slots__ = ("model", "repeats", "codecs")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REPEATS_FIELD_NUMBER: _ClassVar[int]
+    CODECS_FIELD_NUMBER: _ClassVar[int]
     model: StageSpec
     repeats: int
-    def __init__(self, model: _Optional[_Union[StageSpec, _Mapping]] = ..., repeats: _Optional[int] = ...) -> None: ...
+    codecs: bool
+    def __init__(self, model: _Optional[_Union[StageSpec, _Mapping]] = ..., repeats: _Optional[int] = ..., codecs: _Optional[bool] = ...) -> None: ...
+
+class CodecProfile(_message.Message):
+    __slots__ = ("name", "wire_bytes", "encode_ms", "decode_ms", "error")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    WIRE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_MS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    wire_bytes: _containers.RepeatedScalarFieldContainer[int]
+    encode_ms: _containers.RepeatedScalarFieldContainer[float]
+    decode_ms: _containers.RepeatedScalarFieldContainer[float]
+    error: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, name: _Optional[str] = ..., wire_bytes: _Optional[_Iterable[int]] = ..., encode_ms: _Optional[_Iterable[float]] = ..., decode_ms: _Optional[_Iterable[float]] = ..., error: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class BlockProfile(_message.Message):
     __slots__ = ("name", "flops", "param_bytes", "out_bytes", "compute_ms", "act_bytes")
@@ -96,15 +114,17 @@ class BlockProfile(_message.Message):
     def __init__(self, name: _Optional[str] = ..., flops: _Optional[int] = ..., param_bytes: _Optional[int] = ..., out_bytes: _Optional[int] = ..., compute_ms: _Optional[float] = ..., act_bytes: _Optional[int] = ...) -> None: ...
 
 class ModelProfile(_message.Message):
-    __slots__ = ("model", "blocks", "input_bytes", "reference_workload_ms", "inputs")
+    __slots__ = ("model", "blocks", "input_bytes", "reference_workload_ms", "inputs", "codecs")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     INPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_WORKLOAD_MS_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
+    CODECS_FIELD_NUMBER: _ClassVar[int]
     model: str
     blocks: _containers.RepeatedCompositeFieldContainer[BlockProfile]
     input_bytes: int
     reference_workload_ms: float
     inputs: _containers.RepeatedCompositeFieldContainer[_shard_pb2.Tensor]
-    def __init__(self, model: _Optional[str] = ..., blocks: _Optional[_Iterable[_Union[BlockProfile, _Mapping]]] = ..., input_bytes: _Optional[int] = ..., reference_workload_ms: _Optional[float] = ..., inputs: _Optional[_Iterable[_Union[_shard_pb2.Tensor, _Mapping]]] = ...) -> None: ...
+    codecs: _containers.RepeatedCompositeFieldContainer[CodecProfile]
+    def __init__(self, model: _Optional[str] = ..., blocks: _Optional[_Iterable[_Union[BlockProfile, _Mapping]]] = ..., input_bytes: _Optional[int] = ..., reference_workload_ms: _Optional[float] = ..., inputs: _Optional[_Iterable[_Union[_shard_pb2.Tensor, _Mapping]]] = ..., codecs: _Optional[_Iterable[_Union[CodecProfile, _Mapping]]] = ...) -> None: ...

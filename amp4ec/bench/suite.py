@@ -16,6 +16,7 @@ from amp4ec.bench.report import machine, summarise
 from amp4ec.bench.runner import run_configuration, steps
 from amp4ec.bench.tenants import run_multi_tenant
 from amp4ec.errors import Amp4ecError
+from amp4ec.local.cgroups import PERIOD_US
 from amp4ec.slicing import ModelSource
 from amp4ec.slicing.prepare import Prepared, prepare
 
@@ -29,6 +30,8 @@ class BenchOptions:
     only: tuple[str, ...] = ()
     big_model: str = "vit_b_16"
     limit_mode: str = "auto"
+    cfs_period_us: int = PERIOD_US
+    """CFS period of the nodes' quotas (``--cfs-period``)."""
     cores: int | None = None
     """Cores the benchmark may use (default: this process's affinity)."""
     secure: bool = True
@@ -76,6 +79,7 @@ async def run_bench(options: BenchOptions, progress: ProgressSink | None = None)
                 budget,
                 sink,
                 limit_mode=options.limit_mode,
+                cfs_period_us=options.cfs_period_us,
                 secure=options.secure,
             )
         except Amp4ecError as e:

@@ -9,7 +9,14 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from amp4ec.cli.options import cpu_limits_option, examples, model_options, planning_options, source_from
+from amp4ec.cli.options import (
+    cfs_period_option,
+    cpu_limits_option,
+    examples,
+    model_options,
+    planning_options,
+    source_from,
+)
 
 __all__ = ["serve"]
 
@@ -41,6 +48,7 @@ __all__ = ["serve"]
 @click.option("--model-name", default="", help="the v2 model name (default: from --model, e.g. mobilenet_v2)")
 @planning_options
 @cpu_limits_option
+@cfs_period_option
 @click.option(
     "--insecure",
     is_flag=True,
@@ -73,6 +81,7 @@ def serve(
     strategy: str,
     objective: str,
     cpu_limits: str,
+    cfs_period: int,
     insecure: bool,
     client_auth: str,
     tls_dir: Path | None,
@@ -109,6 +118,7 @@ def serve(
         strategy=strategy,
         objective=objective,
         limit_mode=cpu_limits,
+        cfs_period_us=cfs_period,
         secure=not insecure,
         client_auth=client_auth == "required",
         tls_dir=tls_dir,

@@ -17,6 +17,7 @@ from typing import Any
 from amp4ec.client import Client, Result
 from amp4ec.errors import Amp4ecError, InvalidSpec
 from amp4ec.loadgen import closed_loop
+from amp4ec.local.cgroups import PERIOD_US
 from amp4ec.local.cluster import CLIENT_IDENTITY, LocalCluster, NodeSpec
 from amp4ec.local.supervisor import Failover, FaultSpec, Supervisor, endpoints, inject_faults
 from amp4ec.nodes import check_node_count
@@ -53,6 +54,8 @@ class RunConfig:
     strategy: str = "optimal"
     objective: str = "throughput"
     limit_mode: str = "auto"
+    cfs_period_us: int = PERIOD_US
+    """CFS period of the nodes' quotas (``--cfs-period``; see [Note: why a short CFS period])."""
     warmup: int | None = None
     """Unmeasured requests first; None = two per stage."""
     faults: tuple[FaultSpec, ...] = ()
@@ -235,7 +238,11 @@ async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
     report("starting node agents", 0, len(config.nodes))
     allowed = [m for m in (factory_module(config.source.spec),) if m]  # what the user named
     async with LocalCluster(
-        config.nodes, config.limit_mode, allow_factories=allowed, secure=config.secure
+        config.nodes,
+        config.limit_mode,
+        allow_factories=allowed,
+        secure=config.secure,
+        cfs_period_us=config.cfs_period_us,
     ) as cluster:
         report("measuring node capacity", 0, len(config.nodes))
         capacities = await cluster.capacities()

@@ -18,6 +18,8 @@ PUBLIC = {
         "STRATEGIES",
         "SchedulerHistory",
         "Stage",
+        "TileGroup",
+        "TileRows",
         "evaluate",
         "plan",
         "reference_overhead_ms",

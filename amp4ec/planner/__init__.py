@@ -15,6 +15,8 @@ Reading order:
 8. ``paper``      — AMP4EC's RALOS partitioner + weighted scheduler, as published.
 9. ``baselines``  — equal, memory (exo-like), replicate, monolith.
 10. ``replan``    — hysteresis: replan only for a real gain.
+11. ``tiles``     — tile groups: leading convolutional blocks as row stripes over
+                     several nodes, one request's work split (optimal strategy).
 
 Cost model (all strategies): a stage's time is the sum of its blocks' ``compute_ms``
 and its node's per-request ``overhead_ms``, divided by the node's ``effective_speed``,
@@ -36,6 +38,7 @@ from amp4ec.planner.cost import CostModel, evaluate
 from amp4ec.planner.optimal import plan_optimal
 from amp4ec.planner.paper import plan_paper
 from amp4ec.planner.replan import replan_reason, should_replan
+from amp4ec.planner.tiles import best_tiled
 from amp4ec.planner.types import (
     OBJECTIVES,
     LayerProfile,
@@ -47,6 +50,8 @@ from amp4ec.planner.types import (
     Prediction,
     SchedulerHistory,
     Stage,
+    TileGroup,
+    TileRows,
     reference_overhead_ms,
 )
 from amp4ec.planner.validate import check_choice, check_history, check_max_stages, check_pins
@@ -63,6 +68,8 @@ __all__ = [
     "Prediction",
     "SchedulerHistory",
     "Stage",
+    "TileGroup",
+    "TileRows",
     "evaluate",
     "plan",
     "reference_overhead_ms",
@@ -113,4 +120,31 @@ def plan(
         raw, notes = plan_replicate(cm)
     else:
         raw, notes = plan_monolith(cm, objective)
-    return cm.make_plan(objective, strategy, raw, notes)
+    layerwise = cm.make_plan(objective, strategy, raw, notes)
+    if strategy == "optimal" and not pins:
+        return _with_tiles(cm, layerwise)
+    return layerwise
+
+
+def _with_tiles(cm: CostModel, layerwise: Plan) -> Plan:
+    """The tiled plan when it beats the layer-wise one on the objective (see ``tiles``)."""
+    tiled = best_tiled(cm, layerwise.objective)
+    if tiled is None:
+        return layerwise
+    mine, theirs = tiled.prediction(), layerwise.predicted
+    if layerwise.objective == "latency":
+        better = mine.latency_ms < theirs.latency_ms
+    else:
+        better = mine.throughput_rps > theirs.throughput_rps
+    if not better:
+        return layerwise
+    group = tiled.stage.tiles
+    assert group is not None
+    notes = [
+        f"blocks 0..{group.last_block} as {len(group.nodes)} row tiles on {', '.join(group.nodes)}; "
+        f"the rest on {tiled.stage.node} (layer-wise best: latency {theirs.latency_ms:.2f} ms, "
+        f"{theirs.throughput_rps:.2f} req/s)"
+    ]
+    left = [n for n in cm.names if n not in group.nodes]
+    notes += [f"node {n} left out: it does not improve the {layerwise.objective}" for n in left]
+    return Plan(layerwise.objective, layerwise.strategy, (tiled.pipeline(),), mine, tuple(notes))

@@ -29,11 +29,31 @@ __all__ = [
     "Prediction",
     "SchedulerHistory",
     "Stage",
+    "TileGroup",
+    "TileRows",
     "measured_node",
     "reference_overhead_ms",
 ]
 
 OBJECTIVES = ("throughput", "latency")
+
+
+@dataclass(frozen=True)
+class TileRows:
+    """How a block's output rows depend on its input rows, for spatial tiling (measured from
+    the graph by ``amp4ec.slicing.tiles``): output rows ``[a, b)`` need input rows
+    ``[lo[a], hi[b - 1])``. Rows are dim 2 (H) of the block's NCHW input and output."""
+
+    in_height: int
+    out_height: int
+    lo: tuple[int, ...]
+    """Per output row, the first input row it reads."""
+    hi: tuple[int, ...]
+    """Per output row, one past the last input row it reads."""
+
+    def needs(self, start: int, stop: int) -> tuple[int, int]:
+        """Input rows that output rows ``[start, stop)`` read."""
+        return (self.lo[start], self.hi[stop - 1])
 
 
 @dataclass(frozen=True)
@@ -52,6 +72,9 @@ class LayerProfile:
     """Measured forward time on the reference core, in milliseconds."""
     act_bytes: int = 0
     """Peak activation bytes while the block runs (its inputs plus outputs)."""
+    tile: TileRows | None = None
+    """Row geometry when the block may run as spatial tiles (a leading convolutional block);
+    None: layer-wise only."""
 
 
 @dataclass(frozen=True)
@@ -172,8 +195,31 @@ class SchedulerHistory:
 
 
 @dataclass(frozen=True)
+class TileGroup:
+    """Blocks ``first_block..last_block`` of a stage run as horizontal stripes on several nodes
+    at once: the stage's node scatters each tile its input rows plus halo, runs its own tile,
+    gathers the others' rows, stitches them and runs the rest of its blocks layer-wise."""
+
+    last_block: int
+    """The last tiled block (the stage's ``first_block`` is the first)."""
+    nodes: tuple[str, ...]
+    """Tile nodes, top stripe first; the stage's own node is one of them."""
+    rows: tuple[tuple[int, int], ...]
+    """Per tile, the output rows ``[start, stop)`` of ``last_block`` it computes."""
+    tile_ms: tuple[float, ...] = ()
+    """Predicted time of each tile as the stage's node sees it: scatter, compute (halo
+    included), gather; its own tile: compute plus sending and receiving the others' frames."""
+
+    @property
+    def phase_ms(self) -> float:
+        """Predicted time from scatter to the last gather."""
+        return max(self.tile_ms, default=0.0)
+
+
+@dataclass(frozen=True)
 class Stage:
-    """Blocks ``first_block..last_block`` (inclusive) placed on ``node``."""
+    """Blocks ``first_block..last_block`` (inclusive) placed on ``node`` (with ``tiles``: its
+    leading blocks as tiles over several nodes)."""
 
     node: str
     first_block: int
@@ -186,6 +232,8 @@ class Stage:
     """Predicted resident bytes: parameters plus peak activation."""
     overhead_ms: float = 0.0
     """Predicted per-request time of the node's agent beyond the blocks (its ``overhead_ms``)."""
+    tiles: TileGroup | None = None
+    """Set when the stage's leading blocks run as spatial tiles on several nodes."""
 
     @property
     def stage_ms(self) -> float:

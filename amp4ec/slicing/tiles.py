@@ -34,9 +34,11 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from amp4ec.errors import InvalidSpec, ShapeMismatch
+from amp4ec.planner.tiles import split_rows
+from amp4ec.planner.types import TileRows
 from amp4ec.slicing.blocks import BlockChain
 
-__all__ = ["Rows", "TiledRange", "split_rows", "stitch", "tileable_prefix"]
+__all__ = ["Rows", "TiledRange", "row_maps", "split_rows", "stitch", "tileable_prefix"]
 
 Rows = tuple[int, int]
 """Half-open row interval ``[start, stop)`` along H (dim 2) of an NCHW tensor."""
@@ -48,24 +50,6 @@ def _hull(a: Rows | None, b: Rows) -> Rows:
     if a is None or a[0] >= a[1]:
         return b
     return (min(a[0], b[0]), max(a[1], b[1]))
-
-
-def split_rows(height: int, weights: Sequence[float]) -> list[Rows]:
-    """``height`` rows cut into ``len(weights)`` stripes proportional to ``weights``, top first,
-    each at least one row (largest remainders get the leftover rows)."""
-    n = len(weights)
-    if n < 1 or n > height or any(not w > 0 for w in weights):
-        raise InvalidSpec(f"tiles: cannot cut {height} rows into {n} stripes weighted {list(weights)}")
-    total = sum(weights)
-    raw = [height * w / total for w in weights]
-    sizes = [max(1, math.floor(r)) for r in raw]
-    while sum(sizes) > height:  # the floor of 1 overshot: take from the largest
-        sizes[sizes.index(max(sizes))] -= 1
-    order = sorted(range(n), key=lambda i: raw[i] - sizes[i], reverse=True)
-    for i in order[: height - sum(sizes)]:
-        sizes[i] += 1
-    bounds = [0, *(sum(sizes[: i + 1]) for i in range(n))]
-    return [(bounds[i], bounds[i + 1]) for i in range(n)]
 
 
 def stitch(pieces: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
@@ -542,3 +526,23 @@ def tileable_prefix(chain: BlockChain, start: int = 0) -> int:
             xs = block.result
             count += 1
     return count
+
+
+def row_maps(chain: BlockChain, inputs: Sequence[torch.Tensor] | None = None) -> list[TileRows | None]:
+    """Per block, its row geometry for the planner while the leading blocks are tileable (None
+    from the first block that is not): output row r reads rows ``lo[r]..hi[r]-1`` of the
+    block's first input."""
+    maps: list[TileRows | None] = [None] * len(chain)
+    xs = tuple(inputs) if inputs is not None else _zeros(chain.boundaries[0])
+    for j in range(tileable_prefix(chain)):
+        tiled = TiledRange(chain, j, j, xs)
+        rows = [tiled.input_rows((r, r + 1))[0] for r in range(tiled.height)]
+        maps[j] = TileRows(
+            in_height=chain.boundaries[j][0].shape[2],
+            out_height=tiled.height,
+            lo=tuple(a for a, _ in rows),
+            hi=tuple(b for _, b in rows),
+        )
+        with torch.inference_mode():
+            xs = tuple(chain.blocks[j].module(*xs))
+    return maps

@@ -42,6 +42,8 @@ def steps(config: Configuration) -> int:
     (a failover configuration: each of its scenarios; and the insecure comparison)."""
     if config.faults:
         return len(config.faults)
+    if config.latency:
+        return len(config.strategies)
     return len(config.strategies) + 1 + config.compare_transport
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from amp4ec.bench.configs import Configuration, configurations, cpu_budget
 from amp4ec.bench.failover import run_failover
+from amp4ec.bench.latency import run_latency
 from amp4ec.bench.links import links_available
 from amp4ec.bench.progress import ProgressSink
 from amp4ec.bench.report import machine, summarise
@@ -72,7 +73,12 @@ async def run_bench(options: BenchOptions, progress: ProgressSink | None = None)
             sink.phase(f"profiling {config.source.spec}")
             prepared[config.source] = await asyncio.to_thread(prepare, config.source)
         try:
-            run = run_failover if config.faults else run_multi_tenant if config.tenants else run_configuration
+            if config.faults:
+                run = run_failover
+            elif config.tenants:
+                run = run_multi_tenant
+            else:
+                run = run_latency if config.latency else run_configuration
             result = await run(
                 config,
                 prepared[config.source],

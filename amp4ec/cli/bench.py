@@ -29,7 +29,17 @@ __all__ = ["bench"]
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
 """The repository's benchmark page (``--update-docs``), found from the package, not the current folder."""
 
-CONFIG_NAMES = ("standard", "scale-down", "scale-up", "big-model", "slow-links", "failover", "multi-tenant")
+CONFIG_NAMES = (
+    "standard",
+    "scale-down",
+    "scale-up",
+    "big-model",
+    "slow-links",
+    "failover",
+    "multi-tenant",
+    "latency",
+    "latency-resnet50",
+)
 
 
 class _RichSink(ProgressSink):

@@ -104,7 +104,7 @@ def plan_json(result: Any, planning_ms: float, block_names: list[str]) -> dict[s
                 "compute_ms": s.compute_ms,
                 "transfer_ms": s.transfer_ms,
                 "memory_mib": s.memory_bytes / 2**20,
-                **({"tiles": _tiles_json(s.tiles)} if s.tiles is not None else {}),
+                **({"tiles": [_tiles_json(g) for g in s.tiles]} if s.tiles else {}),
             }
             for row, s in zip(result.rows(), result.stages, strict=True)
         ],
@@ -121,6 +121,7 @@ def plan_json(result: Any, planning_ms: float, block_names: list[str]) -> dict[s
 
 def _tiles_json(group: Any) -> dict[str, Any]:
     return {
+        "first_block": group.first_block,
         "last_block": group.last_block,
         "nodes": list(group.nodes),
         "rows": [list(r) for r in group.rows],
@@ -147,16 +148,16 @@ def print_plan(console: Console, data: dict[str, Any], cpu: dict[str, float], mo
         )
     console.print(table)
     for row in data["plan"]:
-        if "tiles" in row:
-            t = row["tiles"]
+        for t in row.get("tiles", []):
             parts = ", ".join(
                 f"{n} rows {a}–{b - 1} ({ms:.2f} ms)"
                 for n, (a, b), ms in zip(t["nodes"], t["rows"], t["tile_ms"], strict=True)
             )
             console.print(
-                f"tiled: blocks {row['first_block']}–{t['last_block']} of the stage on {row['node']} "
-                f"as row tiles: {parts}; blocks {t['last_block'] + 1}–{row['last_block']} on {row['node']}"
+                f"tiled on {row['node']}: blocks {t['first_block']}–{t['last_block']} as row tiles: {parts}"
             )
+        if row.get("tiles"):
+            console.print(f"  (the stage's other blocks run on {row['node']} alone)")
     p = data["predicted"]
     console.print(
         f"bottleneck {p['bottleneck_ms']:.2f} ms · latency {p['latency_ms']:.2f} ms · "

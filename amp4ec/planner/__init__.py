@@ -92,12 +92,14 @@ def plan(
     max_stages: int | None = None,
     pinned: Sequence[Pin] = (),
     history: SchedulerHistory | None = None,
+    tiles: bool = True,
 ) -> Plan:
     """Place ``blocks`` on ``nodes`` with ``strategy``, optimising ``objective``.
 
     ``max_stages`` caps the stages of each pipeline (optimal; equal/memory/paper use at
     most that many nodes). ``pinned`` (optimal only) fixes block ranges on nodes.
-    ``history`` feeds the paper's scheduler and is never mutated. Raises InvalidSpec for
+    ``history`` feeds the paper's scheduler and is never mutated. ``tiles`` (optimal only)
+    lets leading blocks with tile geometry run as row tiles. Raises InvalidSpec for
     bad arguments and PlanInfeasible when nothing fits.
     """
     check_choice(strategy, "strategy", STRATEGIES)
@@ -121,13 +123,18 @@ def plan(
     else:
         raw, notes = plan_monolith(cm, objective)
     layerwise = cm.make_plan(objective, strategy, raw, notes)
-    if strategy == "optimal" and not pins:
+    if strategy == "optimal" and not pins and tiles:
         return _with_tiles(cm, layerwise)
     return layerwise
 
 
 def _with_tiles(cm: CostModel, layerwise: Plan) -> Plan:
     """The tiled plan when it beats the layer-wise one on the objective (see ``tiles``)."""
+    replicas = all(len(p.stages) == 1 for p in layerwise.pipelines) and len(layerwise.pipelines) == cm.N
+    if layerwise.objective == "throughput" and replicas:
+        # Every node serves whole requests and is never idle; a tile group only adds work to
+        # each (halo rows, a frame per tile), so it cannot raise the rate: skip the search.
+        return layerwise
     tiled = best_tiled(cm, layerwise.objective)
     if tiled is None:
         return layerwise
@@ -138,13 +145,13 @@ def _with_tiles(cm: CostModel, layerwise: Plan) -> Plan:
         better = mine.throughput_rps > theirs.throughput_rps
     if not better:
         return layerwise
-    group = tiled.stage.tiles
-    assert group is not None
+    phases = tiled.stage.tiles
+    ranges = ", ".join(f"{g.first_block}..{g.last_block}" for g in phases)
     notes = [
-        f"blocks 0..{group.last_block} as {len(group.nodes)} row tiles on {', '.join(group.nodes)}; "
+        f"blocks {ranges} as {len(phases[0].nodes)} row tiles on {', '.join(phases[0].nodes)}; "
         f"the rest on {tiled.stage.node} (layer-wise best: latency {theirs.latency_ms:.2f} ms, "
         f"{theirs.throughput_rps:.2f} req/s)"
     ]
-    left = [n for n in cm.names if n not in group.nodes]
+    left = [n for n in cm.names if n not in phases[0].nodes]
     notes += [f"node {n} left out: it does not improve the {layerwise.objective}" for n in left]
     return Plan(layerwise.objective, layerwise.strategy, (tiled.pipeline(),), mine, tuple(notes))

@@ -5,21 +5,25 @@ never faster than on the fastest node alone. Tiles split the work of one request
 fused tile partitioning): each node computes a stripe of rows, reading its input rows plus
 the halo its receptive field needs, and the stage's node stitches the stripes.
 
-Pricing a tiled stage on node ``c`` with tile nodes ``T`` (``c`` in ``T``), tiling blocks
-``0..k`` and running ``k+1..B-1`` on ``c`` afterwards:
+A tiled stage on node ``c`` with tile nodes ``T`` (``c`` in ``T``) runs the tileable prefix
+as a sequence of *phases* (blocks ``i..j`` tiled: scatter, compute, gather, stitch) and
+segments ``c`` runs alone, then the rest of the model on ``c``. Stitching resets the halo, so
+several short phases beat one deep one when the halo would outgrow the stripes. A phase costs:
 
-- stripes of the output of block ``k`` with heights proportional to node speed;
+- stripes of block ``j``'s output with heights proportional to node speed;
 - each stripe's rows at every earlier cut from the blocks' ``TileRows`` (the halo);
 - a block's work on a stripe: its compute time × the mean of the stripe's input and output
   row fractions (a 3×3 pair of convolutions computes the middle rows with half the halo);
 - another node's tile: scatter (its input rows over ``c``→node) + its agent's per-request
   overhead + compute + gather (its output rows back); ``c``'s own tile: compute plus one
   per-request overhead per other tile (it sends a frame and relays an answer for each);
-- the stage: inbound transfer + ``c``'s overhead + the slowest tile + the rest on ``c``.
+- the phase: its slowest tile.
 
-Throughput: the busiest node's time per request (a node's tile, or ``c``'s own tile plus its
-rest) bounds the rate. The planner compares these candidates with the best layer-wise plan by
-the objective, so on slow links, where scatter and gather cost more than they save, tiles lose.
+A dynamic programme over phase boundaries picks the phases; the stage is the inbound transfer
++ ``c``'s overhead + its phases and segments + the rest. Throughput: the busiest node's time
+per request bounds the rate. The planner compares these candidates with the best layer-wise
+plan by the objective, so on slow links, where scatter and gather cost more than they save,
+tiles lose.
 """
 
 from __future__ import annotations
@@ -88,12 +92,14 @@ class TiledCandidate:
         return Pipeline((self.stage,))
 
 
-def _stripe_work(cm: CostModel, k: int, rows: tuple[int, int]) -> tuple[float, tuple[int, int]]:
-    """Reference-core ms of blocks 0..k for output rows ``rows`` of block k, and the input rows
-    of block 0 they need."""
+def _stripe_work(
+    cm: CostModel, k: int, rows: tuple[int, int], first: int = 0
+) -> tuple[float, tuple[int, int]]:
+    """Reference-core ms of blocks first..k for output rows ``rows`` of block k, and the input
+    rows of block ``first`` they need."""
     work = 0.0
     out = rows
-    for j in range(k, -1, -1):
+    for j in range(k, first - 1, -1):
         geometry = cm.blocks[j].tile
         assert isinstance(geometry, TileRows)
         inp = geometry.needs(*out)
@@ -103,55 +109,99 @@ def _stripe_work(cm: CostModel, k: int, rows: tuple[int, int]) -> tuple[float, t
     return work, out
 
 
-def _price(cm: CostModel, coord: int, group: Sequence[int], k: int) -> TiledCandidate | None:
+@dataclass(frozen=True)
+class _Phase:
+    first: int
+    last: int
+    rows: tuple[tuple[int, int], ...]
+    tile_ms: tuple[float, ...]
+    busy_ms: tuple[float, ...]
+    """Per tile node (in ``ordered`` order), its own time on the phase."""
+
+
+def _phases(cm: CostModel, coord: int, ordered: Sequence[int], prefix: int) -> list[list[_Phase | None]]:
+    """``table[i][j]``: the phase tiling blocks i..j (None where a stripe would be empty)."""
+    names, peers = cm.names, len(ordered) - 1
+    table: list[list[_Phase | None]] = [[None] * prefix for _ in range(prefix)]
+    for j in range(prefix):
+        geometry = cm.blocks[j].tile
+        assert geometry is not None
+        if len(ordered) > geometry.out_height:
+            continue
+        rows = split_rows(geometry.out_height, [cm.speed[n] for n in ordered])
+        # Per tile, walk back from block j: work and input rows of every phase i..j at once.
+        walks: list[list[tuple[float, tuple[int, int]]]] = []
+        for r in rows:
+            work, out, walk = 0.0, r, []
+            for i in range(j, -1, -1):
+                g = cm.blocks[i].tile
+                assert g is not None
+                inp = g.needs(*out)
+                share = ((out[1] - out[0]) / g.out_height + (inp[1] - inp[0]) / g.in_height) / 2
+                work += cm.blocks[i].compute_ms * share
+                out = inp
+                walk.append((work, inp))
+            walks.append(walk[::-1])  # walks[t][i] = (work of i..j, input rows of block i)
+        for i in range(j + 1):
+            first_geometry = cm.blocks[i].tile
+            assert first_geometry is not None
+            tile_ms, busy = [], []
+            for n, r, walk in zip(ordered, rows, walks, strict=True):
+                work, (lo, hi) = walk[i]
+                compute = work / cm.speed[n]
+                if n == coord:
+                    tile_ms.append(compute + peers * cm.overhead[coord])
+                    busy.append(tile_ms[-1])
+                    continue
+                in_bytes = round(cm.in_bytes[i] * (hi - lo) / first_geometry.in_height)
+                out_bytes = round(cm.blocks[j].out_bytes * (r[1] - r[0]) / geometry.out_height)
+                scatter = cm.link(names[coord], names[n]).transfer_ms(in_bytes)
+                gather = cm.link(names[n], names[coord]).transfer_ms(out_bytes)
+                tile_ms.append(scatter + cm.overhead[n] + compute + gather)
+                busy.append(cm.overhead[n] + compute)
+            table[i][j] = _Phase(i, j, tuple(rows), tuple(tile_ms), tuple(busy))
+    return table
+
+
+def _price(cm: CostModel, coord: int, group: Sequence[int], prefix: int) -> TiledCandidate | None:
+    """The best phases for this group and stage node (None: no phase fits or pays)."""
     last = cm.B - 1
-    geometry = cm.blocks[k].tile
-    first_geometry = cm.blocks[0].tile
-    assert geometry is not None and first_geometry is not None
-    if len(group) > geometry.out_height:
-        return None
-    # Memory: tile nodes hold blocks 0..k; the stage's node holds the whole model.
     if cm.memory_bytes(0, last) > cm.memory[coord]:
         return None
-    if any(cm.memory_bytes(0, k) > cm.memory[n] for n in group if n != coord):
+    if any(cm.memory_bytes(0, prefix - 1) > cm.memory[n] for n in group if n != coord):
         return None
     ordered = sorted(group, key=lambda n: (n != coord, -cm.speed[n], n))  # the stage's node on top
-    rows = split_rows(geometry.out_height, [cm.speed[n] for n in ordered])
+    table = _phases(cm, coord, ordered, prefix)
+    # best[j]: fastest way through blocks 0..j-1, with the phases used (at least one at the end).
+    alone = [b.compute_ms / cm.speed[coord] for b in cm.blocks]
+    best: list[tuple[float, tuple[_Phase, ...]]] = [(0.0, ())]
+    for j in range(prefix):
+        options = [(best[j][0] + alone[j], best[j][1])]
+        for i in range(j + 1):
+            phase = table[i][j]
+            if phase is not None:
+                options.append((best[i][0] + max(phase.tile_ms), (*best[i][1], phase)))
+        best.append(min(options, key=lambda o: (o[0], len(o[1]))))
+    through_prefix, phases = best[prefix]
+    if not phases:
+        return None
     names = cm.names
-    tile_ms: list[float] = []
-    busy: dict[int, float] = {}
-    peers = len(ordered) - 1
-    for n, r in zip(ordered, rows, strict=True):
-        work, (lo, hi) = _stripe_work(cm, k, r)
-        compute = work / cm.speed[n]
-        if n == coord:
-            own = compute + peers * cm.overhead[coord]
-            tile_ms.append(own)
-            busy[n] = own
-            continue
-        in_bytes = round(cm.input_bytes * (hi - lo) / first_geometry.in_height)
-        out_bytes = round(cm.blocks[k].out_bytes * (r[1] - r[0]) / geometry.out_height)
-        scatter = cm.link(names[coord], names[n]).transfer_ms(in_bytes)
-        gather = cm.link(names[n], names[coord]).transfer_ms(out_bytes)
-        tile_ms.append(scatter + cm.overhead[n] + compute + gather)
-        busy[n] = cm.overhead[n] + compute
-    rest = cm.compute_ms(coord, k + 1, last) if k < last else 0.0
-    busy[coord] += rest + cm.overhead[coord]
-    tiles = TileGroup(
-        last_block=k,
-        nodes=tuple(names[n] for n in ordered),
-        rows=tuple(rows),
-        tile_ms=tuple(tile_ms),
+    groups = tuple(
+        TileGroup(p.first, p.last, tuple(names[n] for n in ordered), p.rows, p.tile_ms) for p in phases
     )
+    rest = cm.compute_ms(coord, prefix, last) if prefix <= last else 0.0
+    busy = {n: sum(p.busy_ms[t] for p in phases) for t, n in enumerate(ordered)}
+    untiled = set(range(prefix)).difference(*(range(p.first, p.last + 1) for p in phases))
+    busy[coord] += rest + cm.overhead[coord] + sum(alone[j] for j in untiled)
     stage = Stage(
         node=names[coord],
         first_block=0,
         last_block=last,
-        compute_ms=tiles.phase_ms + rest,
+        compute_ms=through_prefix + rest,
         transfer_ms=cm.transfer_ms(-1, coord, 0),
         memory_bytes=cm.memory_bytes(0, last),
         overhead_ms=cm.overhead[coord],
-        tiles=tiles,
+        tiles=groups,
     )
     return TiledCandidate(stage, stage.stage_ms + cm.return_ms(coord), max(busy.values()))
 
@@ -160,7 +210,7 @@ def best_tiled(cm: CostModel, objective: str) -> TiledCandidate | None:
     """The best tiled single-stage plan for ``objective`` (None: the model has no tileable
     leading block or no group fits): every group of two or more of the fastest nodes, each
     with its fastest node that holds the whole model as the stage's node (it runs the rest),
-    at each depth of the tileable prefix."""
+    its phases chosen by ``_price``."""
     prefix = tileable_prefix(cm)
     if prefix == 0 or cm.N < 2:
         return None
@@ -172,14 +222,13 @@ def best_tiled(cm: CostModel, objective: str) -> TiledCandidate | None:
             coord = next((n for n in group if cm.memory_bytes(0, cm.B - 1) <= cm.memory[n]), None)
             if coord is None:
                 continue
-            for k in range(prefix):
-                found = _price(cm, coord, group, k)
-                if found is None:
-                    continue
-                if objective == "latency":
-                    key: tuple[float, ...] = (found.latency_ms, found.busy_ms, size)
-                else:
-                    key = (found.busy_ms, found.latency_ms, size)
-                if best is None or key < best_key:
-                    best, best_key = found, key
+            found = _price(cm, coord, group, prefix)
+            if found is None:
+                continue
+            if objective == "latency":
+                key: tuple[float, ...] = (found.latency_ms, found.busy_ms, size)
+            else:
+                key = (found.busy_ms, found.latency_ms, size)
+            if best is None or key < best_key:
+                best, best_key = found, key
     return best

@@ -197,11 +197,11 @@ class SchedulerHistory:
 @dataclass(frozen=True)
 class TileGroup:
     """Blocks ``first_block..last_block`` of a stage run as horizontal stripes on several nodes
-    at once: the stage's node scatters each tile its input rows plus halo, runs its own tile,
-    gathers the others' rows, stitches them and runs the rest of its blocks layer-wise."""
+    at once (one *phase*): the stage's node scatters each tile its input rows plus halo, runs
+    its own tile, gathers the others' rows and stitches them."""
 
+    first_block: int
     last_block: int
-    """The last tiled block (the stage's ``first_block`` is the first)."""
     nodes: tuple[str, ...]
     """Tile nodes, top stripe first; the stage's own node is one of them."""
     rows: tuple[tuple[int, int], ...]
@@ -218,8 +218,8 @@ class TileGroup:
 
 @dataclass(frozen=True)
 class Stage:
-    """Blocks ``first_block..last_block`` (inclusive) placed on ``node`` (with ``tiles``: its
-    leading blocks as tiles over several nodes)."""
+    """Blocks ``first_block..last_block`` (inclusive) placed on ``node`` (with ``tiles``: some
+    of them as row tiles over several nodes, the rest on ``node``)."""
 
     node: str
     first_block: int
@@ -232,8 +232,9 @@ class Stage:
     """Predicted resident bytes: parameters plus peak activation."""
     overhead_ms: float = 0.0
     """Predicted per-request time of the node's agent beyond the blocks (its ``overhead_ms``)."""
-    tiles: TileGroup | None = None
-    """Set when the stage's leading blocks run as spatial tiles on several nodes."""
+    tiles: tuple[TileGroup, ...] = ()
+    """Phases of the stage run as row tiles, in block order (every phase on the same nodes;
+    blocks outside them run on ``node``); empty for a layer-wise stage."""
 
     @property
     def stage_ms(self) -> float:
@@ -242,6 +243,12 @@ class Stage:
     @property
     def blocks(self) -> range:
         return range(self.first_block, self.last_block + 1)
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """Every node the stage runs on: its own, then its other tile nodes."""
+        others = [n for n in self.tiles[0].nodes if n != self.node] if self.tiles else []
+        return (self.node, *others)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import pytest
 
 from amp4ec.planner import LayerProfile, Link, NodeCapacity, TileRows, plan
 from amp4ec.planner.cost import CostModel
-from amp4ec.planner.tiles import _stripe_work, best_tiled
+from amp4ec.planner.tiles import _phases, _stripe_work, best_tiled
 
 H = 64
 MIB = 2**20
@@ -43,11 +43,13 @@ def test_latency_objective_tiles_the_convolutions_over_all_nodes() -> None:
     blocks = _cnn()
     result = plan(blocks, NODES, objective="latency", input_bytes=INPUT)
     (stage,) = result.stages
-    assert stage.tiles is not None, result
-    assert stage.node == "node0" and stage.tiles.nodes[0] == "node0"
-    assert set(stage.tiles.nodes) == {"node0", "node1", "node2"}
-    heights = [b - a for a, b in stage.tiles.rows]
-    assert heights == sorted(heights, reverse=True) and sum(heights) == H  # proportional to speed
+    assert stage.tiles, result
+    for phase in stage.tiles:
+        assert stage.node == "node0" and phase.nodes[0] == "node0"
+        assert set(phase.nodes) == {"node0", "node1", "node2"}
+        heights = [b - a for a, b in phase.rows]
+        assert heights == sorted(heights, reverse=True) and sum(heights) == H  # proportional to speed
+    assert stage.tiles[0].first_block == 0 and stage.tiles[-1].last_block == 5
     alone = sum(b.compute_ms for b in blocks) + 0.3
     assert result.predicted.latency_ms < 0.7 * alone
     assert any("row tiles" in n for n in result.notes)
@@ -64,20 +66,34 @@ def test_halo_costs_work_beyond_the_stripe() -> None:
     assert rows == (14, 46)  # six 3x3 convolutions: a halo of six rows on each side
 
 
+def test_deep_halos_are_cut_by_stitching_between_phases() -> None:
+    """Twenty 3x3 convolutions on 64 rows: one phase would make the middle stripe read 40 extra
+    rows; stitching every few blocks keeps the halo small, so the planner uses several phases."""
+    blocks = _cnn(convs=20, conv_ms=5.0)
+    (stage,) = plan(blocks, NODES, objective="latency", input_bytes=INPUT).stages
+    assert len(stage.tiles) > 1
+    assert all(a.last_block < b.first_block for a, b in zip(stage.tiles, stage.tiles[1:], strict=False))
+
+
 def test_slow_links_keep_the_fastest_node_alone() -> None:
     # Little compute, big activations, 10 Mbit/s: scatter and gather cost more than tiles save.
     blocks = _cnn(conv_ms=1.0)
     slow = Link("*", "*", rtt_ms=4.0, bandwidth_bytes_per_s=10e6 / 8)
     result = plan(blocks, NODES, objective="latency", input_bytes=INPUT, default_link=slow)
-    assert all(s.tiles is None for s in result.stages)
-    assert best_tiled(CostModel(blocks, NODES, default_link=slow, input_bytes=INPUT), "latency") is not None
+    assert not any(s.tiles for s in result.stages)
+    # Every phase the planner could make is slower than node0 running its blocks alone.
+    cm = CostModel(blocks, NODES, default_link=slow, input_bytes=INPUT)
+    phases = [p for row in _phases(cm, 0, [0, 1, 2], 6) for p in row if p is not None]
+    assert len(phases) == 21
+    assert all(max(p.tile_ms) > sum(b.compute_ms for b in blocks[p.first : p.last + 1]) for p in phases)
+    assert best_tiled(cm, "latency") is None
     fast = plan(blocks, NODES, objective="latency", input_bytes=INPUT)
-    assert fast.stages[0].tiles is not None  # the same model on loopback is tiled
+    assert fast.stages[0].tiles  # the same model on loopback is tiled
 
 
 def test_throughput_objective_keeps_replicas_when_tiles_do_not_help() -> None:
     result = plan(_cnn(), NODES, objective="throughput", input_bytes=INPUT)
-    assert all(s.tiles is None for s in result.stages)
+    assert not any(s.tiles for s in result.stages)
     assert len(result.pipelines) == 3  # every node a replica: nothing recomputed, nothing scattered
 
 
@@ -85,4 +101,4 @@ def test_a_node_too_small_for_the_tiled_blocks_gets_no_tile() -> None:
     small = [*NODES[:2], NodeCapacity("node2", 0.4, 30_000, speed=0.4, overhead_ms=0.3)]
     result = plan(_cnn(), small, objective="latency", input_bytes=INPUT)
     (stage,) = result.stages
-    assert stage.tiles is not None and "node2" not in stage.tiles.nodes
+    assert stage.tiles and "node2" not in stage.tiles[0].nodes

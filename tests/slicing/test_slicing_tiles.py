@@ -178,8 +178,9 @@ def test_halo_is_the_hull_of_the_rows_that_matter(
     b = a + 1 + int(span * (out_h - a - 1))
     ((lo, hi),) = tiled.input_rows((a, b))
     rows = _rows_that_matter(model, x, a, b)
-    assert lo <= rows[0] and rows[-1] < hi, (rows, (lo, hi))
-    if all(d == 1 for _, _, d, kind in layers if kind != "avg"):
+    # No row matters when the output rows read only padding (a dilated kernel on one row).
+    assert not rows or (lo <= rows[0] and rows[-1] < hi), (rows, (lo, hi))
+    if rows and all(d == 1 for _, _, d, kind in layers if kind != "avg"):
         assert (lo, hi) == (rows[0], rows[-1] + 1)  # no dilation: the hull is tight
     with torch.inference_mode():
         torch.testing.assert_close(tiled.run(tiled.scatter((x,), (a, b)), (a, b))[0], model(x)[:, :, a:b])

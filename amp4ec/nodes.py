@@ -23,12 +23,15 @@ from amp4ec.errors import InvalidSpec
 
 __all__ = [
     "AGENT_BASELINE_BYTES",
+    "CFS_PERIODS",
+    "DEFAULT_CFS_PERIOD",
     "FaultSpec",
     "NodeSpec",
     "check_faults",
     "check_node_count",
     "mib",
     "parse_bytes",
+    "parse_cfs_period",
     "parse_fault",
     "parse_nodes",
     "usable_memory",
@@ -36,6 +39,29 @@ __all__ = [
 
 AGENT_BASELINE_BYTES = 288 * 2**20
 """Memory a node agent needs before its shard: see [Note: agent baseline]."""
+
+
+CFS_PERIODS = {"short": 5_000, "docker": 100_000}
+"""Named CFS periods in microseconds: see [Note: why a short CFS period] in ``amp4ec.local.cgroups``."""
+DEFAULT_CFS_PERIOD = "short"
+
+
+def parse_cfs_period(text: str) -> int:
+    """``--cfs-period``: ``short`` (5 ms), ``docker`` (100 ms, Docker's ``--cpus``) or a number of
+    milliseconds (1 to 1000, the kernel's bounds) → microseconds."""
+    t = text.strip().lower()
+    if t in CFS_PERIODS:
+        return CFS_PERIODS[t]
+    try:
+        ms = float(t.removesuffix("ms"))
+    except ValueError:
+        ms = float("nan")
+    if not 1 <= ms <= 1000:
+        raise InvalidSpec(
+            "--cfs-period: expected short, docker or milliseconds between 1 and 1000 (e.g. 5ms), "
+            f"got {text!r}"
+        )
+    return round(ms * 1000)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,8 @@ PUBLIC = {
         "STRATEGIES",
         "SchedulerHistory",
         "Stage",
+        "TileGroup",
+        "TileRows",
         "evaluate",
         "plan",
         "reference_overhead_ms",

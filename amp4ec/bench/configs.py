@@ -49,6 +49,8 @@ ALL_CONFIGURATIONS = (
     "slow-links",
     "failover",
     "multi-tenant",
+    "latency",
+    "latency-resnet50",
 )
 CLIENT_HEADROOM = 0.2
 """Fraction of the machine's cores kept for the load generator (the client is a process too)."""
@@ -87,6 +89,9 @@ FAILOVER = Sizes(sequential=0, saturation=1000, open_loop=0, ideal=0, concurrenc
 FAILOVER_QUICK = replace(FAILOVER, saturation=400)
 EVERY_FAULT = (("optimal", "kill"), ("optimal", "hang"), ("equal", "kill"), ("equal", "hang"))
 QUICK_FAULTS = (("optimal", "kill"), ("equal", "hang"))
+LATENCY = Sizes(sequential=20, saturation=12, open_loop=12, ideal=0, concurrency_factors=(1,))
+"""The latency configuration: ``sequential`` single requests beside the fastest node alone."""
+LATENCY_QUICK = Sizes(sequential=5, saturation=6, open_loop=6, ideal=0, concurrency_factors=(1,))
 """--quick: the fastest recovery (a replica killed) and the slowest (a hung split stage)."""
 
 
@@ -119,6 +124,8 @@ class Configuration:
     """Also measure the optimal and equal plans without TLS (``amp4ec.bench.transport``)."""
     tenants: int = 0
     """Deployments of the model sharing the nodes (``amp4ec.bench.tenants``); 0: one deployment."""
+    latency: bool = False
+    """One request's latency: the latency plan vs the fastest node alone (``amp4ec.bench.latency``)."""
 
     @property
     def total_cpu(self) -> float:
@@ -222,6 +229,22 @@ def configurations(
             ),
         ),
     ]
+    for name, latency_source in (
+        ("latency", source),
+        ("latency-resnet50", ModelSource("resnet50", seed=source.seed)),
+    ):
+        every.append(
+            Configuration(
+                name,
+                f"{latency_source.spec}: one request on 1.0/0.6/0.4 CPU, tiles vs the fastest node alone",
+                latency_source,
+                _nodes(standard),
+                ("latency_objective", "layerwise", "fastest_node"),
+                LATENCY_QUICK if quick else LATENCY,
+                latency=True,
+                note="loopback links; memory unlimited (every node may hold the tiled blocks)",
+            )
+        )
     if quick and not only:
         only = ("standard",)
     unknown = sorted(set(only) - set(ALL_CONFIGURATIONS))

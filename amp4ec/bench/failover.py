@@ -21,6 +21,7 @@ from amp4ec.bench.progress import ProgressSink
 from amp4ec.client import Client, Result
 from amp4ec.errors import Amp4ecError
 from amp4ec.loadgen import closed_loop
+from amp4ec.local.cgroups import PERIOD_US
 from amp4ec.local.cluster import LocalCluster
 from amp4ec.local.run import deploy, measure_links, node_capacities, quantile
 from amp4ec.local.supervisor import Supervisor, endpoints
@@ -91,6 +92,7 @@ async def run_failover(
     progress: ProgressSink,
     *,
     limit_mode: str = "auto",
+    cfs_period_us: int = PERIOD_US,
     secure: bool = True,
 ) -> dict[str, Any]:
     nodes, factor = scale_nodes(config, budget)
@@ -107,7 +109,9 @@ async def run_failover(
     for strategy, fault in config.faults:
         label = f"{strategy}, {VICTIM} {fault}"
         try:
-            result = await _scenario(config, prepared, nodes, strategy, fault, progress, limit_mode, secure)
+            result = await _scenario(
+                config, prepared, nodes, strategy, fault, progress, limit_mode, secure, cfs_period_us
+            )
         except Amp4ecError as e:
             progress.note(f"failover {label} failed: {e}")
             result = {"strategy": strategy, "fault": fault, "status": "failed", "reason": str(e)}
@@ -126,12 +130,15 @@ async def _scenario(
     progress: ProgressSink,
     limit_mode: str,
     secure: bool,
+    cfs_period_us: int,
 ) -> dict[str, Any]:
     requests = config.sizes.saturation  # the failover's request count (see configs.FAILOVER)
     inputs = prepared.loaded.example_inputs
     progress.phase(f"failover ({strategy}, {VICTIM} {fault}): starting agents")
     named = [m for m in (factory_module(config.source.spec),) if m]  # a factory the user named
-    async with LocalCluster(nodes, limit_mode, allow_factories=named, secure=secure) as cluster:
+    async with LocalCluster(
+        nodes, limit_mode, allow_factories=named, secure=secure, cfs_period_us=cfs_period_us
+    ) as cluster:
         capacity = node_capacities(await cluster.capacities(), prepared.reference_ms)
         links = await measure_links(cluster)
 

@@ -77,6 +77,8 @@ def _config(config: dict[str, Any]) -> list[str]:
         return [title, "", *_failover(config)]
     if config.get("kind") == "multi-tenant":
         return [title, "", *_multi_tenant(config)]
+    if config.get("kind") == "latency":
+        return [title, "", *_latency(config)]
     nodes = ", ".join(
         f"{n['name']} {n['cpu']:g} CPU" + (f"/{n['memory_mb']:.0f} MB" if n.get("memory_mb") else "")
         for n in config["nodes"]
@@ -134,6 +136,43 @@ def _config(config: dict[str, Any]) -> list[str]:
         tried = ", ".join(f"{name}: {_f(rps)}" for name, rps in tunings.items())
         lines += ["", f"Resource-matched monolith tunings (saturation req/s; the best is shown): {tried}."]
     lines += ["", *_summary(config), *_transport(config), *_stages(config), ""]
+    return lines
+
+
+def _latency(config: dict[str, Any]) -> list[str]:
+    nodes = ", ".join(f"{n['name']} {n['cpu']:g} CPU" for n in config["nodes"])
+    lines = [
+        f"Model {config['model']} (input {config['input_shape']}), nodes {nodes} (shares scaled by "
+        f"{config['scale_factor']:.2f}); the fastest node alone is a fourth agent with its share, "
+        "answering a request after each of the plan's; *ratio* = median over those pairs. "
+        f"CPU limits: {config.get('cpu_limits', '')}."
+        + (f" Note: {config['note']}." if config.get("note") else ""),
+        "",
+        "| plan | stages | single p50 ms | fastest alone p50 ms | ratio | predicted ms "
+        "| open loop 50% p50 / p95 ms | sat. req/s |",
+        "|---|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for label, r in config["plans"].items():
+        stages = " → ".join(
+            f"{s['node']}[{s['first_block']}–{s['last_block']}]"
+            + "".join(f" tiles {g['first_block']}–{g['last_block']}" for g in s.get("tiles", []))
+            + (f" on {'/'.join(s['tiles'][0]['nodes'])}" if s.get("tiles") else "")
+            for s in r["plan"]
+        )
+        ol = r["open_loop"]
+        lines.append(
+            f"| {label.replace('_', ' ')} | {stages} | {_f(r['single_p50_ms'])} "
+            f"| {_f(r['alone_single_p50_ms'])} "
+            f"| {_f(r['ratio_vs_alone'], 2)}× | {_f(r['predicted_latency_ms'])} "
+            f"| {_f(ol['p50_ms'])} / {_f(ol['p95_ms'])} | {_f(r['saturation_rps'])} |"
+        )
+    met = "met" if config["ratio"] <= config["target"] else "not met"
+    lines += [
+        "",
+        f"Latency-objective plan / fastest node alone: {config['ratio']:.2f}× "
+        f"(target ≤ {config['target']}×: {met}).",
+        "",
+    ]
     return lines
 
 

@@ -19,6 +19,7 @@ from amp4ec.bench.progress import ProgressSink
 from amp4ec.bench.transport import compare as compare_transport
 from amp4ec.errors import Amp4ecError, PlanInfeasible
 from amp4ec.loadgen import closed_loop
+from amp4ec.local.cgroups import PERIOD_US
 from amp4ec.local.cluster import CLIENT_IDENTITY, LocalCluster, NodeSpec
 from amp4ec.local.run import measure_links, node_capacities
 from amp4ec.planner.types import Link, NodeCapacity, Plan
@@ -41,6 +42,8 @@ def steps(config: Configuration) -> int:
     (a failover configuration: each of its scenarios; and the insecure comparison)."""
     if config.faults:
         return len(config.faults)
+    if config.latency:
+        return len(config.strategies)
     return len(config.strategies) + 1 + config.compare_transport
 
 
@@ -51,6 +54,7 @@ async def run_configuration(
     progress: ProgressSink,
     *,
     limit_mode: str = "auto",
+    cfs_period_us: int = PERIOD_US,
     drop_after_s: float = 10.0,
     secure: bool = True,
 ) -> dict[str, Any]:
@@ -83,7 +87,11 @@ async def run_configuration(
     names = [n.name for n in nodes]
     async with (
         LocalCluster(
-            [*nodes, *variants], limit_mode, allow_factories=_named(config.source), secure=secure
+            [*nodes, *variants],
+            limit_mode,
+            allow_factories=_named(config.source),
+            secure=secure,
+            cfs_period_us=cfs_period_us,
         ) as cluster,
         _links(config, cluster, names) as shaped,
     ):
@@ -150,10 +158,12 @@ async def run_configuration(
                 out["strategies"][strategy] = result
             progress.step()
     if out["ideal"] is None:
-        out["ideal"] = await _ideal_without_memory_limits(bench, nodes, limit_mode, secure)
+        out["ideal"] = await _ideal_without_memory_limits(bench, nodes, limit_mode, secure, cfs_period_us)
         progress.step()
     if config.compare_transport:
-        out["transport"] = await compare_transport(bench, nodes, plans, out["strategies"], rate, limit_mode)
+        out["transport"] = await compare_transport(
+            bench, nodes, plans, out["strategies"], rate, limit_mode, cfs_period_us
+        )
         progress.step()
     return out
 
@@ -283,14 +293,16 @@ async def _ideal(bench: Bench, planner_nodes: Sequence[NodeCapacity], links: Seq
 
 
 async def _ideal_without_memory_limits(
-    bench: Bench, nodes: Sequence[NodeSpec], limit_mode: str, secure: bool
+    bench: Bench, nodes: Sequence[NodeSpec], limit_mode: str, secure: bool, cfs_period_us: int
 ) -> dict:
     """The ideal where no node holds the model: the same CPU shares, memory limits lifted.
 
     Runs on a cluster of its own once the configuration's cluster is gone (two clusters of
     one process at once would share cgroup names)."""
     free = [replace(n, memory_bytes=None) for n in nodes]
-    async with LocalCluster(free, limit_mode, allow_factories=_named(bench.source), secure=secure) as cluster:
+    async with LocalCluster(
+        free, limit_mode, allow_factories=_named(bench.source), secure=secure, cfs_period_us=cfs_period_us
+    ) as cluster:
         caps = node_capacities(await _capacities(cluster), bench.prepared.reference_ms)
         plan, _ = _plan(bench.prepared, caps, "replicate", [], repeats=1)
         per_node = await _standalone(replace(bench, cluster=cluster, hop=cluster.address), plan)

@@ -10,12 +10,14 @@ from typing import Any
 
 from amp4ec.bench.configs import COMPRESSED, Configuration, configurations, cpu_budget
 from amp4ec.bench.failover import run_failover
+from amp4ec.bench.latency import run_latency
 from amp4ec.bench.links import links_available
 from amp4ec.bench.progress import ProgressSink
 from amp4ec.bench.report import machine, summarise
 from amp4ec.bench.runner import run_configuration, steps
 from amp4ec.bench.tenants import run_multi_tenant
 from amp4ec.errors import Amp4ecError
+from amp4ec.local.cgroups import PERIOD_US
 from amp4ec.slicing import ModelSource
 from amp4ec.slicing.prepare import Prepared, prepare
 
@@ -29,6 +31,8 @@ class BenchOptions:
     only: tuple[str, ...] = ()
     big_model: str = "vit_b_16"
     limit_mode: str = "auto"
+    cfs_period_us: int = PERIOD_US
+    """CFS period of the nodes' quotas (``--cfs-period``)."""
     cores: int | None = None
     """Cores the benchmark may use (default: this process's affinity)."""
     secure: bool = True
@@ -71,13 +75,19 @@ async def run_bench(options: BenchOptions, progress: ProgressSink | None = None)
             sink.phase(f"profiling {config.source.spec}" + (" and its codecs" if codecs else ""))
             prepared[key] = await asyncio.to_thread(prepare, config.source, codecs)
         try:
-            run = run_failover if config.faults else run_multi_tenant if config.tenants else run_configuration
+            if config.faults:
+                run = run_failover
+            elif config.tenants:
+                run = run_multi_tenant
+            else:
+                run = run_latency if config.latency else run_configuration
             result = await run(
                 config,
                 prepared[key],
                 budget,
                 sink,
                 limit_mode=options.limit_mode,
+                cfs_period_us=options.cfs_period_us,
                 secure=options.secure,
             )
         except Amp4ecError as e:

@@ -42,6 +42,7 @@ async def compare(
     secure: Mapping[str, dict[str, Any]],
     rate: float | None,
     limit_mode: str,
+    cfs_period_us: int,
 ) -> dict[str, Any]:
     """Measure ``plans`` on a plaintext cluster of ``nodes``; compare with their mTLS figures.
 
@@ -49,7 +50,9 @@ async def compare(
     share cgroup names)."""
     out: dict[str, Any] = {}
     allowed = [m for m in (factory_module(bench.source.spec),) if m]  # as the configuration's cluster
-    async with LocalCluster(nodes, limit_mode, allow_factories=allowed, secure=False) as cluster:
+    async with LocalCluster(
+        nodes, limit_mode, allow_factories=allowed, secure=False, cfs_period_us=cfs_period_us
+    ) as cluster:
         for node in cluster.agents:  # the reference workload one agent at a time, as the main run
             await cluster.agent_stub(node).GetCapacity(agent_pb2.CapacityRequest(), timeout=60)
         plaintext = replace(bench, cluster=cluster, hop=cluster.address)

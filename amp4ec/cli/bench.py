@@ -14,7 +14,14 @@ from rich.progress import Progress, TaskID
 
 from amp4ec.bench.progress import ProgressSink
 from amp4ec.cli.checks import missing_extra
-from amp4ec.cli.options import cpu_limits_option, examples, model_options, progress_bar, source_from
+from amp4ec.cli.options import (
+    cfs_period_option,
+    cpu_limits_option,
+    examples,
+    model_options,
+    progress_bar,
+    source_from,
+)
 from amp4ec.errors import InvalidSpec
 
 __all__ = ["bench"]
@@ -22,7 +29,17 @@ __all__ = ["bench"]
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
 """The repository's benchmark page (``--update-docs``), found from the package, not the current folder."""
 
-CONFIG_NAMES = ("standard", "scale-down", "scale-up", "big-model", "slow-links", "failover", "multi-tenant")
+CONFIG_NAMES = (
+    "standard",
+    "scale-down",
+    "scale-up",
+    "big-model",
+    "slow-links",
+    "failover",
+    "multi-tenant",
+    "latency",
+    "latency-resnet50",
+)
 
 
 class _RichSink(ProgressSink):
@@ -82,6 +99,7 @@ class _RichSink(ProgressSink):
     "--big-model", default="vit_b_16", show_default=True, help="zoo model of the big-model configuration"
 )
 @cpu_limits_option
+@cfs_period_option
 @click.option(
     "--insecure",
     is_flag=True,
@@ -101,6 +119,7 @@ def bench(
     no_plots: bool,
     big_model: str,
     cpu_limits: str,
+    cfs_period: int,
     insecure: bool,
 ) -> None:
     """Benchmark amp4ec against both monoliths and the baselines, as in the paper, on this machine."""
@@ -119,6 +138,7 @@ def bench(
         only=only,
         big_model=big_model,
         limit_mode=cpu_limits,
+        cfs_period_us=cfs_period,
         secure=not insecure,
         command=shlex.join(["amp4ec", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else "amp4ec bench",
     )

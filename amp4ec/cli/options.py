@@ -15,12 +15,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from amp4ec.compression import COMPRESSION_MODES, DEFAULT_MAX_ERROR, Compression
 from amp4ec.errors import InvalidSpec
+from amp4ec.nodes import DEFAULT_CFS_PERIOD, parse_cfs_period
 from amp4ec.planner import OBJECTIVES, STRATEGIES
 
 __all__ = [
     "OBJECTIVES",
     "STRATEGIES",
     "ZOO_NAMES",
+    "cfs_period_option",
     "check_model_args",
     "compression_from",
     "compression_options",
@@ -160,6 +162,23 @@ cpu_limits_option = click.option(
     default="auto",
     show_default=True,
     help="how node CPU shares are enforced (auto: cgroup when permitted)",
+)
+
+
+def _cfs_period(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    try:
+        return parse_cfs_period(value)
+    except InvalidSpec as e:
+        raise click.BadParameter(str(e).removeprefix("--cfs-period: ")) from None
+
+
+cfs_period_option = click.option(
+    "--cfs-period",
+    default=DEFAULT_CFS_PERIOD,
+    show_default=True,
+    callback=_cfs_period,
+    help="CFS period of the nodes' cgroup quotas: short (5 ms: a slow node is slow on every "
+    "request), docker (100 ms, as Docker --cpus and the paper), or milliseconds",
 )
 
 

@@ -122,6 +122,7 @@ def plan_json(result: Any, planning_ms: float, block_names: list[str]) -> dict[s
                 "codec_ms": s.codec_ms,
                 "out_codec": s.out_codec,
                 "memory_mib": s.memory_bytes / 2**20,
+                **({"tiles": [_tiles_json(g) for g in s.tiles]} if s.tiles else {}),
             }
             for row, s in zip(result.rows(), result.stages, strict=True)
         ],
@@ -134,6 +135,16 @@ def plan_json(result: Any, planning_ms: float, block_names: list[str]) -> dict[s
         },
         "planning_ms": planning_ms,
         "notes": list(result.notes),
+    }
+
+
+def _tiles_json(group: Any) -> dict[str, Any]:
+    return {
+        "first_block": group.first_block,
+        "last_block": group.last_block,
+        "nodes": list(group.nodes),
+        "rows": [list(r) for r in group.rows],
+        "tile_ms": list(group.tile_ms),
     }
 
 
@@ -157,6 +168,17 @@ def print_plan(console: Console, data: dict[str, Any], cpu: dict[str, float], mo
             row["out_codec"],
         )
     console.print(table)
+    for row in data["plan"]:
+        for t in row.get("tiles", []):
+            parts = ", ".join(
+                f"{n} rows {a}–{b - 1} ({ms:.2f} ms)"
+                for n, (a, b), ms in zip(t["nodes"], t["rows"], t["tile_ms"], strict=True)
+            )
+            console.print(
+                f"tiled on {row['node']}: blocks {t['first_block']}–{t['last_block']} as row tiles: {parts}"
+            )
+        if row.get("tiles"):
+            console.print(f"  (the stage's other blocks run on {row['node']} alone)")
     p = data["predicted"]
     console.print(
         f"bottleneck {p['bottleneck_ms']:.2f} ms · latency {p['latency_ms']:.2f} ms · "

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from amp4ec.cli.checks import check_at_least, check_writable_file, write_json
 from amp4ec.cli.options import (
+    cfs_period_option,
     compression_from,
     compression_options,
     cpu_limits_option,
@@ -48,6 +49,7 @@ __all__ = ["run"]
 @planning_options
 @compression_options
 @cpu_limits_option
+@cfs_period_option
 @click.option("--insecure", is_flag=True, help="plaintext gRPC (default: mutual TLS), for comparison")
 @click.option(
     "--fault",
@@ -76,6 +78,7 @@ def run(
     compression: str,
     max_output_error: float,
     cpu_limits: str,
+    cfs_period: int,
     faults: tuple[str, ...],
     insecure: bool,
     json_path: Path | None,
@@ -105,6 +108,7 @@ def run(
         strategy=strategy,
         objective=objective,
         limit_mode=cpu_limits,
+        cfs_period_us=cfs_period,
         faults=fault_specs,
         secure=not insecure,
         compression=policy,

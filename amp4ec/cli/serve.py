@@ -10,6 +10,7 @@ import click
 from rich.console import Console
 
 from amp4ec.cli.options import (
+    cfs_period_option,
     compression_from,
     compression_options,
     cpu_limits_option,
@@ -50,6 +51,7 @@ __all__ = ["serve"]
 @planning_options
 @compression_options
 @cpu_limits_option
+@cfs_period_option
 @click.option(
     "--insecure",
     is_flag=True,
@@ -84,6 +86,7 @@ def serve(
     compression: str,
     max_output_error: float,
     cpu_limits: str,
+    cfs_period: int,
     insecure: bool,
     client_auth: str,
     tls_dir: Path | None,
@@ -121,6 +124,7 @@ def serve(
         strategy=strategy,
         objective=objective,
         limit_mode=cpu_limits,
+        cfs_period_us=cfs_period,
         secure=not insecure,
         client_auth=client_auth == "required",
         tls_dir=tls_dir,

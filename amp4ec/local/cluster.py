@@ -29,8 +29,16 @@ from amp4ec import pki
 from amp4ec.children import child_env
 from amp4ec.client import Client, Endpoint
 from amp4ec.errors import Amp4ecError, InvalidSpec
-from amp4ec.local.cgroups import NodeCgroup, cgroups_available, remove_stale
-from amp4ec.nodes import AGENT_BASELINE_BYTES, NodeSpec, mib, parse_bytes, parse_nodes, usable_memory
+from amp4ec.local.cgroups import PERIOD_US, NodeCgroup, cgroups_available, remove_stale
+from amp4ec.nodes import (
+    AGENT_BASELINE_BYTES,
+    CFS_PERIODS,
+    NodeSpec,
+    mib,
+    parse_bytes,
+    parse_nodes,
+    usable_memory,
+)
 from amp4ec.wire import transport
 from amp4ec.wire.v1 import agent_pb2, agent_pb2_grpc, shard_pb2
 
@@ -93,6 +101,7 @@ class LocalCluster:
         start_timeout_s: float = 180,
         allow_factories: Sequence[str] = (),
         secure: bool = True,
+        cfs_period_us: int = PERIOD_US,
     ) -> None:
         if limit_mode not in LIMIT_MODES:
             raise InvalidSpec(f"--cpu-limits: expected one of {', '.join(LIMIT_MODES)}, got {limit_mode!r}")
@@ -104,6 +113,8 @@ class LocalCluster:
             limit_mode = "cgroup" if cgroups_available() else "emulate"
         self.nodes = list(nodes)
         self.limit_mode = limit_mode
+        self.cfs_period_us = cfs_period_us
+        """CFS period of every node's quota (cgroup mode): see [Note: why a short CFS period]."""
         self.start_timeout_s = start_timeout_s
         self.allow_factories = tuple(allow_factories)
         """Modules the agents may import factories from: the one the user named, if any."""
@@ -123,7 +134,8 @@ class LocalCluster:
     @property
     def limit_description(self) -> str:
         return {
-            "cgroup": "cgroup v1 CFS quota per node (100 ms period, as Docker --cpus)",
+            "cgroup": f"cgroup v1 CFS quota per node ({self.cfs_period_us / 1000:g} ms period"
+            + (", as Docker --cpus)" if self.cfs_period_us == CFS_PERIODS["docker"] else ")"),
             "emulate": "emulated: each agent idles after a forward to match its share "
             + ("(--cpu-limits emulate)" if self.chosen_mode == "emulate" else "(no cgroup permission)"),
             "none": "none: agents share the machine unlimited",
@@ -216,7 +228,7 @@ class LocalCluster:
         cgroup = None
         if self.limit_mode == "cgroup":
             name = f"{_CGROUP_PREFIX}{os.getpid()}-{self._serial}-{index}"  # unique per cluster
-            cgroup = NodeCgroup(name, node.cpu, node.memory_bytes)
+            cgroup = NodeCgroup(name, node.cpu, node.memory_bytes, self.cfs_period_us)
         port_file = self._workdir / f"{node.name}.port"
         control_port_file = self._workdir / f"{node.name}.control-port"
         log_path = self._workdir / f"{node.name}.log"

@@ -10,7 +10,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,10 +18,11 @@ from amp4ec.client import Client, Result
 from amp4ec.compression import Compression
 from amp4ec.errors import Amp4ecError, InvalidSpec
 from amp4ec.loadgen import closed_loop
+from amp4ec.local.cgroups import PERIOD_US
 from amp4ec.local.cluster import CLIENT_IDENTITY, LocalCluster, NodeSpec
 from amp4ec.local.supervisor import Failover, FaultSpec, Supervisor, endpoints, inject_faults
 from amp4ec.nodes import check_node_count
-from amp4ec.planner.types import Link, NodeCapacity, Plan, measured_node
+from amp4ec.planner.types import Link, NodeCapacity, Plan, Stage, measured_node
 from amp4ec.scheduling import timed_plan
 from amp4ec.slicing import ModelSource
 from amp4ec.slicing.compression import OutputError, fixed_inputs, output_error
@@ -59,6 +60,8 @@ class RunConfig:
     strategy: str = "optimal"
     objective: str = "throughput"
     limit_mode: str = "auto"
+    cfs_period_us: int = PERIOD_US
+    """CFS period of the nodes' quotas (``--cfs-period``; see [Note: why a short CFS period])."""
     warmup: int | None = None
     """Unmeasured requests first; None = two per stage."""
     faults: tuple[FaultSpec, ...] = ()
@@ -228,6 +231,7 @@ async def deploy(
     benchmark's shaped links put a delaying proxy in between)."""
     address = hop or cluster.address
     loads = []
+    tiles: list[Awaitable[Any]] = []
     for pipeline in plan.pipelines:
         for i, stage in enumerate(pipeline.stages):
             nxt = pipeline.stages[i + 1].node if i + 1 < len(pipeline.stages) else None
@@ -242,9 +246,56 @@ async def deploy(
                 next_hop_identity=cluster.identity(nxt) if nxt else "",
                 accept_from=(cluster.identity(pipeline.stages[i - 1].node) if i else CLIENT_IDENTITY,),
             ).to_message()
+            if stage.tiles:
+                tiles.extend(_tile_specs(cluster, stage, spec))
+                spec.tile_phases.extend(
+                    agent_pb2.TilePhase(
+                        first_block=phase.first_block,
+                        last_block=phase.last_block,
+                        tiles=[
+                            agent_pb2.TilePeer(
+                                node=n,
+                                address="" if n == stage.node else address(n),
+                                identity=cluster.identity(n),
+                                row_start=a,
+                                row_stop=b,
+                            )
+                            for n, (a, b) in zip(phase.nodes, phase.rows, strict=True)
+                        ],
+                    )
+                    for phase in stage.tiles
+                )
             loads.append(cluster.load(stage.node, spec))
-    infos = await asyncio.gather(*loads)
+    infos, _ = await asyncio.gather(asyncio.gather(*loads), asyncio.gather(*tiles))
     return [info.param_bytes for info in infos]
+
+
+def _tile_specs(cluster: LocalCluster, stage: Stage, spec: agent_pb2.StageSpec) -> list[Awaitable[Any]]:
+    """Loads of the tile stages of ``stage`` on its other tile nodes: each holds the blocks of
+    every phase and computes its own rows of a phase for frames from the stage's node."""
+    loads = []
+    for node in stage.nodes[1:]:
+        phases = []
+        for phase in stage.tiles:
+            a, b = phase.rows[phase.nodes.index(node)]
+            own = agent_pb2.TilePeer(node=node, identity=cluster.identity(node), row_start=a, row_stop=b)
+            phases.append(
+                agent_pb2.TilePhase(first_block=phase.first_block, last_block=phase.last_block, tiles=[own])
+            )
+        tile = agent_pb2.StageSpec(
+            model=spec.model,
+            weights=spec.weights,
+            seed=spec.seed,
+            input_shape=list(spec.input_shape),
+            first_block=stage.tiles[0].first_block,
+            last_block=stage.tiles[-1].last_block,
+            stage=spec.stage,
+            accept_from=[cluster.identity(stage.node)],
+            tile_phases=phases,
+            tile_only=True,
+        )
+        loads.append(cluster.load(node, tile))
+    return loads
 
 
 def client_of(cluster: LocalCluster, plan: Plan) -> Client:
@@ -262,7 +313,11 @@ async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
     report("starting node agents", 0, len(config.nodes))
     allowed = [m for m in (factory_module(config.source.spec),) if m]  # what the user named
     async with LocalCluster(
-        config.nodes, config.limit_mode, allow_factories=allowed, secure=config.secure
+        config.nodes,
+        config.limit_mode,
+        allow_factories=allowed,
+        secure=config.secure,
+        cfs_period_us=config.cfs_period_us,
     ) as cluster:
         report("measuring node capacity", 0, len(config.nodes))
         capacities = await cluster.capacities()

@@ -43,6 +43,7 @@ from amp4ec.errors import Amp4ecError, InvalidSpec
 from amp4ec.frontdoor import listen
 from amp4ec.frontdoor.door import ClientBackend, FrontDoor
 from amp4ec.frontdoor.model import DATATYPES, ModelMeta, model_meta
+from amp4ec.local.cgroups import PERIOD_US
 from amp4ec.local.cluster import LocalCluster
 from amp4ec.local.run import deploy, node_capacities
 from amp4ec.local.supervisor import Supervisor, endpoints
@@ -79,6 +80,8 @@ class ServeConfig:
     strategy: str = "optimal"
     objective: str = "throughput"
     limit_mode: str = "auto"
+    cfs_period_us: int = PERIOD_US
+    """CFS period of the nodes' quotas (``--cfs-period``; see [Note: why a short CFS period])."""
     secure: bool = True
     """Mutual TLS to the agents and TLS on the front doors; False: plaintext everywhere."""
     client_auth: bool = True
@@ -338,7 +341,11 @@ async def serve(config: ServeConfig, say: Say, progress: Say | None = None) -> N
     allowed = [m for m in (factory_module(config.source.spec),) if m]
     step("starting node agents")
     async with LocalCluster(
-        nodes, config.limit_mode, allow_factories=allowed, secure=config.secure
+        nodes,
+        config.limit_mode,
+        allow_factories=allowed,
+        secure=config.secure,
+        cfs_period_us=config.cfs_period_us,
     ) as cluster:
         serving = _Serving(config, prepared, cluster, say)
         step("measuring node capacity")

@@ -95,8 +95,21 @@ class Failover:
         }
 
 
-def _key(pipeline: Pipeline) -> tuple[tuple[str, int, int], ...]:
-    return tuple((s.node, s.first_block, s.last_block) for s in pipeline.stages)
+def _key(pipeline: Pipeline) -> tuple[tuple[Any, ...], ...]:
+    return tuple(
+        (
+            s.node,
+            s.first_block,
+            s.last_block,
+            *((g.first_block, g.last_block, g.nodes, g.rows) for g in s.tiles),
+        )
+        for s in pipeline.stages
+    )
+
+
+def _nodes(pipeline: Pipeline) -> set[str]:
+    """Every node a pipeline runs on, tile nodes included."""
+    return {n for s in pipeline.stages for n in s.nodes}
 
 
 def _subset(plan: Plan, pipelines: Sequence[Pipeline]) -> Plan:
@@ -199,18 +212,14 @@ class Supervisor:
 
     def retire(self, nodes: Collection[str]) -> None:
         """Stop sending into the pipelines that cross ``nodes`` (about to be stopped)."""
-        self.plan = _subset(
-            self.plan, [p for p in self.plan.pipelines if not {s.node for s in p.stages} & set(nodes)]
-        )
+        self.plan = _subset(self.plan, [p for p in self.plan.pipelines if not _nodes(p) & set(nodes)])
         self.client.set_entries(endpoints(self.plan, self._address))
 
     async def switch(self, new: Plan) -> None:
         """Move traffic to ``new`` make-before-break: pipelines it keeps as they are serve on,
         the others are taken out of service, reloaded, and then serve."""
         same = {_key(p) for p in new.pipelines}
-        serving = [
-            p for p in self.plan.pipelines if _key(p) in same and not {s.node for s in p.stages} & self.dead
-        ]
+        serving = [p for p in self.plan.pipelines if _key(p) in same and not _nodes(p) & self.dead]
         self.client.set_entries(endpoints(_subset(self.plan, serving), self._address))
         unchanged = {_key(p) for p in serving}
         await self._deploy(_subset(new, [p for p in new.pipelines if _key(p) not in unchanged]))
@@ -269,7 +278,7 @@ class Supervisor:
             self.changed = asyncio.Event()
 
     async def _recover(self, record: Failover) -> None:
-        intact = [p for p in self.plan.pipelines if not {s.node for s in p.stages} & self.dead]
+        intact = [p for p in self.plan.pipelines if not _nodes(p) & self.dead]
         # 1. Nothing more goes into the broken pipelines; what waits on them is retried.
         self.client.set_entries(endpoints(_subset(self.plan, intact), self._address))
         alive = [n for n in self.cluster.agents if n not in self.dead]

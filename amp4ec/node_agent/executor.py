@@ -7,19 +7,24 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
 import torch
 
 from amp4ec.allocator import release_memory
 from amp4ec.errors import DeadlineExceeded, InvalidSpec
-from amp4ec.slicing import ModelSource, Shard, TensorSpec, load_model, split_model
+from amp4ec.slicing import BlockChain, ModelSource, Shard, TensorSpec, load_model, split_model
 from amp4ec.slicing.materialise import materialise
 from amp4ec.slicing.signature import input_names
+from amp4ec.slicing.tiles import TiledRange
 from amp4ec.wire import codec
 from amp4ec.wire.stage import StageConfig
 from amp4ec.wire.v1 import shard_pb2
+
+T = TypeVar("T")
 
 __all__ = ["LoadedStage", "StageExecutor", "build_stage"]
 
@@ -34,6 +39,9 @@ class LoadedStage:
     its inputs: what the entry stage's v2 front door describes (``node_agent/entry.py``)."""
     model_outputs: tuple[TensorSpec, ...] = ()
     input_names: tuple[str, ...] = ()
+    steps: tuple[TiledRange | Shard, ...] = ()
+    """A tiled stage's program: per phase its tiled blocks, between them the blocks it runs
+    alone (a tile stage: one TiledRange per phase, indexed as ``tile_phases``)."""
 
     def info(self) -> shard_pb2.ShardInfo:
         return shard_pb2.ShardInfo(
@@ -89,7 +97,43 @@ def _build(config: StageConfig) -> LoadedStage:
         model_inputs=chain.boundaries[0],
         model_outputs=chain.boundaries[-1],
         input_names=input_names(loaded.module, len(chain.boundaries[0])),
+        steps=_tile_steps(chain, config) if config.tile_phases else (),
     )
+
+
+def _tile_steps(chain: BlockChain, config: StageConfig) -> tuple[TiledRange | Shard, ...]:
+    """The stage's program (``LoadedStage.steps``), every phase checked against the chain."""
+    steps: list[TiledRange | Shard] = []
+    expect = config.first_block
+    for i, phase in enumerate(config.tile_phases):
+        where = f"tile_phases[{i}]"
+        if not expect <= phase.first <= phase.last <= config.last_block:
+            raise InvalidSpec(
+                f"{where}: blocks {phase.first}..{phase.last} do not follow block {expect - 1} "
+                f"within {config.first_block}..{config.last_block}"
+            )
+        if phase.first > expect and not config.tile_only:
+            steps.append(chain.shard(expect, phase.first - 1))
+        tiled = TiledRange(chain, phase.first, phase.last)
+        if sum(not t.address for t in phase.tiles) != 1:
+            raise InvalidSpec(f"{where}.tiles: expected exactly one tile of this stage's own (no address)")
+        if config.tile_only and len(phase.tiles) != 1:
+            raise InvalidSpec(f"{where}.tiles: a tile stage lists only its own rows")
+        top = phase.tiles[0].rows[0] if config.tile_only else 0
+        for j, t in enumerate(phase.tiles):
+            if not top <= t.rows[0] < t.rows[1] <= tiled.height:
+                raise InvalidSpec(
+                    f"{where}.tiles[{j}]: rows {t.rows[0]}..{t.rows[1]} not within 0..{tiled.height} "
+                    "(top first, no gaps)"
+                )
+            top = t.rows[1]
+        if not config.tile_only and top != tiled.height:
+            raise InvalidSpec(f"{where}.tiles: rows end at {top}, expected {tiled.height}")
+        steps.append(tiled)
+        expect = phase.last + 1
+    if expect <= config.last_block and not config.tile_only:
+        steps.append(chain.shard(expect, config.last_block))
+    return tuple(steps)
 
 
 class StageExecutor:
@@ -126,8 +170,18 @@ class StageExecutor:
         stage.shard.check_inputs(codec.signatures(frame.tensors))
         tensors = codec.decode_all(frame.tensors)
         t1 = time.perf_counter()
-        with torch.inference_mode():
-            outputs = stage.shard(*tensors)
+        if stage.config.tile_only:
+            phase = frame.tile_phase
+            if not 0 <= phase < len(stage.steps):
+                raise InvalidSpec(f"tile_phase: expected 0..{len(stage.steps) - 1}, got {phase}")
+            tiled = stage.steps[phase]
+            assert isinstance(tiled, TiledRange)
+            with torch.inference_mode():  # checks its rows' shapes itself
+                outputs = tiled.run(tensors, stage.config.tile_phases[phase].own.rows)
+        else:
+            stage.shard.check_inputs(tensors)
+            with torch.inference_mode():
+                outputs = stage.shard(*tensors)
         t2 = time.perf_counter()
         encoded = codec.encode_all(outputs, stage.config.output_codec)
         t3 = time.perf_counter()
@@ -141,6 +195,20 @@ class StageExecutor:
             encode_us=int((t3 - t2) * 1e6),
         )
         return encoded, timing
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on a forward thread (a tiled stage's own steps), idling after it like
+        a forward under ``emulate_cpu``."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._timed, fn, args)
+
+    def _timed(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = fn(*args)
+        if self._idle_factor:
+            time.sleep((time.perf_counter() - start) * self._idle_factor)
+        return out
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -109,7 +109,8 @@ def profile_model(request: agent_pb2.ProfileRequest) -> agent_pb2.ModelProfile:
     )
     loaded = load_model(source)
     chain = split_model(loaded)
-    profiles = profile_chain(chain, repeats=request.repeats or 5)
+    # No tile geometry: ModelProfile does not carry it yet (the operator plans layer-wise).
+    profiles = profile_chain(chain, repeats=request.repeats or 5, tiles=False)
     codecs = ()
     if request.codecs:
         from amp4ec.slicing.compression import profile_codecs

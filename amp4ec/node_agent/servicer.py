@@ -25,10 +25,11 @@ from amp4ec.node_agent.executor import LoadedStage, StageExecutor, build_stage
 from amp4ec.node_agent.limits import check_echo, check_frame, check_stage_spec
 from amp4ec.node_agent.settings import AgentSettings
 from amp4ec.node_agent.status import DeadlineExceeded, error_frame, status_of
+from amp4ec.node_agent.tiling import scatter_gather
 from amp4ec.slicing.profile import reference_workload_ms
 from amp4ec.wire import codec
 from amp4ec.wire.liveness import remaining_s
-from amp4ec.wire.stage import StageConfig
+from amp4ec.wire.stage import StageConfig, TilePeer
 from amp4ec.wire.stream import ShardStream
 from amp4ec.wire.v1 import agent_pb2, agent_pb2_grpc, shard_pb2, shard_pb2_grpc
 
@@ -77,6 +78,12 @@ class StageRepository:
             raise InvalidSpec("next_hop_identity: required with next_hop under mutual TLS")
         if not config.accept_from:
             raise InvalidSpec("accept_from: at least one identity required under mutual TLS")
+        for i, phase in enumerate(config.tile_phases):
+            for j, peer in enumerate(phase.tiles):
+                if peer.address and not peer.identity:
+                    raise InvalidSpec(
+                        f"tile_phases[{i}].tiles[{j}].identity: required with an address under mutual TLS"
+                    )
 
     async def load(self, config: StageConfig) -> LoadedStage:
         self._check_identities(config)
@@ -254,6 +261,8 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
 
         async def run() -> tuple[list[shard_pb2.Tensor], shard_pb2.StageTiming]:
             async with turn or contextlib.nullcontext():
+                if stage.config.tile_phases and not stage.config.tile_only:
+                    return await scatter_gather(stage, frame, arrived, self._executor, self._tile_stream)
                 return await self._executor.run(stage, frame, arrived)
 
         timeout = remaining_s(frame.deadline_unix_ms)
@@ -266,6 +275,11 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
                 f"request {frame.request_id!r} passed its deadline at stage {stage.config.stage} "
                 f"on {self._settings.node}"
             ) from None
+
+    def _tile_stream(self, peer: TilePeer) -> ShardStream:
+        return self._repository.forwarder(
+            peer.address, peer.identity, f"tile rows {peer.rows[0]}..{peer.rows[1] - 1} on {peer.node}"
+        )
 
     async def Stream(
         self, request_iterator: AsyncIterator[Request], context: grpc.aio.ServicerContext

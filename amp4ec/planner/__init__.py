@@ -16,6 +16,8 @@ Reading order:
 8. ``paper``      — AMP4EC's RALOS partitioner + weighted scheduler, as published.
 9. ``baselines``  — equal, memory (exo-like), replicate, monolith.
 10. ``replan``    — hysteresis: replan only for a real gain.
+11. ``tiles``     — tile groups: leading convolutional blocks as row stripes over
+                     several nodes, one request's work split (optimal strategy).
 
 Cost model (all strategies): a stage's time is the sum of its blocks' ``compute_ms``
 and its node's per-request ``overhead_ms``, divided by the node's ``effective_speed``,
@@ -38,6 +40,7 @@ from amp4ec.planner.cost import INF, CostModel, evaluate
 from amp4ec.planner.optimal import plan_optimal
 from amp4ec.planner.paper import plan_paper
 from amp4ec.planner.replan import replan_reason, should_replan
+from amp4ec.planner.tiles import best_tiled
 from amp4ec.planner.types import (
     OBJECTIVES,
     CodecProfile,
@@ -50,6 +53,8 @@ from amp4ec.planner.types import (
     Prediction,
     SchedulerHistory,
     Stage,
+    TileGroup,
+    TileRows,
     reference_overhead_ms,
 )
 from amp4ec.planner.validate import (
@@ -73,6 +78,8 @@ __all__ = [
     "Prediction",
     "SchedulerHistory",
     "Stage",
+    "TileGroup",
+    "TileRows",
     "evaluate",
     "plan",
     "reference_overhead_ms",
@@ -97,6 +104,7 @@ def plan(
     history: SchedulerHistory | None = None,
     codecs: Sequence[CodecProfile] = (),
     max_error: float | None = None,
+    tiles: bool = True,
 ) -> Plan:
     """Place ``blocks`` on ``nodes`` with ``strategy``, optimising ``objective``.
 
@@ -104,7 +112,8 @@ def plan(
     most that many nodes). ``pinned`` (optimal only) fixes block ranges on nodes.
     ``history`` feeds the paper's scheduler and is never mutated. ``codecs`` may compress
     cuts, the estimated output error within ``max_error`` (None: no bound; see the module
-    docstring). Raises InvalidSpec for bad arguments and PlanInfeasible when nothing fits.
+    docstring). ``tiles`` (optimal only) lets leading blocks with tile geometry run as row
+    tiles. Raises InvalidSpec for bad arguments and PlanInfeasible when nothing fits.
     """
     check_choice(strategy, "strategy", STRATEGIES)
     check_choice(objective, "objective", OBJECTIVES)
@@ -123,7 +132,7 @@ def plan(
             codecs=codecs,
             error_limit=limit,
         )
-        result = _plan(cm, objective, strategy, cap, pinned, history)
+        result = _plan(cm, objective, strategy, cap, pinned, history, tiles)
         # A pipeline of k stages has k cuts that may be compressed (k - 1 inner, the answer).
         most = cm.N if cap is None else min(cm.N, cap)
         if bound is None or result.predicted.output_error <= bound or divisor >= most:
@@ -141,6 +150,7 @@ def _plan(
     cap: int | None,
     pinned: Sequence[Pin],
     history: SchedulerHistory | None,
+    tiles: bool,
 ) -> Plan:
     pins = check_pins(pinned, cm.B, cm.names)
     hist = check_history(history)
@@ -158,4 +168,36 @@ def _plan(
         raw, notes = plan_replicate(cm)
     else:
         raw, notes = plan_monolith(cm, objective)
-    return cm.make_plan(objective, strategy, raw, notes)
+    layerwise = cm.make_plan(objective, strategy, raw, notes)
+    if strategy == "optimal" and not pins and tiles:
+        return _with_tiles(cm, layerwise)
+    return layerwise
+
+
+def _with_tiles(cm: CostModel, layerwise: Plan) -> Plan:
+    """The tiled plan when it beats the layer-wise one on the objective (see ``tiles``)."""
+    replicas = all(len(p.stages) == 1 for p in layerwise.pipelines) and len(layerwise.pipelines) == cm.N
+    if layerwise.objective == "throughput" and replicas:
+        # Every node serves whole requests and is never idle; a tile group only adds work to
+        # each (halo rows, a frame per tile), so it cannot raise the rate: skip the search.
+        return layerwise
+    tiled = best_tiled(cm, layerwise.objective)
+    if tiled is None:
+        return layerwise
+    mine, theirs = tiled.prediction(), layerwise.predicted
+    if layerwise.objective == "latency":
+        better = mine.latency_ms < theirs.latency_ms
+    else:
+        better = mine.throughput_rps > theirs.throughput_rps
+    if not better:
+        return layerwise
+    phases = tiled.stage.tiles
+    ranges = ", ".join(f"{g.first_block}..{g.last_block}" for g in phases)
+    notes = [
+        f"blocks {ranges} as {len(phases[0].nodes)} row tiles on {', '.join(phases[0].nodes)}; "
+        f"the rest on {tiled.stage.node} (layer-wise best: latency {theirs.latency_ms:.2f} ms, "
+        f"{theirs.throughput_rps:.2f} req/s)"
+    ]
+    left = [n for n in cm.names if n not in phases[0].nodes]
+    notes += [f"node {n} left out: it does not improve the {layerwise.objective}" for n in left]
+    return Plan(layerwise.objective, layerwise.strategy, (tiled.pipeline(),), mine, tuple(notes))

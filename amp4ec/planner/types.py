@@ -30,11 +30,31 @@ __all__ = [
     "Prediction",
     "SchedulerHistory",
     "Stage",
+    "TileGroup",
+    "TileRows",
     "measured_node",
     "reference_overhead_ms",
 ]
 
 OBJECTIVES = ("throughput", "latency")
+
+
+@dataclass(frozen=True)
+class TileRows:
+    """How a block's output rows depend on its input rows, for spatial tiling (measured from
+    the graph by ``amp4ec.slicing.tiles``): output rows ``[a, b)`` need input rows
+    ``[lo[a], hi[b - 1])``. Rows are dim 2 (H) of the block's NCHW input and output."""
+
+    in_height: int
+    out_height: int
+    lo: tuple[int, ...]
+    """Per output row, the first input row it reads."""
+    hi: tuple[int, ...]
+    """Per output row, one past the last input row it reads."""
+
+    def needs(self, start: int, stop: int) -> tuple[int, int]:
+        """Input rows that output rows ``[start, stop)`` read."""
+        return (self.lo[start], self.hi[stop - 1])
 
 
 @dataclass(frozen=True)
@@ -53,6 +73,9 @@ class LayerProfile:
     """Measured forward time on the reference core, in milliseconds."""
     act_bytes: int = 0
     """Peak activation bytes while the block runs (its inputs plus outputs)."""
+    tile: TileRows | None = None
+    """Row geometry when the block may run as spatial tiles (a leading convolutional block);
+    None: layer-wise only."""
 
 
 @dataclass(frozen=True)
@@ -193,8 +216,31 @@ class SchedulerHistory:
 
 
 @dataclass(frozen=True)
+class TileGroup:
+    """Blocks ``first_block..last_block`` of a stage run as horizontal stripes on several nodes
+    at once (one *phase*): the stage's node scatters each tile its input rows plus halo, runs
+    its own tile, gathers the others' rows and stitches them."""
+
+    first_block: int
+    last_block: int
+    nodes: tuple[str, ...]
+    """Tile nodes, top stripe first; the stage's own node is one of them."""
+    rows: tuple[tuple[int, int], ...]
+    """Per tile, the output rows ``[start, stop)`` of ``last_block`` it computes."""
+    tile_ms: tuple[float, ...] = ()
+    """Predicted time of each tile as the stage's node sees it: scatter, compute (halo
+    included), gather; its own tile: compute plus sending and receiving the others' frames."""
+
+    @property
+    def phase_ms(self) -> float:
+        """Predicted time from scatter to the last gather."""
+        return max(self.tile_ms, default=0.0)
+
+
+@dataclass(frozen=True)
 class Stage:
-    """Blocks ``first_block..last_block`` (inclusive) placed on ``node``."""
+    """Blocks ``first_block..last_block`` (inclusive) placed on ``node`` (with ``tiles``: some
+    of them as row tiles over several nodes, the rest on ``node``)."""
 
     node: str
     first_block: int
@@ -212,6 +258,9 @@ class Stage:
     inbound cut is compressed (priced with the transfer it shortens)."""
     out_codec: str = "raw"
     """How the stage sends its outputs: to the next stage, or (the last) its answer to the client."""
+    tiles: tuple[TileGroup, ...] = ()
+    """Phases of the stage run as row tiles, in block order (every phase on the same nodes;
+    blocks outside them run on ``node``); empty for a layer-wise stage."""
 
     @property
     def stage_ms(self) -> float:
@@ -220,6 +269,12 @@ class Stage:
     @property
     def blocks(self) -> range:
         return range(self.first_block, self.last_block + 1)
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """Every node the stage runs on: its own, then its other tile nodes."""
+        others = [n for n in self.tiles[0].nodes if n != self.node] if self.tiles else []
+        return (self.node, *others)
 
 
 @dataclass(frozen=True)

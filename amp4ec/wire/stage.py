@@ -12,7 +12,48 @@ from dataclasses import dataclass
 from amp4ec.wire.codec_names import codec_name, codec_value
 from amp4ec.wire.v1 import agent_pb2
 
-__all__ = ["StageConfig"]
+__all__ = ["StageConfig", "TilePeer", "TilePhase"]
+
+
+@dataclass(frozen=True)
+class TilePeer:
+    """One row tile of a tiled stage (``agent_pb2.TilePeer``)."""
+
+    node: str
+    address: str
+    """"" for this stage's own tile."""
+    identity: str
+    rows: tuple[int, int]
+
+    @classmethod
+    def from_message(cls, m: agent_pb2.TilePeer) -> TilePeer:
+        return cls(m.node, m.address, m.identity, (m.row_start, m.row_stop))
+
+    def to_message(self) -> agent_pb2.TilePeer:
+        return agent_pb2.TilePeer(
+            node=self.node,
+            address=self.address,
+            identity=self.identity,
+            row_start=self.rows[0],
+            row_stop=self.rows[1],
+        )
+
+
+@dataclass(frozen=True)
+class TilePhase:
+    """Blocks ``first..last`` of a stage as row tiles (``agent_pb2.TilePhase``)."""
+
+    first: int
+    last: int
+    tiles: tuple[TilePeer, ...]
+
+    @property
+    def own(self) -> TilePeer:
+        return next(t for t in self.tiles if not t.address)
+
+    @property
+    def others(self) -> tuple[TilePeer, ...]:
+        return tuple(t for t in self.tiles if t.address)
 
 
 @dataclass(frozen=True)
@@ -37,6 +78,10 @@ class StageConfig:
     output_codec: str = "raw"
     """How the stage encodes what it sends (to the next hop, or its answer when last): a name
     of ``codec_names.CODECS``, chosen per cut by the planner."""
+    tile_phases: tuple[TilePhase, ...] = ()
+    """Phases of the stage run as row tiles (see ``agent_pb2.StageSpec.tile_phases``)."""
+    tile_only: bool = False
+    """A tile stage: answers each frame with its own rows of the phase the frame names."""
 
     @property
     def next_peer(self) -> str:
@@ -58,6 +103,11 @@ class StageConfig:
             next_hop_identity=m.next_hop_identity,
             accept_from=tuple(m.accept_from),
             output_codec=codec_name(m.output_codec, "output_codec"),
+            tile_phases=tuple(
+                TilePhase(p.first_block, p.last_block, tuple(TilePeer.from_message(t) for t in p.tiles))
+                for p in m.tile_phases
+            ),
+            tile_only=m.tile_only,
         )
 
     def to_message(self) -> agent_pb2.StageSpec:
@@ -74,11 +124,21 @@ class StageConfig:
             next_hop_identity=self.next_hop_identity,
             accept_from=list(self.accept_from),
             output_codec=codec_value(self.output_codec, "output_codec"),
+            tile_phases=[
+                agent_pb2.TilePhase(
+                    first_block=p.first, last_block=p.last, tiles=[t.to_message() for t in p.tiles]
+                )
+                for p in self.tile_phases
+            ],
+            tile_only=self.tile_only,
         )
 
     def to_args(self) -> list[str]:
         """The agent's command-line flags for this stage (``python -m amp4ec.node_agent``); empty
-        fields are left out, so the agent's defaults apply."""
+        fields are left out, so the agent's defaults apply. Tiled stages have no flags yet (the
+        operator plans layer-wise)."""
+        if self.tile_phases:
+            raise ValueError("tile_phases: a tiled stage is loaded with LoadStage, not command-line flags")
         args = [
             "--model",
             self.model,

@@ -38,7 +38,7 @@ class Probe(_message.Message):
     def __init__(self, payload: _Optional[bytes] = ..., reply_bytes: _Optional[int] = ...) -> None: ...
 
 class StageSpec(_message.Message):
-    __slots__ = ("model", "weights", "seed", "input_shape", "first_block", "last_block", "next_hop", "stage", "next_node", "next_hop_identity", "accept_from", "output_codec")
+    __slots__ = ("model", "weights", "seed", "input_shape", "first_block", "last_block", "next_hop", "stage", "next_node", "next_hop_identity", "accept_from", "tile_phases", "tile_only", "output_codec")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,8 @@ class StageSpec(_message.Message):
     NEXT_NODE_FIELD_NUMBER: _ClassVar[int]
     NEXT_HOP_IDENTITY_FIELD_NUMBER: _ClassVar[int]
     ACCEPT_FROM_FIELD_NUMBER: _ClassVar[int]
+    TILE_PHASES_FIELD_NUMBER: _ClassVar[int]
+    TILE_ONLY_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_CODEC_FIELD_NUMBER: _ClassVar[int]
     model: str
     weights: str
@@ -62,8 +64,34 @@ class StageSpec(_message.Message):
     next_node: str
     next_hop_identity: str
     accept_from: _containers.RepeatedScalarFieldContainer[str]
+    tile_phases: _containers.RepeatedCompositeFieldContainer[TilePhase]
+    tile_only: bool
     output_codec: _shard_pb2.Codec
-    def __init__(self, model: _Optional[str] = ..., weights: _Optional[str] = ..., seed: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., first_block: _Optional[int] = ..., last_block: _Optional[int] = ..., next_hop: _Optional[str] = ..., stage: _Optional[int] = ..., next_node: _Optional[str] = ..., next_hop_identity: _Optional[str] = ..., accept_from: _Optional[_Iterable[str]] = ..., output_codec: _Optional[_Union[_shard_pb2.Codec, str]] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., weights: _Optional[str] = ..., seed: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., first_block: _Optional[int] = ..., last_block: _Optional[int] = ..., next_hop: _Optional[str] = ..., stage: _Optional[int] = ..., next_node: _Optional[str] = ..., next_hop_identity: _Optional[str] = ..., accept_from: _Optional[_Iterable[str]] = ..., tile_phases: _Optional[_Iterable[_Union[TilePhase, _Mapping]]] = ..., tile_only: _Optional[bool] = ..., output_codec: _Optional[_Union[_shard_pb2.Codec, str]] = ...) -> None: ...
+
+class TilePhase(_message.Message):
+    __slots__ = ("first_block", "last_block", "tiles")
+    FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    LAST_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    TILES_FIELD_NUMBER: _ClassVar[int]
+    first_block: int
+    last_block: int
+    tiles: _containers.RepeatedCompositeFieldContainer[TilePeer]
+    def __init__(self, first_block: _Optional[int] = ..., last_block: _Optional[int] = ..., tiles: _Optional[_Iterable[_Union[TilePeer, _Mapping]]] = ...) -> None: ...
+
+class TilePeer(_message.Message):
+    __slots__ = ("node", "address", "identity", "row_start", "row_stop")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    ROW_START_FIELD_NUMBER: _ClassVar[int]
+    ROW_STOP_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    address: str
+    identity: str
+    row_start: int
+    row_stop: int
+    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., identity: _Optional[str] = ..., row_start: _Optional[int] = ..., row_stop: _Optional[int] = ...) -> None: ...
 
 class UnloadRequest(_message.Message):
     __slots__ = ()

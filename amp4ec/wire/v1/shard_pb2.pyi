@@ -41,18 +41,20 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("request_id", "tensors", "error", "timings", "deadline_unix_ms")
+    __slots__ = ("request_id", "tensors", "error", "timings", "deadline_unix_ms", "tile_phase")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    TILE_PHASE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
     error: Error
     timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
     deadline_unix_ms: int
-    def __init__(self, request_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...
+    tile_phase: int
+    def __init__(self, request_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., deadline_unix_ms: _Optional[int] = ..., tile_phase: _Optional[int] = ...) -> None: ...
 
 class StageTiming(_message.Message):
     __slots__ = ("stage", "decode_us", "forward_us", "encode_us", "queue_us")

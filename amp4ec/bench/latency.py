@@ -1,0 +1,190 @@
+"""The ``latency`` configuration: one request's latency, tiles against the fastest node alone.
+
+Three plans on the same nodes (1.0/0.6/0.4, scaled to the machine): the latency-objective plan
+(tiled when the planner finds it pays), the best layer-wise plan (tiles off), and the fastest
+node alone. Side by side: a fourth agent with the fastest node's CPU share serves the whole
+model throughout, and single requests alternate between it and the plan measured, so each
+pair sees the same background load; the median of the pairs' ratios is the figure. Each plan's open-loop
+p50/p95 at 50% of its own saturation follow.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import replace
+from typing import Any
+
+from amp4ec.bench.configs import Configuration, scale_nodes
+from amp4ec.bench.measure import quantiles
+from amp4ec.bench.progress import ProgressSink
+from amp4ec.loadgen import closed_loop, open_loop
+from amp4ec.local.cgroups import PERIOD_US
+from amp4ec.local.cluster import CLIENT_IDENTITY, LocalCluster
+from amp4ec.local.run import client_of, deploy, measure_links, node_capacities
+from amp4ec.planner.types import Plan
+from amp4ec.scheduling import timed_plan
+from amp4ec.slicing.prepare import Prepared
+from amp4ec.slicing.sources import factory_module
+from amp4ec.wire.v1 import agent_pb2
+
+__all__ = ["ALONE", "PLANS", "TARGET", "run_latency"]
+
+ALONE = "alone"
+"""The extra agent: the fastest node's CPU share, the whole model, always loaded."""
+PLANS = ("latency_objective", "layerwise", "fastest_node")
+TARGET = 0.7
+"""Single-request latency of the latency-objective plan / the fastest node alone (issue 14)."""
+
+
+async def run_latency(
+    config: Configuration,
+    prepared: Prepared,
+    budget: float,
+    progress: ProgressSink,
+    *,
+    limit_mode: str = "auto",
+    cfs_period_us: int = PERIOD_US,
+    secure: bool = True,
+) -> dict[str, Any]:
+    nodes, factor = scale_nodes(config, budget)
+    fastest = max(nodes, key=lambda n: n.cpu)
+    names = [n.name for n in nodes]
+    out: dict[str, Any] = {
+        "name": config.name,
+        "title": config.title,
+        "kind": "latency",
+        "model": config.source.spec,
+        "input_shape": list(prepared.loaded.example_inputs[0].shape),
+        "scale_factor": factor,
+        "nodes": [{"name": n.name, "cpu": n.cpu} for n in nodes],
+        "target": TARGET,
+        "plans": {},
+    }
+    named = [m for m in (factory_module(config.source.spec),) if m]
+    agents = [
+        *(replace(n, memory_bytes=None) for n in nodes),
+        replace(fastest, name=ALONE, memory_bytes=None),
+    ]
+    async with LocalCluster(
+        agents, limit_mode, allow_factories=named, secure=secure, cfs_period_us=cfs_period_us
+    ) as cluster:
+        out["cpu_limits"] = cluster.limit_description
+        capacity = node_capacities(await cluster.capacities(names), prepared.reference_ms)
+        links = [link for link in await measure_links(cluster) if ALONE not in (link.src, link.dst)]
+        await cluster.load(ALONE, _whole(config, len(prepared.chain)))
+        plans = {
+            "latency_objective": _plan(prepared, capacity, links),
+            "layerwise": _plan(prepared, capacity, links, tiles=False),
+            "fastest_node": _plan(prepared, [c for c in capacity if c.name == fastest.name], links),
+        }
+        async with cluster.client([ALONE]) as alone:
+            for label, plan in plans.items():
+                out["plans"][label] = await _measure(cluster, prepared, config, plan, label, alone, progress)
+                progress.step()
+    out["ratio"] = out["plans"]["latency_objective"]["ratio_vs_alone"]
+    return out
+
+
+def _whole(config: Configuration, blocks: int) -> agent_pb2.StageSpec:
+    source = config.source
+    return agent_pb2.StageSpec(
+        model=source.spec,
+        weights=source.weights or "",
+        seed=source.seed,
+        input_shape=list(source.input_shape or ()),
+        first_block=0,
+        last_block=blocks - 1,
+        accept_from=[CLIENT_IDENTITY],
+    )
+
+
+def _plan(prepared: Prepared, nodes: list[Any], links: list[Any], tiles: bool = True) -> Plan:
+    plan, _ = timed_plan(
+        prepared.profiles,
+        nodes,
+        objective="latency",
+        input_bytes=prepared.chain.input_bytes,
+        links=links,
+        tiles=tiles,
+    )
+    return plan
+
+
+async def _measure(
+    cluster: LocalCluster,
+    prepared: Prepared,
+    config: Configuration,
+    plan: Plan,
+    label: str,
+    alone: Any,
+    progress: ProgressSink,
+) -> dict[str, Any]:
+    sizes = config.sizes
+    progress.phase(f"{label}: loading")
+    await _unload(cluster, [n for n in cluster.agents if n != ALONE])
+    await deploy(cluster, plan, config.source)
+    inputs = prepared.loaded.example_inputs
+    async with client_of(cluster, plan) as client:
+        first = await client.infer(inputs)
+        diff = max(
+            float((a.float() - b.float()).abs().max())
+            for a, b in zip(first.outputs, prepared.expected, strict=True)
+        )
+        for _ in range(2):  # warm both
+            await client.infer(inputs)
+            await alone.infer(inputs)
+        progress.phase(f"{label}: single requests beside the fastest node alone", sizes.sequential)
+        mine, theirs = [], []
+        for _ in range(sizes.sequential):
+            mine.append((await client.infer(inputs)).latency_s * 1000)
+            theirs.append((await alone.infer(inputs)).latency_s * 1000)
+            progress.advance()
+        progress.phase(f"{label}: saturation", sizes.saturation)
+        level = len({n for s in plan.stages for n in s.nodes})
+        results, wall = await closed_loop(client, inputs, sizes.saturation, level, progress.advance)
+        rps = len(results) / wall
+        progress.phase(f"{label}: open loop at 50% load", sizes.open_loop)
+        opened = await open_loop(client, inputs, sizes.open_loop, 0.5 * rps, tick=progress.advance)
+    stage = plan.stages[0]
+    return {
+        "plan": [
+            {
+                "node": s.node,
+                "first_block": s.first_block,
+                "last_block": s.last_block,
+                "tiles": [
+                    {
+                        "first_block": g.first_block,
+                        "last_block": g.last_block,
+                        "nodes": list(g.nodes),
+                        "rows": g.rows,
+                    }
+                    for g in s.tiles
+                ],
+            }
+            for s in plan.stages
+        ],
+        "tiled": bool(stage.tiles),
+        "notes": list(plan.notes),
+        "max_abs_diff": diff,
+        "predicted_latency_ms": plan.predicted.latency_ms,
+        "single_ms": quantiles(mine),
+        "single_p50_ms": statistics.median(mine),
+        "alone_single_p50_ms": statistics.median(theirs),
+        # Each request against the fastest node's answer right after it: the pair saw the same
+        # background load, so the median of the pairs' ratios is the figure (load drifts cancel).
+        "ratio_vs_alone": statistics.median(m / t for m, t in zip(mine, theirs, strict=True)),
+        "single_samples_ms": [round(x, 2) for x in mine],
+        "alone_samples_ms": [round(x, 2) for x in theirs],
+        "saturation_rps": rps,
+        "open_loop": {
+            "rate_rps": 0.5 * rps,
+            "completed": opened.completed,
+            **{f"{k}_ms": v for k, v in quantiles(opened.latencies_ms).items()},
+        },
+    }
+
+
+async def _unload(cluster: LocalCluster, nodes: list[str]) -> None:
+    for node in nodes:
+        await cluster.agent_stub(node).UnloadStage(agent_pb2.UnloadRequest(), timeout=30)

@@ -1,0 +1,234 @@
+"""Tile groups: a model's leading convolutional blocks split into row stripes over several nodes.
+
+Why: a layer-wise split runs every block of a request one after another, so one request is
+never faster than on the fastest node alone. Tiles split the work of one request (DeepThings'
+fused tile partitioning): each node computes a stripe of rows, reading its input rows plus
+the halo its receptive field needs, and the stage's node stitches the stripes.
+
+A tiled stage on node ``c`` with tile nodes ``T`` (``c`` in ``T``) runs the tileable prefix
+as a sequence of *phases* (blocks ``i..j`` tiled: scatter, compute, gather, stitch) and
+segments ``c`` runs alone, then the rest of the model on ``c``. Stitching resets the halo, so
+several short phases beat one deep one when the halo would outgrow the stripes. A phase costs:
+
+- stripes of block ``j``'s output with heights proportional to node speed;
+- each stripe's rows at every earlier cut from the blocks' ``TileRows`` (the halo);
+- a block's work on a stripe: its compute time × the mean of the stripe's input and output
+  row fractions (a 3×3 pair of convolutions computes the middle rows with half the halo);
+- another node's tile: scatter (its input rows over ``c``→node) + its agent's per-request
+  overhead + compute + gather (its output rows back); ``c``'s own tile: compute plus one
+  per-request overhead per other tile (it sends a frame and relays an answer for each);
+- the phase: its slowest tile.
+
+A dynamic programme over phase boundaries picks the phases; the stage is the inbound transfer
++ ``c``'s overhead + its phases and segments + the rest. Throughput: the busiest node's time
+per request bounds the rate. The planner compares these candidates with the best layer-wise
+plan by the objective, so on slow links, where scatter and gather cost more than they save,
+tiles lose.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import combinations
+
+from amp4ec.errors import InvalidSpec
+from amp4ec.planner.cost import CostModel
+from amp4ec.planner.types import Pipeline, Prediction, Stage, TileGroup, TileRows
+
+__all__ = ["MAX_TILE_NODES", "TiledCandidate", "best_tiled", "split_rows", "tileable_prefix"]
+
+MAX_TILE_NODES = 4
+"""Tile groups are drawn from the fastest four nodes (11 groups): beyond, a stripe's halo
+outgrows its rows on the small feature maps tiles end at, and planning stays fast."""
+
+
+def split_rows(height: int, weights: Sequence[float]) -> list[tuple[int, int]]:
+    """``height`` rows cut into ``len(weights)`` stripes proportional to ``weights``, top first,
+    each at least one row (the largest remainders get the leftover rows)."""
+    n = len(weights)
+    if n < 1 or n > height or any(not w > 0 for w in weights):
+        raise InvalidSpec(f"tiles: cannot cut {height} rows into {n} stripes weighted {list(weights)}")
+    total = sum(weights)
+    raw = [height * w / total for w in weights]
+    sizes = [max(1, math.floor(r)) for r in raw]
+    while sum(sizes) > height:  # the floor of one row overshot: take from the largest
+        sizes[sizes.index(max(sizes))] -= 1
+    for i in sorted(range(n), key=lambda i: raw[i] - sizes[i], reverse=True)[: height - sum(sizes)]:
+        sizes[i] += 1
+    bounds = [0]
+    for size in sizes:
+        bounds.append(bounds[-1] + size)
+    return [(bounds[i], bounds[i + 1]) for i in range(n)]
+
+
+def tileable_prefix(cm: CostModel) -> int:
+    """How many leading blocks carry tile geometry."""
+    k = 0
+    while k < cm.B and cm.blocks[k].tile is not None:
+        k += 1
+    return k
+
+
+@dataclass(frozen=True)
+class TiledCandidate:
+    """A priced single-pipeline plan whose only stage is tiled."""
+
+    stage: Stage
+    latency_ms: float
+    busy_ms: float
+    """The busiest node's time per request (bounds throughput)."""
+
+    def prediction(self) -> Prediction:
+        return Prediction(
+            stage_ms=(self.stage.stage_ms,),
+            bottleneck_ms=self.busy_ms,
+            latency_ms=self.latency_ms,
+            throughput_rps=1000.0 / self.busy_ms if self.busy_ms > 0 else math.inf,
+        )
+
+    def pipeline(self) -> Pipeline:
+        return Pipeline((self.stage,))
+
+
+def _stripe_work(
+    cm: CostModel, k: int, rows: tuple[int, int], first: int = 0
+) -> tuple[float, tuple[int, int]]:
+    """Reference-core ms of blocks first..k for output rows ``rows`` of block k, and the input
+    rows of block ``first`` they need."""
+    work = 0.0
+    out = rows
+    for j in range(k, first - 1, -1):
+        geometry = cm.blocks[j].tile
+        assert isinstance(geometry, TileRows)
+        inp = geometry.needs(*out)
+        share = ((out[1] - out[0]) / geometry.out_height + (inp[1] - inp[0]) / geometry.in_height) / 2
+        work += cm.blocks[j].compute_ms * share
+        out = inp
+    return work, out
+
+
+@dataclass(frozen=True)
+class _Phase:
+    first: int
+    last: int
+    rows: tuple[tuple[int, int], ...]
+    tile_ms: tuple[float, ...]
+    busy_ms: tuple[float, ...]
+    """Per tile node (in ``ordered`` order), its own time on the phase."""
+
+
+def _phases(cm: CostModel, coord: int, ordered: Sequence[int], prefix: int) -> list[list[_Phase | None]]:
+    """``table[i][j]``: the phase tiling blocks i..j (None where a stripe would be empty)."""
+    names, peers = cm.names, len(ordered) - 1
+    table: list[list[_Phase | None]] = [[None] * prefix for _ in range(prefix)]
+    for j in range(prefix):
+        geometry = cm.blocks[j].tile
+        assert geometry is not None
+        if len(ordered) > geometry.out_height:
+            continue
+        rows = split_rows(geometry.out_height, [cm.speed[n] for n in ordered])
+        # Per tile, walk back from block j: work and input rows of every phase i..j at once.
+        walks: list[list[tuple[float, tuple[int, int]]]] = []
+        for r in rows:
+            work, out, walk = 0.0, r, []
+            for i in range(j, -1, -1):
+                g = cm.blocks[i].tile
+                assert g is not None
+                inp = g.needs(*out)
+                share = ((out[1] - out[0]) / g.out_height + (inp[1] - inp[0]) / g.in_height) / 2
+                work += cm.blocks[i].compute_ms * share
+                out = inp
+                walk.append((work, inp))
+            walks.append(walk[::-1])  # walks[t][i] = (work of i..j, input rows of block i)
+        for i in range(j + 1):
+            first_geometry = cm.blocks[i].tile
+            assert first_geometry is not None
+            tile_ms, busy = [], []
+            for n, r, walk in zip(ordered, rows, walks, strict=True):
+                work, (lo, hi) = walk[i]
+                compute = work / cm.speed[n]
+                if n == coord:
+                    tile_ms.append(compute + peers * cm.overhead[coord])
+                    busy.append(tile_ms[-1])
+                    continue
+                in_bytes = round(cm.in_bytes[i] * (hi - lo) / first_geometry.in_height)
+                out_bytes = round(cm.blocks[j].out_bytes * (r[1] - r[0]) / geometry.out_height)
+                scatter = cm.link(names[coord], names[n]).transfer_ms(in_bytes)
+                gather = cm.link(names[n], names[coord]).transfer_ms(out_bytes)
+                tile_ms.append(scatter + cm.overhead[n] + compute + gather)
+                busy.append(cm.overhead[n] + compute)
+            table[i][j] = _Phase(i, j, tuple(rows), tuple(tile_ms), tuple(busy))
+    return table
+
+
+def _price(cm: CostModel, coord: int, group: Sequence[int], prefix: int) -> TiledCandidate | None:
+    """The best phases for this group and stage node (None: no phase fits or pays)."""
+    last = cm.B - 1
+    if cm.memory_bytes(0, last) > cm.memory[coord]:
+        return None
+    if any(cm.memory_bytes(0, prefix - 1) > cm.memory[n] for n in group if n != coord):
+        return None
+    ordered = sorted(group, key=lambda n: (n != coord, -cm.speed[n], n))  # the stage's node on top
+    table = _phases(cm, coord, ordered, prefix)
+    # best[j]: fastest way through blocks 0..j-1, with the phases used (at least one at the end).
+    alone = [b.compute_ms / cm.speed[coord] for b in cm.blocks]
+    best: list[tuple[float, tuple[_Phase, ...]]] = [(0.0, ())]
+    for j in range(prefix):
+        options = [(best[j][0] + alone[j], best[j][1])]
+        for i in range(j + 1):
+            phase = table[i][j]
+            if phase is not None:
+                options.append((best[i][0] + max(phase.tile_ms), (*best[i][1], phase)))
+        best.append(min(options, key=lambda o: (o[0], len(o[1]))))
+    through_prefix, phases = best[prefix]
+    if not phases:
+        return None
+    names = cm.names
+    groups = tuple(
+        TileGroup(p.first, p.last, tuple(names[n] for n in ordered), p.rows, p.tile_ms) for p in phases
+    )
+    rest = cm.compute_ms(coord, prefix, last) if prefix <= last else 0.0
+    busy = {n: sum(p.busy_ms[t] for p in phases) for t, n in enumerate(ordered)}
+    untiled = set(range(prefix)).difference(*(range(p.first, p.last + 1) for p in phases))
+    busy[coord] += rest + cm.overhead[coord] + sum(alone[j] for j in untiled)
+    stage = Stage(
+        node=names[coord],
+        first_block=0,
+        last_block=last,
+        compute_ms=through_prefix + rest,
+        transfer_ms=cm.transfer_ms(-1, coord, 0),
+        memory_bytes=cm.memory_bytes(0, last),
+        overhead_ms=cm.overhead[coord],
+        tiles=groups,
+    )
+    return TiledCandidate(stage, stage.stage_ms + cm.return_ms(coord), max(busy.values()))
+
+
+def best_tiled(cm: CostModel, objective: str) -> TiledCandidate | None:
+    """The best tiled single-stage plan for ``objective`` (None: the model has no tileable
+    leading block or no group fits): every group of two or more of the fastest nodes, each
+    with its fastest node that holds the whole model as the stage's node (it runs the rest),
+    its phases chosen by ``_price``."""
+    prefix = tileable_prefix(cm)
+    if prefix == 0 or cm.N < 2:
+        return None
+    fastest = sorted(range(cm.N), key=lambda n: -cm.speed[n])[:MAX_TILE_NODES]
+    best: TiledCandidate | None = None
+    best_key: tuple[float, ...] = ()
+    for size in range(2, len(fastest) + 1):
+        for group in combinations(fastest, size):
+            coord = next((n for n in group if cm.memory_bytes(0, cm.B - 1) <= cm.memory[n]), None)
+            if coord is None:
+                continue
+            found = _price(cm, coord, group, prefix)
+            if found is None:
+                continue
+            if objective == "latency":
+                key: tuple[float, ...] = (found.latency_ms, found.busy_ms, size)
+            else:
+                key = (found.busy_ms, found.latency_ms, size)
+            if best is None or key < best_key:
+                best, best_key = found, key
+    return best

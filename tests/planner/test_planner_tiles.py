@@ -1,0 +1,104 @@
+"""Tile groups in the planner: chosen where they cut latency, priced with their halo and their
+scatter/gather bytes, refused on slow links where they lose."""
+
+from __future__ import annotations
+
+import pytest
+
+from amp4ec.planner import LayerProfile, Link, NodeCapacity, TileRows, plan
+from amp4ec.planner.cost import CostModel
+from amp4ec.planner.tiles import _phases, _stripe_work, best_tiled
+
+H = 64
+MIB = 2**20
+
+
+def _conv3x3(height: int) -> TileRows:
+    """A stride-1 3x3 convolution with padding 1: row r reads rows r-1..r+1."""
+    return TileRows(
+        in_height=height,
+        out_height=height,
+        lo=tuple(max(0, r - 1) for r in range(height)),
+        hi=tuple(min(height, r + 2) for r in range(height)),
+    )
+
+
+def _cnn(convs: int = 6, conv_ms: float = 10.0, head_ms: float = 2.0) -> list[LayerProfile]:
+    act = 32 * H * H * 4
+    blocks = [
+        LayerProfile(f"conv{i}", 10**8, 10_000, act, conv_ms, 2 * act, tile=_conv3x3(H)) for i in range(convs)
+    ]
+    return [*blocks, LayerProfile("head", 10**6, 10_000, 4000, head_ms, act)]
+
+
+NODES = [
+    NodeCapacity("node0", 1.0, 512 * MIB, speed=1.0, overhead_ms=0.3),
+    NodeCapacity("node1", 0.6, 512 * MIB, speed=0.6, overhead_ms=0.3),
+    NodeCapacity("node2", 0.4, 512 * MIB, speed=0.4, overhead_ms=0.3),
+]
+INPUT = 3 * H * H * 4
+
+
+def test_latency_objective_tiles_the_convolutions_over_all_nodes() -> None:
+    blocks = _cnn()
+    result = plan(blocks, NODES, objective="latency", input_bytes=INPUT)
+    (stage,) = result.stages
+    assert stage.tiles, result
+    for phase in stage.tiles:
+        assert stage.node == "node0" and phase.nodes[0] == "node0"
+        assert set(phase.nodes) == {"node0", "node1", "node2"}
+        heights = [b - a for a, b in phase.rows]
+        assert heights == sorted(heights, reverse=True) and sum(heights) == H  # proportional to speed
+    assert stage.tiles[0].first_block == 0 and stage.tiles[-1].last_block == 5
+    alone = sum(b.compute_ms for b in blocks) + 0.3
+    assert result.predicted.latency_ms < 0.7 * alone
+    assert any("row tiles" in n for n in result.notes)
+
+
+def test_halo_costs_work_beyond_the_stripe() -> None:
+    cm = CostModel(_cnn(), NODES, input_bytes=INPUT)
+    whole, _ = _stripe_work(cm, 5, (0, H))
+    stripes = [(0, 20), (20, 40), (40, H)]
+    parts = [_stripe_work(cm, 5, r) for r in stripes]
+    assert whole == pytest.approx(60.0)
+    assert sum(w for w, _ in parts) > whole  # the inner stripes recompute their neighbours' rows
+    _, rows = parts[1]
+    assert rows == (14, 46)  # six 3x3 convolutions: a halo of six rows on each side
+
+
+def test_deep_halos_are_cut_by_stitching_between_phases() -> None:
+    """Twenty 3x3 convolutions on 64 rows: one phase would make the middle stripe read 40 extra
+    rows; stitching every few blocks keeps the halo small, so the planner uses several phases."""
+    blocks = _cnn(convs=20, conv_ms=5.0)
+    (stage,) = plan(blocks, NODES, objective="latency", input_bytes=INPUT).stages
+    assert len(stage.tiles) > 1
+    assert all(a.last_block < b.first_block for a, b in zip(stage.tiles, stage.tiles[1:], strict=False))
+
+
+def test_slow_links_keep_the_fastest_node_alone() -> None:
+    # Little compute, big activations, 10 Mbit/s: scatter and gather cost more than tiles save.
+    blocks = _cnn(conv_ms=1.0)
+    slow = Link("*", "*", rtt_ms=4.0, bandwidth_bytes_per_s=10e6 / 8)
+    result = plan(blocks, NODES, objective="latency", input_bytes=INPUT, default_link=slow)
+    assert not any(s.tiles for s in result.stages)
+    # Every phase the planner could make is slower than node0 running its blocks alone.
+    cm = CostModel(blocks, NODES, default_link=slow, input_bytes=INPUT)
+    phases = [p for row in _phases(cm, 0, [0, 1, 2], 6) for p in row if p is not None]
+    assert len(phases) == 21
+    assert all(max(p.tile_ms) > sum(b.compute_ms for b in blocks[p.first : p.last + 1]) for p in phases)
+    assert best_tiled(cm, "latency") is None
+    fast = plan(blocks, NODES, objective="latency", input_bytes=INPUT)
+    assert fast.stages[0].tiles  # the same model on loopback is tiled
+
+
+def test_throughput_objective_keeps_replicas_when_tiles_do_not_help() -> None:
+    result = plan(_cnn(), NODES, objective="throughput", input_bytes=INPUT)
+    assert not any(s.tiles for s in result.stages)
+    assert len(result.pipelines) == 3  # every node a replica: nothing recomputed, nothing scattered
+
+
+def test_a_node_too_small_for_the_tiled_blocks_gets_no_tile() -> None:
+    small = [*NODES[:2], NodeCapacity("node2", 0.4, 30_000, speed=0.4, overhead_ms=0.3)]
+    result = plan(_cnn(), small, objective="latency", input_bytes=INPUT)
+    (stage,) = result.stages
+    assert stage.tiles and "node2" not in stage.tiles[0].nodes

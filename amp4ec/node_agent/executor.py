@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import torch
 
 from amp4ec.allocator import release_memory
-from amp4ec.errors import DeadlineExceeded, InvalidSpec
+from amp4ec.errors import DeadlineExceeded, InvalidSpec, ShapeMismatch
 from amp4ec.slicing import BlockChain, ModelSource, Shard, TensorSpec, load_model, split_model
 from amp4ec.slicing.materialise import materialise
 from amp4ec.slicing.signature import input_names
@@ -167,15 +167,21 @@ class StageExecutor:
                 f"request {frame.request_id!r} passed its deadline queued at stage {stage.config.stage}"
             )
         # Shapes first: decoding an int8 frame allocates 4x its bytes, so only what the stage takes.
-        stage.shard.check_inputs(codec.signatures(frame.tensors))
-        tensors = codec.decode_all(frame.tensors)
-        t1 = time.perf_counter()
+        signatures = codec.signatures(frame.tensors)
+        tiled: TiledRange | None = None
         if stage.config.tile_only:
             phase = frame.tile_phase
             if not 0 <= phase < len(stage.steps):
                 raise InvalidSpec(f"tile_phase: expected 0..{len(stage.steps) - 1}, got {phase}")
-            tiled = stage.steps[phase]
-            assert isinstance(tiled, TiledRange)
+            step = stage.steps[phase]
+            assert isinstance(step, TiledRange)
+            tiled = step
+            _check_band(tiled, signatures, stage.shard.batch_flexible)
+        else:
+            stage.shard.check_inputs(signatures)
+        tensors = codec.decode_all(frame.tensors)
+        t1 = time.perf_counter()
+        if tiled is not None:
             with torch.inference_mode():  # checks its rows' shapes itself
                 outputs = tiled.run(tensors, stage.config.tile_phases[phase].own.rows)
         else:
@@ -212,3 +218,30 @@ class StageExecutor:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _check_band(tiled: TiledRange, signatures: Sequence[torch.Tensor], batch_flexible: bool) -> None:
+    """A tile stage's frame carries a band of its phase's input rows (dim 2, halo included):
+    the phase's input dtypes and shapes with no more rows (any batch where the chain allows
+    it), so what decoding allocates stays within a whole frame's bound. The band's exact rows
+    are the tiled range's own check."""
+    where = f"tile phase {tiled.first}..{tiled.last}"
+    if len(signatures) != len(tiled.in_specs):
+        raise ShapeMismatch(
+            f"{where}: expected {len(tiled.in_specs)} input tensor(s), actual {len(signatures)}"
+        )
+    for i, (t, spec) in enumerate(zip(signatures, tiled.in_specs, strict=True)):
+        shape, want = tuple(t.shape), tuple(spec.shape)
+        fits = (
+            t.dtype == spec.dtype
+            and len(shape) == len(want)
+            and len(shape) >= 3
+            and (batch_flexible or shape[0] == want[0])
+            and shape[1] == want[1]
+            and shape[2] <= want[2]
+            and shape[3:] == want[3:]
+        )
+        if not fits:
+            raise ShapeMismatch(
+                f"input {i} of {where}: expected a band of rows of {spec}, actual {t.dtype}{list(shape)}"
+            )

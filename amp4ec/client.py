@@ -1,7 +1,9 @@
 """The data-plane client: tensors in, model outputs back, over one or more pipelines.
 
-Each request goes to the admitted pipeline with the fewest requests in flight (least-loaded
-dispatch), so a plan of several pipelines or replicas is served as one endpoint. A request
+Each request goes to the admitted pipeline expected to answer first: its requests in flight
+times its measured interval between answers, plus its idle latency (join the shortest
+expected delay, ``amp4ec.dispatch``), so a plan of several pipelines or replicas of unequal
+speed is served as one endpoint. A request
 that fails because its pipeline failed is retried on another one, within a retry budget;
 a pipeline that keeps failing is ejected until a health check re-admits it (see
 [Note: retries] in amp4ec.retry). The client enforces ``deadline_s`` itself and every hop
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from amp4ec.dispatch import ServiceEstimate, choose
 from amp4ec.errors import Amp4ecError, DeadlineExceeded, InvalidSpec, ShardUnavailable, StageNotLoaded
 from amp4ec.retry import RETRIABLE, Outlier, RetryBudget, RetryPolicy, backoff_s
 from amp4ec.wire import codec
@@ -44,6 +47,12 @@ class Endpoint:
     """e.g. ``stage 0 on node0``; default: the address."""
     identity: str = ""
     """Under mutual TLS, the identity the entry must present (see amp4ec/pki.py)."""
+    latency_ms: float = field(default=0.0, compare=False)
+    """The pipeline's predicted time for one request on an idle system (0 = unknown): where
+    dispatch starts before answers teach it (see amp4ec.dispatch). Not part of the identity,
+    so a new plan's prediction never replaces a serving pipeline."""
+    interval_ms: float = field(default=0.0, compare=False)
+    """The pipeline's predicted slowest stage: time between its answers when busy (0 = unknown)."""
 
     @property
     def label(self) -> str:
@@ -102,6 +111,7 @@ class _Pipeline:
         self.endpoint = endpoint
         self.stream = ShardStream(endpoint.address, options, security, endpoint.identity, endpoint.label)
         self.outlier = Outlier(policy)
+        self.service = ServiceEstimate(endpoint.latency_ms, endpoint.interval_ms)
         self.probe: asyncio.Task[None] | None = None
 
 
@@ -140,6 +150,11 @@ class Client:
     @property
     def entries(self) -> list[Endpoint]:
         return [p.endpoint for p in self._pipelines]
+
+    @property
+    def estimates(self) -> dict[str, ServiceEstimate]:
+        """What dispatch has learnt of each pipeline, by its entry's label."""
+        return {p.endpoint.label: p.service for p in self._pipelines}
 
     def in_flight(self, address: str) -> int:
         return sum(p.stream.in_flight for p in self._pipelines if p.endpoint.address == address)
@@ -206,6 +221,7 @@ class Client:
             frame = shard_pb2.Frame(request_id=request_id, tensors=encoded)
             if deadline is not None:
                 frame.deadline_unix_ms = deadline_unix_ms(deadline - time.monotonic())
+            sent, warm = time.monotonic(), pipeline.stream.warm
             try:
                 answer = await pipeline.stream.call(frame)
             except ShardUnavailable as e:
@@ -213,6 +229,8 @@ class Client:
             code = answer.error.code
             if not code:
                 pipeline.outlier.success()
+                if warm:  # else its round trip includes connecting (TLS handshake): not the shard's
+                    pipeline.service.answered(sent, time.monotonic())
                 self.stats.answered += 1
                 self.stats.retried_requests += attempt > 1
                 return Result(
@@ -237,14 +255,14 @@ class Client:
         raise ShardUnavailable(f"UNAVAILABLE: request failed after {len(tried)} attempt(s): {failures[-1]}")
 
     async def _pick(self, tried: set[int], deadline: float | None, failures: list[str]) -> _Pipeline:
-        """The least-loaded admitted pipeline, preferring one not tried yet; waits while none
+        """The admitted pipeline expected to answer first, preferring one not tried yet; waits while none
         is admitted (a supervisor may be loading a new plan), up to the deadline."""
         limit = deadline if deadline is not None else time.monotonic() + self.policy.wait_for_pipeline_s
         while True:
             admitted = [p for p in self._pipelines if p.outlier.admitted]
             fresh = [p for p in admitted if id(p) not in tried] or admitted
             if fresh:
-                return min(fresh, key=lambda p: p.stream.in_flight)
+                return fresh[choose([(p.service, p.stream.in_flight) for p in fresh], time.monotonic())]
             if self._gone is not None and not self._pipelines:
                 self.stats.failed += 1
                 raise ShardUnavailable(f"UNAVAILABLE: {self._gone}")

@@ -300,7 +300,7 @@ def _tile_specs(cluster: LocalCluster, stage: Stage, spec: agent_pb2.StageSpec) 
 
 def client_of(cluster: LocalCluster, plan: Plan) -> Client:
     """A client of the plan's entry stages, as the cluster's authorised client identity."""
-    return cluster.client([p.stages[0].node for p in plan.pipelines])
+    return Client(endpoints(plan, cluster.address), cluster.client_security)
 
 
 async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:

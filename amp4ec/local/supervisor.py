@@ -30,6 +30,7 @@ from amp4ec.client import Client, Endpoint
 from amp4ec.errors import Amp4ecError, InvalidSpec
 from amp4ec.local.cluster import LocalCluster
 from amp4ec.nodes import FaultSpec, parse_fault  # re-exported: where faults are injected
+from amp4ec.planner.load import pipeline_times
 from amp4ec.planner.types import Pipeline, Plan, Prediction
 
 __all__ = ["Failover", "FaultSpec", "Supervisor", "inject_faults", "parse_fault"]
@@ -46,11 +47,14 @@ Deploy = Callable[[Plan], Awaitable[Any]]
 
 def endpoints(plan: Plan, address: Callable[[str], str]) -> list[Endpoint]:
     """Each pipeline's entry, named for errors (``stage 0 on node0``), with the identity its
-    agent presents under mutual TLS."""
-    return [
-        Endpoint(address(n), f"stage 0 on {n}", LocalCluster.identity(n))
-        for n in (p.stages[0].node for p in plan.pipelines)
-    ]
+    agent presents under mutual TLS, and its predicted latency and interval."""
+    out = []
+    for pipeline in plan.pipelines:
+        node = pipeline.stages[0].node
+        latency, interval = pipeline_times(pipeline)  # dispatch's first estimates (amp4ec.dispatch)
+        identity = LocalCluster.identity(node)
+        out.append(Endpoint(address(node), f"stage 0 on {node}", identity, latency, interval))
+    return out
 
 
 @dataclass

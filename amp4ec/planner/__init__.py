@@ -18,6 +18,8 @@ Reading order:
 10. ``replan``    — hysteresis: replan only for a real gain.
 11. ``tiles``     — tile groups: leading convolutional blocks as row stripes over
                      several nodes, one request's work split (optimal strategy).
+12. ``load``      — latency under load: the expected-completion rule the client dispatches
+                     by, and a plan's latency percentiles at an arrival rate.
 
 Cost model (all strategies): a stage's time is the sum of its blocks' ``compute_ms``
 and its node's per-request ``overhead_ms``, divided by the node's ``effective_speed``,

@@ -105,7 +105,8 @@ def _fitting(cm: CostModel, label: str) -> list[int]:
 
 
 def plan_replicate(cm: CostModel) -> tuple[Raw, list[str]]:
-    """Every node that holds the whole model runs all of it; requests go to the least loaded."""
+    """Every node that holds the whole model runs all of it; each request goes to the replica
+    expected to answer first."""
     fit = _fitting(cm, "replicate")
     notes = [
         f"replicate: node {cm.names[n]} left out: lacks {mb(cm.model_bytes - cm.memory[n])} for the model"

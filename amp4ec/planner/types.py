@@ -7,7 +7,7 @@ except SchedulerHistory is frozen and pure Python so the operator can plan witho
 
 Plan-level numbers (``Prediction``): each pipeline's bottleneck is its slowest stage and
 its latency the sum of its stages plus the result's return to the client. A plan with
-several pipelines (disjoint node sets, requests sent to the least-loaded one) reports
+several pipelines (disjoint node sets, requests sent to the one expected to answer first) reports
 ``bottleneck_ms`` = the slowest stage over all pipelines, ``latency_ms`` = the latency of
 its fastest pipeline (what one request sees on an idle plan), and ``throughput_rps`` =
 the sum over pipelines of ``1000 / bottleneck``.
@@ -305,7 +305,7 @@ class Pipeline:
 
 @dataclass(frozen=True)
 class Plan:
-    """The planner's answer: one or more pipelines; requests go to the least-loaded one."""
+    """The planner's answer: one or more pipelines; requests go to the one expected to answer first."""
 
     objective: str
     strategy: str

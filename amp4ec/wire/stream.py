@@ -49,11 +49,19 @@ class ShardStream:
         self._ids = itertools.count()
         self._write_lock = asyncio.Lock()  # grpc.aio allows one write at a time per call
         self._closed = False
+        self._answered: grpc.aio.StreamStreamCall | None = None
+        """The call that has answered at least once (so it is connected)."""
 
     @property
     def in_flight(self) -> int:
         """Requests sent and not yet answered (the dispatcher's measure of load)."""
         return len(self._pending)
+
+    @property
+    def warm(self) -> bool:
+        """Whether the stream is open and has answered: a request sent now pays no connection
+        set-up (TCP, TLS handshake, HTTP/2), so its round trip measures the shard."""
+        return self._call is not None and self._call is self._answered and not self._call.done()
 
     async def call(self, frame: shard_pb2.Frame) -> shard_pb2.Frame:
         """Send one frame downstream and wait for its answer (an error frame on failure or
@@ -121,6 +129,7 @@ class ShardStream:
     async def _read_answers(self, call: grpc.aio.StreamStreamCall) -> None:
         try:
             async for answer in call:
+                self._answered = call
                 future = self._pending.pop(answer.request_id, None)
                 if future is not None and not future.done():
                     future.set_result(answer)

@@ -117,6 +117,15 @@ def parse_args(
         "--next-node", default="", help="the next shard's node, for errors (default: --next-hop)"
     )
     stage.add_argument("--stage", type=int, default=0, help="index of the stage in its pipeline")
+    stage.add_argument(
+        "--batch", type=_positive, default=1, help="dynamic batching: most waiting requests per forward"
+    )
+    stage.add_argument(
+        "--batch-delay-ms",
+        type=float,
+        default=0.0,
+        help="how long a batch's first request may wait for more (default 0: only what waits)",
+    )
     stage.add_argument("--next-hop-identity", default="", help="identity the next shard must present (mTLS)")
     stage.add_argument(
         "--accept-from",
@@ -203,6 +212,8 @@ def parse_args(
             next_hop_identity=a.next_hop_identity,
             accept_from=tuple(a.accept_from),
             output_codec=a.output_codec,
+            max_batch_requests=a.batch,
+            max_queue_delay_ms=a.batch_delay_ms,
         )
     monitor = None
     if a.monitor_interval is not None:

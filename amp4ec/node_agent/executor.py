@@ -16,6 +16,7 @@ import torch
 
 from amp4ec.allocator import release_memory
 from amp4ec.errors import DeadlineExceeded, InvalidSpec, ShapeMismatch
+from amp4ec.node_agent.batching import BatchQueue, Waiting, run_batch
 from amp4ec.slicing import BlockChain, ModelSource, Shard, TensorSpec, load_model, split_model
 from amp4ec.slicing.materialise import materialise
 from amp4ec.slicing.signature import input_names
@@ -137,25 +138,47 @@ def _tile_steps(chain: BlockChain, config: StageConfig) -> tuple[TiledRange | Sh
 
 
 class StageExecutor:
-    """Runs requests through a stage on ``workers`` forward threads (one: in arrival order).
+    """Runs requests through a stage on ``workers`` forward threads (one: in arrival order),
+    gathering waiting requests into batches as the stage allows (see [Note: dynamic batching]).
 
     A node's CPU share is the budget. One worker suits a share of a core or less; beyond
     that, torch's intra-op threads or more workers (requests side by side, answered as they
     finish) use the extra cores. With ``emulate_cpu`` a worker idles after each forward so
-    the duty cycle matches the CPU limit.
+    the duty cycle matches the CPU limit. ``on_batch`` hears the size of every forward.
     """
 
-    def __init__(self, cpu_limit: float, emulate_cpu: bool = False, workers: int = 1) -> None:
+    def __init__(
+        self,
+        cpu_limit: float,
+        emulate_cpu: bool = False,
+        workers: int = 1,
+        max_rows: int = 64,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
         if workers < 1:
             raise InvalidSpec(f"workers: expected at least 1 forward thread, got {workers}")
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="forward")
         self._idle_factor = (1.0 / cpu_limit - 1.0) if emulate_cpu and 0 < cpu_limit < 1 else 0.0
+        self._workers = workers
+        self._queue = BatchQueue(max_rows)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._on_batch = on_batch
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a forward worker."""
+        return len(self._queue)
 
     async def run(
         self, stage: LoadedStage, frame: shard_pb2.Frame, arrived: float
     ) -> tuple[list[shard_pb2.Tensor], shard_pb2.StageTiming]:
+        """One request's encoded outputs and timing; cancelling the wait takes it out of the queue."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._run, stage, frame, arrived)
+        if not self._tasks:  # the workers start with the first request, in the serving loop
+            self._tasks = [loop.create_task(self._work()) for _ in range(self._workers)]
+        future: asyncio.Future[tuple[list[shard_pb2.Tensor], shard_pb2.StageTiming]] = loop.create_future()
+        self._queue.put(Waiting(stage, frame, arrived, future))
+        return await future
 
     def _run(
         self, stage: LoadedStage, frame: shard_pb2.Frame, arrived: float
@@ -202,6 +225,38 @@ class StageExecutor:
         )
         return encoded, timing
 
+    def _outcome(
+        self, stage: LoadedStage, frame: shard_pb2.Frame, arrived: float
+    ) -> tuple[list[shard_pb2.Tensor], shard_pb2.StageTiming] | BaseException:
+        try:
+            encoded, timing = self._run(stage, frame, arrived)
+        except Exception as exc:
+            return exc
+        timing.batch = 1
+        return encoded, timing
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [w for w in await self._queue.take() if not w.future.done()]  # gave up while it formed
+            if not batch:
+                continue
+            if len(batch) == 1:  # alone (a tile stage always): the one-request path
+                one = batch[0]
+                alone = loop.run_in_executor(self._pool, self._outcome, one.stage, one.frame, one.arrived)
+                outcomes = [await alone]
+            else:
+                outcomes = await loop.run_in_executor(self._pool, run_batch, batch, self._idle_factor)
+            if self._on_batch is not None:
+                self._on_batch(len(batch))
+            for item, outcome in zip(batch, outcomes, strict=True):
+                if item.future.done():  # its caller gave up during the forward
+                    continue
+                if isinstance(outcome, BaseException):
+                    item.future.set_exception(outcome)
+                else:
+                    item.future.set_result(outcome)
+
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on a forward thread (a tiled stage's own steps), idling after it like
         a forward under ``emulate_cpu``."""
@@ -217,6 +272,8 @@ class StageExecutor:
         return out
 
     def shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 

@@ -14,7 +14,17 @@ from amp4ec.node_agent.settings import AgentSettings
 from amp4ec.slicing.sources import ensure_factory_allowed
 from amp4ec.wire.v1 import agent_pb2, shard_pb2
 
-__all__ = ["check_echo", "check_frame", "check_profile", "check_stage_spec"]
+__all__ = [
+    "MAX_QUEUE_DELAY_MS",
+    "check_batching",
+    "check_echo",
+    "check_frame",
+    "check_profile",
+    "check_stage_spec",
+]
+
+MAX_QUEUE_DELAY_MS = 1000.0
+"""Longest ``max_queue_delay_ms`` a stage accepts: a batch waiting longer holds every request in it."""
 
 
 def check_frame(frame: shard_pb2.Frame, settings: AgentSettings) -> None:
@@ -34,6 +44,21 @@ def check_frame(frame: shard_pb2.Frame, settings: AgentSettings) -> None:
 def check_stage_spec(spec: agent_pb2.StageSpec, settings: AgentSettings, field: str = "") -> None:
     ensure_factory_allowed(spec.model, settings.allowed_factories, f"{field}model")
     _check_shape(spec.input_shape, settings, f"{field}input_shape")
+    check_batching(spec.max_batch_requests, spec.max_queue_delay_ms, settings, field)
+
+
+def check_batching(requests: int, delay_ms: float, settings: AgentSettings, field: str = "") -> None:
+    """A stage's dynamic batching within the agent's bounds: a batch is one forward of up to
+    ``--max-batch`` rows, so no more requests than that (0 and 1 both mean none)."""
+    if not 0 <= requests <= settings.max_batch:
+        raise InvalidSpec(
+            f"{field}max_batch_requests: expected 0 to {settings.max_batch} (the agent's --max-batch), "
+            f"actual {requests}"
+        )
+    if not 0 <= delay_ms <= MAX_QUEUE_DELAY_MS:  # NaN fails too
+        raise InvalidSpec(
+            f"{field}max_queue_delay_ms: expected 0 to {MAX_QUEUE_DELAY_MS:g} ms, actual {delay_ms!r}"
+        )
 
 
 def check_profile(request: agent_pb2.ProfileRequest, settings: AgentSettings) -> None:

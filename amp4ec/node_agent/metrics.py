@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-__all__ = ["BYTES_SAVED", "CAPACITY", "PHASE_SECONDS", "REQUESTS", "REQUEST_SECONDS"]
+__all__ = ["BATCH_SIZE", "BYTES_SAVED", "CAPACITY", "PHASE_SECONDS", "REQUESTS", "REQUEST_SECONDS"]
 
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -39,3 +39,10 @@ BYTES_SAVED = Counter(
     " the encoded size, by codec (fp16, int8).",
     ["node", "codec"],
 )
+BATCH_SIZE = Histogram(
+    "amp4ec_stage_batch_size",
+    "Requests one forward of a stage ran together (dynamic batching; 1 = alone).",
+    ["node"],
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64),
+)
+"""``rate(_sum) / rate(_count)`` is the mean batch; ``_count`` the forwards run."""

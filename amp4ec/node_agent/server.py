@@ -19,6 +19,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from amp4ec.allocator import keep_activation_memory
+from amp4ec.node_agent import metrics
 from amp4ec.node_agent.authz import control_policy, data_policy
 from amp4ec.node_agent.calibrate import request_overhead_ms
 from amp4ec.node_agent.capacity import cgroup_cpu_limit
@@ -78,7 +79,13 @@ async def create_server(settings: AgentSettings) -> AgentServer:
     security = settings.security
     health_servicer = health.aio.HealthServicer()
     repository = StageRepository(settings, health_servicer)
-    executor = StageExecutor(cpu_limit, emulate_cpu=settings.emulate_cpu, workers=settings.workers)
+    executor = StageExecutor(
+        cpu_limit,
+        emulate_cpu=settings.emulate_cpu,
+        workers=settings.workers,
+        max_rows=settings.max_batch,
+        on_batch=metrics.BATCH_SIZE.labels(settings.node).observe,
+    )
 
     # Data-plane calls are counted by the servicer (--max-streams); this backstop bounds the rest.
     server = transport.server(

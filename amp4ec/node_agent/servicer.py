@@ -18,11 +18,12 @@ from grpc_health.v1 import health, health_pb2
 from amp4ec.allocator import release_memory
 from amp4ec.errors import InvalidSpec, StageNotLoaded
 from amp4ec.node_agent import metrics
+from amp4ec.node_agent.batching import StreamShare
 from amp4ec.node_agent.budget import Budget, OverBudget
 from amp4ec.node_agent.capacity import LoadMeter, memory_available_bytes
 from amp4ec.node_agent.decoding import Undecodable
 from amp4ec.node_agent.executor import LoadedStage, StageExecutor, build_stage
-from amp4ec.node_agent.limits import check_echo, check_frame, check_stage_spec
+from amp4ec.node_agent.limits import check_batching, check_echo, check_frame, check_stage_spec
 from amp4ec.node_agent.settings import AgentSettings
 from amp4ec.node_agent.status import DeadlineExceeded, error_frame, status_of
 from amp4ec.node_agent.tiling import scatter_gather
@@ -66,6 +67,12 @@ class StageRepository:
         return self._stage
 
     @property
+    def batch_requests(self) -> int:
+        """The most requests one forward of the stage served now may gather (1: no batching)."""
+        stage = self._stage
+        return stage.config.max_batch_requests if stage is not None and stage.shard.batch_flexible else 1
+
+    @property
     def accept_from(self) -> frozenset[str]:
         """Identities that may send frames to the stage served now (none while none is)."""
         return frozenset(self._stage.config.accept_from) if self._stage is not None else frozenset()
@@ -87,6 +94,7 @@ class StageRepository:
 
     async def load(self, config: StageConfig) -> LoadedStage:
         self._check_identities(config)
+        check_batching(config.max_batch_requests, config.max_queue_delay_ms, self._settings)
         async with self._load_lock:
             stage = await asyncio.to_thread(build_stage, config)
             self._stage = stage
@@ -166,9 +174,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         self._budget = Budget(settings.max_held_bytes)
         self._trim: asyncio.TimerHandle | None = None
 
-    async def _process(
-        self, frame: shard_pb2.Frame, turn: asyncio.Semaphore | None = None
-    ) -> shard_pb2.Frame:
+    async def _process(self, frame: shard_pb2.Frame, turn: StreamShare | None = None) -> shard_pb2.Frame:
         """One request through this stage and everything after it; failures become error frames.
 
         ``turn`` is the calling stream's share of the forward threads (see [Note: fair streams]).
@@ -254,7 +260,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         stage: LoadedStage,
         frame: shard_pb2.Frame,
         arrived: float,
-        turn: asyncio.Semaphore | None,
+        turn: StreamShare | None,
     ) -> tuple[list[shard_pb2.Tensor], shard_pb2.StageTiming]:
         """The stage's forward, waited for no longer than the frame's deadline (queued for its
         turn or a forward thread, or computing)."""
@@ -294,9 +300,8 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         a stalled write be given up: cancelling a handler task sends the caller no status
         and keeps the call open (grpc/grpc#29248).
 
-        [Note: fair streams] Each stream may have at most ``workers`` requests queued for the
-        forward threads, so a request on a new stream waits for at most one forward per other
-        busy stream, not for every request those streams have sent.
+        Each stream has its share of the forward workers (see [Note: fair streams] in
+        amp4ec.node_agent.batching).
         """
         async with self._call_slot(context) as release:
             await self._stream(request_iterator, context, release)
@@ -309,7 +314,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
     ) -> None:
         answers: asyncio.Queue[tuple[shard_pb2.Frame, int] | None] = asyncio.Queue()
         window = asyncio.Semaphore(self._settings.window)
-        turn = asyncio.Semaphore(self._settings.workers)
+        turn = StreamShare(lambda: self._settings.workers * self._repository.batch_requests)
         in_flight: set[asyncio.Task[None]] = set()
         evicted: asyncio.Future[None] = (
             asyncio.get_running_loop().create_future()

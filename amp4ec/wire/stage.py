@@ -82,6 +82,10 @@ class StageConfig:
     """Phases of the stage run as row tiles (see ``agent_pb2.StageSpec.tile_phases``)."""
     tile_only: bool = False
     """A tile stage: answers each frame with its own rows of the phase the frame names."""
+    max_batch_requests: int = 1
+    """Dynamic batching: the most waiting requests one forward may gather (1 = none)."""
+    max_queue_delay_ms: float = 0.0
+    """How long a batch's first request may wait for more (0: only what already waits)."""
 
     @property
     def next_peer(self) -> str:
@@ -108,6 +112,8 @@ class StageConfig:
                 for p in m.tile_phases
             ),
             tile_only=m.tile_only,
+            max_batch_requests=max(1, m.max_batch_requests),
+            max_queue_delay_ms=m.max_queue_delay_ms,
         )
 
     def to_message(self) -> agent_pb2.StageSpec:
@@ -131,6 +137,8 @@ class StageConfig:
                 for p in self.tile_phases
             ],
             tile_only=self.tile_only,
+            max_batch_requests=self.max_batch_requests,
+            max_queue_delay_ms=self.max_queue_delay_ms,
         )
 
     def to_args(self) -> list[str]:
@@ -148,6 +156,13 @@ class StageConfig:
             str(self.last_block),
         ]
         args += ["--stage", str(self.stage), "--seed", str(self.seed)]
+        if self.max_batch_requests > 1:
+            args += [
+                "--batch",
+                str(self.max_batch_requests),
+                "--batch-delay-ms",
+                repr(self.max_queue_delay_ms),
+            ]
         optional = {
             "--weights": self.weights or "",
             "--input-shape": ",".join(str(d) for d in self.input_shape or ()),

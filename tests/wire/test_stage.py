@@ -21,6 +21,8 @@ FULL = StageConfig(
     next_hop_identity="stage-2.d.ns.amp4ec",
     accept_from=("stage-0.d.ns.amp4ec", "client.d.ns.amp4ec"),
     output_codec="int8",
+    max_batch_requests=4,
+    max_queue_delay_ms=2.5,
 )
 
 
@@ -42,6 +44,8 @@ def test_a_model_source_names_its_stage() -> None:
         next_hop_identity=FULL.next_hop_identity,
         accept_from=FULL.accept_from,
         output_codec="int8",
+        max_batch_requests=4,
+        max_queue_delay_ms=2.5,
     )
     assert stage == FULL
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from amp4ec.wire.v1 import shard_pb2 as amp4ec_dot_wire_dot_v1_dot_shard__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61mp4ec/wire/v1/agent.proto\x12\x0e\x61mp4ec.wire.v1\x1a\x1a\x61mp4ec/wire/v1/shard.proto\"\x11\n\x0f\x43\x61pacityRequest\"\xa0\x01\n\x08\x43\x61pacity\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x11\n\tcpu_limit\x18\x02 \x01(\x01\x12\x13\n\x0bworkload_ms\x18\x03 \x01(\x01\x12\x1e\n\x16memory_available_bytes\x18\x04 \x01(\x03\x12\x0c\n\x04load\x18\x05 \x01(\x01\x12\x13\n\x0b\x63pu_seconds\x18\x06 \x01(\x01\x12\x1b\n\x13request_overhead_ms\x18\x07 \x01(\x01\"-\n\x05Probe\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x13\n\x0breply_bytes\x18\x02 \x01(\x03\"\xcb\x02\n\tStageSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07weights\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x03\x12\x13\n\x0binput_shape\x18\x04 \x03(\x03\x12\x13\n\x0b\x66irst_block\x18\x05 \x01(\x05\x12\x12\n\nlast_block\x18\x06 \x01(\x05\x12\x10\n\x08next_hop\x18\x07 \x01(\t\x12\r\n\x05stage\x18\x08 \x01(\x05\x12\x11\n\tnext_node\x18\t \x01(\t\x12\x19\n\x11next_hop_identity\x18\n \x01(\t\x12\x13\n\x0b\x61\x63\x63\x65pt_from\x18\x0b \x03(\t\x12.\n\x0btile_phases\x18\x0c \x03(\x0b\x32\x19.amp4ec.wire.v1.TilePhase\x12\x11\n\ttile_only\x18\r \x01(\x08\x12+\n\x0coutput_codec\x18\x10 \x01(\x0e\x32\x15.amp4ec.wire.v1.Codec\"]\n\tTilePhase\x12\x13\n\x0b\x66irst_block\x18\x01 \x01(\x05\x12\x12\n\nlast_block\x18\x02 \x01(\x05\x12\'\n\x05tiles\x18\x03 \x03(\x0b\x32\x18.amp4ec.wire.v1.TilePeer\"`\n\x08TilePeer\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08identity\x18\x03 \x01(\t\x12\x11\n\trow_start\x18\x04 \x01(\x05\x12\x10\n\x08row_stop\x18\x05 \x01(\x05\"\x0f\n\rUnloadRequest\"\r\n\x0bUnloadReply\"[\n\x0eProfileRequest\x12(\n\x05model\x18\x01 \x01(\x0b\x32\x19.amp4ec.wire.v1.StageSpec\x12\x0f\n\x07repeats\x18\x02 \x01(\x05\x12\x0e\n\x06\x63odecs\x18\x03 \x01(\x08\"e\n\x0c\x43odecProfile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nwire_bytes\x18\x02 \x03(\x03\x12\x11\n\tencode_ms\x18\x03 \x03(\x01\x12\x11\n\tdecode_ms\x18\x04 \x03(\x01\x12\r\n\x05\x65rror\x18\x05 \x03(\x01\"z\n\x0c\x42lockProfile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x66lops\x18\x02 \x01(\x03\x12\x13\n\x0bparam_bytes\x18\x03 \x01(\x03\x12\x11\n\tout_bytes\x18\x04 \x01(\x03\x12\x12\n\ncompute_ms\x18\x05 \x01(\x01\x12\x11\n\tact_bytes\x18\x06 \x01(\x03\"\xd5\x01\n\x0cModelProfile\x12\r\n\x05model\x18\x01 \x01(\t\x12,\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x1c.amp4ec.wire.v1.BlockProfile\x12\x13\n\x0binput_bytes\x18\x03 \x01(\x03\x12\x1d\n\x15reference_workload_ms\x18\x04 \x01(\x01\x12&\n\x06inputs\x18\x05 \x03(\x0b\x32\x16.amp4ec.wire.v1.Tensor\x12,\n\x06\x63odecs\x18\x06 \x03(\x0b\x32\x1c.amp4ec.wire.v1.CodecProfile2\x99\x02\n\tNodeAgent\x12H\n\x0bGetCapacity\x12\x1f.amp4ec.wire.v1.CapacityRequest\x1a\x18.amp4ec.wire.v1.Capacity\x12\x34\n\x04\x45\x63ho\x12\x15.amp4ec.wire.v1.Probe\x1a\x15.amp4ec.wire.v1.Probe\x12\x41\n\tLoadStage\x12\x19.amp4ec.wire.v1.StageSpec\x1a\x19.amp4ec.wire.v1.ShardInfo\x12I\n\x0bUnloadStage\x12\x1d.amp4ec.wire.v1.UnloadRequest\x1a\x1b.amp4ec.wire.v1.UnloadReply2R\n\x07Monitor\x12G\n\x07Profile\x12\x1e.amp4ec.wire.v1.ProfileRequest\x1a\x1c.amp4ec.wire.v1.ModelProfileb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61mp4ec/wire/v1/agent.proto\x12\x0e\x61mp4ec.wire.v1\x1a\x1a\x61mp4ec/wire/v1/shard.proto\"\x11\n\x0f\x43\x61pacityRequest\"\xa0\x01\n\x08\x43\x61pacity\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x11\n\tcpu_limit\x18\x02 \x01(\x01\x12\x13\n\x0bworkload_ms\x18\x03 \x01(\x01\x12\x1e\n\x16memory_available_bytes\x18\x04 \x01(\x03\x12\x0c\n\x04load\x18\x05 \x01(\x01\x12\x13\n\x0b\x63pu_seconds\x18\x06 \x01(\x01\x12\x1b\n\x13request_overhead_ms\x18\x07 \x01(\x01\"-\n\x05Probe\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x13\n\x0breply_bytes\x18\x02 \x01(\x03\"\x83\x03\n\tStageSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07weights\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x03\x12\x13\n\x0binput_shape\x18\x04 \x03(\x03\x12\x13\n\x0b\x66irst_block\x18\x05 \x01(\x05\x12\x12\n\nlast_block\x18\x06 \x01(\x05\x12\x10\n\x08next_hop\x18\x07 \x01(\t\x12\r\n\x05stage\x18\x08 \x01(\x05\x12\x11\n\tnext_node\x18\t \x01(\t\x12\x19\n\x11next_hop_identity\x18\n \x01(\t\x12\x13\n\x0b\x61\x63\x63\x65pt_from\x18\x0b \x03(\t\x12.\n\x0btile_phases\x18\x0c \x03(\x0b\x32\x19.amp4ec.wire.v1.TilePhase\x12\x11\n\ttile_only\x18\r \x01(\x08\x12+\n\x0coutput_codec\x18\x10 \x01(\x0e\x32\x15.amp4ec.wire.v1.Codec\x12\x1a\n\x12max_batch_requests\x18\x0e \x01(\x05\x12\x1a\n\x12max_queue_delay_ms\x18\x0f \x01(\x01\"]\n\tTilePhase\x12\x13\n\x0b\x66irst_block\x18\x01 \x01(\x05\x12\x12\n\nlast_block\x18\x02 \x01(\x05\x12\'\n\x05tiles\x18\x03 \x03(\x0b\x32\x18.amp4ec.wire.v1.TilePeer\"`\n\x08TilePeer\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08identity\x18\x03 \x01(\t\x12\x11\n\trow_start\x18\x04 \x01(\x05\x12\x10\n\x08row_stop\x18\x05 \x01(\x05\"\x0f\n\rUnloadRequest\"\r\n\x0bUnloadReply\"[\n\x0eProfileRequest\x12(\n\x05model\x18\x01 \x01(\x0b\x32\x19.amp4ec.wire.v1.StageSpec\x12\x0f\n\x07repeats\x18\x02 \x01(\x05\x12\x0e\n\x06\x63odecs\x18\x03 \x01(\x08\"e\n\x0c\x43odecProfile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nwire_bytes\x18\x02 \x03(\x03\x12\x11\n\tencode_ms\x18\x03 \x03(\x01\x12\x11\n\tdecode_ms\x18\x04 \x03(\x01\x12\r\n\x05\x65rror\x18\x05 \x03(\x01\"z\n\x0c\x42lockProfile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x66lops\x18\x02 \x01(\x03\x12\x13\n\x0bparam_bytes\x18\x03 \x01(\x03\x12\x11\n\tout_bytes\x18\x04 \x01(\x03\x12\x12\n\ncompute_ms\x18\x05 \x01(\x01\x12\x11\n\tact_bytes\x18\x06 \x01(\x03\"\xd5\x01\n\x0cModelProfile\x12\r\n\x05model\x18\x01 \x01(\t\x12,\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x1c.amp4ec.wire.v1.BlockProfile\x12\x13\n\x0binput_bytes\x18\x03 \x01(\x03\x12\x1d\n\x15reference_workload_ms\x18\x04 \x01(\x01\x12&\n\x06inputs\x18\x05 \x03(\x0b\x32\x16.amp4ec.wire.v1.Tensor\x12,\n\x06\x63odecs\x18\x06 \x03(\x0b\x32\x1c.amp4ec.wire.v1.CodecProfile2\x99\x02\n\tNodeAgent\x12H\n\x0bGetCapacity\x12\x1f.amp4ec.wire.v1.CapacityRequest\x1a\x18.amp4ec.wire.v1.Capacity\x12\x34\n\x04\x45\x63ho\x12\x15.amp4ec.wire.v1.Probe\x1a\x15.amp4ec.wire.v1.Probe\x12\x41\n\tLoadStage\x12\x19.amp4ec.wire.v1.StageSpec\x1a\x19.amp4ec.wire.v1.ShardInfo\x12I\n\x0bUnloadStage\x12\x1d.amp4ec.wire.v1.UnloadRequest\x1a\x1b.amp4ec.wire.v1.UnloadReply2R\n\x07Monitor\x12G\n\x07Profile\x12\x1e.amp4ec.wire.v1.ProfileRequest\x1a\x1c.amp4ec.wire.v1.ModelProfileb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,25 +39,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROBE']._serialized_start=256
   _globals['_PROBE']._serialized_end=301
   _globals['_STAGESPEC']._serialized_start=304
-  _globals['_STAGESPEC']._serialized_end=635
-  _globals['_TILEPHASE']._serialized_start=637
-  _globals['_TILEPHASE']._serialized_end=730
-  _globals['_TILEPEER']._serialized_start=732
-  _globals['_TILEPEER']._serialized_end=828
-  _globals['_UNLOADREQUEST']._serialized_start=830
-  _globals['_UNLOADREQUEST']._serialized_end=845
-  _globals['_UNLOADREPLY']._serialized_start=847
-  _globals['_UNLOADREPLY']._serialized_end=860
-  _globals['_PROFILEREQUEST']._serialized_start=862
-  _globals['_PROFILEREQUEST']._serialized_end=953
-  _globals['_CODECPROFILE']._serialized_start=955
-  _globals['_CODECPROFILE']._serialized_end=1056
-  _globals['_BLOCKPROFILE']._serialized_start=1058
-  _globals['_BLOCKPROFILE']._serialized_end=1180
-  _globals['_MODELPROFILE']._serialized_start=1183
-  _globals['_MODELPROFILE']._serialized_end=1396
-  _globals['_NODEAGENT']._serialized_start=1399
-  _globals['_NODEAGENT']._serialized_end=1680
-  _globals['_MONITOR']._serialized_start=1682
-  _globals['_MONITOR']._serialized_end=1764
+  _globals['_STAGESPEC']._serialized_end=691
+  _globals['_TILEPHASE']._serialized_start=693
+  _globals['_TILEPHASE']._serialized_end=786
+  _globals['_TILEPEER']._serialized_start=788
+  _globals['_TILEPEER']._serialized_end=884
+  _globals['_UNLOADREQUEST']._serialized_start=886
+  _globals['_UNLOADREQUEST']._serialized_end=901
+  _globals['_UNLOADREPLY']._serialized_start=903
+  _globals['_UNLOADREPLY']._serialized_end=916
+  _globals['_PROFILEREQUEST']._serialized_start=918
+  _globals['_PROFILEREQUEST']._serialized_end=1009
+  _globals['_CODECPROFILE']._serialized_start=1011
+  _globals['_CODECPROFILE']._serialized_end=1112
+  _globals['_BLOCKPROFILE']._serialized_start=1114
+  _globals['_BLOCKPROFILE']._serialized_end=1236
+  _globals['_MODELPROFILE']._serialized_start=1239
+  _globals['_MODELPROFILE']._serialized_end=1452
+  _globals['_NODEAGENT']._serialized_start=1455
+  _globals['_NODEAGENT']._serialized_end=1736
+  _globals['_MONITOR']._serialized_start=1738
+  _globals['_MONITOR']._serialized_end=1820
 # @@protoc_insertion_point(module_scope)

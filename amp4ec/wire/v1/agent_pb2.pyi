@@ -38,7 +38,7 @@ class Probe(_message.Message):
     def __init__(self, payload: _Optional[bytes] = ..., reply_bytes: _Optional[int] = ...) -> None: ...
 
 class StageSpec(_message.Message):
-    __slots__ = ("model", "weights", "seed", "input_shape", "first_block", "last_block", "next_hop", "stage", "next_node", "next_hop_identity", "accept_from", "tile_phases", "tile_only", "output_codec")
+    __slots__ = ("model", "weights", "seed", "input_shape", "first_block", "last_block", "next_hop", "stage", "next_node", "next_hop_identity", "accept_from", "tile_phases", "tile_only", "output_codec", "max_batch_requests", "max_queue_delay_ms")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,8 @@ class StageSpec(_message.Message):
     TILE_PHASES_FIELD_NUMBER: _ClassVar[int]
     TILE_ONLY_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_CODEC_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
     model: str
     weights: str
     seed: int
@@ -67,7 +69,9 @@ class StageSpec(_message.Message):
     tile_phases: _containers.RepeatedCompositeFieldContainer[TilePhase]
     tile_only: bool
     output_codec: _shard_pb2.Codec
-    def __init__(self, model: _Optional[str] = ..., weights: _Optional[str] = ..., seed: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., first_block: _Optional[int] = ..., last_block: _Optional[int] = ..., next_hop: _Optional[str] = ..., stage: _Optional[int] = ..., next_node: _Optional[str] = ..., next_hop_identity: _Optional[str] = ..., accept_from: _Optional[_Iterable[str]] = ..., tile_phases: _Optional[_Iterable[_Union[TilePhase, _Mapping]]] = ..., tile_only: _Optional[bool] = ..., output_codec: _Optional[_Union[_shard_pb2.Codec, str]] = ...) -> None: ...
+    max_batch_requests: int
+    max_queue_delay_ms: float
+    def __init__(self, model: _Optional[str] = ..., weights: _Optional[str] = ..., seed: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., first_block: _Optional[int] = ..., last_block: _Optional[int] = ..., next_hop: _Optional[str] = ..., stage: _Optional[int] = ..., next_node: _Optional[str] = ..., next_hop_identity: _Optional[str] = ..., accept_from: _Optional[_Iterable[str]] = ..., tile_phases: _Optional[_Iterable[_Union[TilePhase, _Mapping]]] = ..., tile_only: _Optional[bool] = ..., output_codec: _Optional[_Union[_shard_pb2.Codec, str]] = ..., max_batch_requests: _Optional[int] = ..., max_queue_delay_ms: _Optional[float] = ...) -> None: ...
 
 class TilePhase(_message.Message):
     __slots__ = ("first_block", "last_block", "tiles")

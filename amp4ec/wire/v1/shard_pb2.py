@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61mp4ec/wire/v1/shard.proto\x12\x0e\x61mp4ec.wire.v1\"\x7f\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12$\n\x05\x63odec\x18\x04 \x01(\x0e\x32\x15.amp4ec.wire.v1.Codec\x12\x0e\n\x06scales\x18\x05 \x03(\x02\x12\x13\n\x0bzero_points\x18\x06 \x03(\x05\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xc6\x01\n\x05\x46rame\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x07tensors\x18\x02 \x03(\x0b\x32\x16.amp4ec.wire.v1.Tensor\x12$\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x15.amp4ec.wire.v1.Error\x12,\n\x07timings\x18\x04 \x03(\x0b\x32\x1b.amp4ec.wire.v1.StageTiming\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x05 \x01(\x03\x12\x12\n\ntile_phase\x18\x06 \x01(\x05\"h\n\x0bStageTiming\x12\r\n\x05stage\x18\x01 \x01(\x05\x12\x11\n\tdecode_us\x18\x02 \x01(\x03\x12\x12\n\nforward_us\x18\x03 \x01(\x03\x12\x11\n\tencode_us\x18\x04 \x01(\x03\x12\x10\n\x08queue_us\x18\x05 \x01(\x03\"\x11\n\x0f\x44\x65scribeRequest\"\xde\x01\n\tShardInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_block\x18\x02 \x01(\x05\x12\x12\n\nlast_block\x18\x03 \x01(\x05\x12\x12\n\nnum_blocks\x18\x04 \x01(\x05\x12&\n\x06inputs\x18\x05 \x03(\x0b\x32\x16.amp4ec.wire.v1.Tensor\x12\'\n\x07outputs\x18\x06 \x03(\x0b\x32\x16.amp4ec.wire.v1.Tensor\x12\x10\n\x08next_hop\x18\x07 \x01(\t\x12\x13\n\x0bparam_bytes\x18\x08 \x01(\x03\x12\r\n\x05stage\x18\t \x01(\x05*6\n\x05\x43odec\x12\r\n\tCODEC_RAW\x10\x00\x12\x0e\n\nCODEC_FP16\x10\x01\x12\x0e\n\nCODEC_INT8\x10\x02\x32\xc2\x01\n\x05Shard\x12:\n\x06Stream\x12\x15.amp4ec.wire.v1.Frame\x1a\x15.amp4ec.wire.v1.Frame(\x01\x30\x01\x12\x35\n\x05Infer\x12\x15.amp4ec.wire.v1.Frame\x1a\x15.amp4ec.wire.v1.Frame\x12\x46\n\x08\x44\x65scribe\x12\x1f.amp4ec.wire.v1.DescribeRequest\x1a\x19.amp4ec.wire.v1.ShardInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61mp4ec/wire/v1/shard.proto\x12\x0e\x61mp4ec.wire.v1\"\x7f\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12$\n\x05\x63odec\x18\x04 \x01(\x0e\x32\x15.amp4ec.wire.v1.Codec\x12\x0e\n\x06scales\x18\x05 \x03(\x02\x12\x13\n\x0bzero_points\x18\x06 \x03(\x05\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xc6\x01\n\x05\x46rame\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x07tensors\x18\x02 \x03(\x0b\x32\x16.amp4ec.wire.v1.Tensor\x12$\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x15.amp4ec.wire.v1.Error\x12,\n\x07timings\x18\x04 \x03(\x0b\x32\x1b.amp4ec.wire.v1.StageTiming\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x05 \x01(\x03\x12\x12\n\ntile_phase\x18\x06 \x01(\x05\"w\n\x0bStageTiming\x12\r\n\x05stage\x18\x01 \x01(\x05\x12\x11\n\tdecode_us\x18\x02 \x01(\x03\x12\x12\n\nforward_us\x18\x03 \x01(\x03\x12\x11\n\tencode_us\x18\x04 \x01(\x03\x12\x10\n\x08queue_us\x18\x05 \x01(\x03\x12\r\n\x05\x62\x61tch\x18\x06 \x01(\x05\"\x11\n\x0f\x44\x65scribeRequest\"\xde\x01\n\tShardInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_block\x18\x02 \x01(\x05\x12\x12\n\nlast_block\x18\x03 \x01(\x05\x12\x12\n\nnum_blocks\x18\x04 \x01(\x05\x12&\n\x06inputs\x18\x05 \x03(\x0b\x32\x16.amp4ec.wire.v1.Tensor\x12\'\n\x07outputs\x18\x06 \x03(\x0b\x32\x16.amp4ec.wire.v1.Tensor\x12\x10\n\x08next_hop\x18\x07 \x01(\t\x12\x13\n\x0bparam_bytes\x18\x08 \x01(\x03\x12\r\n\x05stage\x18\t \x01(\x05*6\n\x05\x43odec\x12\r\n\tCODEC_RAW\x10\x00\x12\x0e\n\nCODEC_FP16\x10\x01\x12\x0e\n\nCODEC_INT8\x10\x02\x32\xc2\x01\n\x05Shard\x12:\n\x06Stream\x12\x15.amp4ec.wire.v1.Frame\x1a\x15.amp4ec.wire.v1.Frame(\x01\x30\x01\x12\x35\n\x05Infer\x12\x15.amp4ec.wire.v1.Frame\x1a\x15.amp4ec.wire.v1.Frame\x12\x46\n\x08\x44\x65scribe\x12\x1f.amp4ec.wire.v1.DescribeRequest\x1a\x19.amp4ec.wire.v1.ShardInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'amp4ec.wire.v1.shard_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CODEC']._serialized_start=766
-  _globals['_CODEC']._serialized_end=820
+  _globals['_CODEC']._serialized_start=781
+  _globals['_CODEC']._serialized_end=835
   _globals['_TENSOR']._serialized_start=46
   _globals['_TENSOR']._serialized_end=173
   _globals['_ERROR']._serialized_start=175
@@ -40,11 +40,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FRAME']._serialized_start=216
   _globals['_FRAME']._serialized_end=414
   _globals['_STAGETIMING']._serialized_start=416
-  _globals['_STAGETIMING']._serialized_end=520
-  _globals['_DESCRIBEREQUEST']._serialized_start=522
-  _globals['_DESCRIBEREQUEST']._serialized_end=539
-  _globals['_SHARDINFO']._serialized_start=542
-  _globals['_SHARDINFO']._serialized_end=764
-  _globals['_SHARD']._serialized_start=823
-  _globals['_SHARD']._serialized_end=1017
+  _globals['_STAGETIMING']._serialized_end=535
+  _globals['_DESCRIBEREQUEST']._serialized_start=537
+  _globals['_DESCRIBEREQUEST']._serialized_end=554
+  _globals['_SHARDINFO']._serialized_start=557
+  _globals['_SHARDINFO']._serialized_end=779
+  _globals['_SHARD']._serialized_start=838
+  _globals['_SHARD']._serialized_end=1032
 # @@protoc_insertion_point(module_scope)

@@ -57,18 +57,20 @@ class Frame(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., deadline_unix_ms: _Optional[int] = ..., tile_phase: _Optional[int] = ...) -> None: ...
 
 class StageTiming(_message.Message):
-    __slots__ = ("stage", "decode_us", "forward_us", "encode_us", "queue_us")
+    __slots__ = ("stage", "decode_us", "forward_us", "encode_us", "queue_us", "batch")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     DECODE_US_FIELD_NUMBER: _ClassVar[int]
     FORWARD_US_FIELD_NUMBER: _ClassVar[int]
     ENCODE_US_FIELD_NUMBER: _ClassVar[int]
     QUEUE_US_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     stage: int
     decode_us: int
     forward_us: int
     encode_us: int
     queue_us: int
-    def __init__(self, stage: _Optional[int] = ..., decode_us: _Optional[int] = ..., forward_us: _Optional[int] = ..., encode_us: _Optional[int] = ..., queue_us: _Optional[int] = ...) -> None: ...
+    batch: int
+    def __init__(self, stage: _Optional[int] = ..., decode_us: _Optional[int] = ..., forward_us: _Optional[int] = ..., encode_us: _Optional[int] = ..., queue_us: _Optional[int] = ..., batch: _Optional[int] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
     __slots__ = ()

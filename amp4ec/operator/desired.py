@@ -28,7 +28,7 @@ from amp4ec.operator.config import OperatorConfig
 from amp4ec.operator.names import child_base, label_value
 from amp4ec.operator.netpol import network_policy
 from amp4ec.operator.podsecurity import harden, scheduling
-from amp4ec.operator.spec import DeploymentSpec
+from amp4ec.operator.spec import BatchingSpec, DeploymentSpec
 from amp4ec.planner.types import Plan
 from amp4ec.wire.stage import StageConfig
 
@@ -117,6 +117,8 @@ class PlanRecord:
     bottleneck_ms: float
     output_error: float = 0.0
     """The planner's estimate of the relative L2 error its codecs add to the final outputs."""
+    batching: tuple[int, float] = (1, 0.0)
+    """(max batch requests, max queue delay ms) every stage runs with."""
 
     @property
     def nodes(self) -> tuple[str, ...]:
@@ -149,6 +151,7 @@ class PlanRecord:
                 "bottleneckMs": round(self.bottleneck_ms, 3),
                 "outputError": self.output_error,
             },
+            "batching": {"maxBatchRequests": self.batching[0], "maxQueueDelayMs": self.batching[1]},
         }
 
     @classmethod
@@ -156,6 +159,7 @@ class PlanRecord:
         if not d or not d.get("stages"):
             return None
         p = d.get("predicted") or {}
+        b = d.get("batching") or {}
         return cls(
             id=str(d["id"]),
             objective=str(d.get("objective", "throughput")),
@@ -165,6 +169,7 @@ class PlanRecord:
             latency_ms=float(p.get("latencyMs", 0.0)),
             bottleneck_ms=float(p.get("bottleneckMs", 0.0)),
             output_error=float(p.get("outputError", 0.0)),
+            batching=(int(b.get("maxBatchRequests", 1)), float(b.get("maxQueueDelayMs", 0.0))),
         )
 
 
@@ -186,6 +191,8 @@ def plan_id(spec: DeploymentSpec, stages: Sequence[PlacedStage]) -> str:
     pod = spec.model_dump(by_alias=True, include={"tolerations", "image_pull_secrets", "priority_class_name"})
     if any(pod.values()):  # absent when unset: the ids of existing plans do not change
         key["pod"] = pod
+    if spec.batching != BatchingSpec():  # likewise: a batching change rolls out new Pods
+        key["batching"] = spec.batching.model_dump(by_alias=True)
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -215,6 +222,7 @@ def plan_record(spec: DeploymentSpec, plan: Plan, node_cpu: Mapping[str, float])
         latency_ms=plan.predicted.latency_ms,
         bottleneck_ms=plan.predicted.bottleneck_ms,
         output_error=plan.predicted.output_error,
+        batching=(spec.batching.max_batch_requests, spec.batching.max_queue_delay_ms),
     )
 
 
@@ -276,6 +284,8 @@ def _shard_pod(
         accept_from=(upstream,) if config.tls else (),
         next_hop_identity=pki.stage_identity(namespace, name, nxt.stage) if config.tls and nxt else "",
         output_codec=s.out_codec,
+        max_batch_requests=spec.batching.max_batch_requests,
+        max_queue_delay_ms=spec.batching.max_queue_delay_ms,
     )
     args = [
         "--node", s.node,

@@ -182,6 +182,19 @@ class CompressionSpec(_Strict):
         return Compression(self.mode, self.max_output_error)
 
 
+class BatchingSpec(_Strict):
+    """Dynamic batching in every stage (see [Note: dynamic batching] in amp4ec.node_agent.batching)."""
+
+    max_batch_requests: int = Field(1, alias="maxBatchRequests", ge=1, le=64)
+    """The most waiting requests one forward may gather (1 = none; the agent's --max-batch bounds it)."""
+    max_queue_delay_ms: float = Field(0.0, alias="maxQueueDelayMs", ge=0.0, le=1000.0)
+    """How long a batch's first request may wait for more (0: only what already waits)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_batch_requests > 1
+
+
 class PinSpec(_Strict):
     """A manual placement: blocks firstBlock..lastBlock (inclusive) form one stage on node."""
 
@@ -242,6 +255,7 @@ class DeploymentSpec(_Strict):
     max_stages: int | None = Field(None, alias="maxStages", ge=1, le=64)
     replan: ReplanSpec = Field(default_factory=ReplanSpec)
     compression: CompressionSpec = Field(default_factory=CompressionSpec)
+    batching: BatchingSpec = Field(default_factory=BatchingSpec)
     placement: tuple[PinSpec, ...] = ()
     """Manual pins the planner respects; every other block is placed freely."""
     tolerations: tuple[Toleration, ...] = Field((), max_length=32)

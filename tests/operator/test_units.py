@@ -48,6 +48,8 @@ def test_minimal_spec_gets_defaults() -> None:
         ({"model": {"name": "m"}, "strategy": "paper", "placement": [PIN_A]}, "strategy optimal"),
         ({"model": {"name": "m"}, "maxStages": 1, "placement": [PIN_A, PIN_B]}, "exceed maxStages"),
         ({"model": {"name": "m"}, "replan": {"intervalSeconds": 2.5}}, "spec.replan.intervalSeconds"),
+        ({"model": {"name": "m"}, "batching": {"maxBatchRequests": 65}}, "spec.batching.maxBatchRequests"),
+        ({"model": {"name": "m"}, "batching": {"maxQueueDelayMs": -1}}, "spec.batching.maxQueueDelayMs"),
         ("not an object", "spec: expected an object"),
     ],
 )  # fmt: skip
@@ -109,6 +111,24 @@ def test_desired_objects_are_pure_and_plan_ids_follow_content() -> None:
     assert PlanRecord.from_status(record.to_status()) == record
     _, other = _record(model={"name": "mobilenet_v2", "seed": 1})
     assert other.id != record.id
+
+
+def test_batching_reaches_every_shard_pod_and_the_plans_status() -> None:
+    spec, record = _record()
+    assert (
+        "--batch"
+        not in desired_objects("m", "ns", spec, record, OperatorConfig())[-1]["spec"]["containers"][0]["args"]
+    )
+    assert record.to_status()["batching"] == {"maxBatchRequests": 1, "maxQueueDelayMs": 0.0}
+    batched_spec, batched = _record(batching={"maxBatchRequests": 4, "maxQueueDelayMs": 2})
+    assert batched.id != record.id  # new Pods roll out with the new arguments
+    for pod in [
+        o for o in desired_objects("m", "ns", batched_spec, batched, OperatorConfig()) if o["kind"] == "Pod"
+    ]:
+        args = pod["spec"]["containers"][0]["args"]
+        assert args[args.index("--batch") + 1] == "4" and args[args.index("--batch-delay-ms") + 1] == "2.0"
+    assert PlanRecord.from_status(batched.to_status()) == batched
+    assert batched.to_status()["batching"] == {"maxBatchRequests": 4, "maxQueueDelayMs": 2.0}
 
 
 def test_storage_uri_adds_a_verifying_initializer() -> None:

@@ -22,6 +22,8 @@ __all__ = [
     "OBJECTIVES",
     "STRATEGIES",
     "ZOO_NAMES",
+    "batching_from",
+    "batching_options",
     "cfs_period_option",
     "check_model_args",
     "compression_from",
@@ -150,6 +152,31 @@ def compression_from(mode: str, max_output_error: float) -> Compression:
         return Compression(mode, max_output_error)
     except InvalidSpec as exc:
         raise InvalidSpec(f"--{exc}".replace("--max_output_error", "--max-output-error")) from None
+
+
+def batching_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--batch`` and ``--batch-delay-ms``: dynamic batching in every stage."""
+    f = click.option(
+        "--batch-delay-ms",
+        type=float,
+        default=0.0,
+        show_default=True,
+        help="how long a batch's first request may wait for more (0: only requests already waiting)",
+    )(f)
+    return click.option(
+        "--batch",
+        type=int,
+        default=1,
+        show_default=True,
+        help="dynamic batching: the most waiting requests a stage runs in one forward (1: none)",
+    )(f)
+
+
+def batching_from(batch: int, delay_ms: float) -> Any:
+    """The ``Batching`` of the flags, checked (torch-free)."""
+    from amp4ec.wire.stage import Batching
+
+    return Batching(batch, delay_ms).checked()
 
 
 LIMIT_MODES = ("auto", "cgroup", "emulate", "none")

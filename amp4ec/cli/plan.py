@@ -12,6 +12,8 @@ from rich.table import Table
 
 from amp4ec.cli.checks import check_writable_file, write_json
 from amp4ec.cli.options import (
+    batching_from,
+    batching_options,
     compression_from,
     compression_options,
     examples,
@@ -21,8 +23,12 @@ from amp4ec.cli.options import (
 )
 from amp4ec.errors import InvalidSpec
 from amp4ec.nodes import check_node_count, parse_nodes, usable_memory
+from amp4ec.wire.stage import Batching
 
 __all__ = ["plan"]
+
+LOAD = 0.9
+"""The load ``amp4ec plan`` predicts latency at, as a fraction of the plan's throughput."""
 
 
 @click.command(
@@ -43,6 +49,7 @@ __all__ = ["plan"]
 )
 @planning_options
 @compression_options
+@batching_options
 @click.option(
     "--bandwidth-mbps",
     type=float,
@@ -67,6 +74,8 @@ def plan(
     strategy: str,
     compression: str,
     max_output_error: float,
+    batch: int,
+    batch_delay_ms: float,
     bandwidth_mbps: float,
     rtt_ms: float,
     json_path: Path | None,
@@ -75,6 +84,7 @@ def plan(
     if not bandwidth_mbps > 0 or not rtt_ms >= 0:
         raise InvalidSpec("--bandwidth-mbps must be > 0 and --rtt-ms ≥ 0")
     specs = parse_nodes(nodes)
+    batching = batching_from(batch, batch_delay_ms)
     check_writable_file(json_path, "--json")
     source = source_from(model, weights, seed, input_shape)
     policy = compression_from(compression, max_output_error)
@@ -102,6 +112,7 @@ def plan(
     )
     data = plan_json(result, planning_ms, prepared.chain.names)
     data["compression"] = {"mode": policy.mode, "max_output_error": policy.max_error}
+    data["batching"] = dataclasses.asdict(batching)
     data["blocks"] = [dataclasses.asdict(b) for b in prepared.profiles]  # what the plan was made from
     print_plan(console, data, {n.name: n.cpu for n in specs}, model)
     if json_path is not None:
@@ -110,6 +121,9 @@ def plan(
 
 
 def plan_json(result: Any, planning_ms: float, block_names: list[str]) -> dict[str, Any]:
+    from amp4ec.planner.load import latency_under_load
+
+    loaded = latency_under_load(result, LOAD * result.predicted.throughput_rps)
     return {
         "strategy": result.strategy,
         "objective": result.objective,
@@ -132,6 +146,12 @@ def plan_json(result: Any, planning_ms: float, block_names: list[str]) -> dict[s
             "latency_ms": result.predicted.latency_ms,
             "throughput_rps": result.predicted.throughput_rps,
             "output_error": result.predicted.output_error,
+            "under_load": {
+                "rate_rps": loaded.rate_rps,
+                "p50_ms": loaded.p50_ms,
+                "p95_ms": loaded.p95_ms,
+                "pipeline_shares": list(loaded.shares),
+            },
         },
         "planning_ms": planning_ms,
         "notes": list(result.notes),
@@ -190,5 +210,12 @@ def print_plan(console: Console, data: dict[str, Any], cpu: dict[str, float], mo
             f"compression {policy['mode']}: estimated output error {p['output_error']:.2e} "
             f"(relative L2, bound {policy['max_output_error']:g}); stage ms include the codecs' CPU"
         )
+    u = p["under_load"]
+    console.print(
+        f"at {LOAD:.0%} of that throughput ({u['rate_rps']:.1f} req/s, each request to the pipeline "
+        f"expected to answer first): latency p50 {u['p50_ms']:.1f} / p95 {u['p95_ms']:.1f} ms"
+    )
+    if "batching" in data:
+        console.print(f"batching: {Batching(**data['batching']).describe()}")
     for note in data["notes"]:
         console.print(f"note: {note}")

@@ -13,6 +13,8 @@ from rich.table import Table
 
 from amp4ec.cli.checks import check_at_least, check_writable_file, write_json
 from amp4ec.cli.options import (
+    batching_from,
+    batching_options,
     cfs_period_option,
     compression_from,
     compression_options,
@@ -48,6 +50,7 @@ __all__ = ["run"]
 )
 @planning_options
 @compression_options
+@batching_options
 @cpu_limits_option
 @cfs_period_option
 @click.option("--insecure", is_flag=True, help="plaintext gRPC (default: mutual TLS), for comparison")
@@ -77,6 +80,8 @@ def run(
     objective: str,
     compression: str,
     max_output_error: float,
+    batch: int,
+    batch_delay_ms: float,
     cpu_limits: str,
     cfs_period: int,
     faults: tuple[str, ...],
@@ -94,6 +99,7 @@ def run(
     specs = tuple(parse_nodes(nodes))
     fault_specs = tuple(parse_fault(f) for f in faults)
     check_faults(fault_specs, specs)
+    batching = batching_from(batch, batch_delay_ms)
     source = source_from(model, weights, seed, input_shape)
     policy = compression_from(compression, max_output_error)
 
@@ -112,6 +118,7 @@ def run(
         faults=fault_specs,
         secure=not insecure,
         compression=policy,
+        batching=batching,
     )
     console = Console()
     with progress_bar(console) as bar:
@@ -179,6 +186,7 @@ def print_report(console: Console, report) -> None:
     results.add_row("bytes on the wire / request", f"{data['bytes_per_request'] / 1e6:.2f} MB")
     results.add_row("CPU limits", report.limits)
     results.add_row("transport", data["transport"])
+    results.add_row("batching", report.batching.describe())
     console.print(results)
     print_failovers(console, report)
     if report.interrupted:

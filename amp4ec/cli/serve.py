@@ -10,6 +10,8 @@ import click
 from rich.console import Console
 
 from amp4ec.cli.options import (
+    batching_from,
+    batching_options,
     cfs_period_option,
     compression_from,
     compression_options,
@@ -50,6 +52,7 @@ __all__ = ["serve"]
 @click.option("--model-name", default="", help="the v2 model name (default: from --model, e.g. mobilenet_v2)")
 @planning_options
 @compression_options
+@batching_options
 @cpu_limits_option
 @cfs_period_option
 @click.option(
@@ -85,6 +88,8 @@ def serve(
     objective: str,
     compression: str,
     max_output_error: float,
+    batch: int,
+    batch_delay_ms: float,
     cpu_limits: str,
     cfs_period: int,
     insecure: bool,
@@ -113,6 +118,7 @@ def serve(
         if not 0 <= port <= 65535:
             raise click.BadParameter(f"expected 0..65535, got {port}", param_hint=name)
     policy = compression_from(compression, max_output_error)
+    batching = batching_from(batch, batch_delay_ms)
     config = ServeConfig(
         source=source_from(model, weights, seed, input_shape),
         nodes=() if nodes_file else tuple(parse_nodes(nodes)),
@@ -129,6 +135,7 @@ def serve(
         client_auth=client_auth == "required",
         tls_dir=tls_dir,
         compression=policy,
+        batching=batching,
     )
     console = Console(highlight=False, soft_wrap=True)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -28,6 +28,7 @@ from amp4ec.slicing import ModelSource
 from amp4ec.slicing.compression import OutputError, fixed_inputs, output_error
 from amp4ec.slicing.prepare import Prepared, compression_options, monolith_outputs, prepare
 from amp4ec.slicing.sources import factory_module
+from amp4ec.wire.stage import Batching
 from amp4ec.wire.v1 import agent_pb2
 
 __all__ = [
@@ -71,6 +72,8 @@ class RunConfig:
     secure: bool = True
     """Mutual TLS on every hop (an ephemeral CA per run); False = plaintext, for comparison."""
     compression: Compression = field(default_factory=Compression)
+    batching: Batching = field(default_factory=Batching)
+    """Dynamic batching in every stage (``--batch``, ``--batch-delay-ms``)."""
 
 
 @dataclass
@@ -95,6 +98,7 @@ class RunReport:
     bytes_per_request: float
     transport: str = "mutual TLS"
     """"mutual TLS" (an ephemeral CA for the run) or "insecure" (plaintext, --insecure)."""
+    batching: Batching = field(default_factory=Batching)
     capacities: dict[str, dict[str, float]] = field(default_factory=dict)
     output_error: OutputError | None = None
     """With compression on: the answers' error against the monolith over fixed inputs."""
@@ -130,6 +134,10 @@ class RunReport:
             "objective": self.plan.objective,
             "cpu_limits": self.limits,
             "transport": self.transport,
+            "batching": {
+                "max_requests": self.batching.max_requests,
+                "max_queue_delay_ms": self.batching.max_queue_delay_ms,
+            },
             "plan": [
                 {**row, "param_mb": round(b / 1e6, 3)}
                 for row, b in zip(self.plan.rows(), self.stage_param_bytes, strict=True)
@@ -223,12 +231,16 @@ def node_capacities(capacities: dict[str, agent_pb2.Capacity], reference_ms: flo
 
 
 async def deploy(
-    cluster: LocalCluster, plan: Plan, source: ModelSource, hop: Callable[[str], str] | None = None
+    cluster: LocalCluster,
+    plan: Plan,
+    source: ModelSource,
+    hop: Callable[[str], str] | None = None,
+    batching: Batching | None = None,
 ) -> list[int]:
     """Load every stage of every pipeline on its node; returns each stage's parameter bytes.
 
     ``hop`` gives the address an upstream stage sends to for a node (default: its agent; the
-    benchmark's shaped links put a delaying proxy in between)."""
+    benchmark's shaped links put a delaying proxy in between); ``batching`` applies to every stage."""
     address = hop or cluster.address
     loads = []
     tiles: list[Awaitable[Any]] = []
@@ -245,6 +257,7 @@ async def deploy(
                 # Who may send this stage frames, and whom it may forward to (mutual TLS).
                 next_hop_identity=cluster.identity(nxt) if nxt else "",
                 accept_from=(cluster.identity(pipeline.stages[i - 1].node) if i else CLIENT_IDENTITY,),
+                **(batching or Batching()).stage_fields(),
             ).to_message()
             if stage.tiles:
                 tiles.extend(_tile_specs(cluster, stage, spec))
@@ -333,7 +346,7 @@ async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
             **compression_options(config.compression, prepared),
         )
         report("loading stages", 0, len(plan.stages))
-        param_bytes = await deploy(cluster, plan, config.source)
+        param_bytes = await deploy(cluster, plan, config.source, batching=config.batching)
         entries = [cluster.address(p.stages[0].node) for p in plan.pipelines]
 
         def replan(alive: Sequence[str]) -> Plan:
@@ -352,7 +365,11 @@ async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
         async with (
             Client(endpoints(plan, cluster.address), cluster.client_security) as client,
             Supervisor(
-                cluster, client, plan, replan, lambda p: deploy(cluster, p, config.source)
+                cluster,
+                client,
+                plan,
+                replan,
+                lambda p: deploy(cluster, p, config.source, batching=config.batching),
             ) as supervisor,
         ):
             inputs = prepared.loaded.example_inputs
@@ -411,6 +428,7 @@ async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
         nodes=config.nodes,
         limits=cluster.limit_description,
         transport="mutual TLS" if config.secure else "insecure",
+        batching=config.batching,
         concurrency=concurrency,
         requests=config.requests,
         latencies_ms=[r.latency_s * 1000 for r in results],

@@ -53,6 +53,7 @@ from amp4ec.scheduling import timed_plan
 from amp4ec.slicing import ModelSource
 from amp4ec.slicing.prepare import Prepared, compression_options, prepare
 from amp4ec.slicing.sources import factory_module
+from amp4ec.wire.stage import Batching
 from amp4ec.wire.transport import TransportSecurity
 
 __all__ = ["FRONT_DOOR_IDENTITY", "USER_IDENTITY", "ServeConfig", "curl_example", "parse_nodes_file", "serve"]
@@ -88,6 +89,8 @@ class ServeConfig:
     """The front doors require the user's client certificate (see [Note: front door TLS])."""
     tls_dir: Path | None = None
     """Where the CA and client certificate go; None: a fresh temporary directory."""
+    batching: Batching = field(default_factory=Batching)
+    """Dynamic batching in every stage (``--batch``, ``--batch-delay-ms``)."""
     deadline_s: float = 30.0
     poll_s: float = 0.5
     compression: Compression = field(default_factory=Compression)
@@ -181,7 +184,7 @@ class _Serving:
         )[0]
 
     async def deploy(self, plan: Plan) -> None:
-        await deploy(self.cluster, plan, self.config.source)
+        await deploy(self.cluster, plan, self.config.source, batching=self.config.batching)
 
     async def reconfigure(self, wanted: Sequence[NodeSpec]) -> None:
         """Serve on exactly ``wanted`` (see [Note: nodes file])."""
@@ -376,6 +379,7 @@ async def serve(config: ServeConfig, say: Say, progress: Say | None = None) -> N
                     )
                     say(f"  v2 REST  {base}/v2/models/{meta.name}")
                     say(f"  v2 gRPC  {host}:{listeners.grpc_port} (inference.GRPCInferenceService)")
+                    say(f"  batching {config.batching.describe()}")
                     if tls:
                         need = "required" if config.client_auth else "not required"
                         say(

@@ -12,19 +12,10 @@ from collections.abc import Sequence
 from amp4ec.errors import InvalidSpec, ShapeMismatch
 from amp4ec.node_agent.settings import AgentSettings
 from amp4ec.slicing.sources import ensure_factory_allowed
+from amp4ec.wire.stage import MAX_QUEUE_DELAY_MS
 from amp4ec.wire.v1 import agent_pb2, shard_pb2
 
-__all__ = [
-    "MAX_QUEUE_DELAY_MS",
-    "check_batching",
-    "check_echo",
-    "check_frame",
-    "check_profile",
-    "check_stage_spec",
-]
-
-MAX_QUEUE_DELAY_MS = 1000.0
-"""Longest ``max_queue_delay_ms`` a stage accepts: a batch waiting longer holds every request in it."""
+__all__ = ["check_batching", "check_echo", "check_frame", "check_profile", "check_stage_spec"]
 
 
 def check_frame(frame: shard_pb2.Frame, settings: AgentSettings) -> None:

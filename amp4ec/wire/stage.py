@@ -7,12 +7,56 @@ shard Pod's arguments).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
+from amp4ec.errors import InvalidSpec
 from amp4ec.wire.codec_names import codec_name, codec_value
 from amp4ec.wire.v1 import agent_pb2
 
-__all__ = ["StageConfig", "TilePeer", "TilePhase"]
+__all__ = ["MAX_BATCH_REQUESTS", "MAX_QUEUE_DELAY_MS", "Batching", "StageConfig", "TilePeer", "TilePhase"]
+
+MAX_BATCH_REQUESTS = 64
+"""The node agent's default ``--max-batch``: a batch is one forward of at most that many rows."""
+MAX_QUEUE_DELAY_MS = 1000.0
+"""Longest ``max_queue_delay_ms`` a stage accepts: a batch waiting longer holds every request in it."""
+
+
+@dataclass(frozen=True)
+class Batching:
+    """A deployment's dynamic batching, the same for each of its stages (see [Note: dynamic
+    batching] in amp4ec.node_agent.batching)."""
+
+    max_requests: int = 1
+    """The most waiting requests one forward may gather (1 = none)."""
+    max_queue_delay_ms: float = 0.0
+    """How long a batch's first request may wait for more (0: only what already waits)."""
+
+    def checked(self, requests_field: str = "--batch", delay_field: str = "--batch-delay-ms") -> Batching:
+        if not 1 <= self.max_requests <= MAX_BATCH_REQUESTS:
+            raise InvalidSpec(
+                f"{requests_field}: expected 1 to {MAX_BATCH_REQUESTS}, got {self.max_requests}"
+            )
+        if not (
+            math.isfinite(self.max_queue_delay_ms) and 0 <= self.max_queue_delay_ms <= MAX_QUEUE_DELAY_MS
+        ):
+            raise InvalidSpec(
+                f"{delay_field}: expected 0 to {MAX_QUEUE_DELAY_MS:g} ms, got {self.max_queue_delay_ms!r}"
+            )
+        return self
+
+    def stage_fields(self) -> dict[str, Any]:
+        """As ``StageConfig`` keyword arguments."""
+        return {"max_batch_requests": self.max_requests, "max_queue_delay_ms": self.max_queue_delay_ms}
+
+    def describe(self) -> str:
+        if self.max_requests <= 1:
+            return "off (one request per forward)"
+        wait = (
+            f"waiting up to {self.max_queue_delay_ms:g} ms for more" if self.max_queue_delay_ms else "no wait"
+        )
+        return f"up to {self.max_requests} waiting requests per forward, {wait}"
 
 
 @dataclass(frozen=True)

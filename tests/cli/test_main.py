@@ -30,6 +30,9 @@ ROOT = Path(__file__).resolve().parents[2]
         (["run", "--model", "mobilenet_v2", "--nodes", ",".join(["0.1"] * 99)], "99 nodes but"),
         (["run", "--input-shape", "1,3,a"], "--input-shape"),
         (["run", "--model", str(ROOT / "missing.pt2")], "missing.pt2"),
+        (["run", "--batch", "0"], "--batch: expected 1 to 64"),
+        (["plan", "--batch", "65"], "--batch: expected 1 to 64"),
+        (["serve", "--batch-delay-ms", "-1"], "--batch-delay-ms: expected 0 to 1000 ms"),
     ],
 )
 def test_bad_arguments_one_line_and_exit_2(args: list[str], message: str) -> None:

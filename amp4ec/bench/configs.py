@@ -49,6 +49,7 @@ ALL_CONFIGURATIONS = (
     "slow-links",
     "failover",
     "multi-tenant",
+    "batching",
     "latency",
     "latency-resnet50",
 )
@@ -84,6 +85,9 @@ FULL = Sizes(sequential=20, saturation=120, open_loop=120, ideal=40, concurrency
 BIG = Sizes(sequential=3, saturation=15, open_loop=15, ideal=6, concurrency_factors=(1, 2))
 """For the big and slow-links models: a forward takes 100–700 ms."""
 QUICK = Sizes(sequential=4, saturation=16, open_loop=16, ideal=8, concurrency_factors=(1,))
+BATCHING = Sizes(sequential=20, saturation=160, open_loop=300, ideal=40, concurrency_factors=(1, 2))
+"""The batching configuration: more open-loop requests (its p95s are compared with a target)."""
+BATCHING_QUICK = Sizes(sequential=4, saturation=24, open_loop=24, ideal=8, concurrency_factors=(1,))
 FAILOVER = Sizes(sequential=0, saturation=1000, open_loop=0, ideal=0, concurrency_factors=(1,))
 """The failover configuration sends ``saturation`` requests per scenario, closed loop."""
 FAILOVER_QUICK = replace(FAILOVER, saturation=400)
@@ -126,6 +130,8 @@ class Configuration:
     """Deployments of the model sharing the nodes (``amp4ec.bench.tenants``); 0: one deployment."""
     latency: bool = False
     """One request's latency: the latency plan vs the fastest node alone (``amp4ec.bench.latency``)."""
+    batching: bool = False
+    """The batching comparison (``amp4ec.bench.batching``) instead of every strategy."""
 
     @property
     def total_cpu(self) -> float:
@@ -227,6 +233,15 @@ def configurations(
                 "operator plans a deployment; every (tenant, node) stage in an agent of its own under a "
                 "CPU quota of its share; all tenants driven at once, closed loop"
             ),
+        ),
+        Configuration(
+            "batching",
+            "3 nodes (1.0/0.6/0.4 CPU): dispatch and dynamic batching vs a batching 2-CPU monolith",
+            source,
+            _nodes(standard),
+            ("optimal", MATCHED),
+            BATCHING_QUICK if quick else BATCHING,
+            batching=True,
         ),
     ]
     for name, latency_source in (

@@ -79,6 +79,8 @@ def _config(config: dict[str, Any]) -> list[str]:
         return [title, "", *_multi_tenant(config)]
     if config.get("kind") == "latency":
         return [title, "", *_latency(config)]
+    if config.get("kind") == "batching":
+        return [title, "", *_batching(config)]
     nodes = ", ".join(
         f"{n['name']} {n['cpu']:g} CPU" + (f"/{n['memory_mb']:.0f} MB" if n.get("memory_mb") else "")
         for n in config["nodes"]
@@ -236,6 +238,70 @@ def _multi_tenant(config: dict[str, Any]) -> list[str]:
             f"| {100 * (t['share'] or 0):.0f}% ({100 * t['fair_share']:.0f}%) |"
         )
     return [*lines, ""]
+
+
+_BATCHING_ROWS = {
+    "matched": "monolith, resource-matched",
+    "matched_batched": "monolith, resource-matched, batching",
+    "optimal": "optimal (ours)",
+    "optimal_batched": "optimal (ours), batching",
+}
+
+
+def _batching(config: dict[str, Any]) -> list[str]:
+    nodes = ", ".join(f"{n['name']} {n['cpu']:g} CPU" for n in config["nodes"])
+    b, ideal = config["batching"], config.get("ideal") or {}
+    lines = [
+        f"Model {config['model']}, nodes {nodes}, resource-matched monolith {config['matched_cpu']:g} CPU "
+        f"(its 1-worker and 1-worker-per-core tunings, the better kept; shares scaled by "
+        f"{config['scale_factor']:.2f}). *Batching* = up to {b['max_requests']} waiting requests per "
+        f"forward, {b['max_queue_delay_ms']:g} ms added wait, for the monolith too. Open loop: Poisson "
+        f"arrivals at {_f(config.get('open_loop_rate_rps'))} req/s (90% of the unbatched monolith's "
+        f"saturation) for every row; each request to the pipeline expected to answer first. Batch-1 "
+        f"ideal {_f(ideal.get('rps'))} req/s. CPU limits: {config.get('cpu_limits', '')}.",
+        "",
+        "| deployment | single ms | open loop p50 / p95 ms (dropped) | sat. req/s "
+        "| mean batch (sat. / open) |",
+        "|---|--:|--:|--:|--:|",
+    ]
+    for key, label in _BATCHING_ROWS.items():
+        r = config["rows"].get(key, {})
+        if r.get("status") != "ok":
+            lines.append(f"| {label} | {r.get('status', 'missing')}: {r.get('reason', '')[:160]} ||||")
+            continue
+        ol, mb = r["open_loop"], r.get("mean_batch") or {}
+        dropped = f" ({ol['dropped']})" if ol["dropped"] else ""
+        lines.append(
+            f"| {label} | {_f(r['single_ms']['p50'])} | {_f(ol['p50_ms'])} / {_f(ol['p95_ms'])}{dropped} "
+            f"| {_f(r['saturation']['rps'])} | {_f(mb.get('saturation'), 2)} / {_f(mb.get('open_loop'), 2)} |"
+        )
+    ratios, targets = config.get("ratios") or {}, config.get("targets") or {}
+
+    def verdict(key: str, at_most: bool) -> str:
+        value, target = ratios.get(key), targets.get(key)
+        if value is None or target is None:
+            return "–"
+        met = value <= target if at_most else value >= target
+        return (
+            f"{_x(value)} (target {'≤' if at_most else '≥'} {target:g}×: {'met' if met else '**not met**'})"
+        )
+
+    predicted = config.get("predicted_under_load") or {}
+    lines += [
+        "",
+        f"Open-loop p95, optimal against the resource-matched monolith, unbatched: "
+        f"{verdict('p95_vs_matched', True)}; batched, against the batching monolith: "
+        f"{verdict('batched_p95_vs_batched_matched', True)} (against the unbatched monolith "
+        f"{_x(ratios.get('batched_p95_vs_matched'))}). Saturation with batching against the batch-1 "
+        f"ideal: {verdict('batched_vs_ideal', False)} ({_x(ratios.get('batched_vs_unbatched_saturation'))} "
+        f"of the unbatched plan's; the monolith's batching gain "
+        f"{_x(ratios.get('matched_batched_vs_matched_saturation'))}). "
+        f"Single-request latency at idle with batching: {_x(ratios.get('batched_vs_unbatched_single'))} "
+        f"of without. The planner predicts p50 {_f(predicted.get('p50_ms'))} / p95 "
+        f"{_f(predicted.get('p95_ms'))} ms for the unbatched plan at this rate (amp4ec.planner.load).",
+        "",
+    ]
+    return lines
 
 
 def _transport(config: dict[str, Any]) -> list[str]:

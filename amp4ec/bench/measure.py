@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from amp4ec.local.run import deploy as deploy_stages
 from amp4ec.planner.types import Plan
 from amp4ec.slicing import ModelSource
 from amp4ec.slicing.prepare import Prepared
+from amp4ec.wire.stage import Batching
 from amp4ec.wire.v1 import agent_pb2
 
 __all__ = ["OUTPUT_ERROR_INPUTS", "Bench", "deploy", "measure_plan", "quantiles"]
@@ -48,6 +50,8 @@ class Bench:
     """Address an upstream stage sends to for a node (the agent itself, or a shaped link)."""
     drop_after_s: float = 10.0
     forward_cache: dict[tuple[int, int], float] = field(default_factory=dict)
+    batching: Batching = field(default_factory=Batching)
+    """Dynamic batching of every stage deployed (the closed loop keeps a batch per stage in flight)."""
 
     def forward_cpu_ms(self, first: int, last: int, repeats: int = 5) -> float:
         """CPU time of one forward of blocks first..last on one thread, measured here.
@@ -93,7 +97,7 @@ async def deploy(bench: Bench, plan: Plan) -> tuple[list[str], list[int]]:
     await asyncio.gather(
         *(cluster.agent_stub(n).UnloadStage(agent_pb2.UnloadRequest(), timeout=30) for n in cluster.agents)
     )
-    param_bytes = await deploy_stages(cluster, plan, bench.source, bench.hop)
+    param_bytes = await deploy_stages(cluster, plan, bench.source, bench.hop, bench.batching)
     return [cluster.address(p.stages[0].node) for p in plan.pipelines], param_bytes
 
 
@@ -119,7 +123,7 @@ async def measure_plan(bench: Bench, plan: Plan, label: str, rate_rps: float | N
         by_level: dict[int, float] = {}
         best: tuple[float, int, list[Result], dict, dict] | None = None
         for factor in sizes.concurrency_factors:
-            level = max(1, factor * stages)
+            level = max(1, factor * stages * bench.batching.max_requests)
             if level in by_level:
                 continue
             progress.phase(f"{label}: saturation, {level} in flight", sizes.saturation)
@@ -143,6 +147,11 @@ async def measure_plan(bench: Bench, plan: Plan, label: str, rate_rps: float | N
     share = _pipeline_shares(plan, results, entries)
     return {
         "status": "ok",
+        "batching": dataclasses.asdict(bench.batching),
+        "mean_batch": {
+            "saturation": _mean_batch(results),
+            "open_loop": _mean_batch(opened.results),
+        },
         "plan": plan.rows(),
         "notes": list(plan.notes),
         "max_abs_diff": diff,
@@ -175,6 +184,12 @@ async def measure_plan(bench: Bench, plan: Plan, label: str, rate_rps: float | N
             "output_error": plan.predicted.output_error,
         },
     }
+
+
+def _mean_batch(results: list[Result]) -> float | None:
+    """Mean requests per forward the answers met, over every stage they went through."""
+    sizes = [t.batch or 1 for r in results for t in r.timings]
+    return statistics.fmean(sizes) if sizes else None
 
 
 def _pipeline_shares(plan: Plan, results: list[Result], entries: list[str]) -> list[float]:

@@ -20,7 +20,9 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     configs = [
-        c for c in results["configurations"] if c.get("status") == "ok" and c.get("kind") != "failover"
+        c
+        for c in results["configurations"]
+        if c.get("status") == "ok" and c.get("kind") not in ("failover", "batching")
     ]
     out.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -44,6 +44,8 @@ def steps(config: Configuration) -> int:
         return len(config.faults)
     if config.latency:
         return len(config.strategies)
+    if config.batching:
+        return 5
     return len(config.strategies) + 1 + config.compare_transport
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
+from amp4ec.bench.batching import run_batching
 from amp4ec.bench.configs import COMPRESSED, Configuration, configurations, cpu_budget
 from amp4ec.bench.failover import run_failover
 from amp4ec.bench.latency import run_latency
@@ -79,6 +80,8 @@ async def run_bench(options: BenchOptions, progress: ProgressSink | None = None)
                 run = run_failover
             elif config.tenants:
                 run = run_multi_tenant
+            elif config.batching:
+                run = run_batching
             else:
                 run = run_latency if config.latency else run_configuration
             result = await run(

@@ -39,6 +39,7 @@ CONFIG_NAMES = (
     "multi-tenant",
     "latency",
     "latency-resnet50",
+    "batching",
 )
 
 

@@ -221,7 +221,7 @@ class Client:
             frame = shard_pb2.Frame(request_id=request_id, tensors=encoded)
             if deadline is not None:
                 frame.deadline_unix_ms = deadline_unix_ms(deadline - time.monotonic())
-            sent, warm = time.monotonic(), pipeline.stream.warm
+            sent, warm, ahead = time.monotonic(), pipeline.stream.warm, pipeline.stream.in_flight
             try:
                 answer = await pipeline.stream.call(frame)
             except ShardUnavailable as e:
@@ -230,7 +230,7 @@ class Client:
             if not code:
                 pipeline.outlier.success()
                 if warm:  # else its round trip includes connecting (TLS handshake): not the shard's
-                    pipeline.service.answered(sent, time.monotonic())
+                    pipeline.service.answered(sent, time.monotonic(), ahead)
                 self.stats.answered += 1
                 self.stats.retried_requests += attempt > 1
                 return Result(

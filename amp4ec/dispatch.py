@@ -5,10 +5,12 @@ interval`` with ``n`` its requests in flight (see [Note: expected completion] in
 amp4ec.planner.load). Both terms start from the plan's prediction and follow the answers
 (exponentially weighted moving averages):
 
-- an answer that came after the previous answer *and* was sent while that one was still
-  ahead of it at the bottleneck (previous answer later than ``sent + latency - interval``)
-  waited for it: the gap since the previous answer is an ``interval`` sample;
-- any other answer met an idle pipeline: its round trip is a ``latency`` sample.
+- a request sent to a pipeline with nothing else in flight met an idle pipeline: its round
+  trip is a ``latency`` sample;
+- any other waited behind those ahead of it: the time from the previous answer (or, if that
+  came earlier, from when the request could first have been answered, ``sent + latency -
+  interval``) is an ``interval`` sample. With dynamic batching, answers come in bursts: a
+  batch's gap and its zeros average to the time per request.
 
 Under a CPU quota the gaps include the time a node sits throttled, so ``interval`` learns the
 rate the quota sustains, not the speed of one burst. Failed attempts teach nothing (ejection
@@ -50,13 +52,15 @@ class ServiceEstimate:
         interval = self.interval_ms or self.latency_ms
         return expected_completion_ms(self.latency_ms or interval, interval, in_flight)
 
-    def answered(self, sent_at: float, done_at: float) -> None:
-        """Learn from one answer: sent and answered at these times (seconds, one clock)."""
-        wait_s = max(0.0, self.latency_ms - self.interval_ms) / 1000
-        if self.last_done > sent_at + wait_s and done_at >= self.last_done:
-            self.interval_ms = self._ewma(self.interval_ms, (done_at - self.last_done) * 1000)
-        else:
+    def answered(self, sent_at: float, done_at: float, ahead: int) -> None:
+        """Learn from one answer: sent and answered at these times (seconds, one clock), with
+        ``ahead`` other requests in flight on the pipeline when it was sent."""
+        if ahead == 0:
             self.latency_ms = self._ewma(self.latency_ms, (done_at - sent_at) * 1000)
+        else:
+            earliest = sent_at + max(0.0, self.latency_ms - self.interval_ms) / 1000
+            gap = done_at - max(self.last_done, earliest)
+            self.interval_ms = self._ewma(self.interval_ms, max(0.0, gap) * 1000)
         self.last_done = max(self.last_done, done_at)
         self.answers += 1
 

@@ -30,7 +30,7 @@ from amp4ec.errors import DeadlineExceeded
 from amp4ec.wire import codec
 from amp4ec.wire.v1 import shard_pb2
 
-__all__ = ["BatchQueue", "Outcome", "StreamShare", "Waiting", "run_batch"]
+__all__ = ["BatchQueue", "Outcome", "StreamShare", "Waiting", "run_batch", "stream_share"]
 
 Answer = tuple[list[shard_pb2.Tensor], shard_pb2.StageTiming]
 Outcome = Answer | BaseException
@@ -192,12 +192,20 @@ def _forward(
     return out
 
 
+def stream_share(workers: int, batch: int) -> int:
+    """Requests one stream may have queued or running for the forward workers: one per worker
+    without batching; with it, a batch running per worker and a full batch waiting behind each
+    (else the next batch would form only from what arrives after the running one ends, and a
+    lone stream would alternate full batches with batches of one)."""
+    return workers if batch <= 1 else 2 * workers * batch
+
+
 class StreamShare:
     """[Note: fair streams] One inbound stream's share of the forward workers: at most
-    ``limit()`` of its requests queued or running at once (``workers`` x the stage's batch, read
-    on every entry, so a stage loaded with another batch applies at once). A request on a new
-    stream then waits for at most one batch per other busy stream, not for every request those
-    streams have sent, and a stream still fills a whole batch by itself."""
+    ``limit()`` of its requests queued or running at once (``stream_share``, read on every
+    entry, so a stage loaded with another batch applies at once). A request on a new stream
+    then waits for at most a batch or two per other busy stream, not for every request those
+    streams have sent, and a stream still fills whole batches by itself."""
 
     def __init__(self, limit: Callable[[], int]) -> None:
         self._limit = limit

@@ -18,7 +18,7 @@ from grpc_health.v1 import health, health_pb2
 from amp4ec.allocator import release_memory
 from amp4ec.errors import InvalidSpec, StageNotLoaded
 from amp4ec.node_agent import metrics
-from amp4ec.node_agent.batching import StreamShare
+from amp4ec.node_agent.batching import StreamShare, stream_share
 from amp4ec.node_agent.budget import Budget, OverBudget
 from amp4ec.node_agent.capacity import LoadMeter, memory_available_bytes
 from amp4ec.node_agent.decoding import Undecodable
@@ -314,7 +314,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
     ) -> None:
         answers: asyncio.Queue[tuple[shard_pb2.Frame, int] | None] = asyncio.Queue()
         window = asyncio.Semaphore(self._settings.window)
-        turn = StreamShare(lambda: self._settings.workers * self._repository.batch_requests)
+        turn = StreamShare(lambda: stream_share(self._settings.workers, self._repository.batch_requests))
         in_flight: set[asyncio.Task[None]] = set()
         evicted: asyncio.Future[None] = (
             asyncio.get_running_loop().create_future()

@@ -13,45 +13,57 @@ from amp4ec.planner.load import expected_completion_ms, latency_under_load, pipe
 from amp4ec.planner.types import Pipeline, Plan, Prediction, Stage
 
 
-def _fifo_answers(service_ms: float, sends: list[float]) -> list[tuple[float, float]]:
-    """(sent, answered) of requests sent at ``sends`` (s) to one FIFO server of fixed service time."""
+def _fifo_answers(service_ms: float, sends: list[float]) -> list[tuple[float, float, int]]:
+    """(sent, answered, ahead) of requests sent at ``sends`` (s) to one FIFO server of fixed
+    service time; ``ahead`` = requests in flight when each was sent."""
     free, out = 0.0, []
     for t in sends:
+        ahead = sum(done > t for _, done, _ in out)
         free = max(free, t) + service_ms / 1000
-        out.append((t, free))
+        out.append((t, free, ahead))
     return out
 
 
-def test_back_to_back_answers_teach_the_interval_and_idle_ones_the_latency() -> None:
+def test_answers_behind_others_teach_the_interval_and_lone_ones_the_latency() -> None:
     estimate = ServiceEstimate(latency_ms=5.0, interval_ms=5.0)  # a wrong seed, corrected by answers
     burst = _fifo_answers(30.0, [0.0] * 20)  # 20 sent at once: each waits for the one before
-    for sent, done in sorted(burst, key=lambda a: a[1]):
-        estimate.answered(sent, done)
+    for sent, done, ahead in sorted(burst, key=lambda a: a[1]):
+        estimate.answered(sent, done, ahead)
     assert estimate.interval_ms == pytest.approx(30.0, rel=0.05)
     idle = _fifo_answers(12.0, [10.0 + i for i in range(20)])  # one at a time: nothing ahead
-    for sent, done in idle:
-        estimate.answered(sent, done)
+    for sent, done, ahead in idle:
+        estimate.answered(sent, done, ahead)
     assert estimate.latency_ms == pytest.approx(12.0, rel=0.05)
-    assert estimate.interval_ms == pytest.approx(30.0, rel=0.05)  # idle answers say nothing of it
+    assert estimate.interval_ms == pytest.approx(30.0, rel=0.05)  # lone answers say nothing of it
     assert estimate.answers == 40
 
 
-def test_a_pipeline_ahead_of_the_bottleneck_is_not_counted_as_waiting() -> None:
+def test_a_request_behind_another_in_a_pipeline_counts_from_when_it_could_answer() -> None:
     # A 3-stage pipeline: 60 ms end to end, a 20 ms slowest stage. A request sent 45 ms after the
-    # previous one is not held up by it (the previous has left the bottleneck by then).
+    # previous one could answer 60 ms after it was sent, not 20 ms after the previous answer.
     estimate = ServiceEstimate(latency_ms=60.0, interval_ms=20.0)
-    estimate.answered(0.0, 0.060)
-    estimate.answered(0.045, 0.105)
+    estimate.answered(0.0, 0.060, 0)
+    estimate.answered(0.045, 0.105, 1)
     assert estimate.latency_ms == pytest.approx(60.0) and estimate.interval_ms == pytest.approx(20.0)
-    estimate.answered(0.046, 0.125)  # sent right behind: 20 ms after the previous answer
+    estimate.answered(0.046, 0.125, 1)  # sent right behind: 20 ms after the previous answer
     assert estimate.interval_ms == pytest.approx(20.0)
+
+
+def test_batched_answers_average_to_the_time_per_request() -> None:
+    # Batches of 4 every 40 ms: one answer after a 40 ms gap, three at once; 10 ms a request.
+    estimate = ServiceEstimate(latency_ms=15.0, interval_ms=15.0)
+    for k in range(1, 41):
+        t = 0.04 * k
+        for _ in range(4):
+            estimate.answered(t - 0.1, t, 5)
+    assert 4.0 < estimate.interval_ms < 25.0  # an EWMA of 40, 0, 0, 0: around the 10 ms mean
 
 
 def test_choose_prefers_the_expected_first_answer_not_the_fewest_in_flight() -> None:
     fast, slow = ServiceEstimate(20.0, 20.0), ServiceEstimate(60.0, 60.0)
     assert expected_completion_ms(20.0, 20.0, 2) == 60.0
-    fast.answered(0.0, 0.02)
-    slow.answered(0.0, 0.06)
+    fast.answered(0.0, 0.02, 0)
+    slow.answered(0.0, 0.06, 0)
     assert choose([(slow, 0), (fast, 1)], 1.0) == 1  # 40 ms behind one request beats 60 ms idle
     assert choose([(slow, 0), (fast, 3)], 1.0) == 0  # 80 ms: now the slow one answers first
     assert choose([(slow, 0), (fast, 2)], 1.0) == 0  # a tie (60 ms each) goes to the fewer in flight
@@ -61,7 +73,7 @@ def test_choose_prefers_the_expected_first_answer_not_the_fewest_in_flight() -> 
 
 def test_an_unknown_pipeline_is_tried_at_once_but_not_flooded() -> None:
     known, unknown = ServiceEstimate(10.0, 10.0), ServiceEstimate()
-    known.answered(0.0, 0.01)
+    known.answered(0.0, 0.01, 0)
     assert choose([(known, 0), (unknown, 0)], 0.1) == 1  # tried before its first answer
     assert choose([(known, 0), (unknown, 2)], 0.1) == 0  # 10 ms beats 2 x the known 10 ms interval
     assert choose([(ServiceEstimate(), 2), (ServiceEstimate(), 1)], 0.1) == 1  # none known: least in flight
@@ -122,5 +134,5 @@ def test_latency_under_load_at_a_trickle_is_the_fastest_pipeline() -> None:
 
 def test_a_seed_from_the_plan_holds_until_answers_replace_it() -> None:
     seeded, learnt = ServiceEstimate(50.0, 50.0), ServiceEstimate(20.0, 20.0)
-    learnt.answered(0.0, 0.02)
+    learnt.answered(0.0, 0.02, 0)
     assert choose([(seeded, 0), (learnt, 0)], 100.0) == 1  # the seed is no stale answer

@@ -100,8 +100,20 @@ def test_plan_prints_and_writes_json_for_every_strategy(tmp_path: Path) -> None:
         assert "bottleneck" in result.output and "planning" in result.output
         data = json.loads(out.read_text())
         assert set(data) >= {"plan", "predicted", "planning_ms"}
-        predicted = {"stage_ms", "bottleneck_ms", "latency_ms", "throughput_rps", "output_error"}
+        predicted = {
+            "stage_ms",
+            "bottleneck_ms",
+            "latency_ms",
+            "throughput_rps",
+            "output_error",
+            "under_load",
+        }
         assert set(data["predicted"]) == predicted
+        under_load = data["predicted"]["under_load"]  # at 90% of the predicted throughput
+        assert under_load["rate_rps"] == pytest.approx(0.9 * data["predicted"]["throughput_rps"])
+        assert data["predicted"]["latency_ms"] * 0.9 <= under_load["p50_ms"] <= under_load["p95_ms"]
+        assert sum(under_load["pipeline_shares"]) == pytest.approx(1.0)
+        assert data["batching"] == {"max_requests": 1, "max_queue_delay_ms": 0.0}
         assert data["strategy"] == strategy
         for pipeline in {row["pipeline"] for row in data["plan"]}:
             rows = [r for r in data["plan"] if r["pipeline"] == pipeline]

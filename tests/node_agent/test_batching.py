@@ -14,6 +14,7 @@ from torch import nn
 
 from amp4ec.errors import DeadlineExceeded, InvalidSpec, ShapeMismatch
 from amp4ec.node_agent import AgentSettings, create_server
+from amp4ec.node_agent.batching import StreamShare, stream_share
 from amp4ec.node_agent.executor import LoadedStage, StageExecutor, build_stage
 from amp4ec.node_agent.limits import check_stage_spec
 from amp4ec.slicing.blocks import Block, Shard, TensorSpec
@@ -237,3 +238,39 @@ def test_a_stream_of_requests_is_batched_by_the_agent() -> None:
         torch.testing.assert_close(codec.decode_all(answer.tensors)[0], x, rtol=1e-4, atol=1e-5)
         assert answer.timings[0].batch == 3
     assert _batched(node) - before == 4  # one forward of the four requests, exported
+
+
+def test_a_streams_share_holds_a_running_and_a_waiting_batch_and_follows_the_stage() -> None:
+    assert stream_share(workers=1, batch=1) == 1  # unbatched: as before, one per worker
+    assert stream_share(workers=2, batch=4) == 16
+    limit = [2]
+
+    async def main() -> tuple[list[str], list[int]]:
+        share = StreamShare(lambda: limit[0])
+        order: list[str] = []
+        holding: list[int] = []
+        inside = 0
+        release = asyncio.Event()
+
+        async def hold(name: str) -> None:
+            nonlocal inside
+            async with share:
+                inside += 1
+                order.append(name)
+                holding.append(inside)
+                await release.wait()
+                await asyncio.sleep(0)
+                inside -= 1
+
+        tasks = {n: asyncio.create_task(hold(n)) for n in ("a", "b", "c", "d", "e")}
+        await asyncio.sleep(0)  # a and b enter; c, d, e wait
+        assert order == ["a", "b"]
+        tasks["c"].cancel()  # a waiter whose caller gave up is skipped
+        limit[0] = 1  # a stage loaded without batching: read on entry, one at a time from now
+        release.set()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        return order, holding
+
+    order, holding = asyncio.run(main())
+    assert order[:2] == ["a", "b"] and sorted(order[2:]) == ["d", "e"]
+    assert holding[:2] == [1, 2] and holding[2:] == [1, 1]  # never two at once after the change

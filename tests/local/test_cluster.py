@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 from pathlib import Path
 
@@ -99,7 +100,11 @@ def test_local_run_end_to_end_reports_a_correct_result(strategy: str) -> None:
     if strategy == "equal":  # one pipeline of three stages: 21 blocks as 7/7/7
         assert [(r["first_block"], r["last_block"]) for r in data["plan"]] == [(0, 6), (7, 13), (14, 20)]
     measured = [s["measured_ms"] for s in data["stages"]]
-    assert all(m > 0 for m in measured) and len(measured) == len(data["plan"])
+    assert len(measured) == len(data["plan"])
+    # Dispatch by expected completion may leave a slow replica without a request in 12: no
+    # figure for it (NaN); every stage that served has one, and the first pipeline served.
+    served = [m for m in measured if not math.isnan(m)]
+    assert all(m > 0 for m in served) and not math.isnan(measured[0])
 
 
 def test_bad_run_arguments() -> None:

@@ -47,6 +47,7 @@ __all__ = [
     "identity_uri",
     "not_after",
     "private_dir",
+    "profiler_identity",
     "san_for_host",
     "stage_identity",
     "validate_identity",
@@ -84,6 +85,12 @@ def stage_identity(namespace: str, deployment: str, stage: int) -> str:
 
 def client_identity(namespace: str, deployment: str) -> str:
     return validate_identity(f"client.{_deployment_part(deployment)}.{namespace}{_SUFFIX}")
+
+
+def profiler_identity(namespace: str, deployment: str) -> str:
+    """The identity of a deployment's short-lived profiler Pod: never the monitors' (whoever
+    controls the namespace controls that Pod, so its answers plan that namespace only)."""
+    return validate_identity(f"profiler.{_deployment_part(deployment)}.{namespace}{_SUFFIX}")
 
 
 def agent_identity(node: str) -> str:

@@ -10,7 +10,7 @@ from amp4ec import pki
 from amp4ec.node_agent.servicer import StageRepository
 from amp4ec.wire import transport
 
-__all__ = ["control_policy", "data_policy"]
+__all__ = ["control_policy", "data_policy", "profiler_policy"]
 
 _HEALTH = "/grpc.health.v1.Health/"
 _ECHO = "/amp4ec.wire.v1.NodeAgent/Echo"
@@ -30,3 +30,8 @@ def control_policy(method: str, peers: frozenset[str]) -> bool:
     if method.startswith(_HEALTH) or pki.OPERATOR in peers:
         return True
     return method == _ECHO and pki.MONITOR in peers
+
+
+def profiler_policy(method: str, peers: frozenset[str]) -> bool:
+    """A profiler Pod answers the operator only: no monitor, no other Pod of the namespace."""
+    return method.startswith(_HEALTH) or pki.OPERATOR in peers

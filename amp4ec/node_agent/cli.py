@@ -154,6 +154,12 @@ def parse_args(
         help="NODE=HOST:PORT of a peer monitor to probe links to (repeatable)",
     )
     mon.add_argument(
+        "--profiler",
+        action="store_true",
+        help="the profiler role: serve Monitor.Profile (models loaded here) on the control port and "
+        "nothing else (the operator's short-lived Pod in a deployment's namespace)",
+    )
+    mon.add_argument(
         "--capacity-override",
         type=Path,
         help="JSON file whose keys replace measured capacity (re-read every refresh)",
@@ -215,6 +221,11 @@ def parse_args(
             max_batch_requests=a.batch,
             max_queue_delay_ms=a.batch_delay_ms,
         )
+    if a.profiler:
+        if a.control_port is None:
+            p.error("--control-port: the profiler serves Monitor.Profile on the control port")
+        if not a.model or a.monitor_interval is not None:
+            p.error("--profiler: profiles the one --model it is given (and is no monitor)")
     monitor = None
     if a.monitor_interval is not None:
         if a.control_port is None:
@@ -229,20 +240,27 @@ def parse_args(
             override=a.capacity_override,
         )
     files = PortFiles(
-        a.port_file, a.control_port_file, a.health_port_file, a.v2_http_port_file, a.v2_grpc_port_file
+        a.port_file,
+        a.control_port_file,
+        a.health_port_file,
+        a.v2_http_port_file,
+        a.v2_grpc_port_file,
+        profiler=a.profiler,
     )
     return settings, config, files, monitor
 
 
 @dataclass(frozen=True)
 class PortFiles:
-    """Where to write the bound ports once serving (None: do not)."""
+    """Where to write the bound ports once serving (None: do not); ``profiler``: the role."""
 
     data: Path | None = None
     control: Path | None = None
     health: Path | None = None
     v2_http: Path | None = None
     v2_grpc: Path | None = None
+    profiler: bool = False
+    """The profiler role: ``config`` names the one model to profile, not a stage to load."""
 
 
 def _write_port(path: Path | None, port: int | None) -> None:
@@ -258,6 +276,10 @@ async def serve(
     port_files: PortFiles,
     monitor: Monitor | None = None,
 ) -> None:
+    if port_files.profiler:
+        assert config is not None  # parse_args requires --model with --profiler
+        await _serve_profiler(settings, config, port_files)
+        return
     agent = await create_server(settings)
     if config is not None:
         await agent.load(config)
@@ -291,6 +313,33 @@ async def serve(
     if v2 is not None:
         await v2.stop(settings.grace_s)
     await agent.stop(settings.grace_s)
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def _serve_profiler(settings: AgentSettings, config: StageConfig, port_files: PortFiles) -> None:
+    from amp4ec.node_agent.profiler import create_profiler
+    from amp4ec.wire.v1 import agent_pb2
+
+    model = agent_pb2.StageSpec(
+        model=config.model,
+        weights=config.weights or "",
+        seed=config.seed,
+        input_shape=list(config.input_shape or ()),
+    )
+    profiler = await create_profiler(settings, model)
+    await profiler.start()
+    _write_port(port_files.health, profiler.health_port)
+    _write_port(port_files.control, profiler.control_port)
+    logging.getLogger("amp4ec.node_agent").info("profiler serving on port %d", profiler.control_port)
+    await _until_signalled()
+    await profiler.stop(settings.grace_s)
 
 
 def main(argv: list[str] | None = None) -> None:

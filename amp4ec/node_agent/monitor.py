@@ -1,9 +1,11 @@
-"""The node agent's monitor role: export node capacity and link metrics, profile models for the operator.
+"""The node agent's monitor role: export node capacity and link metrics; ``Monitor.Profile``.
 
 One monitor runs per node (a DaemonSet in a cluster). It exports only what no standard
 exporter gives (speed on the reference workload, the CPU share a shard gets, link RTT and
-bandwidth to its peers) as Prometheus gauges, refreshed every ``interval`` seconds, and
-serves ``Monitor.Profile`` so the operator learns block costs without importing torch.
+bandwidth to its peers) as Prometheus gauges, refreshed every ``interval`` seconds. It
+profiles no model (``MonitorServicer(models=False)`` refuses): the operator learns block costs
+without importing torch from a profiler (``profiler.py``), a short-lived Pod in the deployment's
+namespace that serves ``MonitorServicer`` with models.
 
 [Note: capacity override] ``override`` names a JSON file re-read on every refresh whose keys
 (``cpu_limit``, ``workload_ms``, ``request_overhead_ms``, ``memory_available_bytes``) replace
@@ -44,6 +46,7 @@ __all__ = [
     "LINK_RTT",
     "MEMORY",
     "OVERHEAD",
+    "REFUSED",
     "WORKLOAD",
     "Monitor",
     "MonitorServicer",
@@ -73,30 +76,73 @@ LINK_BANDWIDTH = Gauge(
 _PROBE_BYTES = 1 << 20
 
 
-class MonitorServicer(agent_pb2_grpc.MonitorServicer):
-    """``Monitor.Profile``: load, split and time a model; one profile per spec is cached."""
+REFUSED = (
+    "this monitor profiles no model: a cluster-wide component never loads a user's model; the "
+    "operator profiles each model in its deployment's namespace (a profiler Pod, python -m "
+    "amp4ec.node_agent --profiler)"
+)
 
-    def __init__(self, settings: AgentSettings) -> None:
+
+class MonitorServicer(agent_pb2_grpc.MonitorServicer):
+    """``Monitor.Profile``: load, split and time a model; one profile per spec is cached.
+
+    ``models=False`` (the cluster-wide monitor role) checks a request's bounds and then refuses
+    it (PERMISSION_DENIED): only a profiler (``--profiler``, one short-lived Pod in the
+    deployment's namespace, with that deployment's identity and limits) loads a model."""
+
+    def __init__(
+        self, settings: AgentSettings, models: bool = True, only: agent_pb2.StageSpec | None = None
+    ) -> None:
+        """``only``: the one model this servicer profiles (a profiler Pod's own arguments); a
+        request then names it or nothing, and cannot make the process load anything else."""
         self._settings = settings
+        self._models = models
+        self._only = only
         self._cache: dict[bytes, agent_pb2.ModelProfile] = {}
         self._lock = asyncio.Lock()
 
     async def Profile(
         self, request: agent_pb2.ProfileRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.ModelProfile:
+        if self._only is not None:
+            if request.model.model not in ("", self._only.model):
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"model.model: this profiler profiles only its own model {self._only.model!r}",
+                )
+            request = agent_pb2.ProfileRequest(
+                model=self._only, repeats=request.repeats, codecs=request.codecs
+            )
         try:
             check_profile(request, self._settings)
         except InvalidSpec as exc:
             await context.abort(*status_of(exc))
+        if not self._models:
+            log.warning("refused Monitor.Profile(%r): %s", request.model.model[:200], REFUSED)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, REFUSED)
         key = request.SerializeToString(deterministic=True)
         async with self._lock:  # one profile at a time: profiling owns the reference core
             if key not in self._cache:
                 try:
                     self._cache[key] = await asyncio.to_thread(profile_model, request)
                 except Exception as exc:
+                    if _out_of_memory(exc):  # the profiler's own limit, not the model's fault
+                        await context.abort(
+                            grpc.StatusCode.RESOURCE_EXHAUSTED, f"out of memory while profiling: {exc}"
+                        )
                     await context.abort(*status_of(exc))
                     raise  # unreachable: abort raises
             return self._cache[key]
+
+
+def _out_of_memory(exc: BaseException | None) -> bool:
+    """A MemoryError anywhere in the chain (slicing wraps what it catches into InvalidSpec)."""
+    seen = 0
+    while exc is not None and seen < 16:
+        if isinstance(exc, MemoryError):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def profile_model(request: agent_pb2.ProfileRequest) -> agent_pb2.ModelProfile:
@@ -229,7 +275,7 @@ class Monitor:
         """Register ``Monitor`` on the (not yet started) control server and start refreshing."""
         if agent.control is None:
             raise InvalidSpec("--control-port: the monitor role serves Monitor.Profile on the control port")
-        servicer = MonitorServicer(self.settings)
+        servicer = MonitorServicer(self.settings, models=False)  # see REFUSED
         add_servicer(agent_pb2_grpc.add_MonitorServicer_to_server, servicer, agent.control)
         self._task = asyncio.create_task(self.run())
 

@@ -27,13 +27,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from amp4ec import pki
-from amp4ec.operator.certs import client_secret_name, entry_hosts, stage_secret_name
+from amp4ec.operator.certs import client_secret_name, entry_hosts, profiler_secret_name, stage_secret_name
 
 __all__ = [
     "API_VERSION",
     "Issuer",
     "certificates",
     "not_ready",
+    "profiler_certificate",
     "same_request",
 ]
 
@@ -138,6 +139,16 @@ def certificates(
     client = pki.client_identity(namespace, deployment)
     out.append(_certificate(client_secret_name(deployment), namespace, client, issuer, labels))
     return out
+
+
+def profiler_certificate(
+    deployment: str, namespace: str, issuer: Issuer, labels: Mapping[str, str]
+) -> dict[str, Any]:
+    """The Certificate of a deployment's profiler Pod (Secret ``<deployment>-profiler-tls``,
+    identity ``profiler.<deployment>.<namespace>.amp4ec``); the kubelet starts the Pod once
+    cert-manager has written it."""
+    identity = pki.profiler_identity(namespace, deployment)
+    return _certificate(profiler_secret_name(deployment), namespace, identity, issuer, labels)
 
 
 def same_request(live: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:

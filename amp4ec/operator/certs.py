@@ -9,6 +9,9 @@
   Pod mounts only its own stage's pair (desired.py).
 - ``<deployment>-client-tls``: the deployment's client leaf (``ca.crt``, ``tls.crt``,
   ``tls.key``), what ``amp4ec infer --ca --cert --key`` takes (docs/security.md).
+- ``<deployment>-profiler-tls``: the leaf of the deployment's short-lived profiler Pod
+  (``profiler.<deployment>.<namespace>.amp4ec``, valid ``PROFILER_VALIDITY``), issued afresh
+  for each profiler Pod (profiler_pod.py); never the monitors' identity.
 
 With ``tls.issuer.kind: cert-manager`` none of this runs: cert-manager issues the leaves
 (``certmanager.py``) into ``<deployment>-stage-<i>-tls`` and the same client Secret.
@@ -49,7 +52,9 @@ __all__ = [
     "ensure_deployment",
     "ensure_leaves",
     "ensure_monitors",
+    "ensure_profiler",
     "entry_hosts",
+    "profiler_secret_name",
     "shard_secret_name",
     "stage_secret_name",
 ]
@@ -57,6 +62,8 @@ __all__ = [
 CA_SECRET = "amp4ec-ca"
 MONITOR_SECRET = "amp4ec-monitor-tls"
 LEAF_VALIDITY = datetime.timedelta(days=30)
+PROFILER_VALIDITY = datetime.timedelta(days=1)
+"""A profiler Pod lives minutes (its ``activeDeadlineSeconds``); its leaf a day at most."""
 _RENEW_WITHIN = LEAF_VALIDITY / 3
 
 
@@ -87,6 +94,10 @@ def entry_hosts(deployment: str, namespace: str) -> list[str]:
     v2 front door serves with it, and curl checks the name it dialled."""
     svc = child_base(deployment)
     return [svc, f"{svc}.{namespace}", f"{svc}.{namespace}.svc", f"{svc}.{namespace}.svc.cluster.local"]
+
+
+def profiler_secret_name(deployment: str) -> str:
+    return _name(deployment, "profiler-tls")
 
 
 def _b64(data: bytes) -> str:
@@ -224,3 +235,22 @@ async def ensure_deployment(
         except Conflict:  # written before (an earlier plan, a restarted operator): replace its keys
             await kube.patch("Secret", namespace, name, {"data": obj["data"]})
     return Issued(ca.cert_pem, stages, not_after)
+
+
+async def ensure_profiler(
+    kube: Kube,
+    ca: pki.CertificateAuthority,
+    deployment: str,
+    namespace: str,
+    labels: dict[str, str],
+    adopt: Callable[[dict[str, Any]], None],
+) -> None:
+    """Secret ``<deployment>-profiler-tls``: a fresh profiler leaf, written whole (never read back)."""
+    pair = ca.issue(pki.profiler_identity(namespace, deployment), PROFILER_VALIDITY)
+    data = {"ca.crt": ca.cert_pem, "tls.crt": pair.cert_pem, "tls.key": pair.key_pem}
+    obj = _secret(profiler_secret_name(deployment), namespace, data, labels)
+    adopt(obj)
+    try:
+        await kube.create(obj)
+    except Conflict:  # an earlier profiler's: replace its key
+        await kube.patch("Secret", namespace, obj["metadata"]["name"], {"data": obj["data"]})

@@ -32,9 +32,6 @@ class OperatorConfig:
 
     prometheus_url: str = "http://prometheus-operated.monitoring.svc:9090"
     """Base URL of the Prometheus HTTP API that scrapes the monitor DaemonSet."""
-    profiler: str = "amp4ec-monitor.amp4ec-system.svc:50052"
-    """host:port of a monitor agent's control port (``Monitor.Profile``); a Service in front
-    of the monitor DaemonSet in a cluster."""
     tls: bool = True
     """Mutual TLS on every hop, under the CA this operator runs (``operator/certs.py``);
     false = plaintext everywhere (``--insecure``), for comparison only."""
@@ -94,7 +91,23 @@ class OperatorConfig:
     """Seconds between two ``status.measured`` updates of one deployment (the re-plan timer
     wakes every 5 s; a shorter interval means every tick)."""
     profile_timeout_s: float = 120.0
-    """Timeout of one ``Monitor.Profile`` call (loading and timing a model)."""
+    """Timeout of one ``Monitor.Profile`` call to a profiler Pod (loading and timing a model)."""
+    # Profiler Pods (docs/operator.md, "Profiling in the deployment's namespace").
+    profiler_port: int = 50052
+    """Container port of a profiler Pod's Monitor.Profile (mutual TLS, the operator only)."""
+    profiler_memory: str = "2Gi"
+    """Memory limit of a profiler Pod (a Kubernetes quantity): the whole model, its
+    activations at the input shape and the runtime. Past it the Pod is OOM-killed and the
+    deployment says ``ProfilerFailed``."""
+    profiler_cpu: str = "1"
+    """CPU limit of a profiler Pod (one core: blocks are timed on one thread)."""
+    profiler_cpu_request: str = "100m"
+    """CPU request of a profiler Pod: small, so it schedules beside shards on a small edge node
+    (it runs for seconds; the limit bounds it)."""
+    profiler_memory_request: str = "256Mi"
+    """Memory request of a profiler Pod (its limit is ``profiler_memory``)."""
+    profiler_deadline_s: int = 600
+    """``activeDeadlineSeconds`` of a profiler Pod: fetching the model, starting, profiling."""
     shard_env: Mapping[str, str] = field(default_factory=dict)
     """Extra environment of shard containers (``AMP4EC_SHARD_ENV`` as ``K=V,K2=V2``)."""
     # Hardening (docs/operator.md, "Kubernetes hardening"); set by the chart's values.

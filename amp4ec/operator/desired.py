@@ -29,6 +29,7 @@ from amp4ec.operator.names import child_base, label_value
 from amp4ec.operator.netpol import network_policy
 from amp4ec.operator.podsecurity import harden, scheduling
 from amp4ec.operator.spec import BatchingSpec, DeploymentSpec
+from amp4ec.operator.storage import pod_storage
 from amp4ec.planner.types import Plan
 from amp4ec.wire.stage import StageConfig
 
@@ -56,7 +57,6 @@ _COMMON = {"app.kubernetes.io/name": "amp4ec-shard", "app.kubernetes.io/managed-
 MiB = 1024 * 1024
 TLS_DIR = "/var/run/amp4ec/tls"
 _TLS_FILES = (("ca", "ca.crt"), ("cert", "tls.crt"), ("key", "tls.key"))
-WEIGHTS_PATH = "/mnt/models/weights.pt"
 """Where the storage initializer puts a ``storageUri``'s weights for the shard."""
 
 
@@ -270,14 +270,15 @@ def _shard_pod(
     upstream = (
         pki.stage_identity(namespace, name, s.stage - 1) if s.stage else pki.client_identity(namespace, name)
     )
+    storage = pod_storage(spec, config)
     stage = StageConfig(
-        model=spec.model.name or "",
+        model=storage.model,
         first_block=s.first_block,
         last_block=s.last_block,
         stage=s.stage,
         seed=spec.model.seed,
         input_shape=tuple(spec.input_shape) if spec.input_shape else None,
-        weights=WEIGHTS_PATH if spec.model.storage_uri else None,
+        weights=storage.weights,
         next_hop=next_hop,
         # Who may call this stage and whom it calls are fixed here, by the operator (mutual
         # TLS): nothing on the network can re-target a shard (no control port).
@@ -312,32 +313,9 @@ def _shard_pod(
         mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
     else:
         args.append("--insecure")
-    init: list[dict[str, Any]] = []
-    uri = spec.model.storage_uri
-    if uri:
-        volumes.append({"name": "model-store", "emptyDir": {}})
-        mounts.append({"name": "model-store", "mountPath": "/mnt/models", "readOnly": True})
-        fetch_args = ["--uri", uri, "--out", WEIGHTS_PATH]
-        if spec.model.sha256:
-            fetch_args += ["--sha256", spec.model.sha256]
-        for cidr in config.storage_allowed_networks:  # the chart's exemptions (tests)
-            fetch_args += ["--allow-network", cidr]
-        init_mounts = [{"name": "model-store", "mountPath": "/mnt/models"}]
-        pvc = spec.model.pvc
-        if pvc is not None:
-            volumes.append(
-                {"name": "model-pvc", "persistentVolumeClaim": {"claimName": pvc[0], "readOnly": True}}
-            )
-            init_mounts.append({"name": "model-pvc", "mountPath": "/mnt/pvc", "readOnly": True})
-        init.append(
-            {
-                "name": "storage-initializer",
-                "image": config.initializer_image,
-                "command": ["python", "-m", "amp4ec.operator.fetch"],
-                "args": fetch_args,
-                "volumeMounts": init_mounts,
-            }
-        )
+    init = storage.init_containers
+    volumes += storage.volumes
+    mounts += storage.mounts
     memory = s.memory_bytes + config.memory_overhead_bytes
     container: dict[str, Any] = {
         "name": "shard",

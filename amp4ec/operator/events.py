@@ -23,7 +23,7 @@ __all__ = ["COMPONENT", "Change", "changes", "event_object", "record_changes"]
 log = logging.getLogger(__name__)
 
 COMPONENT = "amp4ec-operator"
-_PROGRESS = {"ShardsStarting", "Pending"}
+_PROGRESS = {"ShardsStarting", "Pending", "Profiling"}
 """False for now but on its way: a Normal event, not a Warning."""
 _MESSAGE_MAX = 1024
 

@@ -20,23 +20,40 @@ import shutil
 import socket
 import ssl
 import sys
+import zipfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import IO
 from urllib.parse import urljoin, urlsplit
 
-from amp4ec.operator.storage_hosts import HostRefused, Network, parse_networks, resolve_checked
+from amp4ec.operator.storage_hosts import (
+    HostRefused,
+    HostUnresolved,
+    Network,
+    parse_networks,
+    resolve_checked,
+)
 
-__all__ = ["FetchError", "fetch", "main"]
+__all__ = ["EXIT_PERMANENT", "EXIT_TRANSIENT", "FetchError", "fetch", "main"]
 
 PVC_MOUNT = Path("/mnt/pvc")
 MAX_REDIRECTS = 5
 _REDIRECTS = {301, 302, 303, 307, 308}
+EXIT_PERMANENT = 2
+"""Exit code for what only the spec can fix: a digest mismatch, a refused host or path, HTTP 4xx."""
+EXIT_TRANSIENT = 3
+"""Exit code for what may pass: an unreachable host, a timeout, HTTP 5xx/429, a file not there yet."""
 
 
 class FetchError(Exception):
-    """The file could not be fetched, or its digest differs from the expected one."""
+    """The file could not be fetched, or its digest differs from the expected one.
+
+    ``transient``: trying again later may succeed (the operator retries; else the spec is wrong)."""
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
@@ -72,6 +89,8 @@ def _connect(
     port = parts.port or 443
     try:
         addresses = resolve_checked(parts.hostname, port, allowed)
+    except HostUnresolved as exc:  # DNS may answer later
+        raise FetchError(f"{url}: {exc}", transient=True) from None
     except HostRefused as exc:
         raise FetchError(f"{url}: refused: {exc}") from None
     target = parts.path or "/"
@@ -86,7 +105,7 @@ def _connect(
         except OSError as exc:  # try the next checked address
             conn.close()
             last = exc
-    raise FetchError(f"{url}: {last}")
+    raise FetchError(f"{url}: {last}", transient=True)
 
 
 @contextmanager
@@ -102,7 +121,8 @@ def _https(uri: str, timeout_s: float, allowed: Sequence[Network], cafile: str |
             continue
         try:
             if resp.status != 200:
-                raise FetchError(f"{url}: HTTP {resp.status} {resp.reason}")
+                transient = resp.status >= 500 or resp.status in (408, 429)
+                raise FetchError(f"{url}: HTTP {resp.status} {resp.reason}", transient=transient)
             yield resp
         finally:
             conn.close()
@@ -127,7 +147,12 @@ def fetch(
     digest = hashlib.sha256()
     try:
         if uri.startswith("pvc://"):
-            stream = _claim_file(uri, pvc_mount).open("rb")
+            source = _claim_file(uri, pvc_mount)
+            if not source.is_file():  # not there (yet): a claim being filled, or a wrong path
+                raise FetchError(
+                    f"{uri}: no file {source.relative_to(pvc_mount.resolve())} in the claim", True
+                )
+            stream = source.open("rb")
         elif uri.startswith("https://"):
             stream = _https(uri, timeout_s, allowed_networks, cafile)
         else:
@@ -136,9 +161,9 @@ def fetch(
             while chunk := src.read(1 << 20):
                 digest.update(chunk)
                 dst.write(chunk)
-    except (OSError, http.client.HTTPException) as exc:
+    except (OSError, http.client.HTTPException) as exc:  # connection lost, timed out, unreadable
         tmp.unlink(missing_ok=True)
-        raise FetchError(f"{uri}: {exc}") from None
+        raise FetchError(f"{uri}: {exc}", transient=True) from None
     except FetchError:
         tmp.unlink(missing_ok=True)
         raise
@@ -146,6 +171,9 @@ def fetch(
     if sha256 and actual != sha256:
         tmp.unlink(missing_ok=True)
         raise FetchError(f"{uri}: sha256 expected {sha256}, actual {actual}")
+    if uri.endswith(".pt2") and not zipfile.is_zipfile(tmp):  # the agent checks the entries
+        tmp.unlink(missing_ok=True)
+        raise FetchError(f"{uri}: not a .pt2 archive (torch.export.save writes a zip file; this is not one)")
     shutil.move(tmp, out)
     return actual
 
@@ -155,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--uri", required=True)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--sha256")
+    p.add_argument("--pvc-mount", type=Path, default=PVC_MOUNT, help="where the pvc:// claim is mounted")
     p.add_argument(
         "--allow-network",
         action="append",
@@ -165,10 +194,11 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     try:
         allowed = parse_networks(a.allow_network)
-        print(f"{fetch(a.uri, a.out, a.sha256, allowed_networks=allowed)}  {a.out}")
+        print(f"{fetch(a.uri, a.out, a.sha256, a.pvc_mount, allowed_networks=allowed)}  {a.out}")
     except (FetchError, ValueError) as exc:
+        # The last line is the cause the operator reports (terminationMessagePolicy FallbackToLogsOnError).
         print(f"storage initializer: {exc}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_TRANSIENT if getattr(exc, "transient", False) else EXIT_PERMANENT)
 
 
 if __name__ == "__main__":

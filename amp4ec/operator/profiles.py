@@ -1,38 +1,78 @@
-"""Block profiles of a model, asked of a monitor agent over gRPC (``Monitor.Profile``) and cached.
+"""Block profiles of a model, measured in a profiler Pod in the deployment's namespace, and cached.
 
-The operator never imports torch: the monitor (torch side) loads, splits and times the
-model; the answer is cached per (model, seed, input shape), since block costs do not
-change while a deployment lives. INVALID_ARGUMENT (unknown model, impossible shape)
-becomes ``InvalidSpec``; anything transient becomes ``ProfilerUnavailable``.
+The operator never imports torch, and no cluster-wide component loads a user's model: for a
+model it has not profiled, the operator starts a short-lived profiler Pod in the deployment's
+namespace (``profiler_pod.py``: the deployment's identity, scheduling fields and the chart's
+limits), calls its ``Monitor.Profile`` once over mutual TLS (it must present
+``profiler.<deployment>.<namespace>.amp4ec``), caches the answer and deletes the Pod.
+
+Reconciliations do not wait for the Pod: ``costs`` raises ``Profiling`` while it starts (the
+handler retries; the Pod's events request a reconciliation at once), ``ProfilerFailed`` when it
+failed (its initializer could not fetch or verify the file, it ran out of memory or time), and
+``InvalidSpec`` when the model itself cannot be profiled (INVALID_ARGUMENT: unknown model,
+impossible shape, not a valid archive), the only failure that is cached.
+
+[Note: the profile key] (model, seed, input shape, namespace, storage URI, sha256). The
+namespace is part of it: whoever may change Pods or read Secrets in a namespace can answer for
+its profiler Pod, so a profile only plans that namespace's deployments. The digest is: a new
+archive at the same URI is another model; and with a digest, a profile is cached by content
+(the same archive from another URI is not profiled again), while a failure (an unreachable
+URI) stays with its URI. Deployments of one namespace that share a key wait
+for the first one's Pod rather than starting their own.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import grpc
 
 from amp4ec import pki
 from amp4ec.errors import InvalidSpec
+from amp4ec.operator import certmanager, certs
+from amp4ec.operator.config import OperatorConfig
+from amp4ec.operator.k8s import Conflict, Kube
+from amp4ec.operator.names import label_value, owned_by
+from amp4ec.operator.profiler_pod import (
+    profiler_network_policy,
+    profiler_pod,
+    profiler_pod_name,
+    profiler_state,
+)
 from amp4ec.operator.spec import DeploymentSpec
 from amp4ec.planner.types import CodecProfile, LayerProfile
 from amp4ec.wire import transport
 from amp4ec.wire.v1 import agent_pb2, agent_pb2_grpc
 
-__all__ = ["ModelCosts", "Profiler", "ProfilerUnavailable"]
+__all__ = ["ModelCosts", "ProfileKey", "Profiler", "ProfilerFailed", "ProfilerUnavailable", "Profiling"]
 
-_TRANSIENT = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.ABORTED,
-    grpc.StatusCode.CANCELLED,
-}
+log = logging.getLogger(__name__)
+_MANAGED = {"app.kubernetes.io/managed-by": "amp4ec-operator"}
 
 
 class ProfilerUnavailable(Exception):
-    """The monitor agent could not profile the model now (retry later)."""
+    """The profiler Pod could not answer now (retry later)."""
+
+
+class Profiling(Exception):
+    """A profiler Pod is starting or running for this model: not planned yet (retry soon)."""
+
+
+class ProfilerFailed(Exception):
+    """The profiler Pod failed: its storage initializer, or its own memory or deadline."""
+
+    def __init__(self, reason: str, message: str, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.permanent = permanent
 
 
 @dataclass(frozen=True)
@@ -47,78 +87,225 @@ class ModelCosts:
     """Each codec measured at every cut, when the deployment compresses (``auto``)."""
 
 
-Key = tuple[str, int, tuple[int, ...], bool]
+@dataclass(frozen=True)
+class ProfileKey:
+    """What a profile depends on (see [Note: the profile key])."""
+
+    model: str
+    seed: int
+    shape: tuple[int, ...]
+    namespace: str
+    storage_uri: str
+    sha256: str
+    codecs: bool = False
+    """Whether the deployment compresses (``spec.compression``): the codecs are measured too."""
+
+    @classmethod
+    def of(cls, spec: DeploymentSpec, namespace: str) -> ProfileKey:
+        m = spec.model
+        return cls(
+            m.name or "",
+            m.seed,
+            tuple(spec.input_shape or ()),
+            namespace,
+            m.storage_uri or "",
+            m.sha256 or "",
+            spec.compression.enabled,
+        )
+
+    def content(self) -> ProfileKey:
+        """The key of what is profiled: with a digest, the URI it came from does not matter."""
+        return replace(self, storage_uri="") if self.sha256 else self
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
 
 
-def _key(spec: DeploymentSpec) -> Key:
-    return (spec.model.name or "", spec.model.seed, tuple(spec.input_shape or ()), spec.compression.enabled)
+@dataclass(frozen=True)
+class _Pending:
+    deployment: str
+    uid: str
+    pod: str
 
 
 class Profiler:
-    """Client of one monitor agent's ``Monitor.Profile``, with a per-model cache."""
+    """Profiles in the deployment's namespace (see the module docstring), with a per-key cache."""
 
-    def __init__(self, target: str, security: transport.TransportSecurity, timeout_s: float = 120.0) -> None:
-        """``security``: the operator's identity; the monitor must present ``monitor.amp4ec``."""
-        self.target = target
+    def __init__(
+        self,
+        kube: Kube,
+        config: OperatorConfig,
+        security: transport.TransportSecurity,
+        ca: pki.CertificateAuthority | None,
+    ) -> None:
+        """``security``: the operator's identity; ``ca`` issues the profiler Pods' leaves (None:
+        plaintext, ``config.tls`` false)."""
+        self._kube = kube
+        self._config = config
         self._security = security
-        self._timeout = timeout_s
-        self._cache: dict[Key, ModelCosts] = {}
-        self._failures: dict[Key, InvalidSpec] = {}
-        self._locks: dict[Key, asyncio.Lock] = {}
-        self._channel: grpc.aio.Channel | None = None
+        self._ca = ca
+        self._cache: dict[ProfileKey, ModelCosts] = {}
+        """By ``ProfileKey.content()``: the same archive from two URIs is profiled once."""
+        self._failures: dict[ProfileKey, InvalidSpec | ProfilerFailed] = {}
+        """What only a new spec can fix (a new key): answered at once, no new Pod."""
+        self._retry_at: dict[ProfileKey, tuple[float, ProfilerFailed]] = {}
+        """A failure that may pass, and when the next profiler Pod may start (no Pod loop)."""
+        self._pending: dict[ProfileKey, _Pending] = {}
+        """By content: the deployment whose profiler Pod is profiling it (others wait for it)."""
+        self._locks: dict[ProfileKey, asyncio.Lock] = {}
 
     async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
+        pass  # one channel per call, closed after it
 
-    def cached(self, spec: DeploymentSpec) -> ModelCosts | None:
-        return self._cache.get(_key(spec))
+    def cached(self, spec: DeploymentSpec, namespace: str) -> ModelCosts | None:
+        return self._cache.get(ProfileKey.of(spec, namespace).content())
 
-    async def costs(self, spec: DeploymentSpec) -> ModelCosts:
-        key = _key(spec)
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:  # one profile per model, however many deployments ask at once
-            if key in self._cache:
-                return self._cache[key]
+    async def costs(
+        self,
+        name: str,
+        namespace: str,
+        uid: str,
+        spec: DeploymentSpec,
+        adopt: Callable[[dict[str, Any]], None],
+    ) -> ModelCosts:
+        """The cached profile, or the next step towards it (raises Profiling, ProfilerFailed,
+        ProfilerUnavailable or InvalidSpec; see the module docstring)."""
+        key = ProfileKey.of(spec, namespace)
+        async with self._locks.setdefault(key.content(), asyncio.Lock()):
+            if key.content() in self._cache:
+                return self._cache[key.content()]
             if key in self._failures:
                 raise self._failures[key]
-            self._cache[key] = await self._fetch(spec, key)
-            return self._cache[key]
+            until, failure = self._retry_at.get(key, (0.0, None))
+            if failure is not None and time.monotonic() < until:
+                raise failure
+            self._retry_at.pop(key, None)
+            return await self._step(name, namespace, uid, spec, adopt, key)
 
-    async def _fetch(self, spec: DeploymentSpec, key: Key) -> ModelCosts:
-        fresh = self._security.refreshed()  # a leaf renewed on disk (cert-manager): a new channel
-        if fresh is not self._security:
-            self._security = fresh
-            if self._channel is not None:
-                await self._channel.close()
-                self._channel = None
-        if self._channel is None:
-            self._channel = transport.channel(
-                self.target,
-                self._security,
-                expect_identity=pki.MONITOR,
-                options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
-            )
-        stub = agent_pb2_grpc.MonitorStub(self._channel)
-        request = agent_pb2.ProfileRequest(
-            model=agent_pb2.StageSpec(model=key[0], seed=key[1], input_shape=list(key[2])), codecs=key[3]
-        )
+    async def _step(
+        self,
+        name: str,
+        namespace: str,
+        uid: str,
+        spec: DeploymentSpec,
+        adopt: Callable[[dict[str, Any]], None],
+        key: ProfileKey,
+    ) -> ModelCosts:
+        what = spec.model.display
+        other = self._pending.get(key.content())
+        if other is not None and other.uid != uid:
+            pod = await self._kube.get("Pod", namespace, other.pod)
+            if pod is not None and not (pod.get("metadata") or {}).get("deletionTimestamp"):
+                raise Profiling(
+                    f"waiting for {what}'s profile from profiler Pod {other.pod} of {other.deployment}"
+                )
+            self._pending.pop(key.content(), None)  # that deployment's Pod is gone: profile here
+        pod_name = profiler_pod_name(name, key.digest())
+        pod = await self._kube.get("Pod", namespace, pod_name)
+        if pod is not None and not owned_by(pod, uid):
+            message = f"Pod {namespace}/{pod_name} exists and is not this deployment's profiler; remove it"
+            raise ProfilerFailed("NameConflict", message)
+        self._pending[key.content()] = _Pending(name, uid, pod_name)
+        if pod is None:
+            await self._start(name, namespace, spec, adopt, key)
+            raise Profiling(f"profiling {what} in profiler Pod {pod_name} (starting)")
+        state = profiler_state(pod, self._config)
+        if state.kind in ("starting", "ending"):
+            raise Profiling(f"profiling {what}: {state.message}")
+        if state.kind == "failed":
+            await self._finish(key, namespace, pod_name)  # the next try starts afresh
+            storage = state.reason in ("InvalidStorage", "StorageUnavailable")
+            message = f"spec.model.storageUri: {state.message}" if storage else state.message
+            failure = ProfilerFailed(state.reason, message, permanent=state.permanent)
+            if failure.permanent:
+                self._failures[key] = failure
+            else:
+                self._retry_at[key] = (time.monotonic() + self._config.infeasible_retry_s, failure)
+            raise failure
         try:
-            answer = await stub.Profile(request, timeout=self._timeout)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() in _TRANSIENT:
+            costs = await self._call(f"{state.address}:{self._config.profiler_port}", name, namespace, spec)
+        except InvalidSpec as exc:
+            self._failures[key] = exc
+            await self._finish(key, namespace, pod_name)
+            raise
+        except ProfilerFailed as exc:
+            self._retry_at[key] = (time.monotonic() + self._config.infeasible_retry_s, exc)
+            await self._finish(key, namespace, pod_name)
+            raise
+        self._cache[key.content()] = costs
+        await self._finish(key, namespace, pod_name)
+        log.info("%s/%s: profiled %s in %s (%d blocks)", namespace, name, what, pod_name, len(costs.blocks))
+        return costs
+
+    async def _start(
+        self,
+        name: str,
+        namespace: str,
+        spec: DeploymentSpec,
+        adopt: Callable[[dict[str, Any]], None],
+        key: ProfileKey,
+    ) -> None:
+        """The profiler's NetworkPolicy and Secret, then its Pod (all owned by the deployment)."""
+        cfg = self._config
+        if cfg.network_policy:
+            policy = profiler_network_policy(name, namespace, spec, cfg)
+            adopt(policy)
+            with contextlib.suppress(Conflict):  # made for an earlier profile: the same policy
+                await self._kube.create(policy)
+        labels = {
+            "amp4ec.io/deployment": label_value(name),
+            "app.kubernetes.io/managed-by": "amp4ec-operator",
+        }
+        issuer = cfg.issuer()
+        if issuer is not None:  # cert-manager issues the leaf; the kubelet waits for its Secret
+            certificate = certmanager.profiler_certificate(name, namespace, issuer, labels)
+            adopt(certificate)
+            with contextlib.suppress(Conflict):
+                await self._kube.create(certificate)
+        elif self._ca is not None:
+            await certs.ensure_profiler(self._kube, self._ca, name, namespace, labels, adopt)
+        pod = profiler_pod(name, namespace, spec, cfg, key.digest())
+        adopt(pod)
+        with contextlib.suppress(Conflict):  # created meanwhile (a restarted operator)
+            await self._kube.create(pod)
+
+    async def _finish(self, key: ProfileKey, namespace: str, pod: str) -> None:
+        self._pending.pop(key.content(), None)
+        await self._kube.delete("Pod", namespace, pod)
+
+    async def _call(self, target: str, name: str, namespace: str, spec: DeploymentSpec) -> ModelCosts:
+        # The model of the Pod's own arguments; the codecs measured when the deployment compresses.
+        request = agent_pb2.ProfileRequest(codecs=spec.compression.enabled)
+        self._security = self._security.refreshed()  # a leaf renewed on disk (cert-manager)
+        async with transport.channel(
+            target,
+            self._security,
+            expect_identity=pki.profiler_identity(namespace, name) if self._config.tls else "",
+            options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
+        ) as channel:
+            try:
+                answer = await agent_pb2_grpc.MonitorStub(channel).Profile(
+                    request, timeout=self._config.profile_timeout_s
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    if spec.model.archive:
+                        raise InvalidSpec(
+                            f"spec.model.storageUri: {spec.model.storage_uri} is not a usable .pt2 archive: "
+                            f"{exc.details()}"
+                        ) from None
+                    raise InvalidSpec(f"spec.model: {exc.details()}") from None
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise ProfilerFailed(
+                        "ProfilerFailed",
+                        f"profiler {target}: {exc.details()} (memory limit "
+                        f"{self._config.profiler_memory}; chart value profiler.memory)",
+                    ) from None
                 raise ProfilerUnavailable(
-                    f"monitor {self.target}: {exc.code().name}: {exc.details() or ''}"
+                    f"profiler {target}: {exc.code().name}: {exc.details() or ''}"
                 ) from None
-            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                error = InvalidSpec(f"spec.model: {exc.details()}")
-                self._failures[key] = error
-                raise error from None
-            raise ProfilerUnavailable(
-                f"monitor {self.target}: {exc.code().name}: {exc.details() or ''}"
-            ) from None
         if not answer.blocks:
-            raise InvalidSpec(f"spec.model: {key[0]!r} has no blocks to place")
+            raise InvalidSpec(f"spec.model: {spec.model.display!r} has no blocks to place")
         blocks = tuple(
             LayerProfile(
                 name=b.name,

@@ -67,7 +67,7 @@ from amp4ec.operator.placement import (
     unschedulable,
 )
 from amp4ec.operator.podsecurity import node_selector
-from amp4ec.operator.profiles import Profiler, ProfilerUnavailable
+from amp4ec.operator.profiles import Profiler, ProfilerFailed, ProfilerUnavailable, Profiling
 from amp4ec.operator.spec import DeploymentSpec, parse_spec
 from amp4ec.operator.status import Phase, condition, merge_conditions, now_iso, with_ready
 from amp4ec.operator.storage_hosts import HostRefused, HostUnresolved, resolve_checked_async
@@ -234,6 +234,7 @@ async def _reconcile(
             nodes,
             pods,
             faults,
+            adopt,
             hysteresis=not spec_changed and not pressed,
             avoid=stuck,
             forced=f"room is asked for on {', '.join(sorted(pressed))}" if pressed else "the spec changed",
@@ -295,6 +296,7 @@ async def _propose(
     node_objs: list[dict[str, Any]],
     pods: list[dict[str, Any]],
     faults: dict[str, Fault],
+    adopt: Callable[[dict[str, Any]], None],
     *,
     hysteresis: bool,
     avoid: Mapping[str, str] | None = None,
@@ -303,7 +305,7 @@ async def _propose(
     """Plan on the healthy nodes and decide (``decide.choose``); a ``Blocked`` decision ends the
     reconciliation here with its condition."""
     with contextlib.suppress(Exception):  # profiled outside the placing lock (errors: in _decide)
-        await deps.profiler.costs(spec)
+        await deps.profiler.costs(t.name, t.namespace, t.uid, spec, adopt)
     async with deps.placing:
         decision = await _decide(
             deps,
@@ -313,6 +315,7 @@ async def _propose(
             node_objs,
             pods,
             faults,
+            adopt,
             hysteresis=hysteresis,
             avoid=avoid or {},
             forced=forced,
@@ -344,6 +347,7 @@ async def _decide(
     node_objs: list[dict[str, Any]],
     pods: list[dict[str, Any]],
     faults: dict[str, Fault],
+    adopt: Callable[[dict[str, Any]], None],
     *,
     hysteresis: bool,
     avoid: Mapping[str, str],
@@ -355,9 +359,16 @@ async def _decide(
     except HostRefused as exc:
         return Blocked("InvalidSpec", f"spec.model.storageUri: refused: {exc}", permanent=True)
     try:
-        costs = await deps.profiler.costs(spec)
+        costs = await deps.profiler.costs(t.name, t.namespace, t.uid, spec, adopt)
     except InvalidSpec as exc:
         return Blocked("InvalidModel", str(exc), permanent=True)
+    except Profiling as exc:
+        if current is not None and hysteresis and not any(f.lost for f in faults.values()):
+            return Keep(None)  # same spec, plan serving: a re-plan waits for the profile (operator restarted)
+        return Blocked("Profiling", str(exc), retry_s=cfg.ready_poll_s)
+    except ProfilerFailed as exc:
+        retry = None if exc.permanent else cfg.infeasible_retry_s
+        return Blocked(exc.reason, str(exc), retry_s=retry, permanent=exc.permanent)
     except ProfilerUnavailable as exc:
         return Blocked("ProfilerUnavailable", str(exc), retry_s=cfg.ready_poll_s * 5)
     now = time.monotonic()

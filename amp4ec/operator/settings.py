@@ -71,7 +71,7 @@ async def configure(
     memo.deps = Deps(
         kube=kube,
         prometheus=Prometheus(config.prometheus_url, timeout_s=config.prometheus_timeout_s),
-        profiler=Profiler(config.profiler, security, timeout_s=config.profile_timeout_s),
+        profiler=Profiler(kube, config, security, ca),
         config=config,
         ca=ca,
     )
@@ -88,9 +88,7 @@ async def configure(
         tmp = Path(config.metrics_port_file + ".tmp")
         tmp.write_text(str(port))
         tmp.replace(config.metrics_port_file)
-    logger.info(
-        "operator metrics on :%d; Prometheus %s; profiler %s", port, config.prometheus_url, config.profiler
-    )
+    logger.info("operator metrics on :%d; Prometheus %s", port, config.prometheus_url)
 
 
 @kopf.on.cleanup()

@@ -72,14 +72,17 @@ class _Strict(BaseModel):
 
 
 class ModelRef(_Strict):
-    """Which model to serve: an architecture by name, optionally with weights from storage."""
+    """Which model to serve: an architecture by name, optionally with weights from storage, or a
+    ``torch.export`` archive (``storageUri`` ending in ``.pt2``, no name)."""
 
     name: str | None = Field(None, min_length=1, max_length=200)
-    """Zoo name (``mobilenet_v2``) or ``package.module:factory``."""
+    """Zoo name (``mobilenet_v2``) or ``package.module:factory``; absent for a ``.pt2`` archive."""
     storage_uri: str | None = Field(None, alias="storageUri", max_length=1000)
-    """A state_dict for ``name``: ``pvc://claim/path`` or ``https://…`` (KServe's style)."""
+    """A state_dict for ``name``, or (ending in ``.pt2``) the model itself as a torch.export
+    archive: ``pvc://claim/path`` or ``https://…`` (KServe's style)."""
     sha256: str | None = None
-    """Hex SHA-256 of the file at ``storageUri``; required for https, checked before loading."""
+    """Hex SHA-256 of the file at ``storageUri``; required for https and for any ``.pt2``,
+    checked before loading."""
     seed: int = Field(0, ge=0, le=2**31 - 1)
     """Seed of the random weights when no storageUri is given (every shard builds the same)."""
 
@@ -115,16 +118,36 @@ class ModelRef(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelRef:
-        if self.name is None:
+        if self.archive:
+            if self.name is not None:
+                raise ValueError(
+                    "name: leave it out with a .pt2 storageUri (the torch.export archive is the model)"
+                )
+            if not self.sha256:
+                raise ValueError(
+                    "sha256: required with a .pt2 storageUri (the profiler and every shard must load "
+                    "the same archive, verified before use)"
+                )
+        elif self.name is None:
             raise ValueError(
-                "name: required (a zoo name or package.module:factory); storageUri holds the weights "
-                "for that architecture"
+                "name: required (a zoo name or package.module:factory), or a storageUri ending in .pt2 "
+                "(a torch.export archive)"
             )
         if self.storage_uri and self.storage_uri.startswith("https://") and not self.sha256:
             raise ValueError("sha256: required with an https:// storageUri (the file is verified before use)")
         if self.sha256 and not self.storage_uri:
             raise ValueError("sha256: given without a storageUri to check")
         return self
+
+    @property
+    def archive(self) -> bool:
+        """The model is the torch.export archive at ``storageUri`` (it ends in ``.pt2``)."""
+        return (self.storage_uri or "").endswith(".pt2")
+
+    @property
+    def display(self) -> str:
+        """What to call the model in messages: its name, or the archive's URI."""
+        return self.name or self.storage_uri or ""
 
     @property
     def pvc(self) -> tuple[str, str] | None:

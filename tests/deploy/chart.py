@@ -136,10 +136,10 @@ FULL_VALUES: dict[str, Any] = {
     "grafana": {"dashboard": {"namespace": "monitoring", "annotations": {"grafana_folder": "amp4ec"}}},
 }
 
-# The operator alone, with an external profiler, no dashboard, no scrape annotations.
+# The operator alone (your own capacity exporters), small profiler Pods, no dashboard, no scrape annotations.
 MINIMAL_VALUES: dict[str, Any] = {
     "monitor": {"enabled": False},
-    "operator": {"profiler": "profiler.ml.svc:50051"},
+    "profiler": {"memory": "512Mi", "cpu": "500m", "activeDeadlineSeconds": 120},
     "metrics": {"podAnnotations": False},
     "grafana": {"dashboard": {"enabled": False}},
     "networkPolicy": {"enabled": False, "shards": False},

@@ -183,7 +183,7 @@ def test_chart_policies_select_the_chart_pods_and_open_only_their_ports(values: 
         for peer in grpc_from
         if peer["podSelector"]["matchLabels"].items() <= w["spec"]["template"]["metadata"]["labels"].items()
     ]  # fmt: skip
-    assert len(selected) == 2  # the operator (profiling) and the monitors (link probes)
+    assert len(selected) == 1  # the monitors (link probes); the operator calls no monitor
     assert not by_kind(render(MINIMAL_VALUES), "NetworkPolicy")
 
 

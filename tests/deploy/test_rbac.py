@@ -27,9 +27,10 @@ from amp4ec.operator import certs
 from amp4ec.operator.capacity import Capacity
 from amp4ec.operator.config import GROUP, PLURAL, OperatorConfig
 from amp4ec.operator.k8s import Kube
-from amp4ec.operator.profiles import ModelCosts
+from amp4ec.operator.profiles import ModelCosts, Profiler
 from amp4ec.operator.reconcile import Deps, Target, reconcile
 from amp4ec.planner.types import LayerProfile, NodeCapacity
+from amp4ec.wire.transport import TransportSecurity
 from tests.deploy.chart import ROOT, one, render
 
 Permission = tuple[str, str, str]  # (apiGroup, resource, verb)
@@ -120,10 +121,11 @@ class RecordingKube(Kube):
         }
 
     def start_pods(self) -> None:
-        """The kubelet: every shard Pod becomes Ready."""
+        """The kubelet: every Pod (shards, a profiler) runs and is Ready."""
         for (plural, _, _), obj in self.objects.items():
             if plural == "pods":
-                obj["status"] = {"conditions": [{"type": "Ready", "status": "True"}]}
+                ready = [{"type": "Ready", "status": "True"}]
+                obj["status"] = {"phase": "Running", "podIP": "10.0.0.9", "conditions": ready}
 
 
 def _merge(target: dict[str, Any], patch: Mapping[str, Any]) -> None:
@@ -134,8 +136,10 @@ def _merge(target: dict[str, Any], patch: Mapping[str, Any]) -> None:
             target[k] = v
 
 
-class Profiles:
-    async def costs(self, spec: Any) -> ModelCosts:
+class Profiles(Profiler):
+    """The real profiler (its Pod, Secret and NetworkPolicy); only the gRPC call is answered here."""
+
+    async def _call(self, target: str, name: str, namespace: str, spec: Any) -> ModelCosts:
         blocks = tuple(LayerProfile(f"b{i}", 10**6, 10**5, 10**4, 5.0) for i in range(4))
         return ModelCosts(blocks=blocks, input_bytes=10**4, reference_ms=10.0)
 
@@ -169,7 +173,7 @@ def _scenario(config: OperatorConfig | None = None) -> RecordingKube:
         kube.add_node(node)
     config = config or OperatorConfig()
     cert_manager = config.issuer() is not None
-    deps = Deps(kube=kube, prometheus=Capacities(), profiler=Profiles(), config=config)  # type: ignore[arg-type]
+    deps = Deps(kube=kube, prometheus=Capacities(), profiler=None, config=config)  # type: ignore[arg-type]
     spec = {
         "model": {"name": "mobilenet_v2"},
         "strategy": "equal",
@@ -200,6 +204,11 @@ def _scenario(config: OperatorConfig | None = None) -> RecordingKube:
             # Start-up (settings.py): the CA Secret, created when missing, and the monitors' leaf.
             deps.ca = await certs.ensure_ca(kube, config.namespace)
             await certs.ensure_monitors(kube, deps.ca, config.namespace)
+        deps.profiler = Profiles(kube, config, TransportSecurity.plaintext(), deps.ca)
+        assert await step("create") == "Profiling"  # a profiler Pod in the deployment's namespace
+        if cert_manager:
+            assert issue_certificates(kube) == 1  # the profiler's own Certificate
+        kube.start_pods()
         await starting("create")
         kube.start_pods()
         assert await step("create") == "Serving"
@@ -221,6 +230,8 @@ def _scenario(config: OperatorConfig | None = None) -> RecordingKube:
         https = "https://198.51.100.7/w.pt"
         spec["model"] = {"name": "mobilenet_v2", "storageUri": https, "sha256": "a" * 64}
         generation[0] = 2
+        assert await step("update") == "Profiling"  # another model file: profiled again
+        kube.start_pods()
         assert await step("update") == "ShardsStarting"
         kube.start_pods()
         assert await step("update") == "Serving"

@@ -15,7 +15,14 @@ probe answers SERVING (on its plaintext health-only port when it has one, as a k
 present a certificate), and maps every Service port to a loopback TCP proxy (kube-proxy's job)
 in front of the ready Pods its selector matches (a named ``targetPort`` resolves through the
 container's ``ports`` to the flag that sets it, e.g. ``--v2-http-port``, read back from the
-port file the rewritten flag names). A container whose process exits is restarted
+port file the rewritten flag names). Init containers run first, in order, each to
+exit 0 (a failure's last log lines become its termination message under
+``FallbackToLogsOnError``); ``emptyDir`` volumes are a directory per Pod shared by its
+containers, a PersistentVolumeClaim the directory ``pvc_root/ns/claim`` (a claim with no
+object in the API leaves the Pod unschedulable, as the scheduler would); ``activeDeadlineSeconds``
+kills a Pod and fails it (``DeadlineExceeded``); a Pod without a data port (``--port``) gets a
+loopback address of its own as ``podIP``, so its fixed container ports are reachable there.
+A container whose process exits is restarted
 per ``restartPolicy`` with the kubelet's CrashLoopBackOff (the first restart at once, then
 10 s doubling to 5 min), each run with a fresh port file, and the Pod status carries what a
 kubelet reports: phase, the Ready and ContainersReady conditions, and ``containerStatuses``
@@ -66,18 +73,20 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import jsonpatch
 import kmock
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kmock._internal import dsl, enums, rendering
 from kmock._internal.dicts import patch_dict
 from kmock._internal.k8s import KubernetesObjectConflictError, KubernetesObjectNotFoundError
 
-__all__ = ["Emulator", "FakeCluster", "Kubectl", "Kubelet"]
+__all__ = ["PVCS", "Emulator", "FakeCluster", "Kubectl", "Kubelet"]
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD = "amp4ec.io/v1alpha1/inferencedeployments"
 PODS = "v1/pods"
 SECRETS = "v1/secrets"
+PVCS = "v1/persistentvolumeclaims"
 SERVICES = "v1/services"
 NODES = "v1/nodes"
 EVENTS = "v1/events"
@@ -89,6 +98,11 @@ def _now() -> str:
 
 class StaleResourceVersion(kmock.KubernetesError):
     pass
+
+
+class PatchTestFailed(kmock.KubernetesError):
+    """A JSON patch whose ``test`` op fails (kopf tests ``resourceVersion``): 422, as an API
+    server answers, so kopf retries on its next cycle instead of re-sending a stale patch."""
 
 
 class Emulator(kmock.KubernetesEmulator):
@@ -111,6 +125,7 @@ class Emulator(kmock.KubernetesEmulator):
             (SERVICES, "Service", True),
             (NODES, "Node", False),
             (EVENTS, "Event", True),
+            (PVCS, "PersistentVolumeClaim", True),
             ("v1/namespaces", "Namespace", False),
         ):
             self.resources[res] = kmock.ResourceInfo(
@@ -191,7 +206,10 @@ class Emulator(kmock.KubernetesEmulator):
                 body = {"status": body.get("status")}
             elif self._has_status(key[0]):
                 body = {k: v for k, v in body.items() if k != "status"}
-        new = copy.deepcopy(dict(patch_dict(old, body)))
+        try:
+            new = copy.deepcopy(dict(patch_dict(old, body)))
+        except jsonpatch.JsonPatchException as exc:
+            raise PatchTestFailed(status=422, reason="Invalid", message=str(exc)) from None
         for fixed in ("uid", "name", "namespace", "creationTimestamp", "resourceVersion", "generation"):
             if fixed in old["metadata"]:
                 new.setdefault("metadata", {})[fixed] = old["metadata"][fixed]
@@ -369,6 +387,20 @@ class _Container:
     pod_scheduled_at: str = field(default_factory=_now)
     sd_file: Path | None = None
     """Its file_sd target file, written while the process runs (a scraped Pod only)."""
+    ip: str = "127.0.0.1"
+    """The Pod's IP: its own loopback address when it serves no data port (``--port``), so that a
+    fixed container port (a profiler's control port) is reachable at podIP:port as in a cluster."""
+    admitted_at: float = 0.0
+    init_done: int = 0
+    """Init containers that completed (they run in order, each to exit 0, before the container)."""
+    init_popen: subprocess.Popen[bytes] | None = None
+    init_log: Path | None = None
+    init_statuses: list[dict[str, Any]] = field(default_factory=list)
+    init_failed: bool = False
+    """An init container failed under ``restartPolicy: Never``: the Pod has Failed."""
+    init_restart_at: float | None = None
+    deadline_exceeded: bool = False
+    """``activeDeadlineSeconds`` passed: every container killed, the Pod Failed (DeadlineExceeded)."""
 
     @property
     def running(self) -> bool:
@@ -403,6 +435,10 @@ class Kubelet:
     )
     """(namespace, Service, target port name) → proxy of a Service's ports after its first."""
     _rr: itertools.count[int] = field(default_factory=itertools.count)
+    _ips: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    pvc_root: Path | None = None
+    """A PersistentVolumeClaim ``ns/claim`` (an object in the API) holds the files of
+    ``pvc_root/ns/claim`` (default: ``workdir/pvcs``)."""
 
     def service_port(self, namespace: str, name: str) -> int | None:
         entry = self.proxies.get((namespace, name))
@@ -415,13 +451,15 @@ class Kubelet:
         port_file: Path,
         metrics_port: int | None,
         mounts: dict[str, Path] | None = None,
+        ip: str = "127.0.0.1",
     ) -> list[str] | None:
         out: list[str] = []
         it = iter(args)
         for a in it:
-            for mount_path, local in (mounts or {}).items():
-                if a.startswith(mount_path + "/"):
+            for mount_path, local in sorted((mounts or {}).items(), key=lambda m: -len(m[0])):
+                if a == mount_path or a.startswith(mount_path + "/"):
                     a = str(local) + a[len(mount_path) :]
+                    break  # the deepest mount holds the path (a rewritten path may be under /tmp)
             if a == "--port":
                 next(it)
                 out += ["--port", "0", "--port-file", str(port_file)]
@@ -433,7 +471,7 @@ class Kubelet:
                 out += [a, "0", f"{a}-file", str(port_file.with_suffix(_PORT_FLAGS[a]))]
             elif a == "--host":
                 next(it)
-                out += ["--host", "127.0.0.1"]
+                out += ["--host", ip]
             elif a == "--metrics-port":
                 next(it)  # many Pods on one host: no fixed metrics ports
                 if metrics_port is not None:
@@ -453,16 +491,25 @@ class Kubelet:
         container = pod["spec"]["containers"][0]
         probe = ((container.get("readinessProbe") or {}).get("grpc") or {}).get("service", "")
         scraped = self.sd_dir is not None and _scraped(pod)
+        ip = "127.0.0.1"
+        if "--port" not in container.get("args", []):
+            n = next(self._ips)
+            ip = f"127.77.{n // 250}.{n % 250 + 1}"
         return _Container(
             uid=pod["metadata"]["uid"],
             pod=pod,
             probe_service=probe,
             metrics_port=_free_port() if scraped else None,
             restart_policy=pod["spec"].get("restartPolicy", "Always"),
+            ip=ip,
+            admitted_at=time.monotonic(),
         )
 
     def _start(self, c: _Container) -> bool:
-        """Start (or restart) the container's process; False while a Service it needs is missing."""
+        """Start (or restart) the container's process, its init containers first; False while a
+        Service, Secret or claim it needs is missing or an init container has not completed."""
+        if c.deadline_exceeded or not self._initialised(c):
+            return False
         meta = c.pod["metadata"]
         container = c.pod["spec"]["containers"][0]
         # A fresh port file per run: the dead run's file names a port nobody listens on.
@@ -470,7 +517,7 @@ class Kubelet:
         port_file = self.workdir / f"{stem}.port"
         port_file.unlink(missing_ok=True)
         port_file.with_suffix(".health").unlink(missing_ok=True)
-        mounts = self._secret_volumes(c.pod, self.workdir / f"{stem}.volumes")
+        mounts = self._volumes(c, container, self.workdir / f"{stem}.volumes")
         if mounts is None:
             return False  # a Secret it mounts is not there yet: the kubelet waits too
         if c.metrics_port is not None:
@@ -478,7 +525,7 @@ class Kubelet:
             # port) before the process binds it, and a restart must not fail the same way again.
             c.metrics_port = _free_port()
         args = self._rewrite(
-            list(container.get("args", [])), meta["namespace"], port_file, c.metrics_port, mounts
+            list(container.get("args", [])), meta["namespace"], port_file, c.metrics_port, mounts, c.ip
         )
         if args is None:
             return False
@@ -500,7 +547,96 @@ class Kubelet:
             _write_atomic(c.sd_file, json.dumps([_sd_target(c.pod, f"127.0.0.1:{c.metrics_port}")]))
         return True
 
-    def _secret_volumes(self, pod: dict[str, Any], root: Path) -> dict[str, Path] | None:
+    def _claim_dir(self, namespace: str, claim: str) -> Path:
+        return (self.pvc_root or self.workdir / "pvcs") / namespace / claim
+
+    def _missing_claim(self, pod: dict[str, Any]) -> str | None:
+        """A PersistentVolumeClaim the Pod mounts that has no object in the API (the scheduler
+        leaves such a Pod unscheduled), or None."""
+        ns = pod["metadata"]["namespace"]
+        claims = {
+            o["metadata"]["name"]
+            for o in self.emulator.live_objects(PVCS)
+            if o["metadata"]["namespace"] == ns
+        }
+        wanted = [
+            v["persistentVolumeClaim"]["claimName"]
+            for v in pod["spec"].get("volumes", [])
+            if "persistentVolumeClaim" in v
+        ]
+        return next((c for c in wanted if c not in claims), None)
+
+    def _volumes(self, c: _Container, container: dict[str, Any], root: Path) -> dict[str, Path] | None:
+        """mountPath → local directory of each of ``container``'s volumes: its Secret items
+        written afresh (None while a Secret is missing), a Pod-long ``emptyDir``, a claim's directory."""
+        mounts = self._secret_volumes(c.pod, container, root)
+        if mounts is None:
+            return None
+        meta = c.pod["metadata"]
+        volumes = {v["name"]: v for v in c.pod["spec"].get("volumes", [])}
+        for m in container.get("volumeMounts", []):
+            v = volumes.get(m["name"], {})
+            if "emptyDir" in v:
+                local = self.workdir / f"{meta['namespace']}-{meta['name']}-{meta['uid'][:8]}.{m['name']}"
+                local.mkdir(mode=0o700, exist_ok=True)
+                mounts[m["mountPath"]] = local
+            elif "persistentVolumeClaim" in v:
+                mounts[m["mountPath"]] = self._claim_dir(
+                    meta["namespace"], v["persistentVolumeClaim"]["claimName"]
+                )
+        return mounts
+
+    def _initialised(self, c: _Container) -> bool:
+        """Run the Pod's init containers in order, one step per sync; True once all exited 0."""
+        inits = c.pod["spec"].get("initContainers") or []
+        now = time.monotonic()
+        while c.init_done < len(inits):
+            spec = inits[c.init_done]
+            if c.init_popen is None:
+                if c.init_failed or (c.init_restart_at is not None and now < c.init_restart_at):
+                    return False
+                meta = c.pod["metadata"]
+                stem = f"{meta['namespace']}-{meta['name']}-{meta['uid'][:8]}-init"
+                stem += f"{c.init_done}-{len(c.init_statuses)}"
+                mounts = self._volumes(c, spec, self.workdir / f"{stem}.volumes")
+                if mounts is None:
+                    return False
+                args = self._rewrite(
+                    list(spec.get("args", [])), meta["namespace"], Path(os.devnull), None, mounts
+                )
+                if args is None:
+                    return False
+                command = [sys.executable if x == "python" else x for x in spec.get("command", [])]
+                env = {**self.env, **{e["name"]: e["value"] for e in spec.get("env", [])}}
+                c.init_log = self.workdir / f"{stem}.log"
+                with c.init_log.open("wb") as out:
+                    c.init_popen = subprocess.Popen(
+                        command + args, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT
+                    )
+                return False
+            code = c.init_popen.poll()
+            if code is None:
+                return False
+            c.init_popen = None
+            terminated: dict[str, Any] = {"exitCode": code, "reason": "Completed" if code == 0 else "Error"}
+            if code != 0 and spec.get("terminationMessagePolicy") == "FallbackToLogsOnError" and c.init_log:
+                lines = c.init_log.read_text(errors="replace").splitlines()[-80:]  # a kubelet's tail
+                terminated["message"] = "\n".join(lines)[-2048:]
+            c.init_statuses.append({"name": spec["name"], "terminated": terminated})
+            if code == 0:
+                c.init_done += 1
+                continue
+            if c.restart_policy == "Never":
+                c.init_failed = True
+            else:
+                c.init_restart_at = now + max(c.backoff_s, 1.0)
+                c.backoff_s = min(self.backoff_max_s, max(self.backoff_initial_s, 2 * c.backoff_s))
+            return False
+        return True
+
+    def _secret_volumes(
+        self, pod: dict[str, Any], container: dict[str, Any], root: Path
+    ) -> dict[str, Path] | None:
         """Write each Secret volume's items (0700 directory, the volume's mode) → mountPath: local dir."""
         ns = pod["metadata"]["namespace"]
         secrets = {
@@ -510,7 +646,7 @@ class Kubelet:
         }
         volumes = {v["name"]: v["secret"] for v in pod["spec"].get("volumes", []) if "secret" in v}
         mounts: dict[str, Path] = {}
-        for m in pod["spec"]["containers"][0].get("volumeMounts", []):
+        for m in container.get("volumeMounts", []):
             source = volumes.get(m["name"])
             if source is None:
                 continue
@@ -554,7 +690,8 @@ class Kubelet:
     async def _probe(self, c: _Container) -> bool:
         if not c.running:
             return False
-        if c.port is None:
+        has_port = "--port" in c.pod["spec"]["containers"][0].get("args", [])
+        if c.port is None and has_port:
             assert c.port_file is not None
             try:
                 c.port = int(c.port_file.read_text())
@@ -568,7 +705,9 @@ class Kubelet:
             except (OSError, ValueError):
                 return False
         try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{probe_port}") as channel:
+            if probe_port is None:
+                return False
+            async with grpc.aio.insecure_channel(f"{c.ip}:{probe_port}") as channel:
                 answer = await health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(service=c.probe_service), timeout=1.0
                 )
@@ -580,6 +719,9 @@ class Kubelet:
     def _terminate(c: _Container, grace_s: float) -> None:
         """SIGTERM, then SIGKILL once the grace period is over, as a kubelet (in a thread)."""
         _forget_target(c)
+        if c.init_popen is not None and c.init_popen.poll() is None:
+            c.init_popen.kill()
+            c.init_popen.wait()
         if c.popen is not None and c.popen.poll() is None:
             c.popen.send_signal(signal.SIGTERM)
             try:
@@ -620,7 +762,8 @@ class Kubelet:
         for pod in waiting:
             meta = pod["metadata"]
             fits, reasons = None, []
-            for node in nodes:
+            claim = self._missing_claim(pod)
+            for node in nodes if claim is None else ():
                 why = _unfit(pod, node, used.get(node["metadata"]["name"], {}))
                 if why:
                     reasons += why
@@ -632,6 +775,8 @@ class Kubelet:
                     counts[r] = counts.get(r, 0) + 1
                 detail = ", ".join(f"{n} {r}" for r, n in sorted(counts.items()))
                 message = f"0/{len(nodes)} nodes are available" + (f": {detail}." if detail else ".")
+                if claim is not None:
+                    message = f'persistentvolumeclaim "{claim}" not found'
                 scheduled = {
                     "type": "PodScheduled",
                     "status": "False",
@@ -738,6 +883,13 @@ class Kubelet:
             if self._node(c.pod) in self.dead:
                 continue  # nothing runs, restarts or reports there
             stalled = self._node(c.pod) in self.stalled
+            deadline = c.pod["spec"].get("activeDeadlineSeconds")
+            if deadline and not c.deadline_exceeded and now - c.admitted_at > float(deadline):
+                c.deadline_exceeded = True  # the kubelet kills every container; the Pod Failed
+                for proc in (c.init_popen, c.popen):
+                    if proc is not None and proc.poll() is None:
+                        proc.kill()
+                        proc.wait()
             if c.popen is None:
                 if not stalled:
                     self._start(c)
@@ -992,13 +1144,42 @@ def _has_labels(obj: dict[str, Any], selector: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
 
+def _init_statuses(c: _Container, inits: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``initContainerStatuses``: done ones terminated, the current one running (or terminated
+    when it failed), later ones waiting."""
+    last = {s["name"]: s["terminated"] for s in c.init_statuses}
+    out = []
+    for n, spec in enumerate(inits):
+        name = spec["name"]
+        if n < c.init_done or (n == c.init_done and c.init_popen is None and name in last):
+            state: dict[str, Any] = {"terminated": last[name]}
+        elif n == c.init_done and c.init_popen is not None:
+            state = {"running": {}}
+        else:
+            state = {"waiting": {"reason": "PodInitializing"}}
+        out.append({"name": name, "state": state, "ready": n < c.init_done})
+    return out
+
+
 def _pod_status(c: _Container, now: float) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The Pod status a kubelet reports for this container: phase, Ready/ContainersReady and
     containerStatuses (state, lastState, restartCount, ready); with the fields that matter for
     a change first (timestamps alone do not make a new status)."""
     restarts = max(0, c.runs - 1)
     state: dict[str, Any]
-    if c.popen is None:
+    inits = c.pod["spec"].get("initContainers") or []
+    extra: dict[str, Any] = {}
+    if c.deadline_exceeded:
+        phase, state = "Failed", {"terminated": {"exitCode": 137, "reason": "Error"}}
+        extra = {
+            "reason": "DeadlineExceeded",
+            "message": "Pod was active on the node longer than the specified deadline",
+        }
+    elif c.popen is None and c.init_failed:
+        phase, state = "Failed", {"waiting": {"reason": "PodInitializing"}}
+    elif c.popen is None and c.init_done < len(inits):
+        phase, state = "Pending", {"waiting": {"reason": "PodInitializing"}}
+    elif c.popen is None:
         phase, state = "Pending", {"waiting": {"reason": "ContainerCreating"}}
     elif c.running:
         phase, state = "Running", {"running": {"startedAt": c.started_iso}}
@@ -1020,18 +1201,23 @@ def _pod_status(c: _Container, now: float) -> tuple[tuple[Any, ...], dict[str, A
         "state": state,
         "lastState": {"terminated": c.last_exit} if c.last_exit and not {"terminated"} & set(state) else {},
     }
-    status = {
+    status: dict[str, Any] = {
         "phase": phase,
-        "podIP": "127.0.0.1",
+        "podIP": c.ip,
         "conditions": [
             {"type": "PodScheduled", "status": "True", "lastTransitionTime": c.pod_scheduled_at},
             {"type": "Ready", "status": ready, "lastTransitionTime": c.ready_since},
             {"type": "ContainersReady", "status": ready, "lastTransitionTime": c.ready_since},
         ],
         "containerStatuses": [container],
+        **extra,
     }
+    if inits:
+        status["initContainerStatuses"] = _init_statuses(c, inits)
     (kind,) = state
-    return (phase, c.ready, restarts, kind, state[kind].get("reason")), status
+    init_key = tuple((s["name"], s["terminated"]["exitCode"]) for s in c.init_statuses)
+    key = (phase, c.ready, restarts, kind, state[kind].get("reason"), init_key, c.init_done)
+    return key, status
 
 
 class FakeCluster:
@@ -1086,6 +1272,13 @@ class FakeCluster:
     def service_port(self, namespace: str, name: str) -> int | None:
         assert self.kubelet is not None
         return self.kubelet.service_port(namespace, name)
+
+    def claim_dir(self, namespace: str, claim: str) -> Path:
+        """Where the files of PersistentVolumeClaim ``namespace/claim`` live (created)."""
+        assert self.kubelet is not None
+        path = self.kubelet._claim_dir(namespace, claim)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
     def routed_port(self, namespace: str, name: str, target: str | None = None) -> int | None:
         """See ``Kubelet.routed_port`` (read on the cluster's loop, between syncs)."""

@@ -24,6 +24,7 @@ import pytest
 from amp4ec import pki
 from amp4ec.operator.certs import CA_SECRET, client_secret_name
 from tests.operator.cluster import CRD, NODES, PODS, ROOT, SECRETS, SERVICES, FakeCluster, Kubectl, environ
+from tests.operator.store import certificate
 from tests.waiting import wait_for as _wait_for
 
 NODE_NAMES = ("edge-a", "edge-b", "edge-c")
@@ -72,7 +73,7 @@ class Monitor:
     node: str
     proc: subprocess.Popen[bytes]
     port: int
-    """The control port (Monitor.Profile; mutual TLS, the operator's identity only)."""
+    """The control port (mutual TLS: peer monitors may Echo; Monitor.Profile is refused)."""
     metrics_port: int
     override: Path
     log: Path
@@ -234,6 +235,9 @@ class Env:
     monitors: dict[str, Monitor]
     operator: Operator
     workdir: Path
+    store_tls: tuple[Path, Path]
+    """(certificate, key) of the HTTPS model store tests may run: every process of the cluster
+    trusts it (``SSL_CERT_FILE``), as a cluster would trust a store's CA."""
 
     def deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self.kubectl.get(CRD, namespace, name)
@@ -311,7 +315,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     binary = require_prometheus()
     workdir = tmp_path_factory.mktemp("operator")
     started: list[subprocess.Popen[bytes]] = []
-    with FakeCluster(workdir, environ()) as cluster:
+    store_tls = certificate(workdir)
+    with FakeCluster(workdir, environ({"SSL_CERT_FILE": str(store_tls[0])})) as cluster:
         kubectl = Kubectl(cluster.url)
         try:
             for name in NODE_NAMES:
@@ -336,7 +341,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                 {
                     "KUBECONFIG": str(cluster.kubeconfig(workdir / "kubeconfig.json")),
                     "AMP4EC_PROMETHEUS_URL": prometheus.url,
-                    "AMP4EC_PROFILER": monitors[NODE_NAMES[0]].address,
+                    # The test's model store listens on loopback (the chart's storageAllowedNetworks).
+                    "AMP4EC_STORAGE_ALLOWED_NETWORKS": "127.0.0.0/8",
                     "AMP4EC_OPERATOR_METRICS_PORT": "0",
                     "AMP4EC_METRICS_PORT_FILE": str(workdir / "operator-metrics.port"),
                     "AMP4EC_READY_POLL_S": "1",
@@ -352,7 +358,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                 operator_env, workdir / "operator.log", metrics_port_file=workdir / "operator-metrics.port"
             )
             operator.start()
-            e = Env(cluster, kubectl, prometheus, monitors, operator, workdir)
+            e = Env(cluster, kubectl, prometheus, monitors, operator, workdir, store_tls)
             # Every node's capacity visible in Prometheus before any test plans.
             wait_for(
                 lambda: len(prometheus.query("amp4ec_node_workload_ms")) == len(NODE_NAMES),

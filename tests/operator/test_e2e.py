@@ -10,7 +10,10 @@ puts it back, and ``e2e`` checks that before and after each test.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import http.client
+import io
 import itertools
 import json
 import re
@@ -21,6 +24,7 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +32,12 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from cryptography import x509
 
-from tests.operator.cluster import CRD, PODS, ROOT, SERVICES, environ
+from amp4ec.wire import transport
+from tests.operator.cluster import CRD, PODS, PVCS, ROOT, SECRETS, SERVICES, environ
 from tests.operator.conftest import MEASURE_WINDOW, NODE_NAMES, Env, Namespace, restore_capacity, wait_for
+from tests.operator.store import Store
 
 pytestmark = pytest.mark.slow
 
@@ -106,7 +113,9 @@ def _ready(pod: dict[str, Any]) -> bool:
 
 
 def owned(env: Env, namespace: str, resource_: str, name: str) -> list[dict[str, Any]]:
-    return env.kubectl.list(resource_, namespace, f"amp4ec.io/deployment={name}")
+    """A deployment's Services, or its shard Pods (not its short-lived profiler Pod)."""
+    role = ",amp4ec.io/role=shard" if resource_ == PODS else ""
+    return env.kubectl.list(resource_, namespace, f"amp4ec.io/deployment={name}{role}")
 
 
 def test_create_plans_places_shards_and_answers_like_the_monolith(ns: Namespace, tmp_path: Path) -> None:
@@ -505,7 +514,8 @@ def test_operator_restart_mid_reconcile_converges_without_duplicates(ns: Namespa
     assert any(s["node"] == "edge-b" and (s["firstBlock"], s["lastBlock"]) == (0, 1) for s in stages)
     pods = owned(env, n, PODS, "pinned")
     assert len(pods) == len(stages)
-    assert len(env.cluster.names(PODS, n)) == len(stages), "a Pod was created twice"
+    shards = {p for p in env.cluster.names(PODS, n) if "-profiler-" not in p}
+    assert len(shards) == len(stages), "a Pod was created twice"
 
 
 def test_delete_removes_everything_owned(ns: Namespace) -> None:
@@ -522,3 +532,178 @@ def test_delete_removes_everything_owned(ns: Namespace) -> None:
         "owned Pods and Services to go",
     )
     wait_for(lambda: not env.cluster.pod_processes(n), 30, "shard processes to stop")
+
+
+# --- A user's own model: a .pt2 from storage, profiled in the user's namespace ---------------
+
+
+@pytest.fixture(scope="module")
+def store(env: Env) -> Iterator[Store]:
+    """An HTTPS model store on loopback whose certificate the cluster's processes trust."""
+    with Store(*env.store_tls) as s:
+        yield s
+
+
+def exported(seed: int = 11) -> tuple[torch.export.ExportedProgram, bytes]:
+    """A user's model as a user makes it: a tiny CNN with a residual, torch.export'ed and saved."""
+    from tests.model_zoo import ResidualNet
+
+    torch.manual_seed(seed)
+    program = torch.export.export(ResidualNet().eval(), (torch.randn(1, 3, 16, 16),))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return program, buffer.getvalue()
+
+
+def history_of(env: Env, namespace: str, name: str) -> list[dict[str, Any]]:
+    return [v for v in env.cluster.history(CRD, namespace, name) if v is not None]
+
+
+def profiler_pods(env: Env, namespace: str) -> list[str]:
+    return sorted(p for p in env.cluster.names(PODS, namespace) if "-profiler-" in p)
+
+
+def test_a_users_pt2_from_https_or_a_claim_is_profiled_in_its_namespace_and_serves_like_the_monolith(
+    ns: Namespace, store: Store, tmp_path: Path
+) -> None:
+    env, n = ns.env, ns.name
+    program, data = exported()
+    digest = hashlib.sha256(data).hexdigest()
+    store.files["/models/residual.pt2"] = data
+    # The same archive on a claim in the namespace (mounted read-only by the initializer only).
+    env.kubectl.create(PVCS, {"metadata": {"name": "models", "namespace": n}, "spec": {}})
+    (env.cluster.claim_dir(n, "models") / "team").mkdir()
+    (env.cluster.claim_dir(n, "models") / "team" / "residual.pt2").write_bytes(data)
+    spec = {
+        "model": {"storageUri": store.url("/models/residual.pt2"), "sha256": digest},
+        "placement": [{"firstBlock": 0, "lastBlock": 1, "node": "edge-a"}],  # two stages at least
+        "replan": {"intervalSeconds": 5, "gainThreshold": 0.05},
+    }
+    uid = ns.create("mine", spec)["metadata"]["uid"]
+    wait_for(lambda: profiler_pods(env, n), 60, "mine's profiler Pod")
+    claimed = {
+        "model": {"storageUri": "pvc://models/team/residual.pt2", "sha256": digest},
+        "objective": "latency",
+    }
+    ns.create("claimed", claimed)  # waits for mine's profile: the same archive
+    obj = wait_serving(env, n, "mine")
+    stages = obj["status"]["plan"]["stages"]
+    assert len(stages) >= 2
+
+    # Profiled once (the claim holds the same archive: its digest names it), in a Pod of the
+    # user's namespace: its identity, its limits, then deleted.
+    (name,) = profiler_pods(env, n)
+    versions = env.cluster.history(PODS, n, name)
+    assert versions[-1] is None, "the profiler Pod is deleted once it answered"
+    pod = versions[0]
+    assert pod is not None and pod["metadata"]["ownerReferences"][0]["uid"] == uid
+    podspec = pod["spec"]
+    (container,) = podspec["containers"]
+    assert "--profiler" in container["args"] and "--port" not in container["args"]  # Profile only
+    assert container["resources"]["limits"] == {"cpu": "1", "memory": "2Gi"}
+    assert podspec["activeDeadlineSeconds"] == 600 and podspec["restartPolicy"] == "Never"
+    assert podspec["automountServiceAccountToken"] is False
+    assert (
+        podspec["securityContext"]["runAsNonRoot"] and container["securityContext"]["readOnlyRootFilesystem"]
+    )
+    (init,) = podspec["initContainers"]
+    assert init["args"][init["args"].index("--sha256") + 1] == digest
+    tls = next(v for v in podspec["volumes"] if v["name"] == "tls")["secret"]["secretName"]
+    leaf = base64.b64decode(env.kubectl.get(SECRETS, n, tls)["data"]["tls.crt"])
+    names = x509.load_pem_x509_certificate(leaf).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
+    assert names.value.get_values_for_type(x509.DNSName) == [
+        f"profiler.mine.{n}.amp4ec"
+    ]  # never the monitors'
+    policy = env.kubectl.get("networking.k8s.io/v1/networkpolicies", n, "mine-profiler")
+    assert policy is not None and len(policy["spec"]["ingress"]) == 1  # the operator only
+    said = [c for v in history_of(env, n, "mine") for c in (v.get("status") or {}).get("conditions") or ()]
+    assert any(c["type"] == "Planned" and c["reason"] == "Profiling" and name in c["message"] for c in said)
+
+    # Each shard fetched and verified the archive itself and serves only its blocks of it.
+    for shard in owned(env, n, PODS, "mine"):
+        args = shard["spec"]["containers"][0]["args"]
+        assert args[args.index("--model") + 1] == f"/mnt/models/{digest}.pt2"
+        stage = next(s for s in stages if str(s["stage"]) == shard["metadata"]["labels"]["amp4ec.io/stage"])
+        assert args[args.index("--first-block") + 1] == str(stage["firstBlock"])
+        assert args[args.index("--last-block") + 1] == str(stage["lastBlock"])
+    assert store.requests.count("/models/residual.pt2") == 1 + len(stages)  # the profiler, each shard
+
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        expected = program.module()(x)
+    torch.testing.assert_close(infer(env, n, "mine", x, tmp_path), expected)
+    wait_serving(env, n, "claimed")
+    torch.testing.assert_close(infer(env, n, "claimed", x, tmp_path), expected)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_wrong_digest_an_unreachable_uri_a_non_archive_and_a_missing_claim_each_say_so(
+    ns: Namespace, store: Store
+) -> None:
+    env, n = ns.env, ns.name
+    _, data = exported(seed=12)
+    digest = hashlib.sha256(data).hexdigest()
+    junk = b"PK\x03\x04 not an archive"
+    store.files["/m.pt2"], store.files["/junk.pt2"] = data, junk
+    ns.create("wrong-digest", {"model": {"storageUri": store.url("/m.pt2"), "sha256": "0" * 64}})
+    unreachable = f"https://127.0.0.1:{_closed_port()}/m.pt2"
+    ns.create("unreachable", {"model": {"storageUri": unreachable, "sha256": digest}})
+    junk_sha = hashlib.sha256(junk).hexdigest()
+    ns.create("not-archive", {"model": {"storageUri": store.url("/junk.pt2"), "sha256": junk_sha}})
+    ns.create("no-claim", {"model": {"storageUri": "pvc://nowhere/m.pt2", "sha256": digest}})
+    expected = {
+        "wrong-digest": ("InvalidStorage", f"sha256 expected {'0' * 64}, actual {digest}"),
+        "unreachable": ("StorageUnavailable", "Connection refused"),
+        "not-archive": ("InvalidStorage", "not a .pt2 archive"),
+        "no-claim": ("StorageUnavailable", 'persistentvolumeclaim "nowhere" not found'),
+    }
+    try:
+        for name, (reason, cause) in expected.items():
+            planned = wait_for(
+                lambda name=name, reason=reason: reason_is(env, n, name, "Planned", reason),
+                90,
+                f"{name}: {reason}",
+            )
+            assert planned["message"].startswith("spec.model.storageUri: ") and cause in planned["message"], (
+                planned
+            )
+            assert not owned(env, n, PODS, name), f"{name} got shard Pods"
+    except AssertionError:
+        print(env.logs())
+        raise
+    assert (env.deployment(n, "wrong-digest") or {})["status"]["phase"] == "Failed"  # the spec must change
+    assert (env.deployment(n, "unreachable") or {})["status"]["phase"] == "Planning"  # retried
+
+
+def test_the_cluster_wide_monitor_refuses_to_profile_any_model(e2e: Env) -> None:
+    from amp4ec import pki
+    from amp4ec.wire.transport import TransportSecurity
+    from amp4ec.wire.v1 import agent_pb2, agent_pb2_grpc
+
+    secret = e2e.kubectl.get(SECRETS, "amp4ec-system", "amp4ec-ca")
+    ca = pki.CertificateAuthority.load(*(base64.b64decode(secret["data"][k]) for k in ("ca.crt", "ca.key")))
+    own = ca.issue(pki.OPERATOR)  # even the operator's own identity
+    security = TransportSecurity(ca.cert_pem, own.cert_pem, own.key_pem)
+    monitor = e2e.monitors[NODE_NAMES[0]]
+
+    async def profile(model: str) -> grpc.StatusCode:
+        async with transport.channel(monitor.address, security, expect_identity=pki.MONITOR) as channel:
+            request = agent_pb2.ProfileRequest(model=agent_pb2.StageSpec(model=model))
+            try:
+                await agent_pb2_grpc.MonitorStub(channel).Profile(request, timeout=30)
+            except grpc.aio.AioRpcError as exc:
+                assert "profiles no model" in (exc.details() or ""), exc.details()
+                return exc.code()
+        return grpc.StatusCode.OK
+
+    for model in ("tests.model_zoo:residual_net", "mobilenet_v2"):  # an allowed factory, a zoo model
+        assert asyncio.run(profile(model)) == grpc.StatusCode.PERMISSION_DENIED
+    assert monitor.proc.poll() is None  # alive, and still publishing capacity
+    assert e2e.prometheus.query(f'amp4ec_node_workload_ms{{node="{monitor.node}"}}')

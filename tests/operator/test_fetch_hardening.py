@@ -7,10 +7,9 @@ exactly as the chart's ``operator.storageAllowedNetworks`` would.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import http.server
-import ipaddress
+import socket
 import ssl
 import threading
 from collections.abc import Iterator
@@ -18,46 +17,13 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from amp4ec.operator.fetch import FetchError, fetch, main
 from amp4ec.operator.storage_hosts import parse_networks
+from tests.operator.store import certificate
 
 BODY = b"weights" * 1000
 LOOPBACK = parse_networks(["127.0.0.0/8"])
-
-
-def _certificate(tmp: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 (its own CA): (cert, key) PEM files."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "amp4ec test store")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp / "store.pem", tmp / "store.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    key_path.chmod(0o600)
-    return cert_path, key_path
 
 
 class _Store(http.server.BaseHTTPRequestHandler):
@@ -92,7 +58,7 @@ class _Store(http.server.BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """(base URL, CA file) of an HTTPS model store on 127.0.0.1."""
-    cert, key = _certificate(tmp_path_factory.mktemp("store"))
+    cert, key = certificate(tmp_path_factory.mktemp("store"))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Store)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
@@ -181,3 +147,41 @@ def test_the_command_line_exits_2_with_the_reason(tmp_path: Path, capsys: pytest
     assert "storage initializer:" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--uri", "https://h/x", "--out", str(tmp_path / "w.pt"), "--allow-network", "nonsense"])
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_exit_code_says_whether_trying_again_may_help(
+    store: tuple[str, str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """2: only the spec can fix it (digest, 404, refused); 3: it may pass (unreachable, a claim's
+    file not there yet). The operator retries only the second (operator/storage.py)."""
+    base, ca = store
+    monkeypatch.setenv("SSL_CERT_FILE", ca)
+    digest = hashlib.sha256(BODY).hexdigest()
+    out = str(tmp_path / "w.pt")
+    loopback = ["--allow-network", "127.0.0.0/8"]
+    (tmp_path / "junk.pt2").write_bytes(b"PK\x03\x04 not a zip file")
+    cases = [
+        (["--uri", "pvc://models/junk.pt2", "--pvc-mount", str(tmp_path)], 2, "not a .pt2 archive"),
+        (["--uri", f"{base}/w.pt", "--sha256", "0" * 64], 2, f"sha256 expected {'0' * 64}, actual {digest}"),
+        (["--uri", f"{base}/missing.pt"], 2, "HTTP 404"),
+        (["--uri", f"https://127.0.0.1:{_closed_port()}/w.pt"], 3, "refused"),
+        (
+            ["--uri", "pvc://models/not-yet.pt", "--pvc-mount", str(tmp_path)],
+            3,
+            "no file not-yet.pt in the claim",
+        ),
+    ]
+    for args, code, message in cases:
+        with pytest.raises(SystemExit) as info:
+            main([*args, "--out", out, *loopback])
+        assert info.value.code == code, args
+        assert message in capsys.readouterr().err.splitlines()[-1], args

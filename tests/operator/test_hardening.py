@@ -167,7 +167,7 @@ class FakeKube:
 
 
 class Profiles:
-    async def costs(self, spec: Any) -> ModelCosts:
+    async def costs(self, name: str, namespace: str, uid: str, spec: Any, adopt: Any) -> ModelCosts:
         blocks = tuple(LayerProfile(f"b{i}", 10**6, 10**5, 10**4, 5.0) for i in range(4))
         return ModelCosts(blocks=blocks, input_bytes=10**4, reference_ms=10.0)
 

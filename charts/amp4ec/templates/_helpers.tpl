@@ -65,17 +65,6 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s:%s" .Values.agent.image.repository (default .Chart.AppVersion .Values.agent.image.tag) }}
 {{- end }}
 
-{{/* host:port the operator asks for block profiles (Monitor.Profile, on the monitors' control port). */}}
-{{- define "amp4ec.profiler" -}}
-{{- if .Values.operator.profiler }}
-{{- .Values.operator.profiler }}
-{{- else if .Values.monitor.enabled }}
-{{- printf "%s.%s.svc:%d" (include "amp4ec.monitorName" .) .Release.Namespace (int .Values.monitor.controlPort) }}
-{{- else }}
-{{- fail "operator.profiler is required when monitor.enabled is false (the operator profiles models through a monitor)" }}
-{{- end }}
-{{- end }}
-
 {{/* A map as K=V,K2=V2 (sorted keys), the format of AMP4EC_SHARD_ENV. */}}
 {{- define "amp4ec.keyValues" -}}
 {{- $pairs := list }}

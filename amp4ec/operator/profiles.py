@@ -207,7 +207,12 @@ class Profiler:
             raise ProfilerFailed("NameConflict", message)
         self._pending[key.content()] = _Pending(name, uid, pod_name)
         if pod is None:
-            await self._start(name, namespace, spec, adopt, key)
+            try:
+                await self._start(name, namespace, spec, adopt, key)
+            except ProfilerFailed as exc:
+                self._pending.pop(key.content(), None)
+                self._retry_at[key] = (time.monotonic() + self._config.infeasible_retry_s, exc)
+                raise
             raise Profiling(f"profiling {what} in profiler Pod {pod_name} (starting)")
         state = profiler_state(pod, self._config)
         if state.kind in ("starting", "ending"):
@@ -260,8 +265,16 @@ class Profiler:
         if issuer is not None:  # cert-manager issues the leaf; the kubelet waits for its Secret
             certificate = certmanager.profiler_certificate(name, namespace, issuer, labels)
             adopt(certificate)
-            with contextlib.suppress(Conflict):
-                await self._kube.create(certificate)
+            try:
+                created = await self._kube.create(certificate)
+            except Conflict:  # asked for by an earlier profiler Pod: the same request
+                created = certificate
+            if created is None:  # 404: the API server does not know the kind
+                raise ProfilerFailed(
+                    "CertManagerMissing",
+                    f"the Certificate kind ({certmanager.API_VERSION}) is not installed: install"
+                    " cert-manager, or set the chart's tls.issuer.kind to builtin",
+                )
         elif self._ca is not None:
             await certs.ensure_profiler(self._kube, self._ca, name, namespace, labels, adopt)
         pod = profiler_pod(name, namespace, spec, cfg, key.digest())

@@ -383,7 +383,8 @@ def test_a_cluster_without_cert_manager_is_named_in_the_condition() -> None:
 
     kube = NoCertManager()
     kube.add_node("edge-a")
-    deps = Deps(kube=kube, prometheus=Capacities(), profiler=Profiles(), config=CERT_MANAGER)  # type: ignore[arg-type]
+    profiler = Profiles(kube, CERT_MANAGER, TransportSecurity.plaintext(), None)
+    deps = Deps(kube=kube, prometheus=Capacities(), profiler=profiler, config=CERT_MANAGER)  # type: ignore[arg-type]
     t = Target("demo", "default", "uid-1", 1, {"model": {"name": "mobilenet_v2"}, "strategy": "equal"}, {})
 
     def adopt(obj: dict[str, Any]) -> None:
@@ -397,8 +398,9 @@ def test_a_cluster_without_cert_manager_is_named_in_the_condition() -> None:
 
     outcome = asyncio.run(run())
     assert outcome.reason == "CertManagerMissing" and outcome.retry_s and not outcome.permanent
-    assert (outcome.status["phase"], outcome.status["failureReason"]) == ("Deploying", "CertManagerMissing")
-    (shards,) = [c for c in outcome.status["conditions"] if c["type"] == "ShardsReady"]
-    assert shards["status"] == "False" and "cert-manager" in shards["message"]
-    assert "tls.issuer.kind" in shards["message"]
-    assert not [k for k in kube.objects if k[0] == "pods"], "no shard Pod without its certificate"
+    # Seen first by the profiler Pod's Certificate: before any Pod, planning waits.
+    assert (outcome.status["phase"], outcome.status["failureReason"]) == ("Planning", "CertManagerMissing")
+    (planned,) = [c for c in outcome.status["conditions"] if c["type"] == "Planned"]
+    assert planned["status"] == "False" and "cert-manager" in planned["message"]
+    assert "tls.issuer.kind" in planned["message"]
+    assert not [k for k in kube.objects if k[0] == "pods"], "no Pod without its certificate"

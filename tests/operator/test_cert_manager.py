@@ -142,7 +142,6 @@ def cm_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Env, pki.
                 {
                     "KUBECONFIG": str(cluster.kubeconfig(workdir / "kubeconfig.json")),
                     "AMP4EC_PROMETHEUS_URL": prometheus.url,
-                    "AMP4EC_PROFILER": monitor.address,
                     "AMP4EC_OPERATOR_METRICS_PORT": "0",
                     "AMP4EC_METRICS_PORT_FILE": str(workdir / "operator-metrics.port"),
                     "AMP4EC_READY_POLL_S": "1",
@@ -184,6 +183,14 @@ def _scenario(env: Env, ca: pki.CertificateAuthority, n: str, tmp_path: Path) ->
     created = Namespace(env, n).create("resnet", {**LATENCY, "nodeSelector": {"amp4ec.io/edge": "true"}})
     uid = created["metadata"]["uid"]
 
+    # 0. The model is profiled in a Pod of the namespace, whose leaf cert-manager issues too.
+    profiler = wait_for(
+        lambda: kubectl.get(CERTIFICATES, n, "resnet-profiler-tls"), 60, "the profiler's Certificate"
+    )
+    validate_certificate(profiler)
+    assert profiler["spec"]["dnsNames"] == [pki.profiler_identity(n, "resnet")]
+    assert issue(kubectl, ca, n) == ["resnet-profiler-tls"]
+
     # 1. The operator asks cert-manager for the stage's and the client's leaves, and waits.
     def pending() -> dict[str, Any] | None:
         c = env.condition(n, "resnet", "ShardsReady")
@@ -197,7 +204,7 @@ def _scenario(env: Env, ca: pki.CertificateAuthority, n: str, tmp_path: Path) ->
     assert "resnet-stage-0-tls (no Ready condition yet)" in condition["message"]
     assert "resnet-client-tls" in condition["message"]
     certificates = {c["metadata"]["name"]: c for c in kubectl.list(CERTIFICATES, n)}
-    assert set(certificates) == {"resnet-stage-0-tls", "resnet-client-tls"}
+    assert set(certificates) == {"resnet-stage-0-tls", "resnet-client-tls", "resnet-profiler-tls"}
     for name, identity in (
         ("resnet-stage-0-tls", pki.stage_identity(n, "resnet", 0)),
         ("resnet-client-tls", pki.client_identity(n, "resnet")),
@@ -219,13 +226,15 @@ def _scenario(env: Env, ca: pki.CertificateAuthority, n: str, tmp_path: Path) ->
         30,
         "two more reconciliations",
     )
-    assert pending() is not None and kubectl.list(PODS, n) == []
-    assert not [s for s in kubectl.list(SECRETS, n)], "the operator writes no Secret under cert-manager"
+    assert pending() is not None and kubectl.list(PODS, n, "amp4ec.io/role=shard") == []
+    issued = {c["spec"]["secretName"] for c in certificates.values()}
+    secrets = {s["metadata"]["name"] for s in kubectl.list(SECRETS, n)}
+    assert secrets <= issued, "the operator writes no Secret under cert-manager"
 
     # 2. cert-manager issues: the operator proceeds, the shard mounts its stage's Secret, serves.
     assert sorted(issue(kubectl, ca, n)) == ["resnet-client-tls", "resnet-stage-0-tls"]
     wait_serving(env, n, "resnet")
-    (pod,) = kubectl.list(PODS, n)
+    (pod,) = kubectl.list(PODS, n, "amp4ec.io/role=shard")
     (tls,) = [v for v in pod["spec"]["volumes"] if v["name"] == "tls"]
     assert tls["secret"]["secretName"] == "resnet-stage-0-tls"
     x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))

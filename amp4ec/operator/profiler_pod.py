@@ -166,7 +166,8 @@ def profiler_network_policy(
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": {"name": f"{child_base(name)}-profiler", "namespace": namespace, "labels": labels},
+        # A dot: no deployment's own policy (``child_base``, a DNS label) can have this name.
+        "metadata": {"name": f"{child_base(name)}.profiler", "namespace": namespace, "labels": labels},
         "spec": {
             "podSelector": selector,
             "policyTypes": ["Ingress", "Egress"],

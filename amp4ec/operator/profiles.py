@@ -208,7 +208,7 @@ class Profiler:
         self._pending[key.content()] = _Pending(name, uid, pod_name)
         if pod is None:
             try:
-                await self._start(name, namespace, spec, adopt, key)
+                await self._start(name, namespace, spec, adopt, key, uid)
             except ProfilerFailed as exc:
                 self._pending.pop(key.content(), None)
                 self._retry_at[key] = (time.monotonic() + self._config.infeasible_retry_s, exc)
@@ -249,14 +249,23 @@ class Profiler:
         spec: DeploymentSpec,
         adopt: Callable[[dict[str, Any]], None],
         key: ProfileKey,
+        uid: str,
     ) -> None:
         """The profiler's NetworkPolicy and Secret, then its Pod (all owned by the deployment)."""
         cfg = self._config
         if cfg.network_policy:
             policy = profiler_network_policy(name, namespace, spec, cfg)
             adopt(policy)
-            with contextlib.suppress(Conflict):  # made for an earlier profile: the same policy
-                await self._kube.create(policy)
+            meta = policy["metadata"]
+            live = await self._kube.get("NetworkPolicy", namespace, meta["name"])
+            if live is not None and not owned_by(live, uid):
+                message = f"NetworkPolicy {namespace}/{meta['name']} exists and is not this deployment's"
+                raise ProfilerFailed("NameConflict", message)
+            if live is None:
+                with contextlib.suppress(Conflict):
+                    await self._kube.create(policy)
+            elif live.get("spec") != policy["spec"]:  # another storage port since the last profile
+                await self._kube.patch("NetworkPolicy", namespace, meta["name"], {"spec": policy["spec"]})
         labels = {
             "amp4ec.io/deployment": label_value(name),
             "app.kubernetes.io/managed-by": "amp4ec-operator",

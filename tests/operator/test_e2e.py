@@ -616,7 +616,7 @@ def test_a_users_pt2_from_https_or_a_claim_is_profiled_in_its_namespace_and_serv
     assert names.value.get_values_for_type(x509.DNSName) == [
         f"profiler.mine.{n}.amp4ec"
     ]  # never the monitors'
-    policy = env.kubectl.get("networking.k8s.io/v1/networkpolicies", n, "mine-profiler")
+    policy = env.kubectl.get("networking.k8s.io/v1/networkpolicies", n, "mine.profiler")
     assert policy is not None and len(policy["spec"]["ingress"]) == 1  # the operator only
     said = [c for v in history_of(env, n, "mine") for c in (v.get("status") or {}).get("conditions") or ()]
     assert any(c["type"] == "Planned" and c["reason"] == "Profiling" and name in c["message"] for c in said)

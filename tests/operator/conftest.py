@@ -235,7 +235,7 @@ class Env:
     monitors: dict[str, Monitor]
     operator: Operator
     workdir: Path
-    store_tls: tuple[Path, Path]
+    store_tls: tuple[Path, Path] | None = None
     """(certificate, key) of the HTTPS model store tests may run: every process of the cluster
     trusts it (``SSL_CERT_FILE``), as a cluster would trust a store's CA."""
 

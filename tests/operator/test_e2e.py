@@ -540,6 +540,7 @@ def test_delete_removes_everything_owned(ns: Namespace) -> None:
 @pytest.fixture(scope="module")
 def store(env: Env) -> Iterator[Store]:
     """An HTTPS model store on loopback whose certificate the cluster's processes trust."""
+    assert env.store_tls is not None
     with Store(*env.store_tls) as s:
         yield s
 

@@ -1,8 +1,9 @@
 """What ``kubectl get idep`` shows when a prerequisite is missing, as README's Kubernetes section says.
 
-One reconciliation with the real clients the operator uses (``Profiler`` over gRPC, ``Prometheus``
-over HTTP) against what a cluster without the prerequisite offers: no monitor answering, no
-Prometheus answering, a Prometheus that scrapes no monitor (every query empty). The status it
+One reconciliation with the real clients the operator uses (``Profiler`` and its Pod, ``Prometheus``
+over HTTP) against what a cluster without the prerequisite offers: a profiler Pod that never
+starts (its image not pullable), no Prometheus answering, a Prometheus that scrapes no monitor
+(every query empty; what a cluster without monitors looks like too). The status it
 writes is what the CRD's printer columns show; the README's table must say the same.
 """
 
@@ -21,8 +22,9 @@ from amp4ec.operator.config import OperatorConfig
 from amp4ec.operator.profiles import Profiler
 from amp4ec.operator.reconcile import Deps, Target, reconcile
 from amp4ec.wire.transport import TransportSecurity
-from tests.deploy.test_rbac import Profiles, RecordingKube
+from tests.deploy.test_rbac import RecordingKube
 from tests.operator.cluster import ROOT
+from tests.operator.test_hardening import Profiles
 
 SPEC = {"model": {"name": "mobilenet_v2"}, "nodeSelector": {"amp4ec.io/edge": "true"}}
 
@@ -52,20 +54,27 @@ async def _empty_prometheus(run: Callable[[str], Awaitable[Any]]) -> Any:
         await runner.cleanup()
 
 
+def _adopt(obj: dict[str, Any]) -> None:  # what kopf.adopt does: the operator checks it
+    obj["metadata"]["ownerReferences"] = [
+        {"kind": "InferenceDeployment", "name": "mobilenet-v2", "uid": "uid-1"}
+    ]
+
+
 def _status(missing: str) -> dict[str, Any]:
     kube = RecordingKube()
     kube.add_node("edge-a")
     closed = f"http://127.0.0.1:{_closed_port()}"
 
     async def run(prometheus_url: str) -> dict[str, Any]:
-        profiler: Any = Profiles()
-        if missing == "monitor":
-            profiler = Profiler(f"127.0.0.1:{_closed_port()}", TransportSecurity.plaintext(), timeout_s=5)
+        profiler: Any = Profiles()  # profiled: the step under test comes after
+        config = OperatorConfig(tls=False)
+        if missing == "profiler":  # the real one: its Pod is created and never starts
+            profiler = Profiler(kube, config, TransportSecurity.plaintext(), None)
         prometheus = Prometheus(prometheus_url, timeout_s=5)
-        deps = Deps(kube=kube, prometheus=prometheus, profiler=profiler, config=OperatorConfig(tls=False))
+        deps = Deps(kube=kube, prometheus=prometheus, profiler=profiler, config=config)
         t = Target("mobilenet-v2", "default", "uid-1", 1, SPEC, {})
         try:
-            outcome = await reconcile(deps, t, trigger="create", adopt=lambda obj: None)
+            outcome = await reconcile(deps, t, trigger="create", adopt=_adopt)
         finally:
             await asyncio.gather(kube.close(), prometheus.close())
             if isinstance(profiler, Profiler):
@@ -81,7 +90,7 @@ def _status(missing: str) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("missing", "reason", "message"),
     [
-        ("monitor", "ProfilerUnavailable", "monitor 127.0.0.1:"),
+        ("profiler", "Profiling", "profiling mobilenet_v2: profiler Pod mobilenet-v2-profiler-"),
         ("prometheus", "CapacityUnavailable", "Prometheus"),
         ("scrape", "NoCapacity", "no node has fresh capacity metrics (edge-a: no capacity metrics)"),
     ],

@@ -101,11 +101,12 @@ class OperatorConfig:
     deployment says ``ProfilerFailed``."""
     profiler_cpu: str = "1"
     """CPU limit of a profiler Pod (one core: blocks are timed on one thread)."""
-    profiler_cpu_request: str = "100m"
-    """CPU request of a profiler Pod: small, so it schedules beside shards on a small edge node
-    (it runs for seconds; the limit bounds it)."""
-    profiler_memory_request: str = "256Mi"
-    """Memory request of a profiler Pod (its limit is ``profiler_memory``)."""
+    profiler_cpu_request: str = "0"
+    """CPU request of a profiler Pod. Zero by default: it runs for seconds, bounded by its limits,
+    and must schedule on a node whose room the shards already requested (planning needs the
+    profile before it can make room: a profiler that waited for room would wait for ever)."""
+    profiler_memory_request: str = "0"
+    """Memory request of a profiler Pod (its limit is ``profiler_memory``); zero as the CPU's."""
     profiler_deadline_s: int = 600
     """``activeDeadlineSeconds`` of a profiler Pod: fetching the model, starting, profiling."""
     shard_env: Mapping[str, str] = field(default_factory=dict)

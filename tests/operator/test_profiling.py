@@ -77,7 +77,7 @@ def test_the_profiler_pod_is_restricted_limited_owned_and_valid(raw: dict[str, A
     assert c["args"][:3] == ["--profiler", "--model", c["args"][2]] and "--port" not in c["args"]
     assert "--tls-ca" in c["args"] and "--insecure" not in c["args"]
     assert c["resources"]["limits"] == {"cpu": "1", "memory": "768Mi"}
-    assert c["resources"]["requests"] == {"cpu": "100m", "memory": "256Mi"}
+    assert c["resources"]["requests"] == {"cpu": "0", "memory": "0"}  # schedules on a full node
     assert podspec["activeDeadlineSeconds"] == 90 and podspec["restartPolicy"] == "Never"
     assert podspec["automountServiceAccountToken"] is False
     assert "nodeSelector" not in podspec  # any node: none picked in advance

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 from amp4ec.operator.certs import profiler_secret_name
 from amp4ec.operator.config import OperatorConfig
 from amp4ec.operator.names import child_base, label_value
-from amp4ec.operator.podsecurity import harden, node_selector, scheduling
+from amp4ec.operator.podsecurity import harden, scheduling
 from amp4ec.operator.spec import DeploymentSpec
 from amp4ec.operator.storage import EXIT_PERMANENT, INITIALIZER, pod_storage
 
@@ -114,8 +114,10 @@ def profiler_pod(
         "env": [{"name": k, "value": v} for k, v in sorted(env.items()) if v],
     }
     fields = scheduling(spec, config, "")
-    fields.pop("nodeSelector")  # any node the deployment may use; not one picked in advance
-    selector = node_selector(spec, config)
+    fields.pop("nodeSelector")
+    # Any node the chart allows shards on, not only the resource's own nodeSelector: planning,
+    # which says "no node matches", needs the profile first (the resource's tolerations apply).
+    selector = dict(config.shard_node_selector)
     pod_spec: dict[str, Any] = {
         **fields,
         **({"nodeSelector": selector} if selector else {}),

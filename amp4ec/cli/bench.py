@@ -37,9 +37,9 @@ CONFIG_NAMES = (
     "slow-links",
     "failover",
     "multi-tenant",
+    "batching",
     "latency",
     "latency-resnet50",
-    "batching",
 )
 
 

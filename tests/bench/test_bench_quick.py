@@ -83,7 +83,10 @@ def test_quick_bench_writes_complete_results_plots_and_docs(tmp_path: Path) -> N
         assert s["stages"] and len(s["stages"]) == len(s["plan"])
         for stage in s["stages"]:
             _positive(stage["predicted_ms"], f"{name} predicted")
-            _positive(stage["measured_ms"], f"{name} measured")
+            # Dispatch by expected completion may leave a slow replica without a request in a
+            # short run: no figure for it (null); the first pipeline always served.
+            if stage["pipeline"] == 0 or stage["measured_ms"] is not None:
+                _positive(stage["measured_ms"], f"{name} measured")
     matched = config["strategies"]["matched_monolith"]
     assert matched["plan"][0]["node"].startswith("matched")
     # More than one core (1.6 CPU on 2 cores): one thread, one intra-op thread per core and one

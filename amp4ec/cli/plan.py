@@ -23,7 +23,6 @@ from amp4ec.cli.options import (
 )
 from amp4ec.errors import InvalidSpec
 from amp4ec.nodes import check_node_count, parse_nodes, usable_memory
-from amp4ec.wire.stage import Batching
 
 __all__ = ["plan"]
 
@@ -216,6 +215,8 @@ def print_plan(console: Console, data: dict[str, Any], cpu: dict[str, float], mo
         f"expected to answer first): latency p50 {u['p50_ms']:.1f} / p95 {u['p95_ms']:.1f} ms"
     )
     if "batching" in data:
+        from amp4ec.wire.stage import Batching  # protobuf: not in a bare install's --help path
+
         console.print(f"batching: {Batching(**data['batching']).describe()}")
     for note in data["notes"]:
         console.print(f"note: {note}")

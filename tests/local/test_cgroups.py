@@ -92,6 +92,7 @@ def _ratio(groups: dict[tuple[str, float], NodeCgroup], period: str, cpu_ms: flo
     return statistics.median(times["slow"]) / statistics.median(times["full"])
 
 
+@pytest.mark.timing  # a wall-clock ratio: run on demand, `pytest -m timing tests/local/test_cgroups.py`
 def test_a_04_node_is_25x_slower_on_one_short_job(groups: dict[tuple[str, float], NodeCgroup]) -> None:
     short = _ratio(groups, "short", 20)  # a 20 ms request, the scale of one forward
     docker = _ratio(groups, "docker", 20)

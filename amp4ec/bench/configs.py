@@ -11,6 +11,7 @@ import math
 import os
 from dataclasses import dataclass, replace
 
+from amp4ec.bench.names import CONFIGURATION_NAMES
 from amp4ec.errors import InvalidSpec
 from amp4ec.local.cluster import NodeSpec
 from amp4ec.slicing import ModelSource
@@ -41,18 +42,7 @@ COMPRESSED: dict[str, tuple[tuple[str, ...], float]] = {
 }
 """The optimal plan with compression ``auto`` on the measured links: the codecs it may use and
 the output error bound, issue 15's targets (fp16 ≤ 1e-3, int8 ≤ 2e-2 relative L2)."""
-ALL_CONFIGURATIONS = (
-    "standard",
-    "scale-down",
-    "scale-up",
-    "big-model",
-    "slow-links",
-    "failover",
-    "multi-tenant",
-    "batching",
-    "latency",
-    "latency-resnet50",
-)
+ALL_CONFIGURATIONS = CONFIGURATION_NAMES
 CLIENT_HEADROOM = 0.2
 """Fraction of the machine's cores kept for the load generator (the client is a process too)."""
 

@@ -12,6 +12,7 @@ import click
 from rich.console import Console
 from rich.progress import Progress, TaskID
 
+from amp4ec.bench.names import CONFIGURATION_NAMES
 from amp4ec.bench.progress import ProgressSink
 from amp4ec.cli.checks import missing_extra
 from amp4ec.cli.options import (
@@ -28,19 +29,6 @@ __all__ = ["bench"]
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
 """The repository's benchmark page (``--update-docs``), found from the package, not the current folder."""
-
-CONFIG_NAMES = (
-    "standard",
-    "scale-down",
-    "scale-up",
-    "big-model",
-    "slow-links",
-    "failover",
-    "multi-tenant",
-    "batching",
-    "latency",
-    "latency-resnet50",
-)
 
 
 class _RichSink(ProgressSink):
@@ -73,7 +61,7 @@ class _RichSink(ProgressSink):
 @click.option(
     "--only",
     multiple=True,
-    type=click.Choice(CONFIG_NAMES),
+    type=click.Choice(CONFIGURATION_NAMES),
     help="run only this configuration (repeatable; default: all, or standard with --quick)",
 )
 @click.option(

@@ -1,22 +1,48 @@
-"""The one Kubernetes adapter: a small async REST client for Pods, Services, Nodes, NetworkPolicies,
-Secrets, Events, cert-manager Certificates and (to request a reconciliation) InferenceDeployments.
+"""The one Kubernetes adapter: the operator's calls for Pods, Services, Nodes, NetworkPolicies,
+Secrets, Events, cert-manager Certificates and InferenceDeployments, over ``kubernetes_asyncio``.
 
-It logs in the way kopf does (service account in a Pod, else the kubeconfig), speaks JSON
-merge patches, and maps HTTP failures once: 404 → None/ignored, 409 → ``Conflict``,
-connection errors and 5xx → ``KubeUnavailable`` (the handler retries), any other 4xx →
-``KubeError``.
+Credentials come from kubernetes_asyncio's loaders, found as kubectl finds them
+(``Credentials``): a Pod's service account, its token re-read as the kubelet rotates it, else the
+kubeconfig (``$KUBECONFIG``, contexts, client certificates, ``tokenFile``, exec plugins such as
+the EKS/GKE/OIDC helpers). kopf logs in from the same source (``login``), so the watches and
+the handlers' calls speak as one identity. On a 401 the credentials are loaded afresh (the exec
+plugin runs again, the files are re-read) and the request is sent once more; an exec plugin's
+token is also renewed when its ``expirationTimestamp`` passes.
+
+Requests go through kubernetes_asyncio's generic ``ApiClient.call_api`` (any kind by its REST
+path, custom resources included), as JSON, updates as JSON merge patches. HTTP failures are
+mapped once: 404 → None/ignored, 409 → ``Conflict``, connection errors, timeouts, 429 and 5xx →
+``KubeUnavailable`` (the handler retries), any other 4xx → ``KubeError``.
 """
 
 from __future__ import annotations
 
-import base64
-import ssl
+import asyncio
+import datetime
+import json
+import os
+import urllib.parse
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import kopf
+from kubernetes_asyncio.client import ApiClient, ApiException, Configuration
+from kubernetes_asyncio.config import ConfigException, incluster_config, kube_config
 
-__all__ = ["Conflict", "Kube", "KubeError", "KubeUnavailable", "matches", "object_path"]
+__all__ = [
+    "Conflict",
+    "Credentials",
+    "Kube",
+    "KubeError",
+    "KubeUnavailable",
+    "NoCredentials",
+    "login",
+    "matches",
+    "object_path",
+]
 
 _KINDS = {
     "Pod": ("/api/v1", "pods"),
@@ -28,6 +54,9 @@ _KINDS = {
     "Certificate": ("/apis/cert-manager.io/v1", "certificates"),
     "InferenceDeployment": ("/apis/amp4ec.io/v1alpha1", "inferencedeployments"),
 }
+_JSON_BODY = {200: "object", 201: "object", 202: "object"}
+"""call_api's response types: "object" is the parsed JSON as it is (no generated models)."""
+SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 
 class KubeError(Exception):
@@ -40,6 +69,10 @@ class KubeUnavailable(KubeError):
 
 class Conflict(KubeError):
     """409: the object already exists, or changed since it was read."""
+
+
+class NoCredentials(KubeError):
+    """Neither a service account nor a kubeconfig: nothing to log in with."""
 
 
 def object_path(kind: str, namespace: str | None, name: str | None = None) -> str:
@@ -55,65 +88,152 @@ def matches(obj: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
     return all(have.get(k) == v for k, v in labels.items())
 
 
-class Kube:
-    """Async Kubernetes REST client built from kopf's ConnectionInfo (one per operator, in memo)."""
+@dataclass(frozen=True)
+class Login:
+    """Credentials as loaded once: a client configuration and, for an exec plugin's token, its end."""
 
-    def __init__(self, info: Any, timeout_s: float = 30.0) -> None:
-        self._server = str(info.server).rstrip("/")
-        headers = {"Accept": "application/json"}
-        if info.token:
-            headers["Authorization"] = f"Bearer {info.token}"
-        elif info.username and info.password:
-            raw = f"{info.username}:{info.password}".encode()
-            headers["Authorization"] = "Basic " + base64.b64encode(raw).decode()
-        ssl_context: ssl.SSLContext | bool = True
-        if self._server.startswith("https"):
-            if info.insecure:
-                ssl_context = False
-            else:
-                ctx = ssl.create_default_context(
-                    cafile=str(info.ca_path) if info.ca_path else None,
-                    cadata=_text(info.ca_data),
+    configuration: Configuration
+    expires: datetime.datetime | None
+    """The exec plugin's ``expirationTimestamp`` (UTC); None when the token has no stated end."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Where the operator's credentials come from, in kubectl's order: the Pod's service account
+    (``KUBERNETES_SERVICE_HOST``/``_PORT`` set and its token mounted), else the kubeconfig."""
+
+    environ: Mapping[str, str] | None = None
+    """The environment to read ``KUBERNETES_SERVICE_*`` and ``KUBECONFIG`` from; None: the process's."""
+    service_account: Path = SERVICE_ACCOUNT
+    """The mounted service account (``token``, ``ca.crt``); the kubelet rotates the token in place."""
+    context: str | None = None
+    """The kubeconfig context; None: its ``current-context``."""
+
+    async def load(self) -> Login:
+        """Load afresh (every call runs an exec plugin again and re-reads the files).
+
+        Raises ``NoCredentials`` when there is nothing to load, ``KubeUnavailable`` when loading
+        failed (an exec plugin that exited non-zero, an unreadable kubeconfig)."""
+        environ = os.environ if self.environ is None else self.environ
+        configuration = Configuration()
+        try:
+            if (
+                environ.get(incluster_config.SERVICE_HOST_ENV_NAME)
+                and (self.service_account / "token").is_file()
+            ):
+                # try_refresh_token: kubernetes_asyncio re-reads the token file every minute.
+                incluster_config.InClusterConfigLoader(
+                    token_filename=str(self.service_account / "token"),
+                    cert_filename=str(self.service_account / "ca.crt"),
+                    try_refresh_token=True,
+                    environ=dict(environ),
+                ).load_and_set(configuration)
+                return Login(configuration, None)
+            paths = environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
+            if not any(Path(p).expanduser().is_file() for p in paths.split(os.pathsep) if p):
+                raise NoCredentials(
+                    f"no Kubernetes credentials: no service account (KUBERNETES_SERVICE_HOST unset) "
+                    f"and no kubeconfig at {paths}"
                 )
-                if info.certificate_path and info.private_key_path:
-                    ctx.load_cert_chain(str(info.certificate_path), str(info.private_key_path))
-                ssl_context = ctx
-        self._headers = headers
-        self._ssl = ssl_context
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._session: aiohttp.ClientSession | None = None
+            loader = await kube_config.load_kube_config(
+                config_file=paths, context=self.context, client_configuration=configuration,
+                persist_config=False,
+            )  # fmt: skip
+        except ConfigException as exc:
+            raise KubeUnavailable(f"Kubernetes credentials: {exc}") from exc
+        expires = getattr(loader, "exec_plugin_expiry", None)
+        return Login(configuration, expires.astimezone(datetime.timezone.utc) if expires else None)
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
-        return self._session
+
+async def login(credentials: Credentials) -> kopf.ConnectionInfo:
+    """kopf's view of the same credentials (for an ``@kopf.on.login`` handler; kopf calls it
+    again after a 401 and when ``expiration`` passes)."""
+    loaded = await credentials.load()
+    c = loaded.configuration
+    header = await c.get_api_key_with_prefix("BearerToken")  # "Bearer …" or a kubeconfig's "Basic …"
+    scheme, _, token = (header or "").partition(" ")
+    return kopf.ConnectionInfo(
+        server=c.host,
+        ca_path=c.ssl_ca_cert,
+        insecure=not c.verify_ssl,
+        scheme=scheme or None,
+        token=token or None,
+        certificate_path=c.cert_file,
+        private_key_path=c.key_file,
+        proxy_url=c.proxy,
+        expiration=loaded.expires,
+    )
+
+
+class Kube:
+    """The operator's Kubernetes client (one per operator, in memo)."""
+
+    def __init__(self, credentials: Credentials | None = None, timeout_s: float = 30.0) -> None:
+        self._credentials = credentials or Credentials()
+        self._timeout_s = timeout_s
+        self._api: ApiClient | None = None
+        self._expires: datetime.datetime | None = None
+        self._lock = asyncio.Lock()
+        self._retired: dict[asyncio.Task[None], ApiClient] = {}  # closing once idle
+
+    async def _client(self, failed: ApiClient | None = None) -> ApiClient:
+        """The current client; a new one when there is none, when ``failed`` (refused with a 401)
+        is still current, or when an exec plugin's token has expired."""
+        async with self._lock:
+            now = datetime.datetime.now(datetime.timezone.utc)
+            stale = (failed is not None and failed is self._api) or (
+                self._expires is not None and now >= self._expires
+            )
+            if self._api is None or stale:
+                loaded = await self._credentials.load()
+                if self._api is not None:
+                    self._retire(self._api)
+                self._api, self._expires = ApiClient(loaded.configuration), loaded.expires
+            return self._api
+
+    def _retire(self, api: ApiClient) -> None:
+        # Requests may still be in flight on it: close it once the longest of them has timed out.
+        async def close_later() -> None:
+            await asyncio.sleep(self._timeout_s)
+            await api.close()
+
+        task = asyncio.get_running_loop().create_task(close_later())
+        self._retired[task] = api
+        task.add_done_callback(lambda t: self._retired.pop(t, None))
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        clients = [*self._retired.values(), *([self._api] if self._api else [])]
+        for task in list(self._retired):
+            task.cancel()
+        self._api = None
+        await asyncio.gather(*(c.close() for c in clients))
 
     async def _request(
         self, method: str, path: str, body: Any = None, content_type: str = "application/json"
     ) -> Any:
-        headers = {"Content-Type": content_type} if body is not None else {}
-        try:
-            async with self._client().request(
-                method, self._server + path, json=body, headers=headers, ssl=self._ssl
-            ) as resp:
-                if resp.status == 404:
+        """Send one request (a 401 reloads the credentials and sends it once more), mapped."""
+        resource, _, query = path.partition("?")
+        api: ApiClient | None = None
+        for attempt in (1, 2):
+            try:
+                api = await self._client(failed=api)
+                data = await api.call_api(
+                    resource, method,
+                    query_params=urllib.parse.parse_qsl(query),
+                    header_params={"Accept": "application/json", "Content-Type": content_type},
+                    body=body, response_types_map=_JSON_BODY, auth_settings=["BearerToken"],
+                    _return_http_data_only=True, _request_timeout=self._timeout_s,
+                )  # fmt: skip
+                return {} if data == "" else data  # an empty body is not JSON
+            except ApiException as exc:
+                if exc.status == 401 and attempt == 1:
+                    continue
+                if exc.status == 404:
                     return None
-                payload = await resp.json(content_type=None) if resp.content_length != 0 else {}
-                if resp.status < 300:
-                    return payload
-                message = payload.get("message", "") if isinstance(payload, dict) else str(payload)
-                text = f"{method} {path}: {resp.status} {message}"
-                if resp.status == 409:
-                    raise Conflict(text)
-                if resp.status >= 500 or resp.status == 429:
-                    raise KubeUnavailable(text)
-                raise KubeError(text)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise KubeUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+                raise _error(method, path, exc) from None
+            except (aiohttp.ClientError, asyncio.TimeoutError, TimeoutError) as exc:
+                raise KubeUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     async def get(self, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
         return await self._request("GET", object_path(kind, namespace, name))
@@ -124,7 +244,9 @@ class Kube:
         labels = labels or {}
         path = object_path(kind, namespace)
         if labels:
-            path += "?labelSelector=" + ",".join(f"{k}={v}" for k, v in labels.items())
+            path += "?" + urllib.parse.urlencode(
+                {"labelSelector": ",".join(f"{k}={v}" for k, v in labels.items())}
+            )
         data = await self._request("GET", path) or {}
         # Filter here too: a selector the server ignored must not widen what we act on.
         return [o for o in data.get("items", []) if matches(o, labels)]
@@ -162,9 +284,16 @@ class Kube:
         return n
 
 
-def _text(data: str | bytes | None) -> str | None:
-    if data is None:
-        return None
-    if isinstance(data, bytes):
-        data = data.decode()
-    return data if "BEGIN CERTIFICATE" in data else base64.b64decode(data).decode()
+def _error(method: str, path: str, exc: ApiException) -> KubeError:
+    """The one mapping of an API server's refusal (a Status object's message when it sent one)."""
+    try:
+        payload = json.loads(exc.body or "")
+    except (TypeError, ValueError):
+        payload = exc.body or exc.reason or ""
+    message = payload.get("message", "") if isinstance(payload, dict) else str(payload)
+    text = f"{method} {path}: {exc.status} {message}"
+    if exc.status == 409:
+        return Conflict(text)
+    if exc.status >= 500 or exc.status == 429:
+        return KubeUnavailable(text)
+    return KubeError(text)

@@ -1,4 +1,5 @@
-"""The operator's single start-up hook: kopf settings under our own prefix, and clients into memo.
+"""The operator's single start-up hook: kopf settings under our own prefix, and clients into memo;
+and kopf's login, from the same credentials as the operator's own client (``k8s.Credentials``).
 
 No module-level clients and no environment reads anywhere else: ``OperatorConfig.from_env``
 runs here, once, and everything a handler needs comes from ``memo.deps``.
@@ -18,12 +19,24 @@ from amp4ec.errors import InvalidSpec
 from amp4ec.operator import certs
 from amp4ec.operator.capacity import Prometheus
 from amp4ec.operator.config import OperatorConfig
-from amp4ec.operator.k8s import Kube
+from amp4ec.operator.k8s import Credentials, Kube, KubeUnavailable, NoCredentials, login
 from amp4ec.operator.profiles import Profiler
 from amp4ec.operator.reconcile import Deps
 from amp4ec.wire.transport import TransportSecurity
 
-__all__ = ["configure", "shutdown"]
+__all__ = ["authenticate", "configure", "shutdown"]
+
+
+@kopf.on.login()
+async def authenticate(**_: Any) -> kopf.ConnectionInfo:
+    """kopf's credentials, loaded as the operator's client loads its own (in-cluster, else the
+    kubeconfig with its exec plugins); kopf calls this again after a 401 or at the token's end."""
+    try:
+        return await login(Credentials())
+    except NoCredentials as exc:
+        raise kopf.PermanentError(str(exc)) from None
+    except KubeUnavailable as exc:  # e.g. an exec plugin that failed: try again
+        raise kopf.TemporaryError(str(exc), delay=10) from None
 
 
 @kopf.on.startup()
@@ -42,10 +55,7 @@ async def configure(
     settings.watching.client_timeout = 330
     settings.peering.standalone = True  # one replica (see manifests/operator.yaml)
 
-    info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
-    if info is None:
-        raise kopf.PermanentError("no Kubernetes credentials: neither a service account nor a kubeconfig")
-    kube = Kube(info)
+    kube = Kube(Credentials())
     ca, security = None, TransportSecurity.plaintext()
     if config.issuer() is not None:
         # cert-manager issues every leaf: this process's own (operator.amp4ec) is the Secret of

@@ -17,7 +17,6 @@ import asyncio
 import dataclasses
 import re
 from collections.abc import Mapping
-from types import SimpleNamespace
 from typing import Any
 
 import yaml
@@ -78,10 +77,7 @@ class RecordingKube(Kube):
     """``Kube`` over an in-memory API server that records every request as a permission."""
 
     def __init__(self) -> None:
-        info = SimpleNamespace(
-            server="http://api.test", token=None, username=None, password=None, insecure=False
-        )
-        super().__init__(info)
+        super().__init__()  # never connects: _request is the in-memory server
         self.objects: dict[tuple[str, str | None, str], dict[str, Any]] = {}
         self.used: set[Permission] = set()
         self.methods: set[tuple[str, str]] = set()  # (Kube method, kind) reached

@@ -68,6 +68,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,11 +106,20 @@ class PatchTestFailed(kmock.KubernetesError):
     server answers, so kopf retries on its next cycle instead of re-sending a stale patch."""
 
 
+class Unauthorized(kmock.KubernetesError):
+    """401, as an API server answers a bearer token it does not (or no longer) accept."""
+
+
 class Emulator(kmock.KubernetesEmulator):
-    """KMock's emulator with uid, resourceVersion, generation, /status, 409s, selectors and GC."""
+    """KMock's emulator with uid, resourceVersion, generation, /status, 409s, selectors and GC;
+    and, when a test sets ``accept``, bearer-token authentication (401 for any other token)."""
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
+        self.accept: Callable[[str], bool] | None = None
+        """Which bearer tokens are valid now; None (the default): no authentication at all."""
+        self.logins: list[tuple[str, str, str, int]] = []
+        """With ``accept``: (User-Agent, request path, token, 200 or 401) of every request."""
         self._rv = itertools.count(1)
         self.last_rv = 0
         self.resources[CRD] = kmock.ResourceInfo(
@@ -249,6 +259,15 @@ class Emulator(kmock.KubernetesEmulator):
         await self._emit(resource, "ADDED", obj)
 
     async def _handle(self, request: kmock.Request) -> Any:
+        if self.accept is not None:
+            headers = {k.lower(): v for k, v in request.headers.items()}
+            token = headers.get("authorization", "").removeprefix("Bearer ")
+            ok = self.accept(token)
+            self.logins.append(
+                (headers.get("user-agent", ""), request.url.path_qs, token, 200 if ok else 401)
+            )
+            if not ok:
+                raise Unauthorized(status=401, reason="Unauthorized", message="Unauthorized")
         res, action = request.resource, request.action
         if res is not None and action in (enums.action.CREATE, enums.action.UPDATE, enums.action.DELETE):
             async with self._lock:
@@ -1361,13 +1380,14 @@ class FakeCluster:
 class Kubectl:
     """A few kubectl verbs over the REST API (sync; for test code)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, token: str | None = None) -> None:
         self.url = url
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
 
     def _call(self, method: str, path: str, body: Any = None, ctype: str = "application/json") -> Any:
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(
-            self.url + path, data=data, method=method, headers={"Content-Type": ctype}
+            self.url + path, data=data, method=method, headers={"Content-Type": ctype, **self.headers}
         )
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:

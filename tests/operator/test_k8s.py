@@ -14,6 +14,7 @@ import datetime
 import json
 import socket
 import ssl
+import subprocess
 import sys
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -27,7 +28,10 @@ from aiohttp import web
 from kopf._core.intents.causes import Activity
 from kubernetes_asyncio.config import incluster_config
 
+from amp4ec.operator.certs import CA_SECRET
 from amp4ec.operator.k8s import Conflict, Credentials, Kube, KubeError, KubeUnavailable, NoCredentials, login
+from tests.operator.cluster import CRD, ROOT, SECRETS, FakeCluster, Kubectl, environ
+from tests.operator.conftest import deployment_resource, wait_for
 from tests.operator.store import certificate
 
 REFUSALS = {"missing": 404, "exists": 409, "invalid": 422, "broken": 500, "busy": 429}
@@ -326,3 +330,70 @@ def test_kopf_logs_in_through_the_operator_s_handler(tmp_path: Path) -> None:
         mp.delenv("KUBERNETES_SERVICE_HOST", raising=False)
         with pytest.raises(kopf.PermanentError, match=r"^no Kubernetes credentials: "):
             asyncio.run(settings.authenticate())
+
+
+def test_the_running_operator_and_kopf_log_in_again_after_the_token_rotates(tmp_path: Path) -> None:
+    """The real ``kopf run`` against the emulated API server with authentication on, logged in
+    through a kubeconfig exec plugin: after the identity provider rotates the token (every token
+    the plugin printed so far refused), kopf's next call and the operator's own both get a 401,
+    log in again through the plugin and go on."""
+    runs = tmp_path / "runs"
+    floor = [1]  # the oldest token number still valid
+
+    def accept(token: str) -> bool:
+        return token == "admin" or (token.startswith("exec-") and int(token[5:]) >= floor[0])
+
+    with FakeCluster(tmp_path, environ()) as cluster:
+        assert cluster.emulator is not None
+        cluster.emulator.accept = accept
+        kubectl = Kubectl(cluster.url, token="admin")
+        credentials = _kubeconfig(tmp_path, cluster.url, _exec_user(tmp_path, 3600))
+        env = environ(
+            {
+                "KUBECONFIG": str(credentials.environ["KUBECONFIG"]),  # type: ignore[index]
+                "AMP4EC_PROMETHEUS_URL": f"http://127.0.0.1:{_closed_port()}",
+                "AMP4EC_OPERATOR_METRICS_PORT": "0",
+            }
+        )
+        log = tmp_path / "operator.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "kopf", "run", "--standalone", "--all-namespaces", "-m",
+                 "amp4ec.operator"],
+                env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+            )  # fmt: skip
+        logins = cluster.emulator.logins
+
+        def seen(agent: str, status: int, path: str = "", least: int = 0) -> bool:
+            return any(
+                a.startswith(agent)
+                and s == status
+                and path in p
+                and int(t.removeprefix("exec-") or 0) >= least
+                for a, p, t, s in list(logins)
+            )
+
+        try:
+            # Up: the operator's client made the CA Secret, kopf watches the deployments.
+            wait_for(lambda: kubectl.get(SECRETS, "amp4ec-system", CA_SECRET), 60, "the operator's CA Secret")
+            wait_for(lambda: seen("kopf/", 200, "inferencedeployments?watch=true"), 60, "kopf's watch")
+            floor[0] = int(runs.read_text()) + 1  # rotated: every token printed so far is refused
+            kubectl.create(CRD, deployment_resource("default", "demo", {"model": {"name": "mobilenet_v2"}}))
+            least = floor[0]
+            # kopf: its patch refused, the login handler runs the plugin again, the patch goes on.
+            wait_for(
+                lambda: seen("kopf/", 401) and seen("kopf/", 200, "/inferencedeployments/demo", least), 60
+            )
+            assert "amp4ec.io/finalizer" in kubectl.get(CRD, "default", "demo")["metadata"]["finalizers"]
+            # The operator's own client (kubernetes_asyncio): refused, reloaded, retried.
+            wait_for(
+                lambda: seen("OpenAPI", 401) and seen("OpenAPI", 200, "/inferencedeployments/demo", least), 60
+            )
+            assert proc.poll() is None, log.read_text()[-3000:]
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -89,7 +89,7 @@ def matches(obj: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
 
 
 @dataclass(frozen=True)
-class Login:
+class Loaded:
     """Credentials as loaded once: a client configuration and, for an exec plugin's token, its end."""
 
     configuration: Configuration
@@ -109,7 +109,7 @@ class Credentials:
     context: str | None = None
     """The kubeconfig context; None: its ``current-context``."""
 
-    async def load(self) -> Login:
+    async def load(self) -> Loaded:
         """Load afresh (every call runs an exec plugin again and re-reads the files).
 
         Raises ``NoCredentials`` when there is nothing to load, ``KubeUnavailable`` when loading
@@ -128,21 +128,21 @@ class Credentials:
                     try_refresh_token=True,
                     environ=dict(environ),
                 ).load_and_set(configuration)
-                return Login(configuration, None)
+                return Loaded(configuration, None)
             paths = environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
             if not any(Path(p).expanduser().is_file() for p in paths.split(os.pathsep) if p):
                 raise NoCredentials(
-                    f"no Kubernetes credentials: no service account (KUBERNETES_SERVICE_HOST unset) "
-                    f"and no kubeconfig at {paths}"
+                    "no Kubernetes credentials: no service account (KUBERNETES_SERVICE_HOST and "
+                    f"{self.service_account / 'token'}) and no kubeconfig at {paths}"
                 )
             loader = await kube_config.load_kube_config(
                 config_file=paths, context=self.context, client_configuration=configuration,
                 persist_config=False,
             )  # fmt: skip
-        except ConfigException as exc:
+        except (ConfigException, OSError, ValueError) as exc:  # e.g. an exec plugin failed or is missing
             raise KubeUnavailable(f"Kubernetes credentials: {exc}") from exc
         expires = getattr(loader, "exec_plugin_expiry", None)
-        return Login(configuration, expires.astimezone(datetime.timezone.utc) if expires else None)
+        return Loaded(configuration, expires.astimezone(datetime.timezone.utc) if expires else None)
 
 
 async def login(credentials: Credentials) -> kopf.ConnectionInfo:

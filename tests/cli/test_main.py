@@ -160,10 +160,8 @@ def test_interrupt_stops_every_agent_and_removes_cgroups(signum: int) -> None:
             "-m",
             "amp4ec",
             "run",
-            "--model",
-            "resnet18",
-            "--input-shape",
-            "1,3,64,64",
+            "--model",  # small: what is tested is the interrupt, not the model
+            "tests.model_zoo:residual_net",
             "--nodes",
             "0.5,0.5",
             "--requests",

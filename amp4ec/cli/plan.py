@@ -95,7 +95,7 @@ def plan(
 
     console = Console()
     with console.status("profiling the model" + (" and its codecs" if policy.enabled else "")):
-        prepared = prepare(source, codecs=policy.enabled)
+        prepared = prepare(source, codecs=policy.enabled, batch_sizes=batching.profile_sizes())
     check_node_count(len(specs), len(prepared.chain), model)
     # The memory a shard may use: the limit less the agent's own (see [Note: agent baseline]).
     capacities = [NodeCapacity(name=n.name, cpu=n.cpu, memory_bytes=usable_memory(n) or 2**62) for n in specs]

@@ -102,9 +102,7 @@ def _stacked(inputs: Sequence[torch.Tensor], batch: int) -> tuple[torch.Tensor, 
     return tuple(torch.cat([t] * batch) for t in inputs)
 
 
-def _block_times(
-    chain: BlockChain, inputs: Sequence[torch.Tensor], repeats: int, warmup: int
-) -> list[float]:
+def _block_times(chain: BlockChain, inputs: Sequence[torch.Tensor], repeats: int, warmup: int) -> list[float]:
     """Each block's median time over ``repeats`` whole passes (after ``warmup``), one thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread = one reference core, whatever the host has

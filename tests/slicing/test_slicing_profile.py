@@ -52,7 +52,9 @@ def test_batch_sizes_are_profiled_only_when_asked_and_flexible() -> None:
     assert chain.batch_flexible
     plain = profile_chain(chain, loaded.example_inputs, repeats=1, warmup=0, tiles=False)
     assert all(p.batch_ms == () for p in plain)
-    batched = profile_chain(chain, loaded.example_inputs, repeats=1, warmup=0, tiles=False, batch_sizes=(4, 2, 1))
+    batched = profile_chain(
+        chain, loaded.example_inputs, repeats=1, warmup=0, tiles=False, batch_sizes=(4, 2, 1)
+    )
     for p in batched:
         assert [b for b, _ in p.batch_ms] == [2, 4]
         assert all(ms > 0 for _, ms in p.batch_ms)

@@ -277,6 +277,11 @@ class Stage:
     tiles: tuple[TileGroup, ...] = ()
     """Phases of the stage run as row tiles, in block order (every phase on the same nodes;
     blocks outside them run on ``node``); empty for a layer-wise stage."""
+    batch_ms: tuple[float, ...] = ()
+    """Predicted time of one pass of a batch of 2, 3, … requests (entry ``k``: batch ``k + 2``),
+    up to the deployment's ``max_requests`` (``plan(max_batch=…)``): the blocks' time at that
+    batch plus each request's own transfer, codec and overhead. Empty: the stage is priced at
+    batch 1 only (no batching, blocks without batch figures, or a tiled stage)."""
 
     @property
     def stage_ms(self) -> float:
@@ -285,6 +290,11 @@ class Stage:
     @property
     def blocks(self) -> range:
         return range(self.first_block, self.last_block + 1)
+
+    @property
+    def max_batch(self) -> int:
+        """The largest batch the stage is priced at (1: no batching)."""
+        return 1 + len(self.batch_ms)
 
     @property
     def nodes(self) -> tuple[str, ...]:

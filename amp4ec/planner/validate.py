@@ -228,6 +228,11 @@ def check_max_stages(value: Any) -> int | None:
     return None if value is None else _ensure_count(value, "max_stages", minimum=1)
 
 
+def check_max_batch(value: Any) -> int:
+    """The most requests one forward may gather: an integer ≥ 1."""
+    return _ensure_count(value, "max_batch", minimum=1)
+
+
 def check_history(history: Any) -> SchedulerHistory | None:
     """None or a SchedulerHistory with non-negative times and counts."""
     if history is None:

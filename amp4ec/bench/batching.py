@@ -36,6 +36,7 @@ from amp4ec.bench.runner import (  # the standard configuration's steps, shared
     _prime,
     matched_variants,
 )
+from amp4ec.local.cgroups import PERIOD_US
 from amp4ec.local.cluster import LocalCluster, NodeSpec
 from amp4ec.local.run import measure_links, node_capacities
 from amp4ec.planner.batching import expected_batches, saturation_rps
@@ -60,6 +61,7 @@ async def run_batching(
     *,
     limit_mode: str = "auto",
     secure: bool = True,
+    cfs_period_us: int = PERIOD_US,
 ) -> dict[str, Any]:
     nodes, factor = scale_nodes(config, budget)
     matched = NodeSpec(
@@ -83,7 +85,11 @@ async def run_batching(
         "rows": {},
     }
     async with LocalCluster(
-        [*nodes, *variants], limit_mode, allow_factories=_named(config.source), secure=secure
+        [*nodes, *variants],
+        limit_mode,
+        allow_factories=_named(config.source),
+        secure=secure,
+        cfs_period_us=cfs_period_us,
     ) as cluster:
         out["cpu_limits"] = cluster.limit_description
         await _prime(cluster, config.source)

@@ -289,3 +289,15 @@ def test_the_batching_report_sets_the_planners_predictions_beside_the_measuremen
     text = render({"command": "c", "started": "s", "machine": machine, "configurations": [result]})
     assert f"saturation {batched['saturation_rps']:.1f} req/s (0.50×)" in text
     assert "(4.00×), mean batch" in text
+
+
+def test_every_configuration_runner_takes_what_the_suite_passes() -> None:
+    # The suite calls each with the same keywords; one missing broke `--only batching` and
+    # `--only multi-tenant` at their first step (a TypeError after profiling).
+    import inspect
+
+    from amp4ec.bench import suite
+
+    runners = (suite.run_configuration, suite.run_failover, suite.run_latency, suite.run_batching)
+    for run in (*runners, suite.run_multi_tenant):
+        assert {"limit_mode", "cfs_period_us", "secure"} <= set(inspect.signature(run).parameters), run

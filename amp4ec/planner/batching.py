@@ -27,7 +27,14 @@ import math
 from amp4ec.errors import InvalidSpec
 from amp4ec.planner.types import Pipeline, Plan, Stage
 
-__all__ = ["batch_time_ms", "expected_batch", "expected_batches", "per_request_ms", "saturation_rps"]
+__all__ = [
+    "batch_time_ms",
+    "expected_batch",
+    "expected_batches",
+    "per_request_ms",
+    "saturation_rps",
+    "stage_ms_under_load",
+]
 
 _ITERATIONS = 10_000
 """Fixed-point steps at most (a few dozen usually; near a critical rate the steps shrink)."""
@@ -86,6 +93,14 @@ def expected_batches(plan: Plan, rate_rps: float) -> tuple[float, ...]:
         share = rate_rps * (cap / total if math.isfinite(total) and total > 0 else 1 / len(capacity))
         out.extend(expected_batch(s, share) for s in pipe.stages)
     return tuple(out)
+
+
+def stage_ms_under_load(plan: Plan, rate_rps: float) -> tuple[float, ...]:
+    """Each stage's time per request at its expected batch under ``rate_rps`` (``plan.stages``
+    order): the cost model's price of the stage under that load (``stage_ms`` at batch 1)."""
+    return tuple(
+        per_request_ms(s, b) for s, b in zip(plan.stages, expected_batches(plan, rate_rps), strict=True)
+    )
 
 
 def _pipeline_saturation_rps(pipeline: Pipeline) -> float:

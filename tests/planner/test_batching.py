@@ -19,6 +19,7 @@ from amp4ec.planner.batching import (
     expected_batches,
     per_request_ms,
     saturation_rps,
+    stage_ms_under_load,
 )
 from amp4ec.planner.load import expected_completion_ms, latency_under_load, pipeline_times
 from amp4ec.planner.types import Pipeline, Plan, Prediction, Stage
@@ -131,6 +132,11 @@ def test_saturation_uses_the_largest_batch_and_splits_the_load_by_it() -> None:
     low, high = expected_batches(two, 20.0), expected_batches(two, 1000.0)
     assert len(low) == 2 and all(1 <= b < 1.5 for b in low)
     assert high == (4.0, 2.0)
+    # Priced at the expected batch: batch 1's time idle, the largest batch's per request saturated.
+    assert stage_ms_under_load(two, 1e-9) == pytest.approx((10.0, 20.0))
+    assert stage_ms_under_load(two, 1000.0) == (8.0, 15.0)
+    between = stage_ms_under_load(two, 100.0)
+    assert 8.0 < between[0] < 10.0 and 15.0 < between[1] < 20.0
 
 
 # --- the batched simulation -------------------------------------------------------------------

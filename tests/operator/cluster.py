@@ -46,6 +46,8 @@ message (``0/3 nodes are available: 1 Insufficient cpu, 2 node(s) didn't match P
 affinity/selector.``), and is tried again at every sync; it never starts.
 
 ``FakeCluster`` runs both on an event loop in a thread; ``Kubectl`` is a sync REST client.
+Authentication is off unless a test sets ``Emulator.accept`` (which bearer tokens are valid
+now): then any other token gets a 401, as a real API server answers a rotated-out token.
 """
 
 from __future__ import annotations

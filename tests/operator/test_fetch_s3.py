@@ -1,0 +1,188 @@
+"""The storage initializer against a real S3-compatible server: moto's, over TLS, checking signatures.
+
+moto's WSGI app (the one ``moto_server``/``ThreadedMotoServer`` runs) is served by werkzeug on
+127.0.0.1 with a certificate from a ``trustme`` CA, so the initializer's https path, its pinned
+connection and a private CA bundle (``--ca-file``) are all exercised. With moto's IAM check on
+(``reset-auth`` to 0) every request must carry a valid SigV4 signature of an IAM user's key,
+which moto verifies with botocore: a wrong secret is refused as S3 refuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+boto3 = pytest.importorskip("boto3")
+trustme = pytest.importorskip("trustme")
+pytest.importorskip("moto")
+
+from moto import settings as moto_settings  # noqa: E402
+from moto.moto_server.werkzeug_app import (  # noqa: E402
+    DomainDispatcherApplication,
+    MotoRequestHandler,
+    create_backend_app,
+)
+from werkzeug.serving import make_server  # noqa: E402
+
+from amp4ec.operator.fetch import EXIT_PERMANENT, EXIT_TRANSIENT, FetchError, fetch, main  # noqa: E402
+from amp4ec.operator.s3 import S3Options  # noqa: E402
+from amp4ec.operator.storage_hosts import parse_networks  # noqa: E402
+
+BODY = b"\x00model bytes\xff" * 4096
+DIGEST = hashlib.sha256(BODY).hexdigest()
+LOOPBACK = parse_networks(["127.0.0.0/8"])
+BUCKET, KEY = "models", "edge/net+v1(é)~.pt"
+
+
+@dataclass(frozen=True)
+class Store:
+    endpoint: str
+    ca: str
+    env: dict[str, str]
+    """AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY of an IAM user allowed s3:GetObject."""
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
+    tmp = tmp_path_factory.mktemp("s3")
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    ca_file = tmp / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    leaf.configure_cert(context)
+    app = DomainDispatcherApplication(create_backend_app)
+    server = make_server(
+        "127.0.0.1", 0, app, threaded=True, request_handler=MotoRequestHandler, ssl_context=context
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    endpoint = f"https://127.0.0.1:{server.server_port}"
+    admin = {"endpoint_url": endpoint, "region_name": "us-east-1", "verify": str(ca_file)}
+    creds = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+    s3 = boto3.client("s3", **admin, **creds)
+    s3.create_bucket(Bucket=BUCKET)
+    s3.put_object(Bucket=BUCKET, Key=KEY, Body=BODY)
+    s3.put_object(Bucket=BUCKET, Key="junk.pt2", Body=b"not a zip")
+    iam = boto3.client("iam", **admin, **creds)
+    iam.create_user(UserName="edge")
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": "s3:GetObject", "Resource": "*"}],
+    }
+    iam.put_user_policy(UserName="edge", PolicyName="read", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName="edge")["AccessKey"]
+    before = moto_settings.INITIAL_NO_AUTH_ACTION_COUNT
+    moto_settings.INITIAL_NO_AUTH_ACTION_COUNT = 0  # from now on every request is authenticated
+    try:
+        yield Store(
+            endpoint,
+            str(ca_file),
+            {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]},
+        )
+    finally:
+        moto_settings.INITIAL_NO_AUTH_ACTION_COUNT = before
+        server.shutdown()
+        server.server_close()
+
+
+def _options(store: Store, **kw: str) -> S3Options:
+    return S3Options(**{"endpoint": store.endpoint, "secret": "minio-creds", **kw})  # type: ignore[arg-type]
+
+
+def test_the_right_credentials_and_digest_fetch_the_object(store: Store, tmp_path: Path) -> None:
+    out = tmp_path / "m.pt"
+    got = fetch(
+        f"s3://{BUCKET}/{KEY}", out, DIGEST, allowed_networks=LOOPBACK, cafile=store.ca,
+        s3=_options(store), environ=store.env,
+    )  # fmt: skip
+    assert got == DIGEST and out.read_bytes() == BODY
+
+
+@pytest.mark.parametrize(
+    ("env", "uri", "sha", "match"),
+    [
+        (
+            {"AWS_SECRET_ACCESS_KEY": "wrong"},
+            f"s3://{BUCKET}/{KEY}",
+            DIGEST,
+            "SignatureDoesNotMatch.*Secret minio-creds",
+        ),
+        (
+            {"AWS_ACCESS_KEY_ID": "AKIANOBODY"},
+            f"s3://{BUCKET}/{KEY}",
+            DIGEST,
+            "InvalidAccessKeyId.*Secret minio-creds",
+        ),
+        ({}, f"s3://{BUCKET}/missing.pt", DIGEST, "HTTP 404 NoSuchKey"),
+        ({}, f"s3://{BUCKET}/{KEY}", "0" * 64, f"sha256 expected {'0' * 64}, actual {DIGEST}"),
+        ({}, f"s3://{BUCKET}/junk.pt2", None, "not a .pt2 archive"),
+    ],
+)
+def test_what_only_the_spec_or_the_secret_can_fix_is_permanent(
+    store: Store, tmp_path: Path, env: dict[str, str], uri: str, sha: str | None, match: str
+) -> None:
+    out = tmp_path / "m.pt"
+    with pytest.raises(FetchError, match=match) as info:
+        fetch(
+            uri, out, sha, allowed_networks=LOOPBACK, cafile=store.ca,
+            s3=_options(store), environ={**store.env, **env},
+        )  # fmt: skip
+    assert not info.value.transient
+    assert not out.exists() and not out.with_name("m.pt.part").exists()
+    assert "wrong" not in str(info.value) and store.env["AWS_SECRET_ACCESS_KEY"] not in str(info.value)
+
+
+def test_no_credentials_at_all_are_refused_by_an_authenticating_store(store: Store, tmp_path: Path) -> None:
+    with pytest.raises(FetchError, match=r"HTTP 403.*spec\.model\.s3\.secretName") as info:
+        fetch(
+            f"s3://{BUCKET}/{KEY}", tmp_path / "m.pt", DIGEST, allowed_networks=LOOPBACK, cafile=store.ca,
+            s3=S3Options(endpoint=store.endpoint), environ={},
+        )  # fmt: skip
+    assert not info.value.transient
+
+
+def test_the_image_ca_bundle_does_not_trust_a_private_store(store: Store, tmp_path: Path) -> None:
+    with pytest.raises(FetchError, match="CERTIFICATE_VERIFY_FAILED"):
+        fetch(
+            f"s3://{BUCKET}/{KEY}", tmp_path / "m.pt", DIGEST, allowed_networks=LOOPBACK,
+            s3=_options(store), environ=store.env,
+        )  # fmt: skip
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_the_command_line_exit_codes(
+    store: Store, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the init container runs it: credentials from the environment, the CA from --ca-file."""
+    for name, value in store.env.items():
+        monkeypatch.setenv(name, value)
+    common = ["--out", str(tmp_path / "m.pt"), "--allow-network", "127.0.0.0/8", "--ca-file", store.ca]
+    s3 = ["--s3-endpoint", store.endpoint, "--s3-secret", "minio-creds"]
+    main(["--uri", f"s3://{BUCKET}/{KEY}", "--sha256", DIGEST, *common, *s3])
+    assert (tmp_path / "m.pt").read_bytes() == BODY
+    unreachable = ["--s3-endpoint", f"https://127.0.0.1:{_closed_port()}"]
+    cases = [
+        ([*s3, "--sha256", DIGEST], {"AWS_SECRET_ACCESS_KEY": "wrong"}, EXIT_PERMANENT, "Secret minio-creds"),
+        ([*unreachable, "--sha256", DIGEST], {}, EXIT_TRANSIENT, "refused"),
+    ]
+    for args, env, code, message in cases:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(SystemExit) as info:
+            main(["--uri", f"s3://{BUCKET}/{KEY}", *common, *args])
+        assert info.value.code == code, args
+        assert message in capsys.readouterr().err.splitlines()[-1], args

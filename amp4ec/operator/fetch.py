@@ -42,9 +42,11 @@ from amp4ec.operator.storage_hosts import (
     resolve_checked,
 )
 
-__all__ = ["EXIT_PERMANENT", "EXIT_TRANSIENT", "FetchError", "fetch", "main"]
+__all__ = ["EXIT_PERMANENT", "EXIT_TRANSIENT", "STORE_CA_ENV", "FetchError", "fetch", "main"]
 
 PVC_MOUNT = Path("/mnt/pvc")
+STORE_CA_ENV = "AMP4EC_STORE_CA"
+"""PEM CA bundle that replaces the image's when verifying the store (``spec.model.caBundle``)."""
 MAX_REDIRECTS = 5
 _REDIRECTS = {301, 302, 303, 307, 308}
 EXIT_PERMANENT = 2
@@ -115,16 +117,32 @@ def _connect(
                 "GET", target, headers={"User-Agent": "amp4ec-storage-initializer", **(headers or {})}
             )
             return conn, conn.getresponse()
+        except ssl.SSLCertVerificationError as exc:  # the store's certificate: only the spec can fix it
+            conn.close()
+            raise FetchError(
+                f"{url}: {exc} (a store with a private CA needs spec.model.caBundle)", transient=False
+            ) from None
         except OSError as exc:  # try the next checked address
             conn.close()
             last = exc
     raise FetchError(f"{url}: {last}", transient=True)
 
 
+def _tls(cafile: str | None, cadata: str | None) -> ssl.SSLContext:
+    """Verification against the image's CAs, or only against the store's own (a file or PEM text)."""
+    try:
+        return ssl.create_default_context(cafile=cafile, cadata=cadata or None)
+    except (ssl.SSLError, ValueError) as exc:  # not PEM certificates
+        raise FetchError(
+            f"the store's CA bundle (spec.model.caBundle) is not PEM certificates: {exc}"
+        ) from None
+
+
 @contextmanager
-def _https(uri: str, timeout_s: float, allowed: Sequence[Network], cafile: str | None) -> Iterator[IO[bytes]]:
+def _https(
+    uri: str, timeout_s: float, allowed: Sequence[Network], context: ssl.SSLContext
+) -> Iterator[IO[bytes]]:
     """The body of ``uri``, following at most MAX_REDIRECTS redirects, each one checked."""
-    context = ssl.create_default_context(cafile=cafile)
     url = uri
     for _ in range(MAX_REDIRECTS + 1):
         conn, resp = _connect(url, timeout_s, allowed, context)
@@ -149,7 +167,7 @@ def _s3(
     options: S3Options,
     timeout_s: float,
     allowed: Sequence[Network],
-    cafile: str | None,
+    context: ssl.SSLContext,
     environ: dict[str, str],
 ) -> Iterator[IO[bytes]]:
     """The body of the object ``uri`` on the store ``options`` names (no redirects followed)."""
@@ -173,7 +191,7 @@ def _s3(
             payload_sha256=UNSIGNED_PAYLOAD,  # the body is checked against spec.model.sha256
             session_token=environ.get(SESSION_TOKEN_ENV) or None,
         )
-    conn, resp = _connect(url, timeout_s, allowed, ssl.create_default_context(cafile=cafile), headers)
+    conn, resp = _connect(url, timeout_s, allowed, context, headers)
     try:
         if resp.status != 200:
             why = refusal(resp.status, resp.read(65536), options)
@@ -193,11 +211,13 @@ def fetch(
     cafile: str | None = None,
     s3: S3Options | None = None,
     environ: dict[str, str] | None = None,
+    cadata: str | None = None,
 ) -> str:
     """Copy ``uri`` to ``out`` (atomically) and return its hex SHA-256; raise FetchError on a
     mismatch or a refused source. ``allowed_networks`` exempts networks from the host check
     (the chart's ``operator.storageAllowedNetworks``: tests); ``cafile`` replaces the image's
-    CA bundle (a private store's CA); ``environ`` (default: the process's) holds S3 credentials."""
+    CA bundle (a private store's CA), as does ``cadata`` (PEM text); ``environ`` (default: the
+    process's) holds S3 credentials."""
     tmp = out.with_name(out.name + ".part")
     out.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
@@ -210,10 +230,10 @@ def fetch(
                 )
             stream = source.open("rb")
         elif uri.startswith("https://"):
-            stream = _https(uri, timeout_s, allowed_networks, cafile)
+            stream = _https(uri, timeout_s, allowed_networks, _tls(cafile, cadata))
         elif uri.startswith("s3://"):
             env = dict(os.environ) if environ is None else environ
-            stream = _s3(uri, s3 or S3Options(), timeout_s, allowed_networks, cafile, env)
+            stream = _s3(uri, s3 or S3Options(), timeout_s, allowed_networks, _tls(cafile, cadata), env)
         else:
             raise FetchError(f"{uri}: expected pvc://, https:// or s3://")
         with stream as src, tmp.open("wb") as dst:
@@ -259,7 +279,17 @@ def main(argv: list[str] | None = None) -> None:
     try:
         allowed = parse_networks(a.allow_network)
         s3 = S3Options(a.s3_endpoint, a.s3_region, a.s3_addressing, a.s3_secret)
-        digest = fetch(a.uri, a.out, a.sha256, a.pvc_mount, allowed_networks=allowed, cafile=a.ca_file, s3=s3)
+        cadata = os.environ.get(STORE_CA_ENV) or None
+        digest = fetch(
+            a.uri,
+            a.out,
+            a.sha256,
+            a.pvc_mount,
+            allowed_networks=allowed,
+            cafile=a.ca_file,
+            s3=s3,
+            cadata=cadata,
+        )
         print(f"{digest}  {a.out}")
     except (FetchError, ValueError) as exc:
         # The last line is the cause the operator reports (terminationMessagePolicy FallbackToLogsOnError).

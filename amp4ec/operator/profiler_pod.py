@@ -24,7 +24,7 @@ from amp4ec.operator.config import OperatorConfig
 from amp4ec.operator.names import child_base, label_value
 from amp4ec.operator.podsecurity import harden, scheduling
 from amp4ec.operator.spec import DeploymentSpec
-from amp4ec.operator.storage import EXIT_PERMANENT, INITIALIZER, pod_storage
+from amp4ec.operator.storage import EXIT_PERMANENT, INITIALIZER, initializer_blocked, pod_storage
 
 __all__ = [
     "LABEL_PROFILE",
@@ -147,7 +147,7 @@ def profiler_network_policy(
     name: str, namespace: str, spec: DeploymentSpec, config: OperatorConfig
 ) -> dict[str, Any]:
     """Ingress to a deployment's profiler Pods only from the operator; egress only DNS and, with
-    an ``https://`` storageUri, the initializer's download (never link-local)."""
+    an ``https://`` or ``s3://`` storageUri, the initializer's download (never link-local)."""
     operator: dict[str, Any] = {
         "namespaceSelector": {"matchLabels": {_NAMESPACE_NAME: config.operator_namespace}},
         "podSelector": {"matchLabels": dict(config.operator_pod_labels)},
@@ -155,10 +155,10 @@ def profiler_network_policy(
     egress: list[dict[str, Any]] = [
         {"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}
     ]
-    uri = spec.model.storage_uri or ""
-    if uri.startswith("https://"):
+    url = spec.model.remote_url  # an https URI, or an s3 store's endpoint
+    if url is not None:
         blocks = [{"ipBlock": {"cidr": cidr, "except": out}} for cidr, out in _LINK_LOCAL.items()]
-        egress.append({"to": blocks, "ports": [{"protocol": "TCP", "port": urlsplit(uri).port or 443}]})
+        egress.append({"to": blocks, "ports": [{"protocol": "TCP", "port": urlsplit(url).port or 443}]})
     selector = {"matchLabels": {_LABEL_DEPLOYMENT: label_value(name), _LABEL_ROLE: "profiler"}}
     labels = {
         "app.kubernetes.io/managed-by": "amp4ec-operator",
@@ -242,6 +242,11 @@ def profiler_state(pod: dict[str, Any], config: OperatorConfig) -> ProfilerState
                 message = f"profiler Pod {name} exited with code {term.get('exitCode')} ({why})"
             return ProfilerState("failed", message, "ProfilerFailed")
         return ProfilerState("failed", f"profiler Pod {name} ended ({phase})", "ProfilerFailed")
+    blocked = initializer_blocked(pod)
+    if blocked is not None:  # a Secret or ConfigMap it names is missing: retried, it may appear
+        return ProfilerState(
+            "failed", f"{blocked} (profiler Pod {name}, {INITIALIZER})", "StorageUnavailable"
+        )
     for c in status.get("conditions") or ():
         if c.get("type") == "PodScheduled" and c.get("status") == "False":
             message = str(c.get("message") or c.get("reason") or "not scheduled")

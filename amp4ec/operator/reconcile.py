@@ -594,12 +594,12 @@ async def _drop_plan(deps: Deps, t: Target, record: PlanRecord) -> None:
 
 
 async def _check_storage_host(spec: DeploymentSpec, cfg: OperatorConfig) -> None:
-    """An https storage host must not resolve to a loopback, link-local or metadata address.
+    """An https or s3 storage host must not resolve to a loopback, link-local or metadata address.
     A name that does not resolve here is left to the initializer (which checks again anyway)."""
-    uri = spec.model.storage_uri or ""
-    if not uri.startswith("https://"):
+    url = spec.model.remote_url
+    if url is None:
         return
-    parts = urlsplit(uri)
+    parts = urlsplit(url)
     try:
         await resolve_checked_async(
             parts.hostname or "", parts.port or 443, cfg.spec_policy().storage_allowed_networks

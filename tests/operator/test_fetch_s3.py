@@ -10,6 +10,7 @@ which moto verifies with botocore: a wrong secret is refused as S3 refuses it.
 from __future__ import annotations
 
 import hashlib
+import http.server
 import json
 import socket
 import ssl
@@ -151,11 +152,64 @@ def test_no_credentials_at_all_are_refused_by_an_authenticating_store(store: Sto
 
 
 def test_the_image_ca_bundle_does_not_trust_a_private_store(store: Store, tmp_path: Path) -> None:
-    with pytest.raises(FetchError, match="CERTIFICATE_VERIFY_FAILED"):
+    with pytest.raises(FetchError, match=r"CERTIFICATE_VERIFY_FAILED.*spec\.model\.caBundle") as info:
         fetch(
             f"s3://{BUCKET}/{KEY}", tmp_path / "m.pt", DIGEST, allowed_networks=LOOPBACK,
             s3=_options(store), environ=store.env,
         )  # fmt: skip
+    assert not info.value.transient  # only the spec (its caBundle) can fix it
+    with pytest.raises(FetchError, match="not PEM certificates"):
+        fetch(
+            f"s3://{BUCKET}/{KEY}", tmp_path / "m.pt", DIGEST, allowed_networks=LOOPBACK,
+            s3=_options(store), environ=store.env, cadata="not a certificate",
+        )  # fmt: skip
+
+
+def test_a_private_https_store_is_verified_against_the_bundle_in_the_environment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An https:// store with a certificate of a private CA: the PEM the Pod passes from the
+    caBundle ConfigMap (AMP4EC_STORE_CA) verifies it; the image's CAs alone do not."""
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(BODY)))
+            self.end_headers()
+            self.wfile.write(BODY)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        uri = f"https://127.0.0.1:{server.server_address[1]}/m.pt"
+        args = [
+            "--uri",
+            uri,
+            "--sha256",
+            DIGEST,
+            "--out",
+            str(tmp_path / "m.pt"),
+            "--allow-network",
+            "127.0.0.0/8",
+        ]
+        monkeypatch.delenv("AMP4EC_STORE_CA", raising=False)
+        with pytest.raises(SystemExit) as info:
+            main(args)
+        assert info.value.code == EXIT_PERMANENT
+        assert "CERTIFICATE_VERIFY_FAILED" in capsys.readouterr().err
+        monkeypatch.setenv("AMP4EC_STORE_CA", ca.cert_pem.bytes().decode())
+        main(args)
+        assert (tmp_path / "m.pt").read_bytes() == BODY
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def _closed_port() -> int:
@@ -167,10 +221,11 @@ def _closed_port() -> int:
 def test_the_command_line_exit_codes(
     store: Store, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """As the init container runs it: credentials from the environment, the CA from --ca-file."""
+    """As the init container runs it: credentials and the store's CA from the environment."""
     for name, value in store.env.items():
         monkeypatch.setenv(name, value)
-    common = ["--out", str(tmp_path / "m.pt"), "--allow-network", "127.0.0.0/8", "--ca-file", store.ca]
+    monkeypatch.setenv("AMP4EC_STORE_CA", Path(store.ca).read_text())
+    common = ["--out", str(tmp_path / "m.pt"), "--allow-network", "127.0.0.0/8"]
     s3 = ["--s3-endpoint", store.endpoint, "--s3-secret", "minio-creds"]
     main(["--uri", f"s3://{BUCKET}/{KEY}", "--sha256", DIGEST, *common, *s3])
     assert (tmp_path / "m.pt").read_bytes() == BODY

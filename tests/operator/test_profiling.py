@@ -63,8 +63,19 @@ def test_shards_load_the_verified_archive_from_their_own_volume() -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    [PT2, {"model": {"name": "tests.model_zoo:residual_net", "storageUri": "pvc://models/w.pt"}}],
-    ids=["https-pt2", "pvc-weights"],
+    [
+        PT2,
+        {"model": {"name": "tests.model_zoo:residual_net", "storageUri": "pvc://models/w.pt"}},
+        {
+            "model": {
+                "storageUri": "s3://models/m.pt2",
+                "sha256": SHA,
+                "s3": {"endpoint": "https://minio.example:9000", "secretName": "minio"},
+                "caBundle": {"configMapName": "edge-ca"},
+            }
+        },
+    ],
+    ids=["https-pt2", "pvc-weights", "s3-pt2-private-ca"],
 )
 def test_the_profiler_pod_is_restricted_limited_owned_and_valid(raw: dict[str, Any]) -> None:
     config = OperatorConfig(

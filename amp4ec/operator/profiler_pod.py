@@ -24,7 +24,7 @@ from amp4ec.operator.config import OperatorConfig
 from amp4ec.operator.names import child_base, label_value
 from amp4ec.operator.podsecurity import harden, scheduling
 from amp4ec.operator.spec import DeploymentSpec
-from amp4ec.operator.storage import EXIT_PERMANENT, INITIALIZER, initializer_blocked, pod_storage
+from amp4ec.operator.storage import INITIALIZER, initializer_failure, pod_storage
 
 __all__ = [
     "LABEL_PROFILE",
@@ -204,16 +204,6 @@ def _terminated(statuses: Any) -> list[tuple[str, dict[str, Any]]]:
     ]
 
 
-def _storage_failure(name: str, term: dict[str, Any]) -> ProfilerState:
-    code = int(term.get("exitCode", 1))
-    lines = [ln.strip() for ln in str(term.get("message") or "").splitlines() if ln.strip()]
-    cause = lines[-1].removeprefix("storage initializer: ") if lines else f"exited with code {code}"
-    if term.get("reason") == "OOMKilled":
-        cause = f"out of memory ({term.get('reason')})"
-    reason = "InvalidStorage" if code == EXIT_PERMANENT else "StorageUnavailable"
-    return ProfilerState("failed", f"{cause} (profiler Pod {name}, {INITIALIZER})", reason)
-
-
 def profiler_state(pod: dict[str, Any], config: OperatorConfig) -> ProfilerState:
     meta = pod.get("metadata") or {}
     name = meta.get("name", "")
@@ -221,9 +211,10 @@ def profiler_state(pod: dict[str, Any], config: OperatorConfig) -> ProfilerState
         return ProfilerState("ending", f"profiler Pod {name} is ending")
     status = pod.get("status") or {}
     phase = status.get("phase") or "Pending"
-    for cname, term in _terminated(status.get("initContainerStatuses")):
-        if cname == INITIALIZER and int(term.get("exitCode", 0)) != 0:
-            return _storage_failure(name, term)
+    storage = initializer_failure(pod)  # a missing Secret or ConfigMap is StorageUnavailable: retried
+    if storage is not None:
+        reason, cause = storage
+        return ProfilerState("failed", f"{cause} (profiler Pod {name}, {INITIALIZER})", reason)
     if phase in ("Failed", "Succeeded"):
         if status.get("reason") == "DeadlineExceeded":
             message = (
@@ -242,11 +233,6 @@ def profiler_state(pod: dict[str, Any], config: OperatorConfig) -> ProfilerState
                 message = f"profiler Pod {name} exited with code {term.get('exitCode')} ({why})"
             return ProfilerState("failed", message, "ProfilerFailed")
         return ProfilerState("failed", f"profiler Pod {name} ended ({phase})", "ProfilerFailed")
-    blocked = initializer_blocked(pod)
-    if blocked is not None:  # a Secret or ConfigMap it names is missing: retried, it may appear
-        return ProfilerState(
-            "failed", f"{blocked} (profiler Pod {name}, {INITIALIZER})", "StorageUnavailable"
-        )
     for c in status.get("conditions") or ():
         if c.get("type") == "PodScheduled" and c.get("status") == "False":
             message = str(c.get("message") or c.get("reason") or "not scheduled")

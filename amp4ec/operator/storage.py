@@ -39,6 +39,7 @@ __all__ = [
     "PVC_MOUNT",
     "PodStorage",
     "initializer_blocked",
+    "initializer_failure",
     "pod_storage",
 ]
 
@@ -130,4 +131,35 @@ def initializer_blocked(pod: dict[str, Any]) -> str | None:
             message = str(waiting.get("message") or "CreateContainerConfigError")
             field = "spec.model.caBundle" if "configmap" in message.lower() else "spec.model.s3.secretName"
             return f"{message} ({field})"
+    return None
+
+
+def _cause(term: dict[str, Any]) -> str:
+    """The cause a terminated initializer gave: its last line (FallbackToLogsOnError), or its exit."""
+    code = term.get("exitCode", 1)
+    if term.get("reason") == "OOMKilled":
+        return "out of memory (OOMKilled)"
+    lines = [ln.strip() for ln in str(term.get("message") or "").splitlines() if ln.strip()]
+    return lines[-1].removeprefix("storage initializer: ") if lines else f"exited with code {code}"
+
+
+def initializer_failure(pod: dict[str, Any]) -> tuple[str, str] | None:
+    """(reason, cause) when the Pod's storage initializer failed or cannot start: ``InvalidStorage``
+    for its permanent exit code (only the spec can fix it), else ``StorageUnavailable`` (a store
+    that is down, a missing Secret or ConfigMap). Reads the current state, then the last one (a
+    restarting Pod's initializer waits in back-off with the failure in ``lastState``)."""
+    blocked = initializer_blocked(pod)
+    if blocked is not None:
+        return "StorageUnavailable", blocked
+    for cs in (pod.get("status") or {}).get("initContainerStatuses") or ():
+        if not isinstance(cs, dict) or cs.get("name") != INITIALIZER:
+            continue
+        state, last = cs.get("state") or {}, cs.get("lastState") or {}
+        if "running" in state or ("terminated" in state and state["terminated"].get("exitCode") == 0):
+            return None  # fetching again, or done
+        term = state.get("terminated") or last.get("terminated")
+        if term and int(term.get("exitCode", 0)) != 0:
+            code = int(term.get("exitCode", 1))
+            reason = "InvalidStorage" if code == EXIT_PERMANENT else "StorageUnavailable"
+            return reason, _cause(term)
     return None

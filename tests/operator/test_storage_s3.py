@@ -130,3 +130,52 @@ def test_a_missing_secret_or_configmap_is_a_storage_failure_naming_the_field() -
     ca = initializer_blocked(_blocked_pod('configmap "edge-ca" not found'))
     assert ca == 'configmap "edge-ca" not found (spec.model.caBundle)'
     assert initializer_blocked({"status": {"phase": "Pending"}}) is None
+
+
+def _shard(init_status: dict[str, Any], node: str = "edge-a") -> dict[str, Any]:
+    return {
+        "metadata": {"name": "m-p1-s0", "labels": {}},
+        "spec": {"nodeSelector": {"kubernetes.io/hostname": node}},
+        "status": {
+            "phase": "Pending",
+            "conditions": [{"type": "Ready", "status": "False"}],
+            "initContainerStatuses": [{"name": INITIALIZER, **init_status}],
+            "containerStatuses": [{"name": "shard", "state": {"waiting": {"reason": "PodInitializing"}}}],
+        },
+    }
+
+
+def test_a_shards_failing_initializer_is_a_fault_of_the_store_named_with_its_cause() -> None:
+    """A restarting shard's initializer waits in back-off with the failure in lastState; the
+    cause is its last line (FallbackToLogsOnError); the node is never lost for it."""
+    from amp4ec.operator.faults import node_faults, shard_state
+
+    message = "fetching...\nstorage initializer: https://h/m.pt2: sha256 expected aa, actual bb"
+    digest = _shard(
+        {
+            "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+            "lastState": {"terminated": {"exitCode": 2, "reason": "Error", "message": message}},
+        }
+    )
+    reason, text = shard_state(digest) or ("", "")
+    assert reason == "InvalidStorage"
+    assert text == (
+        "spec.model.storageUri: https://h/m.pt2: sha256 expected aa, actual bb "
+        f"(shard Pod m-p1-s0, {INITIALIZER})"
+    )
+    down = _shard({"state": {"terminated": {"exitCode": 3, "reason": "Error", "message": "x: HTTP 503"}}})
+    assert shard_state(down) == (
+        "StorageUnavailable",
+        f"spec.model.storageUri: x: HTTP 503 (shard Pod m-p1-s0, {INITIALIZER})",
+    )
+    secret = _shard(
+        {"state": {"waiting": {"reason": "CreateContainerConfigError", "message": 'secret "s" not found'}}}
+    )
+    assert shard_state(secret)[0] == "StorageUnavailable"  # type: ignore[index]
+    nodes = [
+        {"metadata": {"name": "edge-a"}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+    ]
+    (fault,) = node_faults(["edge-a"], nodes, [digest]).values()
+    assert (fault.reason, fault.lost) == ("InvalidStorage", False) and "sha256 expected aa" in fault.message
+    fetching = _shard({"state": {"running": {}}, "lastState": {"terminated": {"exitCode": 3}}})
+    assert shard_state(fetching) is None  # trying again: nothing to report yet

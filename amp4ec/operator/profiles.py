@@ -17,8 +17,9 @@ namespace is part of it: whoever may change Pods or read Secrets in a namespace 
 its profiler Pod, so a profile only plans that namespace's deployments. The digest is: a new
 archive at the same URI is another model; and with a digest, a profile is cached by content
 (the same archive from another URI is not profiled again), while a failure (an unreachable
-URI) stays with its URI. Deployments of one namespace that share a key wait
-for the first one's Pod rather than starting their own.
+URI) stays with its URI and how it is reached (an s3 store's endpoint and Secret, the CA
+bundle: one deployment's wrong Secret is not another's failure). Deployments of one namespace
+that share a key wait for the first one's Pod rather than starting their own.
 """
 
 from __future__ import annotations
@@ -99,6 +100,8 @@ class ProfileKey:
     sha256: str
     codecs: bool = False
     """Whether the deployment compresses (``spec.compression``): the codecs are measured too."""
+    access: str = ""
+    """How the file is reached beyond its URI (``spec.model.s3``, ``caBundle``), for failures only."""
 
     @classmethod
     def of(cls, spec: DeploymentSpec, namespace: str) -> ProfileKey:
@@ -111,14 +114,20 @@ class ProfileKey:
             m.storage_uri or "",
             m.sha256 or "",
             spec.compression.enabled,
+            _access(spec),
         )
 
     def content(self) -> ProfileKey:
         """The key of what is profiled: with a digest, the URI it came from does not matter."""
-        return replace(self, storage_uri="") if self.sha256 else self
+        return replace(self, storage_uri="", access="") if self.sha256 else self
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+
+
+def _access(spec: DeploymentSpec) -> str:
+    reached = spec.model.model_dump(include={"s3", "ca_bundle"}, exclude_none=True)
+    return json.dumps(reached, sort_keys=True) if reached else ""
 
 
 @dataclass(frozen=True)

@@ -654,9 +654,7 @@ class Kubelet:
                 out[e["name"]] = e["value"]
                 continue
             source = e.get("valueFrom") or {}
-            kind, ref = next(
-                (k, source[k]) for k in ("secretKeyRef", "configMapKeyRef") if k in source
-            )
+            kind, ref = next((k, source[k]) for k in ("secretKeyRef", "configMapKeyRef") if k in source)
             resource, noun = (SECRETS, "secret") if kind == "secretKeyRef" else (CONFIGMAPS, "configmap")
             obj = next(
                 (

@@ -1,9 +1,8 @@
 """The storage initializer against a real S3-compatible server: moto's, over TLS, checking signatures.
 
-moto's WSGI app (the one ``moto_server``/``ThreadedMotoServer`` runs) is served by werkzeug on
-127.0.0.1 with a certificate from a ``trustme`` CA, so the initializer's https path, its pinned
-connection and a private CA bundle (``--ca-file``) are all exercised. With moto's IAM check on
-(``reset-auth`` to 0) every request must carry a valid SigV4 signature of an IAM user's key,
+``tests/operator/s3store.py``: moto's server app over TLS from a ``trustme`` CA on 127.0.0.1, so
+the initializer's https path, its pinned connection and a private CA bundle are all exercised.
+With moto's IAM check on, every request must carry a valid SigV4 signature of an IAM user's key,
 which moto verifies with botocore: a wrong secret is refused as S3 refuses it.
 """
 
@@ -11,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import http.server
-import json
 import socket
 import ssl
 import threading
@@ -20,22 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trustme
 
-boto3 = pytest.importorskip("boto3")
-trustme = pytest.importorskip("trustme")
-pytest.importorskip("moto")
-
-from moto import settings as moto_settings  # noqa: E402
-from moto.moto_server.werkzeug_app import (  # noqa: E402
-    DomainDispatcherApplication,
-    MotoRequestHandler,
-    create_backend_app,
-)
-from werkzeug.serving import make_server  # noqa: E402
-
-from amp4ec.operator.fetch import EXIT_PERMANENT, EXIT_TRANSIENT, FetchError, fetch, main  # noqa: E402
-from amp4ec.operator.s3 import S3Options  # noqa: E402
-from amp4ec.operator.storage_hosts import parse_networks  # noqa: E402
+from amp4ec.operator.fetch import EXIT_PERMANENT, EXIT_TRANSIENT, FetchError, fetch, main
+from amp4ec.operator.s3 import S3Options
+from amp4ec.operator.storage_hosts import parse_networks
+from tests.operator.s3store import S3Store
 
 BODY = b"\x00model bytes\xff" * 4096
 DIGEST = hashlib.sha256(BODY).hexdigest()
@@ -53,46 +41,14 @@ class Store:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
-    tmp = tmp_path_factory.mktemp("s3")
-    ca = trustme.CA()
-    leaf = ca.issue_cert("127.0.0.1")
-    ca_file = tmp / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    leaf.configure_cert(context)
-    app = DomainDispatcherApplication(create_backend_app)
-    server = make_server(
-        "127.0.0.1", 0, app, threaded=True, request_handler=MotoRequestHandler, ssl_context=context
-    )
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    endpoint = f"https://127.0.0.1:{server.server_port}"
-    admin = {"endpoint_url": endpoint, "region_name": "us-east-1", "verify": str(ca_file)}
-    creds = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
-    s3 = boto3.client("s3", **admin, **creds)
-    s3.create_bucket(Bucket=BUCKET)
-    s3.put_object(Bucket=BUCKET, Key=KEY, Body=BODY)
-    s3.put_object(Bucket=BUCKET, Key="junk.pt2", Body=b"not a zip")
-    iam = boto3.client("iam", **admin, **creds)
-    iam.create_user(UserName="edge")
-    policy = {
-        "Version": "2012-10-17",
-        "Statement": [{"Effect": "Allow", "Action": "s3:GetObject", "Resource": "*"}],
-    }
-    iam.put_user_policy(UserName="edge", PolicyName="read", PolicyDocument=json.dumps(policy))
-    key = iam.create_access_key(UserName="edge")["AccessKey"]
-    before = moto_settings.INITIAL_NO_AUTH_ACTION_COUNT
-    moto_settings.INITIAL_NO_AUTH_ACTION_COUNT = 0  # from now on every request is authenticated
-    try:
+    ca_file = tmp_path_factory.mktemp("s3") / "ca.pem"
+    with S3Store() as s3:
+        ca_file.write_text(s3.ca_pem)
+        s3.put(BUCKET, KEY, BODY)
+        s3.put(BUCKET, "junk.pt2", b"not a zip")
         yield Store(
-            endpoint,
-            str(ca_file),
-            {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]},
+            s3.endpoint, str(ca_file), {"AWS_ACCESS_KEY_ID": s3.key_id, "AWS_SECRET_ACCESS_KEY": s3.secret}
         )
-    finally:
-        moto_settings.INITIAL_NO_AUTH_ACTION_COUNT = before
-        server.shutdown()
-        server.server_close()
 
 
 def _options(store: Store, **kw: str) -> S3Options:

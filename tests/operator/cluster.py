@@ -127,6 +127,7 @@ class Emulator(kmock.KubernetesEmulator):
             (NODES, "Node", False),
             (EVENTS, "Event", True),
             (PVCS, "PersistentVolumeClaim", True),
+            (CONFIGMAPS, "ConfigMap", True),
             ("v1/namespaces", "Namespace", False),
         ):
             self.resources[res] = kmock.ResourceInfo(

@@ -100,6 +100,8 @@ class ProfileKey:
     sha256: str
     codecs: bool = False
     """Whether the deployment compresses (``spec.compression``): the codecs are measured too."""
+    batch_sizes: tuple[int, ...] = ()
+    """The batch sizes its dynamic batching can use (``Batching.profile_sizes``), timed too."""
     access: str = ""
     """How the file is reached beyond its URI (``spec.model.s3``, ``caBundle``), for failures only."""
 
@@ -114,6 +116,7 @@ class ProfileKey:
             m.storage_uri or "",
             m.sha256 or "",
             spec.compression.enabled,
+            spec.batching.policy().profile_sizes(),
             _access(spec),
         )
 
@@ -122,7 +125,12 @@ class ProfileKey:
         return replace(self, storage_uri="", access="") if self.sha256 else self
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+        fields = asdict(self)
+        if not self.batch_sizes:  # the digest (a profiler Pod's name) of a key from before batch sizes
+            del fields["batch_sizes"]
+        if not self.access:  # likewise from before s3 and caBundle
+            del fields["access"]
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def _access(spec: DeploymentSpec) -> str:
@@ -306,7 +314,9 @@ class Profiler:
 
     async def _call(self, target: str, name: str, namespace: str, spec: DeploymentSpec) -> ModelCosts:
         # The model of the Pod's own arguments; the codecs measured when the deployment compresses.
-        request = agent_pb2.ProfileRequest(codecs=spec.compression.enabled)
+        request = agent_pb2.ProfileRequest(
+            codecs=spec.compression.enabled, batch_sizes=spec.batching.policy().profile_sizes()
+        )
         self._security = self._security.refreshed()  # a leaf renewed on disk (cert-manager)
         async with transport.channel(
             target,
@@ -345,6 +355,7 @@ class Profiler:
                 out_bytes=b.out_bytes,
                 compute_ms=b.compute_ms,
                 act_bytes=b.act_bytes,
+                batch_ms=tuple((t.batch, t.ms) for t in b.batch_ms),
             )
             for b in answer.blocks
         )

@@ -39,8 +39,9 @@ _CONFIG = f"{_WEIGHTS_DIR}model_weights_config.json"
 class ArchiveWeights(Mapping[str, torch.Tensor]):
     """Weight name → its tensor, read from the archive's record when asked (and only then)."""
 
-    def __init__(self, reader: PT2ArchiveReader, config: schema.PayloadConfig) -> None:
+    def __init__(self, reader: PT2ArchiveReader, config: schema.PayloadConfig, file: IO[bytes]) -> None:
         self._reader = reader
+        self._file = file  # open while the weights may be read: the file checked, not the path
         self._config = config.config
         self.read: list[str] = []
         """The names read so far (a test's witness that a shard reads only its own)."""
@@ -97,4 +98,4 @@ def load_meta_program(file: IO[bytes]) -> tuple[torch.export.ExportedProgram, Ar
     program = ExportedProgramDeserializer(None).deserialize(
         _bytes_to_dataclass(schema.ExportedProgram, program_bytes), _meta_state(config), constants, samples
     )
-    return program, ArchiveWeights(reader, config)
+    return program, ArchiveWeights(reader, config, file)

@@ -48,7 +48,7 @@ from amp4ec.operator.profiler_pod import (
     profiler_state,
 )
 from amp4ec.operator.spec import DeploymentSpec
-from amp4ec.planner.types import CodecProfile, LayerProfile
+from amp4ec.planner.types import CodecProfile, LayerProfile, TileRows
 from amp4ec.wire import transport
 from amp4ec.wire.v1 import agent_pb2, agent_pb2_grpc
 
@@ -336,6 +336,7 @@ class Profiler:
                 out_bytes=b.out_bytes,
                 compute_ms=b.compute_ms,
                 act_bytes=b.act_bytes,
+                tile=_tile_rows(b.tile) if b.HasField("tile") else None,
             )
             for b in answer.blocks
         )
@@ -355,3 +356,14 @@ class Profiler:
             reference_ms=answer.reference_workload_ms,
             codecs=codecs,
         )
+
+
+def _tile_rows(m: agent_pb2.TileRows) -> TileRows:
+    """A block's row geometry as the profiler measured it (the planner checks it: InvalidSpec)."""
+    return TileRows(
+        in_height=m.in_height,
+        out_height=m.out_height,
+        lo=tuple(m.lo),
+        hi=tuple(m.hi),
+        codec_ns_per_byte=m.codec_ns_per_byte,
+    )

@@ -51,6 +51,10 @@ class TileRows:
     """Per output row, the first input row it reads."""
     hi: tuple[int, ...]
     """Per output row, one past the last input row it reads."""
+    codec_ns_per_byte: float = 0.0
+    """Reference-core ns per byte to cut a stripe of the block's input rows out, encode it
+    into a frame and decode it (measured by ``amp4ec.slicing.tiles.codec_ns_per_byte``): the
+    CPU a scatter or gather costs beyond the wire."""
 
     def needs(self, start: int, stop: int) -> tuple[int, int]:
         """Input rows that output rows ``[start, stop)`` read."""

@@ -7,6 +7,7 @@ shard Pod's arguments).
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,15 @@ from amp4ec.errors import InvalidSpec
 from amp4ec.wire.codec_names import codec_name, codec_value
 from amp4ec.wire.v1 import agent_pb2
 
-__all__ = ["MAX_BATCH_REQUESTS", "MAX_QUEUE_DELAY_MS", "Batching", "StageConfig", "TilePeer", "TilePhase"]
+__all__ = [
+    "MAX_BATCH_REQUESTS",
+    "MAX_QUEUE_DELAY_MS",
+    "Batching",
+    "StageConfig",
+    "TilePeer",
+    "TilePhase",
+    "parse_tile_phase",
+]
 
 MAX_BATCH_REQUESTS = 64
 """The node agent's default ``--max-batch``: a batch is one forward of at most that many rows."""
@@ -98,6 +107,39 @@ class TilePhase:
     @property
     def others(self) -> tuple[TilePeer, ...]:
         return tuple(t for t in self.tiles if t.address)
+
+    def to_arg(self) -> str:
+        """The phase as one ``--tile-phase`` value (JSON: addresses hold colons, identities dots)."""
+        tiles = [
+            {"node": t.node, "address": t.address, "identity": t.identity, "rows": list(t.rows)}
+            for t in self.tiles
+        ]
+        return json.dumps({"first": self.first, "last": self.last, "tiles": tiles}, separators=(",", ":"))
+
+
+def parse_tile_phase(text: str, field: str = "--tile-phase") -> TilePhase:
+    """A ``TilePhase.to_arg`` value back; InvalidSpec naming ``field`` when malformed."""
+    try:
+        d = json.loads(text)
+        tiles = tuple(
+            TilePeer(str(t["node"]), str(t.get("address", "")), str(t.get("identity", "")), _rows(t["rows"]))
+            for t in d["tiles"]
+        )
+        first, last = d["first"], d["last"]
+        if not (isinstance(first, int) and isinstance(last, int) and tiles):
+            raise ValueError("first and last must be integers, tiles non-empty")
+    except (ValueError, TypeError, KeyError) as exc:
+        raise InvalidSpec(
+            f'{field}: expected {{"first": int, "last": int, "tiles": [{{"node", "address", "identity", '
+            f'"rows": [start, stop]}}, ...]}}, got {text!r} ({exc})'
+        ) from None
+    return TilePhase(first, last, tiles)
+
+
+def _rows(value: object) -> tuple[int, int]:
+    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value)):
+        raise ValueError(f"rows must be [start, stop], got {value!r}")
+    return (value[0], value[1])
 
 
 @dataclass(frozen=True)
@@ -187,10 +229,8 @@ class StageConfig:
 
     def to_args(self) -> list[str]:
         """The agent's command-line flags for this stage (``python -m amp4ec.node_agent``); empty
-        fields are left out, so the agent's defaults apply. Tiled stages have no flags yet (the
-        operator plans layer-wise)."""
-        if self.tile_phases:
-            raise ValueError("tile_phases: a tiled stage is loaded with LoadStage, not command-line flags")
+        fields are left out, so the agent's defaults apply. A tiled stage's phases are one
+        ``--tile-phase`` each (``TilePhase.to_arg``)."""
         args = [
             "--model",
             self.model,
@@ -216,4 +256,6 @@ class StageConfig:
             "--output-codec": "" if self.output_codec == "raw" else self.output_codec,
         }
         args += [item for flag, value in optional.items() if value for item in (flag, value)]
+        args += [item for phase in self.tile_phases for item in ("--tile-phase", phase.to_arg())]
+        args += ["--tile-only"] if self.tile_only else []
         return args + [item for identity in self.accept_from for item in ("--accept-from", identity)]

@@ -265,6 +265,9 @@ class Stage:
     tiles: tuple[TileGroup, ...] = ()
     """Phases of the stage run as row tiles, in block order (every phase on the same nodes;
     blocks outside them run on ``node``); empty for a layer-wise stage."""
+    tile_memory_bytes: int = 0
+    """Predicted resident bytes on each other tile node: the tiled blocks' parameters plus
+    their largest activation (0 for a layer-wise stage)."""
 
     @property
     def stage_ms(self) -> float:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from amp4ec.errors import InvalidSpec
@@ -23,8 +24,14 @@ __all__ = [
     "StageConfig",
     "TilePeer",
     "TilePhase",
+    "TileSpan",
     "parse_tile_phase",
 ]
+
+TileSpan = tuple[int, int, Sequence[str], Sequence[tuple[int, int]]]
+"""One phase as the planner places it: (first block, last block, tile nodes top stripe first,
+each node's output rows ``[start, stop)``) — ``planner.TileGroup``'s fields, torch- and
+planner-free."""
 
 MAX_BATCH_REQUESTS = 64
 """The node agent's default ``--max-batch``: a batch is one forward of at most that many rows."""
@@ -201,6 +208,54 @@ class StageConfig:
             max_batch_requests=max(1, m.max_batch_requests),
             max_queue_delay_ms=m.max_queue_delay_ms,
         )
+
+    def tiled(
+        self,
+        node: str,
+        phases: Sequence[TileSpan],
+        address: Callable[[str], str],
+        identity: Callable[[str], str],
+    ) -> tuple[StageConfig, dict[str, StageConfig]]:
+        """This stage on ``node`` scattering ``phases``, and the tile stage every other tile
+        node loads: it holds the blocks of every phase, answers only frames from ``node``'s
+        identity, and computes its own rows of the phase a frame names. ``address`` and
+        ``identity`` give another tile node's address and the identity it presents (mutual
+        TLS; "" when plaintext)."""
+        own = replace(
+            self,
+            tile_phases=tuple(
+                TilePhase(
+                    first,
+                    last,
+                    tuple(
+                        TilePeer(n, "" if n == node else address(n), identity(n), (a, b))
+                        for n, (a, b) in zip(nodes, rows, strict=True)
+                    ),
+                )
+                for first, last, nodes, rows in phases
+            ),
+            tile_only=False,
+        )
+        others = dict.fromkeys(n for _, _, nodes, _ in phases for n in nodes if n != node)
+        tiles = {
+            n: StageConfig(
+                model=self.model,
+                weights=self.weights,
+                seed=self.seed,
+                input_shape=self.input_shape,
+                first_block=phases[0][0],
+                last_block=phases[-1][1],
+                stage=self.stage,
+                accept_from=(identity(node),) if identity(node) else (),
+                tile_phases=tuple(
+                    TilePhase(first, last, (TilePeer(n, "", identity(n), rows[list(nodes).index(n)]),))
+                    for first, last, nodes, rows in phases
+                ),
+                tile_only=True,
+            )
+            for n in others
+        }
+        return own, tiles
 
     def to_message(self) -> agent_pb2.StageSpec:
         return agent_pb2.StageSpec(

@@ -264,8 +264,7 @@ class CostModel:
                 used.add(n)
                 placed = tiled.get((p, s))
                 if placed is not None and placed.tiles:
-                    candidate = tiled_stage(self, placed, prev, where)
-                    stage, busy = candidate.stage, candidate.busy_ms
+                    stage = tiled_stage(self, placed, prev, where).stage
                     for t in stage.nodes[1:]:
                         if self.index[t] in used:
                             raise InvalidSpec(f"{where}.tiles: node {t!r} is used twice")
@@ -276,9 +275,8 @@ class CostModel:
                         self._fits(where, span, stage.tile_memory_bytes, self.index[t])
                 else:
                     stage = self.stage(n, first, last, prev)
-                    busy = stage.stage_ms
                 self._fits(where, f"blocks {first}..{last}", stage.memory_bytes, n)
-                busiest.append(busy)
+                busiest.append(stage.interval_ms)
                 priced.append(stage)
                 expect, prev = last + 1, n
             if expect != self.B:

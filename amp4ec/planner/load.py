@@ -35,9 +35,8 @@ def expected_completion_ms(latency_ms: float, interval_ms: float, in_flight: int
 
 def pipeline_times(pipeline: Pipeline) -> tuple[float, float]:
     """(latency, interval) the cost model predicts for ``pipeline``: its stages end to end, and
-    its slowest stage (the seeds of the client's estimates)."""
-    times = [s.stage_ms for s in pipeline.stages]
-    return math.fsum(times), max(times)
+    its slowest stage's interval between requests (the seeds of the client's estimates)."""
+    return math.fsum(s.stage_ms for s in pipeline.stages), max(s.interval_ms for s in pipeline.stages)
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,9 @@ def latency_under_load(plan: Plan, rate_rps: float, requests: int = 2000, seed: 
         raise InvalidSpec(f"rate_rps: expected a positive finite rate, got {rate_rps!r}")
     if requests < 1:
         raise InvalidSpec(f"requests: expected at least 1, got {requests}")
-    stages = [[s.stage_ms for s in p.stages] for p in plan.pipelines]
+    # A stage takes the next request ``interval_ms`` after this one (a tiled stage's busiest
+    # node frees up before the request has been stitched), and answers after ``stage_ms``.
+    stages = [[(s.stage_ms, s.interval_ms) for s in p.stages] for p in plan.pipelines]
     seeds = [pipeline_times(p) for p in plan.pipelines]
     free = [[0.0] * len(s) for s in stages]
     """Per pipeline and stage, when it finishes the work it has been given."""
@@ -76,9 +77,10 @@ def latency_under_load(plan: Plan, rate_rps: float, requests: int = 2000, seed: 
             key=lambda i: (expected_completion_ms(*seeds[i], len(pending[i])), len(pending[i])),
         )
         t = now
-        for k, ms in enumerate(stages[p]):
-            t = max(t, free[p][k]) + ms
-            free[p][k] = t
+        for k, (ms, interval) in enumerate(stages[p]):
+            start = max(t, free[p][k])
+            free[p][k] = start + interval
+            t = start + ms
         heapq.heappush(pending[p], t)
         latencies.append(t - now)
         counts[p] += 1

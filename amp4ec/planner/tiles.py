@@ -245,8 +245,9 @@ def _stage(
             TileGroup(p.first, p.last, tuple(names[n] for n in ordered), p.rows, p.tile_ms) for p in phases
         ),
         tile_memory_bytes=cm.memory_bytes(phases[0].first, phases[-1].last),
+        busy_ms=max(busy.values()),
     )
-    return TiledCandidate(stage, stage.stage_ms + cm.return_ms(coord), max(busy.values()))
+    return TiledCandidate(stage, stage.stage_ms + cm.return_ms(coord), stage.busy_ms)
 
 
 def _price(cm: CostModel, coord: int, group: Sequence[int], prefix: int) -> TiledCandidate | None:

@@ -268,10 +268,18 @@ class Stage:
     tile_memory_bytes: int = 0
     """Predicted resident bytes on each other tile node: the tiled blocks' parameters plus
     their largest activation (0 for a layer-wise stage)."""
+    busy_ms: float = 0.0
+    """A tiled stage: its busiest node's time per request, which bounds its rate while
+    requests overlap (0: ``stage_ms``, a layer-wise stage's node is busy all through)."""
 
     @property
     def stage_ms(self) -> float:
         return self.compute_ms + self.transfer_ms + self.overhead_ms + self.codec_ms
+
+    @property
+    def interval_ms(self) -> float:
+        """Time between requests the stage can take at saturation."""
+        return self.busy_ms if self.busy_ms > 0 else self.stage_ms
 
     @property
     def blocks(self) -> range:

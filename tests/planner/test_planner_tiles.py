@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from amp4ec.errors import InvalidSpec
 from amp4ec.planner import LayerProfile, Link, NodeCapacity, Stage, TileRows, evaluate, plan, replan_reason
 from amp4ec.planner.cost import CostModel
+from amp4ec.planner.load import latency_under_load, pipeline_times
 from amp4ec.planner.tiles import _phases, _stripe_work, best_tiled
 
 H = 64
@@ -170,3 +171,17 @@ def test_scatter_and_gather_codec_cost_makes_fewer_phases_and_a_slower_predictio
     assert len(free.stages[0].tiles) > 1
     assert len(costly.stages[0].tiles) < len(free.stages[0].tiles)
     assert costly.predicted.latency_ms > free.predicted.latency_ms
+
+
+def test_a_tiled_stage_takes_requests_at_its_busiest_nodes_rate_under_load() -> None:
+    """Its busiest node frees up before a request is stitched: the rate the plan promises is
+    the one the load model (and the client's dispatch seeds) use, so at 80% of it the queue
+    stays bounded (a stage taking its whole latency per request would be over 100% busy)."""
+    link = Link("*", "*", rtt_ms=2.0, bandwidth_bytes_per_s=1e9)
+    result = plan(_cnn(12, 5.0), NODES, objective="latency", input_bytes=INPUT, default_link=link)
+    (stage,) = result.stages
+    assert stage.tiles and 0.85 * stage.stage_ms > stage.busy_ms > 0
+    assert result.predicted.throughput_rps == pytest.approx(1000 / stage.busy_ms)
+    assert pipeline_times(result.pipelines[0])[1] == stage.busy_ms
+    loaded = latency_under_load(result, 0.85 * result.predicted.throughput_rps)
+    assert loaded.p50_ms < 5 * result.predicted.latency_ms

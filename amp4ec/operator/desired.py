@@ -86,13 +86,11 @@ class PlacedStage:
 
     def holds(self) -> tuple[tuple[str, float, int], ...]:
         """(node, CPU cores, memory bytes) its Pods request: its own, then its tile Pods'."""
-        tiles = self.tiles
         own = ((self.node, self.cpu, self.memory_bytes),)
-        return (
-            own + tuple((n, c, tiles.memory_bytes) for n, c in zip(tiles.nodes, tiles.cpu, strict=True))
-            if tiles
-            else own
-        )
+        if self.tiles is None:
+            return own
+        t = self.tiles
+        return own + tuple((n, c, t.memory_bytes) for n, c in zip(t.nodes, t.cpu, strict=True))
 
     def to_status(self) -> dict[str, Any]:
         return {

@@ -10,6 +10,10 @@ unbatched monolith's saturation throughput. Reported against the targets of issu
 - with batching, saturation ≥ 1.1× the batch-1 ideal (each node alone, whole model, no
   batching), and p95 at 90% load no worse than the batching monolith's;
 - single-request latency at idle no worse with batching than without.
+
+Beside the measured figures, the planner's predictions for the same plan at the same rate
+(``predicted``: without batching, and with it from the blocks' batch times, see
+``amp4ec.planner.batching``) and their ratios to what was measured.
 """
 
 from __future__ import annotations
@@ -32,9 +36,12 @@ from amp4ec.bench.runner import (  # the standard configuration's steps, shared
     _prime,
     matched_variants,
 )
+from amp4ec.local.cgroups import PERIOD_US
 from amp4ec.local.cluster import LocalCluster, NodeSpec
 from amp4ec.local.run import measure_links, node_capacities
+from amp4ec.planner.batching import expected_batches, saturation_rps
 from amp4ec.planner.load import latency_under_load
+from amp4ec.planner.types import Plan
 from amp4ec.slicing.prepare import Prepared
 from amp4ec.wire.stage import Batching
 
@@ -54,6 +61,7 @@ async def run_batching(
     *,
     limit_mode: str = "auto",
     secure: bool = True,
+    cfs_period_us: int = PERIOD_US,
 ) -> dict[str, Any]:
     nodes, factor = scale_nodes(config, budget)
     matched = NodeSpec(
@@ -77,7 +85,11 @@ async def run_batching(
         "rows": {},
     }
     async with LocalCluster(
-        [*nodes, *variants], limit_mode, allow_factories=_named(config.source), secure=secure
+        [*nodes, *variants],
+        limit_mode,
+        allow_factories=_named(config.source),
+        secure=secure,
+        cfs_period_us=cfs_period_us,
     ) as cluster:
         out["cpu_limits"] = cluster.limit_description
         await _prime(cluster, config.source)
@@ -111,13 +123,9 @@ async def run_batching(
         rows["matched_batched"] = await monolith(batched, "monolith, batching", rate)
         progress.step()
         plan, _ = _plan(prepared, planner_nodes, "optimal", links)
-        if rate:
-            predicted = latency_under_load(plan, rate)
-            out["predicted_under_load"] = {
-                "rate_rps": rate,
-                "p50_ms": predicted.p50_ms,
-                "p95_ms": predicted.p95_ms,
-            }
+        # The same placement (the search prices batch 1), its stages priced at batches too.
+        priced, _ = _plan(prepared, planner_nodes, "optimal", links, max_batch=BATCHING.max_requests)
+        out["predicted"] = {"unbatched": _predicted(plan, rate), "batched": _predicted(priced, rate)}
         rows["optimal"] = await _guarded(unbatched, plan, "optimal", rate)
         progress.step()
         rows["optimal_batched"] = await _guarded(batched, plan, "optimal, batching", rate)
@@ -126,8 +134,28 @@ async def run_batching(
     return out
 
 
+def _predicted(plan: Plan, rate: float | None) -> dict[str, Any]:
+    """What the planner expects of ``plan``: saturation, and at ``rate`` latency and batches."""
+    out: dict[str, Any] = {"saturation_rps": saturation_rps(plan)}
+    if rate:
+        load = latency_under_load(plan, rate)
+        out |= {
+            "rate_rps": rate,
+            "p50_ms": load.p50_ms,
+            "p95_ms": load.p95_ms,
+            "mean_batch": math.fsum(load.batches) / len(load.batches),
+            "expected_batches": list(expected_batches(plan, rate)),
+        }
+    return out
+
+
 def _ratios(out: dict[str, Any]) -> dict[str, float | None]:
     rows, ideal = out["rows"], (out.get("ideal") or {}).get("rps")
+    predicted = out.get("predicted") or {}
+
+    def guess(which: str, key: str) -> float | None:
+        value = (predicted.get(which) or {}).get(key)
+        return value if isinstance(value, (int, float)) and math.isfinite(value) else None
 
     def get(row: str, *path: str) -> float | None:
         value: Any = rows.get(row, {})
@@ -155,5 +183,16 @@ def _ratios(out: dict[str, Any]) -> dict[str, float | None]:
         ),
         "matched_batched_vs_matched_saturation": ratio(
             get("matched_batched", "saturation", "rps"), get("matched", "saturation", "rps")
+        ),
+        # The planner against the measurement (predicted / measured; 1 = exact).
+        "predicted_saturation": ratio(
+            guess("unbatched", "saturation_rps"), get("optimal", "saturation", "rps")
+        ),
+        "predicted_p95": ratio(guess("unbatched", "p95_ms"), get("optimal", "open_loop", "p95_ms")),
+        "predicted_batched_saturation": ratio(
+            guess("batched", "saturation_rps"), get("optimal_batched", "saturation", "rps")
+        ),
+        "predicted_batched_p95": ratio(
+            guess("batched", "p95_ms"), get("optimal_batched", "open_loop", "p95_ms")
         ),
     }

@@ -26,6 +26,7 @@ from amp4ec.bench.progress import ProgressSink
 from amp4ec.bench.runner import _capacities, _named, _plan
 from amp4ec.errors import PlanInfeasible
 from amp4ec.loadgen import closed_loop
+from amp4ec.local.cgroups import PERIOD_US
 from amp4ec.local.cluster import LocalCluster
 from amp4ec.local.run import client_of, deploy, node_capacities
 from amp4ec.nodes import NodeSpec
@@ -111,6 +112,7 @@ async def run_multi_tenant(
     *,
     limit_mode: str = "auto",
     secure: bool = True,
+    cfs_period_us: int = PERIOD_US,
 ) -> dict[str, Any]:
     nodes, factor = scale_nodes(config, budget)
     k = config.tenants
@@ -125,7 +127,9 @@ async def run_multi_tenant(
         "note": config.note,
     }
     allow = _named(config.source)
-    async with LocalCluster(nodes, limit_mode, allow_factories=allow, secure=secure) as cluster:
+    async with LocalCluster(
+        nodes, limit_mode, allow_factories=allow, secure=secure, cfs_period_us=cfs_period_us
+    ) as cluster:
         out["cpu_limits"] = cluster.limit_description
         caps = node_capacities(await _capacities(cluster), prepared.reference_ms)
         out["ideal"] = await _ideal_at_once(cluster, prepared, config, caps, progress)
@@ -134,7 +138,9 @@ async def run_multi_tenant(
     agents = [
         NodeSpec(f"t{i}-{node}", cpu) for i, (_, granted) in enumerate(plans) for node, cpu in granted.items()
     ]
-    async with LocalCluster(agents, limit_mode, allow_factories=allow, secure=secure) as cluster:
+    async with LocalCluster(
+        agents, limit_mode, allow_factories=allow, secure=secure, cfs_period_us=cfs_period_us
+    ) as cluster:
         deployed = [_renamed(plan, f"t{i}") for i, (plan, _) in enumerate(plans)]
         for plan in deployed:
             await deploy(cluster, plan, config.source)

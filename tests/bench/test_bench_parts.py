@@ -232,3 +232,72 @@ def test_tenants_are_planned_in_turn_on_their_fair_share_of_what_is_free() -> No
     text = render({"command": "c", "started": "s", "machine": machine, "configurations": [result]})
     assert "Aggregate 15.0 req/s = 0.75× the ideal 20.0 req/s" in text
     assert "| t0 | a[0–3] | 0.20 (0.20) | 7.5 (8.0) | 50% (50%) |" in text
+
+
+def test_the_batching_report_sets_the_planners_predictions_beside_the_measurements() -> None:
+    from amp4ec.bench.batching import BATCHING, _predicted, _ratios
+    from amp4ec.bench.markdown import render
+    from amp4ec.planner import plan
+    from amp4ec.planner.types import LayerProfile, NodeCapacity
+
+    blocks = [
+        LayerProfile(f"b{i}", 10**6, 10**5, 10**4, 5.0, batch_ms=((2, 8.0), (4, 14.0))) for i in range(4)
+    ]
+    nodes = [NodeCapacity("a", 1.0, 2**30), NodeCapacity("b", 0.5, 2**30)]
+    unbatched = _predicted(plan(blocks, nodes, tiles=False), 30.0)
+    batched = _predicted(plan(blocks, nodes, tiles=False, max_batch=BATCHING.max_requests), 30.0)
+    assert batched["saturation_rps"] > unbatched["saturation_rps"]  # 3.5 ms an image at batch 4, not 5
+    assert unbatched["mean_batch"] == 1.0 < batched["mean_batch"]  # 30 req/s on 75: some requests wait
+    assert set(batched) == {
+        "saturation_rps",
+        "rate_rps",
+        "p50_ms",
+        "p95_ms",
+        "mean_batch",
+        "expected_batches",
+    }
+    assert _predicted(plan(blocks, nodes, tiles=False), None) == {
+        "saturation_rps": unbatched["saturation_rps"]
+    }
+
+    def row(rps: float, p95: float) -> dict[str, object]:
+        return {"status": "ok", "single_ms": {"p50": 20.0}, "saturation": {"rps": rps},
+                "open_loop": {"p50_ms": p95 / 2, "p95_ms": p95, "dropped": 0}, "mean_batch": {}}  # fmt: skip
+
+    result = {
+        "name": "batching", "title": "t", "kind": "batching", "status": "ok", "model": "m",
+        "scale_factor": 1.0, "nodes": [{"name": "a", "cpu": 1.0}], "matched_cpu": 1.5,
+        "batching": {"max_requests": 4, "max_queue_delay_ms": 0.0}, "open_loop_rate_rps": 30.0,
+        "ideal": {"rps": 50.0}, "targets": {},
+        "rows": {"matched": row(40, 50), "matched_batched": row(45, 45), "optimal": row(50, 40),
+                 "optimal_batched": row(2 * batched["saturation_rps"], batched["p95_ms"] / 4)},
+        "predicted": {"unbatched": unbatched, "batched": batched},
+    }  # fmt: skip
+    result["ratios"] = ratios = _ratios(result)
+    assert ratios["predicted_batched_saturation"] == pytest.approx(0.5)
+    assert ratios["predicted_batched_p95"] == pytest.approx(4.0)
+    assert ratios["predicted_saturation"] == pytest.approx(unbatched["saturation_rps"] / 50)
+    machine = {
+        "cpu": "x",
+        "cores": 2,
+        "memory_gb": 1,
+        "kernel": "k",
+        "python": "3",
+        "torch": "t",
+        "amp4ec": "0",
+    }
+    text = render({"command": "c", "started": "s", "machine": machine, "configurations": [result]})
+    assert f"saturation {batched['saturation_rps']:.1f} req/s (0.50×)" in text
+    assert "(4.00×), mean batch" in text
+
+
+def test_every_configuration_runner_takes_what_the_suite_passes() -> None:
+    # The suite calls each with the same keywords; one missing broke `--only batching` and
+    # `--only multi-tenant` at their first step (a TypeError after profiling).
+    import inspect
+
+    from amp4ec.bench import suite
+
+    runners = (suite.run_configuration, suite.run_failover, suite.run_latency, suite.run_batching)
+    for run in (*runners, suite.run_multi_tenant):
+        assert {"limit_mode", "cfs_period_us", "secure"} <= set(inspect.signature(run).parameters), run

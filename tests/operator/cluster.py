@@ -83,12 +83,13 @@ from kmock._internal import dsl, enums, rendering
 from kmock._internal.dicts import patch_dict
 from kmock._internal.k8s import KubernetesObjectConflictError, KubernetesObjectNotFoundError
 
-__all__ = ["PVCS", "Emulator", "FakeCluster", "Kubectl", "Kubelet"]
+__all__ = ["CONFIGMAPS", "PVCS", "Emulator", "FakeCluster", "Kubectl", "Kubelet"]
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD = "amp4ec.io/v1alpha1/inferencedeployments"
 PODS = "v1/pods"
 SECRETS = "v1/secrets"
+CONFIGMAPS = "v1/configmaps"
 PVCS = "v1/persistentvolumeclaims"
 SERVICES = "v1/services"
 NODES = "v1/nodes"
@@ -138,6 +139,7 @@ class Emulator(kmock.KubernetesEmulator):
             (NODES, "Node", False),
             (EVENTS, "Event", True),
             (PVCS, "PersistentVolumeClaim", True),
+            (CONFIGMAPS, "ConfigMap", True),
             ("v1/namespaces", "Namespace", False),
         ):
             self.resources[res] = kmock.ResourceInfo(
@@ -420,6 +422,9 @@ class _Container:
     init_failed: bool = False
     """An init container failed under ``restartPolicy: Never``: the Pod has Failed."""
     init_restart_at: float | None = None
+    config_error: str | None = None
+    """Why the current init container cannot be created (a Secret, key or ConfigMap its
+    environment names is missing): ``CreateContainerConfigError`` with this message."""
     deadline_exceeded: bool = False
     """``activeDeadlineSeconds`` passed: every container killed, the Pod Failed (DeadlineExceeded)."""
 
@@ -498,12 +503,15 @@ class Kubelet:
                 if metrics_port is not None:
                     out += ["--metrics-port", str(metrics_port)]
             elif ".svc:" in a:
-                host = a.split(":")[0]
-                svc, ns = host.split(".")[0], host.split(".")[1]
-                port = self.service_port(ns, svc)
-                if port is None:
-                    return None  # the Service is not there yet: DNS would fail too
-                out.append(f"127.0.0.1:{port}")
+                # Every Service address in the argument (a flag's value, or inside a tile
+                # phase's JSON) resolves to its loopback proxy, as cluster DNS would.
+                addresses = {m.group(0): (m["ns"], m["svc"]) for m in _SERVICE_ADDRESS.finditer(a)}
+                for address, (ns, svc) in addresses.items():
+                    port = self.service_port(ns, svc)
+                    if port is None:
+                        return None  # the Service is not there yet: DNS would fail too
+                    a = a.replace(address, f"127.0.0.1:{port}")
+                out.append(a)
             else:
                 out.append(a)
         return out
@@ -551,7 +559,10 @@ class Kubelet:
         if args is None:
             return False
         command = [sys.executable if x == "python" else x for x in container.get("command", [])]
-        env = {**self.env, **{e["name"]: e["value"] for e in container.get("env", [])}}
+        resolved = self._env(meta["namespace"], container)
+        if isinstance(resolved, str):
+            return False
+        env = {**self.env, **resolved}
         c.log = self.workdir / f"{stem}.log"
         with c.log.open("wb") as out:
             c.popen = subprocess.Popen(
@@ -628,7 +639,11 @@ class Kubelet:
                 if args is None:
                     return False
                 command = [sys.executable if x == "python" else x for x in spec.get("command", [])]
-                env = {**self.env, **{e["name"]: e["value"] for e in spec.get("env", [])}}
+                resolved = self._env(meta["namespace"], spec)
+                c.config_error = resolved if isinstance(resolved, str) else None
+                if isinstance(resolved, str):
+                    return False  # the kubelet retries, reporting CreateContainerConfigError
+                env = {**self.env, **resolved}
                 c.init_log = self.workdir / f"{stem}.log"
                 with c.init_log.open("wb") as out:
                     c.init_popen = subprocess.Popen(
@@ -654,6 +669,36 @@ class Kubelet:
                 c.backoff_s = min(self.backoff_max_s, max(self.backoff_initial_s, 2 * c.backoff_s))
             return False
         return True
+
+    def _env(self, namespace: str, container: dict[str, Any]) -> dict[str, str] | str:
+        """A container's environment: ``value``, or ``valueFrom`` a Secret's or ConfigMap's key
+        (skipped when ``optional`` and missing); the kubelet's message when one is missing."""
+        out: dict[str, str] = {}
+        for e in container.get("env", []):
+            if "value" in e:
+                out[e["name"]] = e["value"]
+                continue
+            source = e.get("valueFrom") or {}
+            kind, ref = next((k, source[k]) for k in ("secretKeyRef", "configMapKeyRef") if k in source)
+            resource, noun = (SECRETS, "secret") if kind == "secretKeyRef" else (CONFIGMAPS, "configmap")
+            obj = next(
+                (
+                    o
+                    for o in self.emulator.live_objects(resource)
+                    if o["metadata"]["namespace"] == namespace and o["metadata"]["name"] == ref["name"]
+                ),
+                None,
+            )
+            data = (obj or {}).get("data") or {}
+            if ref["key"] not in data:
+                if ref.get("optional"):
+                    continue
+                if obj is None:
+                    return f'{noun} "{ref["name"]}" not found'
+                return f"couldn't find key {ref['key']} in {noun.capitalize()} {namespace}/{ref['name']}"
+            value = data[ref["key"]]
+            out[e["name"]] = base64.b64decode(value).decode() if resource == SECRETS else value
+        return out
 
     def _secret_volumes(
         self, pod: dict[str, Any], container: dict[str, Any], root: Path
@@ -1027,6 +1072,10 @@ _PORT_FLAGS = {"--v2-http-port": ".v2-http", "--v2-grpc-port": ".v2-grpc"}
 ``--port`` and ``--health-port``."""
 
 
+_SERVICE_ADDRESS = re.compile(r"(?P<svc>[a-z0-9][-a-z0-9]*)\.(?P<ns>[a-z0-9][-a-z0-9]*)\.svc:\d+")
+"""``<service>.<namespace>.svc:<port>``, wherever it appears in an argument."""
+
+
 def _named_port_files(container: dict[str, Any], port_file: Path) -> dict[str, Path]:
     """Container port name → the port file of the flag whose value is that containerPort."""
     args = list(container.get("args", []))
@@ -1176,6 +1225,8 @@ def _init_statuses(c: _Container, inits: list[dict[str, Any]]) -> list[dict[str,
             state: dict[str, Any] = {"terminated": last[name]}
         elif n == c.init_done and c.init_popen is not None:
             state = {"running": {}}
+        elif n == c.init_done and c.config_error is not None:
+            state = {"waiting": {"reason": "CreateContainerConfigError", "message": c.config_error}}
         else:
             state = {"waiting": {"reason": "PodInitializing"}}
         out.append({"name": name, "state": state, "ready": n < c.init_done})
@@ -1237,7 +1288,7 @@ def _pod_status(c: _Container, now: float) -> tuple[tuple[Any, ...], dict[str, A
         status["initContainerStatuses"] = _init_statuses(c, inits)
     (kind,) = state
     init_key = tuple((s["name"], s["terminated"]["exitCode"]) for s in c.init_statuses)
-    key = (phase, c.ready, restarts, kind, state[kind].get("reason"), init_key, c.init_done)
+    key = (phase, c.ready, restarts, kind, state[kind].get("reason"), init_key, c.init_done, c.config_error)
     return key, status
 
 

@@ -35,8 +35,9 @@ import torch
 from cryptography import x509
 
 from amp4ec.wire import transport
-from tests.operator.cluster import CRD, PODS, PVCS, ROOT, SECRETS, SERVICES, environ
+from tests.operator.cluster import CONFIGMAPS, CRD, PODS, PVCS, ROOT, SECRETS, SERVICES, environ
 from tests.operator.conftest import MEASURE_WINDOW, NODE_NAMES, Env, Namespace, restore_capacity, wait_for
+from tests.operator.s3store import S3Store
 from tests.operator.store import Store
 
 pytestmark = pytest.mark.slow
@@ -82,7 +83,9 @@ def entry_port(env: Env, namespace: str, name: str) -> int:
     )
 
 
-def infer(env: Env, namespace: str, name: str, x: torch.Tensor, tmp_path: Path) -> torch.Tensor:
+def infer(
+    env: Env, namespace: str, name: str, x: torch.Tensor, tmp_path: Path, classes: int = 10
+) -> torch.Tensor:
     port = entry_port(env, namespace, name)
     (tmp_path / "x.pt").unlink(missing_ok=True)
     torch.save(x, tmp_path / "x.pt")
@@ -94,7 +97,7 @@ def infer(env: Env, namespace: str, name: str, x: torch.Tensor, tmp_path: Path) 
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr + proc.stdout
     answer = json.loads(proc.stdout)
-    assert answer["outputs"][0]["shape"] == [1, 10]
+    assert answer["outputs"][0]["shape"] == [1, classes]
     assert len(answer["outputs"][0]["top_k"][0]) == 5
     return torch.load(out, weights_only=True)
 
@@ -155,6 +158,53 @@ def test_create_plans_places_shards_and_answers_like_the_monolith(ns: Namespace,
 
     x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(infer(env, n, "resnet", x, tmp_path), monolith(x))
+
+
+TILED = {
+    "model": {"name": "mobilenet_v2"},
+    "inputShape": [1, 3, 160, 160],
+    "objective": "latency",
+    "replan": {"intervalSeconds": 5, "gainThreshold": 0.05},
+}
+"""One request's convolutions split into row tiles over the three nodes (MobileNetV2 at 160x160
+is long enough to compute, and its feature maps tall enough, for tiles to cut latency)."""
+
+
+def test_a_tiled_plan_is_served_by_tile_pods_and_answers_like_the_monolith(
+    ns: Namespace, tmp_path: Path
+) -> None:
+    from amp4ec.slicing import ModelSource, load_model
+
+    env, n = ns.env, ns.name
+    ns.create("tiled", TILED)
+    obj = wait_serving(env, n, "tiled", timeout=240)
+    stages = obj["status"]["plan"]["stages"]
+    tiled = [s for s in stages if s.get("tiles")]
+    assert tiled, f"the planner chose no tiles: {stages}"
+    (stage,) = tiled
+    tiles = stage["tiles"]
+    others = [t["node"] for t in tiles["nodes"]]
+    assert others and stage["node"] not in others
+    for phase in tiles["phases"]:
+        assert phase["rows"][0]["node"] == stage["node"]
+        assert {r["node"] for r in phase["rows"]} == {stage["node"], *others}
+
+    pods = owned(env, n, PODS, "tiled")
+    assert len(pods) == len(stages) + len(others)
+    by_label = {p["metadata"]["labels"]["amp4ec.io/stage"]: p for p in pods}
+    for k, node in enumerate(others, start=1):
+        pod = by_label[f"{stage['stage']}-t{k}"]
+        assert pod["spec"]["nodeSelector"] == {"kubernetes.io/hostname": node}
+        assert "--tile-only" in pod["spec"]["containers"][0]["args"]
+    args = by_label[str(stage["stage"])]["spec"]["containers"][0]["args"]
+    assert args.count("--tile-phase") == len(tiles["phases"])
+
+    x = torch.randn(1, 3, 160, 160, generator=torch.Generator().manual_seed(5))
+    loaded = load_model(ModelSource("mobilenet_v2", input_shape=(1, 3, 160, 160)))
+    with torch.inference_mode():
+        expected = loaded.module(x)
+    out = infer(env, n, "tiled", x, tmp_path, classes=1000)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
 
 
 def _https(
@@ -681,6 +731,109 @@ def test_a_wrong_digest_an_unreachable_uri_a_non_archive_and_a_missing_claim_eac
         raise
     assert (env.deployment(n, "wrong-digest") or {})["status"]["phase"] == "Failed"  # the spec must change
     assert (env.deployment(n, "unreachable") or {})["status"]["phase"] == "Planning"  # retried
+
+
+def test_a_pt2_from_an_s3_store_with_a_private_ca_serves_and_a_missing_or_wrong_secret_says_so(
+    ns: Namespace, tmp_path: Path
+) -> None:
+    """An edge MinIO stand-in (moto over TLS from a private CA, checking every signature): the
+    credentials reach only the initializers (secretKeyRef), the CA through caBundle; a Secret that
+    does not exist yet is StorageUnavailable naming it and heals once it is created; a wrong one
+    is InvalidStorage naming it; neither Secret's value appears in any status."""
+    env, n = ns.env, ns.name
+    program, data = exported(seed=13)
+    digest = hashlib.sha256(data).hexdigest()
+
+    def secret(name: str, key_id: str, value: str) -> None:
+        encoded = {
+            k: base64.b64encode(v.encode()).decode()
+            for k, v in (("accessKeyId", key_id), ("secretAccessKey", value))
+        }
+        env.kubectl.create(SECRETS, {"metadata": {"name": name, "namespace": n}, "data": encoded})
+
+    with S3Store() as s3:
+        s3.put("models", "team/residual.pt2", data)
+        env.kubectl.create(
+            CONFIGMAPS, {"metadata": {"name": "edge-ca", "namespace": n}, "data": {"ca.crt": s3.ca_pem}}
+        )
+        secret("wrong-creds", s3.key_id, "not-the-secret")
+
+        def model(secret_name: str) -> dict[str, Any]:
+            return {
+                "model": {
+                    "storageUri": "s3://models/team/residual.pt2",
+                    "sha256": digest,
+                    "s3": {"endpoint": s3.endpoint, "secretName": secret_name},
+                    "caBundle": {"configMapName": "edge-ca"},
+                },
+                "placement": [{"firstBlock": 0, "lastBlock": 1, "node": "edge-a"}],  # two stages at least
+            }
+
+        ns.create("wrong-secret", model("wrong-creds"))
+        ns.create("mine", model("minio-creds"))  # its Secret does not exist yet
+        try:
+            wrong = wait_for(
+                lambda: reason_is(env, n, "wrong-secret", "Planned", "InvalidStorage"), 90, "wrong"
+            )
+            assert wrong["message"].startswith("spec.model.storageUri: ")
+            assert "SignatureDoesNotMatch" in wrong["message"] and "Secret wrong-creds" in wrong["message"]
+            missing = wait_for(
+                lambda: reason_is(env, n, "mine", "Planned", "StorageUnavailable"), 90, "missing"
+            )
+            assert 'secret "minio-creds" not found (spec.model.s3.secretName)' in missing["message"], missing
+            secret("minio-creds", s3.key_id, s3.secret)  # retried after AMP4EC_INFEASIBLE_RETRY_S
+            obj = wait_serving(env, n, "mine", timeout=240)
+        except AssertionError:
+            print(json.dumps((env.deployment(n, "mine") or {}).get("status"), indent=1))
+            for pod in env.kubectl.list(PODS, n):
+                print(pod["metadata"]["name"], json.dumps(pod.get("status"))[:1500])
+            raise
+        assert len(obj["status"]["plan"]["stages"]) >= 2
+        for shard in owned(env, n, PODS, "mine"):
+            (init,) = shard["spec"]["initContainers"]
+            credentials = [e for e in init["env"] if e["name"].startswith("AWS_")]
+            assert len(credentials) == 3 and all("valueFrom" in e for e in credentials)  # by reference
+            assert "env" not in shard["spec"]["containers"][0] or all(
+                not e["name"].startswith("AWS_") for e in shard["spec"]["containers"][0]["env"]
+            )
+        said = json.dumps(
+            [v.get("status") for v in history_of(env, n, "mine") + history_of(env, n, "wrong-secret")]
+        )
+        assert s3.secret not in said and "not-the-secret" not in said
+        x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(6))
+        with torch.inference_mode():
+            expected = program.module()(x)
+        torch.testing.assert_close(infer(env, n, "mine", x, tmp_path), expected)
+
+
+def test_a_shards_store_that_changed_after_profiling_is_named_in_its_status(
+    ns: Namespace, store: Store
+) -> None:
+    """The profiler fetched the archive; the store then serves other bytes: each shard's
+    initializer fails the digest, and the deployment says so (ShardsReady, Degraded) with the
+    initializer's own cause, without giving up a node for it."""
+    env, n = ns.env, ns.name
+    _, data = exported(seed=14)
+    digest = hashlib.sha256(data).hexdigest()
+    replaced = b"PK\x03\x04 replaced"
+    store.files["/changed.pt2"], store.then["/changed.pt2"] = data, replaced
+    ns.create("changed", {"model": {"storageUri": store.url("/changed.pt2"), "sha256": digest}})
+    try:
+        shards = wait_for(
+            lambda: reason_is(env, n, "changed", "ShardsReady", "InvalidStorage"), 120, "shards"
+        )
+        degraded = wait_for(
+            lambda: reason_is(env, n, "changed", "Degraded", "InvalidStorage"), 30, "degraded"
+        )
+    except AssertionError:
+        print(env.logs())
+        raise
+    cause = f"sha256 expected {digest}, actual {hashlib.sha256(replaced).hexdigest()}"
+    for c in (shards, degraded):
+        assert "spec.model.storageUri: " in c["message"] and cause in c["message"], c
+        assert "storage-initializer" in c["message"]
+    planned = env.condition(n, "changed", "Planned")
+    assert planned is not None and planned["status"] == "True"  # the plan stands: the store is at fault
 
 
 def test_the_cluster_wide_monitor_refuses_to_profile_any_model(e2e: Env) -> None:

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from amp4ec import planner
-from amp4ec.operator.desired import PlanRecord
 from amp4ec.operator.faults import Fault
+from amp4ec.operator.planstatus import PlanRecord
 from amp4ec.planner.types import Link, NodeCapacity, Pipeline, Plan, Prediction, Stage
 
 __all__ = ["Blocked", "Decision", "Keep", "Rollout", "as_plan", "choose"]

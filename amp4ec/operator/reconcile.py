@@ -34,11 +34,9 @@ from amp4ec.operator.desired import (
     LABEL_PLAN,
     LABEL_ROLE,
     LABEL_STAGE,
-    PlanRecord,
     deployment_policy,
     desired_objects,
     entry_service,
-    plan_record,
 )
 from amp4ec.operator.faults import (
     ExclusionBackoff,
@@ -66,6 +64,7 @@ from amp4ec.operator.placement import (
     tenants_of,
     unschedulable,
 )
+from amp4ec.operator.planstatus import PlanRecord, plan_record
 from amp4ec.operator.podsecurity import node_selector
 from amp4ec.operator.profiles import Profiler, ProfilerFailed, ProfilerUnavailable, Profiling
 from amp4ec.operator.spec import DeploymentSpec, parse_spec

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from amp4ec.operator.decide import Keep, Rollout, as_plan, choose
-from amp4ec.operator.desired import PlacedStage, PlanRecord
 from amp4ec.operator.faults import ExclusionBackoff, Fault, LostNodes, node_faults, shard_state
+from amp4ec.operator.planstatus import PlacedStage, PlanRecord
 from amp4ec.planner import evaluate
 from amp4ec.planner.types import LayerProfile, NodeCapacity
 

@@ -12,7 +12,8 @@ import yaml
 
 from amp4ec.errors import InvalidSpec
 from amp4ec.operator.config import OperatorConfig
-from amp4ec.operator.desired import PlanRecord, desired_objects, entry_service, plan_record
+from amp4ec.operator.desired import desired_objects, entry_service
+from amp4ec.operator.planstatus import PlanRecord, plan_record
 from amp4ec.operator.spec import CompressionMode, Objective, Strategy, parse_spec
 from amp4ec.operator.status import Phase, condition, merge_conditions, with_ready
 from amp4ec.planner.types import Pipeline, Plan, Prediction, Stage

@@ -27,7 +27,7 @@ from amp4ec.operator.netpol import network_policy
 from amp4ec.operator.planstatus import PlacedStage, PlanRecord
 from amp4ec.operator.podsecurity import harden, scheduling
 from amp4ec.operator.spec import DeploymentSpec
-from amp4ec.operator.storage import pod_storage
+from amp4ec.operator.storage import PodStorage, pod_storage
 from amp4ec.wire.stage import StageConfig
 
 __all__ = [
@@ -51,7 +51,6 @@ _COMMON = {"app.kubernetes.io/name": "amp4ec-shard", "app.kubernetes.io/managed-
 MiB = 1024 * 1024
 TLS_DIR = "/var/run/amp4ec/tls"
 _TLS_FILES = (("ca", "ca.crt"), ("cert", "tls.crt"), ("key", "tls.key"))
-"""Where the storage initializer puts a ``storageUri``'s weights for the shard."""
 
 
 def stage_service_name(name: str, plan: str, pipeline: int, stage: int) -> str:
@@ -80,16 +79,22 @@ def _quantity_mem(nbytes: int) -> str:
     return f"{max(1, -(-nbytes // MiB))}Mi"
 
 
-def _shard_pod(
+def _next_stage(record: PlanRecord, s: PlacedStage) -> PlacedStage | None:
+    """The stage after ``s`` in its pipeline, or None for the last one."""
+    return next((t for t in record.stages if t.pipeline == s.pipeline and t.stage == s.stage + 1), None)
+
+
+def _stage_config(
     name: str,
     namespace: str,
     spec: DeploymentSpec,
     record: PlanRecord,
     s: PlacedStage,
     config: OperatorConfig,
-) -> dict[str, Any]:
-    pipeline = [t for t in record.stages if t.pipeline == s.pipeline]
-    nxt = next((t for t in pipeline if t.stage == s.stage + 1), None)
+    storage: PodStorage,
+) -> StageConfig:
+    """What the agent of ``s`` runs: its blocks, its weights and its next hop."""
+    nxt = _next_stage(record, s)
     next_hop = (
         f"{stage_service_name(name, record.id, nxt.pipeline, nxt.stage)}.{namespace}.svc:{config.shard_port}"
         if nxt
@@ -98,8 +103,7 @@ def _shard_pod(
     upstream = (
         pki.stage_identity(namespace, name, s.stage - 1) if s.stage else pki.client_identity(namespace, name)
     )
-    storage = pod_storage(spec, config)
-    stage = StageConfig(
+    return StageConfig(
         model=storage.model,
         first_block=s.first_block,
         last_block=s.last_block,
@@ -116,6 +120,15 @@ def _shard_pod(
         max_batch_requests=spec.batching.max_batch_requests,
         max_queue_delay_ms=spec.batching.max_queue_delay_ms,
     )
+
+
+def _serves_v2(s: PlacedStage, config: OperatorConfig) -> bool:
+    """The v2 front door lives in the entry stage's agent (node_agent/entry.py)."""
+    return s.stage == 0 and bool(config.v2_rest_port)
+
+
+def _agent_args(name: str, s: PlacedStage, stage: StageConfig, config: OperatorConfig) -> list[str]:
+    """The node agent's command line: where it listens, its stage, its front door and its TLS."""
     args = [
         "--node", s.node,
         "--host", "[::]",
@@ -124,69 +137,79 @@ def _shard_pod(
         "--cpu-limit", f"{s.cpu:g}",
         *stage.to_args(),
     ]  # fmt: skip
-    entry_v2 = s.stage == 0 and bool(config.v2_rest_port)
-    if entry_v2:  # the v2 front door lives in the entry stage's agent (node_agent/entry.py)
+    if _serves_v2(s, config):
         args += ["--v2-http-port", str(config.v2_rest_port), "--v2-grpc-port", str(config.v2_grpc_port)]
         args += ["--v2-model-name", name]
-    volumes: list[dict[str, Any]] = []
-    mounts: list[dict[str, Any]] = []
-    probe_port = config.shard_port
     if config.tls:
         args += [
             arg for part, file in _TLS_FILES for arg in (f"--tls-{part}", f"{TLS_DIR}/{file}")
         ]  # its leaf
         args += ["--health-port", str(config.health_port)]
-        probe_port = config.health_port
-        volumes.append(_tls_volume(name, s.stage, cert_manager=bool(config.cert_issuer)))
-        mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
     else:
         args.append("--insecure")
-    init = storage.init_containers
-    volumes += storage.volumes
-    mounts += storage.mounts
+    return args
+
+
+def _container_ports(s: PlacedStage, config: OperatorConfig) -> list[dict[str, Any]]:
+    ports: list[dict[str, Any]] = [
+        {"name": "grpc", "containerPort": config.shard_port},
+        {"name": "metrics", "containerPort": config.metrics_port},
+    ]
+    if config.tls:
+        ports.append({"name": "health", "containerPort": config.health_port})
+    if _serves_v2(s, config):
+        ports += [
+            {"name": "v2-rest", "containerPort": config.v2_rest_port},
+            {"name": "v2-grpc", "containerPort": config.v2_grpc_port},
+        ]
+    return ports
+
+
+def _resources(s: PlacedStage, config: OperatorConfig) -> dict[str, Any]:
+    """CPU: the planner's share, request = limit. Memory: the stage's bytes plus the agent's
+    overhead requested, twice that as the limit."""
     memory = s.memory_bytes + config.memory_overhead_bytes
-    container: dict[str, Any] = {
-        "name": "shard",
-        "image": config.agent_image,
-        "command": ["python", "-m", "amp4ec.node_agent"],
-        "args": args,
-        "ports": [
-            {"name": "grpc", "containerPort": config.shard_port},
-            {"name": "metrics", "containerPort": config.metrics_port},
-        ],
-        "resources": {
-            "requests": {"cpu": _quantity_cpu(s.cpu), "memory": _quantity_mem(memory)},
-            "limits": {"cpu": _quantity_cpu(s.cpu), "memory": _quantity_mem(2 * memory)},
-        },
+    return {
+        "requests": {"cpu": _quantity_cpu(s.cpu), "memory": _quantity_mem(memory)},
+        "limits": {"cpu": _quantity_cpu(s.cpu), "memory": _quantity_mem(2 * memory)},
+    }
+
+
+def _probes(config: OperatorConfig) -> dict[str, Any]:
+    """gRPC health probes: on the plaintext health port under TLS, else on the shard port."""
+    probe_port = config.health_port if config.tls else config.shard_port
+    return {
         "readinessProbe": {
             "grpc": {"port": probe_port, "service": "amp4ec.wire.v1.Shard"},
             "periodSeconds": 2,
         },
         "livenessProbe": {"grpc": {"port": probe_port}, "periodSeconds": 10, "failureThreshold": 6},
+    }
+
+
+def _shard_container(
+    name: str, s: PlacedStage, stage: StageConfig, config: OperatorConfig, mounts: list[dict[str, Any]]
+) -> dict[str, Any]:
+    container: dict[str, Any] = {
+        "name": "shard",
+        "image": config.agent_image,
+        "command": ["python", "-m", "amp4ec.node_agent"],
+        "args": _agent_args(name, s, stage, config),
+        "ports": _container_ports(s, config),
+        "resources": _resources(s, config),
+        **_probes(config),
         "env": [
             {"name": k, "value": v} for k, v in sorted({**config.shard_env, **_factory_env(config)}.items())
         ],
     }
-    if config.tls:
-        container["ports"].append({"name": "health", "containerPort": config.health_port})
-    if entry_v2:
-        container["ports"] += [
-            {"name": "v2-rest", "containerPort": config.v2_rest_port},
-            {"name": "v2-grpc", "containerPort": config.v2_grpc_port},
-        ]
     if mounts:
         container["volumeMounts"] = mounts
-    pod_spec: dict[str, Any] = {
-        **scheduling(spec, config, s.node),
-        "restartPolicy": "Always",
-        "terminationGracePeriodSeconds": 10,
-        "containers": [container],
-    }
-    if init:
-        pod_spec["initContainers"] = init
-    if volumes:
-        pod_spec["volumes"] = volumes
-    harden(pod_spec)
+    return container
+
+
+def _shard_metadata(
+    name: str, namespace: str, record: PlanRecord, s: PlacedStage, config: OperatorConfig
+) -> dict:
     labels = _labels(
         name,
         {
@@ -197,19 +220,51 @@ def _shard_pod(
         },
     )
     return {
+        "name": f"{stage_service_name(name, record.id, s.pipeline, s.stage)}",
+        "namespace": namespace,
+        "labels": labels,
+        "annotations": {
+            "amp4ec.io/blocks": f"{s.first_block}-{s.last_block}",
+            "amp4ec.io/predicted-ms": f"{s.predicted_ms:.3f}",
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(config.metrics_port),
+        },
+    }
+
+
+def _shard_pod(
+    name: str,
+    namespace: str,
+    spec: DeploymentSpec,
+    record: PlanRecord,
+    s: PlacedStage,
+    config: OperatorConfig,
+) -> dict[str, Any]:
+    """One stage's Pod: its agent, pinned to its node, its TLS leaf and weights mounted, hardened."""
+    storage = pod_storage(spec, config)
+    stage = _stage_config(name, namespace, spec, record, s, config, storage)
+    volumes: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
+    if config.tls:
+        volumes.append(_tls_volume(name, s.stage, cert_manager=bool(config.cert_issuer)))
+        mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
+    volumes += storage.volumes
+    mounts += storage.mounts
+    pod_spec: dict[str, Any] = {
+        **scheduling(spec, config, s.node),
+        "restartPolicy": "Always",
+        "terminationGracePeriodSeconds": 10,
+        "containers": [_shard_container(name, s, stage, config, mounts)],
+    }
+    if storage.init_containers:
+        pod_spec["initContainers"] = storage.init_containers
+    if volumes:
+        pod_spec["volumes"] = volumes
+    harden(pod_spec)
+    return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {
-            "name": f"{stage_service_name(name, record.id, s.pipeline, s.stage)}",
-            "namespace": namespace,
-            "labels": labels,
-            "annotations": {
-                "amp4ec.io/blocks": f"{s.first_block}-{s.last_block}",
-                "amp4ec.io/predicted-ms": f"{s.predicted_ms:.3f}",
-                "prometheus.io/scrape": "true",
-                "prometheus.io/port": str(config.metrics_port),
-            },
-        },
+        "metadata": _shard_metadata(name, namespace, record, s, config),
         "spec": pod_spec,
     }
 

@@ -25,8 +25,8 @@ from amp4ec.local.cgroups import PERIOD_US
 from amp4ec.local.cluster import LocalCluster
 from amp4ec.local.run import deploy, measure_links, node_capacities, quantile
 from amp4ec.local.supervisor import Supervisor, endpoints
+from amp4ec.plan_timer import timed_plan
 from amp4ec.planner.types import Plan
-from amp4ec.scheduling import timed_plan
 from amp4ec.slicing.prepare import Prepared
 from amp4ec.slicing.sources import factory_module
 

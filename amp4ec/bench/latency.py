@@ -21,8 +21,8 @@ from amp4ec.loadgen import closed_loop, open_loop
 from amp4ec.local.cgroups import PERIOD_US
 from amp4ec.local.cluster import CLIENT_IDENTITY, LocalCluster
 from amp4ec.local.run import client_of, deploy, measure_links, node_capacities
+from amp4ec.plan_timer import timed_plan
 from amp4ec.planner.types import Plan
-from amp4ec.scheduling import timed_plan
 from amp4ec.slicing.prepare import Prepared
 from amp4ec.slicing.sources import factory_module
 from amp4ec.wire.v1 import agent_pb2

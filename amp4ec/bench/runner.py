@@ -22,8 +22,8 @@ from amp4ec.loadgen import closed_loop
 from amp4ec.local.cgroups import PERIOD_US
 from amp4ec.local.cluster import CLIENT_IDENTITY, LocalCluster, NodeSpec
 from amp4ec.local.run import measure_links, node_capacities
+from amp4ec.plan_timer import timed_plan
 from amp4ec.planner.types import Link, NodeCapacity, Plan
-from amp4ec.scheduling import timed_plan
 from amp4ec.slicing import ModelSource
 from amp4ec.slicing.prepare import Prepared
 from amp4ec.slicing.sources import factory_module

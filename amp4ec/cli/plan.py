@@ -88,8 +88,8 @@ def plan(
     source = source_from(model, weights, seed, input_shape)
     policy = compression_from(compression, max_output_error)
 
+    from amp4ec.plan_timer import timed_plan
     from amp4ec.planner.types import Link, NodeCapacity
-    from amp4ec.scheduling import timed_plan
     from amp4ec.slicing.prepare import compression_options as plan_compression
     from amp4ec.slicing.prepare import prepare
 

@@ -22,8 +22,8 @@ from amp4ec.local.cgroups import PERIOD_US
 from amp4ec.local.cluster import CLIENT_IDENTITY, LocalCluster, NodeSpec
 from amp4ec.local.supervisor import Failover, FaultSpec, Supervisor, endpoints, inject_faults
 from amp4ec.nodes import check_node_count
+from amp4ec.plan_timer import timed_plan
 from amp4ec.planner.types import Link, NodeCapacity, Plan, Stage, measured_node
-from amp4ec.scheduling import timed_plan
 from amp4ec.slicing import ModelSource
 from amp4ec.slicing.compression import OutputError, fixed_inputs, output_error
 from amp4ec.slicing.prepare import Prepared, compression_options, monolith_outputs, prepare

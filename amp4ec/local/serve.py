@@ -48,8 +48,8 @@ from amp4ec.local.cluster import LocalCluster
 from amp4ec.local.run import deploy, node_capacities
 from amp4ec.local.supervisor import Supervisor, endpoints
 from amp4ec.nodes import NodeSpec, parse_bytes
+from amp4ec.plan_timer import timed_plan
 from amp4ec.planner.types import Link, NodeCapacity, Plan
-from amp4ec.scheduling import timed_plan
 from amp4ec.slicing import ModelSource
 from amp4ec.slicing.prepare import Prepared, compression_options, prepare
 from amp4ec.slicing.sources import factory_module

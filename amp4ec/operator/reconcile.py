@@ -70,9 +70,9 @@ from amp4ec.operator.profiles import Profiler, ProfilerFailed, ProfilerUnavailab
 from amp4ec.operator.spec import DeploymentSpec, parse_spec
 from amp4ec.operator.status import Phase, condition, merge_conditions, now_iso, with_ready
 from amp4ec.operator.storage_hosts import HostRefused, HostUnresolved, resolve_checked_async
+from amp4ec.plan_timer import timed_plan
 from amp4ec.planner.shares import scaled
 from amp4ec.planner.types import NodeCapacity, Pin
-from amp4ec.scheduling import timed_plan
 
 __all__ = ["Deps", "Outcome", "Target", "measure", "reconcile"]
 

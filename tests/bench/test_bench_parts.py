@@ -171,9 +171,9 @@ def test_shaped_links_are_measured_over_mutual_tls_to_the_control_port() -> None
 
     async def main() -> list:
         async with LocalCluster([NodeSpec("node0", 1.0), NodeSpec("node1", 1.0)], "none") as cluster:
-            names = list(cluster.agents)
+            names = cluster.node_names
             targets = {n: cluster.address(n) for n in names}
-            probes = {n: cluster.agents[n].control_address for n in names}
+            probes = {n: cluster.control_address(n) for n in names}
             async with ShapedLinks(
                 LinkShape(rate_mbit=20, delay_ms=10), targets, os.getpid(), probes
             ) as links:
@@ -198,6 +198,7 @@ def test_the_matched_monolith_is_tuned_only_where_it_has_several_cores() -> None
 
 def test_tenants_are_planned_in_turn_on_their_fair_share_of_what_is_free() -> None:
     from amp4ec.bench.markdown import render
+    from amp4ec.bench.results import BenchResults
     from amp4ec.bench.tenants import MIN_CPU, plan_tenants
     from amp4ec.planner.types import LayerProfile, NodeCapacity
 
@@ -215,8 +216,10 @@ def test_tenants_are_planned_in_turn_on_their_fair_share_of_what_is_free() -> No
     result = {
         "name": "multi-tenant", "title": "t", "kind": "multi-tenant", "status": "ok", "model": "m",
         "scale_factor": 0.8, "nodes": [{"name": "a", "cpu": 0.8}], "note": "", "requests_per_tenant": 3,
-        "ideal": {"rps": 20.0}, "aggregate_rps": 15.0, "fraction_of_ideal": 0.75,
-        "tenants": [{"name": "t0", "plan": [{"pipeline": 0, "node": "a", "first_block": 0, "last_block": 3}],
+        "cpu_limits": "cgroup", "ideal": {"rps": 20.0, "per_node_rps": {"a": 20.0}, "measured": "alone"},
+        "aggregate_rps": 15.0, "fraction_of_ideal": 0.75,
+        "tenants": [{"name": "t0", "plan": [{"pipeline": 0, "stage": 0, "node": "a", "first_block": 0,
+                                             "last_block": 3}],
                      "cpu": 0.2, "fair_cpu": 0.2, "rps": 7.5, "predicted_rps": 8.0, "share": 0.5,
                      "fair_share": 0.5}],
     }  # fmt: skip
@@ -229,6 +232,7 @@ def test_tenants_are_planned_in_turn_on_their_fair_share_of_what_is_free() -> No
         "torch": "t",
         "amp4ec": "0",
     }
-    text = render({"command": "c", "started": "s", "machine": machine, "configurations": [result]})
+    run = {"command": "c", "started": "s", "quick": False, "transport": "mutual TLS", "cpu_budget": 1.6}
+    text = render(BenchResults.from_json({**run, "machine": machine, "configurations": [result]}))
     assert "Aggregate 15.0 req/s = 0.75× the ideal 20.0 req/s" in text
     assert "| t0 | a[0–3] | 0.20 (0.20) | 7.5 (8.0) | 50% (50%) |" in text

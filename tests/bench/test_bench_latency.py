@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from amp4ec.bench.configs import ALL_CONFIGURATIONS, configurations
+from amp4ec.bench.json_form import from_json
 from amp4ec.bench.latency import PLANS, TARGET
 from amp4ec.bench.markdown import _config
-from amp4ec.bench.results import LatencyResult, from_json
+from amp4ec.bench.results import LatencyResult
 from amp4ec.cli.bench import bench as bench_command
 from amp4ec.slicing import ModelSource
 

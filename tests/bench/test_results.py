@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from amp4ec.bench.json_form import from_json, to_json
 from amp4ec.bench.markdown import render
 from amp4ec.bench.report import read_json, write_json
-from amp4ec.bench.results import BenchResults, MeasuredPlan, StandardResult, from_json, to_json
+from amp4ec.bench.results import BenchResults, MeasuredPlan, StandardResult
 from tests.bench.samples import every_kind, measured_plan
 
 

@@ -150,7 +150,9 @@ async def _measure(
             progress.advance()
         progress.phase(f"{label}: saturation", sizes.saturation)
         level = len({n for s in plan.stages for n in s.nodes})
-        results, wall = await closed_loop(client, inputs, sizes.saturation, level, progress.advance)
+        results, wall = await closed_loop(
+            client, inputs, sizes.saturation, level, lambda _: progress.advance()
+        )
         rps = len(results) / wall
         progress.phase(f"{label}: open loop at 50% load", sizes.open_loop)
         opened = await open_loop(client, inputs, sizes.open_loop, 0.5 * rps, tick=progress.advance)

@@ -10,6 +10,10 @@ unbatched monolith's saturation throughput. Reported against the targets of issu
 - with batching, saturation ≥ 1.1× the batch-1 ideal (each node alone, whole model, no
   batching), and p95 at 90% load no worse than the batching monolith's;
 - single-request latency at idle no worse with batching than without.
+
+Beside the measured figures, the planner's predictions for the same plan at the same rate
+(``predicted``: without batching, and with it from the blocks' batch times, see
+``amp4ec.planner.batching``) and their ratios to what was measured.
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ from amp4ec.bench.configs import Configuration, scale_nodes
 from amp4ec.bench.measure import Bench
 from amp4ec.bench.progress import ProgressSink
 from amp4ec.bench.results import (
+    BatchingPredictions,
     BatchingResult,
     Ideal,
-    LoadPrediction,
     MeasuredPlan,
     NodeShare,
+    PlannerPrediction,
     StrategyResult,
 )
 from amp4ec.bench.runner import (  # the standard configuration's steps, shared
@@ -43,7 +48,9 @@ from amp4ec.bench.runner import (  # the standard configuration's steps, shared
 from amp4ec.local.cgroups import PERIOD_US
 from amp4ec.local.cluster import LocalCluster, NodeSpec
 from amp4ec.local.run import measure_links, node_capacities
+from amp4ec.planner.batching import expected_batches, saturation_rps
 from amp4ec.planner.load import latency_under_load
+from amp4ec.planner.types import Plan
 from amp4ec.slicing.prepare import Prepared
 from amp4ec.wire.stage import Batching
 
@@ -72,7 +79,6 @@ async def run_batching(
     variants = [v for v in matched_variants(matched) if not v.threads]  # intra-op threads lose at batch 1
     names = [n.name for n in nodes]
     rows: dict[str, StrategyResult] = {}
-    predicted_under_load = None
     async with LocalCluster(
         [*nodes, *variants],
         limit_mode,
@@ -109,9 +115,9 @@ async def run_batching(
         rows["matched_batched"] = await monolith(batched, "monolith, batching", rate)
         progress.step()
         plan, _ = _plan(prepared, planner_nodes, "optimal", links)
-        if rate:
-            predicted = latency_under_load(plan, rate)
-            predicted_under_load = LoadPrediction(rate, predicted.p50_ms, predicted.p95_ms)
+        # The same placement (the search prices batch 1), its stages priced at batches too.
+        priced, _ = _plan(prepared, planner_nodes, "optimal", links, max_batch=BATCHING.max_requests)
+        predicted = BatchingPredictions(unbatched=_predicted(plan, rate), batched=_predicted(priced, rate))
         rows["optimal"] = await _guarded(unbatched, plan, "optimal", rate)
         progress.step()
         rows["optimal_batched"] = await _guarded(batched, plan, "optimal, batching", rate)
@@ -129,13 +135,31 @@ async def run_batching(
         cpu_limits=cpu_limits,
         open_loop_rate_rps=rate,
         ideal=ideal,
-        predicted_under_load=predicted_under_load,
-        ratios=ratios(rows, ideal),
+        predicted=predicted,
+        ratios=ratios(rows, ideal, predicted),
     )
 
 
-def ratios(rows: dict[str, StrategyResult], ideal: Ideal | None) -> dict[str, float | None]:
-    """The figures the targets judge (module docstring); None where a row was not measured."""
+def _predicted(plan: Plan, rate: float | None) -> PlannerPrediction:
+    """What the planner expects of ``plan``: saturation, and at ``rate`` latency and batches."""
+    if not rate:
+        return PlannerPrediction(saturation_rps(plan))
+    load = latency_under_load(plan, rate)
+    return PlannerPrediction(
+        saturation_rps=saturation_rps(plan),
+        rate_rps=rate,
+        p50_ms=load.p50_ms,
+        p95_ms=load.p95_ms,
+        mean_batch=math.fsum(load.batches) / len(load.batches),
+        expected_batches=tuple(expected_batches(plan, rate)),
+    )
+
+
+def ratios(
+    rows: dict[str, StrategyResult], ideal: Ideal | None, predicted: BatchingPredictions
+) -> dict[str, float | None]:
+    """The figures the targets judge (module docstring), and the planner's predictions against
+    the measurements (predicted / measured; 1 = exact); None where a row was not measured."""
 
     def measured(row: str) -> MeasuredPlan | None:
         result = rows.get(row)
@@ -164,4 +188,10 @@ def ratios(rows: dict[str, StrategyResult], ideal: Ideal | None) -> dict[str, fl
         "batched_vs_unbatched_saturation": ratio(rps("optimal_batched"), rps("optimal")),
         "batched_vs_unbatched_single": ratio(single("optimal_batched"), single("optimal")),
         "matched_batched_vs_matched_saturation": ratio(rps("matched_batched"), rps("matched")),
+        "predicted_saturation": ratio(finite(predicted.unbatched.saturation_rps), rps("optimal")),
+        "predicted_p95": ratio(finite(predicted.unbatched.p95_ms), p95("optimal")),
+        "predicted_batched_saturation": ratio(
+            finite(predicted.batched.saturation_rps), rps("optimal_batched")
+        ),
+        "predicted_batched_p95": ratio(finite(predicted.batched.p95_ms), p95("optimal_batched")),
     }

@@ -302,7 +302,7 @@ def _batching(config: BatchingResult) -> list[str]:
             f"{_x(value)} (target {'≤' if at_most else '≥'} {target:g}×: {'met' if met else '**not met**'})"
         )
 
-    predicted = config.predicted_under_load
+    unbatched, batched = config.predicted.unbatched, config.predicted.batched
     lines += [
         "",
         f"Open-loop p95, optimal against the resource-matched monolith, unbatched: "
@@ -313,9 +313,16 @@ def _batching(config: BatchingResult) -> list[str]:
         f"of the unbatched plan's; the monolith's batching gain "
         f"{_x(ratios.get('matched_batched_vs_matched_saturation'))}). "
         f"Single-request latency at idle with batching: {_x(ratios.get('batched_vs_unbatched_single'))} "
-        f"of without. The planner predicts p50 {_f(predicted.p50_ms if predicted else None)} / p95 "
-        f"{_f(predicted.p95_ms if predicted else None)} ms for the unbatched plan at this rate "
-        "(amp4ec.planner.load).",
+        f"of without.",
+        "",
+        "The planner's prediction for the optimal plan (amp4ec.planner.load and .batching; predicted / "
+        "measured in brackets): unbatched, saturation "
+        f"{_f(unbatched.saturation_rps)} req/s ({_x(ratios.get('predicted_saturation'))}), open-loop "
+        f"p50 / p95 {_f(unbatched.p50_ms)} / {_f(unbatched.p95_ms)} ms "
+        f"({_x(ratios.get('predicted_p95'))}); batching, priced from the blocks' batch times, saturation "
+        f"{_f(batched.saturation_rps)} req/s ({_x(ratios.get('predicted_batched_saturation'))}), "
+        f"p50 / p95 {_f(batched.p50_ms)} / {_f(batched.p95_ms)} ms "
+        f"({_x(ratios.get('predicted_batched_p95'))}), mean batch {_f(batched.mean_batch, 2)}.",
         "",
     ]
     return lines

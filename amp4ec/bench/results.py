@@ -23,6 +23,7 @@ from amp4ec.wire.stage import Batching
 
 __all__ = [
     "SCHEMA",
+    "BatchingPredictions",
     "BatchingResult",
     "BenchResults",
     "Comparison",
@@ -37,7 +38,6 @@ __all__ = [
     "LatencyResult",
     "LinkRow",
     "LinkShapeRow",
-    "LoadPrediction",
     "Machine",
     "MeanBatch",
     "MeasuredPlan",
@@ -48,6 +48,7 @@ __all__ = [
     "OpenLoop",
     "Overhead",
     "PlanRow",
+    "PlannerPrediction",
     "Predicted",
     "Quantiles",
     "Recovery",
@@ -551,10 +552,24 @@ class LatencyResult(_Ok):
 
 
 @dataclass(frozen=True)
-class LoadPrediction:
-    rate_rps: float
-    p50_ms: float
-    p95_ms: float
+class PlannerPrediction:
+    """What the planner expects of a plan: its saturation and, at the open-loop rate (when there
+    is one), its latency and each stage's batch (``amp4ec.planner.load`` and ``.batching``)."""
+
+    saturation_rps: float
+    rate_rps: float | None = field(default=None, metadata=OMIT)
+    p50_ms: float | None = field(default=None, metadata=OMIT)
+    p95_ms: float | None = field(default=None, metadata=OMIT)
+    mean_batch: float | None = field(default=None, metadata=OMIT)
+    expected_batches: tuple[float, ...] | None = field(default=None, metadata=OMIT)
+    """Per stage, in ``plan.stages`` order."""
+
+
+@dataclass(frozen=True)
+class BatchingPredictions:
+    unbatched: PlannerPrediction
+    batched: PlannerPrediction
+    """The same placement, its stages priced at the blocks' batch times."""
 
 
 @dataclass(frozen=True)
@@ -572,7 +587,7 @@ class BatchingResult(_Ok):
     open_loop_rate_rps: float | None
     ideal: Ideal | None
     ratios: dict[str, float | None]
-    predicted_under_load: LoadPrediction | None = field(default=None, metadata=OMIT)
+    predicted: BatchingPredictions
     kind: str = "batching"
     status: str = "ok"
 

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
-from amp4ec.bench.batching import run_batching
+from amp4ec.bench.batching import BATCHING, run_batching
 from amp4ec.bench.configs import COMPRESSED, Configuration, configurations, cpu_budget
 from amp4ec.bench.failover import run_failover
 from amp4ec.bench.latency import run_latency
@@ -57,17 +57,18 @@ async def run_bench(options: BenchOptions, progress: ProgressSink | None = None)
     budget = cpu_budget(options.cores)
     host = machine()
     done: list[ConfigurationResult] = []
-    prepared: dict[tuple[ModelSource, bool], Prepared] = {}
+    prepared: dict[tuple[ModelSource, bool, tuple[int, ...]], Prepared] = {}
     for config in configs:
         if config.links is not None and (why := links_available()) is not None:
             sink.note(f"{config.name}: skipped, slow links {why}")
             done.append(NotRun(config.name, "skipped", why))
             continue
         codecs = any(s in COMPRESSED for s in config.strategies)  # measured only where used
-        key = (config.source, codecs)
+        sizes = BATCHING.profile_sizes() if config.batching else ()  # batch costs only where batched
+        key = (config.source, codecs, sizes)
         if key not in prepared:
             sink.phase(f"profiling {config.source.spec}" + (" and its codecs" if codecs else ""))
-            prepared[key] = await asyncio.to_thread(prepare, config.source, codecs)
+            prepared[key] = await asyncio.to_thread(prepare, config.source, codecs, sizes)
         result: ConfigurationResult
         try:
             if config.faults:

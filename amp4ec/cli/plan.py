@@ -95,7 +95,7 @@ def plan(
 
     console = Console()
     with console.status("profiling the model" + (" and its codecs" if policy.enabled else "")):
-        prepared = prepare(source, codecs=policy.enabled)
+        prepared = prepare(source, codecs=policy.enabled, batch_sizes=batching.profile_sizes())
     check_node_count(len(specs), len(prepared.chain), model)
     # The memory a shard may use: the limit less the agent's own (see [Note: agent baseline]).
     capacities = [NodeCapacity(name=n.name, cpu=n.cpu, memory_bytes=usable_memory(n) or 2**62) for n in specs]
@@ -107,6 +107,7 @@ def plan(
         strategy=strategy,
         input_bytes=prepared.chain.input_bytes,
         default_link=link,
+        max_batch=batching.max_requests,
         **plan_compression(policy, prepared),
     )
     data = plan_json(result, planning_ms, prepared.chain.names)
@@ -120,6 +121,7 @@ def plan(
 
 
 def plan_json(result: Any, planning_ms: float, block_names: list[str]) -> dict[str, Any]:
+    from amp4ec.planner.batching import saturation_rps
     from amp4ec.planner.load import latency_under_load
 
     loaded = latency_under_load(result, LOAD * result.predicted.throughput_rps)
@@ -145,11 +147,13 @@ def plan_json(result: Any, planning_ms: float, block_names: list[str]) -> dict[s
             "latency_ms": result.predicted.latency_ms,
             "throughput_rps": result.predicted.throughput_rps,
             "output_error": result.predicted.output_error,
+            "saturation_rps": saturation_rps(result),
             "under_load": {
                 "rate_rps": loaded.rate_rps,
                 "p50_ms": loaded.p50_ms,
                 "p95_ms": loaded.p95_ms,
                 "pipeline_shares": list(loaded.shares),
+                "stage_batches": list(loaded.batches),
             },
         },
         "planning_ms": planning_ms,
@@ -218,5 +222,11 @@ def print_plan(console: Console, data: dict[str, Any], cpu: dict[str, float], mo
         from amp4ec.wire.stage import Batching  # protobuf: not in a bare install's --help path
 
         console.print(f"batching: {Batching(**data['batching']).describe()}")
+        if data["batching"]["max_requests"] > 1:
+            batches = " / ".join(f"{b:.2f}" for b in u["stage_batches"])
+            console.print(
+                f"  with it: saturation {p['saturation_rps']:.2f} req/s (every stage at its largest "
+                f"batch), mean batch per stage at {LOAD:.0%} load {batches}"
+            )
     for note in data["notes"]:
         console.print(f"note: {note}")

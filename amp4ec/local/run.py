@@ -320,7 +320,9 @@ async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
     report = progress or (lambda phase, done, total: None)
     check_run_config(config)
     report("profiling the model", 0, 1)
-    prepared = await asyncio.to_thread(prepare, config.source, config.compression.enabled)
+    prepared = await asyncio.to_thread(
+        prepare, config.source, config.compression.enabled, config.batching.profile_sizes()
+    )
     check_node_count(len(config.nodes), len(prepared.chain), config.source.spec)
     warnings = oversubscription_warnings(config.nodes)
     report("starting node agents", 0, len(config.nodes))

@@ -336,7 +336,9 @@ async def serve(config: ServeConfig, say: Say, progress: Say | None = None) -> N
     step = progress or (lambda text: None)
     nodes, text = _read_nodes(config)
     step("profiling the model")
-    prepared = await asyncio.to_thread(prepare, config.source, config.compression.enabled)
+    prepared = await asyncio.to_thread(
+        prepare, config.source, config.compression.enabled, config.batching.profile_sizes()
+    )
     example = prepared.loaded.example_inputs
     meta = model_meta(
         _model_name(config), prepared.loaded.module, example, prepared.expected, prepared.chain.batch_flexible

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from amp4ec.errors import InvalidSpec, ShapeMismatch
 from amp4ec.node_agent.settings import AgentSettings
 from amp4ec.slicing.sources import ensure_factory_allowed
-from amp4ec.wire.stage import MAX_QUEUE_DELAY_MS
+from amp4ec.wire.stage import MAX_BATCH_REQUESTS, MAX_QUEUE_DELAY_MS
 from amp4ec.wire.v1 import agent_pb2, shard_pb2
 
 __all__ = ["check_batching", "check_echo", "check_frame", "check_profile", "check_stage_spec"]
@@ -52,11 +52,22 @@ def check_batching(requests: int, delay_ms: float, settings: AgentSettings, fiel
         )
 
 
+MAX_PROFILE_BATCHES = 8
+"""Most batch sizes one Profile may time: each costs about that many forwards per pass."""
+
+
 def check_profile(request: agent_pb2.ProfileRequest, settings: AgentSettings) -> None:
     if not 0 <= request.repeats <= settings.max_profile_repeats:
         raise InvalidSpec(
             f"repeats: expected 0 (the default) to {settings.max_profile_repeats}, actual {request.repeats}"
         )
+    if len(request.batch_sizes) > MAX_PROFILE_BATCHES:
+        raise InvalidSpec(
+            f"batch_sizes: expected at most {MAX_PROFILE_BATCHES} sizes, actual {len(request.batch_sizes)}"
+        )
+    for i, size in enumerate(request.batch_sizes):
+        if not 2 <= size <= MAX_BATCH_REQUESTS:
+            raise InvalidSpec(f"batch_sizes[{i}]: expected 2 to {MAX_BATCH_REQUESTS}, actual {size}")
     check_stage_spec(request.model, settings, "model.")
 
 

@@ -80,7 +80,10 @@ class MonitorServicer(agent_pb2_grpc.MonitorServicer):
                     f"model.model: this profiler profiles only its own model {self._only.model!r}",
                 )
             request = agent_pb2.ProfileRequest(
-                model=self._only, repeats=request.repeats, codecs=request.codecs
+                model=self._only,
+                repeats=request.repeats,
+                codecs=request.codecs,
+                batch_sizes=request.batch_sizes,
             )
         try:
             check_profile(request, self._settings)
@@ -125,7 +128,9 @@ def profile_model(request: agent_pb2.ProfileRequest) -> agent_pb2.ModelProfile:
     loaded = load_model(source)
     chain = split_model(loaded)
     # No tile geometry: ModelProfile does not carry it yet (the operator plans layer-wise).
-    profiles = profile_chain(chain, repeats=request.repeats or 5, tiles=False)
+    profiles = profile_chain(
+        chain, repeats=request.repeats or 5, tiles=False, batch_sizes=tuple(request.batch_sizes)
+    )
     codecs = ()
     if request.codecs:
         from amp4ec.slicing.compression import profile_codecs
@@ -141,6 +146,7 @@ def profile_model(request: agent_pb2.ProfileRequest) -> agent_pb2.ModelProfile:
                 out_bytes=p.out_bytes,
                 compute_ms=p.compute_ms,
                 act_bytes=p.act_bytes,
+                batch_ms=[agent_pb2.BatchTime(batch=b, ms=ms) for b, ms in p.batch_ms],
             )
             for p in profiles
         ],

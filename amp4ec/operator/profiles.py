@@ -99,6 +99,8 @@ class ProfileKey:
     sha256: str
     codecs: bool = False
     """Whether the deployment compresses (``spec.compression``): the codecs are measured too."""
+    batch_sizes: tuple[int, ...] = ()
+    """The batch sizes its dynamic batching can use (``Batching.profile_sizes``), timed too."""
 
     @classmethod
     def of(cls, spec: DeploymentSpec, namespace: str) -> ProfileKey:
@@ -111,6 +113,7 @@ class ProfileKey:
             m.storage_uri or "",
             m.sha256 or "",
             spec.compression.enabled,
+            spec.batching.policy().profile_sizes(),
         )
 
     def content(self) -> ProfileKey:
@@ -118,7 +121,10 @@ class ProfileKey:
         return replace(self, storage_uri="") if self.sha256 else self
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+        fields = asdict(self)
+        if not self.batch_sizes:  # the digest (a profiler Pod's name) of a key from before batch sizes
+            del fields["batch_sizes"]
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -297,7 +303,9 @@ class Profiler:
 
     async def _call(self, target: str, name: str, namespace: str, spec: DeploymentSpec) -> ModelCosts:
         # The model of the Pod's own arguments; the codecs measured when the deployment compresses.
-        request = agent_pb2.ProfileRequest(codecs=spec.compression.enabled)
+        request = agent_pb2.ProfileRequest(
+            codecs=spec.compression.enabled, batch_sizes=spec.batching.policy().profile_sizes()
+        )
         self._security = self._security.refreshed()  # a leaf renewed on disk (cert-manager)
         async with transport.channel(
             target,
@@ -336,6 +344,7 @@ class Profiler:
                 out_bytes=b.out_bytes,
                 compute_ms=b.compute_ms,
                 act_bytes=b.act_bytes,
+                batch_ms=tuple((t.batch, t.ms) for t in b.batch_ms),
             )
             for b in answer.blocks
         )

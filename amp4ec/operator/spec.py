@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from amp4ec.compression import DEFAULT_MAX_ERROR, Compression
 from amp4ec.errors import InvalidSpec
 from amp4ec.operator.storage_hosts import Network, host_refusal
+from amp4ec.wire.stage import Batching
 
 __all__ = [
     "MAX_INPUT_ELEMENTS",
@@ -216,6 +217,9 @@ class BatchingSpec(_Strict):
     @property
     def enabled(self) -> bool:
         return self.max_batch_requests > 1
+
+    def policy(self) -> Batching:
+        return Batching(self.max_batch_requests, self.max_queue_delay_ms)
 
 
 class PinSpec(_Strict):

@@ -18,8 +18,10 @@ Reading order:
 10. ``replan``    — hysteresis: replan only for a real gain.
 11. ``tiles``     — tile groups: leading convolutional blocks as row stripes over
                      several nodes, one request's work split (optimal strategy).
-12. ``load``      — latency under load: the expected-completion rule the client dispatches
-                     by, and a plan's latency percentiles at an arrival rate.
+12. ``batching``  — dynamic batching: a stage's expected batch under a target load, its
+                     price at that batch, saturation throughput at the largest batch.
+13. ``load``      — latency under load: the expected-completion rule the client dispatches
+                     by, and a plan's latency percentiles at an arrival rate (batches simulated).
 
 Cost model (all strategies): a stage's time is the sum of its blocks' ``compute_ms``
 and its node's per-request ``overhead_ms``, divided by the node's ``effective_speed``,
@@ -107,6 +109,7 @@ def plan(
     codecs: Sequence[CodecProfile] = (),
     max_error: float | None = None,
     tiles: bool = True,
+    max_batch: int = 1,
 ) -> Plan:
     """Place ``blocks`` on ``nodes`` with ``strategy``, optimising ``objective``.
 
@@ -115,7 +118,9 @@ def plan(
     ``history`` feeds the paper's scheduler and is never mutated. ``codecs`` may compress
     cuts, the estimated output error within ``max_error`` (None: no bound; see the module
     docstring). ``tiles`` (optimal only) lets leading blocks with tile geometry run as row
-    tiles. Raises InvalidSpec for bad arguments and PlanInfeasible when nothing fits.
+    tiles. ``max_batch`` (a deployment's ``max_requests``) prices each stage at batches up to
+    it too (``Stage.batch_ms``, for ``batching`` and ``load``; the search itself optimises batch
+    1). Raises InvalidSpec for bad arguments and PlanInfeasible when nothing fits.
     """
     check_choice(strategy, "strategy", STRATEGIES)
     check_choice(objective, "objective", OBJECTIVES)
@@ -133,6 +138,7 @@ def plan(
             default_link=default_link,
             codecs=codecs,
             error_limit=limit,
+            max_batch=max_batch,
         )
         result = _plan(cm, objective, strategy, cap, pinned, history, tiles)
         # A pipeline of k stages has k cuts that may be compressed (k - 1 inner, the answer).

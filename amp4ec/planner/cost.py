@@ -28,6 +28,7 @@ from amp4ec.planner.validate import (
     check_input_bytes,
     check_link,
     check_links,
+    check_max_batch,
     check_nodes,
 )
 
@@ -77,9 +78,12 @@ class CostModel:
         default_link: Link | None = None,
         codecs: Iterable[CodecProfile] = (),
         error_limit: float = INF,
+        max_batch: int = 1,
     ) -> None:
         """``codecs`` (none: every cut raw) may compress a cut whose measured error is at most
-        ``error_limit``; the cheapest way across each link is chosen (see ``cut``)."""
+        ``error_limit``; the cheapest way across each link is chosen (see ``cut``). With
+        ``max_batch`` > 1 (a deployment's dynamic batching), each stage whose blocks all carry
+        batch figures is also priced at batches 2..max_batch (``Stage.batch_ms``)."""
         self.blocks = check_blocks(blocks)
         self.nodes = check_nodes(nodes)
         self.links = check_links(links)
@@ -99,6 +103,7 @@ class CostModel:
         self.in_bytes = [self.input_bytes] + [b.out_bytes for b in self.blocks[:-1]]
         self.codecs = check_codecs(codecs, self.B)
         self.error_limit = error_limit
+        self.max_batch = check_max_batch(max_batch)
         self._cuts: dict[tuple[str, str, int], Cut] = {}
         self.model_bytes = self.memory_bytes(0, self.B - 1)
         self._cint: dict[int, list[int]] = {}
@@ -220,6 +225,7 @@ class CostModel:
         """The priced stage; ``prev`` is the previous stage's node (-1: the client). Its
         ``out_codec`` is raw until ``price`` knows where its outputs go."""
         cut = self.cut(self.name_of(prev), self.names[n], first)
+        per_request = cut.wire_ms + self.overhead[n] + cut.codec_ms
         return Stage(
             node=self.names[n],
             first_block=first,
@@ -229,6 +235,19 @@ class CostModel:
             memory_bytes=self.memory_bytes(first, last),
             overhead_ms=self.overhead[n],
             codec_ms=cut.codec_ms,
+            batch_ms=self.batch_ms(n, first, last, per_request),
+        )
+
+    def batch_ms(self, n: int, first: int, last: int, per_request_ms: float) -> tuple[float, ...]:
+        """The stage's time for batches 2..max_batch: one forward of the batch (its blocks'
+        measured batch times) plus each request's own transfer, codec and overhead (every request
+        still travels, decodes and relays on its own). Empty when a block has no batch figures."""
+        blocks = self.blocks[first : last + 1]
+        if self.max_batch <= 1 or not all(b.batch_ms for b in blocks):
+            return ()
+        return tuple(
+            b * per_request_ms + math.fsum(x.ms_at(b) for x in blocks) / self.speed[n]
+            for b in range(2, self.max_batch + 1)
         )
 
     def price(self, raw: Raw) -> tuple[tuple[Pipeline, ...], Prediction]:

@@ -17,8 +17,10 @@ waits ~3× as long as it would behind one request on the fastest.
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 import random
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -48,40 +50,76 @@ class LoadPrediction:
     mean_ms: float
     shares: tuple[float, ...]
     """Fraction of requests each pipeline gets, in plan order."""
+    batches: tuple[float, ...] = ()
+    """Mean batch each stage ran, in ``plan.stages`` order (1.0 where nothing batches)."""
 
 
 def latency_under_load(plan: Plan, rate_rps: float, requests: int = 2000, seed: int = 0) -> LoadPrediction:
     """Latency percentiles of ``plan`` under Poisson arrivals at ``rate_rps``, each request sent
-    to the pipeline of smallest expected completion: a deterministic simulation (seeded
-    arrivals, every stage taking its predicted time, first come first served at each stage)."""
+    to the pipeline of smallest expected completion: a deterministic discrete-event simulation
+    (seeded arrivals, first come first served at each stage). A stage that frees up takes every
+    request waiting for it, up to its ``max_batch`` (``Stage.batch_ms``; 1 without batching),
+    and spends that batch's predicted time; a batch's requests move on together, so the next
+    stage, when free, takes them as one batch too (see [Note: expected batch] in ``batching``)."""
     if not rate_rps > 0 or math.isinf(rate_rps):
         raise InvalidSpec(f"rate_rps: expected a positive finite rate, got {rate_rps!r}")
     if requests < 1:
         raise InvalidSpec(f"requests: expected at least 1, got {requests}")
-    stages = [[s.stage_ms for s in p.stages] for p in plan.pipelines]
+    costs = [[(s.stage_ms, *s.batch_ms) for s in p.stages] for p in plan.pipelines]
+    """Per pipeline and stage, the time of a batch of 1, 2, … requests."""
     seeds = [pipeline_times(p) for p in plan.pipelines]
-    free = [[0.0] * len(s) for s in stages]
-    """Per pipeline and stage, when it finishes the work it has been given."""
-    pending: list[list[float]] = [[] for _ in stages]
-    """Per pipeline, a heap of its in-flight requests' completion times."""
+    waiting: list[list[deque[int]]] = [[deque() for _ in c] for c in costs]
+    busy = [[False] * len(c) for c in costs]
+    in_flight, counts = [0] * len(costs), [0] * len(costs)
+    ran = [[[0, 0] for _ in c] for c in costs]
+    """Per pipeline and stage, (batches, requests) it ran."""
+    events: list[tuple[float, int, int, tuple[int, int, tuple[int, ...]]]] = []
+    """(time, kind, sequence, (pipeline, stage, requests)): kind 0 a batch done, 1 an arrival;
+    at equal times a finished batch counts before an arrival sees the in-flight numbers."""
     rng = random.Random(seed)
-    now, latencies, counts = 0.0, [], [0] * len(stages)
-    for _ in range(requests):
-        now += rng.expovariate(rate_rps / 1000.0)
-        for heap in pending:
-            while heap and heap[0] <= now:
-                heapq.heappop(heap)
-        p = min(
-            range(len(stages)),
-            key=lambda i: (expected_completion_ms(*seeds[i], len(pending[i])), len(pending[i])),
-        )
-        t = now
-        for k, ms in enumerate(stages[p]):
-            t = max(t, free[p][k]) + ms
-            free[p][k] = t
-        heapq.heappush(pending[p], t)
-        latencies.append(t - now)
-        counts[p] += 1
+    sent, order = [0.0] * requests, itertools.count()
+    latencies: list[float] = [0.0] * requests
+    heapq.heappush(events, (rng.expovariate(rate_rps / 1000.0), 1, next(order), (0, 0, (0,))))
+    touched: set[tuple[int, int]] = set()
+    while events:
+        now, kind, _, (p, k, batch) = heapq.heappop(events)
+        if kind == 1:  # request batch[0] arrives at the client and is dispatched
+            r = batch[0]
+            sent[r] = now
+            p = min(
+                range(len(costs)),
+                key=lambda i: (expected_completion_ms(*seeds[i], in_flight[i]), in_flight[i]),
+            )
+            in_flight[p] += 1
+            counts[p] += 1
+            waiting[p][0].append(r)
+            touched.add((p, 0))
+            if r + 1 < requests:
+                arrival = now + rng.expovariate(rate_rps / 1000.0)
+                heapq.heappush(events, (arrival, 1, next(order), (0, 0, (r + 1,))))
+        else:  # stage k of pipeline p finished a batch
+            busy[p][k] = False
+            touched.add((p, k))
+            if k + 1 < len(costs[p]):
+                waiting[p][k + 1].extend(batch)
+                touched.add((p, k + 1))
+            else:
+                for r in batch:
+                    latencies[r] = now - sent[r]
+                in_flight[p] -= len(batch)
+        if events and events[0][0] == now:
+            continue  # everything arriving at this instant joins the batches that start now
+        for p, k in sorted(touched):
+            queue = waiting[p][k]
+            if busy[p][k] or not queue:
+                continue
+            size = min(len(queue), len(costs[p][k]))
+            taken = tuple(queue.popleft() for _ in range(size))
+            busy[p][k] = True
+            ran[p][k][0] += 1
+            ran[p][k][1] += size
+            heapq.heappush(events, (now + costs[p][k][size - 1], 0, next(order), (p, k, taken)))
+        touched.clear()
     ordered = sorted(latencies)
     return LoadPrediction(
         rate_rps=rate_rps,
@@ -89,6 +127,7 @@ def latency_under_load(plan: Plan, rate_rps: float, requests: int = 2000, seed: 
         p95_ms=_quantile(ordered, 0.95),
         mean_ms=math.fsum(ordered) / len(ordered),
         shares=tuple(c / requests for c in counts),
+        batches=tuple(n / b if b else 1.0 for stages in ran for b, n in stages),
     )
 
 

@@ -76,6 +76,22 @@ class LayerProfile:
     tile: TileRows | None = None
     """Row geometry when the block may run as spatial tiles (a leading convolutional block);
     None: layer-wise only."""
+    batch_ms: tuple[tuple[int, float], ...] = ()
+    """``(batch, ms)`` pairs, batches ≥ 2 in increasing order: the block's measured time for one
+    forward of that many requests at once (``compute_ms`` is batch 1). Measured only for the
+    batch sizes a deployment's dynamic batching can use; empty: priced at batch 1 (no gain)."""
+
+    def ms_at(self, batch: float) -> float:
+        """Time of one forward of ``batch`` requests: linear between measured batches, the
+        largest measured batch's per-request time beyond it, ``batch × compute_ms`` without figures."""
+        if batch <= 1 or not self.batch_ms:
+            return batch * self.compute_ms
+        lo_b, lo_ms = 1, self.compute_ms
+        for b, ms in self.batch_ms:
+            if batch <= b:
+                return lo_ms + (ms - lo_ms) * (batch - lo_b) / (b - lo_b)
+            lo_b, lo_ms = b, ms
+        return batch * lo_ms / lo_b
 
 
 @dataclass(frozen=True)
@@ -261,6 +277,11 @@ class Stage:
     tiles: tuple[TileGroup, ...] = ()
     """Phases of the stage run as row tiles, in block order (every phase on the same nodes;
     blocks outside them run on ``node``); empty for a layer-wise stage."""
+    batch_ms: tuple[float, ...] = ()
+    """Predicted time of one pass of a batch of 2, 3, … requests (entry ``k``: batch ``k + 2``),
+    up to the deployment's ``max_requests`` (``plan(max_batch=…)``): the blocks' time at that
+    batch plus each request's own transfer, codec and overhead. Empty: the stage is priced at
+    batch 1 only (no batching, blocks without batch figures, or a tiled stage)."""
 
     @property
     def stage_ms(self) -> float:
@@ -269,6 +290,11 @@ class Stage:
     @property
     def blocks(self) -> range:
         return range(self.first_block, self.last_block + 1)
+
+    @property
+    def max_batch(self) -> int:
+        """The largest batch the stage is priced at (1: no batching)."""
+        return 1 + len(self.batch_ms)
 
     @property
     def nodes(self) -> tuple[str, ...]:

@@ -81,7 +81,23 @@ def check_blocks(blocks: Any) -> tuple[LayerProfile, ...]:
         for name in ("flops", "param_bytes", "out_bytes", "act_bytes"):
             _ensure_count(getattr(b, name), f"blocks[{i}].{name}")
         _ensure_number(b.compute_ms, f"blocks[{i}].compute_ms")
+        _check_batch_ms(b.batch_ms, f"blocks[{i}].batch_ms")
     return out
+
+
+def _check_batch_ms(pairs: Any, field: str) -> None:
+    """(batch, ms) pairs with distinct increasing batches ≥ 2 and sane times."""
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
+        raise InvalidSpec(f"{field}: expected (batch, ms) pairs, got {type(pairs).__name__}")
+    last = 1
+    for k, pair in enumerate(pairs):
+        if not (isinstance(pair, Sequence) and len(pair) == 2):
+            raise InvalidSpec(f"{field}[{k}]: expected a (batch, ms) pair, got {pair!r}")
+        batch, ms = pair
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch <= last:
+            raise InvalidSpec(f"{field}[{k}]: expected an integer batch above {last}, got {batch!r}")
+        _ensure_number(ms, f"{field}[{k}].ms")
+        last = batch
 
 
 CODEC_NAMES = ("fp16", "int8")
@@ -210,6 +226,11 @@ def check_pins(pins: Any, n_blocks: int, node_names: Sequence[str]) -> tuple[Pin
 def check_max_stages(value: Any) -> int | None:
     """None (no cap) or an integer ≥ 1."""
     return None if value is None else _ensure_count(value, "max_stages", minimum=1)
+
+
+def check_max_batch(value: Any) -> int:
+    """The most requests one forward may gather: an integer ≥ 1."""
+    return _ensure_count(value, "max_batch", minimum=1)
 
 
 def check_history(history: Any) -> SchedulerHistory | None:

@@ -41,12 +41,13 @@ class Prepared:
         )
 
 
-def prepare(source: ModelSource, codecs: bool = False) -> Prepared:
+def prepare(source: ModelSource, codecs: bool = False, batch_sizes: Sequence[int] = ()) -> Prepared:
     """Load, cut and profile the model; with ``codecs``, measure every codec at every cut too
-    (``compression.profile_codecs``: about one more forward per block and codec)."""
+    (``compression.profile_codecs``: about one more forward per block and codec); with
+    ``batch_sizes`` (``Batching.profile_sizes()``), each block's time at those batches too."""
     loaded = load_model(source)
     chain = split_model(loaded)
-    profiles = profile_chain(chain, loaded.example_inputs)
+    profiles = profile_chain(chain, loaded.example_inputs, batch_sizes=batch_sizes)
     measured = profile_codecs(chain, loaded.example_inputs) if codecs else ()
     expected = monolith_outputs(loaded, loaded.example_inputs)
     return Prepared(loaded, chain, profiles, reference_workload_ms(), expected, measured)

@@ -40,6 +40,7 @@ def profile_chain(
     repeats: int = 5,
     warmup: int = 2,
     tiles: bool = True,
+    batch_sizes: Sequence[int] = (),
 ) -> list[LayerProfile]:
     """One LayerProfile per block, measured on a single thread (the planner's reference core).
 
@@ -48,25 +49,23 @@ def profile_chain(
     repeatedly on its own would flatter it: its weights and input stay in cache, and the sum
     of such times falls ~15% short of a real MobileNetV2 forward. With ``tiles``, the leading
     convolutional blocks carry their row geometry (``slicing.tiles.row_maps``).
+
+    ``batch_sizes`` (the sizes a deployment's dynamic batching can use, ``Batching.profile_sizes``)
+    times the same passes with each size's inputs stacked along dim 0, into ``batch_ms``; only
+    for a batch-flexible chain (one the agent batches), so profiling without batching costs
+    nothing more.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"expected repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
     inputs = tuple(example_inputs if example_inputs is not None else chain.example_inputs)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread = one reference core, whatever the host has
-    times: list[list[float]] = [[] for _ in chain.blocks]
+    ms = _block_times(chain, inputs, repeats, warmup)
     profiles: list[LayerProfile] = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         with torch.inference_mode():
-            for timed in [False] * warmup + [True] * repeats:
-                current = inputs
-                for block, samples in zip(chain.blocks, times, strict=True):
-                    t0 = time.perf_counter()
-                    current = tuple(block.module(*current))
-                    if timed:
-                        samples.append((time.perf_counter() - t0) * 1000.0)
             current = inputs
-            for block, samples in zip(chain.blocks, times, strict=True):
+            for block, block_ms in zip(chain.blocks, ms, strict=True):
                 # Counted on a separate pass: the counter's dispatch overhead must not be timed.
                 with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS) as counter:
                     outputs = tuple(block.module(*current))
@@ -78,17 +77,48 @@ def profile_chain(
                         flops=int(counter.get_total_flops()),
                         param_bytes=_param_bytes(block.module),
                         out_bytes=out_bytes,
-                        compute_ms=statistics.median(samples),
+                        compute_ms=block_ms,
                         act_bytes=in_bytes + out_bytes,
                     )
                 )
                 current = outputs
     finally:
         torch.set_num_threads(threads)
+    sizes = sorted({int(b) for b in batch_sizes if b > 1}) if chain.batch_flexible else []
+    if sizes:
+        batched = [_block_times(chain, _stacked(inputs, b), repeats, warmup) for b in sizes]
+        profiles = [
+            replace(p, batch_ms=tuple(zip(sizes, (t[i] for t in batched), strict=True)))
+            for i, p in enumerate(profiles)
+        ]
     if tiles:
         geometry = row_maps(chain, inputs)
         profiles = [replace(p, tile=g) for p, g in zip(profiles, geometry, strict=True)]
     return profiles
+
+
+def _stacked(inputs: Sequence[torch.Tensor], batch: int) -> tuple[torch.Tensor, ...]:
+    """``batch`` requests' inputs in one forward: each input repeated along dim 0."""
+    return tuple(torch.cat([t] * batch) for t in inputs)
+
+
+def _block_times(chain: BlockChain, inputs: Sequence[torch.Tensor], repeats: int, warmup: int) -> list[float]:
+    """Each block's median time over ``repeats`` whole passes (after ``warmup``), one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread = one reference core, whatever the host has
+    times: list[list[float]] = [[] for _ in chain.blocks]
+    try:
+        with torch.inference_mode():
+            for timed in [False] * warmup + [True] * repeats:
+                current = tuple(inputs)
+                for block, samples in zip(chain.blocks, times, strict=True):
+                    t0 = time.perf_counter()
+                    current = tuple(block.module(*current))
+                    if timed:
+                        samples.append((time.perf_counter() - t0) * 1000.0)
+    finally:
+        torch.set_num_threads(threads)
+    return [statistics.median(samples) for samples in times]
 
 
 def chain_input_bytes(chain: BlockChain) -> int:

@@ -46,6 +46,11 @@ class Batching:
             )
         return self
 
+    def profile_sizes(self) -> tuple[int, ...]:
+        """Batch sizes to profile blocks at beyond batch 1 (none when batching is off): 2 and
+        ``max_requests``; the planner interpolates between them (``LayerProfile.ms_at``)."""
+        return tuple(sorted({2, self.max_requests})) if self.max_requests > 1 else ()
+
     def stage_fields(self) -> dict[str, Any]:
         """As ``StageConfig`` keyword arguments."""
         return {"max_batch_requests": self.max_requests, "max_queue_delay_ms": self.max_queue_delay_ms}

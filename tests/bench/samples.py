@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from amp4ec.bench.results import (
+    BatchingPredictions,
     BatchingResult,
     BenchResults,
     Comparison,
@@ -18,7 +19,6 @@ from amp4ec.bench.results import (
     LatencyResult,
     LinkRow,
     LinkShapeRow,
-    LoadPrediction,
     Machine,
     MeanBatch,
     MeasuredPlan,
@@ -28,6 +28,7 @@ from amp4ec.bench.results import (
     NotRun,
     OpenLoop,
     Overhead,
+    PlannerPrediction,
     PlanRow,
     Predicted,
     Quantiles,
@@ -209,7 +210,10 @@ def every_kind() -> BenchResults:
         open_loop_rate_rps=9.0,
         ideal=Ideal(15.0, {"node0": 15.0}, "each node alone"),
         ratios={"p95_vs_matched": None, "batched_vs_ideal": 1.2},
-        predicted_under_load=LoadPrediction(9.0, 100.0, 140.0),
+        predicted=BatchingPredictions(
+            unbatched=PlannerPrediction(95.0, 9.0, 100.0, 140.0, 1.0, (1.0, 1.0)),
+            batched=PlannerPrediction(120.0),
+        ),
     )
     return BenchResults(
         command="amp4ec bench",

@@ -236,3 +236,77 @@ def test_tenants_are_planned_in_turn_on_their_fair_share_of_what_is_free() -> No
     text = render(BenchResults.from_json({**run, "machine": machine, "configurations": [result]}))
     assert "Aggregate 15.0 req/s = 0.75× the ideal 20.0 req/s" in text
     assert "| t0 | a[0–3] | 0.20 (0.20) | 7.5 (8.0) | 50% (50%) |" in text
+
+
+def test_the_batching_report_sets_the_planners_predictions_beside_the_measurements() -> None:
+    from dataclasses import replace
+
+    from amp4ec.bench.batching import BATCHING, _predicted, ratios
+    from amp4ec.bench.json_form import to_json
+    from amp4ec.bench.markdown import render
+    from amp4ec.bench.results import (
+        BatchingPredictions,
+        BatchingResult,
+        BenchResults,
+        Ideal,
+        MeasuredPlan,
+        NodeShare,
+    )
+    from amp4ec.planner import plan
+    from amp4ec.planner.types import LayerProfile, NodeCapacity
+    from amp4ec.wire.stage import Batching
+    from tests.bench.samples import MACHINE, measured_plan
+
+    blocks = [
+        LayerProfile(f"b{i}", 10**6, 10**5, 10**4, 5.0, batch_ms=((2, 8.0), (4, 14.0))) for i in range(4)
+    ]
+    nodes = [NodeCapacity("a", 1.0, 2**30), NodeCapacity("b", 0.5, 2**30)]
+    unbatched = _predicted(plan(blocks, nodes, tiles=False), 30.0)
+    batched = _predicted(plan(blocks, nodes, tiles=False, max_batch=BATCHING.max_requests), 30.0)
+    assert batched.saturation_rps > unbatched.saturation_rps  # 3.5 ms an image at batch 4, not 5
+    assert unbatched.mean_batch == 1.0 < (batched.mean_batch or 0)  # 30 req/s on 75: some requests wait
+    assert set(to_json(batched)) == {
+        "saturation_rps",
+        "rate_rps",
+        "p50_ms",
+        "p95_ms",
+        "mean_batch",
+        "expected_batches",
+    }
+    assert to_json(_predicted(plan(blocks, nodes, tiles=False), None)) == {
+        "saturation_rps": unbatched.saturation_rps
+    }
+    assert batched.p95_ms is not None
+
+    def row(rps: float, p95: float) -> MeasuredPlan:
+        measured = measured_plan(rps, 20.0)
+        return replace(measured, open_loop=replace(measured.open_loop, p50_ms=p95 / 2, p95_ms=p95, dropped=0))
+
+    rows: dict = {"matched": row(40, 50), "matched_batched": row(45, 45), "optimal": row(50, 40),
+                  "optimal_batched": row(2 * batched.saturation_rps, batched.p95_ms / 4)}  # fmt: skip
+    predicted = BatchingPredictions(unbatched, batched)
+    ideal = Ideal(50.0, {"a": 50.0}, "each node alone")
+    figures = ratios(rows, ideal, predicted)
+    assert figures["predicted_batched_saturation"] == pytest.approx(0.5)
+    assert figures["predicted_batched_p95"] == pytest.approx(4.0)
+    assert figures["predicted_saturation"] == pytest.approx(unbatched.saturation_rps / 50)
+    result = BatchingResult(
+        name="batching", title="t", model="m", scale_factor=1.0, nodes=(NodeShare("a", 1.0),),
+        matched_cpu=1.5, batching=Batching(4, 0.0), targets={}, rows=rows, cpu_limits="",
+        open_loop_rate_rps=30.0, ideal=ideal, ratios=figures, predicted=predicted,
+    )  # fmt: skip
+    text = render(BenchResults("c", "s", False, "mutual TLS", MACHINE, 1.6, (result,)))
+    assert f"saturation {batched.saturation_rps:.1f} req/s (0.50×)" in text
+    assert "(4.00×), mean batch" in text
+
+
+def test_every_configuration_runner_takes_what_the_suite_passes() -> None:
+    # The suite calls each with the same keywords; one missing broke `--only batching` and
+    # `--only multi-tenant` at their first step (a TypeError after profiling).
+    import inspect
+
+    from amp4ec.bench import suite
+
+    runners = (suite.run_configuration, suite.run_failover, suite.run_latency, suite.run_batching)
+    for run in (*runners, suite.run_multi_tenant):
+        assert {"limit_mode", "cfs_period_us", "secure"} <= set(inspect.signature(run).parameters), run

@@ -47,7 +47,8 @@ def test_the_json_keeps_its_keys() -> None:
     assert "paper_cpu" not in standard["matched"] and standard["nodes"][0]["paper_cpu"] == 1.0
     assert optimal["open_loop"]["p95_ms"] == 150.0 and optimal["batching"]["max_requests"] == 1
     assert latency["plans"]["latency_objective"]["plan"][0]["tiles"][0]["rows"] == [[0, 5], [5, 10]]
-    assert batching["predicted_under_load"] == {"rate_rps": 9.0, "p50_ms": 100.0, "p95_ms": 140.0}
+    assert batching["predicted"]["batched"] == {"saturation_rps": 120.0}
+    assert batching["predicted"]["unbatched"]["expected_batches"] == [1.0, 1.0]
     no_links = replace(every_kind().configurations[0], links=None, transport=None)
     assert "links" not in to_json(no_links) and "transport" not in to_json(no_links)
 

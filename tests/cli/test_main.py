@@ -106,6 +106,7 @@ def test_plan_prints_and_writes_json_for_every_strategy(tmp_path: Path) -> None:
             "latency_ms",
             "throughput_rps",
             "output_error",
+            "saturation_rps",
             "under_load",
         }
         assert set(data["predicted"]) == predicted
@@ -114,12 +115,30 @@ def test_plan_prints_and_writes_json_for_every_strategy(tmp_path: Path) -> None:
         assert data["predicted"]["latency_ms"] * 0.9 <= under_load["p50_ms"] <= under_load["p95_ms"]
         assert sum(under_load["pipeline_shares"]) == pytest.approx(1.0)
         assert data["batching"] == {"max_requests": 1, "max_queue_delay_ms": 0.0}
+        # Without batching nothing batches: saturation is the batch-1 throughput.
+        assert data["predicted"]["saturation_rps"] == pytest.approx(data["predicted"]["throughput_rps"])
+        assert set(under_load["stage_batches"]) == {1.0}
+        assert all(b["batch_ms"] == [] for b in data["blocks"])
         assert data["strategy"] == strategy
         for pipeline in {row["pipeline"] for row in data["plan"]}:
             rows = [r for r in data["plan"] if r["pipeline"] == pipeline]
             assert rows[0]["first_block"] == 0 and rows[-1]["last_block"] == 13  # resnet18: 14 blocks
             assert all(a["last_block"] + 1 == b["first_block"] for a, b in itertools.pairwise(rows))
         assert max(data["predicted"]["stage_ms"]) == pytest.approx(data["predicted"]["bottleneck_ms"])
+
+
+def test_plan_with_batching_profiles_the_batches_and_predicts_with_them(tmp_path: Path) -> None:
+    out = tmp_path / "plan.json"
+    args = ["plan", "--model", "mobilenet_v2", "--input-shape", "1,3,32,32", "--nodes", "1.0:1G,0.5:1G"]
+    result = CliRunner().invoke(cli, [*args, "--batch", "4", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "with it: saturation" in result.output
+    data = json.loads(out.read_text())
+    assert all([b for b, _ in block["batch_ms"]] == [2, 4] for block in data["blocks"])
+    predicted = data["predicted"]
+    assert predicted["saturation_rps"] > 0
+    batches = predicted["under_load"]["stage_batches"]
+    assert len(batches) == len(data["plan"]) and all(1.0 <= b <= 4.0 for b in batches)
 
 
 def test_plan_that_fits_nowhere_is_a_clear_error() -> None:
@@ -160,10 +179,8 @@ def test_interrupt_stops_every_agent_and_removes_cgroups(signum: int) -> None:
             "-m",
             "amp4ec",
             "run",
-            "--model",
-            "resnet18",
-            "--input-shape",
-            "1,3,64,64",
+            "--model",  # small: what is tested is the interrupt, not the model
+            "tests.model_zoo:residual_net",
             "--nodes",
             "0.5,0.5",
             "--requests",

@@ -42,6 +42,12 @@ def test_a_profiler_profiles_its_own_model_and_refuses_any_other() -> None:
                 answer = await stub.Profile(agent_pb2.ProfileRequest(repeats=1), timeout=120)
                 assert answer.model == MODEL.model and len(answer.blocks) >= 2
                 assert answer.reference_workload_ms > 0
+                assert all(not b.batch_ms for b in answer.blocks)  # batch 1 only unless asked
+                batched = await stub.Profile(
+                    agent_pb2.ProfileRequest(repeats=1, batch_sizes=[4, 2]), timeout=120
+                )
+                for b in batched.blocks:  # the sizes asked for, in increasing order
+                    assert [(t.batch, t.ms > 0) for t in b.batch_ms] == [(2, True), (4, True)]
                 # No NodeAgent service (LoadStage, Echo, …) on a profiler: Profile only.
                 with pytest.raises(grpc.aio.AioRpcError) as absent:
                     await agent_pb2_grpc.NodeAgentStub(channel).Echo(agent_pb2.Probe(), timeout=10)
@@ -62,6 +68,9 @@ def test_a_monitor_checks_the_bounds_then_refuses_every_model() -> None:
     for request, expected in (
         (agent_pb2.ProfileRequest(model=MODEL), "PERMISSION_DENIED: this monitor profiles no model"),
         (agent_pb2.ProfileRequest(model=MODEL, repeats=10**6), "INVALID_ARGUMENT: repeats"),
+        (agent_pb2.ProfileRequest(model=MODEL, batch_sizes=[2, 1]), r"INVALID_ARGUMENT: batch_sizes\[1\]"),
+        (agent_pb2.ProfileRequest(model=MODEL, batch_sizes=[65]), r"INVALID_ARGUMENT: batch_sizes\[0\]"),
+        (agent_pb2.ProfileRequest(model=MODEL, batch_sizes=[2] * 9), "INVALID_ARGUMENT: batch_sizes: "),
     ):
         with pytest.raises(grpc.aio.AbortError, match=expected):
             asyncio.run(servicer.Profile(request, Context()))  # type: ignore[arg-type]

@@ -5,6 +5,9 @@ in-memory API. The real Pod, process and call are in test_e2e.py."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
+import json
 from typing import Any
 
 import kubernetes_validate
@@ -297,3 +300,13 @@ def test_a_profiler_out_of_memory_is_its_own_failure_never_an_invalid_model() ->
     failed = _run(kube, profiler, "a")
     assert isinstance(failed, ProfilerFailed) and failed.reason == "ProfilerFailed" and not failed.permanent
     assert not _profiler_pods(kube)
+
+
+def test_a_batching_deployment_profiles_at_its_batch_sizes() -> None:
+    plain = ProfileKey.of(_spec(PT2), "ml")
+    batched = ProfileKey.of(_spec({**PT2, "batching": {"maxBatchRequests": 4}}), "ml")
+    assert plain.batch_sizes == () and batched.batch_sizes == (2, 4)
+    assert batched != plain and batched.digest() != plain.digest()  # its own profiler Pod and cache entry
+    # A key without batch sizes keeps the digest it had before they existed (its Pod's name).
+    before = {k: v for k, v in dataclasses.asdict(plain).items() if k != "batch_sizes"}
+    assert plain.digest() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()

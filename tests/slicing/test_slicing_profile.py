@@ -44,3 +44,29 @@ def test_attention_flops_are_counted() -> None:
     linear = 2 * tokens * hidden * (3 * hidden + hidden + 2 * mlp)  # qkv, out proj, MLP
     attention = 2 * 2 * tokens * tokens * hidden  # Q·Kᵀ and P·V
     assert layer.flops == linear + attention
+
+
+def test_batch_sizes_are_profiled_only_when_asked_and_flexible() -> None:
+    loaded = load_model(ModelSource("mobilenet_v2", input_shape=(1, 3, 32, 32)))
+    chain = split_model(loaded)
+    assert chain.batch_flexible
+    plain = profile_chain(chain, loaded.example_inputs, repeats=1, warmup=0, tiles=False)
+    assert all(p.batch_ms == () for p in plain)
+    batched = profile_chain(
+        chain, loaded.example_inputs, repeats=1, warmup=0, tiles=False, batch_sizes=(4, 2, 1)
+    )
+    for p in batched:
+        assert [b for b, _ in p.batch_ms] == [2, 4]
+        assert all(ms > 0 for _, ms in p.batch_ms)
+        assert p.ms_at(2) == p.batch_ms[0][1] and p.ms_at(1) == p.compute_ms
+    # Four images at once take longer than one (the work is there), whatever the per-image gain.
+    total = sum(p.ms_at(4) for p in batched)
+    assert total > sum(p.compute_ms for p in batched)
+
+
+def test_an_inflexible_chain_records_no_batch_figures() -> None:
+    loaded = load_model(ModelSource("tests.model_zoo:residual_net"))
+    chain = split_model(loaded)
+    chain.batch_flexible = False  # as for a chain whose shapes fix dim 0
+    profiles = profile_chain(chain, loaded.example_inputs, repeats=1, warmup=0, tiles=False, batch_sizes=(2,))
+    assert all(p.batch_ms == () for p in profiles)

@@ -106,14 +106,16 @@ class UnloadReply(_message.Message):
     def __init__(self) -> None: ...
 
 class ProfileRequest(_message.Message):
-    __slots__ = ("model", "repeats", "codecs")
+    __slots__ = ("model", "repeats", "codecs", "batch_sizes")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REPEATS_FIELD_NUMBER: _ClassVar[int]
     CODECS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
     model: StageSpec
     repeats: int
     codecs: bool
-    def __init__(self, model: _Optional[_Union[StageSpec, _Mapping]] = ..., repeats: _Optional[int] = ..., codecs: _Optional[bool] = ...) -> None: ...
+    batch_sizes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model: _Optional[_Union[StageSpec, _Mapping]] = ..., repeats: _Optional[int] = ..., codecs: _Optional[bool] = ..., batch_sizes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CodecProfile(_message.Message):
     __slots__ = ("name", "wire_bytes", "encode_ms", "decode_ms", "error")
@@ -130,20 +132,30 @@ class CodecProfile(_message.Message):
     def __init__(self, name: _Optional[str] = ..., wire_bytes: _Optional[_Iterable[int]] = ..., encode_ms: _Optional[_Iterable[float]] = ..., decode_ms: _Optional[_Iterable[float]] = ..., error: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class BlockProfile(_message.Message):
-    __slots__ = ("name", "flops", "param_bytes", "out_bytes", "compute_ms", "act_bytes")
+    __slots__ = ("name", "flops", "param_bytes", "out_bytes", "compute_ms", "act_bytes", "batch_ms")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FLOPS_FIELD_NUMBER: _ClassVar[int]
     PARAM_BYTES_FIELD_NUMBER: _ClassVar[int]
     OUT_BYTES_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     ACT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BATCH_MS_FIELD_NUMBER: _ClassVar[int]
     name: str
     flops: int
     param_bytes: int
     out_bytes: int
     compute_ms: float
     act_bytes: int
-    def __init__(self, name: _Optional[str] = ..., flops: _Optional[int] = ..., param_bytes: _Optional[int] = ..., out_bytes: _Optional[int] = ..., compute_ms: _Optional[float] = ..., act_bytes: _Optional[int] = ...) -> None: ...
+    batch_ms: _containers.RepeatedCompositeFieldContainer[BatchTime]
+    def __init__(self, name: _Optional[str] = ..., flops: _Optional[int] = ..., param_bytes: _Optional[int] = ..., out_bytes: _Optional[int] = ..., compute_ms: _Optional[float] = ..., act_bytes: _Optional[int] = ..., batch_ms: _Optional[_Iterable[_Union[BatchTime, _Mapping]]] = ...) -> None: ...
+
+class BatchTime(_message.Message):
+    __slots__ = ("batch", "ms")
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    MS_FIELD_NUMBER: _ClassVar[int]
+    batch: int
+    ms: float
+    def __init__(self, batch: _Optional[int] = ..., ms: _Optional[float] = ...) -> None: ...
 
 class ModelProfile(_message.Message):
     __slots__ = ("model", "blocks", "input_bytes", "reference_workload_ms", "inputs", "codecs")

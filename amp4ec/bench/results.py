@@ -542,6 +542,8 @@ class LatencyResult(_Ok):
     ratio: float
     """The latency-objective plan's ``ratio_vs_alone``."""
     note: str = ""
+    links: LinkShapeRow | None = field(default=None, metadata=OMIT)
+    """Shaped links between the nodes (``latency-100mbit``); absent on loopback."""
     kind: str = "latency"
     status: str = "ok"
 

@@ -17,6 +17,7 @@ across plans: its selector moves to the new plan once every new shard is ready.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from amp4ec import pki
@@ -28,6 +29,7 @@ from amp4ec.operator.planstatus import PlacedStage, PlanRecord
 from amp4ec.operator.podsecurity import harden, scheduling
 from amp4ec.operator.spec import DeploymentSpec
 from amp4ec.operator.storage import PodStorage, pod_storage
+from amp4ec.operator.tiles import shard_label
 from amp4ec.wire.stage import StageConfig
 
 __all__ = [
@@ -53,9 +55,9 @@ TLS_DIR = "/var/run/amp4ec/tls"
 _TLS_FILES = (("ca", "ca.crt"), ("cert", "tls.crt"), ("key", "tls.key"))
 
 
-def stage_service_name(name: str, plan: str, pipeline: int, stage: int) -> str:
-    # DNS-1035 labels (<= 63): a base of <= 40 (names.py), "-<plan>-p<i>s<j>" after it.
-    return f"{child_base(name)}-{plan}-p{pipeline}s{stage}"
+def stage_service_name(name: str, plan: str, pipeline: int, stage: int, tile: int = 0) -> str:
+    # DNS-1035 labels (<= 63): a base of <= 40 (names.py), "-<plan>-p<i>s<j>[-t<k>]" after it.
+    return f"{child_base(name)}-{plan}-p{pipeline}s{stage}" + (f"-t{tile}" if tile else "")
 
 
 def _labels(name: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -122,22 +124,81 @@ def _stage_config(
     )
 
 
-def _serves_v2(s: PlacedStage, config: OperatorConfig) -> bool:
-    """The v2 front door lives in the entry stage's agent (node_agent/entry.py)."""
-    return s.stage == 0 and bool(config.v2_rest_port)
+@dataclass(frozen=True)
+class _Shard:
+    """One shard Pod of a stage: the stage's own (tile 0) or its tile Pod ``tile``."""
+
+    placed: PlacedStage
+    tile: int
+    node: str
+    cpu: float
+    memory_bytes: int
+    stage: StageConfig
+    """What its agent runs."""
+
+    @property
+    def blocks(self) -> str:
+        """The blocks it computes (a tile Pod: the blocks of its tile phases)."""
+        span = self.stage if self.tile else self.placed
+        return f"{span.first_block}-{span.last_block}"
 
 
-def _agent_args(name: str, s: PlacedStage, stage: StageConfig, config: OperatorConfig) -> list[str]:
+def _shard(
+    name: str,
+    namespace: str,
+    spec: DeploymentSpec,
+    record: PlanRecord,
+    s: PlacedStage,
+    config: OperatorConfig,
+    storage: PodStorage,
+    tile: int,
+) -> _Shard:
+    """Where the Pod runs and what it serves: a tiled stage's own Pod scatters its tile phases to
+    its tile Pods; tile Pod ``tile`` computes its rows on ``s.tiles.nodes[tile - 1]``."""
+    stage = _stage_config(name, namespace, spec, record, s, config, storage)
+    if not s.tiles:
+        return _Shard(s, 0, s.node, s.cpu, s.memory_bytes, stage)
+    stage, tile_stages = _tiled(name, namespace, record, s, stage, config)
+    if not tile:
+        return _Shard(s, 0, s.node, s.cpu, s.memory_bytes, stage)
+    node = s.tiles.nodes[tile - 1]
+    return _Shard(s, tile, node, s.tiles.cpu[tile - 1], s.tiles.memory_bytes, tile_stages[node])
+
+
+def _tiled(
+    name: str, namespace: str, record: PlanRecord, s: PlacedStage, stage: StageConfig, config: OperatorConfig
+) -> tuple[StageConfig, dict[str, StageConfig]]:
+    """Stage ``s`` scattering its tile phases to its tile Pods (each through its own Service),
+    and each tile Pod's stage by node; every tile presents the stage's identity."""
+    assert s.tiles is not None
+    tiles = s.tiles
+
+    def address(node: str) -> str:
+        service = stage_service_name(name, record.id, s.pipeline, s.stage, tiles.nodes.index(node) + 1)
+        return f"{service}.{namespace}.svc:{config.shard_port}"
+
+    def identity(_node: str) -> str:
+        return pki.stage_identity(namespace, name, s.stage) if config.tls else ""
+
+    return stage.tiled(s.node, tiles.spans(), address, identity)
+
+
+def _serves_v2(shard: _Shard, config: OperatorConfig) -> bool:
+    """The v2 front door lives in the entry stage's own agent (node_agent/entry.py)."""
+    return shard.placed.stage == 0 and not shard.tile and bool(config.v2_rest_port)
+
+
+def _agent_args(name: str, shard: _Shard, config: OperatorConfig) -> list[str]:
     """The node agent's command line: where it listens, its stage, its front door and its TLS."""
     args = [
-        "--node", s.node,
+        "--node", shard.node,
         "--host", "[::]",
         "--port", str(config.shard_port),
         "--metrics-port", str(config.metrics_port),
-        "--cpu-limit", f"{s.cpu:g}",
-        *stage.to_args(),
+        "--cpu-limit", f"{shard.cpu:g}",
+        *shard.stage.to_args(),
     ]  # fmt: skip
-    if _serves_v2(s, config):
+    if _serves_v2(shard, config):
         args += ["--v2-http-port", str(config.v2_rest_port), "--v2-grpc-port", str(config.v2_grpc_port)]
         args += ["--v2-model-name", name]
     if config.tls:
@@ -150,14 +211,14 @@ def _agent_args(name: str, s: PlacedStage, stage: StageConfig, config: OperatorC
     return args
 
 
-def _container_ports(s: PlacedStage, config: OperatorConfig) -> list[dict[str, Any]]:
+def _container_ports(shard: _Shard, config: OperatorConfig) -> list[dict[str, Any]]:
     ports: list[dict[str, Any]] = [
         {"name": "grpc", "containerPort": config.shard_port},
         {"name": "metrics", "containerPort": config.metrics_port},
     ]
     if config.tls:
         ports.append({"name": "health", "containerPort": config.health_port})
-    if _serves_v2(s, config):
+    if _serves_v2(shard, config):
         ports += [
             {"name": "v2-rest", "containerPort": config.v2_rest_port},
             {"name": "v2-grpc", "containerPort": config.v2_grpc_port},
@@ -165,13 +226,13 @@ def _container_ports(s: PlacedStage, config: OperatorConfig) -> list[dict[str, A
     return ports
 
 
-def _resources(s: PlacedStage, config: OperatorConfig) -> dict[str, Any]:
-    """CPU: the planner's share, request = limit. Memory: the stage's bytes plus the agent's
+def _resources(shard: _Shard, config: OperatorConfig) -> dict[str, Any]:
+    """CPU: the planner's share, request = limit. Memory: the shard's bytes plus the agent's
     overhead requested, twice that as the limit."""
-    memory = s.memory_bytes + config.memory_overhead_bytes
+    memory = shard.memory_bytes + config.memory_overhead_bytes
     return {
-        "requests": {"cpu": _quantity_cpu(s.cpu), "memory": _quantity_mem(memory)},
-        "limits": {"cpu": _quantity_cpu(s.cpu), "memory": _quantity_mem(2 * memory)},
+        "requests": {"cpu": _quantity_cpu(shard.cpu), "memory": _quantity_mem(memory)},
+        "limits": {"cpu": _quantity_cpu(shard.cpu), "memory": _quantity_mem(2 * memory)},
     }
 
 
@@ -188,15 +249,15 @@ def _probes(config: OperatorConfig) -> dict[str, Any]:
 
 
 def _shard_container(
-    name: str, s: PlacedStage, stage: StageConfig, config: OperatorConfig, mounts: list[dict[str, Any]]
+    name: str, shard: _Shard, config: OperatorConfig, mounts: list[dict[str, Any]]
 ) -> dict[str, Any]:
     container: dict[str, Any] = {
         "name": "shard",
         "image": config.agent_image,
         "command": ["python", "-m", "amp4ec.node_agent"],
-        "args": _agent_args(name, s, stage, config),
-        "ports": _container_ports(s, config),
-        "resources": _resources(s, config),
+        "args": _agent_args(name, shard, config),
+        "ports": _container_ports(shard, config),
+        "resources": _resources(shard, config),
         **_probes(config),
         "env": [
             {"name": k, "value": v} for k, v in sorted({**config.shard_env, **_factory_env(config)}.items())
@@ -208,23 +269,24 @@ def _shard_container(
 
 
 def _shard_metadata(
-    name: str, namespace: str, record: PlanRecord, s: PlacedStage, config: OperatorConfig
-) -> dict:
+    name: str, namespace: str, record: PlanRecord, shard: _Shard, config: OperatorConfig
+) -> dict[str, Any]:
+    s = shard.placed
     labels = _labels(
         name,
         {
             LABEL_PLAN: record.id,
             LABEL_PIPELINE: str(s.pipeline),
-            LABEL_STAGE: str(s.stage),
+            LABEL_STAGE: shard_label(s.stage, shard.tile),
             LABEL_ROLE: "shard",
         },
     )
     return {
-        "name": f"{stage_service_name(name, record.id, s.pipeline, s.stage)}",
+        "name": f"{stage_service_name(name, record.id, s.pipeline, s.stage, shard.tile)}",
         "namespace": namespace,
         "labels": labels,
         "annotations": {
-            "amp4ec.io/blocks": f"{s.first_block}-{s.last_block}",
+            "amp4ec.io/blocks": shard.blocks,
             "amp4ec.io/predicted-ms": f"{s.predicted_ms:.3f}",
             "prometheus.io/scrape": "true",
             "prometheus.io/port": str(config.metrics_port),
@@ -239,10 +301,12 @@ def _shard_pod(
     record: PlanRecord,
     s: PlacedStage,
     config: OperatorConfig,
+    tile: int = 0,
 ) -> dict[str, Any]:
-    """One stage's Pod: its agent, pinned to its node, its TLS leaf and weights mounted, hardened."""
+    """The Pod of stage ``s`` (tile 0), or of its tile ``tile`` on ``s.tiles.nodes[tile - 1]``:
+    its agent, pinned to its node, its TLS leaf and weights mounted, hardened."""
     storage = pod_storage(spec, config)
-    stage = _stage_config(name, namespace, spec, record, s, config, storage)
+    shard = _shard(name, namespace, spec, record, s, config, storage, tile)
     volumes: list[dict[str, Any]] = []
     mounts: list[dict[str, Any]] = []
     if config.tls:
@@ -251,10 +315,10 @@ def _shard_pod(
     volumes += storage.volumes
     mounts += storage.mounts
     pod_spec: dict[str, Any] = {
-        **scheduling(spec, config, s.node),
+        **scheduling(spec, config, shard.node),
         "restartPolicy": "Always",
         "terminationGracePeriodSeconds": 10,
-        "containers": [_shard_container(name, s, stage, config, mounts)],
+        "containers": [_shard_container(name, shard, config, mounts)],
     }
     if storage.init_containers:
         pod_spec["initContainers"] = storage.init_containers
@@ -264,7 +328,7 @@ def _shard_pod(
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": _shard_metadata(name, namespace, record, s, config),
+        "metadata": _shard_metadata(name, namespace, record, shard, config),
         "spec": pod_spec,
     }
 
@@ -285,19 +349,19 @@ def _tls_volume(name: str, stage: int, *, cert_manager: bool = False) -> dict[st
 
 
 def _stage_service(
-    name: str, namespace: str, record: PlanRecord, s: PlacedStage, config: OperatorConfig
+    name: str, namespace: str, record: PlanRecord, s: PlacedStage, config: OperatorConfig, tile: int = 0
 ) -> dict:
     selector = {
         LABEL_DEPLOYMENT: label_value(name),
         LABEL_PLAN: record.id,
         LABEL_PIPELINE: str(s.pipeline),
-        LABEL_STAGE: str(s.stage),
+        LABEL_STAGE: shard_label(s.stage, tile),
     }
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {
-            "name": stage_service_name(name, record.id, s.pipeline, s.stage),
+            "name": stage_service_name(name, record.id, s.pipeline, s.stage, tile),
             "namespace": namespace,
             "labels": _labels(name, {LABEL_PLAN: record.id, LABEL_ROLE: "stage"}),
         },
@@ -311,9 +375,10 @@ def _stage_service(
 def desired_objects(
     name: str, namespace: str, spec: DeploymentSpec, record: PlanRecord, config: OperatorConfig
 ) -> list[dict[str, Any]]:
-    """Every Service and shard Pod of one plan: Services first, so next hops resolve when Pods start."""
-    services = [_stage_service(name, namespace, record, s, config) for s in record.stages]
-    pods = [_shard_pod(name, namespace, spec, record, s, config) for s in record.stages]
+    """Every Service and shard Pod of one plan (a tiled stage's tile Pods and their Services
+    included): Services first, so next hops resolve when Pods start."""
+    services = [_stage_service(name, namespace, record, s, config, k) for s, k in record.shards]
+    pods = [_shard_pod(name, namespace, spec, record, s, config, k) for s, k in record.shards]
     return services + pods
 
 

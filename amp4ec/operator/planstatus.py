@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from amp4ec.operator.spec import BatchingSpec, DeploymentSpec
+from amp4ec.operator.tiles import TilePlacement, shard_label
 from amp4ec.planner.types import Plan
 
 __all__ = ["PlacedStage", "PlanRecord", "as_dict", "plan_id", "plan_record"]
@@ -35,9 +36,25 @@ class PlacedStage:
     predicted_ms: float
     out_codec: str = "raw"
     """How the stage sends its outputs (the planner's choice for the cut after it)."""
+    tiles: TilePlacement | None = None
+    """Blocks run as row tiles with tile Pods on other nodes (``operator/tiles.py``); None: layer-wise."""
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """Its own node, then its tile Pods' nodes."""
+        return (self.node, *(self.tiles.nodes if self.tiles else ()))
+
+    def holds(self) -> tuple[tuple[str, float, int], ...]:
+        """(node, CPU cores, memory bytes) its Pods request: its own, then its tile Pods'."""
+        own = ((self.node, self.cpu, self.memory_bytes),)
+        if self.tiles is None:
+            return own
+        t = self.tiles
+        return own + tuple((n, c, t.memory_bytes) for n, c in zip(t.nodes, t.cpu, strict=True))
 
     def to_status(self) -> dict[str, Any]:
         return {
+            **({"tiles": self.tiles.to_status()} if self.tiles else {}),
             "outCodec": self.out_codec,
             "pipeline": self.pipeline,
             "stage": self.stage,
@@ -61,6 +78,7 @@ class PlacedStage:
             memory_bytes=int(d["memoryBytes"]),
             predicted_ms=float(d["predictedMs"]),
             out_codec=str(d.get("outCodec", "raw")),
+            tiles=TilePlacement.from_status(d.get("tiles")),
         )
 
 
@@ -82,12 +100,21 @@ class PlanRecord:
 
     @property
     def nodes(self) -> tuple[str, ...]:
-        return tuple(s.node for s in self.stages)
+        return tuple(n for s in self.stages for n in s.nodes)
+
+    @property
+    def shards(self) -> tuple[tuple[PlacedStage, int], ...]:
+        """Every shard Pod as (its stage, tile): 0 is the stage's own Pod, k > 0 its k-th tile Pod."""
+        return tuple((s, k) for s in self.stages for k in range(1 + (len(s.tiles.nodes) if s.tiles else 0)))
+
+    def shard_keys(self) -> set[tuple[str, str]]:
+        """The (pipeline, stage) labels of every shard Pod (``tiles.shard_label``)."""
+        return {(str(s.pipeline), shard_label(s.stage, k)) for s, k in self.shards}
 
     def without(self, nodes: set[str]) -> PlanRecord | None:
         """The same plan (same id: its Pods and Services stay) less the pipelines through
         ``nodes``; None when none is left or none goes. Predictions are those of what is left."""
-        gone = {s.pipeline for s in self.stages if s.node in nodes}
+        gone = {s.pipeline for s in self.stages if set(s.nodes) & nodes}
         kept = tuple(s for s in self.stages if s.pipeline not in gone)
         if not gone or not kept:
             return None
@@ -145,6 +172,9 @@ def plan_id(spec: DeploymentSpec, stages: Sequence[PlacedStage]) -> str:
         "inputShape": list(spec.input_shape or ()),
         "stages": [(s.pipeline, s.stage, s.node, s.first_block, s.last_block, s.cpu) for s in stages],
     }
+    tiles = [s.tiles.to_status() for s in stages if s.tiles]
+    if tiles:  # absent when layer-wise: the ids of existing plans do not change
+        key["tiles"] = tiles
     codecs = [s.out_codec for s in stages]
     if any(c != "raw" for c in codecs):  # absent when raw: the ids of existing plans do not change
         key["codecs"] = codecs
@@ -169,6 +199,7 @@ def plan_record(spec: DeploymentSpec, plan: Plan, node_cpu: Mapping[str, float])
             memory_bytes=int(s.memory_bytes),
             predicted_ms=float(s.stage_ms),
             out_codec=s.out_codec,
+            tiles=TilePlacement.of(s, node_cpu),
         )
         for p, pipeline in enumerate(plan.pipelines)
         for i, s in enumerate(pipeline.stages)

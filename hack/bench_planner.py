@@ -4,8 +4,8 @@
 (a) a MobileNetV2-like profile (22 blocks at 224×224, or LayerProfiles from a JSON file)
     on three nodes of 1.0/0.6/0.4 CPU (1 GB/512 MB/512 MB), every strategy;
 (b) 200 random blocks on 32 nodes, the default strategy;
-(c) 25 random blocks on 8 nodes (the largest exact search), the default strategy, each objective (p95 at 90% of the
-throughput plan's rate).
+(c) 25 random blocks on 8 nodes (the largest exact search), the default strategy, each
+objective (p95 at 90% of the throughput plan's rate).
 
 Targets: (a) median < 1 ms, (b) median < 100 ms, (c) well under a second.
 
@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     # p95 at 90% of the throughput plan's rate: the node groupings simulated (planner/tail.py).
     rate = 0.9 * plan(mid_blocks, mid_nodes).predicted.throughput_rps
     result = plan(mid_blocks, mid_nodes, objective="p95", rate_rps=rate)
-    stats = timed(lambda: plan(mid_blocks, mid_nodes, objective="p95", rate_rps=rate), max(5, args.runs // 20))
+    runs = max(5, args.runs // 20)
+    stats = timed(lambda: plan(mid_blocks, mid_nodes, objective="p95", rate_rps=rate), runs)
     rows.append(
         {
             "case": "c: 25 blocks x 8 nodes (p95)",

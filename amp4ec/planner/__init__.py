@@ -45,8 +45,8 @@ from amp4ec.planner.baselines import plan_equal, plan_memory, plan_monolith, pla
 from amp4ec.planner.cost import INF, CostModel, evaluate
 from amp4ec.planner.optimal import plan_optimal
 from amp4ec.planner.paper import plan_paper
-from amp4ec.planner.tail import plan_p95
 from amp4ec.planner.replan import replan_reason, should_replan
+from amp4ec.planner.tail import plan_p95
 from amp4ec.planner.tiles import best_tiled
 from amp4ec.planner.types import (
     OBJECTIVES,
@@ -132,7 +132,7 @@ def plan(
     check_choice(objective, "objective", OBJECTIVES)
     rate = check_rate(rate_rps, objective)
     if objective == "p95" and strategy != "optimal":
-        raise InvalidSpec(f"objective: p95 is searched by the optimal strategy only, not strategy={strategy!r}")
+        raise InvalidSpec(f"objective: only the optimal strategy searches p95, not strategy={strategy!r}")
     bound = check_max_error(max_error)
     cap = check_max_stages(max_stages)
     links = tuple(links)

@@ -94,7 +94,7 @@ def plan_p95(
         note = f"p95: no plan sustains {rate_rps:g} req/s (at most {most:.1f}): the throughput-optimal plan"
         return best_rate, [note, *notes]
     (p95, *_), raw = min(scored, key=lambda s: s[0])
-    chosen = [f"p95 {p95:.1f} ms predicted at {rate_rps:g} req/s, the lowest of {len(scored)} plans simulated"]
+    chosen = [f"p95 {p95:.1f} ms predicted at {rate_rps:g} req/s, the lowest of {len(scored)} simulated"]
     other = seen[repr(sorted(best_rate))]
     if sorted(raw) != sorted(best_rate) and other < INF:
         chosen.append(f"the throughput-optimal plan: p95 {other:.1f} ms")

@@ -234,12 +234,12 @@ def check_rate(value: Any, objective: str) -> float | None:
     required by it and refused by the other objectives (they do not depend on a rate)."""
     if objective != "p95":
         if value is not None:
-            raise InvalidSpec(f"rate_rps: only the p95 objective takes a target rate, not objective={objective!r}")
+            raise InvalidSpec(f"rate_rps: only objective p95 takes a target rate, not {objective!r}")
         return None
     if value is None:
         raise InvalidSpec("rate_rps: the p95 objective needs a target rate (requests per second)")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
-        raise InvalidSpec(f"rate_rps: expected a positive finite number of requests per second, got {value!r}")
+        raise InvalidSpec(f"rate_rps: expected a positive finite rate in requests/s, got {value!r}")
     return float(value)
 
 

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from amp4ec.errors import InvalidSpec
-from amp4ec.planner import LayerProfile, NodeCapacity, Pin, Plan, plan
+from amp4ec.planner import LayerProfile, NodeCapacity, Pin, Plan, plan, should_replan
 from amp4ec.planner.cost import CostModel
 from amp4ec.planner.load import latency_under_load
 from amp4ec.planner.tail import SEED, groupings
@@ -136,3 +136,15 @@ def test_brute_force_on_three_nodes() -> None:
         chosen = plan(blocks, nodes, objective="p95", rate_rps=rate)
         assert covered, rate
         assert math.isclose(p95_of(chosen, rate), min(covered), rel_tol=1e-9), (rate, placement(chosen))
+
+
+def test_replan_compares_p95_at_the_rate() -> None:
+    """The hysteresis of the p95 objective: both plans simulated at the rate, re-priced on the
+    capacity passed; it needs the rate."""
+    replicas = plan(MODEL, STANDARD, objective="p95", rate_rps=81.7)
+    pooled = plan(MODEL, STANDARD, objective="p95", rate_rps=40.0)
+    assert should_replan(replicas, pooled, 0.05, rate_rps=40.0, blocks=MODEL, nodes=STANDARD)
+    assert not should_replan(pooled, replicas, 0.0, rate_rps=40.0, blocks=MODEL, nodes=STANDARD)
+    assert not should_replan(pooled, pooled, 0.0, rate_rps=40.0, blocks=MODEL, nodes=STANDARD)
+    with pytest.raises(InvalidSpec, match="rate_rps"):
+        should_replan(replicas, pooled, 0.05)

@@ -14,6 +14,10 @@ unbatched monolith's saturation throughput. Reported against the targets of issu
 Beside the measured figures, the planner's predictions for the same plan at the same rate
 (``predicted``: without batching, and with it from the blocks' batch times, see
 ``amp4ec.planner.batching``) and their ratios to what was measured.
+
+A last row, unbatched at the same rate: the plan of the ``p95`` objective for that rate
+(``amp4ec.planner.tail``; it may be the default plan itself), its p95 against the monolith's
+beside the default plan's, with its predicted p95.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from amp4ec.local.run import measure_links, node_capacities
 from amp4ec.planner.batching import expected_batches, saturation_rps
 from amp4ec.planner.load import latency_under_load
 from amp4ec.planner.types import Plan
+from amp4ec.scheduling import timed_plan
 from amp4ec.slicing.prepare import Prepared
 from amp4ec.wire.stage import Batching
 
@@ -130,6 +135,19 @@ async def run_batching(
         progress.step()
         rows["optimal_batched"] = await _guarded(batched, plan, "optimal, batching", rate)
         progress.step()
+        if rate:
+            tail, _ = timed_plan(
+                prepared.profiles,
+                planner_nodes,
+                objective="p95",
+                rate_rps=rate,
+                input_bytes=prepared.chain.input_bytes,
+                links=links,
+            )
+            out["predicted"]["p95_objective"] = _predicted(tail, rate)
+            out["p95_plan"] = {"rows": tail.rows(), "same_as_optimal": tail.rows() == plan.rows()}
+            rows["p95_objective"] = await _guarded(unbatched, tail, "p95 objective", rate)
+        progress.step()
     out["ratios"] = _ratios(out)
     return out
 
@@ -189,6 +207,12 @@ def _ratios(out: dict[str, Any]) -> dict[str, float | None]:
             guess("unbatched", "saturation_rps"), get("optimal", "saturation", "rps")
         ),
         "predicted_p95": ratio(guess("unbatched", "p95_ms"), get("optimal", "open_loop", "p95_ms")),
+        "p95_objective_p95_vs_matched": ratio(
+            get("p95_objective", "open_loop", "p95_ms"), get("matched", "open_loop", "p95_ms")
+        ),
+        "predicted_p95_objective_p95": ratio(
+            guess("p95_objective", "p95_ms"), get("p95_objective", "open_loop", "p95_ms")
+        ),
         "predicted_batched_saturation": ratio(
             guess("batched", "saturation_rps"), get("optimal_batched", "saturation", "rps")
         ),

@@ -245,6 +245,7 @@ _BATCHING_ROWS = {
     "matched_batched": "monolith, resource-matched, batching",
     "optimal": "optimal (ours)",
     "optimal_batched": "optimal (ours), batching",
+    "p95_objective": "p95-objective plan (ours)",
 }
 
 
@@ -310,7 +311,26 @@ def _batching(config: dict[str, Any]) -> list[str]:
         f"({_x(ratios.get('predicted_batched_p95'))}), mean batch {_f(batched.get('mean_batch'), 2)}.",
         "",
     ]
+    tail, shape = predicted.get("p95_objective") or {}, config.get("p95_plan") or {}
+    if tail:
+        which = "the optimal plan itself" if shape.get("same_as_optimal") else _stages_text(shape)
+        lines += [
+            f"The p95-objective plan for this rate ({which}), unbatched: open-loop p95 against the "
+            f"resource-matched monolith {_x(ratios.get('p95_objective_p95_vs_matched'))} (the optimal "
+            f"plan's {_x(ratios.get('p95_vs_matched'))}); predicted p95 {_f(tail.get('p95_ms'))} ms "
+            f"against the optimal plan's {_f(unbatched.get('p95_ms'))} "
+            f"({_x(ratios.get('predicted_p95_objective_p95'))} of measured).",
+            "",
+        ]
     return lines
+
+
+def _stages_text(shape: dict[str, Any]) -> str:
+    """``node0 ∥ node1 → node2``: pipelines in parallel, stages in order."""
+    pipes: dict[int, list[str]] = {}
+    for row in shape.get("rows", []):
+        pipes.setdefault(row["pipeline"], []).append(row["node"])
+    return " ∥ ".join(" → ".join(nodes) for _, nodes in sorted(pipes.items()))
 
 
 def _transport(config: dict[str, Any]) -> list[str]:

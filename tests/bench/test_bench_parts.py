@@ -270,8 +270,11 @@ def test_the_batching_report_sets_the_planners_predictions_beside_the_measuremen
         "batching": {"max_requests": 4, "max_queue_delay_ms": 0.0}, "open_loop_rate_rps": 30.0,
         "ideal": {"rps": 50.0}, "targets": {},
         "rows": {"matched": row(40, 50), "matched_batched": row(45, 45), "optimal": row(50, 40),
-                 "optimal_batched": row(2 * batched["saturation_rps"], batched["p95_ms"] / 4)},
-        "predicted": {"unbatched": unbatched, "batched": batched},
+                 "optimal_batched": row(2 * batched["saturation_rps"], batched["p95_ms"] / 4),
+                 "p95_objective": row(45, 25)},
+        "predicted": {"unbatched": unbatched, "batched": batched, "p95_objective": {"p95_ms": 50.0}},
+        "p95_plan": {"rows": [{"pipeline": 0, "node": "a"}, {"pipeline": 1, "node": "b"},
+                              {"pipeline": 1, "node": "c"}], "same_as_optimal": False},
     }  # fmt: skip
     result["ratios"] = ratios = _ratios(result)
     assert ratios["predicted_batched_saturation"] == pytest.approx(0.5)
@@ -289,6 +292,10 @@ def test_the_batching_report_sets_the_planners_predictions_beside_the_measuremen
     text = render({"command": "c", "started": "s", "machine": machine, "configurations": [result]})
     assert f"saturation {batched['saturation_rps']:.1f} req/s (0.50×)" in text
     assert "(4.00×), mean batch" in text
+    assert ratios["p95_objective_p95_vs_matched"] == pytest.approx(0.5)
+    assert "p95-objective plan for this rate (a ∥ b → c)" in text
+    assert "monolith 0.50× (the optimal plan's 0.80×); predicted p95 50.0 ms" in text
+    assert "(2.00× of measured)" in text
 
 
 def test_every_configuration_runner_takes_what_the_suite_passes() -> None:

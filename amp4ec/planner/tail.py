@@ -100,6 +100,8 @@ def plan_p95(
         chosen.append(f"the throughput-optimal plan: p95 {other:.1f} ms")
     if pins:
         chosen.append("pins: one pipeline, the throughput- or latency-optimal one")
+    elif cm.N > MAX_EXACT_NODES:
+        chosen.append(f"{cm.N} nodes > {MAX_EXACT_NODES}: node groupings not searched")
     return raw, chosen + _pipeline_notes(cm, raw)
 
 

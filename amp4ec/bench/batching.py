@@ -145,7 +145,11 @@ async def run_batching(
                 links=links,
             )
             out["predicted"]["p95_objective"] = _predicted(tail, rate)
-            out["p95_plan"] = {"rows": tail.rows(), "same_as_optimal": tail.rows() == plan.rows()}
+            out["p95_plan"] = {
+                "rows": tail.rows(),
+                "same_as_optimal": tail.rows() == plan.rows(),
+                "notes": list(tail.notes),
+            }
             rows["p95_objective"] = await _guarded(unbatched, tail, "p95 objective", rate)
         progress.step()
     out["ratios"] = _ratios(out)

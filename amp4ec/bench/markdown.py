@@ -314,6 +314,9 @@ def _batching(config: dict[str, Any]) -> list[str]:
     tail, shape = predicted.get("p95_objective") or {}, config.get("p95_plan") or {}
     if tail:
         which = "the optimal plan itself" if shape.get("same_as_optimal") else _stages_text(shape)
+        notes = shape.get("notes") or []
+        if notes:  # the planner's verdict: the p95 it chose, or that no plan sustains the rate
+            which += f"; the planner: {notes[0]}"
         lines += [
             f"The p95-objective plan for this rate ({which}), unbatched: open-loop p95 against the "
             f"resource-matched monolith {_x(ratios.get('p95_objective_p95_vs_matched'))} (the optimal "

@@ -274,7 +274,8 @@ def test_the_batching_report_sets_the_planners_predictions_beside_the_measuremen
                  "p95_objective": row(45, 25)},
         "predicted": {"unbatched": unbatched, "batched": batched, "p95_objective": {"p95_ms": 50.0}},
         "p95_plan": {"rows": [{"pipeline": 0, "node": "a"}, {"pipeline": 1, "node": "b"},
-                              {"pipeline": 1, "node": "c"}], "same_as_optimal": False},
+                              {"pipeline": 1, "node": "c"}], "same_as_optimal": False,
+                     "notes": ["p95 50.0 ms predicted at 30 req/s, the lowest of 4 simulated"]},
     }  # fmt: skip
     result["ratios"] = ratios = _ratios(result)
     assert ratios["predicted_batched_saturation"] == pytest.approx(0.5)
@@ -293,7 +294,7 @@ def test_the_batching_report_sets_the_planners_predictions_beside_the_measuremen
     assert f"saturation {batched['saturation_rps']:.1f} req/s (0.50×)" in text
     assert "(4.00×), mean batch" in text
     assert ratios["p95_objective_p95_vs_matched"] == pytest.approx(0.5)
-    assert "p95-objective plan for this rate (a ∥ b → c)" in text
+    assert "p95-objective plan for this rate (a ∥ b → c; the planner: p95 50.0 ms predicted" in text
     assert "monolith 0.50× (the optimal plan's 0.80×); predicted p95 50.0 ms" in text
     assert "(2.00× of measured)" in text
 

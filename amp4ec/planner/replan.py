@@ -153,11 +153,12 @@ def _p95_reason(
     codecs: Sequence[CodecProfile],
     max_error: float | None,
 ) -> str | None:
-    """``replan_reason`` for the p95 objective: the current plan re-priced (a Plan, since the
-    simulation needs its stages), both simulated at ``rate_rps``."""
+    """``replan_reason`` for the p95 objective: both plans re-priced as Plans (the simulation
+    needs their stages; a plan rebuilt from a status record has only placements), both
+    simulated at ``rate_rps``."""
     if rate_rps is None:
         raise InvalidSpec("rate_rps: the p95 objective needs a target rate to compare plans at")
-    before = current
+    before, after = current, proposed
     if blocks is not None and nodes is not None:
         try:
             cm = CostModel(
@@ -172,8 +173,9 @@ def _p95_reason(
             before = cm.make_plan(current.objective, current.strategy, cm.to_raw(current))
         except Amp4ecError as exc:
             return f"the current plan no longer fits: {exc}"
-    new = latency_under_load(proposed, rate_rps, seed=SEED).p95_ms
-    if before.predicted.throughput_rps < rate_rps <= proposed.predicted.throughput_rps:
+        after = cm.make_plan(proposed.objective, proposed.strategy, cm.to_raw(proposed))
+    new = latency_under_load(after, rate_rps, seed=SEED).p95_ms
+    if before.predicted.throughput_rps < rate_rps <= after.predicted.throughput_rps:
         return f"p95: the current plan no longer sustains {rate_rps:g} req/s"
     old = latency_under_load(before, rate_rps, seed=SEED).p95_ms
     change = (old - new) / old if old > 0 else 0.0

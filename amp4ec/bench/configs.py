@@ -234,20 +234,25 @@ def configurations(
             batching=True,
         ),
     ]
-    for name, latency_source in (
-        ("latency", source),
-        ("latency-resnet50", ModelSource("resnet50", seed=source.seed)),
+    hundred = LinkShape(rate_mbit=100, delay_ms=1)  # 2 ms round trip
+    for name, latency_source, shape in (
+        ("latency", source, None),
+        ("latency-resnet50", ModelSource("resnet50", seed=source.seed), None),
+        ("latency-100mbit", source, hundred),
     ):
+        links = "loopback links" if shape is None else "100 Mbit/s, 2 ms round trip between the nodes"
         every.append(
             Configuration(
                 name,
-                f"{latency_source.spec}: one request on 1.0/0.6/0.4 CPU, tiles vs the fastest node alone",
+                f"{latency_source.spec}: one request on 1.0/0.6/0.4 CPU, tiles vs the fastest node alone"
+                + ("" if shape is None else " (100 Mbit/s links)"),
                 latency_source,
                 _nodes(standard),
                 ("latency_objective", "layerwise", "fastest_node"),
                 LATENCY_QUICK if quick else LATENCY,
+                links=shape,
                 latency=True,
-                note="loopback links; memory unlimited (every node may hold the tiled blocks)",
+                note=f"{links}; memory unlimited (every node may hold the tiled blocks)",
             )
         )
     if quick and not only:

@@ -5,16 +5,20 @@ Three plans on the same nodes (1.0/0.6/0.4, scaled to the machine): the latency-
 node alone. Side by side: a fourth agent with the fastest node's CPU share serves the whole
 model throughout, and single requests alternate between it and the plan measured, so each
 pair sees the same background load; the median of the pairs' ratios is the figure. Each plan's open-loop
-p50/p95 at 50% of its own saturation follow.
+p50/p95 at 50% of its own saturation follow. ``latency-100mbit`` shapes the links between the
+nodes (100 Mbit/s, 2 ms round trip; ``bench/links.py``): scatter and gather then cost more, and
+the target is only never to be slower than the fastest node alone.
 """
 
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 from amp4ec.bench.configs import Configuration, scale_nodes
+from amp4ec.bench.links import shaped_for
 from amp4ec.bench.measure import quantiles
 from amp4ec.bench.progress import ProgressSink
 from amp4ec.loadgen import closed_loop, open_loop
@@ -27,13 +31,15 @@ from amp4ec.slicing.prepare import Prepared
 from amp4ec.slicing.sources import factory_module
 from amp4ec.wire.v1 import agent_pb2
 
-__all__ = ["ALONE", "PLANS", "TARGET", "run_latency"]
+__all__ = ["ALONE", "PLANS", "SHAPED_TARGET", "TARGET", "run_latency"]
 
 ALONE = "alone"
 """The extra agent: the fastest node's CPU share, the whole model, always loaded."""
 PLANS = ("latency_objective", "layerwise", "fastest_node")
 TARGET = 0.7
 """Single-request latency of the latency-objective plan / the fastest node alone (issue 14)."""
+SHAPED_TARGET = 1.0
+"""On shaped links: never slower than the fastest node alone (issue 14)."""
 
 
 async def run_latency(
@@ -57,7 +63,7 @@ async def run_latency(
         "input_shape": list(prepared.loaded.example_inputs[0].shape),
         "scale_factor": factor,
         "nodes": [{"name": n.name, "cpu": n.cpu} for n in nodes],
-        "target": TARGET,
+        "target": TARGET if config.links is None else SHAPED_TARGET,
         "plans": {},
     }
     named = [m for m in (factory_module(config.source.spec),) if m]
@@ -65,12 +71,20 @@ async def run_latency(
         *(replace(n, memory_bytes=None) for n in nodes),
         replace(fastest, name=ALONE, memory_bytes=None),
     ]
-    async with LocalCluster(
-        agents, limit_mode, allow_factories=named, secure=secure, cfs_period_us=cfs_period_us
-    ) as cluster:
+    async with (
+        LocalCluster(
+            agents, limit_mode, allow_factories=named, secure=secure, cfs_period_us=cfs_period_us
+        ) as cluster,
+        shaped_for(config, cluster, names) as shaped,
+    ):
         out["cpu_limits"] = cluster.limit_description
         capacity = node_capacities(await cluster.capacities(names), prepared.reference_ms)
         links = [link for link in await measure_links(cluster) if ALONE not in (link.src, link.dst)]
+        if shaped is not None and config.links is not None:
+            # Between the nodes only: the client and the lone agent stay on loopback.
+            links = await shaped.links(names, links, cluster.security, cluster.identity)
+            out["links"] = {"rate_mbit": config.links.rate_mbit, "delay_ms": config.links.delay_ms}
+        hop = shaped.hop if shaped else cluster.address
         await cluster.load(ALONE, _whole(config, len(prepared.chain)))
         plans = {
             "latency_objective": _plan(prepared, capacity, links),
@@ -79,7 +93,9 @@ async def run_latency(
         }
         async with cluster.client([ALONE]) as alone:
             for label, plan in plans.items():
-                out["plans"][label] = await _measure(cluster, prepared, config, plan, label, alone, progress)
+                out["plans"][label] = await _measure(
+                    cluster, prepared, config, plan, label, alone, progress, hop
+                )
                 progress.step()
     out["ratio"] = out["plans"]["latency_objective"]["ratio_vs_alone"]
     return out
@@ -118,11 +134,12 @@ async def _measure(
     label: str,
     alone: Any,
     progress: ProgressSink,
+    hop: Callable[[str], str],
 ) -> dict[str, Any]:
     sizes = config.sizes
     progress.phase(f"{label}: loading")
     await _unload(cluster, [n for n in cluster.agents if n != ALONE])
-    await deploy(cluster, plan, config.source)
+    await deploy(cluster, plan, config.source, hop=hop)
     inputs = prepared.loaded.example_inputs
     async with client_of(cluster, plan) as client:
         first = await client.infer(inputs)
@@ -141,7 +158,9 @@ async def _measure(
             progress.advance()
         progress.phase(f"{label}: saturation", sizes.saturation)
         level = len({n for s in plan.stages for n in s.nodes})
-        results, wall = await closed_loop(client, inputs, sizes.saturation, level, progress.advance)
+        results, wall = await closed_loop(
+            client, inputs, sizes.saturation, level, lambda _: progress.advance()
+        )
         rps = len(results) / wall
         progress.phase(f"{label}: open loop at 50% load", sizes.open_loop)
         opened = await open_loop(client, inputs, sizes.open_loop, 0.5 * rps, tick=progress.advance)

@@ -14,23 +14,25 @@ included; namespaces left by a killed run are removed at the next start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
-from amp4ec.bench.configs import LinkShape
+from amp4ec.bench.configs import Configuration, LinkShape
 from amp4ec.children import child_env
 from amp4ec.errors import Amp4ecError
+from amp4ec.local.cluster import LocalCluster
 from amp4ec.planner.types import Link
 from amp4ec.wire import transport
 from amp4ec.wire.v1 import agent_pb2, agent_pb2_grpc
 
-__all__ = ["ShapedLinks", "links_available"]
+__all__ = ["ShapedLinks", "links_available", "shaped_for"]
 
 _PREFIX = "amp4ec-"
 
@@ -214,3 +216,17 @@ async def probe(
         big = bytes(payload_bytes)
         transfer = min([await timed(big) for _ in range(3)])
     return rtt, payload_bytes / max((transfer - rtt) / 1000, 1e-6)
+
+
+@contextlib.asynccontextmanager
+async def shaped_for(
+    config: Configuration, cluster: LocalCluster, names: list[str]
+) -> AsyncIterator[ShapedLinks | None]:
+    """``config``'s shaped links into each of ``names`` (None when its links are loopback)."""
+    if config.links is None:
+        yield None
+        return
+    targets = {n: cluster.address(n) for n in names}
+    probes = {n: cluster.agents[n].control_address for n in names}  # Echo lives on the control port
+    async with ShapedLinks(config.links, targets, os.getpid(), probes) as shaped:
+        yield shaped

@@ -16,4 +16,5 @@ CONFIGURATION_NAMES = (
     "batching",
     "latency",
     "latency-resnet50",
+    "latency-100mbit",
 )

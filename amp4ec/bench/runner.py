@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import math
-import os
 import statistics
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
 from amp4ec.bench.configs import CLIENT_HEADROOM, COMPRESSED, MATCHED, UNAWARE, Configuration, scale_nodes
-from amp4ec.bench.links import ShapedLinks
+from amp4ec.bench.links import shaped_for
 from amp4ec.bench.measure import Bench, deploy, measure_plan
 from amp4ec.bench.progress import ProgressSink
 from amp4ec.bench.transport import compare as compare_transport
@@ -95,7 +93,7 @@ async def run_configuration(
             secure=secure,
             cfs_period_us=cfs_period_us,
         ) as cluster,
-        _links(config, cluster, names) as shaped,
+        shaped_for(config, cluster, names) as shaped,
     ):
         out["cpu_limits"] = cluster.limit_description
         await _prime(cluster, config.source)
@@ -369,19 +367,6 @@ def _link_json(link: Link) -> dict[str, Any]:
         "rtt_ms": round(link.rtt_ms, 3),
         "mbit_s": round(link.bandwidth_bytes_per_s * 8 / 1e6, 2),
     }
-
-
-@contextlib.asynccontextmanager
-async def _links(
-    config: Configuration, cluster: LocalCluster, names: list[str]
-) -> AsyncIterator[ShapedLinks | None]:
-    if config.links is None:
-        yield None
-        return
-    targets = {n: cluster.address(n) for n in names}
-    probes = {n: cluster.agents[n].control_address for n in names}  # Echo lives on the control port
-    async with ShapedLinks(config.links, targets, os.getpid(), probes) as shaped:
-        yield shaped
 
 
 def _named(source: ModelSource) -> list[str]:

@@ -22,7 +22,7 @@ from amp4ec.local.cgroups import PERIOD_US
 from amp4ec.local.cluster import CLIENT_IDENTITY, LocalCluster, NodeSpec
 from amp4ec.local.supervisor import Failover, FaultSpec, Supervisor, endpoints, inject_faults
 from amp4ec.nodes import check_node_count
-from amp4ec.planner.types import Link, NodeCapacity, Plan, Stage, measured_node
+from amp4ec.planner.types import Link, NodeCapacity, Plan, measured_node
 from amp4ec.scheduling import timed_plan
 from amp4ec.slicing import ModelSource
 from amp4ec.slicing.compression import OutputError, fixed_inputs, output_error
@@ -249,7 +249,7 @@ async def deploy(
     for pipeline in plan.pipelines:
         for i, stage in enumerate(pipeline.stages):
             nxt = pipeline.stages[i + 1].node if i + 1 < len(pipeline.stages) else None
-            spec = source.stage(
+            config = source.stage(
                 stage.first_block,
                 stage.last_block,
                 output_codec=stage.out_codec,
@@ -260,57 +260,14 @@ async def deploy(
                 next_hop_identity=cluster.identity(nxt) if nxt else "",
                 accept_from=(cluster.identity(pipeline.stages[i - 1].node) if i else CLIENT_IDENTITY,),
                 **(batching or Batching()).stage_fields(),
-            ).to_message()
+            )
             if stage.tiles:
-                tiles.extend(_tile_specs(cluster, stage, spec))
-                spec.tile_phases.extend(
-                    agent_pb2.TilePhase(
-                        first_block=phase.first_block,
-                        last_block=phase.last_block,
-                        tiles=[
-                            agent_pb2.TilePeer(
-                                node=n,
-                                address="" if n == stage.node else address(n),
-                                identity=cluster.identity(n),
-                                row_start=a,
-                                row_stop=b,
-                            )
-                            for n, (a, b) in zip(phase.nodes, phase.rows, strict=True)
-                        ],
-                    )
-                    for phase in stage.tiles
-                )
-            loads.append(cluster.load(stage.node, spec))
+                spans = [(g.first_block, g.last_block, g.nodes, g.rows) for g in stage.tiles]
+                config, others = config.tiled(stage.node, spans, address, cluster.identity)
+                tiles.extend(cluster.load(n, c.to_message()) for n, c in others.items())
+            loads.append(cluster.load(stage.node, config.to_message()))
     infos, _ = await asyncio.gather(asyncio.gather(*loads), asyncio.gather(*tiles))
     return [info.param_bytes for info in infos]
-
-
-def _tile_specs(cluster: LocalCluster, stage: Stage, spec: agent_pb2.StageSpec) -> list[Awaitable[Any]]:
-    """Loads of the tile stages of ``stage`` on its other tile nodes: each holds the blocks of
-    every phase and computes its own rows of a phase for frames from the stage's node."""
-    loads = []
-    for node in stage.nodes[1:]:
-        phases = []
-        for phase in stage.tiles:
-            a, b = phase.rows[phase.nodes.index(node)]
-            own = agent_pb2.TilePeer(node=node, identity=cluster.identity(node), row_start=a, row_stop=b)
-            phases.append(
-                agent_pb2.TilePhase(first_block=phase.first_block, last_block=phase.last_block, tiles=[own])
-            )
-        tile = agent_pb2.StageSpec(
-            model=spec.model,
-            weights=spec.weights,
-            seed=spec.seed,
-            input_shape=list(spec.input_shape),
-            first_block=stage.tiles[0].first_block,
-            last_block=stage.tiles[-1].last_block,
-            stage=spec.stage,
-            accept_from=[cluster.identity(stage.node)],
-            tile_phases=phases,
-            tile_only=True,
-        )
-        loads.append(cluster.load(node, tile))
-    return loads
 
 
 def client_of(cluster: LocalCluster, plan: Plan) -> Client:

@@ -119,9 +119,10 @@ def _nodes(pipeline: Pipeline) -> set[str]:
 def _subset(plan: Plan, pipelines: Sequence[Pipeline]) -> Plan:
     """The plan cut down to some of its pipelines, its prediction recomputed from their stages."""
     stage_ms = tuple(s.stage_ms for p in pipelines for s in p.stages)
-    rps = sum(1000 / max(max(s.stage_ms for s in p.stages), 1e-9) for p in pipelines)
+    intervals = [max(s.interval_ms for s in p.stages) for p in pipelines]
+    rps = sum(1000 / max(ms, 1e-9) for ms in intervals)
     latency = min((sum(s.stage_ms for s in p.stages) for p in pipelines), default=float("inf"))
-    predicted = Prediction(stage_ms, max(stage_ms, default=0.0), latency, rps)
+    predicted = Prediction(stage_ms, max(intervals, default=0.0), latency, rps)
     return replace(plan, pipelines=tuple(pipelines), predicted=predicted)
 
 

@@ -18,7 +18,7 @@ from amp4ec.node_agent.monitor import Monitor
 from amp4ec.node_agent.server import create_server
 from amp4ec.node_agent.settings import AgentSettings
 from amp4ec.wire.codec_names import CODECS
-from amp4ec.wire.stage import StageConfig
+from amp4ec.wire.stage import StageConfig, parse_tile_phase
 from amp4ec.wire.transport import TransportSecurity
 
 __all__ = ["main", "parse_args"]
@@ -140,6 +140,19 @@ def parse_args(
         help="how the stage encodes what it sends (its outputs, or its answer when last); "
         "the planner chooses per cut",
     )
+    stage.add_argument(
+        "--tile-phase",
+        action="append",
+        default=[],
+        help="blocks of the stage run as row tiles over several agents, as JSON "
+        '{"first", "last", "tiles": [{"node", "address", "identity", "rows": [start, stop]}]} '
+        "(repeatable, in block order; the operator writes them)",
+    )
+    stage.add_argument(
+        "--tile-only",
+        action="store_true",
+        help="a tile stage: answer each frame with this agent's rows of the phase it names",
+    )
     mon = p.add_argument_group("monitor role (one per node: capacity metrics, link probes, profiling)")
     mon.add_argument(
         "--monitor-interval",
@@ -204,6 +217,10 @@ def parse_args(
     if a.v2_http_port is not None and (not a.model or a.stage != 0):
         p.error("--v2-http-port: only an entry stage (--model, --stage 0) serves v2")
     config = None
+    try:
+        phases = tuple(parse_tile_phase(text) for text in a.tile_phase)
+    except InvalidSpec as exc:
+        p.error(str(exc))
     if a.model:
         config = StageConfig(
             model=a.model,
@@ -220,6 +237,8 @@ def parse_args(
             output_codec=a.output_codec,
             max_batch_requests=a.batch,
             max_queue_delay_ms=a.batch_delay_ms,
+            tile_phases=phases,
+            tile_only=a.tile_only,
         )
     if a.profiler:
         if a.control_port is None:

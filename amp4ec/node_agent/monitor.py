@@ -158,10 +158,7 @@ def profile_model(request: agent_pb2.ProfileRequest) -> agent_pb2.ModelProfile:
     )
     loaded = load_model(source)
     chain = split_model(loaded)
-    # No tile geometry: ModelProfile does not carry it yet (the operator plans layer-wise).
-    profiles = profile_chain(
-        chain, repeats=request.repeats or 5, tiles=False, batch_sizes=tuple(request.batch_sizes)
-    )
+    profiles = profile_chain(chain, repeats=request.repeats or 5, batch_sizes=tuple(request.batch_sizes))
     codecs = ()
     if request.codecs:
         from amp4ec.slicing.compression import profile_codecs
@@ -178,6 +175,15 @@ def profile_model(request: agent_pb2.ProfileRequest) -> agent_pb2.ModelProfile:
                 compute_ms=p.compute_ms,
                 act_bytes=p.act_bytes,
                 batch_ms=[agent_pb2.BatchTime(batch=b, ms=ms) for b, ms in p.batch_ms],
+                tile=None
+                if p.tile is None
+                else agent_pb2.TileRows(
+                    in_height=p.tile.in_height,
+                    out_height=p.tile.out_height,
+                    lo=p.tile.lo,
+                    hi=p.tile.hi,
+                    codec_ns_per_byte=p.tile.codec_ns_per_byte,
+                ),
             )
             for p in profiles
         ],

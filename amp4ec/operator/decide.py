@@ -57,7 +57,14 @@ def as_plan(record: PlanRecord) -> Plan:
     pipelines: dict[int, list[Stage]] = {}
     for s in record.stages:
         pipelines.setdefault(s.pipeline, []).append(
-            Stage(s.node, s.first_block, s.last_block, out_codec=s.out_codec)
+            Stage(
+                s.node,
+                s.first_block,
+                s.last_block,
+                out_codec=s.out_codec,
+                tiles=s.tiles.phases if s.tiles else (),
+                tile_memory_bytes=s.tiles.memory_bytes if s.tiles else 0,
+            )
         )
     placement = tuple(Pipeline(tuple(stages)) for _, stages in sorted(pipelines.items()))
     predicted = Prediction(

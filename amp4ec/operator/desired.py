@@ -30,6 +30,7 @@ from amp4ec.operator.netpol import network_policy
 from amp4ec.operator.podsecurity import harden, scheduling
 from amp4ec.operator.spec import BatchingSpec, DeploymentSpec
 from amp4ec.operator.storage import pod_storage
+from amp4ec.operator.tiles import TilePlacement, shard_label
 from amp4ec.planner.types import Plan
 from amp4ec.wire.stage import StageConfig
 
@@ -75,9 +76,25 @@ class PlacedStage:
     predicted_ms: float
     out_codec: str = "raw"
     """How the stage sends its outputs (the planner's choice for the cut after it)."""
+    tiles: TilePlacement | None = None
+    """Blocks run as row tiles with tile Pods on other nodes (``operator/tiles.py``); None: layer-wise."""
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """Its own node, then its tile Pods' nodes."""
+        return (self.node, *(self.tiles.nodes if self.tiles else ()))
+
+    def holds(self) -> tuple[tuple[str, float, int], ...]:
+        """(node, CPU cores, memory bytes) its Pods request: its own, then its tile Pods'."""
+        own = ((self.node, self.cpu, self.memory_bytes),)
+        if self.tiles is None:
+            return own
+        t = self.tiles
+        return own + tuple((n, c, t.memory_bytes) for n, c in zip(t.nodes, t.cpu, strict=True))
 
     def to_status(self) -> dict[str, Any]:
         return {
+            **({"tiles": self.tiles.to_status()} if self.tiles else {}),
             "outCodec": self.out_codec,
             "pipeline": self.pipeline,
             "stage": self.stage,
@@ -101,6 +118,7 @@ class PlacedStage:
             memory_bytes=int(d["memoryBytes"]),
             predicted_ms=float(d["predictedMs"]),
             out_codec=str(d.get("outCodec", "raw")),
+            tiles=TilePlacement.from_status(d.get("tiles")),
         )
 
 
@@ -122,12 +140,21 @@ class PlanRecord:
 
     @property
     def nodes(self) -> tuple[str, ...]:
-        return tuple(s.node for s in self.stages)
+        return tuple(n for s in self.stages for n in s.nodes)
+
+    @property
+    def shards(self) -> tuple[tuple[PlacedStage, int], ...]:
+        """Every shard Pod as (its stage, tile): 0 is the stage's own Pod, k > 0 its k-th tile Pod."""
+        return tuple((s, k) for s in self.stages for k in range(1 + (len(s.tiles.nodes) if s.tiles else 0)))
+
+    def shard_keys(self) -> set[tuple[str, str]]:
+        """The (pipeline, stage) labels of every shard Pod (``tiles.shard_label``)."""
+        return {(str(s.pipeline), shard_label(s.stage, k)) for s, k in self.shards}
 
     def without(self, nodes: set[str]) -> PlanRecord | None:
         """The same plan (same id: its Pods and Services stay) less the pipelines through
         ``nodes``; None when none is left or none goes. Predictions are those of what is left."""
-        gone = {s.pipeline for s in self.stages if s.node in nodes}
+        gone = {s.pipeline for s in self.stages if set(s.nodes) & nodes}
         kept = tuple(s for s in self.stages if s.pipeline not in gone)
         if not gone or not kept:
             return None
@@ -185,6 +212,9 @@ def plan_id(spec: DeploymentSpec, stages: Sequence[PlacedStage]) -> str:
         "inputShape": list(spec.input_shape or ()),
         "stages": [(s.pipeline, s.stage, s.node, s.first_block, s.last_block, s.cpu) for s in stages],
     }
+    tiles = [s.tiles.to_status() for s in stages if s.tiles]
+    if tiles:  # absent when layer-wise: the ids of existing plans do not change
+        key["tiles"] = tiles
     codecs = [s.out_codec for s in stages]
     if any(c != "raw" for c in codecs):  # absent when raw: the ids of existing plans do not change
         key["codecs"] = codecs
@@ -209,6 +239,7 @@ def plan_record(spec: DeploymentSpec, plan: Plan, node_cpu: Mapping[str, float])
             memory_bytes=int(s.memory_bytes),
             predicted_ms=float(s.stage_ms),
             out_codec=s.out_codec,
+            tiles=TilePlacement.of(s, node_cpu),
         )
         for p, pipeline in enumerate(plan.pipelines)
         for i, s in enumerate(pipeline.stages)
@@ -226,9 +257,9 @@ def plan_record(spec: DeploymentSpec, plan: Plan, node_cpu: Mapping[str, float])
     )
 
 
-def stage_service_name(name: str, plan: str, pipeline: int, stage: int) -> str:
-    # DNS-1035 labels (<= 63): a base of <= 40 (names.py), "-<plan>-p<i>s<j>" after it.
-    return f"{child_base(name)}-{plan}-p{pipeline}s{stage}"
+def stage_service_name(name: str, plan: str, pipeline: int, stage: int, tile: int = 0) -> str:
+    # DNS-1035 labels (<= 63): a base of <= 40 (names.py), "-<plan>-p<i>s<j>[-t<k>]" after it.
+    return f"{child_base(name)}-{plan}-p{pipeline}s{stage}" + (f"-t{tile}" if tile else "")
 
 
 def _labels(name: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -259,7 +290,9 @@ def _shard_pod(
     record: PlanRecord,
     s: PlacedStage,
     config: OperatorConfig,
+    tile: int = 0,
 ) -> dict[str, Any]:
+    """The Pod of stage ``s`` (tile 0), or of its tile ``tile`` on ``s.tiles.nodes[tile - 1]``."""
     pipeline = [t for t in record.stages if t.pipeline == s.pipeline]
     nxt = next((t for t in pipeline if t.stage == s.stage + 1), None)
     next_hop = (
@@ -288,15 +321,22 @@ def _shard_pod(
         max_batch_requests=spec.batching.max_batch_requests,
         max_queue_delay_ms=spec.batching.max_queue_delay_ms,
     )
+    node, cpu, memory_bytes, blocks = s.node, s.cpu, s.memory_bytes, f"{s.first_block}-{s.last_block}"
+    if s.tiles:
+        stage, tile_stages = _tiled(name, namespace, record, s, stage, config)
+        if tile:
+            node, cpu = s.tiles.nodes[tile - 1], s.tiles.cpu[tile - 1]
+            stage, memory_bytes = tile_stages[node], s.tiles.memory_bytes
+            blocks = f"{stage.first_block}-{stage.last_block}"
     args = [
-        "--node", s.node,
+        "--node", node,
         "--host", "[::]",
         "--port", str(config.shard_port),
         "--metrics-port", str(config.metrics_port),
-        "--cpu-limit", f"{s.cpu:g}",
+        "--cpu-limit", f"{cpu:g}",
         *stage.to_args(),
     ]  # fmt: skip
-    entry_v2 = s.stage == 0 and bool(config.v2_rest_port)
+    entry_v2 = s.stage == 0 and not tile and bool(config.v2_rest_port)
     if entry_v2:  # the v2 front door lives in the entry stage's agent (node_agent/entry.py)
         args += ["--v2-http-port", str(config.v2_rest_port), "--v2-grpc-port", str(config.v2_grpc_port)]
         args += ["--v2-model-name", name]
@@ -316,7 +356,7 @@ def _shard_pod(
     init = storage.init_containers
     volumes += storage.volumes
     mounts += storage.mounts
-    memory = s.memory_bytes + config.memory_overhead_bytes
+    memory = memory_bytes + config.memory_overhead_bytes
     container: dict[str, Any] = {
         "name": "shard",
         "image": config.agent_image,
@@ -327,8 +367,8 @@ def _shard_pod(
             {"name": "metrics", "containerPort": config.metrics_port},
         ],
         "resources": {
-            "requests": {"cpu": _quantity_cpu(s.cpu), "memory": _quantity_mem(memory)},
-            "limits": {"cpu": _quantity_cpu(s.cpu), "memory": _quantity_mem(2 * memory)},
+            "requests": {"cpu": _quantity_cpu(cpu), "memory": _quantity_mem(memory)},
+            "limits": {"cpu": _quantity_cpu(cpu), "memory": _quantity_mem(2 * memory)},
         },
         "readinessProbe": {
             "grpc": {"port": probe_port, "service": "amp4ec.wire.v1.Shard"},
@@ -349,7 +389,7 @@ def _shard_pod(
     if mounts:
         container["volumeMounts"] = mounts
     pod_spec: dict[str, Any] = {
-        **scheduling(spec, config, s.node),
+        **scheduling(spec, config, node),
         "restartPolicy": "Always",
         "terminationGracePeriodSeconds": 10,
         "containers": [container],
@@ -364,7 +404,7 @@ def _shard_pod(
         {
             LABEL_PLAN: record.id,
             LABEL_PIPELINE: str(s.pipeline),
-            LABEL_STAGE: str(s.stage),
+            LABEL_STAGE: shard_label(s.stage, tile),
             LABEL_ROLE: "shard",
         },
     )
@@ -372,11 +412,11 @@ def _shard_pod(
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
-            "name": f"{stage_service_name(name, record.id, s.pipeline, s.stage)}",
+            "name": f"{stage_service_name(name, record.id, s.pipeline, s.stage, tile)}",
             "namespace": namespace,
             "labels": labels,
             "annotations": {
-                "amp4ec.io/blocks": f"{s.first_block}-{s.last_block}",
+                "amp4ec.io/blocks": blocks,
                 "amp4ec.io/predicted-ms": f"{s.predicted_ms:.3f}",
                 "prometheus.io/scrape": "true",
                 "prometheus.io/port": str(config.metrics_port),
@@ -384,6 +424,24 @@ def _shard_pod(
         },
         "spec": pod_spec,
     }
+
+
+def _tiled(
+    name: str, namespace: str, record: PlanRecord, s: PlacedStage, stage: StageConfig, config: OperatorConfig
+) -> tuple[StageConfig, dict[str, StageConfig]]:
+    """Stage ``s`` scattering its tile phases to its tile Pods (each through its own Service),
+    and each tile Pod's stage by node; every tile presents the stage's identity."""
+    assert s.tiles is not None
+    tiles = s.tiles
+
+    def address(node: str) -> str:
+        service = stage_service_name(name, record.id, s.pipeline, s.stage, tiles.nodes.index(node) + 1)
+        return f"{service}.{namespace}.svc:{config.shard_port}"
+
+    def identity(_node: str) -> str:
+        return pki.stage_identity(namespace, name, s.stage) if config.tls else ""
+
+    return stage.tiled(s.node, tiles.spans(), address, identity)
 
 
 def _tls_volume(name: str, stage: int, *, cert_manager: bool = False) -> dict[str, Any]:
@@ -402,19 +460,19 @@ def _tls_volume(name: str, stage: int, *, cert_manager: bool = False) -> dict[st
 
 
 def _stage_service(
-    name: str, namespace: str, record: PlanRecord, s: PlacedStage, config: OperatorConfig
+    name: str, namespace: str, record: PlanRecord, s: PlacedStage, config: OperatorConfig, tile: int = 0
 ) -> dict:
     selector = {
         LABEL_DEPLOYMENT: label_value(name),
         LABEL_PLAN: record.id,
         LABEL_PIPELINE: str(s.pipeline),
-        LABEL_STAGE: str(s.stage),
+        LABEL_STAGE: shard_label(s.stage, tile),
     }
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {
-            "name": stage_service_name(name, record.id, s.pipeline, s.stage),
+            "name": stage_service_name(name, record.id, s.pipeline, s.stage, tile),
             "namespace": namespace,
             "labels": _labels(name, {LABEL_PLAN: record.id, LABEL_ROLE: "stage"}),
         },
@@ -428,9 +486,10 @@ def _stage_service(
 def desired_objects(
     name: str, namespace: str, spec: DeploymentSpec, record: PlanRecord, config: OperatorConfig
 ) -> list[dict[str, Any]]:
-    """Every Service and shard Pod of one plan: Services first, so next hops resolve when Pods start."""
-    services = [_stage_service(name, namespace, record, s, config) for s in record.stages]
-    pods = [_shard_pod(name, namespace, spec, record, s, config) for s in record.stages]
+    """Every Service and shard Pod of one plan (a tiled stage's tile Pods and their Services
+    included): Services first, so next hops resolve when Pods start."""
+    services = [_stage_service(name, namespace, record, s, config, k) for s, k in record.shards]
+    pods = [_shard_pod(name, namespace, spec, record, s, config, k) for s, k in record.shards]
     return services + pods
 
 

@@ -20,7 +20,8 @@ from typing import Any
 __all__ = ["BASE_MAX", "child_base", "label_value", "owned_by", "owner_names"]
 
 BASE_MAX = 40
-"""Longest base name: room for ``-<plan id (8)>-p<i>s<j>`` within a 63-character DNS label."""
+"""Longest base name: room for ``-<plan id (8)>-p<i>s<j>`` and a tile Pod's ``-t<k>`` within a
+63-character DNS label."""
 LABEL_MAX = 63
 _HASH = 8
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")

@@ -48,7 +48,7 @@ from amp4ec.operator.profiler_pod import (
     profiler_state,
 )
 from amp4ec.operator.spec import DeploymentSpec
-from amp4ec.planner.types import CodecProfile, LayerProfile
+from amp4ec.planner.types import CodecProfile, LayerProfile, TileRows
 from amp4ec.wire import transport
 from amp4ec.wire.v1 import agent_pb2, agent_pb2_grpc
 
@@ -345,6 +345,7 @@ class Profiler:
                 compute_ms=b.compute_ms,
                 act_bytes=b.act_bytes,
                 batch_ms=tuple((t.batch, t.ms) for t in b.batch_ms),
+                tile=_tile_rows(b.tile) if b.HasField("tile") else None,
             )
             for b in answer.blocks
         )
@@ -364,3 +365,14 @@ class Profiler:
             reference_ms=answer.reference_workload_ms,
             codecs=codecs,
         )
+
+
+def _tile_rows(m: agent_pb2.TileRows) -> TileRows:
+    """A block's row geometry as the profiler measured it (the planner checks it: InvalidSpec)."""
+    return TileRows(
+        in_height=m.in_height,
+        out_height=m.out_height,
+        lo=tuple(m.lo),
+        hi=tuple(m.hi),
+        codec_ns_per_byte=m.codec_ns_per_byte,
+    )

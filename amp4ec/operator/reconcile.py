@@ -285,7 +285,7 @@ def _of_plans(pods: list[dict[str, Any]], *records: PlanRecord | None) -> list[d
 
 def _all_ready(pods: list[dict[str, Any]], record: PlanRecord) -> bool:
     mine = _of_plans(pods, record)
-    return len(mine) == len(record.stages) and all(pod_ready(p) for p in mine)
+    return len(mine) == len(record.shards) and all(pod_ready(p) for p in mine)
 
 
 async def _propose(
@@ -486,7 +486,7 @@ def _held_capacity(
     on, since its own Pods count as held in the budgets a new plan gets."""
     if current is None:
         return {}
-    return {s.node: scaled(measured[s.node], s.cpu) for s in current.stages if s.node in measured}
+    return {n: scaled(measured[n], cpu) for s in current.stages for n, cpu, _ in s.holds() if n in measured}
 
 
 async def _within_budget(
@@ -557,8 +557,9 @@ def _assume(deps: Deps, t: Target, record: PlanRecord) -> None:
     owner = (t.namespace, label_value(t.name))
     overhead = deps.config.memory_overhead_bytes
     held = [
-        (s.node, Held(owner, record.id, Resources(s.cpu, s.memory_bytes + overhead), bound=False))
+        (node, Held(owner, record.id, Resources(cpu, memory + overhead), bound=False))
         for s in record.stages
+        for node, cpu, memory in s.holds()
     ]
     deps.assumed[t.uid] = (time.monotonic() + ASSUME_S, held)
 
@@ -758,7 +759,7 @@ async def _retire_certificates(deps: Deps, t: Target, record: PlanRecord) -> Non
 async def _shards_ready(deps: Deps, t: Target, record: PlanRecord) -> tuple[int, int, list[Pending]]:
     """Ready shards of ``record``, its stage count, and its shards the scheduler cannot place."""
     pods = await _owned(deps, t, "Pod", {LABEL_DEPLOYMENT: label_value(t.name), LABEL_PLAN: record.id})
-    return sum(pod_ready(p) for p in pods), len(record.stages), unschedulable(pods)
+    return sum(pod_ready(p) for p in pods), len(record.shards), unschedulable(pods)
 
 
 def _unschedulable_condition(ready: int, total: int, pending: list[Pending], wait_s: float) -> dict[str, Any]:
@@ -805,7 +806,7 @@ async def _roll_out(
     cfg = deps.config
     await _apply_policy(deps, t, spec, adopt)
     waiting = await _certificates(deps, t, target, adopt)
-    ready, total, pending = 0, len(target.stages), []
+    ready, total, pending = 0, len(target.shards), []
     if waiting is None:  # a shard Pod without its Secret would not start: create none yet
         await _apply(deps, t, desired_objects(t.name, t.namespace, spec, target, cfg), adopt)
         deps.assumed.pop(t.uid, None)  # its Pods exist now: they count for themselves
@@ -878,17 +879,14 @@ def _serving(pods: list[dict[str, Any]], record: PlanRecord) -> int:
         for p in pods
         if pod_ready(p) and (labels := p["metadata"].get("labels") or {}).get(LABEL_PLAN) == record.id
     }
-    pipelines = {s.pipeline for s in record.stages}
-    return sum(
-        all((str(s.pipeline), str(s.stage)) in ready for s in record.stages if s.pipeline == p)
-        for p in pipelines
-    )
+    keys = record.shard_keys()
+    return sum(all(k in ready for k in keys if k[0] == str(p)) for p in {s.pipeline for s in record.stages})
 
 
 def _shards_condition(
     pods: list[dict[str, Any]], record: PlanRecord, wait_s: float | None = None
 ) -> dict[str, Any]:
-    total = len(record.stages)
+    total = len(record.shards)
     ready = [p for p in pods if pod_ready(p) and matches(p, {LABEL_PLAN: record.id})]
     if len(ready) == total:
         return condition("ShardsReady", True, "ShardsReady", f"{total}/{total} shards ready")
@@ -896,8 +894,7 @@ def _shards_condition(
     if pending and wait_s is not None:
         return _unschedulable_condition(len(ready), total, pending, wait_s)
     down = sorted(
-        {s.node for s in record.stages} - {pod_node(p) for p in ready}
-        or {pod_node(p) for p in pods if not pod_ready(p)}
+        set(record.nodes) - {pod_node(p) for p in ready} or {pod_node(p) for p in pods if not pod_ready(p)}
     )
     where = f" (not ready on {', '.join(down)})" if down else ""
     return condition("ShardsReady", False, "ShardsNotReady", f"{len(ready)}/{total} shards ready{where}")
@@ -928,7 +925,7 @@ async def _settle(
     await deps.kube.delete_all("Pod", failed)
     failed += await _drop_dropped(deps, t, current, pods)
     mine = [p for p in _of_plans(pods, current) if p not in failed]
-    ready, total = sum(pod_ready(p) for p in mine), len(current.stages)
+    ready, total = sum(pod_ready(p) for p in mine), len(current.shards)
     planned = condition(
         "Planned",
         True,
@@ -961,7 +958,7 @@ async def _drop_dropped(
 ) -> list[dict[str, Any]]:
     """Pods and stage Services of pipelines dropped from the active plan (``PlanRecord.without``:
     their nodes were lost); returns the Pods deleted."""
-    kept = {(str(s.pipeline), str(s.stage)) for s in current.stages}
+    kept = current.shard_keys()
 
     def dropped(o: dict[str, Any]) -> bool:  # a Pod's labels, a stage Service's selector
         labels = o["metadata"].get("labels") or {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from itertools import accumulate
 from typing import Any
@@ -250,15 +250,26 @@ class CostModel:
             for b in range(2, self.max_batch + 1)
         )
 
-    def price(self, raw: Raw) -> tuple[tuple[Pipeline, ...], Prediction]:
-        """Priced pipelines and the plan's prediction; raises on a malformed or oversized placement."""
+    def price(
+        self, raw: Raw, tiled: Mapping[tuple[int, int], Stage] | None = None
+    ) -> tuple[tuple[Pipeline, ...], Prediction]:
+        """Priced pipelines and the plan's prediction; raises on a malformed or oversized placement.
+
+        ``tiled`` maps (pipeline, stage) to a placed stage with tile phases: that stage is
+        priced with the tile cost model (``planner.tiles.tiled_stage``), and its busiest node's
+        time, not its latency, bounds the pipeline's rate, as when the planner chose it."""
+        from amp4ec.planner.tiles import tiled_stage  # tiles prices with this module's CostModel
+
+        tiled = tiled or {}
         used: set[int] = set()
         pipelines: list[Pipeline] = []
         latencies: list[float] = []
         errors: list[float] = []
         rate = 0.0
+        busiest: list[float] = []
         for p, stages in enumerate(raw):
             expect, prev, priced = 0, -1, []
+            first_of_pipeline = len(busiest)
             for s, (n, first, last) in enumerate(stages):
                 where = f"pipelines[{p}].stages[{s}]"
                 if not 0 <= n < self.N:
@@ -270,13 +281,21 @@ class CostModel:
                         f"{where}: blocks {first}..{last} do not continue the chain at block {expect}"
                     )
                 used.add(n)
-                stage = self.stage(n, first, last, prev)
-                if stage.memory_bytes > self.memory[n]:
-                    raise PlanInfeasible(
-                        f"{where}: blocks {first}..{last} need {mb(stage.memory_bytes)} but node "
-                        f"{self.names[n]!r} has {mb(self.memory[n])} "
-                        f"(lacks {mb(stage.memory_bytes - self.memory[n])})"
-                    )
+                placed = tiled.get((p, s))
+                if placed is not None and placed.tiles:
+                    stage = tiled_stage(self, placed, prev, where).stage
+                    for t in stage.nodes[1:]:
+                        if self.index[t] in used:
+                            raise InvalidSpec(f"{where}.tiles: node {t!r} is used twice")
+                        used.add(self.index[t])
+                        span = (
+                            f"its tiles of blocks {stage.tiles[0].first_block}..{stage.tiles[-1].last_block}"
+                        )
+                        self._fits(where, span, stage.tile_memory_bytes, self.index[t])
+                else:
+                    stage = self.stage(n, first, last, prev)
+                self._fits(where, f"blocks {first}..{last}", stage.memory_bytes, n)
+                busiest.append(stage.interval_ms)
                 priced.append(stage)
                 expect, prev = last + 1, n
             if expect != self.B:
@@ -284,7 +303,7 @@ class CostModel:
             priced, error = self._with_codecs(priced)
             errors.append(error)
             pipelines.append(Pipeline(tuple(priced)))
-            bottleneck = max(s.stage_ms for s in priced)
+            bottleneck = max(busiest[first_of_pipeline:])
             latencies.append(sum(s.stage_ms for s in priced) + self.return_ms(prev))
             rate += 1000.0 / bottleneck if bottleneck > 0 else math.inf
         if not pipelines:
@@ -292,11 +311,18 @@ class CostModel:
         stage_ms = tuple(s.stage_ms for p in pipelines for s in p.stages)
         return tuple(pipelines), Prediction(
             stage_ms=stage_ms,
-            bottleneck_ms=max(stage_ms),
+            bottleneck_ms=max(busiest),
             latency_ms=min(latencies),
             throughput_rps=rate,
             output_error=max(errors),
         )
+
+    def _fits(self, where: str, what: str, need: int, n: int) -> None:
+        if need > self.memory[n]:
+            raise PlanInfeasible(
+                f"{where}: {what} need {mb(need)} but node {self.names[n]!r} has {mb(self.memory[n])} "
+                f"(lacks {mb(need - self.memory[n])})"
+            )
 
     def _with_codecs(self, stages: list[Stage]) -> tuple[list[Stage], float]:
         """Each stage told how to send its outputs (the codec of the next cut, the answer's for
@@ -339,6 +365,24 @@ class CostModel:
                 row.append((self.index[st.node], st.first_block, st.last_block))
             raw.append(row)
         return raw
+
+    @staticmethod
+    def tiled_of(placement: Any) -> dict[tuple[int, int], Stage]:
+        """(pipeline, stage) → the placement's stages that have tile phases (see ``price``)."""
+        if isinstance(placement, Plan):
+            pipes: Sequence[Any] = placement.pipelines
+        elif isinstance(placement, Pipeline):
+            pipes = [placement]
+        elif isinstance(placement, Sequence) and placement and all(isinstance(s, Stage) for s in placement):
+            pipes = [Pipeline(tuple(placement))]
+        else:
+            pipes = placement if isinstance(placement, Sequence) else ()
+        return {
+            (p, s): st
+            for p, pipe in enumerate(pipes)
+            for s, st in enumerate(getattr(pipe, "stages", ()))
+            if isinstance(st, Stage) and st.tiles
+        }
 
     # ---- explanations ------------------------------------------------------------------------
     def lacking(self, need: int, nodes: Iterable[int]) -> str:
@@ -392,4 +436,4 @@ def evaluate(
         codecs=codecs,
         error_limit=max_error,
     )
-    return cm.price(cm.to_raw(placement))[1]
+    return cm.price(cm.to_raw(placement), cm.tiled_of(placement))[1]

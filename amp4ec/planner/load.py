@@ -37,9 +37,8 @@ def expected_completion_ms(latency_ms: float, interval_ms: float, in_flight: int
 
 def pipeline_times(pipeline: Pipeline) -> tuple[float, float]:
     """(latency, interval) the cost model predicts for ``pipeline``: its stages end to end, and
-    its slowest stage (the seeds of the client's estimates)."""
-    times = [s.stage_ms for s in pipeline.stages]
-    return math.fsum(times), max(times)
+    its slowest stage's interval between requests (the seeds of the client's estimates)."""
+    return math.fsum(s.stage_ms for s in pipeline.stages), max(s.interval_ms for s in pipeline.stages)
 
 
 @dataclass(frozen=True)
@@ -67,6 +66,9 @@ def latency_under_load(plan: Plan, rate_rps: float, requests: int = 2000, seed: 
         raise InvalidSpec(f"requests: expected at least 1, got {requests}")
     costs = [[(s.stage_ms, *s.batch_ms) for s in p.stages] for p in plan.pipelines]
     """Per pipeline and stage, the time of a batch of 1, 2, … requests."""
+    intervals = [[s.interval_ms for s in p.stages] for p in plan.pipelines]
+    """Per pipeline and stage, when it may take the next request after one alone: a tiled
+    stage's busiest node frees up before the request has been stitched."""
     seeds = [pipeline_times(p) for p in plan.pipelines]
     waiting: list[list[deque[int]]] = [[deque() for _ in c] for c in costs]
     busy = [[False] * len(c) for c in costs]
@@ -74,8 +76,10 @@ def latency_under_load(plan: Plan, rate_rps: float, requests: int = 2000, seed: 
     ran = [[[0, 0] for _ in c] for c in costs]
     """Per pipeline and stage, (batches, requests) it ran."""
     events: list[tuple[float, int, int, tuple[int, int, tuple[int, ...]]]] = []
-    """(time, kind, sequence, (pipeline, stage, requests)): kind 0 a batch done, 1 an arrival;
-    at equal times a finished batch counts before an arrival sees the in-flight numbers."""
+    """(time, kind, sequence, (pipeline, stage, requests)): kind 0 a stage free again (its batch
+    done, if it carries requests), -1 a batch done whose stage freed earlier (a tiled stage),
+    1 an arrival; at equal times a finished batch counts before an arrival sees the in-flight
+    numbers."""
     rng = random.Random(seed)
     sent, order = [0.0] * requests, itertools.count()
     latencies: list[float] = [0.0] * requests
@@ -97,8 +101,9 @@ def latency_under_load(plan: Plan, rate_rps: float, requests: int = 2000, seed: 
             if r + 1 < requests:
                 arrival = now + rng.expovariate(rate_rps / 1000.0)
                 heapq.heappush(events, (arrival, 1, next(order), (0, 0, (r + 1,))))
-        else:  # stage k of pipeline p finished a batch
-            busy[p][k] = False
+        else:  # stage k of pipeline p is free again, or finished a batch, or both
+            if kind == 0:
+                busy[p][k] = False
             touched.add((p, k))
             if k + 1 < len(costs[p]):
                 waiting[p][k + 1].extend(batch)
@@ -118,7 +123,13 @@ def latency_under_load(plan: Plan, rate_rps: float, requests: int = 2000, seed: 
             busy[p][k] = True
             ran[p][k][0] += 1
             ran[p][k][1] += size
-            heapq.heappush(events, (now + costs[p][k][size - 1], 0, next(order), (p, k, taken)))
+            cost = costs[p][k][size - 1]
+            free_at = intervals[p][k] if size == 1 else cost
+            if free_at < cost:
+                heapq.heappush(events, (now + free_at, 0, next(order), (p, k, ())))
+                heapq.heappush(events, (now + cost, -1, next(order), (p, k, taken)))
+            else:
+                heapq.heappush(events, (now + cost, 0, next(order), (p, k, taken)))
         touched.clear()
     ordered = sorted(latencies)
     return LoadPrediction(

@@ -15,9 +15,14 @@ several short phases beat one deep one when the halo would outgrow the stripes. 
 - a block's work on a stripe: its compute time × the mean of the stripe's input and output
   row fractions (a 3×3 pair of convolutions computes the middle rows with half the halo);
 - another node's tile: scatter (its input rows over ``c``→node) + its agent's per-request
-  overhead + compute + gather (its output rows back); ``c``'s own tile: compute plus one
-  per-request overhead per other tile (it sends a frame and relays an answer for each);
+  overhead + compute + gather (its output rows back), plus encoding and decoding both frames
+  (``TileRows.codec_ns_per_byte``, measured by the profiler: half at each end); ``c``'s own
+  tile: compute plus one per-request overhead per other tile (it sends a frame and relays an
+  answer for each) plus ``c``'s half of every frame's codec, which shares ``c``'s CPU;
 - the phase: its slowest tile.
+
+``tiled_stage`` prices a placed tiled stage the same way, so ``evaluate`` and re-planning
+compare a deployed tiled plan on the model that chose it.
 
 A dynamic programme over phase boundaries picks the phases; the stage is the inbound transfer
 + ``c``'s overhead + its phases and segments + the rest. Throughput: the busiest node's time
@@ -37,7 +42,7 @@ from amp4ec.errors import InvalidSpec
 from amp4ec.planner.cost import CostModel
 from amp4ec.planner.types import Pipeline, Prediction, Stage, TileGroup, TileRows
 
-__all__ = ["MAX_TILE_NODES", "TiledCandidate", "best_tiled", "split_rows", "tileable_prefix"]
+__all__ = ["MAX_TILE_NODES", "TiledCandidate", "best_tiled", "split_rows", "tileable_prefix", "tiled_stage"]
 
 MAX_TILE_NODES = 4
 """Tile groups are drawn from the fastest four nodes (11 groups): beyond, a stripe's halo
@@ -119,9 +124,80 @@ class _Phase:
     """Per tile node (in ``ordered`` order), its own time on the phase."""
 
 
+Walk = list[tuple[float, tuple[int, int]]]
+"""For one stripe of block ``j``'s output: per first block ``i`` (index), the reference-core
+work of blocks ``i..j`` on it and the input rows of block ``i`` it reads."""
+
+
+def _walk(cm: CostModel, j: int, rows: tuple[int, int]) -> Walk:
+    """Walk back from block ``j``'s output ``rows``: every phase ``i..j`` at once."""
+    work, out, walk = 0.0, rows, []
+    for i in range(j, -1, -1):
+        g = cm.blocks[i].tile
+        assert g is not None
+        inp = g.needs(*out)
+        share = ((out[1] - out[0]) / g.out_height + (inp[1] - inp[0]) / g.in_height) / 2
+        work += cm.blocks[i].compute_ms * share
+        out = inp
+        walk.append((work, inp))
+    return walk[::-1]
+
+
+def _codec_ms(cm: CostModel, nbytes: int, ns_per_byte: float, n: int) -> float:
+    """Half of a frame's measured encode + decode (one end's part) on node ``n``."""
+    return nbytes * ns_per_byte * 1e-6 / 2 / cm.speed[n]
+
+
+def _phase(
+    cm: CostModel,
+    coord: int,
+    ordered: Sequence[int],
+    i: int,
+    j: int,
+    rows: Sequence[tuple[int, int]],
+    walks: Sequence[Walk],
+) -> _Phase:
+    """Blocks ``i..j`` tiled with ``rows`` of block ``j``'s output per node of ``ordered``.
+
+    A remote tile: the stage's node encodes its input rows (cut out of the full tensor),
+    the link carries them, the tile decodes them, computes, encodes its output rows, the link
+    carries them back and the stage's node decodes them (``TileRows.codec_ns_per_byte``,
+    half at each end). The stage's own tile shares its node's CPU with that encoding and
+    decoding for every other tile, so they add to its time."""
+    names = cm.names
+    first, last = cm.blocks[i].tile, cm.blocks[j].tile
+    assert first is not None and last is not None
+    tile_ms: list[float] = []
+    busy: list[float] = []
+    coord_codec = 0.0
+    for n, r, walk in zip(ordered, rows, walks, strict=True):
+        work, (lo, hi) = walk[i]
+        compute = work / cm.speed[n]
+        if n == coord:
+            tile_ms.append(compute)
+            busy.append(compute)
+            continue
+        in_bytes = round(cm.in_bytes[i] * (hi - lo) / first.in_height)
+        out_bytes = round(cm.blocks[j].out_bytes * (r[1] - r[0]) / last.out_height)
+        here = _codec_ms(cm, in_bytes, first.codec_ns_per_byte, coord)
+        here += _codec_ms(cm, out_bytes, last.codec_ns_per_byte, coord)
+        there = _codec_ms(cm, in_bytes, first.codec_ns_per_byte, n)
+        there += _codec_ms(cm, out_bytes, last.codec_ns_per_byte, n)
+        scatter = cm.link(names[coord], names[n]).transfer_ms(in_bytes)
+        gather = cm.link(names[n], names[coord]).transfer_ms(out_bytes)
+        coord_codec += here
+        tile_ms.append(here + scatter + cm.overhead[n] + there + compute + gather)
+        busy.append(cm.overhead[n] + there + compute)
+    own = ordered.index(coord)
+    peers = len(ordered) - 1
+    tile_ms[own] += peers * cm.overhead[coord] + coord_codec
+    busy[own] += peers * cm.overhead[coord] + coord_codec
+    return _Phase(i, j, tuple(rows), tuple(tile_ms), tuple(busy))
+
+
 def _phases(cm: CostModel, coord: int, ordered: Sequence[int], prefix: int) -> list[list[_Phase | None]]:
-    """``table[i][j]``: the phase tiling blocks i..j (None where a stripe would be empty)."""
-    names, peers = cm.names, len(ordered) - 1
+    """``table[i][j]``: the phase tiling blocks i..j with stripes proportional to node speed
+    (None where a stripe would be empty)."""
     table: list[list[_Phase | None]] = [[None] * prefix for _ in range(prefix)]
     for j in range(prefix):
         geometry = cm.blocks[j].tile
@@ -129,38 +205,49 @@ def _phases(cm: CostModel, coord: int, ordered: Sequence[int], prefix: int) -> l
         if len(ordered) > geometry.out_height:
             continue
         rows = split_rows(geometry.out_height, [cm.speed[n] for n in ordered])
-        # Per tile, walk back from block j: work and input rows of every phase i..j at once.
-        walks: list[list[tuple[float, tuple[int, int]]]] = []
-        for r in rows:
-            work, out, walk = 0.0, r, []
-            for i in range(j, -1, -1):
-                g = cm.blocks[i].tile
-                assert g is not None
-                inp = g.needs(*out)
-                share = ((out[1] - out[0]) / g.out_height + (inp[1] - inp[0]) / g.in_height) / 2
-                work += cm.blocks[i].compute_ms * share
-                out = inp
-                walk.append((work, inp))
-            walks.append(walk[::-1])  # walks[t][i] = (work of i..j, input rows of block i)
+        walks = [_walk(cm, j, r) for r in rows]
         for i in range(j + 1):
-            first_geometry = cm.blocks[i].tile
-            assert first_geometry is not None
-            tile_ms, busy = [], []
-            for n, r, walk in zip(ordered, rows, walks, strict=True):
-                work, (lo, hi) = walk[i]
-                compute = work / cm.speed[n]
-                if n == coord:
-                    tile_ms.append(compute + peers * cm.overhead[coord])
-                    busy.append(tile_ms[-1])
-                    continue
-                in_bytes = round(cm.in_bytes[i] * (hi - lo) / first_geometry.in_height)
-                out_bytes = round(cm.blocks[j].out_bytes * (r[1] - r[0]) / geometry.out_height)
-                scatter = cm.link(names[coord], names[n]).transfer_ms(in_bytes)
-                gather = cm.link(names[n], names[coord]).transfer_ms(out_bytes)
-                tile_ms.append(scatter + cm.overhead[n] + compute + gather)
-                busy.append(cm.overhead[n] + compute)
-            table[i][j] = _Phase(i, j, tuple(rows), tuple(tile_ms), tuple(busy))
+            table[i][j] = _phase(cm, coord, ordered, i, j, rows, walks)
     return table
+
+
+def _stage(
+    cm: CostModel,
+    coord: int,
+    ordered: Sequence[int],
+    phases: Sequence[_Phase],
+    first: int,
+    last: int,
+    prev: int,
+) -> TiledCandidate:
+    """Blocks ``first..last`` on ``coord`` with ``phases`` tiled over ``ordered`` (the rest on
+    ``coord`` alone), its input from ``prev`` (-1: the client): the stage, its latency (with
+    the answer's return, as if it were a pipeline's last stage) and its busiest node's time."""
+    names = cm.names
+    tiled = set().union(*(range(p.first, p.last + 1) for p in phases))
+    alone = [j for j in range(first, last + 1) if j not in tiled]
+    compute = (
+        sum(max(p.tile_ms) for p in phases) + sum(cm.blocks[j].compute_ms for j in alone) / cm.speed[coord]
+    )
+    busy = {n: sum(p.busy_ms[t] for p in phases) for t, n in enumerate(ordered)}
+    busy[coord] += cm.overhead[coord] + sum(cm.blocks[j].compute_ms for j in alone) / cm.speed[coord]
+    cut = cm.cut(cm.name_of(prev), names[coord], first)
+    stage = Stage(
+        node=names[coord],
+        first_block=first,
+        last_block=last,
+        compute_ms=compute,
+        transfer_ms=cut.wire_ms,
+        memory_bytes=cm.memory_bytes(first, last),
+        overhead_ms=cm.overhead[coord],
+        codec_ms=cut.codec_ms,
+        tiles=tuple(
+            TileGroup(p.first, p.last, tuple(names[n] for n in ordered), p.rows, p.tile_ms) for p in phases
+        ),
+        tile_memory_bytes=cm.memory_bytes(phases[0].first, phases[-1].last),
+        busy_ms=max(busy.values()),
+    )
+    return TiledCandidate(stage, stage.stage_ms + cm.return_ms(coord), stage.busy_ms)
 
 
 def _price(cm: CostModel, coord: int, group: Sequence[int], prefix: int) -> TiledCandidate | None:
@@ -182,28 +269,45 @@ def _price(cm: CostModel, coord: int, group: Sequence[int], prefix: int) -> Tile
             if phase is not None:
                 options.append((best[i][0] + max(phase.tile_ms), (*best[i][1], phase)))
         best.append(min(options, key=lambda o: (o[0], len(o[1]))))
-    through_prefix, phases = best[prefix]
+    _, phases = best[prefix]
     if not phases:
         return None
-    names = cm.names
-    groups = tuple(
-        TileGroup(p.first, p.last, tuple(names[n] for n in ordered), p.rows, p.tile_ms) for p in phases
-    )
-    rest = cm.compute_ms(coord, prefix, last) if prefix <= last else 0.0
-    busy = {n: sum(p.busy_ms[t] for p in phases) for t, n in enumerate(ordered)}
-    untiled = set(range(prefix)).difference(*(range(p.first, p.last + 1) for p in phases))
-    busy[coord] += rest + cm.overhead[coord] + sum(alone[j] for j in untiled)
-    stage = Stage(
-        node=names[coord],
-        first_block=0,
-        last_block=last,
-        compute_ms=through_prefix + rest,
-        transfer_ms=cm.transfer_ms(-1, coord, 0),
-        memory_bytes=cm.memory_bytes(0, last),
-        overhead_ms=cm.overhead[coord],
-        tiles=groups,
-    )
-    return TiledCandidate(stage, stage.stage_ms + cm.return_ms(coord), max(busy.values()))
+    return _stage(cm, coord, ordered, phases, 0, last, -1)
+
+
+def tiled_stage(cm: CostModel, stage: Stage, prev: int, where: str) -> TiledCandidate:
+    """A placed tiled stage priced as the planner prices its candidates (``evaluate``, and
+    re-planning, re-price a deployed plan with this); InvalidSpec naming ``where`` when its
+    phases do not fit the model's tile geometry."""
+    coord = cm.index[stage.node]
+    ordered_names = stage.tiles[0].nodes
+    if stage.node not in ordered_names:
+        raise InvalidSpec(f"{where}.tiles[0].nodes: must include the stage's node {stage.node!r}")
+    ordered = [cm.index.get(n, -1) for n in ordered_names]
+    if -1 in ordered:
+        raise InvalidSpec(f"{where}.tiles[0].nodes: unknown node in {list(ordered_names)}")
+    phases = []
+    expect = stage.first_block
+    for k, g in enumerate(stage.tiles):
+        at = f"{where}.tiles[{k}]"
+        if g.nodes != ordered_names:
+            raise InvalidSpec(f"{at}.nodes: every phase of a stage runs on the same nodes")
+        if not (expect <= g.first_block <= g.last_block <= stage.last_block):
+            raise InvalidSpec(f"{at}: blocks {g.first_block}..{g.last_block} out of order in the stage")
+        if any(cm.blocks[b].tile is None for b in range(g.first_block, g.last_block + 1)):
+            raise InvalidSpec(f"{at}: blocks {g.first_block}..{g.last_block} are not all tileable")
+        height = cm.blocks[g.last_block].tile.out_height  # type: ignore[union-attr]
+        bounds = [0, *(b for _, b in g.rows)]
+        if len(g.rows) != len(ordered) or [a for a, _ in g.rows] != bounds[:-1] or bounds[-1] != height:
+            raise InvalidSpec(
+                f"{at}.rows: expected one stripe per node covering rows 0..{height}, got {g.rows}"
+            )
+        if any(a >= b for a, b in g.rows):
+            raise InvalidSpec(f"{at}.rows: an empty stripe in {g.rows}")
+        walks = [_walk(cm, g.last_block, r) for r in g.rows]
+        phases.append(_phase(cm, coord, ordered, g.first_block, g.last_block, g.rows, walks))
+        expect = g.last_block + 1
+    return _stage(cm, coord, ordered, phases, stage.first_block, stage.last_block, prev)
 
 
 def best_tiled(cm: CostModel, objective: str) -> TiledCandidate | None:

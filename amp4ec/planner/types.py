@@ -51,6 +51,10 @@ class TileRows:
     """Per output row, the first input row it reads."""
     hi: tuple[int, ...]
     """Per output row, one past the last input row it reads."""
+    codec_ns_per_byte: float = 0.0
+    """Reference-core ns per byte to cut a stripe of the block's input rows out, encode it
+    into a frame and decode it (measured by ``amp4ec.slicing.tiles.codec_ns_per_byte``): the
+    CPU a scatter or gather costs beyond the wire."""
 
     def needs(self, start: int, stop: int) -> tuple[int, int]:
         """Input rows that output rows ``[start, stop)`` read."""
@@ -282,10 +286,21 @@ class Stage:
     up to the deployment's ``max_requests`` (``plan(max_batch=…)``): the blocks' time at that
     batch plus each request's own transfer, codec and overhead. Empty: the stage is priced at
     batch 1 only (no batching, blocks without batch figures, or a tiled stage)."""
+    tile_memory_bytes: int = 0
+    """Predicted resident bytes on each other tile node: the tiled blocks' parameters plus
+    their largest activation (0 for a layer-wise stage)."""
+    busy_ms: float = 0.0
+    """A tiled stage: its busiest node's time per request, which bounds its rate while
+    requests overlap (0: ``stage_ms``, a layer-wise stage's node is busy all through)."""
 
     @property
     def stage_ms(self) -> float:
         return self.compute_ms + self.transfer_ms + self.overhead_ms + self.codec_ms
+
+    @property
+    def interval_ms(self) -> float:
+        """Time between requests the stage can take at saturation."""
+        return self.busy_ms if self.busy_ms > 0 else self.stage_ms
 
     @property
     def blocks(self) -> range:

@@ -8,7 +8,15 @@ from itertools import pairwise
 from typing import Any
 
 from amp4ec.errors import InvalidSpec, PlanInfeasible
-from amp4ec.planner.types import CodecProfile, LayerProfile, Link, NodeCapacity, Pin, SchedulerHistory
+from amp4ec.planner.types import (
+    CodecProfile,
+    LayerProfile,
+    Link,
+    NodeCapacity,
+    Pin,
+    SchedulerHistory,
+    TileRows,
+)
 
 __all__ = [
     "CLIENT",
@@ -83,6 +91,8 @@ def check_blocks(blocks: Any) -> tuple[LayerProfile, ...]:
             _ensure_count(getattr(b, name), f"blocks[{i}].{name}")
         _ensure_number(b.compute_ms, f"blocks[{i}].compute_ms")
         _check_batch_ms(b.batch_ms, f"blocks[{i}].batch_ms")
+        if b.tile is not None:
+            _check_tile(b.tile, f"blocks[{i}].tile")
     return out
 
 
@@ -99,6 +109,25 @@ def _check_batch_ms(pairs: Any, field: str) -> None:
             raise InvalidSpec(f"{field}[{k}]: expected an integer batch above {last}, got {batch!r}")
         _ensure_number(ms, f"{field}[{k}].ms")
         last = batch
+
+
+def _check_tile(t: Any, field: str) -> None:
+    """Row geometry whose every output row reads a non-empty, in-range, ordered input span
+    (it comes from a profiler Pod running the user's model: never index past it)."""
+    if not isinstance(t, TileRows):
+        raise InvalidSpec(f"{field}: expected TileRows, got {type(t).__name__}")
+    rows_in = _ensure_count(t.in_height, f"{field}.in_height", minimum=1)
+    rows_out = _ensure_count(t.out_height, f"{field}.out_height", minimum=1)
+    _ensure_number(t.codec_ns_per_byte, f"{field}.codec_ns_per_byte")
+    for name in ("lo", "hi"):
+        values = getattr(t, name)
+        if not isinstance(values, Sequence) or len(values) != rows_out:
+            raise InvalidSpec(f"{field}.{name}: expected {rows_out} entries (one per output row)")
+    for r, (lo, hi) in enumerate(zip(t.lo, t.hi, strict=True)):
+        if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo < hi <= rows_in):
+            raise InvalidSpec(f"{field}: output row {r} reads rows {lo!r}..{hi!r}, not within 0..{rows_in}")
+    if any(a > b for a, b in pairwise(t.lo)) or any(a > b for a, b in pairwise(t.hi)):
+        raise InvalidSpec(f"{field}: input rows must not decrease from one output row to the next")
 
 
 CODEC_NAMES = ("fp16", "int8")

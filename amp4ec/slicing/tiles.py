@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import math
 import operator
+import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,8 +39,9 @@ from amp4ec.errors import InvalidSpec, ShapeMismatch
 from amp4ec.planner.tiles import split_rows
 from amp4ec.planner.types import TileRows
 from amp4ec.slicing.blocks import BlockChain
+from amp4ec.wire import codec
 
-__all__ = ["Rows", "TiledRange", "row_maps", "split_rows", "stitch", "tileable_prefix"]
+__all__ = ["Rows", "TiledRange", "codec_ns_per_byte", "row_maps", "split_rows", "stitch", "tileable_prefix"]
 
 Rows = tuple[int, int]
 """Half-open row interval ``[start, stop)`` along H (dim 2) of an NCHW tensor."""
@@ -542,7 +545,29 @@ def row_maps(chain: BlockChain, inputs: Sequence[torch.Tensor] | None = None) ->
             out_height=tiled.height,
             lo=tuple(a for a, _ in rows),
             hi=tuple(b for _, b in rows),
+            codec_ns_per_byte=codec_ns_per_byte(xs),
         )
         with torch.inference_mode():
             xs = tuple(chain.blocks[j].module(*xs))
     return maps
+
+
+def codec_ns_per_byte(inputs: Sequence[torch.Tensor], repeats: int = 5) -> float:
+    """Nanoseconds per byte, on one thread, to move a stripe of ``inputs`` through a frame as a
+    scatter or gather does: cut the rows out (a copy), encode, decode (the planner prices
+    scatter and gather with it, ``planner.tiles``). The stripe is the top half of the rows."""
+    half = tuple(t.narrow(2, 0, max(1, t.shape[2] // 2)) for t in inputs)
+    nbytes = sum(t.numel() * t.element_size() for t in half)
+    if nbytes == 0:
+        return 0.0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    samples = []
+    try:
+        for _ in range(repeats + 1):  # the first warms the allocator
+            t0 = time.perf_counter_ns()
+            codec.decode_all(codec.encode_all([t.contiguous() for t in half]))
+            samples.append(time.perf_counter_ns() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(samples[1:]) / nbytes

@@ -7,15 +7,31 @@ shard Pod's arguments).
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from amp4ec.errors import InvalidSpec
 from amp4ec.wire.codec_names import codec_name, codec_value
 from amp4ec.wire.v1 import agent_pb2
 
-__all__ = ["MAX_BATCH_REQUESTS", "MAX_QUEUE_DELAY_MS", "Batching", "StageConfig", "TilePeer", "TilePhase"]
+__all__ = [
+    "MAX_BATCH_REQUESTS",
+    "MAX_QUEUE_DELAY_MS",
+    "Batching",
+    "StageConfig",
+    "TilePeer",
+    "TilePhase",
+    "TileSpan",
+    "parse_tile_phase",
+]
+
+TileSpan = tuple[int, int, Sequence[str], Sequence[tuple[int, int]]]
+"""One phase as the planner places it: (first block, last block, tile nodes top stripe first,
+each node's output rows ``[start, stop)``) — ``planner.TileGroup``'s fields, torch- and
+planner-free."""
 
 MAX_BATCH_REQUESTS = 64
 """The node agent's default ``--max-batch``: a batch is one forward of at most that many rows."""
@@ -104,6 +120,39 @@ class TilePhase:
     def others(self) -> tuple[TilePeer, ...]:
         return tuple(t for t in self.tiles if t.address)
 
+    def to_arg(self) -> str:
+        """The phase as one ``--tile-phase`` value (JSON: addresses hold colons, identities dots)."""
+        tiles = [
+            {"node": t.node, "address": t.address, "identity": t.identity, "rows": list(t.rows)}
+            for t in self.tiles
+        ]
+        return json.dumps({"first": self.first, "last": self.last, "tiles": tiles}, separators=(",", ":"))
+
+
+def parse_tile_phase(text: str, field: str = "--tile-phase") -> TilePhase:
+    """A ``TilePhase.to_arg`` value back; InvalidSpec naming ``field`` when malformed."""
+    try:
+        d = json.loads(text)
+        tiles = tuple(
+            TilePeer(str(t["node"]), str(t.get("address", "")), str(t.get("identity", "")), _rows(t["rows"]))
+            for t in d["tiles"]
+        )
+        first, last = d["first"], d["last"]
+        if not (isinstance(first, int) and isinstance(last, int) and tiles):
+            raise ValueError("first and last must be integers, tiles non-empty")
+    except (ValueError, TypeError, KeyError) as exc:
+        raise InvalidSpec(
+            f'{field}: expected {{"first": int, "last": int, "tiles": [{{"node", "address", "identity", '
+            f'"rows": [start, stop]}}, ...]}}, got {text!r} ({exc})'
+        ) from None
+    return TilePhase(first, last, tiles)
+
+
+def _rows(value: object) -> tuple[int, int]:
+    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value)):
+        raise ValueError(f"rows must be [start, stop], got {value!r}")
+    return (value[0], value[1])
+
 
 @dataclass(frozen=True)
 class StageConfig:
@@ -165,6 +214,54 @@ class StageConfig:
             max_queue_delay_ms=m.max_queue_delay_ms,
         )
 
+    def tiled(
+        self,
+        node: str,
+        phases: Sequence[TileSpan],
+        address: Callable[[str], str],
+        identity: Callable[[str], str],
+    ) -> tuple[StageConfig, dict[str, StageConfig]]:
+        """This stage on ``node`` scattering ``phases``, and the tile stage every other tile
+        node loads: it holds the blocks of every phase, answers only frames from ``node``'s
+        identity, and computes its own rows of the phase a frame names. ``address`` and
+        ``identity`` give another tile node's address and the identity it presents (mutual
+        TLS; "" when plaintext)."""
+        own = replace(
+            self,
+            tile_phases=tuple(
+                TilePhase(
+                    first,
+                    last,
+                    tuple(
+                        TilePeer(n, "" if n == node else address(n), identity(n), (a, b))
+                        for n, (a, b) in zip(nodes, rows, strict=True)
+                    ),
+                )
+                for first, last, nodes, rows in phases
+            ),
+            tile_only=False,
+        )
+        others = dict.fromkeys(n for _, _, nodes, _ in phases for n in nodes if n != node)
+        tiles = {
+            n: StageConfig(
+                model=self.model,
+                weights=self.weights,
+                seed=self.seed,
+                input_shape=self.input_shape,
+                first_block=phases[0][0],
+                last_block=phases[-1][1],
+                stage=self.stage,
+                accept_from=(identity(node),) if identity(node) else (),
+                tile_phases=tuple(
+                    TilePhase(first, last, (TilePeer(n, "", identity(n), rows[list(nodes).index(n)]),))
+                    for first, last, nodes, rows in phases
+                ),
+                tile_only=True,
+            )
+            for n in others
+        }
+        return own, tiles
+
     def to_message(self) -> agent_pb2.StageSpec:
         return agent_pb2.StageSpec(
             model=self.model,
@@ -192,10 +289,8 @@ class StageConfig:
 
     def to_args(self) -> list[str]:
         """The agent's command-line flags for this stage (``python -m amp4ec.node_agent``); empty
-        fields are left out, so the agent's defaults apply. Tiled stages have no flags yet (the
-        operator plans layer-wise)."""
-        if self.tile_phases:
-            raise ValueError("tile_phases: a tiled stage is loaded with LoadStage, not command-line flags")
+        fields are left out, so the agent's defaults apply. A tiled stage's phases are one
+        ``--tile-phase`` each (``TilePhase.to_arg``)."""
         args = [
             "--model",
             self.model,
@@ -221,4 +316,6 @@ class StageConfig:
             "--output-codec": "" if self.output_codec == "raw" else self.output_codec,
         }
         args += [item for flag, value in optional.items() if value for item in (flag, value)]
+        args += [item for phase in self.tile_phases for item in ("--tile-phase", phase.to_arg())]
+        args += ["--tile-only"] if self.tile_only else []
         return args + [item for identity in self.accept_from for item in ("--accept-from", identity)]

@@ -19,6 +19,13 @@ def test_latency_configurations_cover_both_models_on_the_papers_nodes() -> None:
     for config in found.values():
         assert config.latency and config.strategies == PLANS
         assert [n.cpu for n in config.nodes] == [1.0, 0.6, 0.4]
+        assert config.links is None
+
+
+def test_the_shaped_variant_runs_on_100_mbit_links_with_a_2_ms_round_trip() -> None:
+    (config,) = configurations(ModelSource("mobilenet_v2"), only=("latency-100mbit",))
+    assert config.latency and config.strategies == PLANS and config.source.spec == "mobilenet_v2"
+    assert config.links is not None and (config.links.rate_mbit, 2 * config.links.delay_ms) == (100, 2)
 
 
 def _plan(single: float, alone: float, tiles: list[dict]) -> dict:

@@ -477,12 +477,15 @@ class Kubelet:
                 if metrics_port is not None:
                     out += ["--metrics-port", str(metrics_port)]
             elif ".svc:" in a:
-                host = a.split(":")[0]
-                svc, ns = host.split(".")[0], host.split(".")[1]
-                port = self.service_port(ns, svc)
-                if port is None:
-                    return None  # the Service is not there yet: DNS would fail too
-                out.append(f"127.0.0.1:{port}")
+                # Every Service address in the argument (a flag's value, or inside a tile
+                # phase's JSON) resolves to its loopback proxy, as cluster DNS would.
+                addresses = {m.group(0): (m["ns"], m["svc"]) for m in _SERVICE_ADDRESS.finditer(a)}
+                for address, (ns, svc) in addresses.items():
+                    port = self.service_port(ns, svc)
+                    if port is None:
+                        return None  # the Service is not there yet: DNS would fail too
+                    a = a.replace(address, f"127.0.0.1:{port}")
+                out.append(a)
             else:
                 out.append(a)
         return out
@@ -1004,6 +1007,10 @@ class Kubelet:
 _PORT_FLAGS = {"--v2-http-port": ".v2-http", "--v2-grpc-port": ".v2-grpc"}
 """Port flags the kubelet rewrites to a free port and a port file (``<flag>-file``), beside
 ``--port`` and ``--health-port``."""
+
+
+_SERVICE_ADDRESS = re.compile(r"(?P<svc>[a-z0-9][-a-z0-9]*)\.(?P<ns>[a-z0-9][-a-z0-9]*)\.svc:\d+")
+"""``<service>.<namespace>.svc:<port>``, wherever it appears in an argument."""
 
 
 def _named_port_files(container: dict[str, Any], port_file: Path) -> dict[str, Path]:

@@ -82,7 +82,9 @@ def entry_port(env: Env, namespace: str, name: str) -> int:
     )
 
 
-def infer(env: Env, namespace: str, name: str, x: torch.Tensor, tmp_path: Path) -> torch.Tensor:
+def infer(
+    env: Env, namespace: str, name: str, x: torch.Tensor, tmp_path: Path, classes: int = 10
+) -> torch.Tensor:
     port = entry_port(env, namespace, name)
     (tmp_path / "x.pt").unlink(missing_ok=True)
     torch.save(x, tmp_path / "x.pt")
@@ -94,7 +96,7 @@ def infer(env: Env, namespace: str, name: str, x: torch.Tensor, tmp_path: Path) 
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr + proc.stdout
     answer = json.loads(proc.stdout)
-    assert answer["outputs"][0]["shape"] == [1, 10]
+    assert answer["outputs"][0]["shape"] == [1, classes]
     assert len(answer["outputs"][0]["top_k"][0]) == 5
     return torch.load(out, weights_only=True)
 
@@ -155,6 +157,53 @@ def test_create_plans_places_shards_and_answers_like_the_monolith(ns: Namespace,
 
     x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(infer(env, n, "resnet", x, tmp_path), monolith(x))
+
+
+TILED = {
+    "model": {"name": "mobilenet_v2"},
+    "inputShape": [1, 3, 160, 160],
+    "objective": "latency",
+    "replan": {"intervalSeconds": 5, "gainThreshold": 0.05},
+}
+"""One request's convolutions split into row tiles over the three nodes (MobileNetV2 at 160x160
+is long enough to compute, and its feature maps tall enough, for tiles to cut latency)."""
+
+
+def test_a_tiled_plan_is_served_by_tile_pods_and_answers_like_the_monolith(
+    ns: Namespace, tmp_path: Path
+) -> None:
+    from amp4ec.slicing import ModelSource, load_model
+
+    env, n = ns.env, ns.name
+    ns.create("tiled", TILED)
+    obj = wait_serving(env, n, "tiled", timeout=240)
+    stages = obj["status"]["plan"]["stages"]
+    tiled = [s for s in stages if s.get("tiles")]
+    assert tiled, f"the planner chose no tiles: {stages}"
+    (stage,) = tiled
+    tiles = stage["tiles"]
+    others = [t["node"] for t in tiles["nodes"]]
+    assert others and stage["node"] not in others
+    for phase in tiles["phases"]:
+        assert phase["rows"][0]["node"] == stage["node"]
+        assert {r["node"] for r in phase["rows"]} == {stage["node"], *others}
+
+    pods = owned(env, n, PODS, "tiled")
+    assert len(pods) == len(stages) + len(others)
+    by_label = {p["metadata"]["labels"]["amp4ec.io/stage"]: p for p in pods}
+    for k, node in enumerate(others, start=1):
+        pod = by_label[f"{stage['stage']}-t{k}"]
+        assert pod["spec"]["nodeSelector"] == {"kubernetes.io/hostname": node}
+        assert "--tile-only" in pod["spec"]["containers"][0]["args"]
+    args = by_label[str(stage["stage"])]["spec"]["containers"][0]["args"]
+    assert args.count("--tile-phase") == len(tiles["phases"])
+
+    x = torch.randn(1, 3, 160, 160, generator=torch.Generator().manual_seed(5))
+    loaded = load_model(ModelSource("mobilenet_v2", input_shape=(1, 3, 160, 160)))
+    with torch.inference_mode():
+        expected = loaded.module(x)
+    out = infer(env, n, "tiled", x, tmp_path, classes=1000)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
 
 
 def _https(

@@ -3,10 +3,16 @@ scatter/gather bytes, refused on slow links where they lose."""
 
 from __future__ import annotations
 
-import pytest
+from dataclasses import replace
 
-from amp4ec.planner import LayerProfile, Link, NodeCapacity, TileRows, plan
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from amp4ec.errors import InvalidSpec
+from amp4ec.planner import LayerProfile, Link, NodeCapacity, Stage, TileRows, evaluate, plan, replan_reason
 from amp4ec.planner.cost import CostModel
+from amp4ec.planner.load import latency_under_load, pipeline_times
 from amp4ec.planner.tiles import _phases, _stripe_work, best_tiled
 
 H = 64
@@ -102,3 +108,80 @@ def test_a_node_too_small_for_the_tiled_blocks_gets_no_tile() -> None:
     result = plan(_cnn(), small, objective="latency", input_bytes=INPUT)
     (stage,) = result.stages
     assert stage.tiles and "node2" not in stage.tiles[0].nodes
+
+
+def _with_codec(blocks: list[LayerProfile], ns_per_byte: float) -> list[LayerProfile]:
+    return [replace(b, tile=replace(b.tile, codec_ns_per_byte=ns_per_byte)) if b.tile else b for b in blocks]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    convs=st.integers(2, 12),
+    conv_ms=st.floats(0.5, 20.0),
+    ns_per_byte=st.sampled_from([0.0, 0.3, 2.0]),
+    speeds=st.lists(st.floats(0.2, 1.0), min_size=2, max_size=4),
+    rtt_ms=st.sampled_from([0.05, 0.2, 2.0]),
+)
+def test_evaluate_prices_a_tiled_plan_as_the_planner_did(
+    convs: int, conv_ms: float, ns_per_byte: float, speeds: list[float], rtt_ms: float
+) -> None:
+    """Whatever the planner chooses, re-pricing it (evaluate; re-planning) gives the same
+    prediction, so a re-plan neither discards a tiled plan nor keeps a worse one by mistake."""
+    blocks = _with_codec(_cnn(convs, conv_ms), ns_per_byte)
+    nodes = [NodeCapacity(f"node{i}", s, 512 * MIB, speed=s, overhead_ms=0.3) for i, s in enumerate(speeds)]
+    link = Link("*", "*", rtt_ms=rtt_ms, bandwidth_bytes_per_s=1e9)
+    result = plan(blocks, nodes, objective="latency", input_bytes=INPUT, default_link=link)
+    again = evaluate(result, blocks, nodes, input_bytes=INPUT, default_link=link)
+    assert again.latency_ms == pytest.approx(result.predicted.latency_ms, rel=1e-9)
+    assert again.bottleneck_ms == pytest.approx(result.predicted.bottleneck_ms, rel=1e-9)
+    assert again.throughput_rps == pytest.approx(result.predicted.throughput_rps, rel=1e-9)
+    assert replan_reason(result, result, 0.0, blocks=blocks, nodes=nodes, default_link=link,
+                         input_bytes=INPUT) is None  # fmt: skip
+
+
+def test_a_tiled_plan_is_priced_tiled_not_layer_wise_when_re_planning() -> None:
+    blocks = _cnn()
+    tiled = plan(blocks, NODES, objective="latency", input_bytes=INPUT)
+    assert tiled.stages[0].tiles
+    layerwise = evaluate([Stage("node0", 0, len(blocks) - 1)], blocks, NODES, input_bytes=INPUT)
+    assert evaluate(tiled, blocks, NODES, input_bytes=INPUT).latency_ms < 0.7 * layerwise.latency_ms
+    # A slower tile node since: the tiled plan's re-priced latency grows, so a re-plan may leave it.
+    slower = [*NODES[:2], replace(NODES[2], speed=0.1, cpu=0.1)]
+    assert evaluate(tiled, blocks, slower, input_bytes=INPUT).latency_ms > tiled.predicted.latency_ms
+
+
+def test_a_tiled_stage_over_a_node_used_twice_or_rows_that_do_not_cover_is_refused() -> None:
+    blocks = _cnn()
+    (stage,) = plan(blocks, NODES, objective="latency", input_bytes=INPUT).stages
+    g = stage.tiles[0]
+    gap = replace(stage, tiles=(replace(g, rows=((0, 10), (12, 40), (40, H))), *stage.tiles[1:]))
+    with pytest.raises(InvalidSpec, match=r"stages\[0\]\.tiles\[0\]\.rows: expected one stripe per node"):
+        evaluate([gap], blocks, NODES, input_bytes=INPUT)
+    twice = [replace(stage, last_block=len(blocks) - 2), Stage("node1", len(blocks) - 1, len(blocks) - 1)]
+    with pytest.raises(InvalidSpec, match=r"stages\[1\]\.node: node 'node1' is used twice"):
+        evaluate(twice, blocks, NODES, input_bytes=INPUT)
+
+
+def test_scatter_and_gather_codec_cost_makes_fewer_phases_and_a_slower_prediction() -> None:
+    """Encoding and decoding each stripe costs the stage's node CPU per phase: with a measured
+    cost the planner stitches less often (or not at all), and never predicts faster."""
+    blocks = _cnn(convs=20, conv_ms=5.0)
+    free = plan(blocks, NODES, objective="latency", input_bytes=INPUT)
+    costly = plan(_with_codec(blocks, 2.0), NODES, objective="latency", input_bytes=INPUT)
+    assert len(free.stages[0].tiles) > 1
+    assert len(costly.stages[0].tiles) < len(free.stages[0].tiles)
+    assert costly.predicted.latency_ms > free.predicted.latency_ms
+
+
+def test_a_tiled_stage_takes_requests_at_its_busiest_nodes_rate_under_load() -> None:
+    """Its busiest node frees up before a request is stitched: the rate the plan promises is
+    the one the load model (and the client's dispatch seeds) use, so at 80% of it the queue
+    stays bounded (a stage taking its whole latency per request would be over 100% busy)."""
+    link = Link("*", "*", rtt_ms=2.0, bandwidth_bytes_per_s=1e9)
+    result = plan(_cnn(12, 5.0), NODES, objective="latency", input_bytes=INPUT, default_link=link)
+    (stage,) = result.stages
+    assert stage.tiles and 0.85 * stage.stage_ms > stage.busy_ms > 0
+    assert result.predicted.throughput_rps == pytest.approx(1000 / stage.busy_ms)
+    assert pipeline_times(result.pipelines[0])[1] == stage.busy_ms
+    loaded = latency_under_load(result, 0.85 * result.predicted.throughput_rps)
+    assert loaded.p50_ms < 5 * result.predicted.latency_ms

@@ -132,7 +132,7 @@ class CodecProfile(_message.Message):
     def __init__(self, name: _Optional[str] = ..., wire_bytes: _Optional[_Iterable[int]] = ..., encode_ms: _Optional[_Iterable[float]] = ..., decode_ms: _Optional[_Iterable[float]] = ..., error: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class BlockProfile(_message.Message):
-    __slots__ = ("name", "flops", "param_bytes", "out_bytes", "compute_ms", "act_bytes", "batch_ms")
+    __slots__ = ("name", "flops", "param_bytes", "out_bytes", "compute_ms", "act_bytes", "batch_ms", "tile")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FLOPS_FIELD_NUMBER: _ClassVar[int]
     PARAM_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +140,7 @@ class BlockProfile(_message.Message):
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     ACT_BYTES_FIELD_NUMBER: _ClassVar[int]
     BATCH_MS_FIELD_NUMBER: _ClassVar[int]
+    TILE_FIELD_NUMBER: _ClassVar[int]
     name: str
     flops: int
     param_bytes: int
@@ -147,7 +148,8 @@ class BlockProfile(_message.Message):
     compute_ms: float
     act_bytes: int
     batch_ms: _containers.RepeatedCompositeFieldContainer[BatchTime]
-    def __init__(self, name: _Optional[str] = ..., flops: _Optional[int] = ..., param_bytes: _Optional[int] = ..., out_bytes: _Optional[int] = ..., compute_ms: _Optional[float] = ..., act_bytes: _Optional[int] = ..., batch_ms: _Optional[_Iterable[_Union[BatchTime, _Mapping]]] = ...) -> None: ...
+    tile: TileRows
+    def __init__(self, name: _Optional[str] = ..., flops: _Optional[int] = ..., param_bytes: _Optional[int] = ..., out_bytes: _Optional[int] = ..., compute_ms: _Optional[float] = ..., act_bytes: _Optional[int] = ..., batch_ms: _Optional[_Iterable[_Union[BatchTime, _Mapping]]] = ..., tile: _Optional[_Union[TileRows, _Mapping]] = ...) -> None: ...
 
 class BatchTime(_message.Message):
     __slots__ = ("batch", "ms")
@@ -156,6 +158,20 @@ class BatchTime(_message.Message):
     batch: int
     ms: float
     def __init__(self, batch: _Optional[int] = ..., ms: _Optional[float] = ...) -> None: ...
+
+class TileRows(_message.Message):
+    __slots__ = ("in_height", "out_height", "lo", "hi", "codec_ns_per_byte")
+    IN_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    OUT_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    LO_FIELD_NUMBER: _ClassVar[int]
+    HI_FIELD_NUMBER: _ClassVar[int]
+    CODEC_NS_PER_BYTE_FIELD_NUMBER: _ClassVar[int]
+    in_height: int
+    out_height: int
+    lo: _containers.RepeatedScalarFieldContainer[int]
+    hi: _containers.RepeatedScalarFieldContainer[int]
+    codec_ns_per_byte: float
+    def __init__(self, in_height: _Optional[int] = ..., out_height: _Optional[int] = ..., lo: _Optional[_Iterable[int]] = ..., hi: _Optional[_Iterable[int]] = ..., codec_ns_per_byte: _Optional[float] = ...) -> None: ...
 
 class ModelProfile(_message.Message):
     __slots__ = ("model", "blocks", "input_bytes", "reference_workload_ms", "inputs", "codecs")

@@ -6,6 +6,9 @@ next re-plan check. A node is *lost* when its Node is gone or not Ready, when on
 Pods failed (evicted) or crash-loops, or when its shards are not ready and its capacity metrics
 went stale (a dead node whose Node object still says Ready). A shard that just restarted once is
 *restarting*: the deployment is degraded but the node is kept (the kubelet brings it back).
+A shard whose storage initializer fails (the store went away or changed after profiling, a
+Secret was deleted) is a fault of the store, not of the node: named (``InvalidStorage``,
+``StorageUnavailable``) but never lost, since planning around the node would meet the same store.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from amp4ec.operator.storage import INITIALIZER, initializer_failure
 
 __all__ = [
     "ExclusionBackoff",
@@ -33,7 +38,7 @@ class Fault:
     node: str
     reason: str
     """A condition reason: NodeDeleted, NodeNotReady, ShardFailed, ShardCrashLooping, NodeLost,
-    ShardRestarting."""
+    ShardRestarting, InvalidStorage, StorageUnavailable."""
     message: str
     lost: bool
 
@@ -60,6 +65,10 @@ def shard_state(pod: Mapping[str, Any]) -> tuple[str, str] | None:
     if status.get("phase") == "Failed":
         why = status.get("reason") or "Failed"
         return "ShardFailed", f"shard Pod {name} {why}: {status.get('message') or 'phase Failed'}"
+    storage = initializer_failure(dict(pod))
+    if storage is not None:
+        reason, cause = storage
+        return reason, f"spec.model.storageUri: {cause} (shard Pod {name}, {INITIALIZER})"
     for cs in status.get("containerStatuses") or ():
         waiting = (cs.get("state") or {}).get("waiting") or {}
         if waiting.get("reason") == "CrashLoopBackOff":

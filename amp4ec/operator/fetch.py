@@ -1,8 +1,12 @@
-"""The storage initializer: fetch a model file (https:// or a mounted pvc://) and verify its SHA-256.
+"""The storage initializer: fetch a model file (https://, s3:// or a mounted pvc://) and verify its SHA-256.
 
 Runs as a shard Pod's init container (``python -m amp4ec.operator.fetch``, the operator
 image), KServe's storage-initializer pattern: the shard only starts once the file is in
-place and its digest matches. Standard library only.
+place and its digest matches. Standard library only. An ``s3://bucket/key`` is an https GET
+of the store's endpoint (``s3.py``), signed with SigV4 (``sigv4.py``) when the Pod passes
+credentials as environment (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` from the Secret
+the resource names); the store's redirects are not followed (a signed request goes nowhere
+the spec did not name).
 
 What it refuses (the operator checks the same, earlier): a ``pvc://`` path that is absolute or
 leaves the claim (``..``, or a symlink out of it); an https host that resolves to a loopback,
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import http.client
+import os
 import shutil
 import socket
 import ssl
@@ -27,6 +32,8 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 from urllib.parse import urljoin, urlsplit
 
+from amp4ec.operator.s3 import ACCESS_KEY_ENV, SECRET_KEY_ENV, SESSION_TOKEN_ENV, S3Options, refusal
+from amp4ec.operator.sigv4 import UNSIGNED_PAYLOAD, authorization_headers
 from amp4ec.operator.storage_hosts import (
     HostRefused,
     HostUnresolved,
@@ -35,9 +42,11 @@ from amp4ec.operator.storage_hosts import (
     resolve_checked,
 )
 
-__all__ = ["EXIT_PERMANENT", "EXIT_TRANSIENT", "FetchError", "fetch", "main"]
+__all__ = ["EXIT_PERMANENT", "EXIT_TRANSIENT", "STORE_CA_ENV", "FetchError", "fetch", "main"]
 
 PVC_MOUNT = Path("/mnt/pvc")
+STORE_CA_ENV = "AMP4EC_STORE_CA"
+"""PEM CA bundle that replaces the image's when verifying the store (``spec.model.caBundle``)."""
 MAX_REDIRECTS = 5
 _REDIRECTS = {301, 302, 303, 307, 308}
 EXIT_PERMANENT = 2
@@ -81,7 +90,11 @@ def _claim_file(uri: str, pvc_mount: Path) -> Path:
 
 
 def _connect(
-    url: str, timeout_s: float, allowed: Sequence[Network], context: ssl.SSLContext
+    url: str,
+    timeout_s: float,
+    allowed: Sequence[Network],
+    context: ssl.SSLContext,
+    headers: dict[str, str] | None = None,
 ) -> tuple[http.client.HTTPSConnection, http.client.HTTPResponse]:
     parts = urlsplit(url)
     if parts.scheme != "https" or not parts.hostname:
@@ -100,18 +113,36 @@ def _connect(
     for address in addresses:
         conn = _PinnedHTTPSConnection(parts.hostname, port, address, timeout_s, context)
         try:
-            conn.request("GET", target, headers={"User-Agent": "amp4ec-storage-initializer"})
+            conn.request(
+                "GET", target, headers={"User-Agent": "amp4ec-storage-initializer", **(headers or {})}
+            )
             return conn, conn.getresponse()
+        except ssl.SSLCertVerificationError as exc:  # the store's certificate: only the spec can fix it
+            conn.close()
+            raise FetchError(
+                f"{url}: {exc} (a store with a private CA needs spec.model.caBundle)", transient=False
+            ) from None
         except OSError as exc:  # try the next checked address
             conn.close()
             last = exc
     raise FetchError(f"{url}: {last}", transient=True)
 
 
+def _tls(cafile: str | None, cadata: str | None) -> ssl.SSLContext:
+    """Verification against the image's CAs, or only against the store's own (a file or PEM text)."""
+    try:
+        return ssl.create_default_context(cafile=cafile, cadata=cadata or None)
+    except (ssl.SSLError, ValueError) as exc:  # not PEM certificates
+        raise FetchError(
+            f"the store's CA bundle (spec.model.caBundle) is not PEM certificates: {exc}"
+        ) from None
+
+
 @contextmanager
-def _https(uri: str, timeout_s: float, allowed: Sequence[Network], cafile: str | None) -> Iterator[IO[bytes]]:
+def _https(
+    uri: str, timeout_s: float, allowed: Sequence[Network], context: ssl.SSLContext
+) -> Iterator[IO[bytes]]:
     """The body of ``uri``, following at most MAX_REDIRECTS redirects, each one checked."""
-    context = ssl.create_default_context(cafile=cafile)
     url = uri
     for _ in range(MAX_REDIRECTS + 1):
         conn, resp = _connect(url, timeout_s, allowed, context)
@@ -130,6 +161,46 @@ def _https(uri: str, timeout_s: float, allowed: Sequence[Network], cafile: str |
     raise FetchError(f"{uri}: more than {MAX_REDIRECTS} redirects")
 
 
+@contextmanager
+def _s3(
+    uri: str,
+    options: S3Options,
+    timeout_s: float,
+    allowed: Sequence[Network],
+    context: ssl.SSLContext,
+    environ: dict[str, str],
+) -> Iterator[IO[bytes]]:
+    """The body of the object ``uri`` on the store ``options`` names (no redirects followed)."""
+    try:
+        url = options.object_url(uri)
+    except ValueError as exc:
+        raise FetchError(str(exc)) from None
+    headers: dict[str, str] = {}
+    key_id, secret = environ.get(ACCESS_KEY_ENV, ""), environ.get(SECRET_KEY_ENV, "")
+    if options.secret and not (key_id and secret):
+        raise FetchError(
+            f"{uri}: Secret {options.secret} has no accessKeyId and secretAccessKey (both are needed)"
+        )
+    if key_id and secret:
+        headers = authorization_headers(
+            "GET",
+            url,
+            region=options.region,
+            access_key_id=key_id,
+            secret_access_key=secret,
+            payload_sha256=UNSIGNED_PAYLOAD,  # the body is checked against spec.model.sha256
+            session_token=environ.get(SESSION_TOKEN_ENV) or None,
+        )
+    conn, resp = _connect(url, timeout_s, allowed, context, headers)
+    try:
+        if resp.status != 200:
+            why = refusal(resp.status, resp.read(65536), options)
+            raise FetchError(f"{uri}: {why.message}", transient=why.transient)
+        yield resp
+    finally:
+        conn.close()
+
+
 def fetch(
     uri: str,
     out: Path,
@@ -138,10 +209,15 @@ def fetch(
     timeout_s: float = 600,
     allowed_networks: Sequence[Network] = (),
     cafile: str | None = None,
+    s3: S3Options | None = None,
+    environ: dict[str, str] | None = None,
+    cadata: str | None = None,
 ) -> str:
     """Copy ``uri`` to ``out`` (atomically) and return its hex SHA-256; raise FetchError on a
     mismatch or a refused source. ``allowed_networks`` exempts networks from the host check
-    (the chart's ``operator.storageAllowedNetworks``: tests)."""
+    (the chart's ``operator.storageAllowedNetworks``: tests); ``cafile`` replaces the image's
+    CA bundle (a private store's CA), as does ``cadata`` (PEM text); ``environ`` (default: the
+    process's) holds S3 credentials."""
     tmp = out.with_name(out.name + ".part")
     out.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
@@ -154,9 +230,12 @@ def fetch(
                 )
             stream = source.open("rb")
         elif uri.startswith("https://"):
-            stream = _https(uri, timeout_s, allowed_networks, cafile)
+            stream = _https(uri, timeout_s, allowed_networks, _tls(cafile, cadata))
+        elif uri.startswith("s3://"):
+            env = dict(os.environ) if environ is None else environ
+            stream = _s3(uri, s3 or S3Options(), timeout_s, allowed_networks, _tls(cafile, cadata), env)
         else:
-            raise FetchError(f"{uri}: expected pvc:// or https://")
+            raise FetchError(f"{uri}: expected pvc://, https:// or s3://")
         with stream as src, tmp.open("wb") as dst:
             while chunk := src.read(1 << 20):
                 digest.update(chunk)
@@ -191,10 +270,27 @@ def main(argv: list[str] | None = None) -> None:
         metavar="CIDR",
         help="reachable although loopback/link-local (tests only; repeatable)",
     )
+    p.add_argument("--ca-file", help="CA bundle that replaces the image's (a private store's CA)")
+    p.add_argument("--s3-endpoint", help="https://host[:port] of the S3-compatible store (default: AWS)")
+    p.add_argument("--s3-region", default="us-east-1")
+    p.add_argument("--s3-addressing", choices=["path", "virtual"], default="path")
+    p.add_argument("--s3-secret", help="the Secret the credentials come from (named in messages)")
     a = p.parse_args(argv)
     try:
         allowed = parse_networks(a.allow_network)
-        print(f"{fetch(a.uri, a.out, a.sha256, a.pvc_mount, allowed_networks=allowed)}  {a.out}")
+        s3 = S3Options(a.s3_endpoint, a.s3_region, a.s3_addressing, a.s3_secret)
+        cadata = os.environ.get(STORE_CA_ENV) or None
+        digest = fetch(
+            a.uri,
+            a.out,
+            a.sha256,
+            a.pvc_mount,
+            allowed_networks=allowed,
+            cafile=a.ca_file,
+            s3=s3,
+            cadata=cadata,
+        )
+        print(f"{digest}  {a.out}")
     except (FetchError, ValueError) as exc:
         # The last line is the cause the operator reports (terminationMessagePolicy FallbackToLogsOnError).
         print(f"storage initializer: {exc}", file=sys.stderr)

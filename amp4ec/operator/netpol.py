@@ -5,7 +5,7 @@ from Pods labelled ``amp4ec.io/client-of: <deployment>`` in the same namespace (
 who may also reach the entry's v2 ports;
 any port from the operator's Pods; the metrics port from Prometheus (namespace and Pod labels
 from the chart). Egress from a shard: DNS, the gRPC port of its own deployment's shards (the
-next stage), and, for an ``https://`` storageUri, that URI's port anywhere but link-local
+next stage), and, for an ``https://`` or ``s3://`` storageUri, the store's port anywhere but link-local
 (169.254.0.0/16, fe80::/10: cloud metadata). NetworkPolicies add up: a user lets more clients
 in (another namespace, an ingress controller) with a policy of their own selecting the same Pods.
 Kubelet probes come from the node itself, which the common CNIs always allow.
@@ -61,8 +61,8 @@ def _ingress(name: str, config: OperatorConfig) -> list[dict[str, Any]]:
 
 
 def _storage_port(spec: DeploymentSpec) -> int | None:
-    uri = spec.model.storage_uri or ""
-    return (urlsplit(uri).port or 443) if uri.startswith("https://") else None
+    url = spec.model.remote_url  # an https URI, or an s3 store's endpoint
+    return (urlsplit(url).port or 443) if url is not None else None
 
 
 def _egress(name: str, spec: DeploymentSpec, config: OperatorConfig) -> list[dict[str, Any]]:

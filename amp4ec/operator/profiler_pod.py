@@ -24,7 +24,7 @@ from amp4ec.operator.config import OperatorConfig
 from amp4ec.operator.names import child_base, label_value
 from amp4ec.operator.podsecurity import harden, scheduling
 from amp4ec.operator.spec import DeploymentSpec
-from amp4ec.operator.storage import EXIT_PERMANENT, INITIALIZER, pod_storage
+from amp4ec.operator.storage import INITIALIZER, initializer_failure, pod_storage
 
 __all__ = [
     "LABEL_PROFILE",
@@ -147,7 +147,7 @@ def profiler_network_policy(
     name: str, namespace: str, spec: DeploymentSpec, config: OperatorConfig
 ) -> dict[str, Any]:
     """Ingress to a deployment's profiler Pods only from the operator; egress only DNS and, with
-    an ``https://`` storageUri, the initializer's download (never link-local)."""
+    an ``https://`` or ``s3://`` storageUri, the initializer's download (never link-local)."""
     operator: dict[str, Any] = {
         "namespaceSelector": {"matchLabels": {_NAMESPACE_NAME: config.operator_namespace}},
         "podSelector": {"matchLabels": dict(config.operator_pod_labels)},
@@ -155,10 +155,10 @@ def profiler_network_policy(
     egress: list[dict[str, Any]] = [
         {"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}
     ]
-    uri = spec.model.storage_uri or ""
-    if uri.startswith("https://"):
+    url = spec.model.remote_url  # an https URI, or an s3 store's endpoint
+    if url is not None:
         blocks = [{"ipBlock": {"cidr": cidr, "except": out}} for cidr, out in _LINK_LOCAL.items()]
-        egress.append({"to": blocks, "ports": [{"protocol": "TCP", "port": urlsplit(uri).port or 443}]})
+        egress.append({"to": blocks, "ports": [{"protocol": "TCP", "port": urlsplit(url).port or 443}]})
     selector = {"matchLabels": {_LABEL_DEPLOYMENT: label_value(name), _LABEL_ROLE: "profiler"}}
     labels = {
         "app.kubernetes.io/managed-by": "amp4ec-operator",
@@ -204,16 +204,6 @@ def _terminated(statuses: Any) -> list[tuple[str, dict[str, Any]]]:
     ]
 
 
-def _storage_failure(name: str, term: dict[str, Any]) -> ProfilerState:
-    code = int(term.get("exitCode", 1))
-    lines = [ln.strip() for ln in str(term.get("message") or "").splitlines() if ln.strip()]
-    cause = lines[-1].removeprefix("storage initializer: ") if lines else f"exited with code {code}"
-    if term.get("reason") == "OOMKilled":
-        cause = f"out of memory ({term.get('reason')})"
-    reason = "InvalidStorage" if code == EXIT_PERMANENT else "StorageUnavailable"
-    return ProfilerState("failed", f"{cause} (profiler Pod {name}, {INITIALIZER})", reason)
-
-
 def profiler_state(pod: dict[str, Any], config: OperatorConfig) -> ProfilerState:
     meta = pod.get("metadata") or {}
     name = meta.get("name", "")
@@ -221,9 +211,10 @@ def profiler_state(pod: dict[str, Any], config: OperatorConfig) -> ProfilerState
         return ProfilerState("ending", f"profiler Pod {name} is ending")
     status = pod.get("status") or {}
     phase = status.get("phase") or "Pending"
-    for cname, term in _terminated(status.get("initContainerStatuses")):
-        if cname == INITIALIZER and int(term.get("exitCode", 0)) != 0:
-            return _storage_failure(name, term)
+    storage = initializer_failure(pod)  # a missing Secret or ConfigMap is StorageUnavailable: retried
+    if storage is not None:
+        reason, cause = storage
+        return ProfilerState("failed", f"{cause} (profiler Pod {name}, {INITIALIZER})", reason)
     if phase in ("Failed", "Succeeded"):
         if status.get("reason") == "DeadlineExceeded":
             message = (

@@ -17,8 +17,9 @@ namespace is part of it: whoever may change Pods or read Secrets in a namespace 
 its profiler Pod, so a profile only plans that namespace's deployments. The digest is: a new
 archive at the same URI is another model; and with a digest, a profile is cached by content
 (the same archive from another URI is not profiled again), while a failure (an unreachable
-URI) stays with its URI. Deployments of one namespace that share a key wait
-for the first one's Pod rather than starting their own.
+URI) stays with its URI and how it is reached (an s3 store's endpoint and Secret, the CA
+bundle: one deployment's wrong Secret is not another's failure). Deployments of one namespace
+that share a key wait for the first one's Pod rather than starting their own.
 """
 
 from __future__ import annotations
@@ -101,6 +102,8 @@ class ProfileKey:
     """Whether the deployment compresses (``spec.compression``): the codecs are measured too."""
     batch_sizes: tuple[int, ...] = ()
     """The batch sizes its dynamic batching can use (``Batching.profile_sizes``), timed too."""
+    access: str = ""
+    """How the file is reached beyond its URI (``spec.model.s3``, ``caBundle``), for failures only."""
 
     @classmethod
     def of(cls, spec: DeploymentSpec, namespace: str) -> ProfileKey:
@@ -114,17 +117,25 @@ class ProfileKey:
             m.sha256 or "",
             spec.compression.enabled,
             spec.batching.policy().profile_sizes(),
+            _access(spec),
         )
 
     def content(self) -> ProfileKey:
         """The key of what is profiled: with a digest, the URI it came from does not matter."""
-        return replace(self, storage_uri="") if self.sha256 else self
+        return replace(self, storage_uri="", access="") if self.sha256 else self
 
     def digest(self) -> str:
         fields = asdict(self)
         if not self.batch_sizes:  # the digest (a profiler Pod's name) of a key from before batch sizes
             del fields["batch_sizes"]
+        if not self.access:  # likewise from before s3 and caBundle
+            del fields["access"]
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def _access(spec: DeploymentSpec) -> str:
+    reached = spec.model.model_dump(include={"s3", "ca_bundle"}, exclude_none=True)
+    return json.dumps(reached, sort_keys=True) if reached else ""
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,7 @@ from amp4ec.operator.podsecurity import node_selector
 from amp4ec.operator.profiles import Profiler, ProfilerFailed, ProfilerUnavailable, Profiling
 from amp4ec.operator.spec import DeploymentSpec, parse_spec
 from amp4ec.operator.status import Phase, condition, merge_conditions, now_iso, with_ready
+from amp4ec.operator.storage import INITIALIZER, initializer_failure
 from amp4ec.operator.storage_hosts import HostRefused, HostUnresolved, resolve_checked_async
 from amp4ec.planner.shares import scaled
 from amp4ec.planner.types import NodeCapacity, Pin
@@ -597,12 +598,12 @@ async def _drop_plan(deps: Deps, t: Target, record: PlanRecord) -> None:
 
 
 async def _check_storage_host(spec: DeploymentSpec, cfg: OperatorConfig) -> None:
-    """An https storage host must not resolve to a loopback, link-local or metadata address.
+    """An https or s3 storage host must not resolve to a loopback, link-local or metadata address.
     A name that does not resolve here is left to the initializer (which checks again anyway)."""
-    uri = spec.model.storage_uri or ""
-    if not uri.startswith("https://"):
+    url = spec.model.remote_url
+    if url is None:
         return
-    parts = urlsplit(uri)
+    parts = urlsplit(url)
     try:
         await resolve_checked_async(
             parts.hostname or "", parts.port or 443, cfg.spec_policy().storage_allowed_networks
@@ -814,6 +815,9 @@ async def _roll_out(
     if ready < total:
         message = waiting.message if waiting else f"{ready}/{total} shards of plan {target.id} ready"
         reason = waiting.reason if waiting else "ShardsStarting"
+        storage = None if waiting else _storage_trouble(_of_plans(pods, target))
+        if storage is not None:  # a shard cannot fetch its model: say why, not only "starting"
+            reason, message = storage[0], f"{message}; {storage[1]}"
         planned = f"plan {target.id}: {len(target.stages)} stages on {','.join(target.nodes)}"
         if waiting and current is not None:
             planned += f"; rollout waits: {message}"
@@ -897,7 +901,21 @@ def _shards_condition(
         set(record.nodes) - {pod_node(p) for p in ready} or {pod_node(p) for p in pods if not pod_ready(p)}
     )
     where = f" (not ready on {', '.join(down)})" if down else ""
-    return condition("ShardsReady", False, "ShardsNotReady", f"{len(ready)}/{total} shards ready{where}")
+    message = f"{len(ready)}/{total} shards ready{where}"
+    storage = _storage_trouble(pods)
+    if storage is not None:  # the store, not the node: the shards of every node would fail alike
+        return condition("ShardsReady", False, storage[0], f"{message}; {storage[1]}")
+    return condition("ShardsReady", False, "ShardsNotReady", message)
+
+
+def _storage_trouble(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """(reason, message) of the first shard Pod whose storage initializer fails, else None."""
+    for pod in sorted(pods, key=lambda p: str((p.get("metadata") or {}).get("name"))):
+        failure = initializer_failure(pod) if not pod_ready(pod) else None
+        if failure is not None:
+            name = (pod.get("metadata") or {}).get("name", "?")
+            return failure[0], f"spec.model.storageUri: {failure[1]} (shard Pod {name}, {INITIALIZER})"
+    return None
 
 
 async def _settle(

@@ -20,16 +20,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from amp4ec.compression import DEFAULT_MAX_ERROR, Compression
 from amp4ec.errors import InvalidSpec
+from amp4ec.operator.s3 import DEFAULT_REGION, S3Options, parse_s3_uri
 from amp4ec.operator.storage_hosts import Network, host_refusal
 from amp4ec.wire.stage import Batching
 
 __all__ = [
     "MAX_INPUT_ELEMENTS",
+    "CABundleSpec",
     "CompressionSpec",
     "DeploymentSpec",
     "ModelRef",
     "PinSpec",
     "ReplanSpec",
+    "S3Spec",
     "SpecPolicy",
     "Toleration",
     "parse_spec",
@@ -72,6 +75,50 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True, frozen=True)
 
 
+class S3Spec(_Strict):
+    """An S3-compatible store for an ``s3://bucket/key`` storageUri (MinIO, Ceph RGW, AWS S3)."""
+
+    endpoint: str | None = Field(None, max_length=300)
+    """``https://host[:port]`` of the store; absent: AWS's ``https://s3.<region>.amazonaws.com``."""
+    region: str = Field(DEFAULT_REGION, min_length=1, max_length=32, pattern=r"^[a-z0-9-]+$")
+    """The region requests are signed for (MinIO's default is us-east-1)."""
+    addressing: Literal["path", "virtual"] = "path"
+    """``path`` (``https://endpoint/bucket/key``, MinIO's) or ``virtual`` (``https://bucket.endpoint/key``)."""
+    secret_name: str | None = Field(None, alias="secretName", min_length=1, max_length=253)
+    """A Secret in the deployment's namespace with keys ``accessKeyId``, ``secretAccessKey`` (and
+    optionally ``sessionToken``), passed to the storage initializer only, as environment from
+    ``secretKeyRef``: the operator never reads it. Absent: anonymous GETs."""
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None:
+            _check_https(v, path=False)
+        return v
+
+    @field_validator("secret_name")
+    @classmethod
+    def _secret(cls, v: str | None) -> str | None:
+        if v is not None and not _SUBDOMAIN.match(v):
+            raise ValueError(f"expected a Secret name (a DNS subdomain), got {v!r}")
+        return v
+
+
+class CABundleSpec(_Strict):
+    """A ConfigMap in the deployment's namespace holding the PEM CA bundle that verifies the store."""
+
+    config_map_name: str = Field(alias="configMapName", min_length=1, max_length=253)
+    key: str = Field("ca.crt", min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")
+    """The ConfigMap's key (``ca.crt``, as in ``kube-root-ca.crt`` and trust-manager's bundles)."""
+
+    @field_validator("config_map_name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _SUBDOMAIN.match(v):
+            raise ValueError(f"expected a ConfigMap name (a DNS subdomain), got {v!r}")
+        return v
+
+
 class ModelRef(_Strict):
     """Which model to serve: an architecture by name, optionally with weights from storage, or a
     ``torch.export`` archive (``storageUri`` ending in ``.pt2``, no name)."""
@@ -80,10 +127,15 @@ class ModelRef(_Strict):
     """Zoo name (``mobilenet_v2``) or ``package.module:factory``; absent for a ``.pt2`` archive."""
     storage_uri: str | None = Field(None, alias="storageUri", max_length=1000)
     """A state_dict for ``name``, or (ending in ``.pt2``) the model itself as a torch.export
-    archive: ``pvc://claim/path`` or ``https://…`` (KServe's style)."""
+    archive: ``pvc://claim/path``, ``https://…`` or ``s3://bucket/key`` (KServe's style)."""
     sha256: str | None = None
-    """Hex SHA-256 of the file at ``storageUri``; required for https and for any ``.pt2``,
+    """Hex SHA-256 of the file at ``storageUri``; required for https, s3 and any ``.pt2``,
     checked before loading."""
+    s3: S3Spec | None = None
+    """The store of an ``s3://`` storageUri (endpoint, region, addressing, credentials' Secret)."""
+    ca_bundle: CABundleSpec | None = Field(None, alias="caBundle")
+    """The CA that verifies an https or s3 store with a private certificate, replacing the
+    initializer image's public CAs."""
     seed: int = Field(0, ge=0, le=2**31 - 1)
     """Seed of the random weights when no storageUri is given (every shard builds the same)."""
 
@@ -113,8 +165,10 @@ class ModelRef(_Strict):
             if not m:
                 raise ValueError(f"expected pvc://claim-name/path/in/claim, got {v!r}")
             _check_claim_path(m["path"])
+        elif v.startswith("s3://"):
+            parse_s3_uri(v)
         else:
-            raise ValueError(f"expected a pvc:// or https:// URI, got {v!r}")
+            raise ValueError(f"expected a pvc://, https:// or s3:// URI, got {v!r}")
         return v
 
     @model_validator(mode="after")
@@ -134,8 +188,15 @@ class ModelRef(_Strict):
                 "name: required (a zoo name or package.module:factory), or a storageUri ending in .pt2 "
                 "(a torch.export archive)"
             )
-        if self.storage_uri and self.storage_uri.startswith("https://") and not self.sha256:
-            raise ValueError("sha256: required with an https:// storageUri (the file is verified before use)")
+        scheme = (self.storage_uri or "").partition("://")[0]
+        if scheme in ("https", "s3") and not self.sha256:
+            raise ValueError(
+                f"sha256: required with an {scheme}:// storageUri (the file is verified before use)"
+            )
+        if self.s3 is not None and scheme != "s3":
+            raise ValueError("s3: only with an s3:// storageUri")
+        if self.ca_bundle is not None and scheme not in ("https", "s3"):
+            raise ValueError("caBundle: only with an https:// or s3:// storageUri")
         if self.sha256 and not self.storage_uri:
             raise ValueError("sha256: given without a storageUri to check")
         return self
@@ -151,15 +212,33 @@ class ModelRef(_Strict):
         return self.name or self.storage_uri or ""
 
     @property
+    def s3_options(self) -> S3Options:
+        """How the initializer reaches the store of an ``s3://`` URI (the defaults without ``s3``)."""
+        s3 = self.s3 or S3Spec()
+        return S3Options(s3.endpoint, s3.region, s3.addressing, s3.secret_name)
+
+    @property
+    def remote_url(self) -> str | None:
+        """The https URL the initializer GETs (an https URI, or an s3 object on its endpoint), else None."""
+        uri = self.storage_uri or ""
+        if uri.startswith("s3://"):
+            return self.s3_options.object_url(uri)
+        return uri if uri.startswith("https://") else None
+
+    @property
     def pvc(self) -> tuple[str, str] | None:
         """(claim, path) of a ``pvc://`` URI, else None."""
         m = _PVC.match(self.storage_uri or "")
         return (m["claim"], m["path"]) if m else None
 
 
-def _check_https(uri: str) -> None:
-    """An https URI with a host, no credentials, a valid port and a path."""
-    if len(uri) <= len("https://") or "/" not in uri[len("https://") :]:
+def _check_https(uri: str, path: bool = True) -> None:
+    """An https URI with a host, no credentials, a valid port and (``path``) a path, else none."""
+    if not uri.startswith("https://"):
+        raise ValueError(
+            f"expected https://host[:port], got {uri!r} (plain http would carry the request in the clear)"
+        )
+    if path and (len(uri) <= len("https://") or "/" not in uri[len("https://") :]):
         raise ValueError(f"expected https://host/path, got {uri!r}")
     try:
         parts = urlsplit(uri)
@@ -172,6 +251,8 @@ def _check_https(uri: str) -> None:
         raise ValueError(f"expected https://host/path, got {uri!r}")
     if port == 0:
         raise ValueError(f"expected a port in 1..65535, got {uri!r}")
+    if not path and (parts.path not in ("", "/") or parts.query or parts.fragment):
+        raise ValueError(f"expected https://host[:port] without a path, got {uri!r}")
 
 
 def _check_claim_path(path: str) -> None:
@@ -377,11 +458,12 @@ def _check_policy(spec: DeploymentSpec, policy: SpecPolicy) -> None:
                 f"(a factory is code execution; allowed modules: {allowed}; chart value "
                 "operator.allowedFactoryModules)"
             )
-    uri = spec.model.storage_uri or ""
-    if uri.startswith("https://"):
-        why = host_refusal(urlsplit(uri).hostname or "", policy.storage_allowed_networks)
+    url = spec.model.remote_url
+    if url is not None:
+        why = host_refusal(urlsplit(url).hostname or "", policy.storage_allowed_networks)
         if why is not None:
-            raise InvalidSpec(f"spec.model.storageUri: refused: {why}")
+            field = "s3.endpoint" if spec.model.s3 and spec.model.s3.endpoint else "storageUri"
+            raise InvalidSpec(f"spec.model.{field}: refused: {why}")
 
 
 def parse_spec(raw: Any, policy: SpecPolicy | None = None) -> DeploymentSpec:

@@ -20,6 +20,7 @@ from amp4ec.errors import InvalidSpec, ModelNotFound, ShapeMismatch
 from amp4ec.slicing.archive import ensure_safe_archive
 from amp4ec.slicing.materialise import load_state, supports_meta
 from amp4ec.slicing.materialise import materialise as materialise_tensors
+from amp4ec.slicing.pt2_lazy import ArchiveWeights, load_meta_program
 from amp4ec.wire.stage import StageConfig
 
 __all__ = ["LoadedModel", "ModelSource", "ensure_factory_allowed", "factory_module", "load_model"]
@@ -83,7 +84,9 @@ def load_model(source: ModelSource, *, materialise: bool = True) -> LoadedModel:
     archive = spec.endswith(".pt2")
     lazy, state = False, None
     if archive:
-        module, shapes, dtypes = _load_archive(spec, override)
+        # Not materialised: weights stay on the meta device, read per shard (pt2_lazy.py).
+        module, shapes, dtypes, state = _load_archive(spec, override, lazy=not materialise)
+        lazy = state is not None
         name = Path(spec).stem
     else:
         factory, name, default_shape = _resolve_factory(spec)
@@ -96,12 +99,12 @@ def load_model(source: ModelSource, *, materialise: bool = True) -> LoadedModel:
             )
         shapes, dtypes = [shape], [torch.float32]
 
-    if lazy:
+    if lazy and not archive:
         state = load_state(source.weights, module.state_dict(), name) if source.weights else None
         if materialise:
             materialise_tensors([module], source.seed, state)
             lazy, state = False, None
-    elif source.weights:
+    elif source.weights and not lazy:
         _apply_weights(module, source.weights, name)
     if not archive:
         module.eval()  # an ExportedProgram's module refuses .eval(); it runs as it was exported
@@ -210,17 +213,26 @@ def _check_shape(shape: Any) -> tuple[int, ...]:
 
 
 def _load_archive(
-    path: str, override: tuple[int, ...] | None
-) -> tuple[nn.Module, list[tuple[int, ...]], list[torch.dtype]]:
-    """A torch.export archive → its module plus the input shapes/dtypes it was exported with."""
+    path: str, override: tuple[int, ...] | None, lazy: bool = False
+) -> tuple[nn.Module, list[tuple[int, ...]], list[torch.dtype], ArchiveWeights | None]:
+    """A torch.export archive → its module plus the input shapes/dtypes it was exported with;
+    ``lazy``: its weights on the meta device, with the reader of each by name (else None)."""
     if not Path(path).is_file():
         raise ModelNotFound(f"model: file {path} does not exist; expected a torch.export .pt2 archive")
+    weights = None
     try:
         # One open file for the check and the load: replacing the path in between changes nothing.
-        with open(path, "rb") as file:
+        file = open(path, "rb")  # noqa: SIM115 - kept open by a lazy archive's weights
+        try:
             ensure_safe_archive(file, name=path)  # see [Note: archive allow-list]
             file.seek(0)
-            program = torch.export.load(file)
+            if lazy:
+                program, weights = load_meta_program(file)
+            else:
+                program = torch.export.load(file)
+        finally:
+            if weights is None:
+                file.close()
     except InvalidSpec:
         raise
     except Exception as e:
@@ -236,7 +248,7 @@ def _load_archive(
         if len(shapes) != 1:
             raise InvalidSpec(f"input_shape: {path} takes {len(shapes)} inputs; expected no input_shape")
         shapes = [_fit_override(shapes[0], override, path)]
-    return program.module(), [_materialise(s) for s in shapes], [v.dtype for v in vals]
+    return program.module(), [_materialise(s) for s in shapes], [v.dtype for v in vals], weights
 
 
 def _static_shape(shape: Sequence[Any]) -> tuple[int | None, ...]:

@@ -237,6 +237,22 @@ def _scenario(config: OperatorConfig | None = None) -> RecordingKube:
         assert await step("update") == "Serving"
         # Old entry Pods went first (draining); the handler's retry deletes the rest.
         assert await step("update") == "Serving"
+        # Weights from an S3 store with credentials: the Pods name the Secret (secretKeyRef);
+        # the operator never reads it (test_the_operator_reads_only_its_own_two_secrets).
+        s3 = {"endpoint": "https://198.51.100.8:9000", "secretName": "minio-creds"}
+        spec["model"] = {
+            "name": "mobilenet_v2",
+            "storageUri": "s3://models/w.pt",
+            "sha256": "b" * 64,
+            "s3": s3,
+        }
+        generation[0] = 3
+        assert await step("update") == "Profiling"
+        kube.start_pods()
+        assert await step("update") == "ShardsStarting"
+        kube.start_pods()
+        assert await step("update") == "Serving"
+        assert await step("update") == "Serving"
         await kube.close()
 
     asyncio.run(scenario())
@@ -333,6 +349,15 @@ def test_the_operator_reads_only_its_own_two_secrets() -> None:
     [Note: write-only Secrets]): it writes deployments' Secrets and reads back none of them."""
     kube = _scenario()
     assert kube.secrets_read == {("amp4ec-system", "amp4ec-ca"), ("amp4ec-system", "amp4ec-monitor-tls")}
+    named = {
+        e["valueFrom"]["secretKeyRef"]["name"]
+        for (plural, _, _), o in kube.objects.items()
+        if plural == "pods"
+        for c in o["spec"].get("initContainers") or ()
+        for e in c.get("env") or ()
+        if "secretKeyRef" in (e.get("valueFrom") or {})
+    }
+    assert named == {"minio-creds"}  # the S3 Secret is named to the kubelet, never read
     objs = render()
     role = one(objs, "Role")
     assert role["metadata"]["namespace"] == "amp4ec-system"

@@ -80,12 +80,13 @@ from kmock._internal import dsl, enums, rendering
 from kmock._internal.dicts import patch_dict
 from kmock._internal.k8s import KubernetesObjectConflictError, KubernetesObjectNotFoundError
 
-__all__ = ["PVCS", "Emulator", "FakeCluster", "Kubectl", "Kubelet"]
+__all__ = ["CONFIGMAPS", "PVCS", "Emulator", "FakeCluster", "Kubectl", "Kubelet"]
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD = "amp4ec.io/v1alpha1/inferencedeployments"
 PODS = "v1/pods"
 SECRETS = "v1/secrets"
+CONFIGMAPS = "v1/configmaps"
 PVCS = "v1/persistentvolumeclaims"
 SERVICES = "v1/services"
 NODES = "v1/nodes"
@@ -126,6 +127,7 @@ class Emulator(kmock.KubernetesEmulator):
             (NODES, "Node", False),
             (EVENTS, "Event", True),
             (PVCS, "PersistentVolumeClaim", True),
+            (CONFIGMAPS, "ConfigMap", True),
             ("v1/namespaces", "Namespace", False),
         ):
             self.resources[res] = kmock.ResourceInfo(
@@ -399,6 +401,9 @@ class _Container:
     init_failed: bool = False
     """An init container failed under ``restartPolicy: Never``: the Pod has Failed."""
     init_restart_at: float | None = None
+    config_error: str | None = None
+    """Why the current init container cannot be created (a Secret, key or ConfigMap its
+    environment names is missing): ``CreateContainerConfigError`` with this message."""
     deadline_exceeded: bool = False
     """``activeDeadlineSeconds`` passed: every container killed, the Pod Failed (DeadlineExceeded)."""
 
@@ -533,7 +538,10 @@ class Kubelet:
         if args is None:
             return False
         command = [sys.executable if x == "python" else x for x in container.get("command", [])]
-        env = {**self.env, **{e["name"]: e["value"] for e in container.get("env", [])}}
+        resolved = self._env(meta["namespace"], container)
+        if isinstance(resolved, str):
+            return False
+        env = {**self.env, **resolved}
         c.log = self.workdir / f"{stem}.log"
         with c.log.open("wb") as out:
             c.popen = subprocess.Popen(
@@ -610,7 +618,11 @@ class Kubelet:
                 if args is None:
                     return False
                 command = [sys.executable if x == "python" else x for x in spec.get("command", [])]
-                env = {**self.env, **{e["name"]: e["value"] for e in spec.get("env", [])}}
+                resolved = self._env(meta["namespace"], spec)
+                c.config_error = resolved if isinstance(resolved, str) else None
+                if isinstance(resolved, str):
+                    return False  # the kubelet retries, reporting CreateContainerConfigError
+                env = {**self.env, **resolved}
                 c.init_log = self.workdir / f"{stem}.log"
                 with c.init_log.open("wb") as out:
                     c.init_popen = subprocess.Popen(
@@ -636,6 +648,36 @@ class Kubelet:
                 c.backoff_s = min(self.backoff_max_s, max(self.backoff_initial_s, 2 * c.backoff_s))
             return False
         return True
+
+    def _env(self, namespace: str, container: dict[str, Any]) -> dict[str, str] | str:
+        """A container's environment: ``value``, or ``valueFrom`` a Secret's or ConfigMap's key
+        (skipped when ``optional`` and missing); the kubelet's message when one is missing."""
+        out: dict[str, str] = {}
+        for e in container.get("env", []):
+            if "value" in e:
+                out[e["name"]] = e["value"]
+                continue
+            source = e.get("valueFrom") or {}
+            kind, ref = next((k, source[k]) for k in ("secretKeyRef", "configMapKeyRef") if k in source)
+            resource, noun = (SECRETS, "secret") if kind == "secretKeyRef" else (CONFIGMAPS, "configmap")
+            obj = next(
+                (
+                    o
+                    for o in self.emulator.live_objects(resource)
+                    if o["metadata"]["namespace"] == namespace and o["metadata"]["name"] == ref["name"]
+                ),
+                None,
+            )
+            data = (obj or {}).get("data") or {}
+            if ref["key"] not in data:
+                if ref.get("optional"):
+                    continue
+                if obj is None:
+                    return f'{noun} "{ref["name"]}" not found'
+                return f"couldn't find key {ref['key']} in {noun.capitalize()} {namespace}/{ref['name']}"
+            value = data[ref["key"]]
+            out[e["name"]] = base64.b64decode(value).decode() if resource == SECRETS else value
+        return out
 
     def _secret_volumes(
         self, pod: dict[str, Any], container: dict[str, Any], root: Path
@@ -1162,6 +1204,8 @@ def _init_statuses(c: _Container, inits: list[dict[str, Any]]) -> list[dict[str,
             state: dict[str, Any] = {"terminated": last[name]}
         elif n == c.init_done and c.init_popen is not None:
             state = {"running": {}}
+        elif n == c.init_done and c.config_error is not None:
+            state = {"waiting": {"reason": "CreateContainerConfigError", "message": c.config_error}}
         else:
             state = {"waiting": {"reason": "PodInitializing"}}
         out.append({"name": name, "state": state, "ready": n < c.init_done})
@@ -1223,7 +1267,7 @@ def _pod_status(c: _Container, now: float) -> tuple[tuple[Any, ...], dict[str, A
         status["initContainerStatuses"] = _init_statuses(c, inits)
     (kind,) = state
     init_key = tuple((s["name"], s["terminated"]["exitCode"]) for s in c.init_statuses)
-    key = (phase, c.ready, restarts, kind, state[kind].get("reason"), init_key, c.init_done)
+    key = (phase, c.ready, restarts, kind, state[kind].get("reason"), init_key, c.init_done, c.config_error)
     return key, status
 
 

@@ -58,13 +58,17 @@ class Store:
 
     def __init__(self, cert: Path, key: Path) -> None:
         self.files: dict[str, bytes] = {}
+        self.then: dict[str, bytes] = {}
+        """What a path serves after its first GET (a store whose file changes after profiling)."""
         self.requests: list[str] = []
         store = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                store.requests.append(self.path)
                 body = store.files.get(self.path)
+                if self.path in store.then and self.path in store.requests:
+                    body = store.then[self.path]
+                store.requests.append(self.path)
                 if body is None:
                     self.send_response(404)
                     self.end_headers()

@@ -35,8 +35,9 @@ import torch
 from cryptography import x509
 
 from amp4ec.wire import transport
-from tests.operator.cluster import CRD, PODS, PVCS, ROOT, SECRETS, SERVICES, environ
+from tests.operator.cluster import CONFIGMAPS, CRD, PODS, PVCS, ROOT, SECRETS, SERVICES, environ
 from tests.operator.conftest import MEASURE_WINDOW, NODE_NAMES, Env, Namespace, restore_capacity, wait_for
+from tests.operator.s3store import S3Store
 from tests.operator.store import Store
 
 pytestmark = pytest.mark.slow
@@ -730,6 +731,109 @@ def test_a_wrong_digest_an_unreachable_uri_a_non_archive_and_a_missing_claim_eac
         raise
     assert (env.deployment(n, "wrong-digest") or {})["status"]["phase"] == "Failed"  # the spec must change
     assert (env.deployment(n, "unreachable") or {})["status"]["phase"] == "Planning"  # retried
+
+
+def test_a_pt2_from_an_s3_store_with_a_private_ca_serves_and_a_missing_or_wrong_secret_says_so(
+    ns: Namespace, tmp_path: Path
+) -> None:
+    """An edge MinIO stand-in (moto over TLS from a private CA, checking every signature): the
+    credentials reach only the initializers (secretKeyRef), the CA through caBundle; a Secret that
+    does not exist yet is StorageUnavailable naming it and heals once it is created; a wrong one
+    is InvalidStorage naming it; neither Secret's value appears in any status."""
+    env, n = ns.env, ns.name
+    program, data = exported(seed=13)
+    digest = hashlib.sha256(data).hexdigest()
+
+    def secret(name: str, key_id: str, value: str) -> None:
+        encoded = {
+            k: base64.b64encode(v.encode()).decode()
+            for k, v in (("accessKeyId", key_id), ("secretAccessKey", value))
+        }
+        env.kubectl.create(SECRETS, {"metadata": {"name": name, "namespace": n}, "data": encoded})
+
+    with S3Store() as s3:
+        s3.put("models", "team/residual.pt2", data)
+        env.kubectl.create(
+            CONFIGMAPS, {"metadata": {"name": "edge-ca", "namespace": n}, "data": {"ca.crt": s3.ca_pem}}
+        )
+        secret("wrong-creds", s3.key_id, "not-the-secret")
+
+        def model(secret_name: str) -> dict[str, Any]:
+            return {
+                "model": {
+                    "storageUri": "s3://models/team/residual.pt2",
+                    "sha256": digest,
+                    "s3": {"endpoint": s3.endpoint, "secretName": secret_name},
+                    "caBundle": {"configMapName": "edge-ca"},
+                },
+                "placement": [{"firstBlock": 0, "lastBlock": 1, "node": "edge-a"}],  # two stages at least
+            }
+
+        ns.create("wrong-secret", model("wrong-creds"))
+        ns.create("mine", model("minio-creds"))  # its Secret does not exist yet
+        try:
+            wrong = wait_for(
+                lambda: reason_is(env, n, "wrong-secret", "Planned", "InvalidStorage"), 90, "wrong"
+            )
+            assert wrong["message"].startswith("spec.model.storageUri: ")
+            assert "SignatureDoesNotMatch" in wrong["message"] and "Secret wrong-creds" in wrong["message"]
+            missing = wait_for(
+                lambda: reason_is(env, n, "mine", "Planned", "StorageUnavailable"), 90, "missing"
+            )
+            assert 'secret "minio-creds" not found (spec.model.s3.secretName)' in missing["message"], missing
+            secret("minio-creds", s3.key_id, s3.secret)  # retried after AMP4EC_INFEASIBLE_RETRY_S
+            obj = wait_serving(env, n, "mine", timeout=240)
+        except AssertionError:
+            print(json.dumps((env.deployment(n, "mine") or {}).get("status"), indent=1))
+            for pod in env.kubectl.list(PODS, n):
+                print(pod["metadata"]["name"], json.dumps(pod.get("status"))[:1500])
+            raise
+        assert len(obj["status"]["plan"]["stages"]) >= 2
+        for shard in owned(env, n, PODS, "mine"):
+            (init,) = shard["spec"]["initContainers"]
+            credentials = [e for e in init["env"] if e["name"].startswith("AWS_")]
+            assert len(credentials) == 3 and all("valueFrom" in e for e in credentials)  # by reference
+            assert "env" not in shard["spec"]["containers"][0] or all(
+                not e["name"].startswith("AWS_") for e in shard["spec"]["containers"][0]["env"]
+            )
+        said = json.dumps(
+            [v.get("status") for v in history_of(env, n, "mine") + history_of(env, n, "wrong-secret")]
+        )
+        assert s3.secret not in said and "not-the-secret" not in said
+        x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(6))
+        with torch.inference_mode():
+            expected = program.module()(x)
+        torch.testing.assert_close(infer(env, n, "mine", x, tmp_path), expected)
+
+
+def test_a_shards_store_that_changed_after_profiling_is_named_in_its_status(
+    ns: Namespace, store: Store
+) -> None:
+    """The profiler fetched the archive; the store then serves other bytes: each shard's
+    initializer fails the digest, and the deployment says so (ShardsReady, Degraded) with the
+    initializer's own cause, without giving up a node for it."""
+    env, n = ns.env, ns.name
+    _, data = exported(seed=14)
+    digest = hashlib.sha256(data).hexdigest()
+    replaced = b"PK\x03\x04 replaced"
+    store.files["/changed.pt2"], store.then["/changed.pt2"] = data, replaced
+    ns.create("changed", {"model": {"storageUri": store.url("/changed.pt2"), "sha256": digest}})
+    try:
+        shards = wait_for(
+            lambda: reason_is(env, n, "changed", "ShardsReady", "InvalidStorage"), 120, "shards"
+        )
+        degraded = wait_for(
+            lambda: reason_is(env, n, "changed", "Degraded", "InvalidStorage"), 30, "degraded"
+        )
+    except AssertionError:
+        print(env.logs())
+        raise
+    cause = f"sha256 expected {digest}, actual {hashlib.sha256(replaced).hexdigest()}"
+    for c in (shards, degraded):
+        assert "spec.model.storageUri: " in c["message"] and cause in c["message"], c
+        assert "storage-initializer" in c["message"]
+    planned = env.condition(n, "changed", "Planned")
+    assert planned is not None and planned["status"] == "True"  # the plan stands: the store is at fault
 
 
 def test_the_cluster_wide_monitor_refuses_to_profile_any_model(e2e: Env) -> None:

@@ -66,8 +66,19 @@ def test_shards_load_the_verified_archive_from_their_own_volume() -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    [PT2, {"model": {"name": "tests.model_zoo:residual_net", "storageUri": "pvc://models/w.pt"}}],
-    ids=["https-pt2", "pvc-weights"],
+    [
+        PT2,
+        {"model": {"name": "tests.model_zoo:residual_net", "storageUri": "pvc://models/w.pt"}},
+        {
+            "model": {
+                "storageUri": "s3://models/m.pt2",
+                "sha256": SHA,
+                "s3": {"endpoint": "https://minio.example:9000", "secretName": "minio"},
+                "caBundle": {"configMapName": "edge-ca"},
+            }
+        },
+    ],
+    ids=["https-pt2", "pvc-weights", "s3-pt2-private-ca"],
 )
 def test_the_profiler_pod_is_restricted_limited_owned_and_valid(raw: dict[str, Any]) -> None:
     config = OperatorConfig(
@@ -302,11 +313,20 @@ def test_a_profiler_out_of_memory_is_its_own_failure_never_an_invalid_model() ->
     assert not _profiler_pods(kube)
 
 
+def test_a_storage_failure_is_keyed_by_how_the_store_is_reached_a_profile_by_content() -> None:
+    """One deployment's wrong Secret is not another's failure; a success is shared by digest."""
+    s3 = {"storageUri": "s3://models/m.pt2", "sha256": SHA}
+    a = ProfileKey.of(_spec({"model": {**s3, "s3": {"secretName": "a"}}}), "ml")
+    b = ProfileKey.of(_spec({"model": {**s3, "s3": {"secretName": "b"}}}), "ml")
+    assert a != b and a.digest() != b.digest() and a.content() == b.content()
+    assert ProfileKey.of(_spec(PT2), "ml").access == ""
+
+
 def test_a_batching_deployment_profiles_at_its_batch_sizes() -> None:
     plain = ProfileKey.of(_spec(PT2), "ml")
     batched = ProfileKey.of(_spec({**PT2, "batching": {"maxBatchRequests": 4}}), "ml")
     assert plain.batch_sizes == () and batched.batch_sizes == (2, 4)
     assert batched != plain and batched.digest() != plain.digest()  # its own profiler Pod and cache entry
-    # A key without batch sizes keeps the digest it had before they existed (its Pod's name).
-    before = {k: v for k, v in dataclasses.asdict(plain).items() if k != "batch_sizes"}
+    # A key without batch sizes (or storage access) keeps the digest it had before they existed.
+    before = {k: v for k, v in dataclasses.asdict(plain).items() if k not in ("batch_sizes", "access")}
     assert plain.digest() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()

@@ -14,6 +14,10 @@ unbatched monolith's saturation throughput. Reported against the targets of issu
 Beside the measured figures, the planner's predictions for the same plan at the same rate
 (``predicted``: without batching, and with it from the blocks' batch times, see
 ``amp4ec.planner.batching``) and their ratios to what was measured.
+
+A last row, unbatched at the same rate: the plan of the ``p95`` objective for that rate
+(``amp4ec.planner.tail``; it may be the default plan itself), its p95 against the monolith's
+beside the default plan's, with its predicted p95.
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ from amp4ec.bench.results import (
     Ideal,
     MeasuredPlan,
     NodeShare,
+    P95Plan,
     PlannerPrediction,
     StrategyResult,
+    plan_rows,
 )
 from amp4ec.bench.runner import (  # the standard configuration's steps, shared
     MATCHED_NODE,
@@ -48,6 +54,7 @@ from amp4ec.bench.runner import (  # the standard configuration's steps, shared
 from amp4ec.local.cgroups import PERIOD_US
 from amp4ec.local.cluster import LocalCluster, NodeSpec
 from amp4ec.local.run import measure_links, node_capacities
+from amp4ec.plan_timer import timed_plan
 from amp4ec.planner.batching import expected_batches, saturation_rps
 from amp4ec.planner.load import latency_under_load
 from amp4ec.planner.types import Plan
@@ -122,6 +129,20 @@ async def run_batching(
         progress.step()
         rows["optimal_batched"] = await _guarded(batched, plan, "optimal, batching", rate)
         progress.step()
+        p95_plan = None
+        if rate:
+            tail, _ = timed_plan(
+                prepared.profiles,
+                planner_nodes,
+                objective="p95",
+                rate_rps=rate,
+                input_bytes=prepared.chain.input_bytes,
+                links=links,
+            )
+            predicted = replace(predicted, p95_objective=_predicted(tail, rate))
+            p95_plan = P95Plan(plan_rows(tail.rows()), tail.rows() == plan.rows(), tuple(tail.notes))
+            rows["p95_objective"] = await _guarded(unbatched, tail, "p95 objective", rate)
+        progress.step()
     return BatchingResult(
         name=config.name,
         title=config.title,
@@ -136,6 +157,7 @@ async def run_batching(
         open_loop_rate_rps=rate,
         ideal=ideal,
         predicted=predicted,
+        p95_plan=p95_plan,
         ratios=ratios(rows, ideal, predicted),
     )
 
@@ -190,6 +212,10 @@ def ratios(
         "matched_batched_vs_matched_saturation": ratio(rps("matched_batched"), rps("matched")),
         "predicted_saturation": ratio(finite(predicted.unbatched.saturation_rps), rps("optimal")),
         "predicted_p95": ratio(finite(predicted.unbatched.p95_ms), p95("optimal")),
+        "p95_objective_p95_vs_matched": ratio(p95("p95_objective"), p95("matched")),
+        "predicted_p95_objective_p95": ratio(
+            finite(predicted.p95_objective.p95_ms) if predicted.p95_objective else None, p95("p95_objective")
+        ),
         "predicted_batched_saturation": ratio(
             finite(predicted.batched.saturation_rps), rps("optimal_batched")
         ),

@@ -18,6 +18,7 @@ from amp4ec.bench.results import (
     MultiTenantResult,
     NodeRow,
     NotRun,
+    P95Plan,
     PlanRow,
     StandardResult,
 )
@@ -258,6 +259,7 @@ _BATCHING_ROWS = {
     "matched_batched": "monolith, resource-matched, batching",
     "optimal": "optimal (ours)",
     "optimal_batched": "optimal (ours), batching",
+    "p95_objective": "p95-objective plan (ours)",
 }
 
 
@@ -325,7 +327,29 @@ def _batching(config: BatchingResult) -> list[str]:
         f"({_x(ratios.get('predicted_batched_p95'))}), mean batch {_f(batched.mean_batch, 2)}.",
         "",
     ]
+    tail, shape = config.predicted.p95_objective, config.p95_plan
+    if tail:
+        which = "the optimal plan itself" if shape and shape.same_as_optimal else _stages_text(shape)
+        # The planner's verdict: the p95 it chose, or that no plan sustains the rate.
+        if shape and shape.notes:
+            which += f"; the planner: {shape.notes[0]}"
+        lines += [
+            f"The p95-objective plan for this rate ({which}), unbatched: open-loop p95 against the "
+            f"resource-matched monolith {_x(ratios.get('p95_objective_p95_vs_matched'))} (the optimal "
+            f"plan's {_x(ratios.get('p95_vs_matched'))}); predicted p95 {_f(tail.p95_ms)} ms "
+            f"against the optimal plan's {_f(unbatched.p95_ms)} "
+            f"({_x(ratios.get('predicted_p95_objective_p95'))} of measured).",
+            "",
+        ]
     return lines
+
+
+def _stages_text(shape: P95Plan | None) -> str:
+    """``node0 ∥ node1 → node2``: pipelines in parallel, stages in order."""
+    pipes: dict[int, list[str]] = {}
+    for row in shape.rows if shape else ():
+        pipes.setdefault(row.pipeline, []).append(row.node)
+    return " ∥ ".join(" → ".join(nodes) for _, nodes in sorted(pipes.items()))
 
 
 def _transport(config: StandardResult) -> list[str]:

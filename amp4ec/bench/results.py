@@ -47,6 +47,7 @@ __all__ = [
     "NotRun",
     "OpenLoop",
     "Overhead",
+    "P95Plan",
     "PlanRow",
     "PlannerPrediction",
     "Predicted",
@@ -572,6 +573,18 @@ class BatchingPredictions:
     unbatched: PlannerPrediction
     batched: PlannerPrediction
     """The same placement, its stages priced at the blocks' batch times."""
+    p95_objective: PlannerPrediction | None = field(default=None, metadata=OMIT)
+    """The ``p95`` objective's plan for the open-loop rate (none without a rate)."""
+
+
+@dataclass(frozen=True)
+class P95Plan:
+    """The ``p95`` objective's plan for the open-loop rate (``amp4ec.planner.tail``)."""
+
+    rows: tuple[PlanRow, ...]
+    same_as_optimal: bool
+    notes: tuple[str, ...]
+    """The planner's verdict: the p95 it chose, or that no plan sustains the rate."""
 
 
 @dataclass(frozen=True)
@@ -590,6 +603,7 @@ class BatchingResult(_Ok):
     ideal: Ideal | None
     ratios: dict[str, float | None]
     predicted: BatchingPredictions
+    p95_plan: P95Plan | None = field(default=None, metadata=OMIT)
     kind: str = "batching"
     status: str = "ok"
 

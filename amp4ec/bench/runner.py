@@ -53,7 +53,7 @@ def steps(config: Configuration) -> int:
     if config.latency:
         return len(config.strategies)
     if config.batching:
-        return 5
+        return 6
     return len(config.strategies) + 1 + config.compare_transport
 
 

@@ -60,6 +60,8 @@ class RunConfig:
     """Requests kept in flight; None = one per stage of the plan, enough to fill every pipeline."""
     strategy: str = "optimal"
     objective: str = "throughput"
+    rate_rps: float | None = None
+    """The arrival rate the ``p95`` objective plans for (requests/s; only with it)."""
     limit_mode: str = "auto"
     cfs_period_us: int = PERIOD_US
     """CFS period of the nodes' quotas (``--cfs-period``; see [Note: why a short CFS period])."""
@@ -299,6 +301,7 @@ async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
             prepared.profiles,
             nodes,
             objective=config.objective,
+            rate_rps=config.rate_rps,
             strategy=config.strategy,
             input_bytes=prepared.chain.input_bytes,
             links=links,
@@ -315,6 +318,7 @@ async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
                 prepared.profiles,
                 survivors,
                 objective=config.objective,
+                rate_rps=config.rate_rps,
                 strategy=config.strategy,
                 input_bytes=prepared.chain.input_bytes,
                 links=kept,

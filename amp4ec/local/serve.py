@@ -80,6 +80,8 @@ class ServeConfig:
     """The v2 model name; default: the model spec's last part (``mobilenet_v2``)."""
     strategy: str = "optimal"
     objective: str = "throughput"
+    rate_rps: float | None = None
+    """The arrival rate the ``p95`` objective plans for (requests/s; only with it)."""
     limit_mode: str = "auto"
     cfs_period_us: int = PERIOD_US
     """CFS period of the nodes' quotas (``--cfs-period``; see [Note: why a short CFS period])."""
@@ -177,6 +179,7 @@ class _Serving:
             self.prepared.profiles,
             nodes,
             objective=self.config.objective,
+            rate_rps=self.config.rate_rps,
             strategy=self.config.strategy,
             input_bytes=self.prepared.chain.input_bytes,
             links=links,

@@ -92,6 +92,7 @@ def choose(
     input_bytes: int = 0,
     codecs: Sequence[Any] = (),
     max_error: float | None = None,
+    rate_rps: float | None = None,
 ) -> Keep | Rollout:
     """Keep ``current`` or roll out ``proposal``.
 
@@ -119,6 +120,7 @@ def choose(
             input_bytes=input_bytes,
             codecs=codecs,
             max_error=max_error,
+            rate_rps=rate_rps,
         )
     except (KeyError, ValueError) as exc:  # a node of the current plan has no capacity now
         reason = f"the current plan cannot be priced on today's capacity: {exc}"

@@ -443,6 +443,7 @@ async def _decide(
             deployment=t.name,
             links=[link for link in cap.links if link.src in usable and link.dst in usable],
             objective=spec.objective,
+            rate_rps=spec.target_rate,
             strategy=spec.strategy,
             input_bytes=costs.input_bytes,
             max_stages=spec.max_stages,
@@ -469,6 +470,7 @@ async def _decide(
         nodes=list({**usable, **_held_capacity(current, measured)}.values()),
         links=list(cap.links),
         input_bytes=costs.input_bytes,
+        rate_rps=spec.target_rate,
         **squeeze,
     )
     if isinstance(decision, Rollout):

@@ -28,6 +28,7 @@ from amp4ec.bench.results import (
     NotRun,
     OpenLoop,
     Overhead,
+    P95Plan,
     PlannerPrediction,
     PlanRow,
     Predicted,
@@ -213,7 +214,9 @@ def every_kind() -> BenchResults:
         predicted=BatchingPredictions(
             unbatched=PlannerPrediction(95.0, 9.0, 100.0, 140.0, 1.0, (1.0, 1.0)),
             batched=PlannerPrediction(120.0),
+            p95_objective=PlannerPrediction(90.0, 9.0, 80.0, 120.0, 1.0, (1.0,)),
         ),
+        p95_plan=P95Plan((ROW,), same_as_optimal=False, notes=("p95 120.0 ms predicted at 9 req/s",)),
     )
     return BenchResults(
         command="amp4ec bench",

@@ -251,6 +251,9 @@ def test_the_batching_report_sets_the_planners_predictions_beside_the_measuremen
         Ideal,
         MeasuredPlan,
         NodeShare,
+        P95Plan,
+        PlannerPrediction,
+        PlanRow,
     )
     from amp4ec.planner import plan
     from amp4ec.planner.types import LayerProfile, NodeCapacity
@@ -283,8 +286,14 @@ def test_the_batching_report_sets_the_planners_predictions_beside_the_measuremen
         return replace(measured, open_loop=replace(measured.open_loop, p50_ms=p95 / 2, p95_ms=p95, dropped=0))
 
     rows: dict = {"matched": row(40, 50), "matched_batched": row(45, 45), "optimal": row(50, 40),
-                  "optimal_batched": row(2 * batched.saturation_rps, batched.p95_ms / 4)}  # fmt: skip
-    predicted = BatchingPredictions(unbatched, batched)
+                  "optimal_batched": row(2 * batched.saturation_rps, batched.p95_ms / 4),
+                  "p95_objective": row(45, 25)}  # fmt: skip
+    predicted = BatchingPredictions(unbatched, batched, PlannerPrediction(1.0, p95_ms=50.0))
+    p95_plan = P95Plan(
+        (PlanRow(0, 0, "a", 0, 3), PlanRow(1, 0, "b", 0, 1), PlanRow(1, 1, "c", 2, 3)),
+        same_as_optimal=False,
+        notes=("p95 50.0 ms predicted at 30 req/s, the lowest of 4 simulated",),
+    )
     ideal = Ideal(50.0, {"a": 50.0}, "each node alone")
     figures = ratios(rows, ideal, predicted)
     assert figures["predicted_batched_saturation"] == pytest.approx(0.5)
@@ -293,11 +302,15 @@ def test_the_batching_report_sets_the_planners_predictions_beside_the_measuremen
     result = BatchingResult(
         name="batching", title="t", model="m", scale_factor=1.0, nodes=(NodeShare("a", 1.0),),
         matched_cpu=1.5, batching=Batching(4, 0.0), targets={}, rows=rows, cpu_limits="",
-        open_loop_rate_rps=30.0, ideal=ideal, ratios=figures, predicted=predicted,
+        open_loop_rate_rps=30.0, ideal=ideal, ratios=figures, predicted=predicted, p95_plan=p95_plan,
     )  # fmt: skip
     text = render(BenchResults("c", "s", False, "mutual TLS", MACHINE, 1.6, (result,)))
     assert f"saturation {batched.saturation_rps:.1f} req/s (0.50×)" in text
     assert "(4.00×), mean batch" in text
+    assert figures["p95_objective_p95_vs_matched"] == pytest.approx(0.5)
+    assert "p95-objective plan for this rate (a ∥ b → c; the planner: p95 50.0 ms predicted" in text
+    assert "monolith 0.50× (the optimal plan's 0.80×); predicted p95 50.0 ms" in text
+    assert "(2.00× of measured)" in text
 
 
 def test_every_configuration_runner_takes_what_the_suite_passes() -> None:

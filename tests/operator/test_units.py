@@ -51,6 +51,10 @@ def test_minimal_spec_gets_defaults() -> None:
         ({"model": {"name": "m"}, "replan": {"intervalSeconds": 2.5}}, "spec.replan.intervalSeconds"),
         ({"model": {"name": "m"}, "batching": {"maxBatchRequests": 65}}, "spec.batching.maxBatchRequests"),
         ({"model": {"name": "m"}, "batching": {"maxQueueDelayMs": -1}}, "spec.batching.maxQueueDelayMs"),
+        ({"model": {"name": "m"}, "objective": "p95"}, "targetRate: objective p95 needs"),
+        ({"model": {"name": "m"}, "targetRate": 40}, "targetRate: only objective p95"),
+        ({"model": {"name": "m"}, "objective": "p95", "targetRate": 0}, "spec.targetRate"),
+        ({"model": {"name": "m"}, "objective": "p95", "targetRate": 9, "strategy": "equal"}, "optimal only"),
         ("not an object", "spec: expected an object"),
     ],
 )  # fmt: skip

@@ -10,14 +10,23 @@ time from the fault to full throughput on the survivors (see ``recovery``).
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import time
 from collections.abc import Sequence
+from dataclasses import asdict, replace
 from typing import Any
 
 from amp4ec.bench.configs import Configuration, scale_nodes
 from amp4ec.bench.progress import ProgressSink
+from amp4ec.bench.results import (
+    FailedScenario,
+    FailoverResult,
+    FailoverScenario,
+    NodeShare,
+    Recovery,
+    ScenarioResult,
+    plan_rows,
+)
 from amp4ec.client import Client, Result
 from amp4ec.errors import Amp4ecError
 from amp4ec.loadgen import closed_loop
@@ -25,8 +34,8 @@ from amp4ec.local.cgroups import PERIOD_US
 from amp4ec.local.cluster import LocalCluster
 from amp4ec.local.run import deploy, measure_links, node_capacities, quantile
 from amp4ec.local.supervisor import Supervisor, endpoints
+from amp4ec.plan_timer import timed_plan
 from amp4ec.planner.types import Plan
-from amp4ec.scheduling import timed_plan
 from amp4ec.slicing.prepare import Prepared
 from amp4ec.slicing.sources import factory_module
 
@@ -41,9 +50,7 @@ FULL = 0.9
 WINDOW_S = 1.0
 
 
-def recovery(
-    samples: Sequence[tuple[float, float]], fault_s: float, concurrency: int
-) -> dict[str, float | None]:
+def recovery(samples: Sequence[tuple[float, float]], fault_s: float, concurrency: int) -> Recovery:
     """From (start, end) times of the answered requests (seconds, the run's clock):
 
     - ``rps_before``: the rate before the fault; ``rps_after``: the survivors' steady rate, over
@@ -56,14 +63,10 @@ def recovery(
     ends = sorted(end for _, end in samples)
     steady = [e for e in ends if e > fault_s][: -concurrency or None]
     before = [(e - s) * 1000 for s, e in samples if e <= fault_s]
-    out: dict[str, float | None] = {
-        "rps_before": len(before) / fault_s if before and fault_s > 0 else None,
-        "p99_before_ms": quantile(before, 0.99) if before else None,
-        "rps_after": None,
-        "to_full_s": None,
-        "p99_window_ms": None,
-        "max_window_ms": None,
-    }
+    out = Recovery(
+        rps_before=len(before) / fault_s if before and fault_s > 0 else None,
+        p99_before_ms=quantile(before, 0.99) if before else None,
+    )
     if len(steady) < 20:
         return out
     half = steady[len(steady) // 2 :]
@@ -76,13 +79,13 @@ def recovery(
         t += 0.05
     window_end = fault_s + to_full if to_full is not None else steady[-1]
     during = [(e - s) * 1000 for s, e in samples if s <= window_end and e > fault_s]
-    out.update(
+    return replace(
+        out,
         rps_after=rps_after,
         to_full_s=to_full,
         p99_window_ms=quantile(during, 0.99) if during else None,
         max_window_ms=max(during) if during else None,
     )
-    return out
 
 
 async def run_failover(
@@ -94,31 +97,32 @@ async def run_failover(
     limit_mode: str = "auto",
     cfs_period_us: int = PERIOD_US,
     secure: bool = True,
-) -> dict[str, Any]:
+) -> FailoverResult:
     nodes, factor = scale_nodes(config, budget)
-    out: dict[str, Any] = {
-        "name": config.name,
-        "title": config.title,
-        "kind": "failover",
-        "model": config.source.spec,
-        "scale_factor": factor,
-        "nodes": [{"name": n.name, "cpu": n.cpu} for n in nodes],
-        "requests": config.sizes.saturation,
-        "scenarios": [],
-    }
+    scenarios: list[ScenarioResult] = []
+    cpu_limits = ""
     for strategy, fault in config.faults:
         label = f"{strategy}, {VICTIM} {fault}"
         try:
-            result = await _scenario(
+            cpu_limits, result = await _scenario(
                 config, prepared, nodes, strategy, fault, progress, limit_mode, secure, cfs_period_us
             )
         except Amp4ecError as e:
             progress.note(f"failover {label} failed: {e}")
-            result = {"strategy": strategy, "fault": fault, "status": "failed", "reason": str(e)}
-        out["scenarios"].append(result)
-        out["cpu_limits"] = result.pop("cpu_limits", out.get("cpu_limits", ""))
+            result = FailedScenario(strategy, fault, "failed", str(e))
+        scenarios.append(result)
         progress.step()
-    return out
+    return FailoverResult(
+        name=config.name,
+        title=config.title,
+        model=config.source.spec,
+        scale_factor=factor,
+        nodes=tuple(NodeShare(n.name, n.cpu) for n in nodes),
+        requests=config.sizes.saturation,
+        scenarios=tuple(scenarios),
+        cpu_limits=cpu_limits,
+        note=config.note,
+    )
 
 
 async def _scenario(
@@ -131,7 +135,8 @@ async def _scenario(
     limit_mode: str,
     secure: bool,
     cfs_period_us: int,
-) -> dict[str, Any]:
+) -> tuple[str, FailoverScenario]:
+    """The scenario's figures, and the CPU limits its cluster ran under."""
     requests = config.sizes.saturation  # the failover's request count (see configs.FAILOVER)
     inputs = prepared.loaded.example_inputs
     progress.phase(f"failover ({strategy}, {VICTIM} {fault}): starting agents")
@@ -153,7 +158,7 @@ async def _scenario(
                 links=kept,
             )[0]
 
-        plan = replan(list(cluster.agents))
+        plan = replan(cluster.node_names)
         await deploy(cluster, plan, config.source)
         concurrency = max(len(p.stages) for p in plan.pipelines) * len(plan.pipelines)
         samples: list[tuple[float, float, int]] = []
@@ -177,42 +182,37 @@ async def _scenario(
                 progress.advance()
 
             progress.phase(f"failover ({strategy}, {VICTIM} {fault}): {requests} requests", requests)
-            process = cluster.agents[VICTIM].process
             sup.start = time.monotonic()  # the run's clock starts now
             loop = asyncio.create_task(closed_loop(client, inputs, requests, concurrency, done, failed, 30))
             try:
                 await asyncio.wait_for(third.wait(), 300)
                 fault_s = sup.injected[VICTIM] = sup.now()
-                os.kill(process.pid, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+                cluster.send_signal(VICTIM, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
                 await asyncio.wait_for(loop, 300)
                 (record,) = await asyncio.wait_for(sup.recovered(), 60)
             finally:
                 loop.cancel()
                 sup.ignored.add(VICTIM)
-                if process.poll() is None:
-                    process.kill()
-                    os.kill(process.pid, signal.SIGCONT)
+                cluster.kill(VICTIM)
         figures = recovery([(s, e) for s, e, _ in samples], fault_s, concurrency)
-        to_full = figures["to_full_s"]
-        return {
-            "status": "ok",
-            "strategy": strategy,
-            "fault": fault,
-            "node": VICTIM,
-            "cpu_limits": cluster.limit_description,
-            "requests": requests,
-            "answered": len(samples),
-            "lost": len(lost),
-            "errors": sorted(set(lost))[:5],
-            "retried": sum(1 for *_, attempts in samples if attempts > 1),
-            "concurrency": concurrency,
-            "fault_s": fault_s,
-            "detected_after_s": record.detected_s - fault_s,
-            "serving_after_s": record.recovery_s,
-            "replanned": record.replanned,
-            "target_s": TARGET_S.get(strategy),
-            "met": len(lost) == 0 and to_full is not None and to_full < TARGET_S.get(strategy, float("inf")),
-            "plan_before": plan.rows(),
-            "plan_after": record.plan_after,
-            **figures,
-        }
+        to_full = figures.to_full_s
+        return cluster.limit_description, FailoverScenario(
+            strategy=strategy,
+            fault=fault,
+            node=VICTIM,
+            requests=requests,
+            answered=len(samples),
+            lost=len(lost),
+            errors=tuple(sorted(set(lost))[:5]),
+            retried=sum(1 for *_, attempts in samples if attempts > 1),
+            concurrency=concurrency,
+            fault_s=fault_s,
+            detected_after_s=record.detected_s - fault_s,
+            serving_after_s=record.recovery_s,
+            replanned=record.replanned,
+            target_s=TARGET_S.get(strategy),
+            met=len(lost) == 0 and to_full is not None and to_full < TARGET_S.get(strategy, float("inf")),
+            plan_before=plan_rows(plan.rows()),
+            plan_after=plan_rows(record.plan_after),
+            **asdict(figures),
+        )

@@ -21,12 +21,21 @@ from amp4ec.bench.configs import Configuration, scale_nodes
 from amp4ec.bench.links import shaped_for
 from amp4ec.bench.measure import quantiles
 from amp4ec.bench.progress import ProgressSink
+from amp4ec.bench.results import (
+    LatencyOpenLoop,
+    LatencyPlan,
+    LatencyResult,
+    LinkShapeRow,
+    NodeShare,
+    TiledStageRow,
+    TileGroupRow,
+)
 from amp4ec.loadgen import closed_loop, open_loop
 from amp4ec.local.cgroups import PERIOD_US
 from amp4ec.local.cluster import CLIENT_IDENTITY, LocalCluster
 from amp4ec.local.run import client_of, deploy, measure_links, node_capacities
+from amp4ec.plan_timer import timed_plan
 from amp4ec.planner.types import Plan
-from amp4ec.scheduling import timed_plan
 from amp4ec.slicing.prepare import Prepared
 from amp4ec.slicing.sources import factory_module
 from amp4ec.wire.v1 import agent_pb2
@@ -51,21 +60,12 @@ async def run_latency(
     limit_mode: str = "auto",
     cfs_period_us: int = PERIOD_US,
     secure: bool = True,
-) -> dict[str, Any]:
+) -> LatencyResult:
     nodes, factor = scale_nodes(config, budget)
     fastest = max(nodes, key=lambda n: n.cpu)
     names = [n.name for n in nodes]
-    out: dict[str, Any] = {
-        "name": config.name,
-        "title": config.title,
-        "kind": "latency",
-        "model": config.source.spec,
-        "input_shape": list(prepared.loaded.example_inputs[0].shape),
-        "scale_factor": factor,
-        "nodes": [{"name": n.name, "cpu": n.cpu} for n in nodes],
-        "target": TARGET if config.links is None else SHAPED_TARGET,
-        "plans": {},
-    }
+    measured: dict[str, LatencyPlan] = {}
+    links_shape: LinkShapeRow | None = None
     named = [m for m in (factory_module(config.source.spec),) if m]
     agents = [
         *(replace(n, memory_bytes=None) for n in nodes),
@@ -77,13 +77,13 @@ async def run_latency(
         ) as cluster,
         shaped_for(config, cluster, names) as shaped,
     ):
-        out["cpu_limits"] = cluster.limit_description
+        cpu_limits = cluster.limit_description
         capacity = node_capacities(await cluster.capacities(names), prepared.reference_ms)
         links = [link for link in await measure_links(cluster) if ALONE not in (link.src, link.dst)]
         if shaped is not None and config.links is not None:
             # Between the nodes only: the client and the lone agent stay on loopback.
             links = await shaped.links(names, links, cluster.security, cluster.identity)
-            out["links"] = {"rate_mbit": config.links.rate_mbit, "delay_ms": config.links.delay_ms}
+            links_shape = LinkShapeRow(config.links.rate_mbit, config.links.delay_ms)
         hop = shaped.hop if shaped else cluster.address
         await cluster.load(ALONE, _whole(config, len(prepared.chain)))
         plans = {
@@ -93,12 +93,22 @@ async def run_latency(
         }
         async with cluster.client([ALONE]) as alone:
             for label, plan in plans.items():
-                out["plans"][label] = await _measure(
-                    cluster, prepared, config, plan, label, alone, progress, hop
-                )
+                measured[label] = await _measure(cluster, prepared, config, plan, label, alone, progress, hop)
                 progress.step()
-    out["ratio"] = out["plans"]["latency_objective"]["ratio_vs_alone"]
-    return out
+    return LatencyResult(
+        name=config.name,
+        title=config.title,
+        model=config.source.spec,
+        input_shape=tuple(prepared.loaded.example_inputs[0].shape),
+        scale_factor=factor,
+        nodes=tuple(NodeShare(n.name, n.cpu) for n in nodes),
+        target=TARGET if config.links is None else SHAPED_TARGET,
+        plans=measured,
+        cpu_limits=cpu_limits,
+        ratio=measured["latency_objective"].ratio_vs_alone,
+        note=config.note,
+        links=links_shape,
+    )
 
 
 def _whole(config: Configuration, blocks: int) -> agent_pb2.StageSpec:
@@ -135,10 +145,10 @@ async def _measure(
     alone: Any,
     progress: ProgressSink,
     hop: Callable[[str], str],
-) -> dict[str, Any]:
+) -> LatencyPlan:
     sizes = config.sizes
     progress.phase(f"{label}: loading")
-    await _unload(cluster, [n for n in cluster.agents if n != ALONE])
+    await _unload(cluster, [n for n in cluster.node_names if n != ALONE])
     await deploy(cluster, plan, config.source, hop=hop)
     inputs = prepared.loaded.example_inputs
     async with client_of(cluster, plan) as client:
@@ -164,44 +174,41 @@ async def _measure(
         rps = len(results) / wall
         progress.phase(f"{label}: open loop at 50% load", sizes.open_loop)
         opened = await open_loop(client, inputs, sizes.open_loop, 0.5 * rps, tick=progress.advance)
-    stage = plan.stages[0]
-    return {
-        "plan": [
-            {
-                "node": s.node,
-                "first_block": s.first_block,
-                "last_block": s.last_block,
-                "tiles": [
-                    {
-                        "first_block": g.first_block,
-                        "last_block": g.last_block,
-                        "nodes": list(g.nodes),
-                        "rows": g.rows,
-                    }
-                    for g in s.tiles
-                ],
-            }
+    latencies = quantiles(opened.latencies_ms)
+    return LatencyPlan(
+        plan=tuple(
+            TiledStageRow(
+                node=s.node,
+                first_block=s.first_block,
+                last_block=s.last_block,
+                tiles=tuple(
+                    TileGroupRow(g.first_block, g.last_block, tuple(g.nodes), g.rows) for g in s.tiles
+                ),
+            )
             for s in plan.stages
-        ],
-        "tiled": bool(stage.tiles),
-        "notes": list(plan.notes),
-        "max_abs_diff": diff,
-        "predicted_latency_ms": plan.predicted.latency_ms,
-        "single_ms": quantiles(mine),
-        "single_p50_ms": statistics.median(mine),
-        "alone_single_p50_ms": statistics.median(theirs),
+        ),
+        tiled=bool(plan.stages[0].tiles),
+        notes=tuple(plan.notes),
+        max_abs_diff=diff,
+        predicted_latency_ms=plan.predicted.latency_ms,
+        single_ms=quantiles(mine),
+        single_p50_ms=statistics.median(mine),
+        alone_single_p50_ms=statistics.median(theirs),
         # Each request against the fastest node's answer right after it: the pair saw the same
         # background load, so the median of the pairs' ratios is the figure (load drifts cancel).
-        "ratio_vs_alone": statistics.median(m / t for m, t in zip(mine, theirs, strict=True)),
-        "single_samples_ms": [round(x, 2) for x in mine],
-        "alone_samples_ms": [round(x, 2) for x in theirs],
-        "saturation_rps": rps,
-        "open_loop": {
-            "rate_rps": 0.5 * rps,
-            "completed": opened.completed,
-            **{f"{k}_ms": v for k, v in quantiles(opened.latencies_ms).items()},
-        },
-    }
+        ratio_vs_alone=statistics.median(m / t for m, t in zip(mine, theirs, strict=True)),
+        single_samples_ms=tuple(round(x, 2) for x in mine),
+        alone_samples_ms=tuple(round(x, 2) for x in theirs),
+        saturation_rps=rps,
+        open_loop=LatencyOpenLoop(
+            rate_rps=0.5 * rps,
+            completed=opened.completed,
+            p50_ms=latencies.p50,
+            p95_ms=latencies.p95,
+            mean_ms=latencies.mean,
+            max_ms=latencies.max,
+        ),
+    )
 
 
 async def _unload(cluster: LocalCluster, nodes: list[str]) -> None:

@@ -227,6 +227,6 @@ async def shaped_for(
         yield None
         return
     targets = {n: cluster.address(n) for n in names}
-    probes = {n: cluster.agents[n].control_address for n in names}  # Echo lives on the control port
+    probes = {n: cluster.control_address(n) for n in names}  # Echo lives on the control port
     async with ShapedLinks(config.links, targets, os.getpid(), probes) as shaped:
         yield shaped

@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from amp4ec.bench.configs import COMPRESSED, MATCHED, UNAWARE
+from amp4ec.bench.results import (
+    BatchingResult,
+    BenchResults,
+    ConfigurationResult,
+    FailoverResult,
+    FailoverScenario,
+    LatencyResult,
+    MeasuredPlan,
+    MultiTenantResult,
+    NodeRow,
+    NotRun,
+    P95Plan,
+    PlanRow,
+    StandardResult,
+)
 
 __all__ = ["BEGIN", "END", "render", "write_docs"]
 
@@ -35,25 +51,23 @@ def _x(value: Any) -> str:
     return "–" if value is None else f"{value:.2f}×"
 
 
-def _plan(result: dict[str, Any]) -> str:
+def _plan(rows: Sequence[PlanRow]) -> str:
     pipes: dict[int, list[str]] = {}
-    for row in result["plan"]:
-        codec = row.get("out_codec")
-        pipes.setdefault(row["pipeline"], []).append(
-            f"{row['node']}[{row['first_block']}–{row['last_block']}]" + (f" ({codec})" if codec else "")
-        )
+    for row in rows:
+        codec = row.out_codec
+        pipes.setdefault(row.pipeline, []).append(row.blocks() + (f" ({codec})" if codec else ""))
     return " ∥ ".join(" → ".join(p) for p in pipes.values())
 
 
-def render(results: dict[str, Any]) -> str:
-    m = results["machine"]
+def render(results: BenchResults) -> str:
+    m = results.machine
     lines = [
-        f"Produced by `{results['command']}` on {results['started']} "
-        f"in {results.get('wall_s', 0) / 60:.1f} min: "
-        f"{m['cpu']}, {m['cores']} cores, {m['memory_gb']} GiB, Linux {m['kernel']}, "
-        f"Python {m['python']}, torch {m['torch']}, amp4ec {m['amp4ec']}"
-        + (" (quick run: few requests, figures are rough)" if results.get("quick") else "")
-        + f". gRPC: {results.get('transport', 'insecure')} on every hop.",
+        f"Produced by `{results.command}` on {results.started} "
+        f"in {results.wall_s / 60:.1f} min: "
+        f"{m.cpu}, {m.cores} cores, {m.memory_gb} GiB, Linux {m.kernel}, "
+        f"Python {m.python}, torch {m.torch}, amp4ec {m.amp4ec}"
+        + (" (quick run: few requests, figures are rough)" if results.quick else "")
+        + f". gRPC: {results.transport} on every hop.",
         "",
         "Columns: *single* = median latency of sequential requests; *open loop* = p50/p95 latency under "
         "Poisson arrivals at 90% of the resource-matched monolith's saturation throughput (counted "
@@ -64,44 +78,50 @@ def render(results: dict[str, Any]) -> str:
         "inter-stage activations and relayed answers.",
         "",
     ]
-    for config in results["configurations"]:
+    for config in results.configurations:
         lines += _config(config)
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _config(config: dict[str, Any]) -> list[str]:
-    title = f"#### {config['name']}" + (f": {config['title']}" if config.get("title") else "")
-    if config.get("status") != "ok":
-        return [title, "", f"{config.get('status', 'failed')}: {config.get('reason', '')}", ""]
-    if config.get("kind") == "failover":
+def _config(config: ConfigurationResult) -> list[str]:
+    if isinstance(config, NotRun):
+        return [f"#### {config.name}", "", f"{config.status}: {config.reason}", ""]
+    title = f"#### {config.name}" + (f": {config.title}" if config.title else "")
+    if isinstance(config, FailoverResult):
         return [title, "", *_failover(config)]
-    if config.get("kind") == "multi-tenant":
+    if isinstance(config, MultiTenantResult):
         return [title, "", *_multi_tenant(config)]
-    if config.get("kind") == "latency":
+    if isinstance(config, LatencyResult):
         return [title, "", *_latency(config)]
-    if config.get("kind") == "batching":
+    if isinstance(config, BatchingResult):
         return [title, "", *_batching(config)]
-    nodes = ", ".join(
-        f"{n['name']} {n['cpu']:g} CPU" + (f"/{n['memory_mb']:.0f} MB" if n.get("memory_mb") else "")
-        for n in config["nodes"]
-    )
-    mt = config["matched"]
+    return [title, "", *_standard(config)]
+
+
+def _memory(node: NodeRow) -> str:
+    return f"/{node.memory_mb:.0f} MB" if node.memory_mb else ""
+
+
+def _note(note: str) -> str:
+    return f" Note: {note}." if note else ""
+
+
+def _standard(config: StandardResult) -> list[str]:
+    nodes = ", ".join(f"{n.name} {n.cpu:g} CPU" + _memory(n) for n in config.nodes)
+    mt = config.matched
     lines = [
-        title,
-        "",
-        f"Model {config['model']} ({config['model_mb']} MB, {config['blocks']} blocks), nodes {nodes}; "
-        f"resource-matched monolith {mt['cpu']:g} CPU"
-        + (f"/{mt['memory_mb']:.0f} MB" if mt.get("memory_mb") else "")
-        + f". Shares scaled by {config['scale_factor']:.2f} to leave the client headroom. "
-        f"Ideal {_f(config['ideal']['rps'])} req/s ({config['ideal']['measured']}); open-loop rate "
-        f"{_f(config.get('open_loop_rate_rps'))} req/s. CPU limits: {config.get('cpu_limits', '')}."
-        + (f" Note: {config['note']}." if config.get("note") else ""),
+        f"Model {config.model} ({config.model_mb} MB, {config.blocks} blocks), nodes {nodes}; "
+        f"resource-matched monolith {mt.cpu:g} CPU"
+        + _memory(mt)
+        + f". Shares scaled by {config.scale_factor:.2f} to leave the client headroom. "
+        f"Ideal {_f(config.ideal.rps)} req/s ({config.ideal.measured}); open-loop rate "
+        f"{_f(config.open_loop_rate_rps)} req/s. CPU limits: {config.cpu_limits}." + _note(config.note),
         "",
     ]
-    if "links" in config:
+    if config.links is not None:
         lines += [
-            f"Node-to-node links: {config['links']['rate_mbit']:g} Mbit/s (tc tbf) and "
-            f"{config['links']['delay_ms']:g} ms each way (proxy).",
+            f"Node-to-node links: {config.links.rate_mbit:g} Mbit/s (tc tbf) and "
+            f"{config.links.delay_ms:g} ms each way (proxy).",
             "",
         ]
     lines += [
@@ -109,31 +129,32 @@ def _config(config: dict[str, Any]) -> list[str]:
         "| planning ms | overhead ms/req | wire MB/req |",
         "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
-    for name, result in config["strategies"].items():
+    for name, result in config.strategies.items():
         label = _LABELS.get(name, name)
-        if result.get("same_plan_as"):
-            label += f" (= {_LABELS.get(result['same_plan_as'], result['same_plan_as'])})"
-        if result.get("status") != "ok":
-            lines.append(f"| {label} | {result.get('status')}: {result.get('reason', '')[:160]} |||||||||")
+        if not isinstance(result, MeasuredPlan):
+            lines.append(f"| {label} | {result.status}: {result.reason[:160]} |||||||||")
             continue
-        ol, sat, ov = result["open_loop"], result["saturation"], result["overhead"]
-        vs = result.get("vs_matched_monolith") or {}
-        dropped = f" ({ol['dropped']})" if ol["dropped"] else ""
-        ideal = result.get("fraction_of_ideal")
+        if result.same_plan_as:
+            label += f" (= {_LABELS.get(result.same_plan_as, result.same_plan_as)})"
+        ol, sat, ov = result.open_loop, result.saturation, result.overhead
+        vs = result.vs_matched_monolith
+        dropped = f" ({ol.dropped})" if ol.dropped else ""
+        ideal = result.fraction_of_ideal
         cells = [
             label,
-            _plan(result),
-            _f(result["single_ms"]["p50"]),
-            f"{_f(ol['p50_ms'])} / {_f(ol['p95_ms'])}{dropped}",
-            _f(sat["rps"]),
-            _x(vs.get("throughput")),
+            _plan(result.plan),
+            _f(result.single_ms.p50),
+            f"{_f(ol.p50_ms)} / {_f(ol.p95_ms)}{dropped}",
+            _f(sat.rps),
+            _x(vs.throughput if vs is not None else None),
             _f(100 * ideal if ideal is not None else None, 0, "%"),
-            _f(result.get("planning_ms"), 2),
-            f"{_f(ov['overhead_cpu_ms'])} ({_f(100 * ov['overhead_fraction'], 0, '%')})",
-            _f(result["bytes_per_request"]["total"] / 1e6, 2),
+            _f(result.planning_ms, 2),
+            f"{_f(ov.overhead_cpu_ms)} ({_f(100 * ov.overhead_fraction, 0, '%')})",
+            _f(result.bytes_per_request.total / 1e6, 2),
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    tunings = config["strategies"].get(MATCHED, {}).get("tunings_rps")
+    matched = config.strategies.get(MATCHED)
+    tunings = matched.tunings_rps if isinstance(matched, MeasuredPlan) else None
     if tunings:
         tried = ", ".join(f"{name}: {_f(rps)}" for name, rps in tunings.items())
         lines += ["", f"Resource-matched monolith tunings (saturation req/s; the best is shown): {tried}."]
@@ -141,101 +162,94 @@ def _config(config: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _latency(config: dict[str, Any]) -> list[str]:
-    nodes = ", ".join(f"{n['name']} {n['cpu']:g} CPU" for n in config["nodes"])
+def _latency(config: LatencyResult) -> list[str]:
+    nodes = ", ".join(f"{n.name} {n.cpu:g} CPU" for n in config.nodes)
     lines = [
-        f"Model {config['model']} (input {config['input_shape']}), nodes {nodes} (shares scaled by "
-        f"{config['scale_factor']:.2f}); the fastest node alone is a fourth agent with its share, "
+        f"Model {config.model} (input {list(config.input_shape)}), nodes {nodes} (shares scaled by "
+        f"{config.scale_factor:.2f}); the fastest node alone is a fourth agent with its share, "
         "answering a request after each of the plan's; *ratio* = median over those pairs. "
-        f"CPU limits: {config.get('cpu_limits', '')}."
-        + (f" Note: {config['note']}." if config.get("note") else ""),
+        f"CPU limits: {config.cpu_limits}." + _note(config.note),
         "",
         "| plan | stages | single p50 ms | fastest alone p50 ms | ratio | predicted ms "
         "| open loop 50% p50 / p95 ms | sat. req/s |",
         "|---|---|--:|--:|--:|--:|--:|--:|",
     ]
-    for label, r in config["plans"].items():
+    for label, r in config.plans.items():
         stages = " → ".join(
-            f"{s['node']}[{s['first_block']}–{s['last_block']}]"
-            + "".join(f" tiles {g['first_block']}–{g['last_block']}" for g in s.get("tiles", []))
-            + (f" on {'/'.join(s['tiles'][0]['nodes'])}" if s.get("tiles") else "")
-            for s in r["plan"]
+            f"{s.node}[{s.first_block}–{s.last_block}]"
+            + "".join(f" tiles {g.first_block}–{g.last_block}" for g in s.tiles)
+            + (f" on {'/'.join(s.tiles[0].nodes)}" if s.tiles else "")
+            for s in r.plan
         )
-        ol = r["open_loop"]
+        ol = r.open_loop
         lines.append(
-            f"| {label.replace('_', ' ')} | {stages} | {_f(r['single_p50_ms'])} "
-            f"| {_f(r['alone_single_p50_ms'])} "
-            f"| {_f(r['ratio_vs_alone'], 2)}× | {_f(r['predicted_latency_ms'])} "
-            f"| {_f(ol['p50_ms'])} / {_f(ol['p95_ms'])} | {_f(r['saturation_rps'])} |"
+            f"| {label.replace('_', ' ')} | {stages} | {_f(r.single_p50_ms)} "
+            f"| {_f(r.alone_single_p50_ms)} "
+            f"| {_f(r.ratio_vs_alone, 2)}× | {_f(r.predicted_latency_ms)} "
+            f"| {_f(ol.p50_ms)} / {_f(ol.p95_ms)} | {_f(r.saturation_rps)} |"
         )
-    met = "met" if config["ratio"] <= config["target"] else "not met"
+    met = "met" if config.ratio <= config.target else "not met"
     lines += [
         "",
-        f"Latency-objective plan / fastest node alone: {config['ratio']:.2f}× "
-        f"(target ≤ {config['target']}×: {met}).",
+        f"Latency-objective plan / fastest node alone: {config.ratio:.2f}× "
+        f"(target ≤ {config.target}×: {met}).",
         "",
     ]
     return lines
 
 
-def _failover(config: dict[str, Any]) -> list[str]:
-    nodes = ", ".join(f"{n['name']} {n['cpu']:g} CPU" for n in config["nodes"])
+def _failover(config: FailoverResult) -> list[str]:
+    nodes = ", ".join(f"{n.name} {n.cpu:g} CPU" for n in config.nodes)
     lines = [
-        f"Model {config['model']}, nodes {nodes} (shares scaled by {config['scale_factor']:.2f}); "
-        f"{config['requests']} requests per scenario in a closed loop, the fault injected once a third "
+        f"Model {config.model}, nodes {nodes} (shares scaled by {config.scale_factor:.2f}); "
+        f"{config.requests} requests per scenario in a closed loop, the fault injected once a third "
         f"are answered. *Lost* = requests that failed; *to full* = from the fault to the first 1 s "
         f"window answering ≥ 90% of the survivors' steady rate; *window p99* = latency of the requests "
-        f"in flight between the fault and full throughput. CPU limits: {config.get('cpu_limits', '')}."
-        + (f" Note: {config['note']}." if config.get("note") else ""),
+        f"in flight between the fault and full throughput. CPU limits: {config.cpu_limits}."
+        + _note(config.note),
         "",
         "| plan | fault | lost | retried | detected s | serving s | to full s (target) "
         "| p99 ms before / window (max) | req/s before → after | plan after | met |",
         "|---|---|--:|--:|--:|--:|--:|--:|--:|---|---|",
     ]
-    for r in config["scenarios"]:
-        label = (
-            f"{r['strategy']} ({_plan({'plan': r['plan_before']})})"
-            if r.get("plan_before")
-            else r["strategy"]
-        )
-        if r.get("status") != "ok":
-            lines.append(
-                f"| {label} | {r['fault']} | {r.get('status')}: {r.get('reason', '')[:160]} ||||||||"
-            )
+    for r in config.scenarios:
+        if not isinstance(r, FailoverScenario):
+            lines.append(f"| {r.strategy} | {r.fault} | {r.status}: {r.reason[:160]} ||||||||")
             continue
-        after = _plan({"plan": r["plan_after"]}) + (" (re-planned)" if r["replanned"] else " (kept)")
+        label = f"{r.strategy} ({_plan(r.plan_before)})" if r.plan_before else r.strategy
+        after = _plan(r.plan_after) + (" (re-planned)" if r.replanned else " (kept)")
+        target = f"{r.target_s:g}" if r.target_s is not None else "–"
         lines.append(
-            f"| {label} | {r['node']} {r['fault']} | {r['lost']} of {r['requests']} | {r['retried']} "
-            f"| {_f(r['detected_after_s'], 2)} | {_f(r['serving_after_s'], 2)} "
-            f"| {_f(r['to_full_s'], 2)} (< {r['target_s']:g}) "
-            f"| {_f(r['p99_before_ms'])} / {_f(r['p99_window_ms'])} ({_f(r['max_window_ms'])}) "
-            f"| {_f(r['rps_before'])} → {_f(r['rps_after'])} | {after} | {'yes' if r['met'] else '**no**'} |"
+            f"| {label} | {r.node} {r.fault} | {r.lost} of {r.requests} | {r.retried} "
+            f"| {_f(r.detected_after_s, 2)} | {_f(r.serving_after_s, 2)} "
+            f"| {_f(r.to_full_s, 2)} (< {target}) "
+            f"| {_f(r.p99_before_ms)} / {_f(r.p99_window_ms)} ({_f(r.max_window_ms)}) "
+            f"| {_f(r.rps_before)} → {_f(r.rps_after)} | {after} | {'yes' if r.met else '**no**'} |"
         )
     return [*lines, ""]
 
 
-def _multi_tenant(config: dict[str, Any]) -> list[str]:
-    nodes = ", ".join(f"{n['name']} {n['cpu']:g} CPU" for n in config["nodes"])
-    ideal = (config.get("ideal") or {}).get("rps")
+def _multi_tenant(config: MultiTenantResult) -> list[str]:
+    nodes = ", ".join(f"{n.name} {n.cpu:g} CPU" for n in config.nodes)
+    ideal = config.ideal.rps if config.ideal is not None else None
     lines = [
-        f"Model {config['model']}, nodes {nodes} (shares scaled by {config['scale_factor']:.2f}); "
-        f"{len(config['tenants'])} tenants, {config['requests_per_tenant']} requests each, all driven at "
+        f"Model {config.model}, nodes {nodes} (shares scaled by {config.scale_factor:.2f}); "
+        f"{len(config.tenants)} tenants, {config.requests_per_tenant} requests each, all driven at "
         f"once. *Ideal* = each node running the whole model alone under its full share, all nodes "
         f"driven at once (as the tenants are), summed. "
-        f"CPU limits: {config.get('cpu_limits', '')}."
-        + (f" Note: {config['note']}." if config.get("note") else ""),
+        f"CPU limits: {config.cpu_limits}." + _note(config.note),
         "",
-        f"Aggregate {_f(config['aggregate_rps'])} req/s = {_x(config.get('fraction_of_ideal'))} the ideal "
+        f"Aggregate {_f(config.aggregate_rps)} req/s = {_x(config.fraction_of_ideal)} the ideal "
         f"{_f(ideal)} req/s.",
         "",
         "| tenant | plan | CPU granted (fair) | req/s (predicted) | share of aggregate (fair) |",
         "|---|---|--:|--:|--:|",
     ]
-    for t in config["tenants"]:
+    for t in config.tenants:
         lines.append(
-            f"| {t['name']} | {_plan(t)} | {t['cpu']:.2f} ({t['fair_cpu']:.2f}) "
-            f"| {_f(t['rps'])} ({_f(t['predicted_rps'])}) "
-            f"| {100 * (t['share'] or 0):.0f}% ({100 * t['fair_share']:.0f}%) |"
+            f"| {t.name} | {_plan(t.plan)} | {t.cpu:.2f} ({t.fair_cpu:.2f}) "
+            f"| {_f(t.rps)} ({_f(t.predicted_rps)}) "
+            f"| {100 * (t.share or 0):.0f}% ({100 * t.fair_share:.0f}%) |"
         )
     return [*lines, ""]
 
@@ -245,37 +259,41 @@ _BATCHING_ROWS = {
     "matched_batched": "monolith, resource-matched, batching",
     "optimal": "optimal (ours)",
     "optimal_batched": "optimal (ours), batching",
+    "p95_objective": "p95-objective plan (ours)",
 }
 
 
-def _batching(config: dict[str, Any]) -> list[str]:
-    nodes = ", ".join(f"{n['name']} {n['cpu']:g} CPU" for n in config["nodes"])
-    b, ideal = config["batching"], config.get("ideal") or {}
+def _batching(config: BatchingResult) -> list[str]:
+    nodes = ", ".join(f"{n.name} {n.cpu:g} CPU" for n in config.nodes)
+    b = config.batching
     lines = [
-        f"Model {config['model']}, nodes {nodes}, resource-matched monolith {config['matched_cpu']:g} CPU "
+        f"Model {config.model}, nodes {nodes}, resource-matched monolith {config.matched_cpu:g} CPU "
         f"(its 1-worker and 1-worker-per-core tunings, the better kept; shares scaled by "
-        f"{config['scale_factor']:.2f}). *Batching* = up to {b['max_requests']} waiting requests per "
-        f"forward, {b['max_queue_delay_ms']:g} ms added wait, for the monolith too. Open loop: Poisson "
-        f"arrivals at {_f(config.get('open_loop_rate_rps'))} req/s (90% of the unbatched monolith's "
+        f"{config.scale_factor:.2f}). *Batching* = up to {b.max_requests} waiting requests per "
+        f"forward, {b.max_queue_delay_ms:g} ms added wait, for the monolith too. Open loop: Poisson "
+        f"arrivals at {_f(config.open_loop_rate_rps)} req/s (90% of the unbatched monolith's "
         f"saturation) for every row; each request to the pipeline expected to answer first. Batch-1 "
-        f"ideal {_f(ideal.get('rps'))} req/s. CPU limits: {config.get('cpu_limits', '')}.",
+        f"ideal {_f(config.ideal.rps if config.ideal else None)} req/s. CPU limits: {config.cpu_limits}.",
         "",
         "| deployment | single ms | open loop p50 / p95 ms (dropped) | sat. req/s "
         "| mean batch (sat. / open) |",
         "|---|--:|--:|--:|--:|",
     ]
     for key, label in _BATCHING_ROWS.items():
-        r = config["rows"].get(key, {})
-        if r.get("status") != "ok":
-            lines.append(f"| {label} | {r.get('status', 'missing')}: {r.get('reason', '')[:160]} ||||")
+        r = config.rows.get(key)
+        if r is None:
+            lines.append(f"| {label} | missing:  ||||")
             continue
-        ol, mb = r["open_loop"], r.get("mean_batch") or {}
-        dropped = f" ({ol['dropped']})" if ol["dropped"] else ""
+        if not isinstance(r, MeasuredPlan):
+            lines.append(f"| {label} | {r.status}: {r.reason[:160]} ||||")
+            continue
+        ol, mb = r.open_loop, r.mean_batch
+        dropped = f" ({ol.dropped})" if ol.dropped else ""
         lines.append(
-            f"| {label} | {_f(r['single_ms']['p50'])} | {_f(ol['p50_ms'])} / {_f(ol['p95_ms'])}{dropped} "
-            f"| {_f(r['saturation']['rps'])} | {_f(mb.get('saturation'), 2)} / {_f(mb.get('open_loop'), 2)} |"
+            f"| {label} | {_f(r.single_ms.p50)} | {_f(ol.p50_ms)} / {_f(ol.p95_ms)}{dropped} "
+            f"| {_f(r.saturation.rps)} | {_f(mb.saturation, 2)} / {_f(mb.open_loop, 2)} |"
         )
-    ratios, targets = config.get("ratios") or {}, config.get("targets") or {}
+    ratios, targets = config.ratios, config.targets
 
     def verdict(key: str, at_most: bool) -> str:
         value, target = ratios.get(key), targets.get(key)
@@ -286,8 +304,7 @@ def _batching(config: dict[str, Any]) -> list[str]:
             f"{_x(value)} (target {'≤' if at_most else '≥'} {target:g}×: {'met' if met else '**not met**'})"
         )
 
-    predicted = config.get("predicted") or {}
-    unbatched, batched = predicted.get("unbatched") or {}, predicted.get("batched") or {}
+    unbatched, batched = config.predicted.unbatched, config.predicted.batched
     lines += [
         "",
         f"Open-loop p95, optimal against the resource-matched monolith, unbatched: "
@@ -302,65 +319,67 @@ def _batching(config: dict[str, Any]) -> list[str]:
         "",
         "The planner's prediction for the optimal plan (amp4ec.planner.load and .batching; predicted / "
         "measured in brackets): unbatched, saturation "
-        f"{_f(unbatched.get('saturation_rps'))} req/s ({_x(ratios.get('predicted_saturation'))}), open-loop "
-        f"p50 / p95 {_f(unbatched.get('p50_ms'))} / {_f(unbatched.get('p95_ms'))} ms "
+        f"{_f(unbatched.saturation_rps)} req/s ({_x(ratios.get('predicted_saturation'))}), open-loop "
+        f"p50 / p95 {_f(unbatched.p50_ms)} / {_f(unbatched.p95_ms)} ms "
         f"({_x(ratios.get('predicted_p95'))}); batching, priced from the blocks' batch times, saturation "
-        f"{_f(batched.get('saturation_rps'))} req/s ({_x(ratios.get('predicted_batched_saturation'))}), "
-        f"p50 / p95 {_f(batched.get('p50_ms'))} / {_f(batched.get('p95_ms'))} ms "
-        f"({_x(ratios.get('predicted_batched_p95'))}), mean batch {_f(batched.get('mean_batch'), 2)}.",
+        f"{_f(batched.saturation_rps)} req/s ({_x(ratios.get('predicted_batched_saturation'))}), "
+        f"p50 / p95 {_f(batched.p50_ms)} / {_f(batched.p95_ms)} ms "
+        f"({_x(ratios.get('predicted_batched_p95'))}), mean batch {_f(batched.mean_batch, 2)}.",
         "",
     ]
+    tail, shape = config.predicted.p95_objective, config.p95_plan
+    if tail:
+        which = "the optimal plan itself" if shape and shape.same_as_optimal else _stages_text(shape)
+        # The planner's verdict: the p95 it chose, or that no plan sustains the rate.
+        if shape and shape.notes:
+            which += f"; the planner: {shape.notes[0]}"
+        lines += [
+            f"The p95-objective plan for this rate ({which}), unbatched: open-loop p95 against the "
+            f"resource-matched monolith {_x(ratios.get('p95_objective_p95_vs_matched'))} (the optimal "
+            f"plan's {_x(ratios.get('p95_vs_matched'))}); predicted p95 {_f(tail.p95_ms)} ms "
+            f"against the optimal plan's {_f(unbatched.p95_ms)} "
+            f"({_x(ratios.get('predicted_p95_objective_p95'))} of measured).",
+            "",
+        ]
     return lines
 
 
-def _transport(config: dict[str, Any]) -> list[str]:
+def _stages_text(shape: P95Plan | None) -> str:
+    """``node0 ∥ node1 → node2``: pipelines in parallel, stages in order."""
+    pipes: dict[int, list[str]] = {}
+    for row in shape.rows if shape else ():
+        pipes.setdefault(row.pipeline, []).append(row.node)
+    return " ∥ ".join(" → ".join(nodes) for _, nodes in sorted(pipes.items()))
+
+
+def _transport(config: StandardResult) -> list[str]:
     """Mutual TLS (every figure above) against the same plans run --insecure."""
-    rows = config.get("transport") or {}
+    rows = config.transport or {}
     parts = [
-        f"{_LABELS.get(name, name)} {_f(t['mtls']['rps'])} vs {_f(t['insecure']['rps'])} req/s "
-        f"({_f(t['throughput_loss_pct'], 1, '%')} loss), {_f(t['added_ms_per_hop'], 2)} ms per hop "
-        f"({t['hops']} hop(s))"
-        + (
-            f", agents' CPU {_f(t['mtls']['agent_cpu_ms'], 2)} vs {_f(t['insecure']['agent_cpu_ms'], 2)} "
-            f"ms/request ({_f(t['cpu_loss_pct'], 1, '%')} of CPU-bound throughput)"
-            if "cpu_loss_pct" in t
-            else ""
-        )
+        f"{_LABELS.get(name, name)} {_f(t.mtls.rps)} vs {_f(t.insecure.rps)} req/s "
+        f"({_f(t.throughput_loss_pct, 1, '%')} loss), {_f(t.added_ms_per_hop, 2)} ms per hop "
+        f"({t.hops} hop(s))"
+        f", agents' CPU {_f(t.mtls.agent_cpu_ms, 2)} vs {_f(t.insecure.agent_cpu_ms, 2)} "
+        f"ms/request ({_f(t.cpu_loss_pct, 1, '%')} of CPU-bound throughput)"
         for name, t in rows.items()
     ]
     return [f"Mutual TLS against --insecure (same plans): {'; '.join(parts)}.", ""] if parts else []
 
 
-def predicted_cpu_ms(stage: dict[str, Any]) -> float:
-    """The CPU part of a predicted stage time: its blocks and its agent's per-request overhead."""
-    return stage["predicted_compute_ms"] + stage.get("predicted_overhead_ms", 0.0)
-
-
-def stage_error(stage: dict[str, Any]) -> float | None:
-    """(measured − predicted) / predicted for the stage's CPU part, or None when missing.
-
-    Measured is CPU per request over the CPU limit, so the predicted inbound transfer is left
-    out: on a shaped link it is wall time the stage spends waiting, not computing."""
-    pred, meas = predicted_cpu_ms(stage), stage.get("measured_ms")
-    if not pred or meas is None or meas != meas:
-        return None
-    return (meas - pred) / pred
-
-
-def _summary(config: dict[str, Any]) -> list[str]:
+def _summary(config: StandardResult) -> list[str]:
     """The two claims the planner is held to: the default strategy's throughput is at least
     every other strategy's, and its predicted stage times are within 25% of measured."""
-    ok = {k: r for k, r in config["strategies"].items() if r.get("status") == "ok"}
+    ok = config.ok_strategies()
     if "optimal" not in ok:
         return []
-    ours = ok["optimal"]["saturation"]["rps"]
-    same = [_LABELS.get(k, k) for k, r in ok.items() if r.get("same_plan_as") == "optimal"]
+    ours = ok["optimal"].saturation.rps
+    same = [_LABELS.get(k, k) for k, r in ok.items() if r.same_plan_as == "optimal"]
     # The strategies on the same nodes; the resource-matched monolith is a machine the cluster
     # does not have, so it is the yardstick (×RM), not a rival plan.
     others = {
-        k: r["saturation"]["rps"]
+        k: r.saturation.rps
         for k, r in ok.items()
-        if k not in ("optimal", UNAWARE, MATCHED, *COMPRESSED) and r.get("same_plan_as") != "optimal"
+        if k not in ("optimal", UNAWARE, MATCHED, *COMPRESSED) and r.same_plan_as != "optimal"
     }
     lines = []
     if others:
@@ -371,19 +390,19 @@ def _summary(config: dict[str, Any]) -> list[str]:
             + (f" Same plan as optimal (one deployment, measured once): {', '.join(same)}." if same else "")
         )
     if UNAWARE in ok:
-        blind = ok[UNAWARE]["saturation"]["rps"]
+        blind = ok[UNAWARE].saturation.rps
         lines.append(
             f"Network-aware plan {ours:.1f} req/s against the plan made as if links were loopback "
             f"{blind:.1f} req/s, on the same slow links ({ours / blind:.2f}×)."
         )
     lines += _compression(ok)
-    predicted = ok["optimal"].get("predicted", {}).get("throughput_rps")
+    predicted = ok["optimal"].predicted.throughput_rps
     if predicted:
         lines.append(f"Optimal's predicted throughput {predicted:.1f} req/s, measured {ours:.1f}.")
     errors = {
-        k: [e for s in r["stages"] if (e := stage_error(s)) is not None]
+        k: [e for s in r.stages if (e := s.error) is not None]
         for k, r in ok.items()
-        if not r.get("same_plan_as")  # the same measurement again
+        if not r.same_plan_as  # the same measurement again
     }
     mine = errors.get("optimal") or []
     spread = [abs(e) for es in errors.values() for e in es]
@@ -401,7 +420,7 @@ TARGETS = {"optimal_fp16": 1e-3, "optimal_int8": 2e-2}
 SPEEDUP_TARGET = 1.8
 
 
-def _compression(ok: dict[str, dict[str, Any]]) -> list[str]:
+def _compression(ok: dict[str, MeasuredPlan]) -> list[str]:
     """Each compressed plan against the uncompressed network-aware one: throughput ratio (target
     ≥ 1.8×), output error (targets above), single-request latency at idle (target: no worse)."""
     base = ok["optimal"]
@@ -410,18 +429,18 @@ def _compression(ok: dict[str, dict[str, Any]]) -> list[str]:
         if name not in ok:
             continue
         r = ok[name]
-        ratio = r["saturation"]["rps"] / base["saturation"]["rps"]
-        error = r.get("output_error")
+        ratio = r.saturation.rps / base.saturation.rps
+        error = r.output_error
         err = (
-            f"output error relative L2 max {error['rel_l2_max']:.1e} over {error['inputs']} fixed inputs "
-            f"(target ≤ {bound:g}: {'met' if error['rel_l2_max'] <= bound else 'missed'}), top-1 agreement "
-            f"{100 * error['top1_agreement']:.0f}%"
+            f"output error relative L2 max {error.rel_l2_max:.1e} over {error.inputs} fixed inputs "
+            f"(target ≤ {bound:g}: {'met' if error.rel_l2_max <= bound else 'missed'}), top-1 agreement "
+            f"{100 * error.top1_agreement:.0f}%"
             if error
             else "no cut compressed (the planner found it did not pay)"
         )
-        single, single_base = r["single_ms"]["p50"], base["single_ms"]["p50"]
+        single, single_base = r.single_ms.p50, base.single_ms.p50
         lines.append(
-            f"{_LABELS[name]}: {r['saturation']['rps']:.1f} req/s against {base['saturation']['rps']:.1f} "
+            f"{_LABELS[name]}: {r.saturation.rps:.1f} req/s against {base.saturation.rps:.1f} "
             f"uncompressed ({ratio:.2f}×, target ≥ {SPEEDUP_TARGET}×: "
             f"{'met' if ratio >= SPEEDUP_TARGET else 'missed'}); {err}; single request {single:.1f} ms "
             f"against {single_base:.1f} ms ({'no worse' if single <= single_base else 'slower'})."
@@ -429,7 +448,7 @@ def _compression(ok: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _stages(config: dict[str, Any]) -> list[str]:
+def _stages(config: StandardResult) -> list[str]:
     """Predicted vs measured stage times: how far the cost model is off.
 
     Measured is the stage's CPU per request over its CPU limit, compared with the predicted
@@ -442,21 +461,16 @@ def _stages(config: dict[str, Any]) -> list[str]:
         "| strategy | node | blocks | predicted blocks + overhead | measured | error | predicted transfer |",
         "|---|---|---|--:|--:|--:|--:|",
     ]
-    for name, result in config["strategies"].items():
-        if result.get("status") != "ok":
+    for name, result in config.ok_strategies().items():
+        if result.same_plan_as:
             continue
-        if result.get("same_plan_as"):
-            continue
-        for s in result["stages"]:
-            err = stage_error(s)
-            parts = (
-                f"{_f(predicted_cpu_ms(s))} ({_f(s['predicted_compute_ms'])} + "
-                f"{_f(s.get('predicted_overhead_ms', 0.0))})"
-            )
+        for s in result.stages:
+            err = s.error
+            parts = f"{_f(s.predicted_cpu_ms)} ({_f(s.predicted_compute_ms)} + {_f(s.predicted_overhead_ms)})"
             lines.append(
-                f"| {_LABELS.get(name, name)} | {s['node']} | {s['first_block']}–{s['last_block']} "
-                f"| {parts} | {_f(s['measured_ms'])} | {_f(None if err is None else 100 * err, 0, '%')} "
-                f"| {_f(s['predicted_transfer_ms'])} |"
+                f"| {_LABELS.get(name, name)} | {s.node} | {s.first_block}–{s.last_block} "
+                f"| {parts} | {_f(s.measured_ms)} | {_f(None if err is None else 100 * err, 0, '%')} "
+                f"| {_f(s.predicted_transfer_ms)} |"
             )
     return [*lines, "", "</details>"]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -14,6 +13,19 @@ import torch
 
 from amp4ec.bench.configs import Sizes
 from amp4ec.bench.progress import ProgressSink
+from amp4ec.bench.results import (
+    ErrorFigures,
+    MeanBatch,
+    MeasuredPlan,
+    OpenLoop,
+    Overhead,
+    Predicted,
+    Quantiles,
+    Saturation,
+    StageFigures,
+    WireBytes,
+    plan_rows,
+)
 from amp4ec.client import Result
 from amp4ec.loadgen import closed_loop, open_loop, sequential
 from amp4ec.local.cluster import LocalCluster
@@ -32,6 +44,8 @@ from amp4ec.wire.stage import Batching
 from amp4ec.wire.v1 import agent_pb2
 
 __all__ = ["OUTPUT_ERROR_INPUTS", "Bench", "deploy", "measure_plan", "quantiles"]
+
+Capacities = dict[str, agent_pb2.Capacity]
 
 OUTPUT_ERROR_INPUTS = 8
 """Fixed inputs a compressed plan's answers are compared with the monolith's over."""
@@ -82,26 +96,29 @@ class Bench:
         return self.forward_cache[key]
 
 
-def quantiles(values: list[float]) -> dict[str, float]:
-    return {
-        "p50": quantile(values, 0.5),
-        "p95": quantile(values, 0.95),
-        "mean": statistics.fmean(values) if values else float("nan"),
-        "max": max(values) if values else float("nan"),
-    }
+def quantiles(values: list[float]) -> Quantiles:
+    return Quantiles(
+        p50=quantile(values, 0.5),
+        p95=quantile(values, 0.95),
+        mean=statistics.fmean(values) if values else float("nan"),
+        max=max(values) if values else float("nan"),
+    )
 
 
 async def deploy(bench: Bench, plan: Plan) -> tuple[list[str], list[int]]:
     """Unload every agent (memory first), then load each stage; (entry addresses, param bytes)."""
     cluster = bench.cluster
     await asyncio.gather(
-        *(cluster.agent_stub(n).UnloadStage(agent_pb2.UnloadRequest(), timeout=30) for n in cluster.agents)
+        *(
+            cluster.agent_stub(n).UnloadStage(agent_pb2.UnloadRequest(), timeout=30)
+            for n in cluster.node_names
+        )
     )
     param_bytes = await deploy_stages(cluster, plan, bench.source, bench.hop, bench.batching)
     return [cluster.address(p.stages[0].node) for p in plan.pipelines], param_bytes
 
 
-async def measure_plan(bench: Bench, plan: Plan, label: str, rate_rps: float | None) -> dict[str, Any]:
+async def measure_plan(bench: Bench, plan: Plan, label: str, rate_rps: float | None) -> MeasuredPlan:
     """Deploy ``plan`` and measure it; ``rate_rps`` None = open loop at 90% of its own saturation."""
     progress, sizes, prepared = bench.progress, bench.sizes, bench.prepared
     progress.phase(f"{label}: loading {len(plan.stages)} stage(s)")
@@ -112,16 +129,17 @@ async def measure_plan(bench: Bench, plan: Plan, label: str, rate_rps: float | N
         first = await client.infer(inputs)
         diff = prepared.max_abs_diff(first.outputs)
         await closed_loop(client, inputs, 2 * stages, stages)  # warm-up: every stage, every stream
-        squeezed = any(s.out_codec != "raw" for s in plan.stages)
-        if squeezed:
+        error: ErrorFigures | None = None
+        if any(s.out_codec != "raw" for s in plan.stages):
             progress.phase(f"{label}: output error over {OUTPUT_ERROR_INPUTS} fixed inputs")
-            error = (await measure_output_error(client, prepared, OUTPUT_ERROR_INPUTS)).to_json()
+            measured = await measure_output_error(client, prepared, OUTPUT_ERROR_INPUTS)
+            error = ErrorFigures(**measured.to_json())
 
         progress.phase(f"{label}: single requests", sizes.sequential)
         single = await sequential(client, inputs, sizes.sequential, progress.advance)
 
         by_level: dict[int, float] = {}
-        best: tuple[float, int, list[Result], dict, dict] | None = None
+        best: tuple[float, int, list[Result], Capacities, Capacities] | None = None
         for factor in sizes.concurrency_factors:
             level = max(1, factor * stages * bench.batching.max_requests)
             if level in by_level:
@@ -145,45 +163,45 @@ async def measure_plan(bench: Bench, plan: Plan, label: str, rate_rps: float | N
         )
 
     share = _pipeline_shares(plan, results, entries)
-    return {
-        "status": "ok",
-        "batching": dataclasses.asdict(bench.batching),
-        "mean_batch": {
-            "saturation": _mean_batch(results),
-            "open_loop": _mean_batch(opened.results),
-        },
-        "plan": plan.rows(),
-        "notes": list(plan.notes),
-        "max_abs_diff": diff,
-        **({"output_error": error} if squeezed else {}),
-        "param_mb": [round(b / 1e6, 3) for b in param_bytes],
-        "single_ms": quantiles([r.latency_s * 1000 for r in single]),
-        "saturation": {
-            "rps": rps,
-            "concurrency": level,
-            "requests": len(results),
-            "by_concurrency": {str(k): v for k, v in by_level.items()},
-        },
-        "open_loop": {
-            "rate_rps": rate,
-            "sent": opened.sent,
-            "completed": opened.completed,
-            "dropped": opened.dropped,
-            "late": opened.late,
-            "achieved_rps": opened.achieved_rps,
-            **{f"{k}_ms": v for k, v in quantiles(opened.latencies_ms).items()},
-            "latencies_ms": [round(x, 3) for x in opened.latencies_ms],
-        },
-        "overhead": _overhead(bench, plan, results, share, before, after),
-        "bytes_per_request": _bytes(plan, prepared, results, share),
-        "stages": _stages(plan, results, entries, before, after),
-        "predicted": {
-            "bottleneck_ms": plan.predicted.bottleneck_ms,
-            "latency_ms": plan.predicted.latency_ms,
-            "throughput_rps": plan.predicted.throughput_rps,
-            "output_error": plan.predicted.output_error,
-        },
-    }
+    latencies = quantiles(opened.latencies_ms)
+    return MeasuredPlan(
+        batching=bench.batching,
+        mean_batch=MeanBatch(saturation=_mean_batch(results), open_loop=_mean_batch(opened.results)),
+        plan=plan_rows(plan.rows()),
+        notes=tuple(plan.notes),
+        max_abs_diff=diff,
+        output_error=error,
+        param_mb=tuple(round(b / 1e6, 3) for b in param_bytes),
+        single_ms=quantiles([r.latency_s * 1000 for r in single]),
+        saturation=Saturation(
+            rps=rps,
+            concurrency=level,
+            requests=len(results),
+            by_concurrency={str(k): v for k, v in by_level.items()},
+        ),
+        open_loop=OpenLoop(
+            rate_rps=rate,
+            sent=opened.sent,
+            completed=opened.completed,
+            dropped=opened.dropped,
+            late=opened.late,
+            achieved_rps=opened.achieved_rps,
+            p50_ms=latencies.p50,
+            p95_ms=latencies.p95,
+            mean_ms=latencies.mean,
+            max_ms=latencies.max,
+            latencies_ms=tuple(round(x, 3) for x in opened.latencies_ms),
+        ),
+        overhead=_overhead(bench, plan, results, share, before, after),
+        bytes_per_request=_bytes(plan, prepared, results, share),
+        stages=_stages(plan, results, entries, before, after),
+        predicted=Predicted(
+            bottleneck_ms=plan.predicted.bottleneck_ms,
+            latency_ms=plan.predicted.latency_ms,
+            throughput_rps=plan.predicted.throughput_rps,
+            output_error=plan.predicted.output_error,
+        ),
+    )
 
 
 def _mean_batch(results: list[Result]) -> float | None:
@@ -206,9 +224,9 @@ def _overhead(
     plan: Plan,
     results: list[Result],
     share: list[float],
-    before: dict[str, agent_pb2.Capacity],
-    after: dict[str, agent_pb2.Capacity],
-) -> dict[str, float]:
+    before: Capacities,
+    after: Capacities,
+) -> Overhead:
     """Agents' CPU per request beyond the forward passes (decode, encode, gRPC, relaying
     answers, idle polling); the forward's own CPU is ``Bench.forward_cpu_ms``."""
     nodes = {s.node for s in plan.stages}
@@ -218,15 +236,15 @@ def _overhead(
         for f, p in zip(share, plan.pipelines, strict=True)
     )
     overhead = agent_ms - forward_ms
-    return {
-        "agent_cpu_ms": agent_ms,
-        "forward_cpu_ms": forward_ms,
-        "overhead_cpu_ms": overhead,
-        "overhead_fraction": overhead / agent_ms if agent_ms > 0 else float("nan"),
-    }
+    return Overhead(
+        agent_cpu_ms=agent_ms,
+        forward_cpu_ms=forward_ms,
+        overhead_cpu_ms=overhead,
+        overhead_fraction=overhead / agent_ms if agent_ms > 0 else float("nan"),
+    )
 
 
-def _bytes(plan: Plan, prepared: Prepared, results: list[Result], share: list[float]) -> dict[str, float]:
+def _bytes(plan: Plan, prepared: Prepared, results: list[Result], share: list[float]) -> WireBytes:
     """Client bytes as measured (frames); inter-stage bytes from the cut sizes (as encoded when a
     stage compresses), answers relayed back."""
     client = statistics.fmean(r.request_bytes + r.response_bytes for r in results)
@@ -243,28 +261,28 @@ def _bytes(plan: Plan, prepared: Prepared, results: list[Result], share: list[fl
         f * sum(cut_bytes(s) + response for s in p.stages[:-1])
         for f, p in zip(share, plan.pipelines, strict=True)
     )
-    return {"client": client, "inter_stage": inter, "total": client + inter}
+    return WireBytes(client=client, inter_stage=inter, total=client + inter)
 
 
 def _stages(
     plan: Plan,
     results: list[Result],
     entries: list[str],
-    before: dict[str, agent_pb2.Capacity],
-    after: dict[str, agent_pb2.Capacity],
-) -> list[dict[str, Any]]:
+    before: Capacities,
+    after: Capacities,
+) -> tuple[StageFigures, ...]:
     measured = measured_stage_ms(plan, results, entries, before, after)
     forward = forward_ms_per_stage(plan, results, entries)
-    return [
-        {
+    return tuple(
+        StageFigures(
             **row,
-            "predicted_ms": s.stage_ms,
-            "predicted_compute_ms": s.compute_ms,
-            "predicted_transfer_ms": s.transfer_ms,
-            "predicted_overhead_ms": s.overhead_ms,
-            "predicted_codec_ms": s.codec_ms,
-            "measured_ms": m,
-            "forward_ms": f,
-        }
+            predicted_ms=s.stage_ms,
+            predicted_compute_ms=s.compute_ms,
+            predicted_transfer_ms=s.transfer_ms,
+            predicted_overhead_ms=s.overhead_ms,
+            predicted_codec_ms=s.codec_ms,
+            measured_ms=m,
+            forward_ms=f,
+        )
         for row, s, m, f in zip(plan.rows(), plan.stages, measured, forward, strict=True)
-    ]
+    )

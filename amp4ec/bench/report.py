@@ -6,12 +6,14 @@ import json
 import math
 import os
 import platform
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from amp4ec.bench.configs import MATCHED
+from amp4ec.bench.results import BenchResults, Comparison, Machine, MeasuredPlan, StandardResult
 
-__all__ = ["machine", "ok_strategies", "summarise", "write_json"]
+__all__ = ["machine", "read_json", "summarise", "write_json"]
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -20,32 +22,35 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
-def ok_strategies(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {k: v for k, v in config.get("strategies", {}).items() if v.get("status") == "ok"}
+def summarise(config: StandardResult) -> StandardResult:
+    """Each measured strategy with its ratios to both monoliths and its fraction of the ideal."""
+    ok = config.ok_strategies()
+    matched, monolith = ok.get(MATCHED), ok.get("monolith")
 
+    def summarised(result: MeasuredPlan) -> MeasuredPlan:
+        return replace(
+            result,
+            fraction_of_ideal=_ratio(result.saturation.rps, config.ideal.rps),
+            vs_matched_monolith=None if matched is None else _compare(result, matched),
+            vs_monolith=None if monolith is None else _compare(result, monolith),
+        )
 
-def summarise(config: dict[str, Any]) -> None:
-    """Add, to each measured strategy, its ratios to both monoliths and its fraction of the ideal."""
-    ok = ok_strategies(config)
-    ideal = config.get("ideal", {}).get("rps")
-    for result in ok.values():
-        result["fraction_of_ideal"] = _ratio(result["saturation"]["rps"], ideal)
-        for base_name in (MATCHED, "monolith"):
-            base = ok.get(base_name)
-            key = "vs_matched_monolith" if base_name == MATCHED else "vs_monolith"
-            result[key] = None if base is None else _compare(result, base)
-
-
-def _compare(result: dict[str, Any], base: dict[str, Any]) -> dict[str, float | None]:
-    """result / base: below 1 is better for latencies, above 1 better for throughput."""
-    return {
-        "single_latency": _ratio(result["single_ms"]["p50"], base["single_ms"]["p50"]),
-        "open_p95": _ratio(result["open_loop"]["p95_ms"], base["open_loop"]["p95_ms"]),
-        "throughput": _ratio(result["saturation"]["rps"], base["saturation"]["rps"]),
+    strategies = {
+        k: summarised(v) if isinstance(v, MeasuredPlan) else v for k, v in config.strategies.items()
     }
+    return replace(config, strategies=strategies)
 
 
-def machine() -> dict[str, Any]:
+def _compare(result: MeasuredPlan, base: MeasuredPlan) -> Comparison:
+    """result / base: below 1 is better for latencies, above 1 better for throughput."""
+    return Comparison(
+        single_latency=_ratio(result.single_ms.p50, base.single_ms.p50),
+        open_p95=_ratio(result.open_loop.p95_ms, base.open_loop.p95_ms),
+        throughput=_ratio(result.saturation.rps, base.saturation.rps),
+    )
+
+
+def machine() -> Machine:
     """The machine the figures came from."""
     model = ""
     try:
@@ -66,15 +71,15 @@ def machine() -> dict[str, Any]:
 
     from amp4ec import __version__
 
-    return {
-        "cpu": model or platform.processor(),
-        "cores": len(os.sched_getaffinity(0)),
-        "memory_gb": round(memory / 2**30, 1),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "amp4ec": __version__,
-    }
+    return Machine(
+        cpu=model or platform.processor(),
+        cores=len(os.sched_getaffinity(0)),
+        memory_gb=round(memory / 2**30, 1),
+        kernel=platform.release(),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        amp4ec=__version__,
+    )
 
 
 def _clean(value: Any) -> Any:
@@ -88,6 +93,12 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def write_json(results: dict[str, Any], path: Path) -> None:
+def write_json(results: BenchResults, path: Path) -> None:
+    """``results.json`` (see [Note: results.json format] in results.py)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_clean(results), indent=1, allow_nan=False))
+    path.write_text(json.dumps(_clean(results.to_json()), indent=1, allow_nan=False))
+
+
+def read_json(path: Path) -> BenchResults:
+    """A ``results.json`` written by ``write_json``; ``ValueError`` naming the field that does not fit."""
+    return BenchResults.from_json(json.loads(path.read_text()))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import copy
 import math
 import statistics
 from collections.abc import Sequence
@@ -14,14 +13,25 @@ from amp4ec.bench.configs import CLIENT_HEADROOM, COMPRESSED, MATCHED, UNAWARE, 
 from amp4ec.bench.links import shaped_for
 from amp4ec.bench.measure import Bench, deploy, measure_plan
 from amp4ec.bench.progress import ProgressSink
+from amp4ec.bench.results import (
+    Ideal,
+    LinkRow,
+    LinkShapeRow,
+    MeasuredPlan,
+    NodeRow,
+    StandardResult,
+    StrategyResult,
+    Unmeasured,
+    plan_rows,
+)
 from amp4ec.bench.transport import compare as compare_transport
 from amp4ec.errors import Amp4ecError, PlanInfeasible
 from amp4ec.loadgen import closed_loop
 from amp4ec.local.cgroups import PERIOD_US
 from amp4ec.local.cluster import CLIENT_IDENTITY, LocalCluster, NodeSpec
 from amp4ec.local.run import measure_links, node_capacities
+from amp4ec.plan_timer import timed_plan
 from amp4ec.planner.types import Link, NodeCapacity, Plan
-from amp4ec.scheduling import timed_plan
 from amp4ec.slicing import ModelSource
 from amp4ec.slicing.prepare import Prepared
 from amp4ec.slicing.sources import factory_module
@@ -43,7 +53,7 @@ def steps(config: Configuration) -> int:
     if config.latency:
         return len(config.strategies)
     if config.batching:
-        return 5
+        return 6
     return len(config.strategies) + 1 + config.compare_transport
 
 
@@ -57,7 +67,7 @@ async def run_configuration(
     cfs_period_us: int = PERIOD_US,
     drop_after_s: float = 10.0,
     secure: bool = True,
-) -> dict[str, Any]:
+) -> StandardResult:
     nodes, factor = scale_nodes(config, budget)
     if factor < 1:
         cores = budget / (1 - CLIENT_HEADROOM)
@@ -69,21 +79,7 @@ async def run_configuration(
     total_memory = sum(mems) if len(mems) == len(nodes) else None
     matched = NodeSpec(MATCHED_NODE, round(sum(n.cpu for n in nodes), 4), total_memory)
     variants = matched_variants(matched)
-    out: dict[str, Any] = {
-        "name": config.name,
-        "title": config.title,
-        "model": config.source.spec,
-        "input_shape": list(prepared.loaded.example_inputs[0].shape),
-        "blocks": len(prepared.chain),
-        "model_mb": round(sum(p.param_bytes for p in prepared.profiles) / 1e6, 2),
-        "note": config.note,
-        "scale_factor": factor,
-        "nodes": [_node_json(n, p) for n, p in zip(nodes, config.nodes, strict=True)],
-        "matched": _node_json(matched, None),
-        "strategies": {},
-    }
-    if config.links:
-        out["links"] = {"rate_mbit": config.links.rate_mbit, "delay_ms": config.links.delay_ms}
+    strategies: dict[str, StrategyResult] = {}
     names = [n.name for n in nodes]
     async with (
         LocalCluster(
@@ -95,19 +91,21 @@ async def run_configuration(
         ) as cluster,
         shaped_for(config, cluster, names) as shaped,
     ):
-        out["cpu_limits"] = cluster.limit_description
+        cpu_limits = cluster.limit_description
         await _prime(cluster, config.source)
         caps = await _capacities(cluster)
         capacity = {c.name: c for c in node_capacities(caps, prepared.reference_ms)}
         planner_nodes = [_memory_headroom(cluster, capacity[n], config.shard_memory_mb) for n in names]
-        for row, offered in zip(out["nodes"], planner_nodes, strict=True):
-            row["offered_to_shards_mb"] = _mb(offered.memory_bytes)
+        node_rows = tuple(
+            replace(_node_row(n, p), offered_to_shards_mb=_mb(offered.memory_bytes))
+            for n, p, offered in zip(nodes, config.nodes, planner_nodes, strict=True)
+        )
         tunings = {v.name for v in variants}
         loopback = [link for link in await measure_links(cluster) if not tunings & {link.src, link.dst}]
         links = (
             await shaped.links(names, loopback, cluster.security, cluster.identity) if shaped else loopback
         )
-        out["links_measured"] = [_link_json(link) for link in links]
+        links_measured = tuple(_link_row(link) for link in links)
         bench = Bench(
             cluster,
             prepared,
@@ -119,13 +117,12 @@ async def run_configuration(
         )
 
         result = await _tuned_monolith(bench, prepared, cluster, capacity, variants)
-        out["strategies"][MATCHED] = result
+        strategies[MATCHED] = result
         progress.step()
-        rate = result.get("open_loop", {}).get("rate_rps")
-        out["open_loop_rate_rps"] = rate
+        rate = result.open_loop.rate_rps if isinstance(result, MeasuredPlan) else None
 
-        out["ideal"] = await _ideal(bench, planner_nodes, links)
-        if out["ideal"] is not None:
+        ideal = await _ideal(bench, planner_nodes, links)
+        if ideal is not None:
             progress.step()
 
         plans: dict[str, Plan] = {}
@@ -150,22 +147,40 @@ async def run_configuration(
                     **squeeze,
                 )
             except PlanInfeasible as e:
-                out["strategies"][strategy] = {"status": "infeasible", "reason": str(e)}
+                strategies[strategy] = Unmeasured("infeasible", str(e))
             else:
                 plans[strategy] = plan
-                result = await _measure_once(bench, plan, strategy, rate, out["strategies"])
-                result["planning_ms"] = ms
-                out["strategies"][strategy] = result
+                result = await _measure_once(bench, plan, strategy, rate, strategies)
+                if isinstance(result, MeasuredPlan):
+                    result = replace(result, planning_ms=ms)
+                strategies[strategy] = result
             progress.step()
-    if out["ideal"] is None:
-        out["ideal"] = await _ideal_without_memory_limits(bench, nodes, limit_mode, secure, cfs_period_us)
+    if ideal is None:
+        ideal = await _ideal_without_memory_limits(bench, nodes, limit_mode, secure, cfs_period_us)
         progress.step()
+    transport = None
     if config.compare_transport:
-        out["transport"] = await compare_transport(
-            bench, nodes, plans, out["strategies"], rate, limit_mode, cfs_period_us
-        )
+        transport = await compare_transport(bench, nodes, plans, strategies, rate, limit_mode, cfs_period_us)
         progress.step()
-    return out
+    return StandardResult(
+        name=config.name,
+        title=config.title,
+        model=config.source.spec,
+        input_shape=tuple(prepared.loaded.example_inputs[0].shape),
+        blocks=len(prepared.chain),
+        model_mb=round(sum(p.param_bytes for p in prepared.profiles) / 1e6, 2),
+        note=config.note,
+        scale_factor=factor,
+        nodes=node_rows,
+        matched=_node_row(matched, None),
+        strategies=strategies,
+        links=LinkShapeRow(config.links.rate_mbit, config.links.delay_ms) if config.links else None,
+        cpu_limits=cpu_limits,
+        links_measured=links_measured,
+        open_loop_rate_rps=rate,
+        ideal=ideal,
+        transport=transport,
+    )
 
 
 def matched_variants(matched: NodeSpec) -> list[NodeSpec]:
@@ -187,20 +202,35 @@ async def _tuned_monolith(
     cluster: LocalCluster,
     capacity: dict[str, NodeCapacity],
     variants: Sequence[NodeSpec],
-) -> dict[str, Any]:
+) -> StrategyResult:
     """Every tuning of the matched monolith measured in full; the best saturation is kept, so the
     baseline amp4ec is compared with is the best this hardware does with one whole model."""
-    tried: dict[str, dict[str, Any]] = {}
+    tried: dict[str, StrategyResult] = {}
     for variant in variants:
         plan, ms = _plan(prepared, [_memory_headroom(cluster, capacity[variant.name])], "monolith", [])
         result = await _guarded(bench, plan, f"{MATCHED} ({_tuning(variant)})", None)
-        result.update(
-            planning_ms=ms, tuning=_tuning(variant), threads=variant.threads or 1, workers=variant.workers
-        )
+        if isinstance(result, MeasuredPlan):
+            result = replace(
+                result,
+                planning_ms=ms,
+                tuning=_tuning(variant),
+                threads=variant.threads or 1,
+                workers=variant.workers,
+            )
         tried[_tuning(variant)] = result
-    best = max(tried.values(), key=lambda r: r.get("saturation", {}).get("rps", -1.0))
-    best["tunings_rps"] = {name: r.get("saturation", {}).get("rps") for name, r in tried.items()}
-    return best
+    return best_tuning(tried)
+
+
+def saturation_rps(result: StrategyResult) -> float | None:
+    return result.saturation.rps if isinstance(result, MeasuredPlan) else None
+
+
+def best_tuning(tried: dict[str, StrategyResult]) -> StrategyResult:
+    """The tuning with the best saturation, carrying every tuning's (an unmeasured one if none was)."""
+    best = max(tried.values(), key=lambda r: rps if (rps := saturation_rps(r)) is not None else -1.0)
+    if not isinstance(best, MeasuredPlan):
+        return best
+    return replace(best, tunings_rps={name: saturation_rps(r) for name, r in tried.items()})
 
 
 def _tuning(node: NodeSpec) -> str:
@@ -215,7 +245,7 @@ async def _capacities(cluster: LocalCluster) -> dict[str, agent_pb2.Capacity]:
     so simultaneous workloads would slow each other and every speed would read low. Agents
     keep their first measurement, so the later, simultaneous readings cost nothing.
     """
-    for node in cluster.agents:
+    for node in cluster.node_names:
         await cluster.agent_stub(node).GetCapacity(agent_pb2.CapacityRequest(), timeout=60)
     return await cluster.capacities()
 
@@ -247,38 +277,32 @@ def _plan(
 
 
 async def _measure_once(
-    bench: Bench, plan: Plan, strategy: str, rate: float | None, done: dict[str, dict[str, Any]]
-) -> dict[str, Any]:
+    bench: Bench, plan: Plan, strategy: str, rate: float | None, done: dict[str, StrategyResult]
+) -> StrategyResult:
     """Measure ``plan``, unless a strategy before made the very same plan: the same deployment
     measured twice differs only by run-to-run noise (a few percent), which would rank two
     identical plans. Its figures are then shared, marked ``same_plan_as``."""
-    rows = plan.rows()
+    rows = plan_rows(plan.rows())
     for name, result in done.items():
-        if name != MATCHED and result.get("status") == "ok" and result["plan"] == rows:
-            shared = copy.deepcopy(result)
-            shared.update(same_plan_as=result.get("same_plan_as") or name, notes=list(plan.notes))
-            return shared
+        if name != MATCHED and isinstance(result, MeasuredPlan) and result.plan == rows:
+            return replace(result, same_plan_as=result.same_plan_as or name, notes=tuple(plan.notes))
     return await _guarded(bench, plan, strategy, rate)
 
 
-async def _guarded(bench: Bench, plan: Plan, label: str, rate: float | None) -> dict[str, Any]:
+async def _guarded(bench: Bench, plan: Plan, label: str, rate: float | None) -> StrategyResult:
     """measure_plan, with a failure (an agent killed for memory, say) recorded instead of raised."""
     try:
         return await measure_plan(bench, plan, label, rate)
     except Amp4ecError as e:
-        dead = [
-            f"{name} {agent.exit_reason()}"
-            for name, agent in bench.cluster.agents.items()
-            if agent.process.poll() is not None
-        ]
+        dead = [f"{name} {why}" for name, why in bench.cluster.exited().items()]
         reason = str(e).splitlines()[0] + (f" ({'; '.join(dead)})" if dead else "")
         bench.progress.note(f"{label} failed: {reason}")
         if dead:
             raise Amp4ecError(f"{label}: node agent died: {'; '.join(dead)}") from e
-        return {"status": "failed", "reason": reason}
+        return Unmeasured("failed", reason)
 
 
-async def _ideal(bench: Bench, planner_nodes: Sequence[NodeCapacity], links: Sequence[Link]) -> dict | None:
+async def _ideal(bench: Bench, planner_nodes: Sequence[NodeCapacity], links: Sequence[Link]) -> Ideal | None:
     """Each node's standalone throughput with the whole model on it; their sum is the ideal.
     None when some node cannot hold the model (then ``_ideal_without_memory_limits``)."""
     try:
@@ -288,13 +312,12 @@ async def _ideal(bench: Bench, planner_nodes: Sequence[NodeCapacity], links: Seq
     if len(plan.pipelines) < len(planner_nodes):
         return None
     per_node = await _standalone(bench, plan)
-    where = "each node alone, under its CPU and memory limits"
-    return {"rps": sum(per_node.values()), "per_node_rps": per_node, "measured": where}
+    return Ideal(sum(per_node.values()), per_node, "each node alone, under its CPU and memory limits")
 
 
 async def _ideal_without_memory_limits(
     bench: Bench, nodes: Sequence[NodeSpec], limit_mode: str, secure: bool, cfs_period_us: int
-) -> dict:
+) -> Ideal:
     """The ideal where no node holds the model: the same CPU shares, memory limits lifted.
 
     Runs on a cluster of its own once the configuration's cluster is gone (two clusters of
@@ -307,7 +330,7 @@ async def _ideal_without_memory_limits(
         plan, _ = _plan(bench.prepared, caps, "replicate", [], repeats=1)
         per_node = await _standalone(replace(bench, cluster=cluster, hop=cluster.address), plan)
     where = "each node alone under its CPU limit, its memory limit lifted (no node holds the model)"
-    return {"rps": sum(per_node.values()), "per_node_rps": per_node, "measured": where}
+    return Ideal(sum(per_node.values()), per_node, where)
 
 
 async def _standalone(bench: Bench, plan: Plan) -> dict[str, float]:
@@ -330,14 +353,14 @@ async def _prime(cluster: LocalCluster, source: ModelSource) -> None:
     """Load the model's first block on every agent: what building any stage imports and keeps
     (fx, tracing caches) is then resident, so the memory left over is what stages can use."""
     spec = source.stage(0, 0, accept_from=(CLIENT_IDENTITY,)).to_message()
-    await asyncio.gather(*(cluster.load(node, spec) for node in cluster.agents))
+    await asyncio.gather(*(cluster.load(node, spec) for node in cluster.node_names))
 
 
 def _memory_headroom(cluster: LocalCluster, node: NodeCapacity, shard_mb: int | None = None) -> NodeCapacity:
     """A memory-limited node offers its limit less its primed agent's resident memory (anonymous
     and mapped files, as its cgroup counts them) and a margin. With ``shard_mb`` the node offers
     exactly that, and its cgroup limit is lowered to resident + margin + ``shard_mb``."""
-    limit = cluster.agents[node.name].node.memory_bytes
+    limit = cluster.memory_limit(node.name)
     resident = cluster.resident_bytes(node.name)
     if not limit or resident is None:
         return node
@@ -349,24 +372,21 @@ def _memory_headroom(cluster: LocalCluster, node: NodeCapacity, shard_mb: int | 
     return replace(node, memory_bytes=max(0, min(node.memory_bytes, free)))
 
 
-def _node_json(node: NodeSpec, paper: NodeSpec | None) -> dict[str, Any]:
-    out: dict[str, Any] = {"name": node.name, "cpu": node.cpu, "memory_mb": _mb(node.memory_bytes)}
-    if paper is not None:
-        out["paper_cpu"] = paper.cpu
-    return out
+def _node_row(node: NodeSpec, paper: NodeSpec | None) -> NodeRow:
+    return NodeRow(node.name, node.cpu, _mb(node.memory_bytes), paper.cpu if paper is not None else None)
 
 
 def _mb(value: int | None) -> float | None:
     return None if value is None else round(value / 2**20, 1)
 
 
-def _link_json(link: Link) -> dict[str, Any]:
-    return {
-        "src": link.src,
-        "dst": link.dst,
-        "rtt_ms": round(link.rtt_ms, 3),
-        "mbit_s": round(link.bandwidth_bytes_per_s * 8 / 1e6, 2),
-    }
+def _link_row(link: Link) -> LinkRow:
+    return LinkRow(
+        src=link.src,
+        dst=link.dst,
+        rtt_ms=round(link.rtt_ms, 3),
+        mbit_s=round(link.bandwidth_bytes_per_s * 8 / 1e6, 2),
+    )
 
 
 def _named(source: ModelSource) -> list[str]:

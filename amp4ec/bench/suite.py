@@ -6,7 +6,6 @@ import asyncio
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from typing import Any
 
 from amp4ec.bench.batching import BATCHING, run_batching
 from amp4ec.bench.configs import COMPRESSED, Configuration, configurations, cpu_budget
@@ -15,6 +14,7 @@ from amp4ec.bench.latency import run_latency
 from amp4ec.bench.links import links_available
 from amp4ec.bench.progress import ProgressSink
 from amp4ec.bench.report import machine, summarise
+from amp4ec.bench.results import BenchResults, ConfigurationResult, NotRun, StandardResult
 from amp4ec.bench.runner import run_configuration, steps
 from amp4ec.bench.tenants import run_multi_tenant
 from amp4ec.errors import Amp4ecError
@@ -49,26 +49,19 @@ def plan_configurations(options: BenchOptions) -> list[Configuration]:
     return configs if options.secure else [replace(c, compare_transport=False) for c in configs]
 
 
-async def run_bench(options: BenchOptions, progress: ProgressSink | None = None) -> dict[str, Any]:
+async def run_bench(options: BenchOptions, progress: ProgressSink | None = None) -> BenchResults:
     sink = progress or ProgressSink()
     started = time.perf_counter()
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     configs = plan_configurations(options)
     budget = cpu_budget(options.cores)
-    results: dict[str, Any] = {
-        "schema": 1,
-        "command": options.command,
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "quick": options.quick,
-        "transport": "mutual TLS" if options.secure else "insecure",
-        "machine": machine(),
-        "cpu_budget": budget,
-        "configurations": [],
-    }
+    host = machine()
+    done: list[ConfigurationResult] = []
     prepared: dict[tuple[ModelSource, bool, tuple[int, ...]], Prepared] = {}
     for config in configs:
         if config.links is not None and (why := links_available()) is not None:
             sink.note(f"{config.name}: skipped, slow links {why}")
-            results["configurations"].append({"name": config.name, "status": "skipped", "reason": why})
+            done.append(NotRun(config.name, "skipped", why))
             continue
         codecs = any(s in COMPRESSED for s in config.strategies)  # measured only where used
         sizes = BATCHING.profile_sizes() if config.batching else ()  # batch costs only where batched
@@ -76,6 +69,7 @@ async def run_bench(options: BenchOptions, progress: ProgressSink | None = None)
         if key not in prepared:
             sink.phase(f"profiling {config.source.spec}" + (" and its codecs" if codecs else ""))
             prepared[key] = await asyncio.to_thread(prepare, config.source, codecs, sizes)
+        result: ConfigurationResult
         try:
             if config.faults:
                 run = run_failover
@@ -96,13 +90,19 @@ async def run_bench(options: BenchOptions, progress: ProgressSink | None = None)
             )
         except Amp4ecError as e:
             sink.note(f"{config.name} failed: {e}")
-            results["configurations"].append({"name": config.name, "status": "failed", "reason": str(e)})
+            done.append(NotRun(config.name, "failed", str(e)))
             continue
-        result["status"] = "ok"
-        summarise(result)
-        results["configurations"].append(result)
-    results["wall_s"] = time.perf_counter() - started
-    return results
+        done.append(summarise(result) if isinstance(result, StandardResult) else result)
+    return BenchResults(
+        command=options.command,
+        started=started_at,
+        quick=options.quick,
+        transport="mutual TLS" if options.secure else "insecure",
+        machine=host,
+        cpu_budget=budget,
+        configurations=tuple(done),
+        wall_s=time.perf_counter() - started,
+    )
 
 
 def total_steps(options: BenchOptions) -> int:

@@ -19,10 +19,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
 
 from amp4ec.bench.configs import Configuration, scale_nodes
 from amp4ec.bench.progress import ProgressSink
+from amp4ec.bench.results import Ideal, MultiTenantResult, NodeShare, TenantRow, plan_rows
 from amp4ec.bench.runner import _capacities, _named, _plan
 from amp4ec.errors import PlanInfeasible
 from amp4ec.loadgen import closed_loop
@@ -70,16 +70,16 @@ async def _ideal_at_once(
     config: Configuration,
     caps: Sequence[NodeCapacity],
     progress: ProgressSink,
-) -> dict[str, Any]:
+) -> Ideal | None:
     """Each node running the whole model under its full share, all nodes driven at once (as the
-    tenants are: the machine's contention is the same on both sides of the ratio); {} when a node
-    cannot hold the model."""
+    tenants are: the machine's contention is the same on both sides of the ratio); None when a
+    node cannot hold the model."""
     try:
         plan, _ = _plan(prepared, caps, "replicate", [], repeats=1)
     except PlanInfeasible:
-        return {}
+        return None
     if len(plan.pipelines) < len(caps):
-        return {}
+        return None
     await deploy(cluster, plan, config.source)
     inputs = prepared.loaded.example_inputs
     n = config.sizes.saturation
@@ -93,7 +93,7 @@ async def _ideal_at_once(
 
     per_node = dict(await asyncio.gather(*(drive(p.stages[0].node) for p in plan.pipelines)))
     where = "each node alone with the whole model under its CPU quota, all nodes driven at once"
-    return {"rps": sum(per_node.values()), "per_node_rps": per_node, "measured": where}
+    return Ideal(sum(per_node.values()), per_node, where)
 
 
 def _renamed(plan: Plan, tag: str) -> Plan:
@@ -111,28 +111,18 @@ async def run_multi_tenant(
     progress: ProgressSink,
     *,
     limit_mode: str = "auto",
-    secure: bool = True,
     cfs_period_us: int = PERIOD_US,
-) -> dict[str, Any]:
+    secure: bool = True,
+) -> MultiTenantResult:
     nodes, factor = scale_nodes(config, budget)
     k = config.tenants
-    out: dict[str, Any] = {
-        "name": config.name,
-        "title": config.title,
-        "kind": "multi-tenant",
-        "model": config.source.spec,
-        "scale_factor": factor,
-        "nodes": [{"name": n.name, "cpu": n.cpu} for n in nodes],
-        "tenants": [],
-        "note": config.note,
-    }
     allow = _named(config.source)
     async with LocalCluster(
         nodes, limit_mode, allow_factories=allow, secure=secure, cfs_period_us=cfs_period_us
     ) as cluster:
-        out["cpu_limits"] = cluster.limit_description
+        cpu_limits = cluster.limit_description
         caps = node_capacities(await _capacities(cluster), prepared.reference_ms)
-        out["ideal"] = await _ideal_at_once(cluster, prepared, config, caps, progress)
+        ideal = await _ideal_at_once(cluster, prepared, config, caps, progress)
         progress.step()
     plans = plan_tenants(prepared, caps, k)
     agents = [
@@ -161,21 +151,30 @@ async def run_multi_tenant(
     rates = [count / wall for count, wall in measured]
     total = sum(rates)
     total_cpu = sum(n.cpu for n in nodes)
-    for i, ((plan, granted), rate) in enumerate(zip(plans, rates, strict=True)):
-        out["tenants"].append(
-            {
-                "name": f"t{i}",
-                "plan": plan.rows(),
-                "cpu": round(sum(granted.values()), 3),
-                "fair_cpu": round(total_cpu / k, 3),
-                "rps": rate,
-                "predicted_rps": plan.predicted.throughput_rps,
-                "share": rate / total if total else None,
-                "fair_share": 1 / k,
-            }
+    tenants = tuple(
+        TenantRow(
+            name=f"t{i}",
+            plan=plan_rows(plan.rows()),
+            cpu=round(sum(granted.values()), 3),
+            fair_cpu=round(total_cpu / k, 3),
+            rps=rate,
+            predicted_rps=plan.predicted.throughput_rps,
+            share=rate / total if total else None,
+            fair_share=1 / k,
         )
-    ideal = (out.get("ideal") or {}).get("rps")
-    out["aggregate_rps"] = total
-    out["fraction_of_ideal"] = total / ideal if ideal else None
-    out["requests_per_tenant"] = config.sizes.saturation
-    return out
+        for i, ((plan, granted), rate) in enumerate(zip(plans, rates, strict=True))
+    )
+    return MultiTenantResult(
+        name=config.name,
+        title=config.title,
+        model=config.source.spec,
+        scale_factor=factor,
+        nodes=tuple(NodeShare(n.name, n.cpu) for n in nodes),
+        tenants=tenants,
+        note=config.note,
+        cpu_limits=cpu_limits,
+        ideal=ideal,
+        aggregate_rps=total,
+        fraction_of_ideal=total / ideal.rps if ideal is not None and ideal.rps else None,
+        requests_per_tenant=config.sizes.saturation,
+    )

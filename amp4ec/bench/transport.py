@@ -21,9 +21,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Any
 
 from amp4ec.bench.measure import Bench, measure_plan
+from amp4ec.bench.results import MeasuredPlan, StrategyResult, TransportFigures, TransportRow
 from amp4ec.local.cluster import LocalCluster, NodeSpec
 from amp4ec.planner.types import Plan
 from amp4ec.slicing.sources import factory_module
@@ -39,47 +39,47 @@ async def compare(
     bench: Bench,
     nodes: Sequence[NodeSpec],
     plans: Mapping[str, Plan],
-    secure: Mapping[str, dict[str, Any]],
+    secure: Mapping[str, StrategyResult],
     rate: float | None,
     limit_mode: str,
     cfs_period_us: int,
-) -> dict[str, Any]:
+) -> dict[str, TransportRow]:
     """Measure ``plans`` on a plaintext cluster of ``nodes``; compare with their mTLS figures.
 
     Runs once the configuration's cluster is gone (two clusters of one process at once would
     share cgroup names)."""
-    out: dict[str, Any] = {}
+    out: dict[str, TransportRow] = {}
     allowed = [m for m in (factory_module(bench.source.spec),) if m]  # as the configuration's cluster
     async with LocalCluster(
         nodes, limit_mode, allow_factories=allowed, secure=False, cfs_period_us=cfs_period_us
     ) as cluster:
-        for node in cluster.agents:  # the reference workload one agent at a time, as the main run
+        for node in cluster.node_names:  # the reference workload one agent at a time, as the main run
             await cluster.agent_stub(node).GetCapacity(agent_pb2.CapacityRequest(), timeout=60)
         plaintext = replace(bench, cluster=cluster, hop=cluster.address)
         for name in PLANS:
-            mtls = secure.get(name, {})
-            if name not in plans or mtls.get("status") != "ok":
+            mtls = secure.get(name)
+            if name not in plans or not isinstance(mtls, MeasuredPlan):
                 continue
             insecure = await measure_plan(plaintext, plans[name], f"{name}, insecure", rate)
             out[name] = summarise(mtls, insecure, hops=max(len(p.stages) for p in plans[name].pipelines))
     return out
 
 
-def summarise(mtls: dict[str, Any], insecure: dict[str, Any], hops: int) -> dict[str, Any]:
-    def figures(result: dict[str, Any]) -> dict[str, float]:
-        return {
-            "rps": result["saturation"]["rps"],
-            "single_p50_ms": result["single_ms"]["p50"],
-            "agent_cpu_ms": result["overhead"]["agent_cpu_ms"],
-        }
+def summarise(mtls: MeasuredPlan, insecure: MeasuredPlan, hops: int) -> TransportRow:
+    def figures(result: MeasuredPlan) -> TransportFigures:
+        return TransportFigures(
+            rps=result.saturation.rps,
+            single_p50_ms=result.single_ms.p50,
+            agent_cpu_ms=result.overhead.agent_cpu_ms,
+        )
 
     a, b = figures(mtls), figures(insecure)
-    return {
-        "hops": hops,
-        "mtls": a,
-        "insecure": b,
-        "throughput_loss_pct": 100 * (1 - a["rps"] / b["rps"]),
-        "added_ms_per_hop": (a["single_p50_ms"] - b["single_p50_ms"]) / hops,
-        "cpu_loss_pct": 100 * (1 - b["agent_cpu_ms"] / a["agent_cpu_ms"]),
-        "added_cpu_ms": a["agent_cpu_ms"] - b["agent_cpu_ms"],
-    }
+    return TransportRow(
+        hops=hops,
+        mtls=a,
+        insecure=b,
+        throughput_loss_pct=100 * (1 - a.rps / b.rps),
+        added_ms_per_hop=(a.single_p50_ms - b.single_p50_ms) / hops,
+        cpu_loss_pct=100 * (1 - b.agent_cpu_ms / a.agent_cpu_ms),
+        added_cpu_ms=a.agent_cpu_ms - b.agent_cpu_ms,
+    )

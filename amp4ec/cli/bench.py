@@ -144,7 +144,7 @@ def bench(
         console.print(f"table written into {docs}")
     shown = ", ".join(str(p) for p in plots) or "none (--no-plots)"
     console.print(f"results: {out / 'results.json'}; plots: {shown}")
-    console.print(f"took {results['wall_s'] / 60:.1f} min")
+    console.print(f"took {results.wall_s / 60:.1f} min")
 
 
 def check_bench_args(out: Path, docs: Path | None, no_plots: bool) -> None:

@@ -3,6 +3,7 @@ options (run, plan), the CPU-limit option and the progress bar (run, bench)."""
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -35,6 +36,7 @@ __all__ = [
     "parse_shape",
     "planning_options",
     "progress_bar",
+    "rate_from",
     "source_from",
 ]
 
@@ -119,11 +121,28 @@ def source_from(model: str, weights: str | None, seed: int, input_shape: str | N
 
 
 def planning_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """``--strategy`` and ``--objective``, as ``amp4ec.planner.plan`` takes them."""
+    """``--strategy``, ``--objective`` and ``--rate``, as ``amp4ec.planner.plan`` takes them."""
+    f = click.option(
+        "--rate",
+        type=float,
+        default=None,
+        help="with --objective p95: the arrival rate (requests/s) whose p95 latency the plan minimises",
+    )(f)
     f = click.option("--objective", type=click.Choice(OBJECTIVES), default="throughput", show_default=True)(f)
     return click.option(
         "--strategy", "-s", type=click.Choice(STRATEGIES), default="optimal", show_default=True
     )(f)
+
+
+def rate_from(objective: str, rate: float | None) -> float | None:
+    """``--rate``, checked against ``--objective`` (one line naming the flag when they disagree)."""
+    if objective == "p95" and rate is None:
+        raise InvalidSpec("--rate: --objective p95 needs the arrival rate in requests/s, e.g. --rate 40")
+    if objective != "p95" and rate is not None:
+        raise InvalidSpec(f"--rate: only --objective p95 takes a rate, not --objective {objective}")
+    if rate is not None and not 0 < rate < math.inf:
+        raise InvalidSpec(f"--rate: expected a positive number of requests/s, got {rate:g}")
+    return rate
 
 
 def compression_options(f: Callable[..., Any]) -> Callable[..., Any]:

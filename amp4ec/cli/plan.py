@@ -19,6 +19,7 @@ from amp4ec.cli.options import (
     examples,
     model_options,
     planning_options,
+    rate_from,
     source_from,
 )
 from amp4ec.errors import InvalidSpec
@@ -70,6 +71,7 @@ def plan(
     input_shape: str | None,
     nodes: str,
     objective: str,
+    rate: float | None,
     strategy: str,
     compression: str,
     max_output_error: float,
@@ -83,13 +85,14 @@ def plan(
     if not bandwidth_mbps > 0 or not rtt_ms >= 0:
         raise InvalidSpec("--bandwidth-mbps must be > 0 and --rtt-ms ≥ 0")
     specs = parse_nodes(nodes)
+    rate_rps = rate_from(objective, rate)
     batching = batching_from(batch, batch_delay_ms)
     check_writable_file(json_path, "--json")
     source = source_from(model, weights, seed, input_shape)
     policy = compression_from(compression, max_output_error)
 
+    from amp4ec.plan_timer import timed_plan
     from amp4ec.planner.types import Link, NodeCapacity
-    from amp4ec.scheduling import timed_plan
     from amp4ec.slicing.prepare import compression_options as plan_compression
     from amp4ec.slicing.prepare import prepare
 
@@ -104,6 +107,7 @@ def plan(
         prepared.profiles,
         capacities,
         objective=objective,
+        rate_rps=rate_rps,
         strategy=strategy,
         input_bytes=prepared.chain.input_bytes,
         default_link=link,

@@ -23,6 +23,7 @@ from amp4ec.cli.options import (
     model_options,
     planning_options,
     progress_bar,
+    rate_from,
     source_from,
 )
 from amp4ec.nodes import AGENT_BASELINE_BYTES, check_faults, mib, parse_fault, parse_nodes, usable_memory
@@ -78,6 +79,7 @@ def run(
     concurrency: int | None,
     strategy: str,
     objective: str,
+    rate: float | None,
     compression: str,
     max_output_error: float,
     batch: int,
@@ -100,6 +102,7 @@ def run(
     fault_specs = tuple(parse_fault(f) for f in faults)
     check_faults(fault_specs, specs)
     batching = batching_from(batch, batch_delay_ms)
+    rate_rps = rate_from(objective, rate)
     source = source_from(model, weights, seed, input_shape)
     policy = compression_from(compression, max_output_error)
 
@@ -113,6 +116,7 @@ def run(
         concurrency=concurrency,
         strategy=strategy,
         objective=objective,
+        rate_rps=rate_rps,
         limit_mode=cpu_limits,
         cfs_period_us=cfs_period,
         faults=fault_specs,

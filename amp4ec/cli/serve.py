@@ -19,6 +19,7 @@ from amp4ec.cli.options import (
     examples,
     model_options,
     planning_options,
+    rate_from,
     source_from,
 )
 
@@ -86,6 +87,7 @@ def serve(
     model_name: str,
     strategy: str,
     objective: str,
+    rate: float | None,
     compression: str,
     max_output_error: float,
     batch: int,
@@ -119,6 +121,7 @@ def serve(
             raise click.BadParameter(f"expected 0..65535, got {port}", param_hint=name)
     policy = compression_from(compression, max_output_error)
     batching = batching_from(batch, batch_delay_ms)
+    rate_rps = rate_from(objective, rate)
     config = ServeConfig(
         source=source_from(model, weights, seed, input_shape),
         nodes=() if nodes_file else tuple(parse_nodes(nodes)),
@@ -129,6 +132,7 @@ def serve(
         model_name=model_name,
         strategy=strategy,
         objective=objective,
+        rate_rps=rate_rps,
         limit_mode=cpu_limits,
         cfs_period_us=cfs_period,
         secure=not insecure,

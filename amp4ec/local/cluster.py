@@ -158,6 +158,34 @@ class LocalCluster:
     def address(self, node: str) -> str:
         return self.agents[node].address
 
+    @property
+    def node_names(self) -> list[str]:
+        """The nodes whose agents run here (started or added, not removed), in start order."""
+        return list(self.agents)
+
+    def control_address(self, node: str) -> str:
+        """host:port of ``node``'s control plane (``NodeAgent``, whose ``Echo`` link probes call)."""
+        return self.agents[node].control_address
+
+    def memory_limit(self, node: str) -> int | None:
+        """The memory limit ``node`` was started with, in bytes (None: none)."""
+        return self.agents[node].node.memory_bytes
+
+    def exited(self) -> dict[str, str]:
+        """The agents whose process has exited, each with why (out of memory, a signal, its code)."""
+        return {name: a.exit_reason() for name, a in self.agents.items() if a.process.poll() is not None}
+
+    def send_signal(self, node: str, signum: int) -> None:
+        """Send ``signum`` to ``node``'s agent, if it still runs (fault injection: SIGKILL, SIGSTOP)."""
+        self.agents[node].process.send_signal(signum)
+
+    def kill(self, node: str) -> None:
+        """Kill ``node``'s agent if it still runs, and continue it, so a stopped one dies now."""
+        process = self.agents[node].process
+        if process.poll() is None:
+            process.kill()
+            os.kill(process.pid, signal.SIGCONT)
+
     @staticmethod
     def identity(node: str) -> str:
         """The identity ``node``'s agent presents (under mutual TLS)."""

@@ -22,8 +22,8 @@ from amp4ec.local.cgroups import PERIOD_US
 from amp4ec.local.cluster import CLIENT_IDENTITY, LocalCluster, NodeSpec
 from amp4ec.local.supervisor import Failover, FaultSpec, Supervisor, endpoints, inject_faults
 from amp4ec.nodes import check_node_count
+from amp4ec.plan_timer import timed_plan
 from amp4ec.planner.types import Link, NodeCapacity, Plan, measured_node
-from amp4ec.scheduling import timed_plan
 from amp4ec.slicing import ModelSource
 from amp4ec.slicing.compression import OutputError, fixed_inputs, output_error
 from amp4ec.slicing.prepare import Prepared, compression_options, monolith_outputs, prepare
@@ -60,6 +60,8 @@ class RunConfig:
     """Requests kept in flight; None = one per stage of the plan, enough to fill every pipeline."""
     strategy: str = "optimal"
     objective: str = "throughput"
+    rate_rps: float | None = None
+    """The arrival rate the ``p95`` objective plans for (requests/s; only with it)."""
     limit_mode: str = "auto"
     cfs_period_us: int = PERIOD_US
     """CFS period of the nodes' quotas (``--cfs-period``; see [Note: why a short CFS period])."""
@@ -299,6 +301,7 @@ async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
             prepared.profiles,
             nodes,
             objective=config.objective,
+            rate_rps=config.rate_rps,
             strategy=config.strategy,
             input_bytes=prepared.chain.input_bytes,
             links=links,
@@ -315,6 +318,7 @@ async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
                 prepared.profiles,
                 survivors,
                 objective=config.objective,
+                rate_rps=config.rate_rps,
                 strategy=config.strategy,
                 input_bytes=prepared.chain.input_bytes,
                 links=kept,

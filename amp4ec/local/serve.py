@@ -48,8 +48,8 @@ from amp4ec.local.cluster import LocalCluster
 from amp4ec.local.run import deploy, node_capacities
 from amp4ec.local.supervisor import Supervisor, endpoints
 from amp4ec.nodes import NodeSpec, parse_bytes
+from amp4ec.plan_timer import timed_plan
 from amp4ec.planner.types import Link, NodeCapacity, Plan
-from amp4ec.scheduling import timed_plan
 from amp4ec.slicing import ModelSource
 from amp4ec.slicing.prepare import Prepared, compression_options, prepare
 from amp4ec.slicing.sources import factory_module
@@ -80,6 +80,8 @@ class ServeConfig:
     """The v2 model name; default: the model spec's last part (``mobilenet_v2``)."""
     strategy: str = "optimal"
     objective: str = "throughput"
+    rate_rps: float | None = None
+    """The arrival rate the ``p95`` objective plans for (requests/s; only with it)."""
     limit_mode: str = "auto"
     cfs_period_us: int = PERIOD_US
     """CFS period of the nodes' quotas (``--cfs-period``; see [Note: why a short CFS period])."""
@@ -177,6 +179,7 @@ class _Serving:
             self.prepared.profiles,
             nodes,
             objective=self.config.objective,
+            rate_rps=self.config.rate_rps,
             strategy=self.config.strategy,
             input_bytes=self.prepared.chain.input_bytes,
             links=links,

@@ -7,7 +7,7 @@ The peer identities are what the TLS handshake verified against the CA
 from __future__ import annotations
 
 from amp4ec import pki
-from amp4ec.node_agent.servicer import StageRepository
+from amp4ec.node_agent.repository import StageRepository
 from amp4ec.wire import transport
 
 __all__ = ["control_policy", "data_policy", "profiler_policy"]

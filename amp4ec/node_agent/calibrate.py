@@ -24,7 +24,8 @@ from torch import fx, nn
 
 from amp4ec.node_agent.authz import data_policy
 from amp4ec.node_agent.executor import LoadedStage, StageExecutor
-from amp4ec.node_agent.servicer import ShardServicer, StageRepository
+from amp4ec.node_agent.repository import StageRepository
+from amp4ec.node_agent.servicer import ShardServicer
 from amp4ec.node_agent.settings import AgentSettings
 from amp4ec.slicing.blocks import Block, Shard, TensorSpec
 from amp4ec.wire import codec, transport

@@ -1,10 +1,24 @@
-"""The node agent's Prometheus metrics (one registry per process, served on --metrics-port)."""
+"""The node agent's Prometheus metrics (one registry per process, served on --metrics-port):
+the stages' histograms and counters, and the monitor role's node and link gauges."""
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-__all__ = ["BATCH_SIZE", "BYTES_SAVED", "CAPACITY", "PHASE_SECONDS", "REQUESTS", "REQUEST_SECONDS"]
+__all__ = [
+    "BATCH_SIZE",
+    "BYTES_SAVED",
+    "CAPACITY",
+    "LINK_BANDWIDTH",
+    "LINK_RTT",
+    "NODE_CPU_LIMIT",
+    "NODE_MEMORY",
+    "NODE_OVERHEAD",
+    "NODE_WORKLOAD",
+    "PHASE_SECONDS",
+    "REQUESTS",
+    "REQUEST_SECONDS",
+]
 
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -46,3 +60,25 @@ BATCH_SIZE = Histogram(
     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64),
 )
 """``rate(_sum) / rate(_count)`` is the mean batch; ``_count`` the forwards run."""
+
+# The monitor role's gauges (monitor.py): what no standard exporter gives, per node and link.
+NODE_CPU_LIMIT = Gauge("amp4ec_node_cpu_limit_cores", "CPU cores a shard on this node may use.", ["node"])
+NODE_WORKLOAD = Gauge(
+    "amp4ec_node_workload_ms",
+    "Milliseconds this node takes for amp4ec's fixed reference workload on one thread (lower is faster).",
+    ["node"],
+)
+NODE_OVERHEAD = Gauge(
+    "amp4ec_node_request_overhead_ms",
+    "CPU milliseconds one request costs a stage on this node beyond its blocks (gRPC, codec, relaying).",
+    ["node"],
+)
+NODE_MEMORY = Gauge(
+    "amp4ec_node_memory_available_bytes", "Memory a shard may still use on this node.", ["node"]
+)
+LINK_RTT = Gauge("amp4ec_link_rtt_seconds", "Round-trip time of a small gRPC echo to a peer.", ["src", "dst"])
+LINK_BANDWIDTH = Gauge(
+    "amp4ec_link_bandwidth_bytes_per_second",
+    "Bytes per second of a large gRPC echo to a peer.",
+    ["src", "dst"],
+)

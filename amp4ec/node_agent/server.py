@@ -25,7 +25,8 @@ from amp4ec.node_agent.calibrate import request_overhead_ms
 from amp4ec.node_agent.capacity import cgroup_cpu_limit
 from amp4ec.node_agent.decoding import add_servicer
 from amp4ec.node_agent.executor import StageExecutor
-from amp4ec.node_agent.servicer import AgentServicer, ShardServicer, StageRepository
+from amp4ec.node_agent.repository import StageRepository
+from amp4ec.node_agent.servicer import AgentServicer, ShardServicer
 from amp4ec.node_agent.settings import AgentSettings
 from amp4ec.wire import transport
 from amp4ec.wire.stage import StageConfig
@@ -65,7 +66,7 @@ class AgentServer:
         await self.health.enter_graceful_shutdown()
         for s in self.servers:
             await s.stop(grace)
-        await self.repository.close()
+        await self.shard.close()
         self.executor.shutdown()
 
 

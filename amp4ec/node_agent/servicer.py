@@ -1,7 +1,8 @@
 """gRPC adapters: decode frames, hand them to the stage executor, forward, answer.
 
 ShardServicer is the data plane (Stream, Infer, Describe); AgentServicer is the control
-surface (capacity, link probes, loading a layer range).
+surface (capacity, link probes, loading a layer range). The stage served lives in
+``repository.py``, the streams to next hops in ``forwarders.py``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
-from grpc_health.v1 import health, health_pb2
 
 from amp4ec.allocator import release_memory
 from amp4ec.errors import InvalidSpec, StageNotLoaded
@@ -22,8 +22,10 @@ from amp4ec.node_agent.batching import StreamShare, stream_share
 from amp4ec.node_agent.budget import Budget, OverBudget
 from amp4ec.node_agent.capacity import LoadMeter, memory_available_bytes
 from amp4ec.node_agent.decoding import Undecodable
-from amp4ec.node_agent.executor import LoadedStage, StageExecutor, build_stage
-from amp4ec.node_agent.limits import check_batching, check_echo, check_frame, check_stage_spec
+from amp4ec.node_agent.executor import LoadedStage, StageExecutor
+from amp4ec.node_agent.forwarders import ForwarderPool
+from amp4ec.node_agent.limits import check_echo, check_frame, check_stage_spec
+from amp4ec.node_agent.repository import StageRepository
 from amp4ec.node_agent.settings import AgentSettings
 from amp4ec.node_agent.status import DeadlineExceeded, error_frame, status_of
 from amp4ec.node_agent.tiling import scatter_gather
@@ -34,123 +36,11 @@ from amp4ec.wire.stage import StageConfig, TilePeer
 from amp4ec.wire.stream import ShardStream
 from amp4ec.wire.v1 import agent_pb2, agent_pb2_grpc, shard_pb2, shard_pb2_grpc
 
-__all__ = ["RENEWAL_CHECK_S", "AgentServicer", "ShardServicer", "StageRepository"]
+__all__ = ["AgentServicer", "ShardServicer"]
 
 log = logging.getLogger(__name__)
-RENEWAL_CHECK_S = 60.0
-"""How often a stage looks for a renewed certificate on disk (three stat calls)."""
 
 Request = shard_pb2.Frame | Undecodable
-
-
-class StageRepository:
-    """The layer range this agent serves; loading a new one swaps it in only when ready.
-
-    Requests hold a reference to the stage they started on, so a swap never breaks them
-    (make-before-break within one agent).
-    """
-
-    def __init__(self, settings: AgentSettings, health_servicer: health.aio.HealthServicer) -> None:
-        self._settings = settings
-        self._health = health_servicer
-        self._stage: LoadedStage | None = None
-        self._forwarders: dict[tuple[str, str], ShardStream] = {}
-        self._security = settings.security
-        self._checked = time.monotonic()
-        self._retiring: set[asyncio.Task[None]] = set()
-        self._load_lock = asyncio.Lock()
-
-    @property
-    def current(self) -> LoadedStage:
-        if self._stage is None:
-            raise StageNotLoaded(f"node agent {self._settings.node} serves no layer range yet")
-        return self._stage
-
-    @property
-    def batch_requests(self) -> int:
-        """The most requests one forward of the stage served now may gather (1: no batching)."""
-        stage = self._stage
-        return stage.config.max_batch_requests if stage is not None and stage.shard.batch_flexible else 1
-
-    @property
-    def accept_from(self) -> frozenset[str]:
-        """Identities that may send frames to the stage served now (none while none is)."""
-        return frozenset(self._stage.config.accept_from) if self._stage is not None else frozenset()
-
-    def _check_identities(self, config: StageConfig) -> None:
-        """Under mutual TLS a stage names who may call it and whom it calls (never "anyone")."""
-        if self._settings.security.insecure:
-            return
-        if config.next_hop and not config.next_hop_identity:
-            raise InvalidSpec("next_hop_identity: required with next_hop under mutual TLS")
-        if not config.accept_from:
-            raise InvalidSpec("accept_from: at least one identity required under mutual TLS")
-        for i, phase in enumerate(config.tile_phases):
-            for j, peer in enumerate(phase.tiles):
-                if peer.address and not peer.identity:
-                    raise InvalidSpec(
-                        f"tile_phases[{i}].tiles[{j}].identity: required with an address under mutual TLS"
-                    )
-
-    async def load(self, config: StageConfig) -> LoadedStage:
-        self._check_identities(config)
-        check_batching(config.max_batch_requests, config.max_queue_delay_ms, self._settings)
-        async with self._load_lock:
-            stage = await asyncio.to_thread(build_stage, config)
-            self._stage = stage
-            await self._health.set("amp4ec.wire.v1.Shard", health_pb2.HealthCheckResponse.SERVING)
-            log.info(
-                "serving blocks %d..%d of %s (next hop %s)",
-                config.first_block,
-                config.last_block,
-                config.model,
-                config.next_hop or "-",
-            )
-            return stage
-
-    def serve(self, stage: LoadedStage) -> None:
-        """Serve an already built stage (the overhead calibration's relay); no health change."""
-        self._check_identities(stage.config)
-        self._stage = stage
-
-    async def unload(self) -> None:
-        self._stage = None
-        await self._health.set("amp4ec.wire.v1.Shard", health_pb2.HealthCheckResponse.NOT_SERVING)
-
-    def forwarder(self, target: str, identity: str, peer: str | None = None) -> ShardStream:
-        """The stream to the next hop at ``target``, which must present ``identity`` (mutual TLS);
-        ``peer`` names it in errors."""
-        self._refresh_security()
-        key = (target, identity)
-        if key not in self._forwarders:
-            self._forwarders[key] = ShardStream(
-                target, self._settings.grpc_options(), self._security, identity, peer
-            )
-        return self._forwarders[key]
-
-    def _refresh_security(self) -> None:
-        """At most every ``RENEWAL_CHECK_S``: a renewed leaf on disk replaces the forwarders, whose
-        channels would otherwise present the old one until it expires (transport.py's Note)."""
-        now = time.monotonic()
-        if now - self._checked < RENEWAL_CHECK_S:
-            return
-        self._checked = now
-        fresh = self._security.refreshed()
-        if fresh is self._security:
-            return
-        log.info("certificate renewed on disk: new connections to next hops use it")
-        self._security = fresh
-        old, self._forwarders = self._forwarders, {}
-        for stream in old.values():
-            task = asyncio.create_task(stream.close_when_idle())
-            self._retiring.add(task)
-            task.add_done_callback(self._retiring.discard)
-
-    async def close(self) -> None:
-        for task in list(self._retiring):
-            task.cancel()
-        for forwarder in self._forwarders.values():
-            await forwarder.close()
 
 
 class ShardServicer(shard_pb2_grpc.ShardServicer):
@@ -173,6 +63,12 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         """Set whenever a call gives back its slot (a new call waits for the stalled one it ended)."""
         self._budget = Budget(settings.max_held_bytes)
         self._trim: asyncio.TimerHandle | None = None
+        self._forwarders = ForwarderPool(settings)
+        """The streams to the next hop and to tile peers."""
+
+    async def close(self) -> None:
+        """Close the streams to next hops (the agent stops)."""
+        await self._forwarders.close()
 
     async def _process(self, frame: shard_pb2.Frame, turn: StreamShare | None = None) -> shard_pb2.Frame:
         """One request through this stage and everything after it; failures become error frames.
@@ -201,7 +97,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
                 )
                 # The forward waits no longer than the frame's deadline (ShardStream.call).
                 config = stage.config
-                forwarder = self._repository.forwarder(
+                forwarder = self._forwarders.forwarder(
                     config.next_hop, config.next_hop_identity, config.next_peer
                 )
                 answer = await forwarder.call(out)
@@ -283,7 +179,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             ) from None
 
     def _tile_stream(self, peer: TilePeer) -> ShardStream:
-        return self._repository.forwarder(
+        return self._forwarders.forwarder(
             peer.address, peer.identity, f"tile rows {peer.rows[0]}..{peer.rows[1] - 1} on {peer.node}"
         )
 

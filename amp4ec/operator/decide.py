@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from amp4ec import planner
-from amp4ec.operator.desired import PlanRecord
 from amp4ec.operator.faults import Fault
+from amp4ec.operator.planstatus import PlanRecord
 from amp4ec.planner.types import Link, NodeCapacity, Pipeline, Plan, Prediction, Stage
 
 __all__ = ["Blocked", "Decision", "Keep", "Rollout", "as_plan", "choose"]
@@ -92,6 +92,7 @@ def choose(
     input_bytes: int = 0,
     codecs: Sequence[Any] = (),
     max_error: float | None = None,
+    rate_rps: float | None = None,
 ) -> Keep | Rollout:
     """Keep ``current`` or roll out ``proposal``.
 
@@ -119,6 +120,7 @@ def choose(
             input_bytes=input_bytes,
             codecs=codecs,
             max_error=max_error,
+            rate_rps=rate_rps,
         )
     except (KeyError, ValueError) as exc:  # a node of the current plan has no capacity now
         reason = f"the current plan cannot be priced on today's capacity: {exc}"

@@ -1,6 +1,6 @@
 """The operator's Prometheus metrics, per deployment (namespace, name).
 
-``amp4ec_scheduler_overhead_seconds`` is defined once, in ``amp4ec.scheduling``, and observed
+``amp4ec_scheduler_overhead_seconds`` is defined once, in ``amp4ec.plan_timer``, and observed
 by every planning call (local mode, bench and operator alike); the operator serves it with these.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge
 
-from amp4ec.scheduling import SCHEDULER_OVERHEAD
+from amp4ec.plan_timer import SCHEDULER_OVERHEAD
 
 __all__ = ["PHASE", "RECONCILE_ERRORS", "REPLANS", "SCHEDULER_OVERHEAD", "forget"]
 

@@ -34,11 +34,9 @@ from amp4ec.operator.desired import (
     LABEL_PLAN,
     LABEL_ROLE,
     LABEL_STAGE,
-    PlanRecord,
     deployment_policy,
     desired_objects,
     entry_service,
-    plan_record,
 )
 from amp4ec.operator.faults import (
     ExclusionBackoff,
@@ -66,15 +64,16 @@ from amp4ec.operator.placement import (
     tenants_of,
     unschedulable,
 )
+from amp4ec.operator.planstatus import PlanRecord, plan_record
 from amp4ec.operator.podsecurity import node_selector
 from amp4ec.operator.profiles import Profiler, ProfilerFailed, ProfilerUnavailable, Profiling
 from amp4ec.operator.spec import DeploymentSpec, parse_spec
 from amp4ec.operator.status import Phase, condition, merge_conditions, now_iso, with_ready
 from amp4ec.operator.storage import INITIALIZER, initializer_failure
 from amp4ec.operator.storage_hosts import HostRefused, HostUnresolved, resolve_checked_async
+from amp4ec.plan_timer import timed_plan
 from amp4ec.planner.shares import scaled
 from amp4ec.planner.types import NodeCapacity, Pin
-from amp4ec.scheduling import timed_plan
 
 __all__ = ["Deps", "Outcome", "Target", "measure", "reconcile"]
 
@@ -444,6 +443,7 @@ async def _decide(
             deployment=t.name,
             links=[link for link in cap.links if link.src in usable and link.dst in usable],
             objective=spec.objective,
+            rate_rps=spec.target_rate,
             strategy=spec.strategy,
             input_bytes=costs.input_bytes,
             max_stages=spec.max_stages,
@@ -470,6 +470,7 @@ async def _decide(
         nodes=list({**usable, **_held_capacity(current, measured)}.values()),
         links=list(cap.links),
         input_bytes=costs.input_bytes,
+        rate_rps=spec.target_rate,
         **squeeze,
     )
     if isinstance(decision, Rollout):

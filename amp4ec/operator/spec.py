@@ -66,7 +66,7 @@ class SpecPolicy:
         return any(module == m or module.startswith(m + ".") for m in self.allowed_factory_modules)
 
 
-Objective = Literal["throughput", "latency"]
+Objective = Literal["throughput", "latency", "p95"]
 Strategy = Literal["optimal", "paper", "equal", "memory", "replicate", "monolith"]
 CompressionMode = Literal["off", "auto"]
 
@@ -357,6 +357,9 @@ class DeploymentSpec(_Strict):
     input_shape: tuple[int, ...] | None = Field(None, alias="inputShape", min_length=1, max_length=8)
     """Input shape, e.g. [1, 3, 224, 224]; default: the model's."""
     objective: Objective = "throughput"
+    target_rate: float | None = Field(None, alias="targetRate", ge=0.001, le=1e6)
+    """Requests per second the ``p95`` objective plans for (its p95 latency at this rate is
+    minimised); required by ``p95``, refused by the other objectives."""
     strategy: Strategy = "optimal"
     node_selector: dict[str, str] = Field(default_factory=dict, alias="nodeSelector")
     """Labels a node must carry to get a shard."""
@@ -406,6 +409,16 @@ class DeploymentSpec(_Strict):
             if len(value) > 63 or not _LABEL_VALUE.match(value):
                 raise ValueError(f"expected a label value (at most 63 characters) for {key}, got {value!r}")
         return v
+
+    @model_validator(mode="after")
+    def _rate(self) -> DeploymentSpec:
+        if self.objective == "p95" and self.target_rate is None:
+            raise ValueError("targetRate: objective p95 needs the arrival rate in requests/s")
+        if self.objective != "p95" and self.target_rate is not None:
+            raise ValueError(f"targetRate: only objective p95 takes a rate, not {self.objective!r}")
+        if self.objective == "p95" and self.strategy != "optimal":
+            raise ValueError(f"objective: p95 is planned by strategy optimal only, got {self.strategy!r}")
+        return self
 
     @model_validator(mode="after")
     def _pins(self) -> DeploymentSpec:

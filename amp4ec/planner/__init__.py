@@ -22,6 +22,8 @@ Reading order:
                      price at that batch, saturation throughput at the largest batch.
 13. ``load``      — latency under load: the expected-completion rule the client dispatches
                      by, and a plan's latency percentiles at an arrival rate (batches simulated).
+14. ``tail``      — the ``p95`` objective: candidates (throughput plan, replicas, fastest
+                     pipeline, node groupings) simulated at a target rate, lowest p95 wins.
 
 Cost model (all strategies): a stage's time is the sum of its blocks' ``compute_ms``
 and its node's per-request ``overhead_ms``, divided by the node's ``effective_speed``,
@@ -44,6 +46,7 @@ from amp4ec.planner.cost import INF, CostModel, evaluate
 from amp4ec.planner.optimal import plan_optimal
 from amp4ec.planner.paper import plan_paper
 from amp4ec.planner.replan import replan_reason, should_replan
+from amp4ec.planner.tail import plan_p95
 from amp4ec.planner.tiles import best_tiled
 from amp4ec.planner.types import (
     OBJECTIVES,
@@ -67,6 +70,7 @@ from amp4ec.planner.validate import (
     check_max_error,
     check_max_stages,
     check_pins,
+    check_rate,
 )
 
 __all__ = [
@@ -110,6 +114,7 @@ def plan(
     max_error: float | None = None,
     tiles: bool = True,
     max_batch: int = 1,
+    rate_rps: float | None = None,
 ) -> Plan:
     """Place ``blocks`` on ``nodes`` with ``strategy``, optimising ``objective``.
 
@@ -120,10 +125,14 @@ def plan(
     docstring). ``tiles`` (optimal only) lets leading blocks with tile geometry run as row
     tiles. ``max_batch`` (a deployment's ``max_requests``) prices each stage at batches up to
     it too (``Stage.batch_ms``, for ``batching`` and ``load``; the search itself optimises batch
-    1). Raises InvalidSpec for bad arguments and PlanInfeasible when nothing fits.
+    1). ``rate_rps`` is the arrival rate the ``p95`` objective minimises the tail at (required
+    by it, refused by the others). Raises InvalidSpec for bad arguments and PlanInfeasible when nothing fits.
     """
     check_choice(strategy, "strategy", STRATEGIES)
     check_choice(objective, "objective", OBJECTIVES)
+    rate = check_rate(rate_rps, objective)
+    if objective == "p95" and strategy != "optimal":
+        raise InvalidSpec(f"objective: only the optimal strategy searches p95, not strategy={strategy!r}")
     bound = check_max_error(max_error)
     cap = check_max_stages(max_stages)
     links = tuple(links)
@@ -140,7 +149,7 @@ def plan(
             error_limit=limit,
             max_batch=max_batch,
         )
-        result = _plan(cm, objective, strategy, cap, pinned, history, tiles)
+        result = _plan(cm, objective, strategy, cap, pinned, history, tiles, rate)
         # A pipeline of k stages has k cuts that may be compressed (k - 1 inner, the answer).
         most = cm.N if cap is None else min(cm.N, cap)
         if bound is None or result.predicted.output_error <= bound or divisor >= most:
@@ -159,11 +168,15 @@ def _plan(
     pinned: Sequence[Pin],
     history: SchedulerHistory | None,
     tiles: bool,
+    rate: float | None = None,
 ) -> Plan:
     pins = check_pins(pinned, cm.B, cm.names)
     hist = check_history(history)
     if pins and strategy != "optimal":
         raise InvalidSpec(f"pinned: only the optimal strategy honours pins, not strategy={strategy!r}")
+    if objective == "p95" and rate is not None:
+        # Tiled stages are not searched for p95 (see tail's [Note: p95 search]).
+        return cm.make_plan(objective, strategy, *plan_p95(cm, rate, cap, pins))
     if strategy == "optimal":
         raw, notes = plan_optimal(cm, objective, cap, pins)
     elif strategy == "paper":

@@ -36,7 +36,7 @@ __all__ = [
     "reference_overhead_ms",
 ]
 
-OBJECTIVES = ("throughput", "latency")
+OBJECTIVES = ("throughput", "latency", "p95")
 
 
 @dataclass(frozen=True)

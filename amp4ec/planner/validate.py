@@ -32,6 +32,7 @@ __all__ = [
     "check_max_stages",
     "check_nodes",
     "check_pins",
+    "check_rate",
     "check_threshold",
 ]
 
@@ -255,6 +256,20 @@ def check_pins(pins: Any, n_blocks: int, node_names: Sequence[str]) -> tuple[Pin
 def check_max_stages(value: Any) -> int | None:
     """None (no cap) or an integer ≥ 1."""
     return None if value is None else _ensure_count(value, "max_stages", minimum=1)
+
+
+def check_rate(value: Any, objective: str) -> float | None:
+    """The ``p95`` objective's target rate: a positive finite number of requests per second,
+    required by it and refused by the other objectives (they do not depend on a rate)."""
+    if objective != "p95":
+        if value is not None:
+            raise InvalidSpec(f"rate_rps: only objective p95 takes a target rate, not {objective!r}")
+        return None
+    if value is None:
+        raise InvalidSpec("rate_rps: the p95 objective needs a target rate (requests per second)")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
+        raise InvalidSpec(f"rate_rps: expected a positive finite rate in requests/s, got {value!r}")
+    return float(value)
 
 
 def check_max_batch(value: Any) -> int:

@@ -19,7 +19,7 @@ Identities are the DNS names of ``amp4ec.pki``.
 reads them again once they changed on disk (kubelet swaps a renewed Secret in place). A
 server made by ``add_port`` asks for it at every new handshake, so it presents a renewed
 leaf without a restart; a long-lived client channel is replaced by its owner
-(``StageRepository.forwarder``). Connections already up keep the key they were made with.
+(``node_agent.forwarders.ForwarderPool``). Connections already up keep the key they were made with.
 """
 
 from __future__ import annotations

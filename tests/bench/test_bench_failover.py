@@ -25,13 +25,13 @@ def test_recovery_figures_from_answer_times() -> None:
     # 100 req/s until the fault at 10 s, nothing for 2 s, then 60 req/s; one request stuck 2 s.
     samples = _answers(100, 0, 10) + _answers(60, 12, 30) + [(9.9, 12.0)]
     figures = recovery(samples, fault_s=10.0, concurrency=3)
-    assert figures["rps_before"] == pytest.approx(100, rel=0.02)
-    assert figures["rps_after"] == pytest.approx(60, rel=0.02)
-    assert 1.9 <= figures["to_full_s"] <= 2.0  # the first 1 s window at ≥ 90% starts ~2 s in
-    assert figures["max_window_ms"] == pytest.approx(2100)
-    assert figures["p99_before_ms"] == pytest.approx(20)
+    assert figures.rps_before == pytest.approx(100, rel=0.02)
+    assert figures.rps_after == pytest.approx(60, rel=0.02)
+    assert 1.9 <= figures.to_full_s <= 2.0  # the first 1 s window at ≥ 90% starts ~2 s in
+    assert figures.max_window_ms == pytest.approx(2100)
+    assert figures.p99_before_ms == pytest.approx(20)
     # Too few answers after the fault: no figure rather than a wrong one.
-    assert recovery(_answers(100, 0, 10), fault_s=10.0, concurrency=3)["to_full_s"] is None
+    assert recovery(_answers(100, 0, 10), fault_s=10.0, concurrency=3).to_full_s is None
 
 
 @pytest.mark.slow

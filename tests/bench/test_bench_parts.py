@@ -171,9 +171,9 @@ def test_shaped_links_are_measured_over_mutual_tls_to_the_control_port() -> None
 
     async def main() -> list:
         async with LocalCluster([NodeSpec("node0", 1.0), NodeSpec("node1", 1.0)], "none") as cluster:
-            names = list(cluster.agents)
+            names = cluster.node_names
             targets = {n: cluster.address(n) for n in names}
-            probes = {n: cluster.agents[n].control_address for n in names}
+            probes = {n: cluster.control_address(n) for n in names}
             async with ShapedLinks(
                 LinkShape(rate_mbit=20, delay_ms=10), targets, os.getpid(), probes
             ) as links:
@@ -198,6 +198,7 @@ def test_the_matched_monolith_is_tuned_only_where_it_has_several_cores() -> None
 
 def test_tenants_are_planned_in_turn_on_their_fair_share_of_what_is_free() -> None:
     from amp4ec.bench.markdown import render
+    from amp4ec.bench.results import BenchResults
     from amp4ec.bench.tenants import MIN_CPU, plan_tenants
     from amp4ec.planner.types import LayerProfile, NodeCapacity
 
@@ -215,8 +216,10 @@ def test_tenants_are_planned_in_turn_on_their_fair_share_of_what_is_free() -> No
     result = {
         "name": "multi-tenant", "title": "t", "kind": "multi-tenant", "status": "ok", "model": "m",
         "scale_factor": 0.8, "nodes": [{"name": "a", "cpu": 0.8}], "note": "", "requests_per_tenant": 3,
-        "ideal": {"rps": 20.0}, "aggregate_rps": 15.0, "fraction_of_ideal": 0.75,
-        "tenants": [{"name": "t0", "plan": [{"pipeline": 0, "node": "a", "first_block": 0, "last_block": 3}],
+        "cpu_limits": "cgroup", "ideal": {"rps": 20.0, "per_node_rps": {"a": 20.0}, "measured": "alone"},
+        "aggregate_rps": 15.0, "fraction_of_ideal": 0.75,
+        "tenants": [{"name": "t0", "plan": [{"pipeline": 0, "stage": 0, "node": "a", "first_block": 0,
+                                             "last_block": 3}],
                      "cpu": 0.2, "fair_cpu": 0.2, "rps": 7.5, "predicted_rps": 8.0, "share": 0.5,
                      "fair_share": 0.5}],
     }  # fmt: skip
@@ -229,16 +232,33 @@ def test_tenants_are_planned_in_turn_on_their_fair_share_of_what_is_free() -> No
         "torch": "t",
         "amp4ec": "0",
     }
-    text = render({"command": "c", "started": "s", "machine": machine, "configurations": [result]})
+    run = {"command": "c", "started": "s", "quick": False, "transport": "mutual TLS", "cpu_budget": 1.6}
+    text = render(BenchResults.from_json({**run, "machine": machine, "configurations": [result]}))
     assert "Aggregate 15.0 req/s = 0.75× the ideal 20.0 req/s" in text
     assert "| t0 | a[0–3] | 0.20 (0.20) | 7.5 (8.0) | 50% (50%) |" in text
 
 
 def test_the_batching_report_sets_the_planners_predictions_beside_the_measurements() -> None:
-    from amp4ec.bench.batching import BATCHING, _predicted, _ratios
+    from dataclasses import replace
+
+    from amp4ec.bench.batching import BATCHING, _predicted, ratios
+    from amp4ec.bench.json_form import to_json
     from amp4ec.bench.markdown import render
+    from amp4ec.bench.results import (
+        BatchingPredictions,
+        BatchingResult,
+        BenchResults,
+        Ideal,
+        MeasuredPlan,
+        NodeShare,
+        P95Plan,
+        PlannerPrediction,
+        PlanRow,
+    )
     from amp4ec.planner import plan
     from amp4ec.planner.types import LayerProfile, NodeCapacity
+    from amp4ec.wire.stage import Batching
+    from tests.bench.samples import MACHINE, measured_plan
 
     blocks = [
         LayerProfile(f"b{i}", 10**6, 10**5, 10**4, 5.0, batch_ms=((2, 8.0), (4, 14.0))) for i in range(4)
@@ -246,9 +266,9 @@ def test_the_batching_report_sets_the_planners_predictions_beside_the_measuremen
     nodes = [NodeCapacity("a", 1.0, 2**30), NodeCapacity("b", 0.5, 2**30)]
     unbatched = _predicted(plan(blocks, nodes, tiles=False), 30.0)
     batched = _predicted(plan(blocks, nodes, tiles=False, max_batch=BATCHING.max_requests), 30.0)
-    assert batched["saturation_rps"] > unbatched["saturation_rps"]  # 3.5 ms an image at batch 4, not 5
-    assert unbatched["mean_batch"] == 1.0 < batched["mean_batch"]  # 30 req/s on 75: some requests wait
-    assert set(batched) == {
+    assert batched.saturation_rps > unbatched.saturation_rps  # 3.5 ms an image at batch 4, not 5
+    assert unbatched.mean_batch == 1.0 < (batched.mean_batch or 0)  # 30 req/s on 75: some requests wait
+    assert set(to_json(batched)) == {
         "saturation_rps",
         "rate_rps",
         "p50_ms",
@@ -256,39 +276,41 @@ def test_the_batching_report_sets_the_planners_predictions_beside_the_measuremen
         "mean_batch",
         "expected_batches",
     }
-    assert _predicted(plan(blocks, nodes, tiles=False), None) == {
-        "saturation_rps": unbatched["saturation_rps"]
+    assert to_json(_predicted(plan(blocks, nodes, tiles=False), None)) == {
+        "saturation_rps": unbatched.saturation_rps
     }
+    assert batched.p95_ms is not None
 
-    def row(rps: float, p95: float) -> dict[str, object]:
-        return {"status": "ok", "single_ms": {"p50": 20.0}, "saturation": {"rps": rps},
-                "open_loop": {"p50_ms": p95 / 2, "p95_ms": p95, "dropped": 0}, "mean_batch": {}}  # fmt: skip
+    def row(rps: float, p95: float) -> MeasuredPlan:
+        measured = measured_plan(rps, 20.0)
+        return replace(measured, open_loop=replace(measured.open_loop, p50_ms=p95 / 2, p95_ms=p95, dropped=0))
 
-    result = {
-        "name": "batching", "title": "t", "kind": "batching", "status": "ok", "model": "m",
-        "scale_factor": 1.0, "nodes": [{"name": "a", "cpu": 1.0}], "matched_cpu": 1.5,
-        "batching": {"max_requests": 4, "max_queue_delay_ms": 0.0}, "open_loop_rate_rps": 30.0,
-        "ideal": {"rps": 50.0}, "targets": {},
-        "rows": {"matched": row(40, 50), "matched_batched": row(45, 45), "optimal": row(50, 40),
-                 "optimal_batched": row(2 * batched["saturation_rps"], batched["p95_ms"] / 4)},
-        "predicted": {"unbatched": unbatched, "batched": batched},
-    }  # fmt: skip
-    result["ratios"] = ratios = _ratios(result)
-    assert ratios["predicted_batched_saturation"] == pytest.approx(0.5)
-    assert ratios["predicted_batched_p95"] == pytest.approx(4.0)
-    assert ratios["predicted_saturation"] == pytest.approx(unbatched["saturation_rps"] / 50)
-    machine = {
-        "cpu": "x",
-        "cores": 2,
-        "memory_gb": 1,
-        "kernel": "k",
-        "python": "3",
-        "torch": "t",
-        "amp4ec": "0",
-    }
-    text = render({"command": "c", "started": "s", "machine": machine, "configurations": [result]})
-    assert f"saturation {batched['saturation_rps']:.1f} req/s (0.50×)" in text
+    rows: dict = {"matched": row(40, 50), "matched_batched": row(45, 45), "optimal": row(50, 40),
+                  "optimal_batched": row(2 * batched.saturation_rps, batched.p95_ms / 4),
+                  "p95_objective": row(45, 25)}  # fmt: skip
+    predicted = BatchingPredictions(unbatched, batched, PlannerPrediction(1.0, p95_ms=50.0))
+    p95_plan = P95Plan(
+        (PlanRow(0, 0, "a", 0, 3), PlanRow(1, 0, "b", 0, 1), PlanRow(1, 1, "c", 2, 3)),
+        same_as_optimal=False,
+        notes=("p95 50.0 ms predicted at 30 req/s, the lowest of 4 simulated",),
+    )
+    ideal = Ideal(50.0, {"a": 50.0}, "each node alone")
+    figures = ratios(rows, ideal, predicted)
+    assert figures["predicted_batched_saturation"] == pytest.approx(0.5)
+    assert figures["predicted_batched_p95"] == pytest.approx(4.0)
+    assert figures["predicted_saturation"] == pytest.approx(unbatched.saturation_rps / 50)
+    result = BatchingResult(
+        name="batching", title="t", model="m", scale_factor=1.0, nodes=(NodeShare("a", 1.0),),
+        matched_cpu=1.5, batching=Batching(4, 0.0), targets={}, rows=rows, cpu_limits="",
+        open_loop_rate_rps=30.0, ideal=ideal, ratios=figures, predicted=predicted, p95_plan=p95_plan,
+    )  # fmt: skip
+    text = render(BenchResults("c", "s", False, "mutual TLS", MACHINE, 1.6, (result,)))
+    assert f"saturation {batched.saturation_rps:.1f} req/s (0.50×)" in text
     assert "(4.00×), mean batch" in text
+    assert figures["p95_objective_p95_vs_matched"] == pytest.approx(0.5)
+    assert "p95-objective plan for this rate (a ∥ b → c; the planner: p95 50.0 ms predicted" in text
+    assert "monolith 0.50× (the optimal plan's 0.80×); predicted p95 50.0 ms" in text
+    assert "(2.00× of measured)" in text
 
 
 def test_every_configuration_runner_takes_what_the_suite_passes() -> None:

@@ -33,6 +33,9 @@ ROOT = Path(__file__).resolve().parents[2]
         (["run", "--batch", "0"], "--batch: expected 1 to 64"),
         (["plan", "--batch", "65"], "--batch: expected 1 to 64"),
         (["serve", "--batch-delay-ms", "-1"], "--batch-delay-ms: expected 0 to 1000 ms"),
+        (["plan", "--objective", "p95"], "--rate: --objective p95 needs the arrival rate"),
+        (["run", "--rate", "40"], "--rate: only --objective p95 takes a rate"),
+        (["serve", "--objective", "p95", "--rate", "0"], "--rate: expected a positive number"),
     ],
 )
 def test_bad_arguments_one_line_and_exit_2(args: list[str], message: str) -> None:
@@ -236,3 +239,18 @@ def test_cpu_limit_choices_are_the_local_clusters() -> None:
     from amp4ec.local import LIMIT_MODES as CLUSTER_MODES
 
     assert LIMIT_MODES == CLUSTER_MODES
+
+
+def test_plan_with_the_p95_objective_reports_its_rate_and_choice() -> None:
+    args = [
+        "plan",
+        "--model",
+        "resnet18",
+        "--input-shape",
+        "1,3,32,32",
+        "--nodes",
+        "1.0:1G,0.6:512M,0.4:512M",
+    ]
+    result = CliRunner().invoke(cli, [*args, "--objective", "p95", "--rate", "5"])
+    assert result.exit_code == 0, result.output
+    assert "objective p95" in result.output and "predicted at 5 req/s" in result.output

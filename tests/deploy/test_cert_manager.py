@@ -19,7 +19,8 @@ from amp4ec import pki
 from amp4ec.operator import certmanager
 from amp4ec.operator.certs import entry_hosts
 from amp4ec.operator.config import OperatorConfig
-from amp4ec.operator.desired import LABEL_STAGE, desired_objects, plan_record
+from amp4ec.operator.desired import LABEL_STAGE, desired_objects
+from amp4ec.operator.planstatus import plan_record
 from amp4ec.operator.spec import parse_spec
 from amp4ec.planner.types import Pipeline, Plan, Prediction, Stage
 from tests.deploy.cert_manager import validate_certificate

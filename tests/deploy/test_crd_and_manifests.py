@@ -75,6 +75,8 @@ def test_examples_validate_against_the_crd_and_the_operator(path: Any) -> None:
         (lambda s: s.update(inputShape=[1, 0]), ["spec", "inputShape", 1]),
         (lambda s: s.pop("model"), ["spec"]),
         (lambda s: s["replan"].update(intervalSeconds=1), ["spec", "replan", "intervalSeconds"]),
+        (lambda s: s.update(objective="p99"), ["spec", "objective"]),
+        (lambda s: s.update(objective="p95", targetRate=0), ["spec", "targetRate"]),
     ],
 )
 def test_the_crd_schema_rejects_bad_resources(change: Any, path: list[Any]) -> None:

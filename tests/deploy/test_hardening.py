@@ -15,7 +15,8 @@ import helm_python
 import pytest
 
 from amp4ec.operator.config import OperatorConfig
-from amp4ec.operator.desired import deployment_policy, desired_objects, plan_record
+from amp4ec.operator.desired import deployment_policy, desired_objects
+from amp4ec.operator.planstatus import plan_record
 from amp4ec.operator.spec import MAX_INPUT_ELEMENTS, parse_spec
 from amp4ec.planner.types import Pipeline, Plan, Prediction, Stage
 from tests.deploy.chart import FULL_VALUES, MINIMAL_VALUES, by_kind, crd, one, render

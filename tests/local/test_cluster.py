@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from amp4ec.local.cgroups import cgroups_available
 from amp4ec.local.cluster import CLIENT_IDENTITY
 from amp4ec.slicing import ModelSource, load_model, split_model
 from amp4ec.wire.v1 import agent_pb2
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 MODEL = "tests.model_zoo:residual_net"
@@ -143,3 +145,31 @@ def test_a_nodes_memory_is_read_and_limited_through_the_cluster() -> None:
     assert resident is not None and resident > 64 << 20, "an agent holds Python, torch and gRPC"
     assert free is None
     assert limit == resident + (256 << 20)
+
+
+def test_agents_are_faulted_and_read_through_the_clusters_public_methods() -> None:
+    """What the bench uses instead of the agents' processes: names, addresses, limits, faults."""
+
+    async def main() -> None:
+        nodes = [NodeSpec("a", 0.5, memory_bytes=1 << 30), NodeSpec("b", 0.5)]
+        async with LocalCluster(nodes, limit_mode="none", secure=False) as cluster:
+            assert cluster.node_names == ["a", "b"]
+            assert cluster.memory_limit("a") == 1 << 30 and cluster.memory_limit("b") is None
+            assert cluster.control_address("a").startswith("127.0.0.1:")
+            assert cluster.control_address("a") != cluster.address("a")
+            assert cluster.exited() == {}
+            cluster.send_signal("a", signal.SIGKILL)
+            reasons = wait_for(cluster.exited, 30, "agent a to exit")
+            assert reasons == {
+                "a": "was killed (SIGKILL): most likely out of memory under its 1024 MiB limit"
+            }
+            cluster.send_signal("b", signal.SIGSTOP)
+            cluster.kill("b")  # a stopped agent dies at once
+            assert set(wait_for(lambda: len(cluster.exited()) == 2 and cluster.exited(), 30, "b")) == {
+                "a",
+                "b",
+            }
+            cluster.send_signal("a", signal.SIGKILL)  # gone already: nothing to signal, no error
+            cluster.kill("a")
+
+    asyncio.run(main())

@@ -11,8 +11,7 @@ import pytest
 from amp4ec import pki
 from amp4ec.node_agent import AgentSettings
 from amp4ec.node_agent.authz import profiler_policy
-from amp4ec.node_agent.monitor import MonitorServicer
-from amp4ec.node_agent.profiler import create_profiler
+from amp4ec.node_agent.profiler import MonitorServicer, create_profiler
 from amp4ec.wire.v1 import agent_pb2, agent_pb2_grpc
 
 MODEL = agent_pb2.StageSpec(model="tests.model_zoo:residual_net", seed=3)

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from amp4ec.operator.decide import Keep, Rollout, as_plan, choose
-from amp4ec.operator.desired import PlacedStage, PlanRecord
 from amp4ec.operator.faults import ExclusionBackoff, Fault, LostNodes, node_faults, shard_state
+from amp4ec.operator.planstatus import PlacedStage, PlanRecord
 from amp4ec.planner import evaluate
 from amp4ec.planner.types import LayerProfile, NodeCapacity
 
@@ -57,6 +57,23 @@ def test_a_much_better_plan_rolls_out_with_the_planners_reason() -> None:
     slow = [NodeCapacity("a", 1.0, 4 << 30, speed=0.01), *nodes("b")]
     d = decide(record("p1", "a"), record("p2", "b"), nodes=slow)
     assert isinstance(d, Rollout) and "throughput" in d.reason
+
+
+def test_p95_plans_are_compared_by_simulated_p95_at_the_target_rate() -> None:
+    def p95_record(plan_id: str, node: str) -> PlanRecord:
+        stage = PlacedStage(0, 0, node, 0, 3, 1.0, 10**6, 20.0)
+        return PlanRecord(plan_id, "p95", "optimal", (stage,), 50.0, 20.0, 20.0)
+
+    current, proposal = p95_record("p1", "a"), p95_record("p2", "b")
+    slow = [NodeCapacity("a", 1.0, 4 << 30, speed=0.01), *nodes("b")]
+    d = decide(current, proposal, nodes=slow, rate_rps=10.0)
+    assert isinstance(d, Rollout) and d.reason == "p95: the current plan no longer sustains 10 req/s"
+    assert decide(current, proposal, rate_rps=10.0) == Keep()  # equal nodes: the same p95
+    assert isinstance(decide(current, proposal, nodes=nodes("a", "b", speed=0.5), rate_rps=1.0), Keep)
+    half = [NodeCapacity("a", 1.0, 4 << 30, speed=0.5), *nodes("b")]  # both sustain 5 req/s
+    d = decide(current, proposal, nodes=half, rate_rps=5.0)
+    assert isinstance(d, Rollout) and d.reason.startswith("p95 improves by")
+    assert isinstance(decide(current, proposal, nodes=half, rate_rps=5.0, threshold=0.9), Keep)
 
 
 def test_a_lost_node_rolls_out_whatever_the_gain() -> None:

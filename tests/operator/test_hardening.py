@@ -24,10 +24,11 @@ from hypothesis import strategies as st
 from amp4ec.errors import InvalidSpec
 from amp4ec.operator.capacity import Capacity
 from amp4ec.operator.config import OperatorConfig
-from amp4ec.operator.desired import deployment_policy, desired_objects, entry_service, plan_record
+from amp4ec.operator.desired import deployment_policy, desired_objects, entry_service
 from amp4ec.operator.inferencedeployment import RETRY_CAP_S, _target, retry_delay
 from amp4ec.operator.k8s import KubeError, matches
 from amp4ec.operator.names import child_base, label_value
+from amp4ec.operator.planstatus import plan_record
 from amp4ec.operator.profiles import ModelCosts
 from amp4ec.operator.reconcile import Deps, Outcome, Target, reconcile
 from amp4ec.operator.spec import SpecPolicy, parse_spec

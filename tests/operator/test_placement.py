@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 
-from amp4ec.operator.desired import PlanRecord
 from amp4ec.operator.placement import (
     Resources,
     Tenant,
@@ -23,6 +22,7 @@ from amp4ec.operator.placement import (
     tenants_of,
     unschedulable,
 )
+from amp4ec.operator.planstatus import PlanRecord
 from amp4ec.planner.types import NodeCapacity
 
 GI = 2**30

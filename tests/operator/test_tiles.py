@@ -12,7 +12,8 @@ from amp4ec import pki
 from amp4ec.node_agent.cli import parse_args
 from amp4ec.operator.config import OperatorConfig
 from amp4ec.operator.decide import as_plan
-from amp4ec.operator.desired import PlanRecord, desired_objects, entry_service, plan_record
+from amp4ec.operator.desired import desired_objects, entry_service
+from amp4ec.operator.planstatus import PlanRecord, plan_record
 from amp4ec.operator.spec import parse_spec
 from amp4ec.planner import LayerProfile, NodeCapacity, TileRows, evaluate, plan
 

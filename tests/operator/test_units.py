@@ -12,7 +12,8 @@ import yaml
 
 from amp4ec.errors import InvalidSpec
 from amp4ec.operator.config import OperatorConfig
-from amp4ec.operator.desired import PlanRecord, desired_objects, entry_service, plan_record
+from amp4ec.operator.desired import desired_objects, entry_service
+from amp4ec.operator.planstatus import PlanRecord, plan_record
 from amp4ec.operator.spec import CompressionMode, Objective, Strategy, parse_spec
 from amp4ec.operator.status import Phase, condition, merge_conditions, with_ready
 from amp4ec.planner.types import Pipeline, Plan, Prediction, Stage
@@ -50,6 +51,10 @@ def test_minimal_spec_gets_defaults() -> None:
         ({"model": {"name": "m"}, "replan": {"intervalSeconds": 2.5}}, "spec.replan.intervalSeconds"),
         ({"model": {"name": "m"}, "batching": {"maxBatchRequests": 65}}, "spec.batching.maxBatchRequests"),
         ({"model": {"name": "m"}, "batching": {"maxQueueDelayMs": -1}}, "spec.batching.maxQueueDelayMs"),
+        ({"model": {"name": "m"}, "objective": "p95"}, "targetRate: objective p95 needs"),
+        ({"model": {"name": "m"}, "targetRate": 40}, "targetRate: only objective p95"),
+        ({"model": {"name": "m"}, "objective": "p95", "targetRate": 0}, "spec.targetRate"),
+        ({"model": {"name": "m"}, "objective": "p95", "targetRate": 9, "strategy": "equal"}, "optimal only"),
         ("not an object", "spec: expected an object"),
     ],
 )  # fmt: skip

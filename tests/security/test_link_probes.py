@@ -10,7 +10,8 @@ import pytest
 
 from amp4ec import pki
 from amp4ec.node_agent import AgentSettings, create_server
-from amp4ec.node_agent.monitor import LINK_RTT, Monitor
+from amp4ec.node_agent.metrics import LINK_RTT
+from amp4ec.node_agent.monitor import Monitor
 from amp4ec.wire import transport
 from amp4ec.wire.v1 import agent_pb2, agent_pb2_grpc
 

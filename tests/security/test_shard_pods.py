@@ -10,7 +10,8 @@ from typing import Any
 from amp4ec import pki
 from amp4ec.node_agent.cli import parse_args
 from amp4ec.operator.config import OperatorConfig
-from amp4ec.operator.desired import TLS_DIR, desired_objects, plan_record
+from amp4ec.operator.desired import TLS_DIR, desired_objects
+from amp4ec.operator.planstatus import plan_record
 from amp4ec.operator.podsecurity import SHARD_GID
 from amp4ec.operator.spec import parse_spec
 from amp4ec.planner.types import Pipeline, Plan, Prediction, Stage

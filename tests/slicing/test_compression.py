@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from amp4ec.node_agent.monitor import profile_model
+from amp4ec.node_agent.profiler import profile_model
 from amp4ec.planner import plan
 from amp4ec.planner.types import CodecProfile, NodeCapacity
 from amp4ec.slicing import ModelSource, load_model, profile_chain, split_model

@@ -1,6 +1,7 @@
-"""The planner as every process calls it: timed, and observed in amp4ec_scheduler_overhead_seconds.
+"""Times the planner: every process plans through ``timed_plan``, observed in a histogram.
 
-The planner itself stays pure (no prometheus import); this is the one place its time is measured.
+The planner itself stays pure (no prometheus import); this is the one place its time is measured,
+into ``amp4ec_scheduler_overhead_seconds``.
 """
 
 from __future__ import annotations

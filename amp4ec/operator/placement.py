@@ -257,8 +257,15 @@ def budgets(
     held: Mapping[str, Sequence[Held]],
     *,
     preempt: bool = True,
+    current_plan: str | None = None,
 ) -> dict[str, Budget]:
-    """Per node (name → (allocatable, labels)), what ``me`` may request (module docstring, 2)."""
+    """Per node (name → (allocatable, labels)), what ``me`` may request (module docstring, 2).
+
+    Of ``me``'s own Pods only those of ``current_plan`` (the plan its status records) hold
+    anything: a new plan must fit beside it (make-before-break). Any other plan's Pods are
+    leftovers on their way out: an older plan draining, or a roll-out an operator restart
+    cut short before recording it, which the same plan, decided again, adopts; counting them
+    would shrink that plan or block it (InsufficientCapacity) for as long as they stood."""
     by_key = {t.key: t for t in tenants}
     by_key[me.key] = me
     everyone = list(by_key.values())
@@ -270,8 +277,8 @@ def budgets(
         memory_of: dict[tuple[str, str] | None, int] = {}
         for h in held.get(node, ()):
             other = by_key.get(h.owner) if h.owner is not None else None
-            if h.owner == me.key and not h.bound:
-                continue  # my own Pods not bound yet hold nothing (a plan being replaced)
+            if h.owner == me.key and (not h.bound or h.plan != current_plan):
+                continue  # my own Pods hold only what the recorded plan's bound Pods hold
             if not h.bound and other is not None and other.priority < me.priority:
                 continue  # a lower priority's claim does not bind before mine
             used = used + h.requests

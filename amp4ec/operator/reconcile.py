@@ -421,7 +421,7 @@ async def _decide(
     if not measured:
         detail = "; ".join(f"{n}: {why}" for n, why in sorted(cap.missing.items())) or "all lost"
         return Blocked("NoCapacity", f"no node has fresh capacity metrics ({detail})", cfg.infeasible_retry_s)
-    usable, left, victims = await _within_budget(deps, t, spec, node_objs, measured, avoid)
+    usable, left, victims = await _within_budget(deps, t, spec, node_objs, measured, avoid, current)
     if not usable:
         if current is not None and not lost_now:
             return Keep()  # nothing better fits now; the plan serves on
@@ -496,6 +496,7 @@ async def _within_budget(
     node_objs: list[dict[str, Any]],
     measured: dict[str, NodeCapacity],
     avoid: Mapping[str, str],
+    current: PlanRecord | None,
 ) -> tuple[dict[str, NodeCapacity], dict[str, str], dict[str, tuple[tuple[str, str], ...]]]:
     """Measured capacity cut to what this deployment may take on each node (placement.py): the
     nodes kept, those left out (node → why), and per node the lower-priority deployments whose
@@ -503,7 +504,7 @@ async def _within_budget(
     cfg = deps.config
     me, tenants, nodes, held = await _placed(deps, t, spec, node_objs)
     preempt = spec.preemption_policy == "PreemptLowerPriority"
-    budget = budgets(me, tenants, nodes, held, preempt=preempt)
+    budget = budgets(me, tenants, nodes, held, preempt=preempt, current_plan=current.id if current else None)
     usable, left = narrow(
         measured, budget, min_cpu=cfg.min_shard_cpu, overhead_bytes=cfg.memory_overhead_bytes
     )

@@ -112,8 +112,21 @@ def test_a_lone_deployment_may_take_a_whole_node_and_a_newcomer_its_fair_share_o
     after = budgets(second, [first], NODES, held)
     assert after["a"].cpu == 0.0 and after["a"].holders == (("ns/first", 1.0),)
     assert after["b"].cpu == 0.5  # fair share of a node two deployments want
-    # Its own bound Pods count as held: a new plan is made beside the old one.
-    assert budgets(first, [second], NODES, held)["a"].cpu == 0.0
+    # The recorded plan's own bound Pods count as held: a new plan is made beside it.
+    assert budgets(first, [second], NODES, held, current_plan="p1")["a"].cpu == 0.0
+
+
+def test_own_pods_of_a_plan_not_recorded_hold_nothing() -> None:
+    """Pods of a roll-out an operator restart cut short (no plan recorded), or of an older plan
+    draining, are on their way out: the plan decided again adopts them, so they must not shrink
+    it (they once kept a restarted operator at InsufficientCapacity)."""
+    me, other = tenant("me"), tenant("other")
+    held = holdings([shard("ns", "me", "a", "1", plan="p0"), shard("ns", "other", "b", "500m")])
+    assert budgets(me, [other], NODES, held)["a"].free_cpu == 1.0  # nothing recorded
+    assert budgets(me, [other], NODES, held, current_plan="p1")["a"].free_cpu == 1.0  # an older plan
+    assert budgets(me, [other], NODES, held, current_plan="p0")["a"].free_cpu == 0.0  # the recorded one
+    # Another deployment's Pods hold what they hold, whatever plan they belong to.
+    assert budgets(me, [other], NODES, held)["b"].free_cpu == pytest.approx(0.5)
 
 
 def test_priority_weighs_the_fair_share_and_reclaims_from_the_fewest_lower_deployments_over_theirs() -> None:

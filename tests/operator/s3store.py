@@ -13,6 +13,7 @@ import contextlib
 import json
 import ssl
 import threading
+import urllib.request
 from typing import Any
 
 import boto3
@@ -61,6 +62,10 @@ class S3Store:
         self._thread.start()
         self._ca_handle = self.ca.cert_pem.tempfile()
         self._ca_file = self._ca_handle.__enter__()
+        # moto's backends live in the process, not the server: start from an empty store
+        # whatever an earlier S3Store in this test process left behind.
+        reset = urllib.request.Request(f"{self.endpoint}/moto-api/reset", method="POST")
+        urllib.request.urlopen(reset, context=ssl.create_default_context(cafile=self._ca_file)).close()
         iam = self._client("iam")
         iam.create_user(UserName="edge")
         actions = ["s3:GetObject", "s3:PutObject", "s3:CreateBucket"]

@@ -121,7 +121,15 @@ def source_from(model: str, weights: str | None, seed: int, input_shape: str | N
 
 
 def planning_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """``--strategy``, ``--objective`` and ``--rate``, as ``amp4ec.planner.plan`` takes them."""
+    """``--strategy``, ``--objective``, ``--rate`` and ``--tiles``, as ``amp4ec.planner.plan`` takes them."""
+    f = click.option(
+        "--tiles/--no-tiles",
+        default=True,
+        show_default=True,
+        help="let the optimal strategy split a request's leading convolutions into row tiles over "
+        "several nodes where it predicts lower latency (--no-tiles: layer-wise stages only; see "
+        "docs/benchmarks.md, tiles: the prediction can be optimistic)",
+    )(f)
     f = click.option(
         "--rate",
         type=float,

@@ -62,6 +62,8 @@ class RunConfig:
     objective: str = "throughput"
     rate_rps: float | None = None
     """The arrival rate the ``p95`` objective plans for (requests/s; only with it)."""
+    tiles: bool = True
+    """Whether the optimal strategy may run leading blocks as row tiles (``planner.plan``)."""
     limit_mode: str = "auto"
     cfs_period_us: int = PERIOD_US
     """CFS period of the nodes' quotas (``--cfs-period``; see [Note: why a short CFS period])."""
@@ -303,6 +305,7 @@ async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
             objective=config.objective,
             rate_rps=config.rate_rps,
             strategy=config.strategy,
+            tiles=config.tiles,
             input_bytes=prepared.chain.input_bytes,
             links=links,
             **compression_options(config.compression, prepared),
@@ -320,6 +323,7 @@ async def run(config: RunConfig, progress: Progress | None = None) -> RunReport:
                 objective=config.objective,
                 rate_rps=config.rate_rps,
                 strategy=config.strategy,
+                tiles=config.tiles,
                 input_bytes=prepared.chain.input_bytes,
                 links=kept,
                 **compression_options(config.compression, prepared),

@@ -82,6 +82,8 @@ class ServeConfig:
     objective: str = "throughput"
     rate_rps: float | None = None
     """The arrival rate the ``p95`` objective plans for (requests/s; only with it)."""
+    tiles: bool = True
+    """Whether the optimal strategy may run leading blocks as row tiles (``planner.plan``)."""
     limit_mode: str = "auto"
     cfs_period_us: int = PERIOD_US
     """CFS period of the nodes' quotas (``--cfs-period``; see [Note: why a short CFS period])."""
@@ -181,6 +183,7 @@ class _Serving:
             objective=self.config.objective,
             rate_rps=self.config.rate_rps,
             strategy=self.config.strategy,
+            tiles=self.config.tiles,
             input_bytes=self.prepared.chain.input_bytes,
             links=links,
             **compression_options(self.config.compression, self.prepared),

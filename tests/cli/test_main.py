@@ -254,3 +254,23 @@ def test_plan_with_the_p95_objective_reports_its_rate_and_choice() -> None:
     result = CliRunner().invoke(cli, [*args, "--objective", "p95", "--rate", "5"])
     assert result.exit_code == 0, result.output
     assert "objective p95" in result.output and "predicted at 5 req/s" in result.output
+
+
+@pytest.mark.parametrize(("flag", "tiles"), [("--tiles", True), ("--no-tiles", False), (None, True)])
+def test_plan_passes_the_tiles_switch_to_the_planner(monkeypatch, flag: str | None, tiles: bool) -> None:
+    """``--no-tiles`` keeps the optimal strategy layer-wise (docs/benchmarks.md: a tiled plan's
+    predicted latency can be optimistic); tiles stay allowed by default."""
+    import amp4ec.plan_timer
+
+    seen: dict[str, object] = {}
+    real = amp4ec.plan_timer.timed_plan
+
+    def spy(*args, **options):
+        seen.update(options)
+        return real(*args, **options)
+
+    monkeypatch.setattr(amp4ec.plan_timer, "timed_plan", spy)
+    args = ["plan", "--model", "tests.model_zoo:residual_net", "--nodes", "1.0,0.5", "--objective", "latency"]
+    result = CliRunner().invoke(cli, [*args, *([flag] if flag else [])])
+    assert result.exit_code == 0, result.output
+    assert seen["tiles"] is tiles

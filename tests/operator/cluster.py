@@ -375,6 +375,11 @@ class Emulator(kmock.KubernetesEmulator):
         ]
 
 
+_POD_NET = 77 + int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0) % 150
+"""Second octet of the loopback Pod addresses: one per test worker (pytest-xdist runs emulated
+clusters side by side; a Pod's fixed container ports must not meet another worker's Pod)."""
+
+
 @dataclass
 class _Container:
     """One Pod's (first) container across its restarts, as the kubelet tracks it."""
@@ -523,7 +528,7 @@ class Kubelet:
         ip = "127.0.0.1"
         if "--port" not in container.get("args", []):
             n = next(self._ips)
-            ip = f"127.77.{n // 250}.{n % 250 + 1}"
+            ip = f"127.{_POD_NET}.{n // 250}.{n % 250 + 1}"
         return _Container(
             uid=pod["metadata"]["uid"],
             pod=pod,

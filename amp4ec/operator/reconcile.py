@@ -429,6 +429,16 @@ async def _decide(
         return Blocked(
             "InsufficientCapacity", shortage(left, cfg.min_shard_cpu, need), cfg.infeasible_retry_s
         )
+    known = {n["metadata"]["name"] for n in node_objs}
+    for i, pin in enumerate(spec.placement):
+        if pin.node in known and pin.node not in usable:
+            # A node of the cluster that cannot take a shard now (stale metrics, no room): the
+            # user's pin is right, the moment is wrong; retry (only an unknown node is theirs to fix).
+            if current is not None and not lost_now:
+                return Keep()
+            why = left.get(pin.node) or cap.missing.get(pin.node) or "no fresh capacity metrics"
+            message = f"spec.placement[{i}].node: {pin.node!r} cannot take a shard now: {why}"
+            return Blocked("PinnedNodeUnavailable", message, retry_s=cfg.infeasible_retry_s)
     pins = [Pin(p.first_block, p.last_block, p.node) for p in spec.placement]
     squeeze: dict[str, Any] = (
         {"codecs": costs.codecs, "max_error": spec.compression.max_output_error}

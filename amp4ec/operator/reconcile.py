@@ -429,11 +429,12 @@ async def _decide(
         return Blocked(
             "InsufficientCapacity", shortage(left, cfg.min_shard_cpu, need), cfg.infeasible_retry_s
         )
-    known = {n["metadata"]["name"] for n in node_objs}
+    selected = {n["metadata"]["name"] for n in node_objs if matches(n, wanted)}
     for i, pin in enumerate(spec.placement):
-        if pin.node in known and pin.node not in usable:
+        if pin.node in selected and pin.node not in usable:
             # A node of the cluster that cannot take a shard now (stale metrics, no room): the
-            # user's pin is right, the moment is wrong; retry (only an unknown node is theirs to fix).
+            # user's pin is right, the moment is wrong; retry (a node the selector does not admit, or
+            # none of that name, is theirs to fix: the planner's InvalidPlacement).
             if current is not None and not lost_now:
                 return Keep()
             why = left.get(pin.node) or cap.missing.get(pin.node) or "no fresh capacity metrics"

@@ -152,6 +152,8 @@ def profile_model(request: agent_pb2.ProfileRequest) -> agent_pb2.ModelProfile:
                     lo=p.tile.lo,
                     hi=p.tile.hi,
                     codec_ns_per_byte=p.tile.codec_ns_per_byte,
+                    fixed=p.tile.fixed,
+                    overhead=p.tile.overhead,
                 ),
             )
             for p in profiles

@@ -386,4 +386,6 @@ def _tile_rows(m: agent_pb2.TileRows) -> TileRows:
         lo=tuple(m.lo),
         hi=tuple(m.hi),
         codec_ns_per_byte=m.codec_ns_per_byte,
+        fixed=m.fixed,
+        overhead=m.overhead,
     )

@@ -12,8 +12,9 @@ several short phases beat one deep one when the halo would outgrow the stripes. 
 
 - stripes of block ``j``'s output with heights proportional to node speed;
 - each stripe's rows at every earlier cut from the blocks' ``TileRows`` (the halo);
-- a block's work on a stripe: its compute time × the mean of the stripe's input and output
-  row fractions (a 3×3 pair of convolutions computes the middle rows with half the halo);
+- a block's work on a stripe (``TileRows.work``): a measured fixed part of its compute time
+  that every tile pays (weights streamed, per-op overhead: it dominates the small feature maps
+  where tiles end), plus the rest × the mean of the stripe's input and output row fractions;
 - another node's tile: scatter (its input rows over ``c``→node) + its agent's per-request
   overhead + compute + gather (its output rows back), plus encoding and decoding both frames
   (``TileRows.codec_ns_per_byte``, measured by the profiler: half at each end); ``c``'s own
@@ -40,7 +41,7 @@ from itertools import combinations
 
 from amp4ec.errors import InvalidSpec
 from amp4ec.planner.cost import CostModel
-from amp4ec.planner.types import Pipeline, Prediction, Stage, TileGroup, TileRows
+from amp4ec.planner.types import Pipeline, Prediction, Stage, TileGroup
 
 __all__ = ["MAX_TILE_NODES", "TiledCandidate", "best_tiled", "split_rows", "tileable_prefix", "tiled_stage"]
 
@@ -97,23 +98,6 @@ class TiledCandidate:
         return Pipeline((self.stage,))
 
 
-def _stripe_work(
-    cm: CostModel, k: int, rows: tuple[int, int], first: int = 0
-) -> tuple[float, tuple[int, int]]:
-    """Reference-core ms of blocks first..k for output rows ``rows`` of block k, and the input
-    rows of block ``first`` they need."""
-    work = 0.0
-    out = rows
-    for j in range(k, first - 1, -1):
-        geometry = cm.blocks[j].tile
-        assert isinstance(geometry, TileRows)
-        inp = geometry.needs(*out)
-        share = ((out[1] - out[0]) / geometry.out_height + (inp[1] - inp[0]) / geometry.in_height) / 2
-        work += cm.blocks[j].compute_ms * share
-        out = inp
-    return work, out
-
-
 @dataclass(frozen=True)
 class _Phase:
     first: int
@@ -135,11 +119,9 @@ def _walk(cm: CostModel, j: int, rows: tuple[int, int]) -> Walk:
     for i in range(j, -1, -1):
         g = cm.blocks[i].tile
         assert g is not None
-        inp = g.needs(*out)
-        share = ((out[1] - out[0]) / g.out_height + (inp[1] - inp[0]) / g.in_height) / 2
-        work += cm.blocks[i].compute_ms * share
-        out = inp
-        walk.append((work, inp))
+        work += g.work(cm.blocks[i].compute_ms, out)
+        out = g.needs(*out)
+        walk.append((work, out))
     return walk[::-1]
 
 

@@ -55,10 +55,26 @@ class TileRows:
     """Reference-core ns per byte to cut a stripe of the block's input rows out, encode it
     into a frame and decode it (measured by ``amp4ec.slicing.tiles.codec_ns_per_byte``): the
     CPU a scatter or gather costs beyond the wire."""
+    fixed: float = 0.0
+    """The part of the block's ``compute_ms`` a tile pays whatever its rows (its weights
+    streamed from memory, per-op overhead): on small feature maps a one-row tile can cost half
+    the block. Measured by ``amp4ec.slicing.tiles.row_maps``; 0: work proportional to rows."""
+    overhead: float = 0.0
+    """How much more than ``compute_ms`` the block costs run whole as a tile (explicit halo
+    padding, the row bookkeeping), as a fraction."""
 
     def needs(self, start: int, stop: int) -> tuple[int, int]:
         """Input rows that output rows ``[start, stop)`` read."""
         return (self.lo[start], self.hi[stop - 1])
+
+    def work(self, compute_ms: float, out_rows: tuple[int, int]) -> float:
+        """Reference-core ms of a tile computing ``out_rows`` of the block whose whole forward
+        takes ``compute_ms``: the fixed part plus the rest in proportion to the tile's share of
+        rows, the mean of its output and input (halo included) row fractions (a 3×3 pair of
+        convolutions computes the middle rows with half the halo)."""
+        lo, hi = self.needs(*out_rows)
+        share = ((out_rows[1] - out_rows[0]) / self.out_height + (hi - lo) / self.in_height) / 2
+        return compute_ms * (self.fixed + (1.0 + self.overhead - self.fixed) * share)
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,10 @@ def _check_tile(t: Any, field: str) -> None:
     rows_in = _ensure_count(t.in_height, f"{field}.in_height", minimum=1)
     rows_out = _ensure_count(t.out_height, f"{field}.out_height", minimum=1)
     _ensure_number(t.codec_ns_per_byte, f"{field}.codec_ns_per_byte")
+    _ensure_number(t.fixed, f"{field}.fixed")
+    _ensure_number(t.overhead, f"{field}.overhead")
+    if t.fixed > 1.0:
+        raise InvalidSpec(f"{field}.fixed: expected a fraction of the block's time (0..1), got {t.fixed!r}")
     for name in ("lo", "hi"):
         values = getattr(t, name)
         if not isinstance(values, Sequence) or len(values) != rows_out:

@@ -27,8 +27,8 @@ import math
 import operator
 import statistics
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -41,7 +41,16 @@ from amp4ec.planner.types import TileRows
 from amp4ec.slicing.blocks import BlockChain
 from amp4ec.wire import codec
 
-__all__ = ["Rows", "TiledRange", "codec_ns_per_byte", "row_maps", "split_rows", "stitch", "tileable_prefix"]
+__all__ = [
+    "Rows",
+    "TiledRange",
+    "codec_ns_per_byte",
+    "fit_tile_cost",
+    "row_maps",
+    "split_rows",
+    "stitch",
+    "tileable_prefix",
+]
 
 Rows = tuple[int, int]
 """Half-open row interval ``[start, stop)`` along H (dim 2) of an NCHW tensor."""
@@ -532,24 +541,94 @@ def tileable_prefix(chain: BlockChain, start: int = 0) -> int:
 
 
 def row_maps(chain: BlockChain, inputs: Sequence[torch.Tensor] | None = None) -> list[TileRows | None]:
-    """Per block, its row geometry for the planner while the leading blocks are tileable (None
-    from the first block that is not): output row r reads rows ``lo[r]..hi[r]-1`` of the
-    block's first input."""
-    maps: list[TileRows | None] = [None] * len(chain)
+    """Per block, its row geometry and tile cost for the planner while the leading blocks are
+    tileable (None from the first block that is not): output row r reads rows
+    ``lo[r]..hi[r]-1`` of the block's first input."""
     xs = tuple(inputs) if inputs is not None else _zeros(chain.boundaries[0])
+    geometry: list[TileRows] = []
+    ranges: list[TiledRange] = []
+    acts: list[tuple[torch.Tensor, ...]] = []
     for j in range(tileable_prefix(chain)):
         tiled = TiledRange(chain, j, j, xs)
         rows = [tiled.input_rows((r, r + 1))[0] for r in range(tiled.height)]
-        maps[j] = TileRows(
-            in_height=chain.boundaries[j][0].shape[2],
-            out_height=tiled.height,
-            lo=tuple(a for a, _ in rows),
-            hi=tuple(b for _, b in rows),
-            codec_ns_per_byte=codec_ns_per_byte(xs),
+        geometry.append(
+            TileRows(
+                in_height=chain.boundaries[j][0].shape[2],
+                out_height=tiled.height,
+                lo=tuple(a for a, _ in rows),
+                hi=tuple(b for _, b in rows),
+                codec_ns_per_byte=codec_ns_per_byte(xs),
+            )
         )
+        ranges.append(tiled)
+        acts.append(xs)
         with torch.inference_mode():
             xs = tuple(chain.blocks[j].module(*xs))
+    costs = _tile_costs(chain, ranges, acts)
+    maps: list[TileRows | None] = [None] * len(chain)
+    for j, (g, (fixed, overhead)) in enumerate(zip(geometry, costs, strict=True)):
+        maps[j] = replace(g, fixed=fixed, overhead=overhead)
     return maps
+
+
+def _band(height: int) -> Rows:
+    """The middle quarter of ``height`` rows (at least one): a typical tile, halo on both sides."""
+    size = max(1, round(height / 4))
+    start = (height - size) // 2
+    return (start, start + size)
+
+
+def _tile_costs(
+    chain: BlockChain,
+    ranges: Sequence[TiledRange],
+    acts: Sequence[tuple[torch.Tensor, ...]],
+    repeats: int = 3,
+) -> list[tuple[float, float]]:
+    """Per tileable block, ``(TileRows.fixed, TileRows.overhead)`` on one thread: the block
+    timed plainly, whole as a tile, and on a middle band of rows, then a line through the two
+    tile times (``TileRows.work``). Why measured: a tile's cost is not proportional to its rows
+    where the feature map is small (a one-row tile of a 7-row ResNet-50 block costs over half
+    the block: every tile streams all its weights), and stitching resets the halo only at a
+    price the planner must see. Each kind runs as a whole pass over the blocks, in order, as a
+    request does: one block timed again and again would keep its weights in cache."""
+    if not ranges:
+        return []
+    bands = [_band(r.height) for r in ranges]
+    band_inputs = [r.scatter(x, b) for r, x, b in zip(ranges, acts, bands, strict=True)]
+    passes: list[Callable[[int], object]] = [
+        lambda j: chain.blocks[j].module(*acts[j]),
+        lambda j: ranges[j].run(acts[j], (0, ranges[j].height)),
+        lambda j: ranges[j].run(band_inputs[j], bands[j]),
+    ]
+    times: list[list[list[float]]] = [[[] for _ in ranges] for _ in passes]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            for timed in [False] + [True] * repeats:
+                for run, samples in zip(passes, times, strict=True):
+                    for j in range(len(ranges)):
+                        t0 = time.perf_counter()
+                        run(j)
+                        if timed:
+                            samples[j].append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    costs = []
+    for j, tiled in enumerate(ranges):
+        plain, whole, band = (statistics.median(t[j]) for t in times)
+        lo, hi = tiled.input_rows(bands[j])[0]
+        share = ((bands[j][1] - bands[j][0]) / tiled.height + (hi - lo) / acts[j][0].shape[2]) / 2
+        costs.append(fit_tile_cost(whole / plain, band / plain, share))
+    return costs
+
+
+def fit_tile_cost(whole: float, band: float, share: float) -> tuple[float, float]:
+    """``(TileRows.fixed, TileRows.overhead)`` from a block's time run whole as a tile and on a
+    band of rows whose share (``TileRows.work``) is ``share``, both relative to its plain time:
+    the line through the two points, the fixed part clamped to 0..1, the overhead to ≥ 0."""
+    fixed = (band - whole * share) / (1.0 - share) if share < 1 else 0.0
+    return min(max(fixed, 0.0), 1.0), max(whole - 1.0, 0.0)
 
 
 def codec_ns_per_byte(inputs: Sequence[torch.Tensor], repeats: int = 5) -> float:

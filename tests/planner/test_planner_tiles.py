@@ -13,7 +13,7 @@ from amp4ec.errors import InvalidSpec
 from amp4ec.planner import LayerProfile, Link, NodeCapacity, Stage, TileRows, evaluate, plan, replan_reason
 from amp4ec.planner.cost import CostModel
 from amp4ec.planner.load import latency_under_load, pipeline_times
-from amp4ec.planner.tiles import _phases, _stripe_work, best_tiled
+from amp4ec.planner.tiles import _phases, _walk, best_tiled
 
 H = 64
 MIB = 2**20
@@ -63,13 +63,30 @@ def test_latency_objective_tiles_the_convolutions_over_all_nodes() -> None:
 
 def test_halo_costs_work_beyond_the_stripe() -> None:
     cm = CostModel(_cnn(), NODES, input_bytes=INPUT)
-    whole, _ = _stripe_work(cm, 5, (0, H))
+    whole, _ = _walk(cm, 5, (0, H))[0]
     stripes = [(0, 20), (20, 40), (40, H)]
-    parts = [_stripe_work(cm, 5, r) for r in stripes]
+    parts = [_walk(cm, 5, r)[0] for r in stripes]
     assert whole == pytest.approx(60.0)
     assert sum(w for w, _ in parts) > whole  # the inner stripes recompute their neighbours' rows
     _, rows = parts[1]
     assert rows == (14, 46)  # six 3x3 convolutions: a halo of six rows on each side
+
+
+def test_a_tile_pays_the_blocks_fixed_part_whatever_its_rows() -> None:
+    conv = replace(_conv3x3(H), fixed=0.5, overhead=0.1)
+    assert conv.work(10.0, (0, H)) == pytest.approx(11.0)  # whole, as a tile: 10% more
+    # 16 output rows read 18 input rows: half the block fixed, the rest by the mean share.
+    assert conv.work(10.0, (16, 32)) == pytest.approx(10.0 * (0.5 + 0.6 * (16 / H + 18 / H) / 2))
+    assert replace(conv, fixed=0.0, overhead=0.0).work(10.0, (16, 32)) == pytest.approx(10.0 * 17 / H)
+
+
+def test_a_large_fixed_part_keeps_the_fastest_node_alone() -> None:
+    """Small feature maps (weights streamed by every tile): three tiles each paying 60% of the
+    block cost more than node0 alone, so the latency plan does not tile."""
+    heavy = [replace(b, tile=replace(b.tile, fixed=0.6)) if b.tile else b for b in _cnn()]
+    result = plan(heavy, NODES, objective="latency", input_bytes=INPUT)
+    assert not any(s.tiles for s in result.stages)
+    assert plan(_cnn(), NODES, objective="latency", input_bytes=INPUT).stages[0].tiles
 
 
 def test_deep_halos_are_cut_by_stitching_between_phases() -> None:

@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from amp4ec.errors import InvalidSpec, ShapeMismatch
+from amp4ec.planner import TileRows
 from amp4ec.slicing import BlockChain, ModelSource, load_model, split_model
-from amp4ec.slicing.tiles import TiledRange, split_rows, stitch, tileable_prefix
+from amp4ec.slicing.tiles import TiledRange, fit_tile_cost, row_maps, split_rows, stitch, tileable_prefix
 
 WEIGHTS = {2: [1.0, 0.4], 3: [1.0, 0.6, 0.4], 4: [1.0, 0.7, 0.5, 0.3]}
 """Unequal tile heights, proportional to node speeds."""
@@ -184,3 +185,24 @@ def test_halo_is_the_hull_of_the_rows_that_matter(
         assert (lo, hi) == (rows[0], rows[-1] + 1)  # no dilation: the hull is tight
     with torch.inference_mode():
         torch.testing.assert_close(tiled.run(tiled.scatter((x,), (a, b)), (a, b))[0], model(x)[:, :, a:b])
+
+
+def test_the_tile_cost_is_the_line_through_the_whole_and_the_band() -> None:
+    # Whole as a tile 1.2× the plain block, a quarter-share band 0.5×: 0.5 = f + (1.2 - f)/4.
+    fixed, overhead = fit_tile_cost(1.2, 0.5, 0.25)
+    assert fixed == pytest.approx((0.5 - 0.3) / 0.75) and overhead == pytest.approx(0.2)
+    g = TileRows(8, 8, tuple(range(8)), tuple(range(1, 9)), fixed=fixed, overhead=overhead)
+    assert g.work(1.0, (0, 8)) == pytest.approx(1.2) and g.work(1.0, (3, 5)) == pytest.approx(0.5)
+    assert fit_tile_cost(1.0, 0.25, 0.25) == (0.0, 0.0)  # proportional: today's model
+    assert fit_tile_cost(0.9, 0.1, 0.25) == (0.0, 0.0)  # noise below the line: clamped
+    assert fit_tile_cost(1.0, 1.5, 0.25) == (1.0, 0.0)  # a band dearer than the block: at most all
+
+
+def test_row_maps_measures_every_tileable_blocks_cost() -> None:
+    loaded = load_model(ModelSource("resnet18"))
+    chain = split_model(loaded)
+    maps = row_maps(chain, loaded.example_inputs)
+    k = tileable_prefix(chain)
+    assert all(m is not None for m in maps[:k]) and all(m is None for m in maps[k:])
+    for m in maps[:k]:
+        assert m is not None and 0.0 <= m.fixed <= 1.0 and m.overhead >= 0.0

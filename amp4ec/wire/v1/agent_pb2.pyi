@@ -160,18 +160,22 @@ class BatchTime(_message.Message):
     def __init__(self, batch: _Optional[int] = ..., ms: _Optional[float] = ...) -> None: ...
 
 class TileRows(_message.Message):
-    __slots__ = ("in_height", "out_height", "lo", "hi", "codec_ns_per_byte")
+    __slots__ = ("in_height", "out_height", "lo", "hi", "codec_ns_per_byte", "fixed", "overhead")
     IN_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     OUT_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     LO_FIELD_NUMBER: _ClassVar[int]
     HI_FIELD_NUMBER: _ClassVar[int]
     CODEC_NS_PER_BYTE_FIELD_NUMBER: _ClassVar[int]
+    FIXED_FIELD_NUMBER: _ClassVar[int]
+    OVERHEAD_FIELD_NUMBER: _ClassVar[int]
     in_height: int
     out_height: int
     lo: _containers.RepeatedScalarFieldContainer[int]
     hi: _containers.RepeatedScalarFieldContainer[int]
     codec_ns_per_byte: float
-    def __init__(self, in_height: _Optional[int] = ..., out_height: _Optional[int] = ..., lo: _Optional[_Iterable[int]] = ..., hi: _Optional[_Iterable[int]] = ..., codec_ns_per_byte: _Optional[float] = ...) -> None: ...
+    fixed: float
+    overhead: float
+    def __init__(self, in_height: _Optional[int] = ..., out_height: _Optional[int] = ..., lo: _Optional[_Iterable[int]] = ..., hi: _Optional[_Iterable[int]] = ..., codec_ns_per_byte: _Optional[float] = ..., fixed: _Optional[float] = ..., overhead: _Optional[float] = ...) -> None: ...
 
 class ModelProfile(_message.Message):
     __slots__ = ("model", "blocks", "input_bytes", "reference_workload_ms", "inputs", "codecs")

@@ -456,6 +456,7 @@ async def _decide(
             objective=spec.objective,
             rate_rps=spec.target_rate,
             strategy=spec.strategy,
+            tiles=spec.tiles,
             input_bytes=costs.input_bytes,
             max_stages=spec.max_stages,
             pinned=pins,

@@ -361,6 +361,9 @@ class DeploymentSpec(_Strict):
     """Requests per second the ``p95`` objective plans for (its p95 latency at this rate is
     minimised); required by ``p95``, refused by the other objectives."""
     strategy: Strategy = "optimal"
+    tiles: bool = True
+    """Let the optimal strategy run a request's leading convolutions as row tiles on several
+    nodes where it predicts lower latency (false: layer-wise stages only)."""
     node_selector: dict[str, str] = Field(default_factory=dict, alias="nodeSelector")
     """Labels a node must carry to get a shard."""
     max_stages: int | None = Field(None, alias="maxStages", ge=1, le=64)

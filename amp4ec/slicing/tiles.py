@@ -80,24 +80,33 @@ class _Window:
     dilation: int
     pad_value: float
     run: Any
-    """run(x_with_its_rows_padded, env_args) → output rows; H padding 0, W as the original."""
+    """run(x, env_args, pad_h) → output rows of ``x`` padded by ``pad_h`` rows at both ends as
+    the original op pads (W as the original)."""
+    own_pad: bool = True
+    """The op pads H by ``pad_top`` at both ends itself (False: asymmetric "same" padding)."""
 
     def needs(self, rows: Rows, height: int) -> Rows:
         lo = rows[0] * self.stride - self.pad_top
         hi = (rows[1] - 1) * self.stride - self.pad_top + self.dilation * (self.kernel - 1) + 1
         return (max(0, lo), min(height, hi))
 
-    def padded(self, x: torch.Tensor, have: Rows, rows: Rows, height: int) -> torch.Tensor:
-        """The input rows output ``rows`` read, from ``x`` holding rows ``have``, padded
-        beyond the image with this op's padding value."""
+    def apply(self, x: torch.Tensor, have: Rows, rows: Rows, height: int, env: Any) -> torch.Tensor:
+        """Output ``rows`` from ``x`` holding input rows ``have``, the rows beyond the image
+        padded as the original op pads them."""
         lo = rows[0] * self.stride - self.pad_top
         hi = (rows[1] - 1) * self.stride - self.pad_top + self.dilation * (self.kernel - 1) + 1
         a, b = max(0, lo), min(height, hi)
         part = x.narrow(2, a - have[0], max(0, b - a))
         top, bottom = a - lo, hi - b
-        if top or bottom:
-            part = F.pad(part, (0, 0, top, bottom), value=self.pad_value)
-        return part
+        if not (top or bottom):
+            return self.run(part, env, 0)
+        skip, rest = divmod(self.pad_top - top, self.stride)
+        if self.own_pad and not rest:
+            # At the image's edge the op pads H itself, as the monolith's does: no padded copy,
+            # and the monolith's kernel (some CPU kernels are several times slower on an input
+            # padded by hand). Rows it computes from its padding at the band's other edge drop.
+            return self.run(part, env, self.pad_top).narrow(2, skip, rows[1] - rows[0])
+        return self.run(F.pad(part, (0, 0, top, bottom), value=self.pad_value), env, 0)
 
 
 _POINTWISE_MODULES = (
@@ -204,12 +213,12 @@ def _conv_window(weight_shape: Sequence[int], stride: Any, padding: Any, dilatio
         pads = (ph, ph, pw, pw)
     left, right = pads[2], pads[3]
 
-    def run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pad_h: int) -> torch.Tensor:
         if left == right:
-            return F.conv2d(x, weight, bias, (sh, sw), (0, left), (dh, dw), groups)
-        return F.conv2d(F.pad(x, (left, right)), weight, bias, (sh, sw), 0, (dh, dw), groups)
+            return F.conv2d(x, weight, bias, (sh, sw), (pad_h, left), (dh, dw), groups)
+        return F.conv2d(F.pad(x, (left, right)), weight, bias, (sh, sw), (pad_h, 0), (dh, dw), groups)
 
-    return kh, sh, pads[0], dh, run
+    return kh, sh, pads[0], dh, run, pads[0] == pads[1]
 
 
 def _classify(node: fx.Node, gm: fx.GraphModule) -> _Window | str | None:
@@ -220,10 +229,12 @@ def _classify(node: fx.Node, gm: fx.GraphModule) -> _Window | str | None:
         if isinstance(module, _POINTWISE_MODULES):
             return _POINTWISE
         if isinstance(module, nn.Conv2d) and module.padding_mode == "zeros":
-            k, s, p, d, conv = _conv_window(
+            k, s, p, d, conv, even = _conv_window(
                 module.weight.shape, module.stride, module.padding, module.dilation, module.groups
             )
-            return _Window(k, s, p, d, 0.0, lambda x, env: conv(x, module.weight, module.bias))
+            return _Window(
+                k, s, p, d, 0.0, lambda x, env, pad: conv(x, module.weight, module.bias, pad), even
+            )
         if isinstance(module, nn.MaxPool2d) and not module.return_indices:
             return _max_pool(
                 module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode
@@ -267,9 +278,9 @@ def _classify(node: fx.Node, gm: fx.GraphModule) -> _Window | str | None:
         shape = weight.meta.get("shape") if isinstance(weight, fx.Node) else None
         if shape is None or len(shape) != 4:
             return None
-        k, s, p, d, conv = _conv_window(shape, stride, padding, dilation, groups)
+        k, s, p, d, conv, even = _conv_window(shape, stride, padding, dilation, groups)
         bias = _arg(args, kwargs, 2, "bias", None)
-        return _Window(k, s, p, d, 0.0, lambda x, env: conv(x, env(weight), env(bias)))
+        return _Window(k, s, p, d, 0.0, lambda x, env, pad: conv(x, env(weight), env(bias), pad), even)
     if target is F.max_pool2d or aten == "max_pool2d":
         kernel = _arg(args, kwargs, 1, "kernel_size", None)
         return _max_pool(
@@ -296,9 +307,9 @@ def _max_pool(kernel: Any, stride: Any, padding: Any, dilation: Any, ceil_mode: 
     (kh, kw), (sh, sw) = _pair(kernel), _pair(stride if stride else kernel)
     (ph, pw), (dh, dw) = _pair(padding), _pair(dilation)
 
-    def run(x: torch.Tensor, env: Any) -> torch.Tensor:
-        # H is exact after the explicit padding, so ceil_mode only matters along W (as before).
-        return F.max_pool2d(x, (kh, kw), (sh, sw), (0, pw), (dh, dw), ceil_mode)
+    def run(x: torch.Tensor, env: Any, pad_h: int) -> torch.Tensor:
+        # The rows kept are whole windows either way; ceil_mode only adds one at the end.
+        return F.max_pool2d(x, (kh, kw), (sh, sw), (pad_h, pw), (dh, dw), ceil_mode)
 
     return _Window(kh, sh, ph, dh, -math.inf, run)
 
@@ -310,8 +321,8 @@ def _avg_pool(
     if ceil_mode or (ph and not count_include_pad and divisor is None):
         return None  # the divisor at the border would change with the explicit padding
 
-    def run(x: torch.Tensor, env: Any) -> torch.Tensor:
-        return F.avg_pool2d(x, (kh, kw), (sh, sw), (0, pw), False, count_include_pad, divisor)
+    def run(x: torch.Tensor, env: Any, pad_h: int) -> torch.Tensor:
+        return F.avg_pool2d(x, (kh, kw), (sh, sw), (pad_h, pw), False, count_include_pad, divisor)
 
     return _Window(kh, sh, ph, 1, 0.0, run)
 
@@ -401,6 +412,9 @@ class _TiledBlock:
         for n, t, rows in zip(self.placeholders, inputs, in_rows, strict=True):
             env[n], have[n] = t, rows
 
+        def value(v: Any) -> Any:
+            return env[v] if isinstance(v, fx.Node) else v
+
         def at(a: fx.Node, rows: Rows) -> Any:
             """Value ``a`` cut to ``rows`` (its own rows when it is not row-indexed)."""
             v = env[a]
@@ -422,8 +436,7 @@ class _TiledBlock:
             kind = self.kinds[n]
             if isinstance(kind, _Window):
                 src = n.args[0]
-                x = kind.padded(env[src], have[src], rows, self.heights[src])
-                env[n] = kind.run(x, lambda v: env[v] if isinstance(v, fx.Node) else v)
+                env[n] = kind.apply(env[src], have[src], rows, self.heights[src], value)
             elif kind == _GETITEM:
                 src = n.args[0]
                 env[n] = env[src][n.args[1]]

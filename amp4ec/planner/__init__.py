@@ -47,7 +47,7 @@ from amp4ec.planner.optimal import plan_optimal
 from amp4ec.planner.paper import plan_paper
 from amp4ec.planner.replan import replan_reason, should_replan
 from amp4ec.planner.tail import plan_p95
-from amp4ec.planner.tiles import best_tiled
+from amp4ec.planner.tiles import TILE_MARGIN, best_tiled
 from amp4ec.planner.types import (
     OBJECTIVES,
     CodecProfile,
@@ -207,11 +207,15 @@ def _with_tiles(cm: CostModel, layerwise: Plan) -> Plan:
         return layerwise
     mine, theirs = tiled.prediction(), layerwise.predicted
     if layerwise.objective == "latency":
-        better = mine.latency_ms < theirs.latency_ms
+        better = mine.latency_ms < TILE_MARGIN * theirs.latency_ms
     else:
-        better = mine.throughput_rps > theirs.throughput_rps
+        better = mine.throughput_rps * TILE_MARGIN > theirs.throughput_rps
     if not better:
-        return layerwise
+        note = (
+            f"tiles: the best tiled plan (latency {mine.latency_ms:.2f} ms, {mine.throughput_rps:.2f} req/s) "
+            f"is not {1 - TILE_MARGIN:.0%} better than the layer-wise one"
+        )
+        return replace(layerwise, notes=(*layerwise.notes, note))
     phases = tiled.stage.tiles
     ranges = ", ".join(f"{g.first_block}..{g.last_block}" for g in phases)
     notes = [

@@ -43,7 +43,22 @@ from amp4ec.errors import InvalidSpec
 from amp4ec.planner.cost import CostModel
 from amp4ec.planner.types import Pipeline, Prediction, Stage, TileGroup
 
-__all__ = ["MAX_TILE_NODES", "TiledCandidate", "best_tiled", "split_rows", "tileable_prefix", "tiled_stage"]
+__all__ = [
+    "MAX_TILE_NODES",
+    "TILE_MARGIN",
+    "TiledCandidate",
+    "best_tiled",
+    "split_rows",
+    "tileable_prefix",
+    "tiled_stage",
+]
+
+TILE_MARGIN = 0.9
+"""A tiled plan is chosen only when its prediction beats the layer-wise plan's by 10%: it puts
+every tile node on each request's path (one slow or lost node delays every request), and its
+phases' nodes compute at once, which a node shared with other work does not always allow. On
+a 2-core VM, ResNet-50 tiled for a predicted 2% gain measured 1.05× the fastest node alone,
+within the ±5–15% that identical plans spread there (docs/benchmarks.md, tiles)."""
 
 MAX_TILE_NODES = 4
 """Tile groups are drawn from the fastest four nodes (11 groups): beyond, a stripe's halo

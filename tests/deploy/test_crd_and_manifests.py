@@ -76,6 +76,7 @@ def test_examples_validate_against_the_crd_and_the_operator(path: Any) -> None:
         (lambda s: s.pop("model"), ["spec"]),
         (lambda s: s["replan"].update(intervalSeconds=1), ["spec", "replan", "intervalSeconds"]),
         (lambda s: s.update(objective="p99"), ["spec", "objective"]),
+        (lambda s: s.update(tiles="no"), ["spec", "tiles"]),
         (lambda s: s.update(objective="p95", targetRate=0), ["spec", "targetRate"]),
     ],
 )

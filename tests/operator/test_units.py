@@ -31,9 +31,10 @@ def crd_schema() -> dict[str, Any]:
 
 def test_minimal_spec_gets_defaults() -> None:
     spec = parse_spec({"model": {"name": "mobilenet_v2"}})
-    assert (spec.objective, spec.strategy, spec.replan.interval_seconds, spec.model.seed) == (
-        "throughput", "optimal", 60, 0,
+    assert (spec.objective, spec.strategy, spec.replan.interval_seconds, spec.model.seed, spec.tiles) == (
+        "throughput", "optimal", 60, 0, True,
     )  # fmt: skip
+    assert parse_spec({"model": {"name": "mobilenet_v2"}, "tiles": False}).tiles is False
 
 
 @pytest.mark.parametrize(
@@ -53,6 +54,7 @@ def test_minimal_spec_gets_defaults() -> None:
         ({"model": {"name": "m"}, "batching": {"maxQueueDelayMs": -1}}, "spec.batching.maxQueueDelayMs"),
         ({"model": {"name": "m"}, "objective": "p95"}, "targetRate: objective p95 needs"),
         ({"model": {"name": "m"}, "targetRate": 40}, "targetRate: only objective p95"),
+        ({"model": {"name": "m"}, "tiles": "no"}, "spec.tiles"),
         ({"model": {"name": "m"}, "objective": "p95", "targetRate": 0}, "spec.targetRate"),
         ({"model": {"name": "m"}, "objective": "p95", "targetRate": 9, "strategy": "equal"}, "optimal only"),
         ("not an object", "spec: expected an object"),

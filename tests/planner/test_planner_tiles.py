@@ -13,7 +13,7 @@ from amp4ec.errors import InvalidSpec
 from amp4ec.planner import LayerProfile, Link, NodeCapacity, Stage, TileRows, evaluate, plan, replan_reason
 from amp4ec.planner.cost import CostModel
 from amp4ec.planner.load import latency_under_load, pipeline_times
-from amp4ec.planner.tiles import _phases, _walk, best_tiled
+from amp4ec.planner.tiles import TILE_MARGIN, _phases, _walk, best_tiled
 
 H = 64
 MIB = 2**20
@@ -202,3 +202,24 @@ def test_a_tiled_stage_takes_requests_at_its_busiest_nodes_rate_under_load() -> 
     assert pipeline_times(result.pipelines[0])[1] == stage.busy_ms
     loaded = latency_under_load(result, 0.85 * result.predicted.throughput_rps)
     assert loaded.p50_ms < 5 * result.predicted.latency_ms
+
+
+def test_tiles_must_beat_the_layer_wise_plan_by_the_margin() -> None:
+    """Across link speeds, a tiled plan is chosen exactly when its prediction is at least 10%
+    below the layer-wise plan's; between 0.9× and 1× the note says why it was not."""
+    ratios = []
+    for mbps in (50, 100, 200, 400, 800, 1600, 3200, 6400):
+        link = Link("*", "*", rtt_ms=0.5, bandwidth_bytes_per_s=mbps * 1e6 / 8)
+        cm = CostModel(_cnn(conv_ms=2.0), NODES, default_link=link, input_bytes=INPUT)
+        tiled = best_tiled(cm, "latency")
+        layerwise = plan(
+            _cnn(conv_ms=2.0), NODES, objective="latency", input_bytes=INPUT, default_link=link, tiles=False
+        )
+        chosen = plan(_cnn(conv_ms=2.0), NODES, objective="latency", input_bytes=INPUT, default_link=link)
+        ratio = tiled.latency_ms / layerwise.predicted.latency_ms if tiled else float("inf")
+        ratios.append(ratio)
+        assert bool(chosen.stages[0].tiles) == (ratio < TILE_MARGIN), (mbps, ratio)
+        if TILE_MARGIN <= ratio < 1.0:
+            assert any("not 10% better" in n for n in chosen.notes), chosen.notes
+    assert any(TILE_MARGIN <= r < 1.0 for r in ratios), ratios  # the margin decided one case
+    assert any(r < TILE_MARGIN for r in ratios), ratios

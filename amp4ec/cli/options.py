@@ -127,8 +127,8 @@ def planning_options(f: Callable[..., Any]) -> Callable[..., Any]:
         default=True,
         show_default=True,
         help="let the optimal strategy split a request's leading convolutions into row tiles over "
-        "several nodes where it predicts lower latency (--no-tiles: layer-wise stages only; see "
-        "docs/benchmarks.md, tiles: the prediction can be optimistic)",
+        "several nodes where it predicts them 10% better than layer-wise stages (--no-tiles: "
+        "layer-wise only; see docs/benchmarks.md, tiles)",
     )(f)
     f = click.option(
         "--rate",

@@ -92,8 +92,15 @@ async def _phase(
     def own(peer: TilePeer) -> tuple[torch.Tensor, ...]:
         return tiled.run(tiled.scatter(tensors, peer.rows), peer.rows)
 
-    jobs = [executor.call(own, p) if not p.address else remote(p) for p in phase.tiles]
-    return await executor.call(stitch, await asyncio.gather(*jobs))
+    # The other tiles' frames first: each is encoded and sent before this node's own rows take
+    # its CPU, so the slowest tiles start computing as early as they can.
+    order = sorted(range(len(phase.tiles)), key=lambda k: not phase.tiles[k].address)
+    jobs = [
+        remote(phase.tiles[k]) if phase.tiles[k].address else executor.call(own, phase.tiles[k])
+        for k in order
+    ]
+    done = dict(zip(order, await asyncio.gather(*jobs), strict=True))
+    return await executor.call(stitch, [done[k] for k in range(len(phase.tiles))])
 
 
 def _decoded(stage: LoadedStage, frame: shard_pb2.Frame) -> list[torch.Tensor]:

@@ -11,14 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from amp4ec.operator.spec import BatchingSpec, DeploymentSpec
 from amp4ec.operator.tiles import TilePlacement, shard_label
 from amp4ec.planner.types import Plan
 
-__all__ = ["PlacedStage", "PlanRecord", "as_dict", "plan_id", "plan_record"]
+__all__ = ["PlacedStage", "PlanRecord", "plan_id", "plan_record"]
 
 
 @dataclass(frozen=True)
@@ -215,8 +215,3 @@ def plan_record(spec: DeploymentSpec, plan: Plan, node_cpu: Mapping[str, float])
         output_error=plan.predicted.output_error,
         batching=(spec.batching.max_batch_requests, spec.batching.max_queue_delay_ms),
     )
-
-
-def as_dict(record: PlanRecord) -> dict[str, Any]:
-    """Plain-dict form for logs and tests."""
-    return asdict(record)

@@ -213,7 +213,8 @@ def _with_tiles(cm: CostModel, layerwise: Plan) -> Plan:
     if not better:
         note = (
             f"tiles: the best tiled plan (latency {mine.latency_ms:.2f} ms, {mine.throughput_rps:.2f} req/s) "
-            f"is not {1 - TILE_MARGIN:.0%} better than the layer-wise one"
+            f"is not {1 - TILE_MARGIN:.0%} better than the layer-wise one ({theirs.latency_ms:.2f} ms, "
+            f"{theirs.throughput_rps:.2f} req/s)"
         )
         return replace(layerwise, notes=(*layerwise.notes, note))
     phases = tiled.stage.tiles

@@ -177,6 +177,10 @@ class Profiler:
     def cached(self, spec: DeploymentSpec, namespace: str) -> ModelCosts | None:
         return self._cache.get(ProfileKey.of(spec, namespace).content())
 
+    def remember(self, spec: DeploymentSpec, namespace: str, costs: ModelCosts) -> None:
+        """Take ``costs`` as this spec's profile (one a deployment's status kept, checked)."""
+        self._cache.setdefault(ProfileKey.of(spec, namespace).content(), costs)
+
     async def costs(
         self,
         name: str,

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 from amp4ec import pki
 from amp4ec.errors import InvalidSpec, PlanInfeasible
-from amp4ec.operator import certmanager, certs, metrics, nudge
+from amp4ec.operator import certmanager, certs, metrics, nudge, profilestatus
 from amp4ec.operator.capacity import CapacityUnavailable, Prometheus
 from amp4ec.operator.config import OperatorConfig
 from amp4ec.operator.decide import Blocked, Keep, Rollout, choose
@@ -66,7 +66,7 @@ from amp4ec.operator.placement import (
 )
 from amp4ec.operator.planstatus import PlanRecord, plan_record
 from amp4ec.operator.podsecurity import node_selector
-from amp4ec.operator.profiles import Profiler, ProfilerFailed, ProfilerUnavailable, Profiling
+from amp4ec.operator.profiles import ProfileKey, Profiler, ProfilerFailed, ProfilerUnavailable, Profiling
 from amp4ec.operator.spec import DeploymentSpec, parse_spec
 from amp4ec.operator.status import Phase, condition, merge_conditions, now_iso, with_ready
 from amp4ec.operator.storage import INITIALIZER, initializer_failure
@@ -189,6 +189,11 @@ async def _reconcile(
         status = _finish(t, Phase.FAILED, conds, observedGeneration=t.generation)
         return Outcome(status, permanent=str(exc), reason="InvalidSpec")
 
+    key = ProfileKey.of(spec, t.namespace)
+    if deps.profiler.cached(spec, t.namespace) is None:  # a restarted operator: plan at once
+        stored = profilestatus.decode(t.status.get("profile"), key)
+        if stored is not None:
+            deps.profiler.remember(spec, t.namespace, stored)
     spec_changed = t.status.get("observedGeneration") != t.generation
     now = time.monotonic()
     due = now - deps.last_check.get(t.uid, -1e18) >= spec.replan.interval_seconds
@@ -269,7 +274,13 @@ async def _reconcile(
         rollout = None
     assert current is not None
     lost = {n for n, f in faults.items() if f.lost}
-    return await _settle(deps, t, spec, current, adopt, degraded, lost)
+    outcome = await _settle(deps, t, spec, current, adopt, degraded, lost)
+    costs = deps.profiler.cached(spec, t.namespace)
+    if costs is not None and (t.status.get("profile") or {}).get("key") != key.digest():
+        stored = profilestatus.encode(key, costs)
+        if stored is not None:
+            outcome.status["profile"] = stored
+    return outcome
 
 
 def _worst(faults: Mapping[str, Fault]) -> Fault | None:

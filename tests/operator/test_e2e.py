@@ -561,6 +561,41 @@ def test_operator_restart_mid_reconcile_converges_without_duplicates(ns: Namespa
     assert len(shards) == len(stages), "a Pod was created twice"
 
 
+def test_a_restarted_operator_replans_from_the_profile_in_status(ns: Namespace) -> None:
+    """The profile cache is the operator's memory; the profile the deployment was planned from
+    is also in its status, so a restarted operator re-plans (here: a spec change) without
+    starting a profiler Pod again."""
+    from amp4ec.operator import profilestatus
+    from amp4ec.operator.config import OperatorConfig
+    from amp4ec.operator.profiles import ProfileKey
+    from amp4ec.operator.spec import parse_spec
+
+    env, n = ns.env, ns.name
+    ns.create("kept", {"model": MODEL})
+    obj = wait_serving(env, n, "kept")
+    spec = parse_spec(obj["spec"], OperatorConfig(allowed_factory_modules=("tests",)).spec_policy())
+    kept = profilestatus.decode(obj["status"]["profile"], ProfileKey.of(spec, n))
+    assert kept is not None and len(kept.blocks) > 1
+    profilers = {
+        p: len(env.cluster.history(PODS, n, p)) for p in env.cluster.names(PODS, n) if "-profiler-" in p
+    }
+    assert profilers, "the model was profiled in a profiler Pod"
+    env.operator.kill()
+    env.operator.start()
+    env.kubectl.patch(CRD, n, "kept", {"spec": {"replan": {"gainThreshold": 0.2}}})
+    wait_for(
+        lambda: (
+            (o := env.deployment(n, "kept")) is not None
+            and o["status"].get("observedGeneration") == o["metadata"]["generation"] == 2
+            and o["status"].get("phase") == "Serving"
+        ),
+        120,
+        "the re-planned spec to serve",
+    )
+    again = {p: len(env.cluster.history(PODS, n, p)) for p in env.cluster.names(PODS, n) if "-profiler-" in p}
+    assert again == profilers, "the restarted operator profiled the model again"
+
+
 def test_delete_removes_everything_owned(ns: Namespace) -> None:
     env, n = ns.env, ns.name
     ns.create("resnet", LATENCY)

@@ -202,16 +202,18 @@ class CacheRequest(_message.Message):
     def __init__(self, sha256: _Optional[str] = ..., size: _Optional[int] = ..., chunk: _Optional[bytes] = ..., end: _Optional[bool] = ...) -> None: ...
 
 class CacheReply(_message.Message):
-    __slots__ = ("size", "chunk", "miss", "stored")
+    __slots__ = ("size", "chunk", "miss", "stored", "accepted")
     SIZE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     MISS_FIELD_NUMBER: _ClassVar[int]
     STORED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     size: int
     chunk: bytes
     miss: CacheMiss
     stored: bool
-    def __init__(self, size: _Optional[int] = ..., chunk: _Optional[bytes] = ..., miss: _Optional[_Union[CacheMiss, _Mapping]] = ..., stored: _Optional[bool] = ...) -> None: ...
+    accepted: bool
+    def __init__(self, size: _Optional[int] = ..., chunk: _Optional[bytes] = ..., miss: _Optional[_Union[CacheMiss, _Mapping]] = ..., stored: _Optional[bool] = ..., accepted: _Optional[bool] = ...) -> None: ...
 
 class CacheMiss(_message.Message):
     __slots__ = ("fill",)

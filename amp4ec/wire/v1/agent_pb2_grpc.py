@@ -346,9 +346,9 @@ class ModelCacheServicer:
     def Fetch(self, request_iterator, context):
         """One exchange per file. The caller sends `sha256`; the monitor answers either a hit
         (`size`, then the file's `chunk`s) or a `miss`. On a miss with `fill`, the caller is the
-        one filling the entry: it fetches the file from the store, verifies it, then sends `size`,
-        its `chunk`s and `end`, and the monitor answers `stored` once the SHA-256 of what it got
-        matches. Meanwhile other callers of the same key wait for that upload (keeping the
+        one filling the entry: it fetches the file from the store, verifies it, then sends `size`
+        (answered `accepted`, or RESOURCE_EXHAUSTED when it does not fit), its `chunk`s and `end`,
+        and the monitor answers `stored` once the SHA-256 of what it got matches. Meanwhile other callers of the same key wait for that upload (keeping the
         exchange open holds the fill: a caller that goes away releases it). Refusals are
         INVALID_ARGUMENT (naming the field), PERMISSION_DENIED (no namespaced identity) or
         DATA_LOSS (an entry no longer matches its digest, and is dropped).

@@ -17,7 +17,7 @@ ConfigMap shows in the Pod's status as ``CreateContainerConfigError`` with the k
 Pod's own leaf, mounted into the initializer too; the monitor keys entries by that leaf's
 namespace. The file still lands in the Pod's ``emptyDir`` and is verified there, so the agent
 never sees a hostPath and a shard restarted in place does not fetch again; without a cache (or
-when the monitor cannot serve) every Pod fetches its own copy, as before.
+when the monitor cannot serve) every Pod fetches its own copy.
 """
 
 from __future__ import annotations

@@ -383,3 +383,27 @@ def closed_address() -> str:
 def test_a_cache_smaller_than_nothing_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--model-cache-size"):
         ModelCache(tmp_path, 0)
+
+
+def test_the_monitors_cache_flags_say_what_is_wrong(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from amp4ec.node_agent.cli import parse_args
+
+    ca = pki.CertificateAuthority.create()
+    (tmp_path / "ca.crt").write_bytes(ca.cert_pem)
+    ca.issue(pki.MONITOR).write(tmp_path, "tls")
+    tls = ["--tls-ca", str(tmp_path / "ca.crt"), "--tls-cert", str(tmp_path / "tls.crt")]
+    tls += ["--tls-key", str(tmp_path / "tls.key")]
+    monitor = ["--monitor-interval", "5", "--control-port", "0", "--cpu-limit", "1"]
+    cache = ["--model-cache", str(tmp_path / "models")]
+    *_, parsed = parse_args([*tls, *monitor, *cache, "--model-cache-size", "512Mi"])
+    assert parsed is not None and parsed.model_cache == CacheOptions(tmp_path / "models", 512 << 20, 50054)
+    for argv, message in (
+        ([*tls, *monitor, *cache, "--model-cache-size", "lots"], "--model-cache-size: expected a size like"),
+        (["--insecure", *monitor, *cache], "--model-cache: entries are keyed by the caller's certificate"),
+        ([*tls, *cache], "--model-cache: only the monitor role"),
+    ):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert message in capsys.readouterr().err

@@ -347,7 +347,14 @@ async def serve(
     if monitor is not None:
         monitor.start(agent)
         if monitor.model_cache is not None:
-            cache = CacheServer.create(settings, monitor.model_cache)
+            try:
+                cache = CacheServer.create(settings, monitor.model_cache)
+            except OSError as exc:  # the cache saves fetches; the node's metrics are the monitor's job
+                logging.getLogger("amp4ec.node_agent").error(
+                    "--model-cache %s: %s; serving without the model cache (Pods fetch for themselves)",
+                    monitor.model_cache.root,
+                    exc,
+                )
     if settings.metrics_port is not None:
         from prometheus_client import start_http_server
 

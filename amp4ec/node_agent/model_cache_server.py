@@ -176,7 +176,12 @@ class CacheServer:
                 "--model-cache: entries are keyed by the caller's certificate: needs mutual TLS"
             )
         cache = ModelCache(options.root, options.max_bytes)
-        server = transport.server(settings.security, cache_policy, settings.server_options())
+        # Chunks are 1 MiB: a caller may not make the monitor hold a larger message.
+        grpc_options = [o for o in settings.server_options() if o[0] != "grpc.max_receive_message_length"]
+        grpc_options.append(("grpc.max_receive_message_length", 2 * CHUNK_BYTES))
+        server = transport.server(
+            settings.security, cache_policy, grpc_options, maximum_concurrent_rpcs=4 * settings.max_streams
+        )
         servicer = ModelCacheServicer(cache, options.wait_s, settings.node)
         add_servicer(agent_pb2_grpc.add_ModelCacheServicer_to_server, servicer, server)
         port = transport.add_port(server, f"{settings.host}:{options.port}", settings.security)

@@ -37,6 +37,9 @@ __all__ = ["CHUNK_BYTES", "fetch_through_cache"]
 
 CHUNK_BYTES = 1 << 20
 _OPTIONS = [("grpc.max_receive_message_length", 4 * CHUNK_BYTES)]
+STALL_S = 60.0
+"""A monitor that sends no chunk of a hit, or takes no chunk of an upload, for this long is
+given up on (the Pod fetches for itself, or keeps its fetched copy)."""
 
 
 def _note(message: str) -> None:
@@ -93,8 +96,8 @@ async def _exchange(
                 return digest, "the store (another Pod's upload took too long)"
             try:
                 return digest, await _upload(call, out)
-            except (grpc.aio.AioRpcError, _Unexpected) as exc:
-                _note(f"not stored: {_why(exc)}")
+            except (grpc.aio.AioRpcError, asyncio.TimeoutError, _Unexpected) as exc:
+                _note(f"not stored: {_why(exc)}")  # the file is fetched and verified all the same
             return digest, "the store"
     except (grpc.aio.AioRpcError, asyncio.TimeoutError, OSError, _Unexpected) as exc:
         _note(f"{address}: {_why(exc)}; fetching from the store")
@@ -120,7 +123,7 @@ async def _receive(call: Any, size: int, uri: str, out: Path, sha256: str) -> st
     digest, got = hashlib.sha256(), 0
     try:
         with tmp.open("wb") as f:
-            while (reply := await call.read()) is not grpc.aio.EOF:
+            while (reply := await asyncio.wait_for(call.read(), STALL_S)) is not grpc.aio.EOF:
                 if not reply.HasField("chunk") or got + len(reply.chunk) > size:
                     raise _Unexpected(f"sent {reply.WhichOneof('step')} past {got} of {size} bytes")
                 f.write(reply.chunk)
@@ -138,16 +141,16 @@ async def _receive(call: Any, size: int, uri: str, out: Path, sha256: str) -> st
 async def _upload(call: Any, out: Path) -> str:
     """The verified file, announced by its size, chunk by chunk (each write waits for flow
     control: one chunk in memory at a time); where the file came from, for the log."""
-    await call.write(agent_pb2.CacheRequest(size=out.stat().st_size))
-    reply = await call.read()  # a refusal (no room) comes before any chunk is sent
+    await asyncio.wait_for(call.write(agent_pb2.CacheRequest(size=out.stat().st_size)), STALL_S)
+    reply = await asyncio.wait_for(call.read(), STALL_S)  # no room: refused before any chunk
     if reply is grpc.aio.EOF or not reply.accepted:
         raise _Unexpected(f"answered {reply!r} to the size")
     with out.open("rb") as f:
         while chunk := f.read(CHUNK_BYTES):
-            await call.write(agent_pb2.CacheRequest(chunk=chunk))
-    await call.write(agent_pb2.CacheRequest(end=True))
+            await asyncio.wait_for(call.write(agent_pb2.CacheRequest(chunk=chunk)), STALL_S)
+    await asyncio.wait_for(call.write(agent_pb2.CacheRequest(end=True)), STALL_S)
     await call.done_writing()
-    reply = await call.read()
+    reply = await asyncio.wait_for(call.read(), STALL_S)  # after the monitor's hash and fsync
     if reply is grpc.aio.EOF or not reply.stored:
         raise _Unexpected(f"answered {reply!r} to the upload")
     return "the store, now in the node cache"

@@ -51,6 +51,7 @@ __all__ = [
     "san_for_host",
     "stage_identity",
     "validate_identity",
+    "workload_namespace",
     "write_private",
 ]
 
@@ -91,6 +92,19 @@ def profiler_identity(namespace: str, deployment: str) -> str:
     """The identity of a deployment's short-lived profiler Pod: never the monitors' (whoever
     controls the namespace controls that Pod, so its answers plan that namespace only)."""
     return validate_identity(f"profiler.{_deployment_part(deployment)}.{namespace}{_SUFFIX}")
+
+
+_WORKLOAD = re.compile(r"^(stage-[0-9]+|profiler)\.")
+
+
+def workload_namespace(identity: str) -> str | None:
+    """The namespace of a Pod that loads a deployment's model: ``stage-<i>.<deployment>.<namespace>.amp4ec``
+    or ``profiler.<deployment>.<namespace>.amp4ec`` (read from the right: a deployment's part may
+    hold dots, a namespace never does); None for any other identity (a client, a monitor)."""
+    labels = identity.removesuffix(_SUFFIX).split(".")
+    if not identity.endswith(_SUFFIX) or len(labels) < 3 or not _WORKLOAD.match(identity):
+        return None
+    return labels[-1]
 
 
 def agent_identity(node: str) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 from amp4ec.children import die_with_parent
 from amp4ec.errors import Amp4ecError, InvalidSpec
 from amp4ec.node_agent.capacity import cgroup_cpu_limit
+from amp4ec.node_agent.model_cache_server import CacheOptions, CacheServer
 from amp4ec.node_agent.monitor import Monitor
 from amp4ec.node_agent.server import create_server
 from amp4ec.node_agent.settings import AgentSettings
@@ -41,6 +42,23 @@ def _positive(text: str) -> int:
         value = 0
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+_UNITS = {"": 1, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
+
+
+def _size(text: str) -> int:
+    """Bytes, or a binary quantity as Kubernetes writes it (``20Gi``, ``512Mi``)."""
+    number, unit = text.rstrip("KMGTi"), text[len(text.rstrip("KMGTi")) :]
+    try:
+        value = int(float(number) * _UNITS[unit])
+    except (KeyError, ValueError):
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a size like 20Gi, 512Mi or a number of bytes, got {text!r}"
+        )
     return value
 
 
@@ -177,6 +195,17 @@ def parse_args(
         type=Path,
         help="JSON file whose keys replace measured capacity (re-read every refresh)",
     )
+    cache = p.add_argument_group("the node-wide model cache (monitor role; see node_agent/model_cache.py)")
+    cache.add_argument("--model-cache", type=Path, metavar="DIR", help="serve ModelCache from this directory")
+    cache.add_argument("--model-cache-size", type=_size, default="20Gi", help="most bytes kept (LRU beyond)")
+    cache.add_argument("--model-cache-port", type=int, default=50054, help="its gRPC port (mutual TLS)")
+    cache.add_argument("--model-cache-port-file", type=Path, help="write the bound cache port here")
+    cache.add_argument(
+        "--model-cache-wait",
+        type=float,
+        default=600.0,
+        help="seconds a caller waits for another's upload of the same file before fetching for itself",
+    )
     a = p.parse_args(argv)
     try:
         if a.insecure:
@@ -251,19 +280,30 @@ def parse_args(
             p.error("--control-port: the monitor role serves Monitor.Profile on the control port")
         if a.monitor_interval <= 0:
             p.error(f"--monitor-interval: expected a positive number of seconds, got {a.monitor_interval}")
+        if a.model_cache is not None and a.insecure:
+            p.error("--model-cache: entries are keyed by the caller's certificate (needs mutual TLS)")
+        cache_options = None
+        if a.model_cache is not None:
+            cache_options = CacheOptions(
+                a.model_cache, a.model_cache_size, a.model_cache_port, a.model_cache_wait
+            )
         monitor = Monitor(
             settings,
             cpu_limit=a.cpu_limit if a.cpu_limit is not None else cgroup_cpu_limit(),
             interval=a.monitor_interval,
             peers=dict(a.peer),
             override=a.capacity_override,
+            model_cache=cache_options,
         )
+    elif a.model_cache is not None:
+        p.error("--model-cache: only the monitor role (--monitor-interval) keeps the node's model cache")
     files = PortFiles(
         a.port_file,
         a.control_port_file,
         a.health_port_file,
         a.v2_http_port_file,
         a.v2_grpc_port_file,
+        a.model_cache_port_file,
         profiler=a.profiler,
     )
     return settings, config, files, monitor
@@ -278,6 +318,7 @@ class PortFiles:
     health: Path | None = None
     v2_http: Path | None = None
     v2_grpc: Path | None = None
+    model_cache: Path | None = None
     profiler: bool = False
     """The profiler role: ``config`` names the one model to profile, not a stage to load."""
 
@@ -302,8 +343,18 @@ async def serve(
     agent = await create_server(settings)
     if config is not None:
         await agent.load(config)
+    cache = None
     if monitor is not None:
         monitor.start(agent)
+        if monitor.model_cache is not None:
+            try:
+                cache = CacheServer.create(settings, monitor.model_cache)
+            except OSError as exc:  # the cache saves fetches; the node's metrics are the monitor's job
+                logging.getLogger("amp4ec.node_agent").error(
+                    "--model-cache %s: %s; serving without the model cache (Pods fetch for themselves)",
+                    monitor.model_cache.root,
+                    exc,
+                )
     if settings.metrics_port is not None:
         from prometheus_client import start_http_server
 
@@ -314,6 +365,9 @@ async def serve(
 
         v2 = await serve_v2(agent, settings)
     await agent.start()
+    if cache is not None:
+        await cache.start()
+        _write_port(port_files.model_cache, cache.port)
     # The data port last: a reader of the data port file may then read them all.
     if v2 is not None:
         _write_port(port_files.v2_http, v2.http_port)
@@ -329,6 +383,8 @@ async def serve(
     await stop.wait()
     if monitor is not None:
         await monitor.stop()
+    if cache is not None:
+        await cache.stop(settings.grace_s)
     if v2 is not None:
         await v2.stop(settings.grace_s)
     await agent.stop(settings.grace_s)

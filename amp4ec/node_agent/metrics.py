@@ -11,6 +11,8 @@ __all__ = [
     "CAPACITY",
     "LINK_BANDWIDTH",
     "LINK_RTT",
+    "MODEL_CACHE_BYTES",
+    "MODEL_CACHE_REQUESTS",
     "NODE_CPU_LIMIT",
     "NODE_MEMORY",
     "NODE_OVERHEAD",
@@ -81,4 +83,14 @@ LINK_BANDWIDTH = Gauge(
     "amp4ec_link_bandwidth_bytes_per_second",
     "Bytes per second of a large gRPC echo to a peer.",
     ["src", "dst"],
+)
+MODEL_CACHE_REQUESTS = Counter(
+    "amp4ec_model_cache_requests_total",
+    "ModelCache.Fetch calls of the monitor's node-wide model cache, by result: hit; fill (a miss"
+    " this caller fills); wait (for another caller's fill of the same file, before a hit or a"
+    " fill); timeout (waited too long, fetches for itself); stored; refused (an upload not kept).",
+    ["node", "result"],
+)
+MODEL_CACHE_BYTES = Gauge(
+    "amp4ec_model_cache_bytes", "Bytes of model files the node's cache holds.", ["node"]
 )

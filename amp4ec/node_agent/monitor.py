@@ -32,6 +32,7 @@ from amp4ec.node_agent import metrics
 from amp4ec.node_agent.calibrate import request_overhead_ms
 from amp4ec.node_agent.capacity import node_memory_available_bytes
 from amp4ec.node_agent.decoding import add_servicer
+from amp4ec.node_agent.model_cache_server import CacheOptions
 from amp4ec.node_agent.profiler import MonitorServicer
 from amp4ec.node_agent.server import AgentServer
 from amp4ec.node_agent.settings import AgentSettings
@@ -58,6 +59,8 @@ class Monitor:
     """Peer node name → gRPC address of its monitor, for link RTT/bandwidth probes."""
     override: Path | None = None
     """JSON file whose keys replace measured values (see the module's note)."""
+    model_cache: CacheOptions | None = None
+    """The node-wide model cache this monitor keeps (``model_cache_server``); None keeps none."""
     _workload_ms: float | None = None
     overhead_ms: float = 0.0
     """The agent's per-request CPU overhead; ``run`` measures it once before refreshing."""

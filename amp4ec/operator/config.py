@@ -115,6 +115,11 @@ class OperatorConfig:
     allowed_factory_modules: tuple[str, ...] = ()
     """Modules whose ``module:factory`` an InferenceDeployment may name (comma-separated; a
     factory is code execution in the profiler and every shard). Default: none."""
+    model_cache_address: str = ""
+    """``host:port`` of the node-wide model cache as a storage initializer reaches it: the chart's
+    Service of the monitors' cache port with ``internalTrafficPolicy: Local`` (each node's
+    kube-proxy forwards only to that node's monitor); "" = no cache, every Pod fetches its own
+    copy. Used under mutual TLS only (the monitor keys entries by the caller's namespace)."""
     storage_allowed_networks: tuple[str, ...] = ()
     """CIDRs a storageUri may reach although loopback or link-local (comma-separated; tests only)."""
     shard_tolerations: tuple[Mapping[str, Any], ...] = ()
@@ -137,6 +142,13 @@ class OperatorConfig:
         }
     )
     """Labels of the operator's Pod (``K=V,…``)."""
+    monitor_pod_labels: Mapping[str, str] = field(
+        default_factory=lambda: {
+            "app.kubernetes.io/name": "amp4ec-monitor",
+            "app.kubernetes.io/component": "monitor",
+        }
+    )
+    """Labels of the monitor Pods (``K=V,…``): shard and profiler Pods may reach their cache port."""
     prometheus_namespace_labels: Mapping[str, str] = field(
         default_factory=lambda: {"kubernetes.io/metadata.name": "monitoring"}
     )
@@ -183,6 +195,11 @@ class OperatorConfig:
             self.issuer()  # a malformed issuer or duration fails at start-up, naming its variable
             if not self.tls_dir:
                 raise ValueError("AMP4EC_TLS_DIR: required with AMP4EC_CERT_ISSUER (the operator's own leaf)")
+        host, _, port = self.model_cache_address.rpartition(":")
+        if self.model_cache_address and not (host and port.isdigit()):
+            raise ValueError(
+                f"AMP4EC_MODEL_CACHE_ADDRESS: expected host:port, got {self.model_cache_address!r}"
+            )
         try:
             parse_networks(self.storage_allowed_networks)
         except ValueError as exc:

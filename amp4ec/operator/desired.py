@@ -305,13 +305,13 @@ def _shard_pod(
 ) -> dict[str, Any]:
     """The Pod of stage ``s`` (tile 0), or of its tile ``tile`` on ``s.tiles.nodes[tile - 1]``:
     its agent, pinned to its node, its TLS leaf and weights mounted, hardened."""
-    storage = pod_storage(spec, config)
-    shard = _shard(name, namespace, spec, record, s, config, storage, tile)
     volumes: list[dict[str, Any]] = []
     mounts: list[dict[str, Any]] = []
     if config.tls:
         volumes.append(_tls_volume(name, s.stage, cert_manager=bool(config.cert_issuer)))
         mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
+    storage = pod_storage(spec, config, tls=mounts[0] if mounts else None)
+    shard = _shard(name, namespace, spec, record, s, config, storage, tile)
     volumes += storage.volumes
     mounts += storage.mounts
     pod_spec: dict[str, Any] = {

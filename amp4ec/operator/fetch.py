@@ -6,7 +6,8 @@ place and its digest matches. Standard library only. An ``s3://bucket/key`` is a
 of the store's endpoint (``s3.py``), signed with SigV4 (``sigv4.py``) when the Pod passes
 credentials as environment (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` from the Secret
 the resource names); the store's redirects are not followed (a signed request goes nowhere
-the spec did not name).
+the spec did not name). With ``--cache`` it first asks the node's model cache
+(``node_cache.py``), and falls back to the store whenever the cache cannot serve.
 
 What it refuses (the operator checks the same, earlier): a ``pvc://`` path that is absolute or
 leaves the claim (``..``, or a symlink out of it); an https host that resolves to a loopback,
@@ -218,7 +219,7 @@ def fetch(
     (the chart's ``operator.storageAllowedNetworks``: tests); ``cafile`` replaces the image's
     CA bundle (a private store's CA), as does ``cadata`` (PEM text); ``environ`` (default: the
     process's) holds S3 credentials."""
-    tmp = out.with_name(out.name + ".part")
+    tmp = partial(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     try:
@@ -246,7 +247,17 @@ def fetch(
     except FetchError:
         tmp.unlink(missing_ok=True)
         raise
-    actual = digest.hexdigest()
+    return place(tmp, out, uri, sha256, digest.hexdigest())
+
+
+def partial(out: Path) -> Path:
+    """Where a file bound for ``out`` is written until ``place`` checks it."""
+    return out.with_name(out.name + ".part")
+
+
+def place(tmp: Path, out: Path, uri: str, sha256: str | None, actual: str) -> str:
+    """Move ``tmp`` (its SHA-256 ``actual``) to ``out`` if it is the file expected: the digest
+    ``sha256`` and, for a ``.pt2`` URI, a zip; else delete it and raise FetchError."""
     if sha256 and actual != sha256:
         tmp.unlink(missing_ok=True)
         raise FetchError(f"{uri}: sha256 expected {sha256}, actual {actual}")
@@ -275,22 +286,38 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--s3-region", default="us-east-1")
     p.add_argument("--s3-addressing", choices=["path", "virtual"], default="path")
     p.add_argument("--s3-secret", help="the Secret the credentials come from (named in messages)")
+    p.add_argument("--cache", metavar="HOST:PORT", help="the node's model cache (the monitor's ModelCache)")
+    p.add_argument("--tls-ca", type=Path, help="with --cache: the CA the monitor's certificate is under")
+    p.add_argument("--tls-cert", type=Path, help="with --cache: this Pod's certificate (its namespace)")
+    p.add_argument("--tls-key", type=Path, help="with --cache: the key of --tls-cert")
     a = p.parse_args(argv)
     try:
         allowed = parse_networks(a.allow_network)
         s3 = S3Options(a.s3_endpoint, a.s3_region, a.s3_addressing, a.s3_secret)
         cadata = os.environ.get(STORE_CA_ENV) or None
-        digest = fetch(
-            a.uri,
-            a.out,
-            a.sha256,
-            a.pvc_mount,
-            allowed_networks=allowed,
-            cafile=a.ca_file,
-            s3=s3,
-            cadata=cadata,
-        )
-        print(f"{digest}  {a.out}")
+
+        def store() -> str:
+            return fetch(
+                a.uri,
+                a.out,
+                a.sha256,
+                a.pvc_mount,
+                allowed_networks=allowed,
+                cafile=a.ca_file,
+                s3=s3,
+                cadata=cadata,
+            )
+
+        source = "the store"
+        if a.cache and a.sha256:  # entries are named by their digest
+            # grpc and the Pod's certificate only when a cache is used: see node_cache.py.
+            from amp4ec.operator.node_cache import fetch_through_cache
+
+            tls = (a.tls_ca, a.tls_cert, a.tls_key)
+            digest, source = fetch_through_cache(a.cache, tls, a.uri, a.out, a.sha256, store)
+        else:
+            digest = store()
+        print(f"{digest}  {a.out}  (from {source})")
     except (FetchError, ValueError) as exc:
         # The last line is the cause the operator reports (terminationMessagePolicy FallbackToLogsOnError).
         print(f"storage initializer: {exc}", file=sys.stderr)

@@ -6,7 +6,8 @@ who may also reach the entry's v2 ports;
 any port from the operator's Pods; the metrics port from Prometheus (namespace and Pod labels
 from the chart). Egress from a shard: DNS, the gRPC port of its own deployment's shards (the
 next stage), and, for an ``https://`` or ``s3://`` storageUri, the store's port anywhere but link-local
-(169.254.0.0/16, fe80::/10: cloud metadata). NetworkPolicies add up: a user lets more clients
+(169.254.0.0/16, fe80::/10: cloud metadata), and the monitors' model cache port when the chart
+runs the node-wide cache. NetworkPolicies add up: a user lets more clients
 in (another namespace, an ingress controller) with a policy of their own selecting the same Pods.
 Kubelet probes come from the node itself, which the common CNIs always allow.
 """
@@ -19,8 +20,9 @@ from urllib.parse import urlsplit
 from amp4ec.operator.config import OperatorConfig
 from amp4ec.operator.names import child_base, label_value
 from amp4ec.operator.spec import DeploymentSpec
+from amp4ec.operator.storage import cache_port
 
-__all__ = ["LABEL_CLIENT_OF", "network_policy", "shard_selector"]
+__all__ = ["LABEL_CLIENT_OF", "model_cache_egress", "network_policy", "shard_selector"]
 
 LABEL_CLIENT_OF = "amp4ec.io/client-of"
 """A Pod with ``amp4ec.io/client-of: <deployment>`` may call that deployment's entry (same namespace)."""
@@ -74,7 +76,17 @@ def _egress(name: str, spec: DeploymentSpec, config: OperatorConfig) -> list[dic
     if port is not None:  # the storage initializer's download
         blocks = [{"ipBlock": {"cidr": cidr, "except": out}} for cidr, out in _LINK_LOCAL.items()]
         rules.append({"to": blocks, "ports": [_tcp(port)]})
+    rules += model_cache_egress(spec, config)
     return rules
+
+
+def model_cache_egress(spec: DeploymentSpec, config: OperatorConfig) -> list[dict[str, Any]]:
+    """The initializer's way to its node's model cache (the monitors' cache port), when it asks."""
+    port = cache_port(spec, config)
+    if port is None:
+        return []
+    monitors = _peer({_NAMESPACE_NAME: config.operator_namespace}, dict(config.monitor_pod_labels))
+    return [{"to": [monitors], "ports": [_tcp(port)]}]
 
 
 def network_policy(

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from amp4ec.operator.certs import profiler_secret_name
 from amp4ec.operator.config import OperatorConfig
 from amp4ec.operator.names import child_base, label_value
+from amp4ec.operator.netpol import model_cache_egress
 from amp4ec.operator.podsecurity import harden, scheduling
 from amp4ec.operator.spec import DeploymentSpec
 from amp4ec.operator.storage import INITIALIZER, initializer_failure, pod_storage
@@ -63,7 +64,8 @@ def profiler_pod(
     name: str, namespace: str, spec: DeploymentSpec, config: OperatorConfig, key_digest: str
 ) -> dict[str, Any]:
     """The profiler Pod of ``name`` for the profile key ``key_digest`` (mutual TLS only)."""
-    storage = pod_storage(spec, config)
+    leaf = {"name": "tls", "mountPath": _TLS_DIR, "readOnly": True}
+    storage = pod_storage(spec, config, tls=leaf if config.tls else None)
     args = [
         "--profiler",
         "--model", storage.model,  # the one model it profiles: a request cannot name another
@@ -89,7 +91,7 @@ def profiler_pod(
         ]
         secret = {"secretName": profiler_secret_name(name), "defaultMode": 0o440}
         volumes.insert(0, {"name": "tls", "secret": secret})
-        mounts.insert(0, {"name": "tls", "mountPath": _TLS_DIR, "readOnly": True})
+        mounts.insert(0, leaf)
     else:
         args.append("--insecure")
     env = {"AMP4EC_ALLOW_FACTORIES": ",".join(config.allowed_factory_modules), **config.shard_env}
@@ -147,7 +149,8 @@ def profiler_network_policy(
     name: str, namespace: str, spec: DeploymentSpec, config: OperatorConfig
 ) -> dict[str, Any]:
     """Ingress to a deployment's profiler Pods only from the operator; egress only DNS and, with
-    an ``https://`` or ``s3://`` storageUri, the initializer's download (never link-local)."""
+    an ``https://`` or ``s3://`` storageUri, the initializer's download (never link-local), and
+    the node's model cache when the initializer asks it."""
     operator: dict[str, Any] = {
         "namespaceSelector": {"matchLabels": {_NAMESPACE_NAME: config.operator_namespace}},
         "podSelector": {"matchLabels": dict(config.operator_pod_labels)},
@@ -159,6 +162,7 @@ def profiler_network_policy(
     if url is not None:
         blocks = [{"ipBlock": {"cidr": cidr, "except": out}} for cidr, out in _LINK_LOCAL.items()]
         egress.append({"to": blocks, "ports": [{"protocol": "TCP", "port": urlsplit(url).port or 443}]})
+    egress += model_cache_egress(spec, config)
     selector = {"matchLabels": {_LABEL_DEPLOYMENT: label_value(name), _LABEL_ROLE: "profiler"}}
     labels = {
         "app.kubernetes.io/managed-by": "amp4ec-operator",

@@ -11,14 +11,13 @@ reads either (no RBAC on Secrets' contents is needed for it), and a missing Secr
 ConfigMap shows in the Pod's status as ``CreateContainerConfigError`` with the kubelet's message
 (``initializer_blocked``), where a missing volume would show only in Events.
 
-[Note: a per-Pod cache, not a per-node one] Every Pod fetches its own copy: the ``emptyDir``
-lives as long as the Pod, so a shard restarted in place does not fetch again, but two shards
-(or the profiler and a shard) on one node each fetch once. A cache shared by a node's Pods
-would be a ``hostPath``, which the Pod Security Standard "restricted" forbids, which the kubelet
-creates root-owned (the initializer runs as UID 65532) and which, shared across namespaces,
-would let one namespace's Pods read another's models. Models of a few hundred MB on an edge
-link make this a real cost; a node-local cache belongs to a node-level component (see
-docs/operator.md, "Not done yet").
+[Note: the node's cache, then the Pod's] With the chart's model cache on
+(``config.model_cache_address``) and mutual TLS, the initializer first asks its node's monitor
+(``node_cache.py``; the monitor keeps the only hostPath, ``node_agent/model_cache.py``) with the
+Pod's own leaf, mounted into the initializer too; the monitor keys entries by that leaf's
+namespace. The file still lands in the Pod's ``emptyDir`` and is verified there, so the agent
+never sees a hostPath and a shard restarted in place does not fetch again; without a cache (or
+when the monitor cannot serve) every Pod fetches its own copy.
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ __all__ = [
     "MODEL_DIR",
     "PVC_MOUNT",
     "PodStorage",
+    "cache_port",
     "initializer_blocked",
     "initializer_failure",
     "pod_storage",
@@ -46,6 +46,7 @@ __all__ = [
 MODEL_DIR = "/mnt/models"
 PVC_MOUNT = "/mnt/pvc"
 INITIALIZER = "storage-initializer"
+_TLS_FILES = (("ca", "ca.crt"), ("cert", "tls.crt"), ("key", "tls.key"))
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,32 @@ def _file(spec: DeploymentSpec) -> str:
     return f"{MODEL_DIR}/{m.sha256 or 'model'}.pt2" if m.archive else f"{MODEL_DIR}/weights.pt"
 
 
-def pod_storage(spec: DeploymentSpec, config: OperatorConfig) -> PodStorage:
-    """The storage parts of a Pod for ``spec`` (nothing but ``--model NAME`` without a storageUri)."""
+def cache_port(spec: DeploymentSpec, config: OperatorConfig) -> int | None:
+    """The monitors' cache port when ``spec``'s Pods ask their node's model cache (a file from
+    storage named by its digest, the chart's cache on, mutual TLS), else None."""
+    address = config.model_cache_address
+    if not (address and config.tls and spec.model.storage_uri and spec.model.sha256):
+        return None
+    return int(address.rpartition(":")[2])
+
+
+def _cache_args(spec: DeploymentSpec, config: OperatorConfig, tls: dict[str, Any] | None) -> list[str]:
+    """The initializer's way to its node's model cache: the chart's node-local address, and the
+    Pod's own leaf (the monitor keys entries by its namespace)."""
+    if cache_port(spec, config) is None or tls is None:
+        return []
+    leaf = tls["mountPath"]
+    return ["--cache", config.model_cache_address] + [
+        arg for part, file in _TLS_FILES for arg in (f"--tls-{part}", f"{leaf}/{file}")
+    ]
+
+
+def pod_storage(
+    spec: DeploymentSpec, config: OperatorConfig, tls: dict[str, Any] | None = None
+) -> PodStorage:
+    """The storage parts of a Pod for ``spec`` (nothing but ``--model NAME`` without a storageUri).
+    ``tls``: the volume mount of the Pod's own leaf, which its initializer presents to the node's
+    model cache (``node_cache.py``); None: no cache."""
     uri = spec.model.storage_uri
     if not uri:
         return PodStorage(model=spec.model.name or "")
@@ -79,6 +104,8 @@ def pod_storage(spec: DeploymentSpec, config: OperatorConfig) -> PodStorage:
         args += ["--sha256", spec.model.sha256]
     for cidr in config.storage_allowed_networks:  # the chart's exemptions (tests)
         args += ["--allow-network", cidr]
+    cache = _cache_args(spec, config, tls)
+    args += cache
     env: list[dict[str, Any]] = []
     if uri.startswith("s3://"):
         s3 = spec.model.s3_options
@@ -99,6 +126,8 @@ def pod_storage(spec: DeploymentSpec, config: OperatorConfig) -> PodStorage:
         ref = {"name": ca.config_map_name, "key": ca.key}
         env.append({"name": STORE_CA_ENV, "valueFrom": {"configMapKeyRef": ref}})
     init_mounts = [{"name": "model-store", "mountPath": MODEL_DIR}]
+    if cache and tls is not None:
+        init_mounts.append(dict(tls))
     pvc = spec.model.pvc
     if pvc is not None:
         volumes.append(

@@ -128,6 +128,9 @@ def test_pods_run_non_root_on_a_read_only_root_filesystem(name: str) -> None:
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
         volumes = {v["name"]: v for v in pod["volumes"]}
         for c in containers(workload):
+            if c["name"] == "model-cache-owner":
+                _only_hands_the_cache_to_the_monitor(c, pod, volumes)
+                continue
             sc = c["securityContext"]
             assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
             assert sc["capabilities"] == {"drop": ["ALL"]}
@@ -137,6 +140,47 @@ def test_pods_run_non_root_on_a_read_only_root_filesystem(name: str) -> None:
                 e["value"] for e in c.get("env", []) if e["name"] in {"HOME", "XDG_CACHE_HOME", "TORCH_HOME"}
             }
             assert all(v.startswith("/tmp") for v in writable)
+
+
+def _only_hands_the_cache_to_the_monitor(
+    c: dict[str, Any], pod: dict[str, Any], volumes: dict[str, dict[str, Any]]
+) -> None:
+    """The one root container: the model cache's, in the monitor, before it runs. The kubelet makes
+    a hostPath root-owned; it gives the directory to the monitor's UID and may do nothing else."""
+    sc = c["securityContext"]
+    assert sc["runAsUser"] == 0 and sc["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert c["command"][:3] == ["sh", "-c", 'chown "$0" "$1" && chmod 0700 "$1"']
+    owner = f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}"
+    (mount,) = c["volumeMounts"]
+    assert c["command"][3:] == [owner, mount["mountPath"]]
+    assert volumes[mount["name"]]["hostPath"] == {"path": mount["mountPath"], "type": "DirectoryOrCreate"}
+
+
+def test_the_model_cache_is_the_monitors_only_hostpath_and_needs_tls() -> None:
+    for values in VALUE_SETS.values():
+        objs = render(values)
+        for w in by_kind(objs, "Deployment") + by_kind(objs, "DaemonSet"):
+            host = [v for v in w["spec"]["template"]["spec"].get("volumes", []) if "hostPath" in v]
+            assert not host or w["kind"] == "DaemonSet", w["metadata"]["name"]
+    ds = one(render(), "DaemonSet")
+    (monitor,) = ds["spec"]["template"]["spec"]["containers"]
+    args = monitor["args"]
+    assert args[args.index("--model-cache") + 1] == "/var/lib/amp4ec/models"
+    assert args[args.index("--model-cache-size") + 1] == "20Gi"
+    cache = one(render(), "Service", "-cache")
+    assert cache["spec"]["internalTrafficPolicy"] == "Local"  # each Pod reaches its own node's monitor
+    env = _operator_env(render())
+    assert env["AMP4EC_MODEL_CACHE_ADDRESS"] == "amp4ec-monitor-cache.amp4ec-system.svc:50054"
+    config = OperatorConfig.from_env(env)
+    template = ds["spec"]["template"]["metadata"]["labels"]
+    assert dict(config.monitor_pod_labels).items() <= template.items()
+    for off in ({"monitor": {"modelCache": {"enabled": False}}}, {"tls": {"enabled": False}}):
+        objs = render(off)
+        assert "AMP4EC_MODEL_CACHE_ADDRESS" not in _operator_env(objs)
+        (monitor,) = one(objs, "DaemonSet")["spec"]["template"]["spec"]["containers"]
+        assert "--model-cache" not in monitor["args"]
+        assert not [s for s in by_kind(objs, "Service") if s["metadata"]["name"].endswith("-cache")]
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
@@ -230,6 +274,10 @@ def test_monitor_args_parse_with_the_node_agent_cli(name: str, tmp_path: Any) ->
         and settings.metrics_port == ports["metrics"]
     )
     assert settings.control_port == ports["control"]
+    # The model cache: the hostPath the monitor mounts, on the port its Service names.
+    models = next(m for m in c["volumeMounts"] if m["name"] == "models")
+    assert monitor.model_cache is not None and str(monitor.model_cache.root) == models["mountPath"]
+    assert (monitor.model_cache.port, monitor.model_cache.max_bytes) == (ports["cache"], 20 << 30)
     # The kubelet cannot present a certificate: it probes the plaintext health-only port.
     assert c["readinessProbe"]["grpc"]["port"] == settings.health_port == c["livenessProbe"]["grpc"]["port"]
     # The capacity override is the node's key of the (optional) ConfigMap mounted there.
@@ -263,7 +311,7 @@ def test_monitor_runs_on_edge_nodes_without_a_limit_it_would_report() -> None:
 def test_prometheus_scrape_annotations_follow_the_ports() -> None:
     for w in by_kind(render(), "Deployment") + by_kind(render(), "DaemonSet"):
         annotations = w["spec"]["template"]["metadata"]["annotations"]
-        ports = {p["name"]: p["containerPort"] for c in containers(w) for p in c["ports"]}
+        ports = {p["name"]: p["containerPort"] for c in containers(w) for p in c.get("ports", [])}
         assert annotations["prometheus.io/scrape"] == "true"
         assert int(annotations["prometheus.io/port"]) == ports["metrics"]
     for w in by_kind(render(MINIMAL_VALUES), "Deployment"):

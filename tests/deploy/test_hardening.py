@@ -177,7 +177,8 @@ def test_chart_policies_select_the_chart_pods_and_open_only_their_ports(values: 
         assert policy["spec"]["policyTypes"] == ["Ingress"]
         ports = {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
         opened = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
-        assert opened == {ports["metrics"]} | ({ports["control"]} if component == "monitor" else set())
+        own = {ports["control"], ports["cache"]} if component == "monitor" else set()
+        assert opened == {ports["metrics"]} | own
     grpc_from = policies["monitor"]["spec"]["ingress"][0]["from"]
     selected = [
         w for w in workloads.values()
@@ -185,6 +186,17 @@ def test_chart_policies_select_the_chart_pods_and_open_only_their_ports(values: 
         if peer["podSelector"]["matchLabels"].items() <= w["spec"]["template"]["metadata"]["labels"].items()
     ]  # fmt: skip
     assert len(selected) == 1  # the monitors (link probes); the operator calls no monitor
+    # The model cache port: the Pods the operator makes, in any namespace (desired.py, profiler_pod.py).
+    monitor = workloads["monitor"]["spec"]["template"]["spec"]["containers"][0]
+    cache_port = next(p["containerPort"] for p in monitor["ports"] if p["name"] == "cache")
+    (cache_rule,) = [r for r in policies["monitor"]["spec"]["ingress"] if r["ports"][0]["port"] == cache_port]
+    (peer,) = cache_rule["from"]
+    assert peer["namespaceSelector"] == {}
+    (names,) = peer["podSelector"]["matchExpressions"]
+    assert names["key"] == "app.kubernetes.io/name" and set(names["values"]) == {
+        "amp4ec-shard",
+        "amp4ec-profiler",
+    }
     assert not by_kind(render(MINIMAL_VALUES), "NetworkPolicy")
 
 

@@ -15,10 +15,11 @@ probe answers SERVING (on its plaintext health-only port when it has one, as a k
 present a certificate), and maps every Service port to a loopback TCP proxy (kube-proxy's job)
 in front of the ready Pods its selector matches (a named ``targetPort`` resolves through the
 container's ``ports`` to the flag that sets it, e.g. ``--v2-http-port``, read back from the
-port file the rewritten flag names). Init containers run first, in order, each to
-exit 0 (a failure's last log lines become its termination message under
-``FallbackToLogsOnError``); ``emptyDir`` volumes are a directory per Pod shared by its
-containers, a PersistentVolumeClaim the directory ``pvc_root/ns/claim`` (a claim with no
+port file the rewritten flag names); a node-local Service of processes started outside it
+(``node_local``: the monitors) resolves to the endpoint on the Pod's own node. Init
+containers run first, in order, each to exit 0 (a failure's last log lines become its
+termination message under ``FallbackToLogsOnError``); ``emptyDir`` volumes are a directory
+per Pod shared by its containers, a PersistentVolumeClaim the directory ``pvc_root/ns/claim`` (a claim with no
 object in the API leaves the Pod unschedulable, as the scheduler would); ``activeDeadlineSeconds``
 kills a Pod and fails it (``DeadlineExceeded``); a Pod without a data port (``--port``) gets a
 loopback address of its own as ``podIP``, so its fixed container ports are reachable there.
@@ -467,6 +468,11 @@ class Kubelet:
     """(namespace, Service, target port name) → proxy of a Service's ports after its first."""
     _rr: itertools.count[int] = field(default_factory=itertools.count)
     _ips: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    node_local: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
+    """(namespace, Service) → node → address of a Service with ``internalTrafficPolicy: Local``
+    whose Pods run outside this kubelet (the monitors: the tests start them as processes). Its
+    address resolves to the endpoint on the Pod's own node, as kube-proxy routes it; on a node
+    without one, to a port nobody listens on (kube-proxy drops the connection)."""
     pvc_root: Path | None = None
     """A PersistentVolumeClaim ``ns/claim`` (an object in the API) holds the files of
     ``pvc_root/ns/claim`` (default: ``workdir/pvcs``)."""
@@ -483,6 +489,7 @@ class Kubelet:
         metrics_port: int | None,
         mounts: dict[str, Path] | None = None,
         ip: str = "127.0.0.1",
+        node: str = "",
     ) -> list[str] | None:
         out: list[str] = []
         it = iter(args)
@@ -512,6 +519,9 @@ class Kubelet:
                 # phase's JSON) resolves to its loopback proxy, as cluster DNS would.
                 addresses = {m.group(0): (m["ns"], m["svc"]) for m in _SERVICE_ADDRESS.finditer(a)}
                 for address, (ns, svc) in addresses.items():
+                    if (ns, svc) in self.node_local:
+                        a = a.replace(address, self.node_local[(ns, svc)].get(node, "127.0.0.1:9"))
+                        continue
                     port = self.service_port(ns, svc)
                     if port is None:
                         return None  # the Service is not there yet: DNS would fail too
@@ -559,7 +569,13 @@ class Kubelet:
             # port) before the process binds it, and a restart must not fail the same way again.
             c.metrics_port = _free_port()
         args = self._rewrite(
-            list(container.get("args", [])), meta["namespace"], port_file, c.metrics_port, mounts, c.ip
+            list(container.get("args", [])),
+            meta["namespace"],
+            port_file,
+            c.metrics_port,
+            mounts,
+            c.ip,
+            self._node(c.pod),
         )
         if args is None:
             return False
@@ -639,7 +655,12 @@ class Kubelet:
                 if mounts is None:
                     return False
                 args = self._rewrite(
-                    list(spec.get("args", [])), meta["namespace"], Path(os.devnull), None, mounts
+                    list(spec.get("args", [])),
+                    meta["namespace"],
+                    Path(os.devnull),
+                    None,
+                    mounts,
+                    node=self._node(c.pod),
                 )
                 if args is None:
                     return False

@@ -31,6 +31,7 @@ NODE_NAMES = ("edge-a", "edge-b", "edge-c")
 ALLOCATABLE = {"cpu": "1", "memory": "2Gi", "pods": "110"}
 """Each test node's allocatable: what its monitor agent reports (one core, 2 GiB)."""
 WAIT_S = 90.0
+MODEL_CACHE_SERVICE = "amp4ec-monitor-cache"
 MEASURE_WINDOW = "30s"
 """status.measured's PromQL range here: 30 scrapes at 1 s, and long enough that a burst of
 test requests stays in it for the next timer tick (every 5 s)."""
@@ -77,6 +78,9 @@ class Monitor:
     metrics_port: int
     override: Path
     log: Path
+    cache_port: int
+    """Its node-wide model cache (ModelCache, mutual TLS), reached through the node-local Service."""
+    cache_dir: Path
 
     @property
     def address(self) -> str:
@@ -94,6 +98,8 @@ def start_monitor(node: str, workdir: Path, tls: Path) -> Monitor:
     control_file = workdir / f"monitor-{node}.control-port"
     override = workdir / f"monitor-{node}.json"
     log = workdir / f"monitor-{node}.log"
+    cache_file = workdir / f"monitor-{node}.cache-port"
+    cache_dir = workdir / f"monitor-{node}-models"  # the node's hostPath
     metrics_port = free_port()
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -104,11 +110,14 @@ def start_monitor(node: str, workdir: Path, tls: Path) -> Monitor:
                 "--tls-key", str(tls / "tls.key"),
                 "--metrics-port", str(metrics_port), "--cpu-limit", "1", "--memory-bytes", str(2 << 30),
                 "--monitor-interval", "1", "--capacity-override", str(override),
+                "--model-cache", str(cache_dir), "--model-cache-port", "0",
+                "--model-cache-port-file", str(cache_file),
             ],
             env=environ(), stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
         )  # fmt: skip
     wait_for(lambda: port_file.exists() and int(port_file.read_text()), 60, f"monitor {node} to serve")
-    return Monitor(node, proc, int(control_file.read_text()), metrics_port, override, log)
+    control, cache = int(control_file.read_text()), int(cache_file.read_text())
+    return Monitor(node, proc, control, metrics_port, override, log, cache, cache_dir)
 
 
 @dataclass
@@ -316,7 +325,11 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     workdir = tmp_path_factory.mktemp("operator")
     started: list[subprocess.Popen[bytes]] = []
     store_tls = certificate(workdir)
-    with FakeCluster(workdir, environ({"SSL_CERT_FILE": str(store_tls[0])})) as cluster:
+    caches: dict[str, str] = {}  # node → its monitor's cache port, behind the node-local Service
+    node_local = {("amp4ec-system", MODEL_CACHE_SERVICE): caches}
+    with FakeCluster(
+        workdir, environ({"SSL_CERT_FILE": str(store_tls[0])}), node_local=node_local
+    ) as cluster:
         kubectl = Kubectl(cluster.url)
         try:
             for name in NODE_NAMES:
@@ -333,6 +346,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             for name in NODE_NAMES:
                 monitors[name] = start_monitor(name, workdir, tls)
                 started.append(monitors[name].proc)
+                caches[name] = f"127.0.0.1:{monitors[name].cache_port}"
             prometheus = start_prometheus(
                 binary, workdir, [f"127.0.0.1:{m.metrics_port}" for m in monitors.values()], cluster.sd_dir
             )
@@ -343,6 +357,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                     "AMP4EC_PROMETHEUS_URL": prometheus.url,
                     # The test's model store listens on loopback (the chart's storageAllowedNetworks).
                     "AMP4EC_STORAGE_ALLOWED_NETWORKS": "127.0.0.0/8",
+                    # The chart's node-local Service of the monitors' cache port.
+                    "AMP4EC_MODEL_CACHE_ADDRESS": f"{MODEL_CACHE_SERVICE}.amp4ec-system.svc:50054",
                     "AMP4EC_OPERATOR_METRICS_PORT": "0",
                     "AMP4EC_METRICS_PORT_FILE": str(workdir / "operator-metrics.port"),
                     "AMP4EC_READY_POLL_S": "1",

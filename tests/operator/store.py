@@ -2,7 +2,7 @@
 
 ``certificate`` makes a self-signed certificate for 127.0.0.1 (its own CA, so a client trusts it
 with ``cafile=`` or ``SSL_CERT_FILE``); ``Store`` serves files from memory and records the path
-of every GET, so a test can count who fetched what.
+of every GET, so a test can count who fetched what, and can hold a path's answers back.
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ class Store:
         self.then: dict[str, bytes] = {}
         """What a path serves after its first GET (a store whose file changes after profiling)."""
         self.requests: list[str] = []
+        self.hold: dict[str, threading.Event] = {}
+        """A GET of a held path is answered only once its event is set (a slow store)."""
         store = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -69,6 +71,8 @@ class Store:
                 if self.path in store.then and self.path in store.requests:
                     body = store.then[self.path]
                 store.requests.append(self.path)
+                if self.path in store.hold:
+                    store.hold[self.path].wait(timeout=120)
                 if body is None:
                     self.send_response(404)
                     self.end_headers()

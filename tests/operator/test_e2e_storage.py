@@ -57,6 +57,22 @@ def profiler_pods(env: Env, namespace: str) -> list[str]:
     return sorted(p for p in env.cluster.names(PODS, namespace) if "-profiler-" in p)
 
 
+def node_of(env: Env, namespace: str, pod: str) -> str:
+    """The node a Pod was bound to (it may be gone since)."""
+    return next(
+        v["spec"]["nodeName"]
+        for v in env.cluster.history(PODS, namespace, pod)
+        if v and v["spec"].get("nodeName")
+    )
+
+
+def initializer_sources(env: Env, namespace: str, pod: str) -> list[str]:
+    """Where each run of a Pod's storage initializer got the file (its last line says so)."""
+    uid = next(v for v in env.cluster.history(PODS, namespace, pod) if v)["metadata"]["uid"]
+    logs = sorted(env.workdir.glob(f"{namespace}-{pod}-{uid[:8]}-init0-*.log"))
+    return [log.read_text().strip().splitlines()[-1].rsplit("(from ", 1)[-1].rstrip(")") for log in logs]
+
+
 def test_a_users_pt2_from_https_or_a_claim_is_profiled_in_its_namespace_and_serves_like_the_monolith(
     ns: Namespace, store: Store, tmp_path: Path
 ) -> None:
@@ -115,14 +131,17 @@ def test_a_users_pt2_from_https_or_a_claim_is_profiled_in_its_namespace_and_serv
     said = [c for v in history_of(env, n, "mine") for c in (v.get("status") or {}).get("conditions") or ()]
     assert any(c["type"] == "Planned" and c["reason"] == "Profiling" and name in c["message"] for c in said)
 
-    # Each shard fetched and verified the archive itself and serves only its blocks of it.
-    for shard in owned(env, n, PODS, "mine"):
+    # Each shard verified the archive in its own volume and serves only its blocks of it; each
+    # node fetched it once (the profiler's node's monitor kept its copy for the shards there).
+    shards = owned(env, n, PODS, "mine")
+    for shard in shards:
         args = shard["spec"]["containers"][0]["args"]
         assert args[args.index("--model") + 1] == f"/mnt/models/{digest}.pt2"
         stage = next(s for s in stages if str(s["stage"]) == shard["metadata"]["labels"]["amp4ec.io/stage"])
         assert args[args.index("--first-block") + 1] == str(stage["firstBlock"])
         assert args[args.index("--last-block") + 1] == str(stage["lastBlock"])
-    assert store.requests.count("/models/residual.pt2") == 1 + len(stages)  # the profiler, each shard
+    nodes = {node_of(env, n, name)} | {s["spec"]["nodeName"] for s in shards}
+    assert store.requests.count("/models/residual.pt2") == len(nodes)
 
     x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
@@ -260,7 +279,15 @@ def test_a_shards_store_that_changed_after_profiling_is_named_in_its_status(
     digest = hashlib.sha256(data).hexdigest()
     replaced = b"PK\x03\x04 replaced"
     store.files["/changed.pt2"], store.then["/changed.pt2"] = data, replaced
-    ns.create("changed", {"model": {"storageUri": store.url("/changed.pt2"), "sha256": digest}})
+    # Its shard away from the profiler's node (the scheduler's first: edge-a), whose monitor kept
+    # the archive the profiler verified: a shard there would never ask the store.
+    ns.create(
+        "changed",
+        {
+            "model": {"storageUri": store.url("/changed.pt2"), "sha256": digest},
+            "nodeSelector": {"kubernetes.io/hostname": "edge-b"},
+        },
+    )
     try:
         shards = wait_for(
             lambda: reason_is(env, n, "changed", "ShardsReady", "InvalidStorage"), 120, "shards"
@@ -277,6 +304,36 @@ def test_a_shards_store_that_changed_after_profiling_is_named_in_its_status(
         assert "storage-initializer" in c["message"]
     planned = env.condition(n, "changed", "Planned")
     assert planned is not None and planned["status"] == "True"  # the plan stands: the store is at fault
+    assert node_of(env, n, profiler_pods(env, n)[0]) != "edge-b"
+
+
+def test_shards_on_one_node_fetch_the_model_from_the_store_once(ns: Namespace, store: Store) -> None:
+    """Two shards start together on edge-b (two deployments of one archive, one stage each): the
+    node's monitor lets one initializer fetch and keep the file and the other read its copy; the
+    profiler's node fetched once too. A copy is kept per namespace, on the node's monitor."""
+    env, n = ns.env, ns.name
+    _, data = exported(seed=15)
+    digest = hashlib.sha256(data).hexdigest()
+    store.files["/once.pt2"] = data
+    spec = {
+        "model": {"storageUri": store.url("/once.pt2"), "sha256": digest},
+        "objective": "latency",
+        "nodeSelector": {"kubernetes.io/hostname": "edge-b"},
+    }
+    ns.create("one", spec)
+    ns.create("two", spec)  # waits for one's profile (the same key)
+    for name in ("one", "two"):
+        wait_serving(env, n, name)
+    shards = [p["metadata"]["name"] for name in ("one", "two") for p in owned(env, n, PODS, name)]
+    assert len(shards) == 2 and {node_of(env, n, p) for p in shards} == {"edge-b"}
+    (profiler,) = profiler_pods(env, n)
+    assert store.requests.count("/once.pt2") == len({node_of(env, n, profiler), "edge-b"})
+    sources = sorted(source for p in shards for source in initializer_sources(env, n, p))
+    assert sources in (
+        ["the node cache", "the store, now in the node cache"],  # edge-b's first shard filled it
+        ["the node cache", "the node cache"],  # the profiler ran on edge-b and filled it
+    ), sources
+    assert (env.monitors["edge-b"].cache_dir / n / digest).read_bytes() == data
 
 
 def test_the_cluster_wide_monitor_refuses_to_profile_any_model(e2e: Env) -> None:

@@ -15,7 +15,7 @@ import pytest
 
 from amp4ec.errors import InvalidSpec
 from amp4ec.operator.config import OperatorConfig
-from amp4ec.operator.desired import desired_objects
+from amp4ec.operator.desired import deployment_policy, desired_objects
 from amp4ec.operator.profiler_pod import profiler_network_policy, profiler_pod, profiler_state
 from amp4ec.operator.profiles import ModelCosts, ProfileKey, Profiler, ProfilerFailed, Profiling
 from amp4ec.operator.spec import parse_spec
@@ -330,3 +330,65 @@ def test_a_batching_deployment_profiles_at_its_batch_sizes() -> None:
     # A key without batch sizes (or storage access) keeps the digest it had before they existed.
     before = {k: v for k, v in dataclasses.asdict(plain).items() if k not in ("batch_sizes", "access")}
     assert plain.digest() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
+
+
+# --- the node-wide model cache ----------------------------------------------------------------
+
+CACHE = "amp4ec-monitor-cache.amp4ec-system.svc:50054"
+
+
+def test_with_the_node_cache_initializers_present_the_pods_leaf_and_may_reach_the_monitors() -> None:
+    config = OperatorConfig(model_cache_address=CACHE)
+    spec = _spec(PT2)
+    pods = [o for o in desired_objects("mine", "ml", spec, _record(spec), config) if o["kind"] == "Pod"]
+    for pod in [*pods, profiler_pod("mine", "ml", spec, config, "k" * 64)]:
+        (init,) = pod["spec"]["initContainers"]
+        args = init["args"]
+        assert args[args.index("--cache") + 1] == CACHE
+        leaf = {a: args[args.index(a) + 1] for a in ("--tls-ca", "--tls-cert", "--tls-key")}
+        assert leaf == {
+            "--tls-ca": "/var/run/amp4ec/tls/ca.crt",
+            "--tls-cert": "/var/run/amp4ec/tls/tls.crt",
+            "--tls-key": "/var/run/amp4ec/tls/tls.key",
+        }
+        assert {"name": "tls", "mountPath": "/var/run/amp4ec/tls", "readOnly": True} in init["volumeMounts"]
+        assert not any("hostPath" in v for v in pod["spec"]["volumes"])  # still restricted
+    monitors = {
+        "to": [
+            {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "amp4ec-system"}},
+                "podSelector": {"matchLabels": dict(config.monitor_pod_labels)},
+            }
+        ],
+        "ports": [{"protocol": "TCP", "port": 50054}],
+    }
+    assert monitors in (deployment_policy("mine", "ml", spec, config) or {})["spec"]["egress"]
+    assert monitors in profiler_network_policy("mine", "ml", spec, config)["spec"]["egress"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "config"),
+    [
+        (PT2, OperatorConfig(model_cache_address="")),  # the chart's cache off
+        (PT2, OperatorConfig(model_cache_address=CACHE, tls=False)),  # no certificate to key it by
+        ({"model": {"name": "mobilenet_v2", "storageUri": "pvc://m/w.pt"}}, None),  # no digest
+    ],
+    ids=["off", "insecure", "no-digest"],
+)
+def test_without_a_cache_address_a_leaf_or_a_digest_the_initializer_fetches_alone(
+    raw: dict[str, Any], config: OperatorConfig | None
+) -> None:
+    config = config or OperatorConfig(model_cache_address=CACHE)
+    spec = _spec(raw)
+    pod = next(o for o in desired_objects("mine", "ml", spec, _record(spec), config) if o["kind"] == "Pod")
+    (init,) = pod["spec"]["initContainers"]
+    assert "--cache" not in init["args"] and "--tls-cert" not in init["args"]
+    assert all(m["name"] != "tls" for m in init["volumeMounts"])
+    policy = deployment_policy("mine", "ml", spec, config)
+    ports = [p["port"] for rule in (policy or {}).get("spec", {}).get("egress", []) for p in rule["ports"]]
+    assert 50054 not in ports
+
+
+def test_a_cache_address_without_a_port_is_refused_naming_its_variable() -> None:
+    with pytest.raises(ValueError, match="AMP4EC_MODEL_CACHE_ADDRESS: expected host:port"):
+        OperatorConfig.from_env({"AMP4EC_MODEL_CACHE_ADDRESS": "amp4ec-monitor-cache"})

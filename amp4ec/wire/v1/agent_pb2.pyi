@@ -192,3 +192,35 @@ class ModelProfile(_message.Message):
     inputs: _containers.RepeatedCompositeFieldContainer[_shard_pb2.Tensor]
     codecs: _containers.RepeatedCompositeFieldContainer[CodecProfile]
     def __init__(self, model: _Optional[str] = ..., blocks: _Optional[_Iterable[_Union[BlockProfile, _Mapping]]] = ..., input_bytes: _Optional[int] = ..., reference_workload_ms: _Optional[float] = ..., inputs: _Optional[_Iterable[_Union[_shard_pb2.Tensor, _Mapping]]] = ..., codecs: _Optional[_Iterable[_Union[CodecProfile, _Mapping]]] = ...) -> None: ...
+
+class CacheRequest(_message.Message):
+    __slots__ = ("sha256", "size", "chunk", "end")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    size: int
+    chunk: bytes
+    end: bool
+    def __init__(self, sha256: _Optional[str] = ..., size: _Optional[int] = ..., chunk: _Optional[bytes] = ..., end: _Optional[bool] = ...) -> None: ...
+
+class CacheReply(_message.Message):
+    __slots__ = ("size", "chunk", "miss", "stored", "accepted")
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    MISS_FIELD_NUMBER: _ClassVar[int]
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    size: int
+    chunk: bytes
+    miss: CacheMiss
+    stored: bool
+    accepted: bool
+    def __init__(self, size: _Optional[int] = ..., chunk: _Optional[bytes] = ..., miss: _Optional[_Union[CacheMiss, _Mapping]] = ..., stored: _Optional[bool] = ..., accepted: _Optional[bool] = ...) -> None: ...
+
+class CacheMiss(_message.Message):
+    __slots__ = ("fill",)
+    FILL_FIELD_NUMBER: _ClassVar[int]
+    fill: bool
+    def __init__(self, fill: _Optional[bool] = ...) -> None: ...

@@ -310,3 +310,101 @@ class Monitor:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ModelCacheStub:
+    """The node-wide model cache (the monitor role, one per node, on its own port): one verified
+    copy of a model file per (namespace, sha256) on each node, for the storage initializers of
+    that namespace's shard and profiler Pods there (docs/operator.md, "The node-wide model
+    cache"). The namespace is always the caller's, from its certificate
+    (<stage|profiler>.<deployment>.<namespace>.amp4ec): no request names one, so a namespace
+    that knows another's digest cannot read its file.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Fetch = channel.stream_stream(
+                '/amp4ec.wire.v1.ModelCache/Fetch',
+                request_serializer=amp4ec_dot_wire_dot_v1_dot_agent__pb2.CacheRequest.SerializeToString,
+                response_deserializer=amp4ec_dot_wire_dot_v1_dot_agent__pb2.CacheReply.FromString,
+                _registered_method=True)
+
+
+class ModelCacheServicer:
+    """The node-wide model cache (the monitor role, one per node, on its own port): one verified
+    copy of a model file per (namespace, sha256) on each node, for the storage initializers of
+    that namespace's shard and profiler Pods there (docs/operator.md, "The node-wide model
+    cache"). The namespace is always the caller's, from its certificate
+    (<stage|profiler>.<deployment>.<namespace>.amp4ec): no request names one, so a namespace
+    that knows another's digest cannot read its file.
+    """
+
+    def Fetch(self, request_iterator, context):
+        """One exchange per file. The caller sends `sha256`; the monitor answers either a hit
+        (`size`, then the file's `chunk`s) or a `miss`. On a miss with `fill`, the caller is the
+        one filling the entry: it fetches the file from the store, verifies it, then sends `size`
+        (answered `accepted`, or RESOURCE_EXHAUSTED when it does not fit), its `chunk`s and `end`,
+        and the monitor answers `stored` once the SHA-256 of what it got matches. Meanwhile other callers of the same key wait for that upload (keeping the
+        exchange open holds the fill: a caller that goes away releases it). Refusals are
+        INVALID_ARGUMENT (naming the field), PERMISSION_DENIED (no namespaced identity) or
+        DATA_LOSS (an entry no longer matches its digest, and is dropped).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ModelCacheServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Fetch': grpc.stream_stream_rpc_method_handler(
+                    servicer.Fetch,
+                    request_deserializer=amp4ec_dot_wire_dot_v1_dot_agent__pb2.CacheRequest.FromString,
+                    response_serializer=amp4ec_dot_wire_dot_v1_dot_agent__pb2.CacheReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'amp4ec.wire.v1.ModelCache', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('amp4ec.wire.v1.ModelCache', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ModelCache:
+    """The node-wide model cache (the monitor role, one per node, on its own port): one verified
+    copy of a model file per (namespace, sha256) on each node, for the storage initializers of
+    that namespace's shard and profiler Pods there (docs/operator.md, "The node-wide model
+    cache"). The namespace is always the caller's, from its certificate
+    (<stage|profiler>.<deployment>.<namespace>.amp4ec): no request names one, so a namespace
+    that knows another's digest cannot read its file.
+    """
+
+    @staticmethod
+    def Fetch(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/amp4ec.wire.v1.ModelCache/Fetch',
+            amp4ec_dot_wire_dot_v1_dot_agent__pb2.CacheRequest.SerializeToString,
+            amp4ec_dot_wire_dot_v1_dot_agent__pb2.CacheReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

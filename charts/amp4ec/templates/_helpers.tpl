@@ -80,6 +80,12 @@ app.kubernetes.io/component: {{ .component }}
 - {name: AMP4EC_NETWORK_POLICY, value: {{ .Values.networkPolicy.shards | quote }}}
 - {name: AMP4EC_OPERATOR_NAMESPACE, value: {{ .Release.Namespace | quote }}}
 - {name: AMP4EC_OPERATOR_POD_LABELS, value: {{ include "amp4ec.keyValues" $operatorLabels | quote }}}
+{{- if include "amp4ec.modelCache" . }}
+{{- $monitorLabels := include "amp4ec.selectorLabels" (dict "root" . "component" "monitor") | fromYaml }}
+# Storage initializers ask their node's monitor first (the node-local Service of its cache port).
+- {name: AMP4EC_MODEL_CACHE_ADDRESS, value: {{ printf "%s-cache.%s.svc:%v" (include "amp4ec.monitorName" .) .Release.Namespace .Values.monitor.modelCache.port | quote }}}
+- {name: AMP4EC_MONITOR_POD_LABELS, value: {{ include "amp4ec.keyValues" $monitorLabels | quote }}}
+{{- end }}
 - {name: AMP4EC_PROMETHEUS_NAMESPACE_LABELS, value: {{ include "amp4ec.keyValues" .Values.networkPolicy.prometheus.namespaceSelector | quote }}}
 - {name: AMP4EC_PROMETHEUS_POD_LABELS, value: {{ include "amp4ec.keyValues" .Values.networkPolicy.prometheus.podSelector | quote }}}
 {{- with .Values.operator.allowedFactoryModules }}
@@ -130,4 +136,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- else }}
 {{- printf "%s.%s/%s" $ref.kind $ref.group $name }}
 {{- end }}
+{{- end }}
+
+{{/* "true" when the monitors keep the node-wide model cache (it keys entries by the caller's certificate: TLS only). */}}
+{{- define "amp4ec.modelCache" -}}
+{{- if and .Values.monitor.enabled .Values.monitor.modelCache.enabled .Values.tls.enabled }}true{{ end }}
 {{- end }}

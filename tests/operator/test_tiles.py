@@ -3,6 +3,7 @@ Pod gets its phases as flags addressing its tile Pods' Services, each tile Pod i
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from typing import Any
 
@@ -14,8 +15,12 @@ from amp4ec.operator.config import OperatorConfig
 from amp4ec.operator.decide import as_plan
 from amp4ec.operator.desired import desired_objects, entry_service
 from amp4ec.operator.planstatus import PlanRecord, plan_record
+from amp4ec.operator.profiles import ModelCosts
+from amp4ec.operator.reconcile import Deps
 from amp4ec.operator.spec import parse_spec
 from amp4ec.planner import LayerProfile, NodeCapacity, TileRows, evaluate, plan
+from tests.operator.test_hardening import Capacities, Profiles, _step
+from tests.operator.test_shared_nodes import kube_with
 
 H = 32
 NODES = [NodeCapacity(n, 1.0, 1 << 30, speed=1.0, overhead_ms=0.2) for n in ("edge-a", "edge-b", "edge-c")]
@@ -113,3 +118,29 @@ def test_the_stage_pod_scatters_to_its_tile_pods_services(tls: bool) -> None:
         if tls:  # a tile presents its stage's identity: the stage's leaf
             tls_volume = next(v for v in own["spec"]["volumes"] if v["name"] == "tls")
             assert tls_volume in pod["spec"]["volumes"]
+
+
+class _TileableProfiles(Profiles):
+    """The profiler's answer for a model whose convolutions tile well (``_blocks``)."""
+
+    COSTS = ModelCosts(blocks=tuple(_blocks()), input_bytes=3 * H * H * 4, reference_ms=10.0)
+
+
+@pytest.mark.parametrize("tiles", [True, False], ids=["tiles", "no tiles"])
+def test_spec_tiles_decides_whether_the_operator_plans_tiles(tiles: bool) -> None:
+    kube = kube_with(*CPU)
+    deps = Deps(
+        kube=kube, prometheus=Capacities(), profiler=_TileableProfiles(), config=OperatorConfig(tls=False)
+    )  # type: ignore[arg-type]
+    spec = {
+        "model": {"name": "mobilenet_v2"},
+        "inputShape": [1, 3, H, H],
+        "objective": "latency",
+        "nodeSelector": {"amp4ec.io/edge": "true"},
+        "tiles": tiles,
+    }
+    status: dict[str, Any] = {}
+    asyncio.run(_step(deps, "lat", "uid-t", spec, status))
+    record = status.get("rollout") or status.get("plan")
+    assert record, status
+    assert any(s.get("tiles") for s in record["stages"]) is tiles, record["stages"]

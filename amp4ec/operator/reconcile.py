@@ -255,6 +255,8 @@ async def _reconcile(
                 current, rollout = decision.plan, None  # pipelines through lost nodes dropped in place
                 log.info("%s/%s: %s", t.namespace, t.name, decision.reason)
             elif current is None or decision.plan.id != current.id:
+                if current is None and rollout is None:
+                    await _drop_unrecorded(deps, t, decision.plan)
                 rollout, new_plan = decision.plan, True
                 log.info("%s/%s: re-plan: %s", t.namespace, t.name, decision.reason)
             else:
@@ -611,6 +613,18 @@ def _stuck(deps: Deps, pods: list[dict[str, Any]]) -> dict[str, str]:
         for p in unschedulable(pods)
         if p.waited_s(now) > wait
     }
+
+
+async def _drop_unrecorded(deps: Deps, t: Target, chosen: PlanRecord) -> None:
+    """Before a deployment's first recorded plan: delete its Pods of any other plan. Only an
+    operator stopped between creating a plan's Pods and recording it leaves them; they never
+    served, and they hold room on nodes the chosen plan may need (a restarted operator may
+    choose otherwise, from a fresh profile). Pods of the chosen plan stay: they are adopted."""
+    pods = await _owned(deps, t, "Pod", {LABEL_DEPLOYMENT: label_value(t.name)})
+    stray = [p for p in pods if (p["metadata"].get("labels") or {}).get(LABEL_PLAN) != chosen.id]
+    if stray:
+        log.info("%s/%s: deleting %d Pod(s) of a plan never recorded", t.namespace, t.name, len(stray))
+        await deps.kube.delete_all("Pod", stray)
 
 
 async def _drop_plan(deps: Deps, t: Target, record: PlanRecord) -> None:

@@ -129,3 +129,25 @@ def test_an_equal_waits_but_a_higher_priority_asks_the_lower_deployment_over_its
         if k == "InferenceDeployment" and REQUEST_ANNOTATION in (o["metadata"].get("annotations") or {})
     ]
     assert asked == ["big"]  # above its fair share (0.2), and moving it frees enough alone
+
+
+def test_pods_of_a_plan_never_recorded_are_deleted_before_the_first_roll_out() -> None:
+    """An operator stopped after creating a plan's Pods but before recording the plan leaves
+    them; the restarted one may choose another plan (a fresh profile), and those Pods would hold
+    its room for ever. Before the first recorded plan, Pods of any other plan go; the chosen
+    plan's stay (adopted)."""
+    kube = kube_with("edge-a", "edge-b")
+    status: dict[str, Any] = {}
+    asyncio.run(_step(_deps(kube), "lat", "uid-1", SPEC, status))
+    chosen = status["rollout"]["id"]
+    (pod,) = pods(kube, "uid-1")
+    stray = {
+        **pod,
+        "metadata": {**pod["metadata"], "name": "lat-old", "labels": {**pod["metadata"]["labels"]}},
+    }
+    stray["metadata"]["labels"]["amp4ec.io/plan"] = "an-older-plan"
+    kube.objects[("Pod", pod["metadata"]["namespace"], "lat-old")] = stray
+    asyncio.run(_step(_deps(kube), "lat", "uid-1", SPEC, {}))  # restarted: nothing recorded
+    names = {p["metadata"]["name"] for p in pods(kube, "uid-1")}
+    assert "lat-old" not in names and pod["metadata"]["name"] in names
+    assert all(p["metadata"]["labels"]["amp4ec.io/plan"] == chosen for p in pods(kube, "uid-1"))

@@ -364,6 +364,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                     "AMP4EC_READY_POLL_S": "1",
                     "AMP4EC_CAPACITY_MAX_AGE_S": "10",
                     "AMP4EC_INFEASIBLE_RETRY_S": "3",
+                    # A blocked deployment's back-off stops doubling at 5 s: a test that heals
+                    # its cause (creates a missing Secret) waits at most that, not 24 s or more.
+                    "AMP4EC_RETRY_CAP_S": "5",
                     "AMP4EC_MEASURE_WINDOW": MEASURE_WINDOW,
                     "AMP4EC_MEASURE_INTERVAL_S": "1",
                     # The test models are factories: allowed as a cluster admin would (chart value).

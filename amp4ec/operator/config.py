@@ -190,6 +190,8 @@ class OperatorConfig:
         return cls(**values)  # type: ignore[arg-type]
 
     def __post_init__(self) -> None:
+        if not self.retry_cap_s > 0:
+            raise ValueError(f"AMP4EC_RETRY_CAP_S: expected seconds > 0, got {self.retry_cap_s!r}")
         if not valid_window(self.measure_window):
             raise ValueError(
                 "AMP4EC_MEASURE_WINDOW: expected a PromQL duration like 2m or 30s,"

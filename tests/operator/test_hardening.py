@@ -689,4 +689,6 @@ def test_blocked_deployments_back_off_exponentially_up_to_a_cap_while_progress_i
     short = OperatorConfig.from_env({"AMP4EC_RETRY_CAP_S": "5"}).retry_cap_s
     unavailable = Outcome({}, retry_s=3.0, reason="StorageUnavailable")
     assert [retry_delay(unavailable, r, short) for r in range(4)] == [3, 5, 5, 5]
+    with pytest.raises(ValueError, match=r"AMP4EC_RETRY_CAP_S: expected seconds > 0, got 0\.0"):
+        OperatorConfig.from_env({"AMP4EC_RETRY_CAP_S": "0"})  # a retry loop without a pause
     assert {retry_delay(starting, r, short) for r in range(20)} == {2.0}

@@ -28,10 +28,8 @@ class StaleCapacities:
 
     def __init__(self, stale: dict[str, str] | None = None) -> None:
         self.stale = stale or {}
-        self.asked: list[list[str]] = []
 
     async def capacity(self, nodes: list[str], reference_ms: float, max_age_s: float) -> Capacity:
-        self.asked.append(list(nodes))
         fresh = {n: NodeCapacity(n, 1.0, 2 << 30, speed=1.0) for n in nodes if n not in self.stale}
         return Capacity(nodes=fresh, missing={n: why for n, why in self.stale.items() if n in nodes})
 

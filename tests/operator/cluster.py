@@ -72,7 +72,6 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1345,9 +1344,6 @@ class FakeCluster:
 
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
-        # A thread per ending container (``Kubelet._end`` waits out its grace period in one):
-        # the default pool (CPUs + 4) would end the Pods of a large namespace a few at a time.
-        self._loop.set_default_executor(ThreadPoolExecutor(max_workers=64, thread_name_prefix="kubelet"))
         async with Emulator() as emulator, kmock.Server(emulator) as server:
             self.emulator = emulator
             self.url = str(server.url).rstrip("/")

@@ -77,6 +77,10 @@ class OperatorConfig:
     """Delay between checks while shard Pods start (the handler's TemporaryError delay)."""
     infeasible_retry_s: float = 30.0
     """Delay before planning again when no placement fits (capacity may grow)."""
+    retry_cap_s: float = 300.0
+    """The longest wait between two retries of a blocked deployment: its own delay doubles at
+    each retry up to this (``inferencedeployment.retry_delay``); a Pod or Node event reconciles
+    at once anyway, a Secret or ConfigMap created later only at the next retry."""
     min_shard_cpu: float = 0.1
     """Least CPU share (cores) worth a shard: a node offering a deployment less is left out of
     its plan (placement.py)."""
@@ -186,6 +190,8 @@ class OperatorConfig:
         return cls(**values)  # type: ignore[arg-type]
 
     def __post_init__(self) -> None:
+        if not self.retry_cap_s > 0:
+            raise ValueError(f"AMP4EC_RETRY_CAP_S: expected seconds > 0, got {self.retry_cap_s!r}")
         if not valid_window(self.measure_window):
             raise ValueError(
                 "AMP4EC_MEASURE_WINDOW: expected a PromQL duration like 2m or 30s,"

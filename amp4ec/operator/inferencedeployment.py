@@ -33,20 +33,19 @@ TIMER_INTERVAL_S = 5.0
 """How often the re-plan timer wakes; each deployment re-plans at its own spec.replan interval."""
 
 
-RETRY_CAP_S = 300.0
-"""The longest wait between retries of a blocked deployment (events reconcile at once anyway)."""
 _PROGRESS = {"ShardsStarting", "ShardsNotReady", "Serving"}
 """Outcomes that wait on progress (Pods starting, old shards draining): polled at their pace."""
 
 
-def retry_delay(outcome: Outcome, retry: int) -> float:
+def retry_delay(outcome: Outcome, retry: int, cap_s: float) -> float:
     """When to try again: progress is polled at its own pace; anything blocked (no nodes, no
     capacity, an infeasible plan, a refused object) backs off exponentially from its own delay,
-    capped, so a hundred stuck resources do not keep the API server busy."""
+    capped at ``cap_s`` (``OperatorConfig.retry_cap_s``), so a hundred stuck resources do not
+    keep the API server busy."""
     base = outcome.retry_s or 0.0
     if outcome.reason in _PROGRESS:
         return base
-    return min(RETRY_CAP_S, base * 2 ** min(retry, 16))
+    return min(cap_s, base * 2 ** min(retry, 16))
 
 
 def _target(body: kopf.Body | Mapping[str, Any]) -> Target:
@@ -110,7 +109,9 @@ async def reconcile_deployment(
     if outcome.permanent is not None:
         raise kopf.PermanentError(f"{outcome.reason}: {outcome.permanent}")
     if outcome.retry_s is not None:
-        raise kopf.TemporaryError(outcome.reason, delay=retry_delay(outcome, retry))
+        raise kopf.TemporaryError(
+            outcome.reason, delay=retry_delay(outcome, retry, memo.deps.config.retry_cap_s)
+        )
 
 
 @kopf.on.update(GROUP, VERSION, PLURAL, field=("metadata", "annotations", REQUEST_ANNOTATION), id="requested")
@@ -118,7 +119,9 @@ async def requested(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, retry: 
     """A shard Pod or a Node changed (``watch.py``): reconcile now, retried until settled."""
     outcome = await _run(body, patch, memo, trigger="event")
     if outcome is not None and outcome.retry_s is not None and outcome.permanent is None:
-        raise kopf.TemporaryError(outcome.reason, delay=retry_delay(outcome, retry))
+        raise kopf.TemporaryError(
+            outcome.reason, delay=retry_delay(outcome, retry, memo.deps.config.retry_cap_s)
+        )
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=TIMER_INTERVAL_S, initial_delay=TIMER_INTERVAL_S)

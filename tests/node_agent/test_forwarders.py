@@ -12,25 +12,16 @@ from amp4ec.node_agent import forwarders
 from amp4ec.node_agent.forwarders import ForwarderPool
 from amp4ec.node_agent.settings import AgentSettings
 from amp4ec.wire import transport
+from tests.security.leaves import write_leaf
 
 AGENT = pki.agent_identity("n0")
 NEXT = pki.agent_identity("n1")
 
 
-def _issue(ca: pki.CertificateAuthority, folder: Path) -> None:
-    """ca.crt, agent.crt and agent.key replaced the way kubelet updates a Secret."""
-    tmp = folder / ".new"
-    tmp.mkdir(exist_ok=True)
-    (tmp / "ca.crt").write_bytes(ca.cert_pem)
-    ca.issue(AGENT).write(tmp, "agent")
-    for name in ("ca.crt", "agent.crt", "agent.key"):
-        (tmp / name).replace(folder / name)
-
-
 def test_the_pool_shares_streams_and_replaces_them_after_a_renewal(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _issue(pki.CertificateAuthority.create("old"), tmp_path)
+    write_leaf(pki.CertificateAuthority.create("old"), tmp_path, AGENT)
     security = transport.TransportSecurity.from_files(
         tmp_path / "ca.crt", tmp_path / "agent.crt", tmp_path / "agent.key"
     )
@@ -44,7 +35,7 @@ def test_the_pool_shares_streams_and_replaces_them_after_a_renewal(
             assert first.peer == "stage 1 on n1"
             monkeypatch.setattr(forwarders, "RENEWAL_CHECK_S", 0.0)
             assert pool.forwarder("127.0.0.1:1", NEXT) is first  # files unchanged: kept
-            _issue(pki.CertificateAuthority.create("new"), tmp_path)
+            write_leaf(pki.CertificateAuthority.create("new"), tmp_path, AGENT)
             renewed = pool.forwarder("127.0.0.1:1", NEXT)
             assert renewed is not first
             assert pool.forwarder("127.0.0.1:1", NEXT) is renewed

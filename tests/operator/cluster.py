@@ -993,6 +993,7 @@ class Kubelet:
             ready = await self._probe(c)
             if c.popen is not None and c.popen.poll() is not None and not c.exit_recorded:
                 self._exited(c, c.popen.returncode, now)  # it ended during the probe
+            ready = ready and c.running  # an answer from a process that has since died is no Ready
             if ready != c.ready or not c.ready_since:
                 c.ready, c.ready_since = ready, _now()
             state, status = _pod_status(c, now)

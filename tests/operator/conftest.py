@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -60,10 +61,19 @@ def require_prometheus() -> str:
 
 
 def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10) -> None:
-    if proc.poll() is None:
+    _stop_all([proc], sig, timeout)
+
+
+def _stop_all(procs: list[subprocess.Popen[bytes]], sig: int = signal.SIGTERM, timeout: float = 10) -> None:
+    """Signal every process first, then wait for each (SIGKILL past ``timeout``): they end side
+    by side, not one after the other."""
+    running = [p for p in procs if p.poll() is None]
+    for proc in running:
         proc.send_signal(sig)
+    deadline = time.monotonic() + timeout
+    for proc in running:
         try:
-            proc.wait(timeout=timeout)
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
@@ -364,6 +374,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                     "AMP4EC_READY_POLL_S": "1",
                     "AMP4EC_CAPACITY_MAX_AGE_S": "10",
                     "AMP4EC_INFEASIBLE_RETRY_S": "3",
+                    # A blocked deployment's back-off stops doubling at 5 s: a test that heals
+                    # its cause (creates a missing Secret) waits at most that, not 24 s or more.
+                    "AMP4EC_RETRY_CAP_S": "5",
                     "AMP4EC_MEASURE_WINDOW": MEASURE_WINDOW,
                     "AMP4EC_MEASURE_INTERVAL_S": "1",
                     # The test models are factories: allowed as a cluster admin would (chart value).
@@ -385,8 +398,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         finally:
             if "operator" in locals():
                 operator.stop()
-            for proc in started:
-                _stop(proc)
+            _stop_all(started)
 
 
 def _workload_ms(env: Env, node: str) -> float | None:

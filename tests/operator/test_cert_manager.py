@@ -35,7 +35,7 @@ from tests.operator.conftest import (
     Namespace,
     Operator,
     _node,
-    _stop,
+    _stop_all,
     require_prometheus,
     start_monitor,
     start_prometheus,
@@ -160,8 +160,7 @@ def cm_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Env, pki.
         finally:
             if operator is not None:
                 operator.stop()
-            for proc in started:
-                _stop(proc)
+            _stop_all(started)
 
 
 def test_the_operator_waits_for_cert_manager_then_serves(

@@ -243,7 +243,7 @@ def test_a_pt2_from_an_s3_store_with_a_private_ca_serves_and_a_missing_or_wrong_
                 lambda: reason_is(env, n, "mine", "Planned", "StorageUnavailable"), 90, "missing"
             )
             assert 'secret "minio-creds" not found (spec.model.s3.secretName)' in missing["message"], missing
-            secret("minio-creds", s3.key_id, s3.secret)  # retried after AMP4EC_INFEASIBLE_RETRY_S
+            secret("minio-creds", s3.key_id, s3.secret)  # retried within AMP4EC_RETRY_CAP_S
             obj = wait_serving(env, n, "mine", timeout=240)
         except AssertionError:
             print(json.dumps((env.deployment(n, "mine") or {}).get("status"), indent=1))

@@ -25,7 +25,7 @@ from amp4ec.errors import InvalidSpec
 from amp4ec.operator.capacity import Capacity
 from amp4ec.operator.config import OperatorConfig
 from amp4ec.operator.desired import deployment_policy, desired_objects, entry_service
-from amp4ec.operator.inferencedeployment import RETRY_CAP_S, _target, retry_delay
+from amp4ec.operator.inferencedeployment import _target, retry_delay
 from amp4ec.operator.k8s import KubeError, matches
 from amp4ec.operator.names import child_base, label_value
 from amp4ec.operator.planstatus import plan_record
@@ -678,8 +678,17 @@ def test_a_spec_that_is_not_an_object_is_refused_naming_spec(spec: Any) -> None:
 
 
 def test_blocked_deployments_back_off_exponentially_up_to_a_cap_while_progress_is_polled() -> None:
+    cap = OperatorConfig().retry_cap_s
+    assert cap == 300.0
     blocked = Outcome({}, retry_s=30.0, reason="PlanInfeasible")
-    assert [retry_delay(blocked, r) for r in range(5)] == [30, 60, 120, 240, RETRY_CAP_S]
-    assert retry_delay(blocked, 10**6) == RETRY_CAP_S
+    assert [retry_delay(blocked, r, cap) for r in range(5)] == [30, 60, 120, 240, cap]
+    assert retry_delay(blocked, 10**6, cap) == cap
     starting = Outcome({}, retry_s=2.0, reason="ShardsStarting")
-    assert {retry_delay(starting, r) for r in range(20)} == {2.0}
+    assert {retry_delay(starting, r, cap) for r in range(20)} == {2.0}
+    # AMP4EC_RETRY_CAP_S (the e2e tests' 5 s): the back-off stops doubling there.
+    short = OperatorConfig.from_env({"AMP4EC_RETRY_CAP_S": "5"}).retry_cap_s
+    unavailable = Outcome({}, retry_s=3.0, reason="StorageUnavailable")
+    assert [retry_delay(unavailable, r, short) for r in range(4)] == [3, 5, 5, 5]
+    with pytest.raises(ValueError, match=r"AMP4EC_RETRY_CAP_S: expected seconds > 0, got 0\.0"):
+        OperatorConfig.from_env({"AMP4EC_RETRY_CAP_S": "0"})  # a retry loop without a pause
+    assert {retry_delay(starting, r, short) for r in range(20)} == {2.0}

@@ -13,18 +13,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from amp4ec import pki
 from amp4ec.node_agent import AgentSettings, create_server
 from amp4ec.wire import transport
+from tests.security.leaves import write_leaf
 
 AGENT = pki.agent_identity("n0")
-
-
-def _issue(ca: pki.CertificateAuthority, folder: Path) -> None:
-    """Write ca.crt, agent.crt and agent.key the way kubelet updates a Secret: replaced, not edited."""
-    tmp = folder / ".new"
-    tmp.mkdir(exist_ok=True)
-    (tmp / "ca.crt").write_bytes(ca.cert_pem)
-    ca.issue(AGENT).write(tmp, "agent")
-    for name in ("ca.crt", "agent.crt", "agent.key"):
-        (tmp / name).replace(folder / name)
 
 
 async def _check(address: str, security: transport.TransportSecurity) -> int:
@@ -35,7 +26,7 @@ async def _check(address: str, security: transport.TransportSecurity) -> int:
 
 def test_servers_present_a_renewed_certificate_at_the_next_handshake(tmp_path: Path) -> None:
     old_ca, new_ca = pki.CertificateAuthority.create("old"), pki.CertificateAuthority.create("new")
-    _issue(old_ca, tmp_path)
+    write_leaf(old_ca, tmp_path, AGENT)
     files = (tmp_path / "ca.crt", tmp_path / "agent.crt", tmp_path / "agent.key")
 
     def operator(ca: pki.CertificateAuthority) -> transport.TransportSecurity:
@@ -50,7 +41,7 @@ def test_servers_present_a_renewed_certificate_at_the_next_handshake(tmp_path: P
         try:
             assert await _check(address, operator(old_ca)) == health_pb2.HealthCheckResponse.SERVING
             # The CA Secret was replaced and every leaf re-issued: same files, new content.
-            _issue(new_ca, tmp_path)
+            write_leaf(new_ca, tmp_path, AGENT)
             assert security.refreshed().identity == AGENT and security.refreshed() is not security
             with pytest.raises(grpc.aio.AioRpcError) as info:  # the old CA no longer verifies it
                 await _check(address, operator(old_ca))
@@ -64,7 +55,7 @@ def test_servers_present_a_renewed_certificate_at_the_next_handshake(tmp_path: P
 
 def test_refreshed_keeps_what_it_has_while_files_are_unchanged_or_broken(tmp_path: Path) -> None:
     ca = pki.CertificateAuthority.create()
-    _issue(ca, tmp_path)
+    write_leaf(ca, tmp_path, AGENT)
     security = transport.TransportSecurity.from_files(
         tmp_path / "ca.crt", tmp_path / "agent.crt", tmp_path / "agent.key"
     )

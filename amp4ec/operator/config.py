@@ -176,15 +176,14 @@ class OperatorConfig:
             elif f.type == "tuple[Mapping[str, Any], ...]":
                 values[f.name] = tuple(_json_objects(f.name, raw))
             elif f.type == "bool":
-                values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
-            elif f.type in ("int",):
-                values[f.name] = int(raw)
-            elif f.type in ("float",):
-                values[f.name] = float(raw)
-            elif f.type in ("bool",):
-                if raw.lower() not in ("true", "false"):
+                word = raw.strip().lower()
+                if word not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
                     raise ValueError(f"AMP4EC_{f.name.upper()}: expected true or false, got {raw!r}")
-                values[f.name] = raw.lower() == "true"
+                values[f.name] = word in ("1", "true", "yes", "on")
+            elif f.type == "int":
+                values[f.name] = int(raw)
+            elif f.type == "float":
+                values[f.name] = float(raw)
             else:
                 values[f.name] = raw
         return cls(**values)  # type: ignore[arg-type]

@@ -692,3 +692,11 @@ def test_blocked_deployments_back_off_exponentially_up_to_a_cap_while_progress_i
     with pytest.raises(ValueError, match=r"AMP4EC_RETRY_CAP_S: expected seconds > 0, got 0\.0"):
         OperatorConfig.from_env({"AMP4EC_RETRY_CAP_S": "0"})  # a retry loop without a pause
     assert {retry_delay(starting, r, short) for r in range(20)} == {2.0}
+
+
+def test_a_boolean_setting_is_read_strictly() -> None:
+    assert OperatorConfig.from_env({"AMP4EC_TLS": "false"}).tls is False
+    assert OperatorConfig.from_env({"AMP4EC_NETWORK_POLICY": "Off"}).network_policy is False
+    assert OperatorConfig.from_env({"AMP4EC_NETWORK_POLICY": "1"}).network_policy is True
+    with pytest.raises(ValueError, match=r"AMP4EC_TLS: expected true or false, got 'flase'"):
+        OperatorConfig.from_env({"AMP4EC_TLS": "flase"})  # a typo must not turn TLS off

@@ -141,7 +141,9 @@ def test_a_users_pt2_from_https_or_a_claim_is_profiled_in_its_namespace_and_serv
         assert args[args.index("--first-block") + 1] == str(stage["firstBlock"])
         assert args[args.index("--last-block") + 1] == str(stage["lastBlock"])
     nodes = {node_of(env, n, name)} | {s["spec"]["nodeName"] for s in shards}
-    assert store.requests.count("/models/residual.pt2") == len(nodes)
+    # At most once per node: the claim's shards (the same archive in this namespace) may have
+    # filled a node's cache from the claim first, and then mine's shard there fetches nothing.
+    assert 1 <= store.requests.count("/models/residual.pt2") <= len(nodes), (store.requests, nodes)
 
     x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
